@@ -1,0 +1,72 @@
+"""Loading server config: one YAML file validated by a pydantic model, plus environment overrides.
+
+`load_config(Model, path, env_prefix)` reads the file (empty or missing file = all defaults), applies
+variables such as `DFLY_DFDAEMON__UPLOAD__RATE_LIMIT_BYTES_PER_S=1000` (double underscore = nesting,
+values parsed as YAML scalars), validates, and raises ConfigError with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dfly.common.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Config sections reject unknown keys, so a typo is an error rather than a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _apply_env(data: dict[str, Any], env_prefix: str, environ: dict[str, str]) -> None:
+    prefix = env_prefix.upper() + "__"
+    for name, raw in environ.items():
+        if not name.upper().startswith(prefix):
+            continue
+        path = [p.lower() for p in name[len(prefix) :].split("__") if p]
+        if not path:
+            continue
+        node = data
+        for key in path[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[path[-1]] = raw
+
+
+def load_config(
+    model: type[M], path: str | Path | None, env_prefix: str, environ: dict[str, str] | None = None
+) -> M:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+        data = loaded or {}
+    _apply_env(data, env_prefix, dict(os.environ) if environ is None else environ)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ConfigError(f"invalid config key {key}: {err['msg']}") from None

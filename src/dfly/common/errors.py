@@ -1,0 +1,91 @@
+"""The one error tree of dfly, translated at each edge into an exit code, gRPC or HTTP status.
+
+    DflyError                 (exit 1)
+    ├── UsageError            bad flags or arguments (exit 2)
+    ├── ConfigError           invalid config file or environment override
+    ├── SourceError           the origin refused or could not be read (carries status_code)
+    ├── DigestMismatch        bytes do not match an expected digest
+    ├── NoParents             no parent could serve and back-to-source is disabled
+    ├── ProtocolError         a peer broke the piece protocol
+    ├── DaemonUnreachable     dfget could not reach the daemon's socket
+    ├── StorageError          the local cache could not be read or written
+    └── DownloadTimeout       the download did not finish within its timeout
+
+Messages are one line and name the thing that failed; no traceback reaches a user.
+"""
+
+from __future__ import annotations
+
+
+class DflyError(Exception):
+    """Base of every error dfly raises on purpose."""
+
+    exit_code = 1
+    kind = "dfly"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(DflyError):
+    exit_code = 2
+    kind = "usage"
+
+
+class ConfigError(DflyError):
+    exit_code = 2
+    kind = "config"
+
+
+class SourceError(DflyError):
+    kind = "source"
+
+    def __init__(self, message: str, status_code: int = 0, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.headers = dict(headers or {})
+
+
+class DigestMismatch(DflyError):
+    kind = "digest"
+
+
+class NoParents(DflyError):
+    kind = "no-parents"
+
+
+class ProtocolError(DflyError):
+    kind = "protocol"
+
+
+class DaemonUnreachable(DflyError):
+    kind = "daemon-unreachable"
+
+
+class StorageError(DflyError):
+    kind = "storage"
+
+
+class DownloadTimeout(DflyError):
+    kind = "timeout"
+
+
+ERROR_KINDS: dict[str, type[DflyError]] = {
+    cls.kind: cls
+    for cls in (
+        DflyError,
+        UsageError,
+        ConfigError,
+        SourceError,
+        DigestMismatch,
+        NoParents,
+        ProtocolError,
+        DaemonUnreachable,
+        StorageError,
+        DownloadTimeout,
+    )
+}

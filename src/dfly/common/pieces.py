@@ -1,0 +1,61 @@
+"""Piece layout rules (DESIGN.md §3): default length, user-fixed lengths, piece ranges, size parsing.
+
+Default piece length: the power of two ≥ content_length / 64, clamped to [256 KiB, 16 MiB], so a file of
+up to 1 GiB has at least 64 pieces. User-fixed lengths: powers of two in [64 KiB, 64 MiB].
+"""
+
+from __future__ import annotations
+
+import re
+
+from dfly.common.errors import UsageError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+MIN_DEFAULT_PIECE_LENGTH = 256 * KiB
+MAX_DEFAULT_PIECE_LENGTH = 16 * MiB
+MIN_USER_PIECE_LENGTH = 64 * KiB
+MAX_USER_PIECE_LENGTH = 64 * MiB
+TARGET_PIECE_COUNT = 64
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def default_piece_length(content_length: int) -> int:
+    wanted = _next_power_of_two(-(-content_length // TARGET_PIECE_COUNT))
+    return max(MIN_DEFAULT_PIECE_LENGTH, min(MAX_DEFAULT_PIECE_LENGTH, wanted))
+
+
+def validate_user_piece_length(length: int) -> int:
+    if length < MIN_USER_PIECE_LENGTH or length > MAX_USER_PIECE_LENGTH or length & (length - 1):
+        raise UsageError(f"piece length {length} must be a power of two between 64KiB and 64MiB")
+    return length
+
+
+def piece_count(content_length: int, piece_length: int) -> int:
+    return -(-content_length // piece_length)
+
+
+def piece_range(number: int, piece_length: int, content_length: int) -> tuple[int, int]:
+    """(offset, length) of piece `number`; the last piece is shorter."""
+    offset = number * piece_length
+    if number < 0 or offset >= content_length:
+        raise ValueError(f"piece {number} out of range for {content_length} bytes")
+    return offset, min(piece_length, content_length - offset)
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
+          "g": GiB, "gb": GiB, "gib": GiB}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """'4MiB', '512k', '1048576' -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"invalid size {text!r} (e.g. 4MiB, 512KiB, 1048576)")
+    return int(match.group(1)) * _UNITS[(match.group(2) or "").lower()]

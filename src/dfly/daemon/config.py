@@ -1,0 +1,111 @@
+"""dfdaemon configuration (YAML via --config, env prefix DFLY_DFDAEMON__); documented in docs/configuration.md.
+
+Every listener accepts port 0 (the kernel picks; the real port goes to --ready-file).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from dfly.common.config import StrictModel
+from dfly.common.pieces import MiB
+
+
+class HostSection(StrictModel):
+    hostname: str = Field(default_factory=socket.gethostname)
+    advertise_ip: str = ""  # "" = the source address the kernel picks toward the first scheduler
+    idc: str = ""
+    location: str = ""
+
+
+class SchedulerSection(StrictModel):
+    addrs: list[str] = ["127.0.0.1:8002"]
+    keepalive_interval_s: float = Field(default=5.0, gt=0)
+    schedule_timeout_s: float = Field(default=30.0, gt=0)  # no usable answer within this: go to the origin
+
+    @field_validator("addrs")
+    @classmethod
+    def _check_addrs(cls, addrs: list[str]) -> list[str]:
+        for addr in addrs:
+            host, sep, port = addr.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"scheduler address {addr!r} must be host:port")
+        return addrs
+
+
+class StorageSection(StrictModel):
+    dir: Path = Path("/var/lib/dfly/daemon")
+    commit_interval_s: float = Field(default=1.0, gt=0)
+
+
+class DownloadSection(StrictModel):
+    buffer_bytes: int = Field(default=32 * MiB, ge=1 * MiB)  # budget of receive buffers
+    max_parents: int = Field(default=3, ge=1, le=20)
+    requests_per_parent: int = Field(default=2, ge=1, le=16)
+    piece_timeout_s: float = Field(default=30.0, gt=0)
+    progress_report_interval_s: float = Field(default=1.0, gt=0)
+
+
+class UploadSection(StrictModel):
+    rate_limit_bytes_per_s: int = Field(default=0, ge=0)  # 0 = unlimited
+    slots: int = Field(default=200, ge=1)
+
+
+class ListenerSection(StrictModel):
+    ip: str = "0.0.0.0"
+    port: int = Field(ge=0, le=65535)
+
+
+class ControlSection(ListenerSection):
+    port: int = Field(default=4000, ge=0, le=65535)
+    # IPs allowed to call DownloadTask; empty = the IPs of scheduler.addrs
+    trusted_schedulers: list[str] = []
+
+
+class PieceSection(ListenerSection):
+    port: int = Field(default=4005, ge=0, le=65535)
+
+
+class LocalListenerSection(ListenerSection):
+    ip: str = "127.0.0.1"
+
+
+class ProxySection(LocalListenerSection):
+    port: int = Field(default=4001, ge=0, le=65535)
+
+
+class MetricsSection(LocalListenerSection):
+    port: int = Field(default=4002, ge=0, le=65535)
+
+
+class HealthSection(ListenerSection):
+    port: int = Field(default=4003, ge=0, le=65535)
+
+
+class LocalApiSection(StrictModel):
+    socket: Path = Path("/run/dfly/dfdaemon.sock")
+    mode: int = 0o660
+    group: str = ""  # "" = the daemon's own group
+
+
+class SeedPeerSection(StrictModel):
+    enable: bool = False
+
+
+class DaemonConfig(StrictModel):
+    host: HostSection = HostSection()
+    scheduler: SchedulerSection = SchedulerSection()
+    storage: StorageSection = StorageSection()
+    download: DownloadSection = DownloadSection()
+    upload: UploadSection = UploadSection()
+    control: ControlSection = ControlSection()
+    piece: PieceSection = PieceSection()
+    proxy: ProxySection = ProxySection()
+    metrics: MetricsSection = MetricsSection()
+    health: HealthSection = HealthSection()
+    local_api: LocalApiSection = LocalApiSection()
+    seed_peer: SeedPeerSection = SeedPeerSection()
+    log_level: str = "info"
