@@ -20,12 +20,26 @@ def main() -> int:
         out = Path(tmp)
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={out}",
-             f"--grpc_python_out={out}", f"--mypy_out={out}", f"--mypy_grpc_out={out}", *PROTOS],
-            cwd=ROOT / "src", check=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                "-I.",
+                f"--python_out={out}",
+                f"--grpc_python_out={out}",
+                f"--mypy_out={out}",
+                f"--mypy_grpc_out={out}",
+                *PROTOS,
+            ],
+            cwd=ROOT / "src",
+            check=True,
+            env=env,
         )
-        stale = [p.name for p in sorted((out / "dfly" / "api").iterdir())
-                 if not (API / p.name).exists() or not filecmp.cmp(p, API / p.name, shallow=False)]
+        stale = [
+            p.name
+            for p in sorted((out / "dfly" / "api").iterdir())
+            if not (API / p.name).exists() or not filecmp.cmp(p, API / p.name, shallow=False)
+        ]
     if stale:
         print(f"generated code is stale, run `make proto`: {', '.join(stale)}", file=sys.stderr)
         return 1

@@ -498,7 +498,13 @@ class Reschedule(_message.Message):
     BLOCKED_PARENTS_FIELD_NUMBER: _builtins.int
     UNREACHABLE_PARENTS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    MORE_PARENTS_FIELD_NUMBER: _builtins.int
     description: _builtins.str
+    more_parents: _builtins.bool
+    """The child still has working parents and only asks for more (it holds fewer than it may use):
+    answered with candidate_parents when there are new ones, otherwise not answered; never with
+    back-to-source or failure.
+    """
     @_builtins.property
     def blocked_parents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """peer ids that failed this child"""
@@ -513,10 +519,11 @@ class Reschedule(_message.Message):
         blocked_parents: _abc.Iterable[_builtins.str] | None = ...,
         unreachable_parents: _abc.Iterable[_builtins.str] | None = ...,
         description: _builtins.str = ...,
+        more_parents: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_parents", b"blocked_parents", "description", b"description", "unreachable_parents", b"unreachable_parents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_parents", b"blocked_parents", "description", b"description", "more_parents", b"more_parents", "unreachable_parents", b"unreachable_parents"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,7 +54,9 @@ def peer_id(host: HostId, nonce_hex: str) -> PeerId:
     return PeerId(f"{host}-{nonce_hex}")
 
 
-def effective_filters(user_filters: Iterable[str] = (), *, no_default_filters: bool = False) -> tuple[str, ...]:
+def effective_filters(
+    user_filters: Iterable[str] = (), *, no_default_filters: bool = False
+) -> tuple[str, ...]:
     """The filter list in force: user filters extend the defaults unless the defaults are turned off."""
     base: tuple[str, ...] = () if no_default_filters else DEFAULT_FILTERED_QUERY_PARAMS
     seen = set(base)

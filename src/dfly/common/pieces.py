@@ -1,7 +1,9 @@
 """Piece layout rules (DESIGN.md §3): default length, user-fixed lengths, piece ranges, size parsing.
 
-Default piece length: the power of two ≥ content_length / 64, clamped to [256 KiB, 16 MiB], so a file of
-up to 1 GiB has at least 64 pieces. User-fixed lengths: powers of two in [64 KiB, 64 MiB].
+Default piece length: the largest power of two ≤ content_length / 64, clamped to [256 KiB, 16 MiB], so a
+file of 16 MiB to 1 GiB has at least 64 pieces (DESIGN says "≥ content_length / 64", which would give
+33–64 pieces; its stated intent, ≥ 64 pieces for pipeline depth, is what is kept: docs/architecture.md).
+User-fixed lengths: powers of two in [64 KiB, 64 MiB].
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ MAX_USER_PIECE_LENGTH = 64 * MiB
 TARGET_PIECE_COUNT = 64
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+def _power_of_two_at_most(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n.bit_length() - 1)
 
 
 def default_piece_length(content_length: int) -> int:
-    wanted = _next_power_of_two(-(-content_length // TARGET_PIECE_COUNT))
+    wanted = _power_of_two_at_most(content_length // TARGET_PIECE_COUNT)
     return max(MIN_DEFAULT_PIECE_LENGTH, min(MAX_DEFAULT_PIECE_LENGTH, wanted))
 
 

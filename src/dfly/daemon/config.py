@@ -1,4 +1,4 @@
-"""dfdaemon configuration (YAML via --config, env prefix DFLY_DFDAEMON__); documented in docs/configuration.md.
+"""dfdaemon configuration: YAML via --config, env prefix DFLY_DFDAEMON__ (docs/configuration.md).
 
 Every listener accepts port 0 (the kernel picks; the real port goes to --ready-file).
 """

@@ -1,0 +1,172 @@
+"""dfget's output file: a temporary file next to the output, filled piece by piece, placed atomically.
+
+Rules (DESIGN.md §3 "Output"):
+- The temporary file `.{name}.dfget-{random}` is created by dfget, as the user, in the output's directory
+  (mode 0644 minus umask); pieces are copied from the daemon's read-only task fd with copy_file_range,
+  falling back to pread/pwrite where the kernel or filesystem cannot.
+- Placing: whole-file digest check (reading the temporary file), fsync, then `link` (fails if the path
+  appeared meanwhile) or, with --overwrite, `rename`; then the directory is fsynced.
+- `discard()` (any failure, Ctrl-C) removes the temporary file; nothing is ever left at the path.
+- `--force-hard-link`: the temporary name is a hard link to the task file itself (same inode as the
+  cache); refused with a clear message when the kernel will not link it.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+
+from dfly.common.digest import Digest, FileHasher
+from dfly.common.errors import DigestMismatch, StorageError
+
+_COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+_LINK_UNSUPPORTED_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
+_READ_CHUNK = 1024 * 1024
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class OutputFile:
+    """The temporary file behind one output path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        directory, name = os.path.split(self.path)
+        self.directory = directory
+        self.tmp_path = os.path.join(directory, f".{name}.dfget-{secrets.token_hex(6)}")
+        self._fd: int | None = None
+        self._use_copy_file_range = True
+        self.linked = False
+        self._placed = False
+        try:
+            self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot create a temporary file in {directory}: {_reason(exc)}") from None
+
+    def allocate(self, content_length: int) -> None:
+        try:
+            os.ftruncate(self._require_fd(), content_length)
+        except OSError as exc:
+            raise StorageError(f"cannot size {self.tmp_path}: {_reason(exc)}") from None
+
+    def link_task_file(self, task_fd: int, task_path: str) -> None:
+        """Make the temporary name a hard link to the task file (via the passed fd, else its path)."""
+        self._close_fd()
+        os.unlink(self.tmp_path)
+        reasons = []
+        for source in (f"/proc/self/fd/{task_fd}", task_path):
+            try:
+                os.link(source, self.tmp_path, follow_symlinks=True)
+            except OSError as exc:
+                reasons.append(exc)
+                continue
+            self.linked = True
+            return
+        if any(exc.errno == errno.EXDEV for exc in reasons):
+            why = f"the daemon's cache ({task_path}) is on another filesystem than {self.directory}"
+        elif any(exc.errno in _LINK_UNSUPPORTED_ERRNOS | {errno.EACCES} for exc in reasons):
+            why = f"not permitted to link {task_path} (owned by the daemon, or links unsupported here)"
+        else:
+            why = "; ".join(_reason(exc) for exc in reasons)
+        raise StorageError(f"--force-hard-link: cannot hard-link the task file: {why}")
+
+    def copy(self, src_fd: int, offset: int, length: int) -> None:
+        """Copy bytes [offset, offset+length) of the task file to the same offset of the output."""
+        dst_fd = self._require_fd()
+        done = 0
+        while done < length:
+            count = length - done
+            pos = offset + done
+            try:
+                if self._use_copy_file_range:
+                    n = os.copy_file_range(src_fd, dst_fd, count, pos, pos)
+                else:
+                    data = os.pread(src_fd, min(count, _READ_CHUNK), pos)
+                    n = os.pwrite(dst_fd, data, pos) if data else 0
+            except OSError as exc:
+                if self._use_copy_file_range and exc.errno in _COPY_FALLBACK_ERRNOS:
+                    self._use_copy_file_range = False
+                    continue
+                raise StorageError(f"cannot copy into {self.tmp_path}: {_reason(exc)}") from None
+            if n == 0:
+                raise StorageError(f"the task file ended at byte {pos}, expected {offset + length}")
+            done += n
+
+    def verify(self, expected: Digest) -> None:
+        """Raise DigestMismatch unless the temporary file's bytes have the expected digest."""
+        hasher = FileHasher(expected.algorithm)
+        try:
+            fd = os.open(self.tmp_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.tmp_path}: {_reason(exc)}") from None
+        try:
+            offset = 0
+            while chunk := os.pread(fd, _READ_CHUNK, offset):
+                hasher.update(chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+        got = hasher.digest()
+        if got.value != expected.value:
+            raise DigestMismatch(f"digest mismatch: expected {expected} got {got}")
+
+    def place(self, *, overwrite: bool) -> None:
+        """fsync, then move the temporary file to the output path atomically, then fsync the directory."""
+        try:
+            if self._fd is not None:
+                os.fsync(self._fd)
+            self._close_fd()
+            if overwrite:
+                os.replace(self.tmp_path, self.path)
+            else:
+                self._link_no_clobber()
+            self._placed = True
+            self._fsync_directory()
+        except FileExistsError:
+            raise StorageError(f"{self.path} appeared during the download; not overwritten") from None
+        except OSError as exc:
+            raise StorageError(f"cannot place {self.path}: {_reason(exc)}") from None
+
+    def _link_no_clobber(self) -> None:
+        try:
+            os.link(self.tmp_path, self.path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _LINK_UNSUPPORTED_ERRNOS:
+                raise
+            # Filesystems without hard links: check, then rename (a small window instead of none).
+            if os.path.lexists(self.path):
+                raise FileExistsError(errno.EEXIST, "exists", self.path) from None
+            os.rename(self.tmp_path, self.path)
+            return
+        os.unlink(self.tmp_path)
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Remove the temporary file (idempotent; errors ignored: this runs on the failure path)."""
+        self._close_fd()
+        if self._placed:
+            return
+        try:
+            os.unlink(self.tmp_path)
+        except OSError:
+            pass
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise StorageError(f"{self.tmp_path} is not open for writing")
+        return self._fd
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

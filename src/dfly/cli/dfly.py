@@ -1,0 +1,127 @@
+"""The `dfly` command: `dfly scheduler ...` (the scheduler server) and `dfly up` (an all-in-one cluster).
+
+Rules: parse, call, print. `dfly scheduler` hands its arguments unchanged to `dfly.scheduler.app.main`,
+imported only in that branch. `dfly up` runs a `dfly.cluster.LocalCluster` in the foreground until
+Ctrl-C or SIGTERM (exit 0) or until a member dies (exit 1); exit codes follow the error tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from dfly.cluster import ClusterError, LocalCluster
+from dfly.common.errors import DflyError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfly", description="dfly: peer-to-peer file distribution")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("scheduler", help="run the scheduler (see `dfly scheduler --help`)", add_help=False)
+    up = sub.add_parser("up", help="run a scheduler, a seed peer and N peers on 127.0.0.1")
+    up.add_argument("--peers", type=int, default=3, help="number of (non-seed) peers (default 3)")
+    up.add_argument("--dir", default=None, help="directory for configs, logs, data (default: a new temp dir)")
+    up.add_argument(
+        "--seed-upload-limit",
+        type=int,
+        default=0,
+        metavar="BYTES_PER_S",
+        help="upload rate limit of the seed peer in bytes/s (default 0 = unlimited)",
+    )
+    up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    up.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for each stage")
+    return parser
+
+
+def format_table(cluster: LocalCluster) -> str:
+    """A short table of the members and an example dfget command line."""
+    rows = [("NAME", "ROLE", "PID", "PORTS", "SOCKET")]
+    for m in cluster.members:
+        ports = " ".join(f"{k}={v}" for k, v in sorted(m.ports.items()))
+        rows.append((m.name, m.role, str(m.pid), ports, str(m.socket or "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append("")
+    lines.append(f"cluster dir:  {cluster.base_dir}   (description: {cluster.cluster_json})")
+    example = cluster.peers[0] if cluster.peers else cluster.seed
+    lines.append(f"try:          dfget -e {example.socket} http://HOST/PATH -O /tmp/out")
+    lines.append("stop:         Ctrl-C (or SIGTERM)")
+    return "\n".join(lines)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not stop_requested.is_set():
+            stop_requested.set()
+            raise _Stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    cluster = LocalCluster(
+        args.dir,
+        peers=args.peers,
+        seed_upload_limit_bytes_per_s=args.seed_upload_limit,
+        log_level=args.log_level,
+        ready_timeout_s=args.ready_timeout,
+    )
+    print(f"dfly up: starting in {cluster.base_dir}", flush=True)
+    code = 0
+    try:
+        cluster.start()
+        print(format_table(cluster), flush=True)
+        while not stop_requested.wait(0.5):
+            dead = cluster.failed_members()
+            if dead:
+                for m in dead:
+                    code_m = m.process.returncode if m.process is not None else None
+                    print(f"dfly up: {m.name} exited with code {code_m}; see {m.log_path}", file=sys.stderr)
+                code = 1
+                break
+    except _Stop:
+        pass
+    finally:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        print("dfly up: stopping", flush=True)
+        cluster.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "scheduler":
+        from dfly.scheduler.app import main as scheduler_main
+
+        return int(scheduler_main(args_list[1:]) or 0)
+    args = _parser().parse_args(args_list)
+    try:
+        if args.command == "up":
+            if args.peers < 0:
+                print("dfly: --peers must be >= 0", file=sys.stderr)
+                return 2
+            return _run_up(args)
+    except ClusterError as exc:
+        print(f"dfly: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except DflyError as exc:
+        print(f"dfly: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"dfly: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""All-in-one local cluster: a scheduler, a seed peer and N peers on 127.0.0.1 as separate processes.
+
+This is the library behind `dfly up`, the demo, the benchmarks and the integration tests.
+
+Rules it keeps:
+- Children are started with exec (`subprocess.Popen`, never a bare fork), each in its own process
+  group so that a terminal's Ctrl-C reaches only the launcher, which then stops them in order.
+- Every listener in a generated config has port 0; the real ports come back in each process's ready
+  file. The scheduler starts first and its real gRPC port goes into the daemons' `scheduler.addrs`.
+- Waiting is bounded: a child that exits early or never writes its ready file fails the start with the
+  last lines of its log (`DIR/<name>.log`, stdout and stderr together).
+- Stopping: SIGTERM to the daemons, then the scheduler, a bounded wait, then SIGKILL. Nothing under DIR
+  is removed; `cluster.json` (temp file + rename) describes the running cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+from dfly.common.errors import DflyError
+
+LOOPBACK = "127.0.0.1"
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes including the NUL
+DEFAULT_SCHEDULER_CMD: tuple[str, ...] = (sys.executable, "-m", "dfly.cli.dfly", "scheduler")
+DEFAULT_DAEMON_CMD: tuple[str, ...] = (sys.executable, "-m", "dfly.cli.dfdaemon")
+
+
+class ClusterError(DflyError):
+    """The local cluster could not be started or a member failed."""
+
+    kind = "cluster"
+
+
+def scheduler_config(log_level: str = "info") -> dict[str, Any]:
+    """The scheduler's YAML config: every listener on 127.0.0.1, port 0."""
+    return {
+        "grpc": {"ip": LOOPBACK, "port": 0},
+        "metrics": {"ip": LOOPBACK, "port": 0},
+        "log_level": log_level,
+    }
+
+
+def daemon_config(
+    name: str,
+    base_dir: Path,
+    scheduler_addr: str,
+    *,
+    seed: bool = False,
+    upload_limit_bytes_per_s: int = 0,
+    log_level: str = "info",
+) -> dict[str, Any]:
+    """One daemon's YAML config (a `DaemonConfig` mapping): its own hostname, storage and socket."""
+    listener = {"ip": LOOPBACK, "port": 0}
+    return {
+        "host": {"hostname": f"dfly-{name}", "advertise_ip": LOOPBACK},
+        "scheduler": {"addrs": [scheduler_addr]},
+        "storage": {"dir": str(base_dir / name / "data")},
+        "upload": {"rate_limit_bytes_per_s": upload_limit_bytes_per_s},
+        "control": {**listener, "trusted_schedulers": [LOOPBACK]},
+        "piece": dict(listener),
+        "proxy": dict(listener),
+        "metrics": dict(listener),
+        "health": dict(listener),
+        "local_api": {"socket": str(base_dir / name / "dfdaemon.sock")},
+        "seed_peer": {"enable": seed},
+        "log_level": log_level,
+    }
+
+
+@dataclass
+class Member:
+    """One process of the cluster; `ready` is the content of its ready file once it is ready."""
+
+    name: str
+    role: str  # "scheduler" | "seed" | "peer"
+    config_path: Path
+    ready_path: Path
+    log_path: Path
+    data_dir: Path
+    socket: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+    ready: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else 0
+
+    @property
+    def ports(self) -> dict[str, int]:
+        ports = self.ready.get("ports", {})
+        return {str(k): int(v) for k, v in ports.items()} if isinstance(ports, dict) else {}
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "role": self.role,
+            "name": self.name,
+            "pid": self.pid,
+            "ports": self.ports,
+            "data_dir": str(self.ready.get("data_dir", self.data_dir)),
+            "log": str(self.log_path),
+            "config": str(self.config_path),
+        }
+        if self.role != "scheduler":
+            info["socket"] = str(self.ready.get("socket", self.socket))
+            info["proxy_port"] = self.ports.get("proxy", 0)
+            info["host_id"] = str(self.ready.get("host_id", ""))
+        return info
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file ("" if it cannot be read)."""
+    try:
+        text = path.read_bytes()[-64 * 1024 :].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def dfget_command() -> list[str]:
+    """How to run dfget as a child: the installed script next to this interpreter, else `-m`."""
+    script = Path(sys.executable).parent / "dfget"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dfly.cli.dfget"]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def query_stats(socket_path: str | Path, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Ask a daemon for its counters: one JSON line `{"op": "stats"}`, one JSON line back.
+
+    The reply is `{"event": "stats", "stats": {...}}` (a bare counters object is accepted too); the
+    counters hold at least `download_bytes` {back_to_source, remote_seed, remote_peer, local},
+    `upload_bytes` and `tasks`.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(socket_path))
+        sock.sendall(b'{"op": "stats"}\n')
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    reply = json.loads(buf.split(b"\n", 1)[0] or b"null")
+    if isinstance(reply, dict) and reply.get("event") == "stats" and isinstance(reply.get("stats"), dict):
+        stats: dict[str, Any] = reply["stats"]
+        return stats
+    if not isinstance(reply, dict) or "event" in reply:
+        raise ClusterError(f"daemon at {socket_path} answered stats with {reply!r}")
+    return reply
+
+
+class LocalCluster:
+    """Scheduler + seed + N peers; a context manager (sync) and an async context manager.
+
+    `start()` returns once every member has written its ready file and `cluster.json` is written;
+    `stop()` stops them all (idempotent). Members: `scheduler`, `seed`, `peers`, `members`, `member(name)`.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | Path | None = None,
+        *,
+        peers: int = 3,
+        seed_upload_limit_bytes_per_s: int = 0,
+        log_level: str = "info",
+        ready_timeout_s: float = 60.0,
+        stop_timeout_s: float = 10.0,
+        scheduler_cmd: Sequence[str] = DEFAULT_SCHEDULER_CMD,
+        daemon_cmd: Sequence[str] = DEFAULT_DAEMON_CMD,
+    ) -> None:
+        if peers < 0:
+            raise ClusterError("the number of peers must be >= 0")
+        self.base_dir = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="dfly-up-"))
+        self.n_peers = peers
+        self.seed_upload_limit_bytes_per_s = seed_upload_limit_bytes_per_s
+        self.log_level = log_level
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.scheduler_cmd = list(scheduler_cmd)
+        self.daemon_cmd = list(daemon_cmd)
+        self.members: list[Member] = []
+        self.cluster_json = self.base_dir / "cluster.json"
+
+    # -- access -----------------------------------------------------------------------------------
+    def member(self, name: str) -> Member:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def scheduler(self) -> Member:
+        return self.member("scheduler")
+
+    @property
+    def seed(self) -> Member:
+        return self.member("seed")
+
+    @property
+    def peers(self) -> list[Member]:
+        return [m for m in self.members if m.role == "peer"]
+
+    @property
+    def daemons(self) -> list[Member]:
+        return [m for m in self.members if m.role != "scheduler"]
+
+    @property
+    def scheduler_addr(self) -> str:
+        return f"{LOOPBACK}:{self.scheduler.ports['grpc']}"
+
+    def describe(self) -> dict[str, Any]:
+        scheduler = self.scheduler_addr if self.members and self.scheduler.ready else ""
+        return {
+            "dir": str(self.base_dir),
+            "scheduler_addr": scheduler,
+            "processes": [m.describe() for m in self.members],
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every member, in order, each once the previous is ready; stop all on failure."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            sched = self._launch("scheduler", "scheduler", scheduler_config(self.log_level))
+            self._wait_ready([sched])
+            if "grpc" not in sched.ports:
+                raise ClusterError(f"scheduler ready file {sched.ready_path} has no ports.grpc")
+            names = [("seed", "seed")] + [(f"peer-{i}", "peer") for i in range(1, self.n_peers + 1)]
+            daemons = [self._launch_daemon(name, role) for name, role in names]
+            self._wait_ready(daemons)
+            write_json_atomic(self.cluster_json, self.describe())
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch_daemon(self, name: str, role: str) -> Member:
+        seed = role == "seed"
+        limit = self.seed_upload_limit_bytes_per_s if seed else 0
+        cfg = daemon_config(
+            name,
+            self.base_dir,
+            self.scheduler_addr,
+            seed=seed,
+            upload_limit_bytes_per_s=limit,
+            log_level=self.log_level,
+        )
+        sock = Path(cfg["local_api"]["socket"])
+        if len(os.fsencode(sock)) > SOCKET_PATH_MAX:
+            raise ClusterError(
+                f"socket path {sock} is longer than {SOCKET_PATH_MAX} bytes; use a shorter --dir"
+            )
+        Path(cfg["storage"]["dir"]).mkdir(parents=True, exist_ok=True)
+        return self._launch(name, role, cfg, socket_path=sock, extra=["--seed"] if seed else [])
+
+    def _launch(
+        self,
+        name: str,
+        role: str,
+        config: dict[str, Any],
+        *,
+        socket_path: Path | None = None,
+        extra: Sequence[str] = (),
+    ) -> Member:
+        member_dir = self.base_dir / name
+        member_dir.mkdir(parents=True, exist_ok=True)
+        member = Member(
+            name=name,
+            role=role,
+            config_path=self.base_dir / f"{name}.yaml",
+            ready_path=self.base_dir / f"{name}.ready.json",
+            log_path=self.base_dir / f"{name}.log",
+            data_dir=Path(config.get("storage", {}).get("dir", member_dir)),
+            socket=socket_path,
+        )
+        member.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        member.ready_path.unlink(missing_ok=True)
+        base = self.scheduler_cmd if role == "scheduler" else self.daemon_cmd
+        argv = [*base, "--config", str(member.config_path), *extra, "--ready-file", str(member.ready_path)]
+        with open(member.log_path, "ab") as log:
+            member.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                process_group=0,
+            )
+        self.members.append(member)
+        return member
+
+    def _wait_ready(self, members: Sequence[Member]) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        pending = list(members)
+        while pending:
+            for m in list(pending):
+                if m.ready_path.exists():
+                    try:
+                        m.ready = json.loads(m.ready_path.read_text())
+                    except (OSError, ValueError) as exc:
+                        raise ClusterError(f"{m.name}: unreadable ready file {m.ready_path}: {exc}") from None
+                    pending.remove(m)
+                elif not m.alive():
+                    code = m.process.returncode if m.process is not None else None
+                    raise ClusterError(
+                        f"{m.name} exited with code {code} before it was ready; last lines of "
+                        f"{m.log_path}:\n{tail(m.log_path)}"
+                    )
+            if pending and time.monotonic() >= deadline:
+                names = ", ".join(m.name for m in pending)
+                logs = "\n".join(f"--- {m.log_path}:\n{tail(m.log_path)}" for m in pending)
+                raise ClusterError(f"not ready within {self.ready_timeout_s:g} s: {names}\n{logs}")
+            if pending:
+                time.sleep(0.05)
+
+    def stop_member(self, name: str) -> int | None:
+        """Stop one member (SIGTERM, bounded wait, SIGKILL); returns its exit code."""
+        m = self.member(name)
+        self._terminate([m])
+        return m.process.returncode if m.process is not None else None
+
+    def stop(self) -> None:
+        """Stop the daemons, then the scheduler. Leaves every file under the base dir in place."""
+        self._terminate(self.daemons)
+        self._terminate([m for m in self.members if m.role == "scheduler"])
+
+    def _terminate(self, members: Sequence[Member]) -> None:
+        running = [m for m in members if m.alive()]
+        for m in running:
+            _signal(m, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout_s
+        for m in running:
+            assert m.process is not None
+            try:
+                m.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(m, signal.SIGKILL)
+                m.process.wait()
+
+    def failed_members(self) -> list[Member]:
+        """Members whose process has exited (after a successful start, any exit is a failure)."""
+        return [m for m in self.members if m.process is not None and m.process.poll() is not None]
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> LocalCluster:
+        import asyncio
+
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.stop)
+
+
+def _signal(member: Member, sig: signal.Signals) -> None:
+    if member.process is None:
+        return
+    try:
+        member.process.send_signal(sig)
+    except ProcessLookupError:
+        pass

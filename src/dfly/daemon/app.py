@@ -1,0 +1,183 @@
+"""Composition root of dfdaemon: builds storage, tasks, listeners and the scheduler link, then runs.
+
+Start order: storage opened (crash recovery) → piece server, control, health, metrics, local API bound
+→ host announced to the scheduler → ready file written. Stop order is the reverse, ending with the
+storage's final group commit and clean-shutdown marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import start_http_server
+
+from dfly.api import daemon_pb2_grpc as dpb_grpc
+from dfly.api import scheduler_pb2 as pb
+from dfly.common.ids import host_id as make_host_id
+from dfly.daemon.config import DaemonConfig
+from dfly.daemon.context import Counters, DaemonContext
+from dfly.daemon.local_api import LocalApiServer
+from dfly.daemon.scheduler_client import SchedulerClient, source_ip_toward
+from dfly.daemon.services import ControlService, start_health_server
+from dfly.daemon.storage import Storage
+from dfly.daemon.tasks import TaskManager
+from dfly.daemon.transfer.buffers import BufferPool
+from dfly.daemon.transfer.ratelimit import TokenBucket
+from dfly.daemon.transfer.server import PieceServer
+
+log = logging.getLogger(__name__)
+
+RATE_SAMPLE_S = 1.0
+ANNOUNCE_RETRY_S = 0.5
+
+
+def write_ready_file(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+class UploadRate:
+    """EWMA of the upload byte rate, sampled once a second; reported on the host keepalive."""
+
+    def __init__(self, counters: Counters) -> None:
+        self._counters = counters
+        self.rate = 0.0
+        self._last = 0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(RATE_SAMPLE_S)  # a sampling period
+            now_bytes = self._counters.upload_bytes
+            self.rate = 0.7 * self.rate + 0.3 * (now_bytes - self._last) / RATE_SAMPLE_S
+            self._last = now_bytes
+
+
+async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Event) -> None:
+    storage = Storage(config.storage.dir, commit_interval_s=config.storage.commit_interval_s)
+    stored = await storage.open()
+    seed = config.seed_peer.enable
+    ip = config.host.advertise_ip or source_ip_toward(config.scheduler.addrs[0])
+    host = make_host_id(ip, config.host.hostname)
+    boot_id = uuid.uuid4().hex
+    counters = Counters()
+    ctx = DaemonContext(
+        config=config,
+        host_id=host,
+        hostname=config.host.hostname,
+        ip=ip,
+        seed=seed,
+        storage=storage,
+        scheduler=None,
+        pool=BufferPool(config.download.buffer_bytes),
+        counters=counters,
+        rng=random.Random(),
+    )
+    tasks = TaskManager(ctx)
+    tasks.load(stored)
+    limit = config.upload.rate_limit_bytes_per_s
+    limiter = TokenBucket(limit, max(limit // 10, 4 << 20) if limit else 0)
+    pieces = PieceServer(tasks, host, limiter, on_uploaded=lambda _task, n: counters.uploaded(n))
+    piece_port = await pieces.start(config.piece.ip, config.piece.port)
+
+    control = grpc.aio.server()
+    trusted = config.control.trusted_schedulers or [
+        a.rpartition(":")[0].strip("[]") for a in config.scheduler.addrs
+    ]
+    dpb_grpc.add_DfdaemonControlServicer_to_server(ControlService(trusted, tasks.trigger), control)
+    control_port = control.add_insecure_port(f"{config.control.ip}:{config.control.port}")
+    await control.start()
+    health = await start_health_server(config.health.ip, config.health.port)
+    health_port = health.sockets[0].getsockname()[1]
+    metrics_server, metrics_thread = start_http_server(config.metrics.port, config.metrics.ip)
+    metrics_port = metrics_server.server_port
+    local_api = LocalApiServer(tasks, config.local_api.socket, config.local_api.mode, config.local_api.group)
+    await local_api.start()
+
+    upload_rate = UploadRate(counters)
+
+    def host_info() -> pb.HostInfo:
+        return pb.HostInfo(
+            host_id=host,
+            hostname=config.host.hostname,
+            ip=ip,
+            piece_port=piece_port,
+            control_port=control_port,
+            seed=seed,
+            boot_id=boot_id,
+            idc=config.host.idc,
+            location=config.host.location,
+            upload_limit_bytes_per_s=limit,
+            upload_slots=config.upload.slots,
+        )
+
+    scheduler = SchedulerClient(
+        config.scheduler.addrs[0],
+        host_info=host_info,
+        finished_tasks=tasks.finished_tasks,
+        load=lambda: (upload_rate.rate, pieces.active_uploads),
+        keepalive_interval_s=config.scheduler.keepalive_interval_s,
+    )
+    ctx.scheduler = scheduler
+    try:
+        async with asyncio.TaskGroup() as tg:
+            background = [tg.create_task(upload_rate.run())]
+            await _announce_until_done(scheduler, stop)
+            background.append(tg.create_task(scheduler.run_keepalive()))
+            if ready_file is not None and not stop.is_set():
+                write_ready_file(
+                    ready_file,
+                    {
+                        "role": "seed" if seed else "peer",
+                        "pid": os.getpid(),
+                        "host_id": host,
+                        "hostname": config.host.hostname,
+                        "data_dir": str(config.storage.dir),
+                        "socket": str(config.local_api.socket),
+                        "ports": {
+                            "control": control_port,
+                            "proxy": None,
+                            "metrics": metrics_port,
+                            "health": health_port,
+                            "piece": piece_port,
+                        },
+                    },
+                )
+            log.info("dfdaemon %s ready (seed=%s, pieces on %s:%d)", host, seed, config.piece.ip, piece_port)
+            await stop.wait()
+            for task in background:
+                task.cancel()
+    finally:
+        await local_api.close()
+        await tasks.close()
+        await pieces.close()
+        await control.stop(1.0)
+        health.close()
+        metrics_server.shutdown()
+        metrics_thread.join(timeout=2.0)
+        await scheduler.leave()
+        await scheduler.close()
+        await storage.close()
+        log.info("dfdaemon %s stopped", host)
+
+
+async def _announce_until_done(scheduler: SchedulerClient, stop: asyncio.Event) -> None:
+    """Ready means announced: retry until the scheduler answers or the daemon is told to stop."""
+    while not stop.is_set():
+        try:
+            await scheduler.announce()
+            return
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cannot announce to scheduler %s: %s; retrying", scheduler.addr, exc.code().name)
+        try:
+            await asyncio.wait_for(stop.wait(), ANNOUNCE_RETRY_S)
+        except TimeoutError:
+            pass

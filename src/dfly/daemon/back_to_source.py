@@ -1,0 +1,92 @@
+"""Back-to-source for one download: stat the origin, fix the layout, stream pieces into storage.
+
+The blocking HTTP client (`source.http`) runs in a worker thread; each piece it cuts is handed to the
+event loop, written by the storage writer thread, and only then is the origin read further (the thread
+waits), so one piece buffer per download suffices and memory stays flat.
+
+Rules:
+- The first back-to-source peer of a task fixes its layout: the user's piece length or the default
+  rule; a later one adopts the layout the scheduler sent and checks the origin's length against it.
+- The origin's refusal (status, headers) is reported to the scheduler, which tells every peer.
+- Reading starts at the first missing piece; pieces already held are skipped, not rewritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import TYPE_CHECKING
+
+from dfly.common.errors import SourceError
+from dfly.common.pieces import default_piece_length
+from dfly.daemon.core.task_state import Layout
+from dfly.daemon.source import http
+
+if TYPE_CHECKING:
+    from dfly.daemon.conductor import Conductor
+
+STAT_TIMEOUT_S = 30.0
+READ_TIMEOUT_S = 60.0
+
+
+class BackToSource:
+    def __init__(self, conductor: Conductor, layout: Layout | None) -> None:
+        self.c = conductor
+        self.layout_hint = layout
+        self._stop = threading.Event()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except SourceError as exc:
+            await self.c.report_source_error(exc)
+            raise
+        finally:
+            self._stop.set()
+
+    async def _run(self) -> None:
+        request = self.c.request
+        stat = await asyncio.to_thread(http.stat, request.url, request.headers, timeout_s=STAT_TIMEOUT_S)
+        hint = self.layout_hint or self.c.state.layout
+        if hint is not None:
+            if hint.content_length != stat.content_length:
+                raise SourceError(
+                    f"origin length {stat.content_length} differs from the task's {hint.content_length}"
+                )
+            layout = hint
+        else:
+            piece_length = request.piece_length or default_piece_length(stat.content_length)
+            layout = Layout(stat.content_length, piece_length)
+        await self.c.ensure_file(layout, stat.headers)
+        await self.c.report_back_to_source_started(layout, stat.headers)
+        missing = [n for n in range(layout.piece_count) if not self.c.state.has(n)]
+        if not missing:
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_piece(number: int, view: memoryview, digest: int) -> None:
+            if self.c.state.has(number):
+                return
+            store = self.c.store_piece(number, view, digest, "back_to_source", "")
+            future = asyncio.run_coroutine_threadsafe(store, loop)
+            while True:  # wait for the write, but never outlive a stopped download
+                try:
+                    future.result(timeout=0.5)
+                    return
+                except concurrent.futures.TimeoutError:
+                    if self._stop.is_set():
+                        future.cancel()
+                        return
+
+        await asyncio.to_thread(
+            http.read_pieces,
+            stat,
+            request.headers,
+            piece_length=layout.piece_length,
+            first_piece=missing[0],
+            buffer=bytearray(layout.piece_length),
+            on_piece=on_piece,
+            should_stop=self._stop.is_set,
+            timeout_s=READ_TIMEOUT_S,
+        )

@@ -1,0 +1,390 @@
+"""Drives one download attempt of a task: scheduler stream, parents, planner, back-to-source, reports.
+
+One conductor per live task at a time; everything it learns lands in its TaskState, which the local
+API, the piece server and other attachers read. All its inputs (scheduler replies, parent frames,
+stored pieces, ticks) pass through one queue handled by one loop, so its state has one writer.
+
+Rules:
+- Register first; parents come from the scheduler, piece availability from the parents themselves.
+- Back to the origin only when the scheduler says so, or when the scheduler cannot be reached or gives
+  no answer within `scheduler.schedule_timeout_s` (unless back-to-source is disabled).
+- A piece is written, then marked available, then reported (batched ≥ progress_report_interval_s
+  apart, and at completion). The task completes only after the scheduler's digest cross-check
+  (or without it when the scheduler is gone).
+- While it holds fewer parents than `download.max_parents`, the child asks for more about once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from dfly.api import scheduler_pb2 as pb
+from dfly.common.errors import DflyError, DigestMismatch, DownloadTimeout, NoParents, SourceError
+from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, peer_id
+from dfly.daemon.back_to_source import BackToSource
+from dfly.daemon.context import DaemonContext
+from dfly.daemon.core.task_state import Layout, TaskState
+from dfly.daemon.parents import ParentSet
+from dfly.daemon.storage import TaskMeta
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+VERDICT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    url: str
+    tag: str = ""
+    application: str = ""
+    filtered_query_params: tuple[str, ...] = DEFAULT_FILTERED_QUERY_PARAMS
+    headers: dict[str, str] = field(default_factory=dict)
+    piece_length: int | None = None
+    timeout_s: float = 7200.0
+    disable_back_to_source: bool = False
+    need_back_to_source: bool = False
+
+    def to_proto(self) -> pb.Download:
+        return pb.Download(
+            url=self.url,
+            tag=self.tag,
+            application=self.application,
+            filtered_query_params=list(self.filtered_query_params),
+            request_headers=self.headers,
+            piece_length=self.piece_length or 0,
+            disable_back_to_source=self.disable_back_to_source,
+            timeout_s=self.timeout_s,
+            need_back_to_source=self.need_back_to_source,
+        )
+
+
+@dataclass(frozen=True)
+class _SchedulerReply:
+    response: pb.AnnouncePeerResponse
+
+
+@dataclass(frozen=True)
+class _SchedulerGone:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Wake:
+    """Something changed (a piece stored, a parent event): re-evaluate."""
+
+
+def first_dfly_error(exc: BaseException) -> DflyError | None:
+    """The DflyError inside `exc` (TaskGroups wrap their children's errors in groups)."""
+    if isinstance(exc, DflyError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_dfly_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def layout_from_proto(layout: pb.TaskLayout) -> Layout | None:
+    if layout.piece_length <= 0:
+        return None
+    return Layout(layout.content_length, layout.piece_length)
+
+
+class Conductor:
+    def __init__(self, ctx: DaemonContext, state: TaskState, request: TaskRequest, file_ready: asyncio.Event):
+        self.ctx = ctx
+        self.state = state
+        self.request = request
+        self.file_ready = file_ready
+        self.peer_id = peer_id(ctx.host_id, f"{ctx.rng.getrandbits(64):016x}")
+        self.events: asyncio.Queue[object] = asyncio.Queue()
+        self._call: grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse] | None = None
+        self._write_lock = asyncio.Lock()
+        self._report: list[pb.PieceDone] = []
+        self._last_report_at = 0.0
+        self._scheduler_alive = False
+        self._back_to_source: asyncio.Task[None] | None = None
+        self._verdict_deadline: float | None = None
+        self._schedule_deadline: float | None = None
+        self._more_parents_at = 0.0
+        self._done = False
+        self._helpers: set[asyncio.Task[None]] = set()
+        self.parents = ParentSet(self)
+
+    # -- entry ------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Runs the attempt to its end; the outcome lands in `state.end(...)`."""
+        error: DflyError | None = None
+        try:
+            async with asyncio.timeout(self.request.timeout_s):
+                async with asyncio.TaskGroup() as tg:
+                    self.tg = tg
+                    await self._drive()
+                    self._stop_helpers()
+        except TimeoutError:
+            error = DownloadTimeout(f"download timed out after {self.request.timeout_s:g}s")
+        except asyncio.CancelledError:
+            await self._close()
+            self.state.end(DflyError("the daemon is shutting down"))
+            raise
+        except BaseException as exc:
+            error = first_dfly_error(exc)
+            if error is None:
+                log.exception("download of %s failed", self.request.url)
+                error = DflyError(f"internal error: {type(exc).__name__}: {exc}")
+        await self._close()
+        self.ctx.counters.task_ended(error is None)
+        self.state.end(error)
+
+    def _stop_helpers(self) -> None:
+        """The stream reader and piece writers end with the attempt."""
+        if self._call is not None:
+            self._call.cancel()
+        for task in list(self._helpers):
+            task.cancel()
+        if self._back_to_source is not None:
+            self._back_to_source.cancel()
+
+    async def _close(self) -> None:
+        self.parents.close_all()
+        if self._back_to_source is not None:
+            self._back_to_source.cancel()
+        if self._call is not None:
+            with contextlib.suppress(Exception):
+                self._call.cancel()
+
+    # -- main loop --------------------------------------------------------------------------------
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.ctx.scheduler is not None:
+            await self._open_stream()
+        if not self._scheduler_alive:
+            self._go_back_to_source(None, "no scheduler reachable")
+        else:
+            self._schedule_deadline = loop.time() + self.ctx.config.scheduler.schedule_timeout_s
+        while not self._done:
+            try:
+                event = await asyncio.wait_for(self.events.get(), TICK_S)
+            except TimeoutError:
+                event = _Wake()
+            await self._handle(event, loop.time())
+
+    async def _handle(self, event: object, now: float) -> None:
+        if isinstance(event, _SchedulerReply):
+            await self._on_reply(event.response)
+        elif isinstance(event, _SchedulerGone):
+            self._on_scheduler_gone(event.reason)
+        await self.parents.pump(now)
+        if self._back_to_source is not None and self._back_to_source.done():
+            self._back_to_source.result()  # re-raises the origin's error
+        if self.state.complete and self._verdict_deadline is None:
+            await self._complete(now)
+        elif self._verdict_deadline is not None and now >= self._verdict_deadline:
+            log.warning("no digest verdict from the scheduler for %s; accepting", self.state.task_id[:12])
+            self._done = True
+        elif self._schedule_deadline is not None and now >= self._schedule_deadline:
+            self._schedule_deadline = None
+            self._go_back_to_source(None, "the scheduler gave no parent in time")
+        if now - self._last_report_at >= self.ctx.config.download.progress_report_interval_s:
+            await self._flush_report(now)
+        if (
+            self.parents.active
+            and not self.state.complete
+            and self._back_to_source is None
+            and len(self.parents) < self.ctx.config.download.max_parents
+            and now >= self._more_parents_at
+        ):
+            self._more_parents_at = now + 1.0
+            await self._send(reschedule=pb.Reschedule(more_parents=True, description="more parents"))
+        if self.parents.active and self.parents.stalled() and self._back_to_source is None:
+            blocked, unreachable = self.parents.take_failed()
+            self.parents.active = False
+            self._schedule_deadline = now + self.ctx.config.scheduler.schedule_timeout_s
+            await self._send(
+                reschedule=pb.Reschedule(
+                    blocked_parents=blocked, unreachable_parents=unreachable, description="no working parent"
+                )
+            )
+
+    async def _on_reply(self, response: pb.AnnouncePeerResponse) -> None:
+        kind = response.WhichOneof("response")
+        if kind == "candidate_parents":
+            reply = response.candidate_parents
+            layout = layout_from_proto(reply.layout)
+            if layout is None or self._back_to_source is not None:
+                return
+            await self.ensure_file(layout, dict(reply.layout.response_headers))
+            self._schedule_deadline = None
+            self.parents.add_candidates(list(reply.parents))
+        elif kind == "need_back_to_source":
+            reply_bts = response.need_back_to_source
+            self._go_back_to_source(layout_from_proto(reply_bts.layout), reply_bts.description)
+        elif kind == "failed":
+            failed = response.failed
+            if failed.HasField("source_error") and (
+                failed.source_error.status_code or failed.source_error.message
+            ):
+                err = failed.source_error
+                raise SourceError(err.message or failed.description, err.status_code, dict(err.headers))
+            raise NoParents(failed.description or "the scheduler failed the download")
+        elif kind == "finish_verdict":
+            verdict = response.finish_verdict
+            if verdict.accepted:
+                self._done = True
+                return
+            bad = list(verdict.bad_pieces)
+            log.warning(
+                "scheduler rejected %d pieces of %s; fetching them again", len(bad), self.state.task_id[:12]
+            )
+            if self._back_to_source is not None or not self.parents.active:
+                raise DigestMismatch(f"{len(bad)} pieces differ from the origin's digests")
+            self.state.forget_pieces(bad)
+            self.parents.refetch(bad)
+            self._verdict_deadline = None
+
+    def _on_scheduler_gone(self, reason: str) -> None:
+        self._scheduler_alive = False
+        if self._verdict_deadline is not None:
+            self._done = True  # nothing left to cross-check against
+        elif not self.parents.active and self._back_to_source is None and not self.state.complete:
+            self._go_back_to_source(None, f"scheduler stream ended: {reason}")
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A helper task owned by this attempt's TaskGroup, cancelled when the attempt ends."""
+        task = self.tg.create_task(coro)
+        self._helpers.add(task)
+        task.add_done_callback(self._helpers.discard)
+
+    # -- scheduler stream -------------------------------------------------------------------------
+    async def _open_stream(self) -> None:
+        assert self.ctx.scheduler is not None
+        try:
+            self._call = self.ctx.scheduler.announce_peer()
+            self._scheduler_alive = True
+            await self._send(register=pb.RegisterPeer(download=self.request.to_proto()))
+        except grpc.aio.AioRpcError as exc:
+            self._scheduler_alive = False
+            log.warning("cannot register %s with the scheduler: %s", self.state.task_id[:12], exc.code().name)
+            return
+        self.spawn(self._read_replies())
+
+    async def _read_replies(self) -> None:
+        assert self._call is not None
+        reason = "closed"
+        try:
+            async for response in self._call:
+                await self.events.put(_SchedulerReply(response))
+        except grpc.aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            raise
+        await self.events.put(_SchedulerGone(reason))
+
+    async def _send(self, **oneof: object) -> None:
+        if self._call is None or not self._scheduler_alive:
+            return
+        request = pb.AnnouncePeerRequest(
+            host_id=self.ctx.host_id,
+            task_id=self.state.task_id,
+            peer_id=self.peer_id,
+            **oneof,  # type: ignore[arg-type]
+        )
+        try:
+            async with self._write_lock:
+                await self._call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            self._scheduler_alive = False
+            await self.events.put(_SchedulerGone(str(exc)))
+
+    async def _flush_report(self, now: float) -> None:
+        self._last_report_at = now
+        if self._report:
+            pieces, self._report = self._report, []
+            await self._send(pieces_finished=pb.PiecesFinished(pieces=pieces))
+
+    # -- pieces -----------------------------------------------------------------------------------
+    async def ensure_file(self, layout: Layout, response_headers: dict[str, str]) -> None:
+        self.state.set_layout(layout.content_length, layout.piece_length)
+        if not self.file_ready.is_set():
+            self.state.response_headers = response_headers
+            meta = TaskMeta(
+                task_id=self.state.task_id,
+                url=self.request.url,
+                content_length=layout.content_length,
+                piece_length=layout.piece_length,
+                response_headers=response_headers,
+            )
+            await self.ctx.storage.create_task(meta)
+            self.file_ready.set()
+
+    async def store_piece(
+        self, number: int, data: memoryview, digest: int, source: str, parent_id: str
+    ) -> None:
+        """Write a verified piece, then make it available and queue its report."""
+        if self.state.has(number):
+            return
+        assert self.state.layout is not None
+        offset, length = self.state.layout.piece_range(number)
+        write = asyncio.ensure_future(
+            self.ctx.storage.write_piece(self.state.task_id, number, offset, data[:length], digest)
+        )
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await asyncio.wait([write])  # the writer thread still reads `data`: keep it until done
+            raise
+        if self.state.mark_available(number, digest):
+            self.ctx.counters.downloaded(source, length)
+            self._report.append(pb.PieceDone(number=number, digest=digest, parent_id=parent_id))
+            self.events.put_nowait(_Wake())
+
+    async def _complete(self, now: float) -> None:
+        await self.ctx.storage.finish_task(self.state.task_id)
+        await self._flush_report(now)
+        if not self._scheduler_alive:
+            self._done = True
+            return
+        self._verdict_deadline = now + VERDICT_TIMEOUT_S
+        await self._send(finished=pb.PeerFinished(piece_digests=self.state.digests_in_order()))
+        if not self._scheduler_alive:
+            self._done = True
+
+    # -- back to source ---------------------------------------------------------------------------
+    def _go_back_to_source(self, layout: Layout | None, why: str) -> None:
+        if self._back_to_source is not None or self.state.complete:
+            return
+        if self.request.disable_back_to_source:
+            raise NoParents(f"no parent could serve the task and back-to-source is disabled ({why})")
+        log.info("task %s goes back to source: %s", self.state.task_id[:12], why)
+        self._schedule_deadline = None
+        self.parents.close_all()
+        self._back_to_source = self.tg.create_task(BackToSource(self, layout).run())
+
+    async def report_back_to_source_started(self, layout: Layout, headers: dict[str, str]) -> None:
+        await self._send(
+            back_to_source_started=pb.BackToSourceStarted(
+                content_length=layout.content_length,
+                piece_length=layout.piece_length,
+                response_headers=headers,
+            )
+        )
+
+    async def report_source_error(self, error: SourceError) -> None:
+        await self._send(
+            failed=pb.PeerFailed(
+                description=error.message,
+                back_to_source=True,
+                source_error=pb.SourceError(
+                    status_code=error.status_code, message=error.message, headers=error.headers
+                ),
+            )
+        )

@@ -1,0 +1,62 @@
+"""What every download of a daemon shares: config, identity, storage, scheduler link, buffers, counters.
+
+Counters are kept twice on purpose: as Prometheus metrics (`dfly_daemon_*`, port 4002) and as plain
+numbers for the local API's `stats` reply, which the demo and tests read.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter
+
+from dfly.daemon.config import DaemonConfig
+from dfly.daemon.scheduler_client import SchedulerClient
+from dfly.daemon.storage import Storage
+from dfly.daemon.transfer.buffers import BufferPool
+
+SOURCES = ("back_to_source", "remote_seed", "remote_peer", "local")
+
+_DOWNLOAD_BYTES = Counter(
+    "dfly_daemon_download_bytes", "Bytes downloaded, by where they came from", ["source"]
+)
+_UPLOAD_BYTES = Counter("dfly_daemon_upload_bytes", "Bytes uploaded to other peers")
+_TASKS = Counter("dfly_daemon_download_tasks", "Downloads attached, by result", ["result"])
+
+
+@dataclass
+class Counters:
+    download_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+    upload_bytes: int = 0
+    tasks_succeeded: int = 0
+    tasks_failed: int = 0
+
+    def downloaded(self, source: str, nbytes: int) -> None:
+        self.download_bytes[source] += nbytes
+        _DOWNLOAD_BYTES.labels(source=source).inc(nbytes)
+
+    def uploaded(self, nbytes: int) -> None:
+        self.upload_bytes += nbytes
+        _UPLOAD_BYTES.inc(nbytes)
+
+    def task_ended(self, ok: bool) -> None:
+        if ok:
+            self.tasks_succeeded += 1
+        else:
+            self.tasks_failed += 1
+        _TASKS.labels(result="succeeded" if ok else "failed").inc()
+
+
+@dataclass
+class DaemonContext:
+    config: DaemonConfig
+    host_id: str
+    hostname: str
+    ip: str
+    seed: bool
+    storage: Storage
+    scheduler: SchedulerClient | None
+    pool: BufferPool
+    counters: Counters
+    rng: random.Random

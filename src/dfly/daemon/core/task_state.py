@@ -1,0 +1,132 @@
+"""One live task per task id: its layout, the pieces available with their digests, and who listens.
+
+Pure bookkeeping (no I/O, no clock). Every consumer of a task (dfget attachments, the piece server's
+HAVE pushes, a second dfget, the conductor) reads this object and subscribes to it, so a task is
+downloaded once however many requests attach to it.
+
+Rules:
+- The layout (content length, piece length) is set once; a different layout later is an error.
+- A piece becomes available once, with the digest it was verified against; that digest is final.
+- Listeners are told of each newly available piece, and once of the task's end (None = finished).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from dfly.common.errors import DflyError, ProtocolError
+from dfly.common.pieces import piece_count, piece_range
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    content_length: int
+    piece_length: int
+
+    @property
+    def piece_count(self) -> int:
+        return piece_count(self.content_length, self.piece_length)
+
+    def piece_range(self, number: int) -> tuple[int, int]:
+        return piece_range(number, self.piece_length, self.content_length)
+
+
+PieceListener = Callable[[int], None]
+EndListener = Callable[[DflyError | None], None]
+
+
+class TaskState:
+    def __init__(self, task_id: str, url: str = "") -> None:
+        self.task_id = task_id
+        self.url = url
+        self.layout: Layout | None = None
+        self.response_headers: dict[str, str] = {}
+        self._digests: dict[int, int] = {}
+        self._piece_listeners: list[PieceListener] = []
+        self._end_listeners: list[EndListener] = []
+        self.ended = False
+        self.error: DflyError | None = None
+
+    # -- layout -----------------------------------------------------------------------------------
+    def set_layout(self, content_length: int, piece_length: int) -> Layout:
+        new = Layout(content_length, piece_length)
+        if self.layout is not None and self.layout != new:
+            raise ProtocolError(
+                f"task {self.task_id[:12]} layout {content_length}/{piece_length} differs from "
+                f"{self.layout.content_length}/{self.layout.piece_length}"
+            )
+        self.layout = new
+        return new
+
+    # -- pieces -----------------------------------------------------------------------------------
+    @property
+    def piece_count(self) -> int:
+        return self.layout.piece_count if self.layout else 0
+
+    @property
+    def complete(self) -> bool:
+        return self.layout is not None and len(self._digests) == self.layout.piece_count
+
+    def available_pieces(self) -> list[int]:
+        return sorted(self._digests)
+
+    def has(self, number: int) -> bool:
+        return number in self._digests
+
+    def piece_digest(self, number: int) -> int | None:
+        return self._digests.get(number)
+
+    def digests_in_order(self) -> list[int]:
+        return [self._digests[n] for n in range(self.piece_count)]
+
+    def load_pieces(self, digests: dict[int, int]) -> None:
+        """Pieces recovered from storage; no listener is told (nobody listens yet)."""
+        self._digests.update(digests)
+
+    def mark_available(self, number: int, digest: int) -> bool:
+        """Record a verified, written piece; False if it was already available."""
+        if number in self._digests:
+            return False
+        if self.layout is None or not 0 <= number < self.layout.piece_count:
+            raise ProtocolError(f"piece {number} outside the layout of task {self.task_id[:12]}")
+        self._digests[number] = digest
+        for listener in list(self._piece_listeners):
+            listener(number)
+        return True
+
+    def forget_pieces(self, numbers: Iterable[int]) -> None:
+        """Drop pieces found bad by the scheduler's cross-check so they are fetched again."""
+        for number in numbers:
+            self._digests.pop(number, None)
+
+    # -- listeners --------------------------------------------------------------------------------
+    def subscribe(self, on_available: PieceListener) -> Callable[[], None]:
+        self._piece_listeners.append(on_available)
+
+        def unsubscribe() -> None:
+            if on_available in self._piece_listeners:
+                self._piece_listeners.remove(on_available)
+
+        return unsubscribe
+
+    def on_end(self, listener: EndListener) -> Callable[[], None]:
+        if self.ended:
+            listener(self.error)
+            return lambda: None
+        self._end_listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._end_listeners:
+                self._end_listeners.remove(listener)
+
+        return remove
+
+    def end(self, error: DflyError | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.error = error
+        listeners, self._end_listeners = self._end_listeners, []
+        for listener in listeners:
+            listener(error)

@@ -1,0 +1,205 @@
+"""The parents of one download: piece-protocol connections driven by the pure DownloadPlanner.
+
+Owned by a Conductor and used only from its loop. Parent callbacks (HAVE, PIECE, failures, close) update
+the planner at once; `pump()` turns the planner's choices into REQUEST/CANCEL frames.
+
+Rules:
+- At most `download.max_parents` parents, never one that failed this download before.
+- A parent that closes, breaks the protocol or sends a corrupt piece is dropped and reported to the
+  scheduler on the next reschedule (unreachable when it could not be connected at all).
+- Piece bytes are written by the conductor (`store_piece`) before the buffer returns to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from dfly.api import scheduler_pb2 as pb
+from dfly.common.errors import DflyError
+from dfly.daemon.core.planner import DownloadPlanner
+from dfly.daemon.transfer.client import ParentConnection, connect_parent
+
+if TYPE_CHECKING:
+    from dfly.daemon.conductor import Conductor
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ParentSet:
+    def __init__(self, conductor: Conductor) -> None:
+        self.c = conductor
+        self.active = False  # downloading from parents (not waiting, not back-to-source)
+        self._planner: DownloadPlanner | None = None
+        self._conns: dict[str, ParentConnection] = {}
+        self._connecting: set[str] = set()
+        self._infos: dict[str, pb.CandidateParent] = {}
+        self._known: dict[str, set[int]] = {}
+        self._blocked: set[str] = set()
+        self._new_blocked: list[str] = []
+        self._new_unreachable: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._conns) + len(self._connecting)
+
+    # -- membership -------------------------------------------------------------------------------
+    def _ensure_planner(self) -> DownloadPlanner:
+        if self._planner is None:
+            cfg = self.c.ctx.config.download
+            self._planner = DownloadPlanner(
+                self.c.state.piece_count,
+                self.c.state.available_pieces(),
+                requests_per_parent=cfg.requests_per_parent,
+                rng=self.c.ctx.rng,
+                piece_timeout_s=cfg.piece_timeout_s,
+            )
+        return self._planner
+
+    def add_candidates(self, candidates: list[pb.CandidateParent]) -> None:
+        self.active = True
+        self._ensure_planner()
+        limit = self.c.ctx.config.download.max_parents
+        for cand in candidates:
+            if len(self) >= limit:
+                break
+            if (
+                cand.peer_id in self._conns
+                or cand.peer_id in self._connecting
+                or cand.peer_id in self._blocked
+            ):
+                continue
+            if cand.peer_id == self.c.peer_id:
+                continue
+            self._infos[cand.peer_id] = cand
+            self._connecting.add(cand.peer_id)
+            self.c.spawn(self._connect(cand))
+
+    async def _connect(self, cand: pb.CandidateParent) -> None:
+        layout = self.c.state.layout
+        assert layout is not None
+        try:
+            conn = await connect_parent(
+                cand.ip,
+                cand.piece_port,
+                task_id=self.c.state.task_id,
+                peer_id=self.c.peer_id,
+                piece_length=layout.piece_length,
+                content_length=layout.content_length,
+                parent_id=cand.peer_id,
+                listener=self,
+                pool=self.c.ctx.pool,
+                connect_timeout_s=CONNECT_TIMEOUT_S,
+            )
+        except (OSError, DflyError, TimeoutError) as exc:
+            log.info("parent %s unreachable: %s", cand.peer_id, exc)
+            self._connecting.discard(cand.peer_id)
+            self._fail(cand.peer_id, unreachable=True)
+            return
+        self._connecting.discard(cand.peer_id)
+        if not self.active or cand.peer_id in self._blocked:
+            conn.close()
+            return
+        self._conns[cand.peer_id] = conn
+        self._ensure_planner().add_parent(cand.peer_id)
+        self._ensure_planner().parent_has(cand.peer_id, self._known.get(cand.peer_id, ()))
+        self.c.events.put_nowait(None)
+
+    def _fail(self, parent_id: str, *, unreachable: bool = False) -> None:
+        if parent_id not in self._blocked:
+            self._blocked.add(parent_id)
+            (self._new_unreachable if unreachable else self._new_blocked).append(parent_id)
+        conn = self._conns.pop(parent_id, None)
+        if conn is not None:
+            conn.close()
+        if self._planner is not None and parent_id in self._planner.parents:
+            self._planner.remove_parent(parent_id)
+        self.c.events.put_nowait(None)
+
+    def take_failed(self) -> tuple[list[str], list[str]]:
+        blocked, unreachable = self._new_blocked, self._new_unreachable
+        self._new_blocked, self._new_unreachable = [], []
+        return blocked, unreachable
+
+    def stalled(self) -> bool:
+        """No parent left or coming: the scheduler must be asked again."""
+        return self.active and not self._conns and not self._connecting
+
+    def refetch(self, pieces: list[int]) -> None:
+        """Pieces found bad at the end: rebuild the plan so they are wanted again."""
+        self._planner = None
+        planner = self._ensure_planner()
+        for parent_id in self._conns:
+            planner.add_parent(parent_id)
+            planner.parent_has(parent_id, self._known.get(parent_id, ()))
+
+    def close_all(self) -> None:
+        self.active = False
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+        self._planner = None
+
+    # -- driving the planner ----------------------------------------------------------------------
+    async def pump(self, now: float) -> None:
+        planner = self._planner
+        if planner is None or not self.active:
+            return
+        layout = self.c.state.layout
+        assert layout is not None
+        for expired in planner.expired(now):
+            conn = self._conns.get(expired.parent_id)
+            if conn is not None:
+                conn.cancel(expired.piece)
+            planner.piece_failed(expired.parent_id, expired.piece)
+        for request in planner.next_requests(now):
+            conn = self._conns.get(request.parent_id)
+            if conn is None:
+                continue
+            await conn.request(request.piece, layout.piece_range(request.piece)[1])
+
+    # -- ParentListener ---------------------------------------------------------------------------
+    def on_have(self, parent_id: str, pieces: list[int]) -> None:
+        self._known.setdefault(parent_id, set()).update(pieces)
+        if self._planner is not None and parent_id in self._conns:
+            self._planner.parent_has(parent_id, pieces)
+            self.c.events.put_nowait(None)
+
+    def on_piece(self, parent_id: str, number: int, offset: int, data: memoryview, digest: int) -> None:
+        if self._planner is not None and parent_id in self._conns:
+            for cancel in self._planner.piece_done(parent_id, number):
+                other = self._conns.get(cancel.parent_id)
+                if other is not None:
+                    other.cancel(cancel.piece)
+        info = self._infos.get(parent_id)
+        source = "remote_seed" if info is not None and info.seed else "remote_peer"
+        conn = self._conns.get(parent_id)
+        self.c.spawn(self._store(conn, parent_id, number, data, digest, source))
+
+    async def _store(
+        self,
+        conn: ParentConnection | None,
+        parent_id: str,
+        number: int,
+        data: memoryview,
+        digest: int,
+        source: str,
+    ) -> None:
+        try:
+            await self.c.store_piece(number, data, digest, source, parent_id)
+        finally:
+            if conn is not None:
+                conn.release(data)
+
+    def on_piece_failed(self, parent_id: str, number: int, reason: str) -> None:
+        if self._planner is not None and parent_id in self._conns:
+            self._planner.piece_failed(parent_id, number, parent_lacks=reason == "not_available")
+        if reason != "not_available":
+            log.warning("parent %s failed piece %d: %s", parent_id, number, reason)
+        self.c.events.put_nowait(None)
+
+    def on_closed(self, parent_id: str, error: Exception | None) -> None:
+        if parent_id in self._conns:
+            log.info("parent %s closed: %s", parent_id, error)
+            self._fail(parent_id)

@@ -1,0 +1,106 @@
+"""The daemon's link to its scheduler: host announce, the keepalive stream, AnnouncePeer streams.
+
+Rules:
+- The host is announced before the daemon reports ready; on every reconnect it is announced again
+  with the tasks it holds completely, so the scheduler offers it as a parent again.
+- The keepalive stream sends the observed upload rate and slots in use at least every
+  `keepalive_interval_s`; when it breaks, the client reconnects with capped back-off.
+- One scheduler for now (the first of `scheduler.addrs`); the hash ring of several comes later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from dfly.api import scheduler_pb2 as pb
+from dfly.api import scheduler_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+HostInfoSource = Callable[[], pb.HostInfo]
+FinishedTasksSource = Callable[[], list[pb.FinishedTask]]
+LoadSource = Callable[[], tuple[float, int]]  # (upload bytes/s EWMA, upload slots in use)
+
+
+def source_ip_toward(addr: str) -> str:
+    """The local address the kernel picks to reach `addr` (no packet is sent)."""
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((host, int(port)))
+            return str(sock.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+class SchedulerClient:
+    def __init__(
+        self,
+        addr: str,
+        *,
+        host_info: HostInfoSource,
+        finished_tasks: FinishedTasksSource,
+        load: LoadSource,
+        keepalive_interval_s: float,
+    ) -> None:
+        self.addr = addr
+        self._host_info = host_info
+        self._finished_tasks = finished_tasks
+        self._load = load
+        self._interval_s = keepalive_interval_s
+        self._channel = grpc.aio.insecure_channel(
+            addr, options=[("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        )
+        self.stub = pb_grpc.SchedulerStub(self._channel)
+        self.connected = asyncio.Event()
+
+    async def announce(self, timeout_s: float = 10.0) -> None:
+        request = pb.AnnounceHostRequest(host=self._host_info(), finished_tasks=self._finished_tasks())
+        await self.stub.AnnounceHost(request, timeout=timeout_s, wait_for_ready=True)
+        self.connected.set()
+
+    async def _keepalive_messages(self) -> AsyncIterator[pb.HostKeepAliveRequest]:
+        info = self._host_info()
+        while True:
+            rate, slots = self._load()
+            yield pb.HostKeepAliveRequest(
+                host_id=info.host_id,
+                boot_id=info.boot_id,
+                upload_rate_bytes_per_s=rate,
+                upload_slots_in_use=slots,
+            )
+            await asyncio.sleep(self._interval_s)  # a period, not a wait for an event
+
+    async def run_keepalive(self) -> None:
+        """Runs until cancelled: keepalive stream, and announce again after any break."""
+        backoff_s = 0.2
+        while True:
+            try:
+                if not self.connected.is_set():
+                    await self.announce()
+                backoff_s = 0.2
+                await self.stub.HostKeepAlive(self._keepalive_messages())
+            except grpc.aio.AioRpcError as exc:
+                log.warning("scheduler %s keepalive broke: %s", self.addr, exc.code().name)
+            self.connected.clear()
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
+
+    def announce_peer(self) -> grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse]:
+        return self.stub.AnnouncePeer()  # type: ignore[call-arg]  # aio: no iterator = write() API
+
+    async def leave(self) -> None:
+        try:
+            await self.stub.LeaveHost(pb.LeaveHostRequest(host_id=self._host_info().host_id), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            pass
+
+    async def close(self) -> None:
+        await self._channel.close(None)

@@ -1,0 +1,386 @@
+"""Back-to-source over HTTP/HTTPS: stat an origin object, then read it as one sequential GET cut into pieces.
+
+Blocking code meant for a worker thread (the daemon calls it through `asyncio.to_thread`); the event loop
+never runs it. Rules (DESIGN.md §5 "Back-to-source"):
+
+- `stat` is a `GET` with `Range: bytes=0-0` (HEAD fails on GET-presigned URLs); 206 gives the total from
+  Content-Range, 200 from Content-Length, 416 with `bytes */0` an empty object.
+- `read_pieces` sends ONE GET with `Range` from the first wanted byte and `If-Range` with the stat's strong
+  ETag (else its Last-Modified), and cuts the body into pieces as it streams: `readinto` straight into the
+  caller's buffer, CRC-32 chained per read, `on_piece(number, view, crc)` once a piece is full.
+- Requests carry `Accept-Encoding: identity`; the caller's Range, `If-*`, Host and hop-by-hop headers are
+  dropped. A response with another Content-Encoding is refused.
+- Redirects (301/302/303/307/308, at most 10) are followed here; every host contacted, the first included,
+  must pass `allowed_hosts` when given. Authorization and Cookie are not forwarded to another origin.
+- Only `ALLOWED_RESPONSE_HEADERS` are kept from a response (stored and replayed by the daemon).
+- Every failure is a `SourceError` with one line and the origin's status code (0 when no HTTP status was
+  received: connection refused, DNS failure, timeout, TLS failure, dropped connection). Query strings are
+  left out of messages because presigned URLs carry credentials there.
+- `timeout_s` bounds connecting and each socket read, not the whole transfer.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.client
+import socket
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urljoin, urlsplit
+
+from dfly.common.digest import crc32
+from dfly.common.errors import SourceError
+from dfly.common.pieces import piece_count
+
+ALLOWED_RESPONSE_HEADERS = ("Content-Type", "Content-Length", "ETag", "Last-Modified",
+                            "Docker-Content-Digest", "Cache-Control")  # fmt: skip
+HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
+READ_CHUNK_BYTES = 1024 * 1024  # one readinto at most; should_stop is checked between reads
+_CROSS_ORIGIN_DROPPED = ("authorization", "cookie")
+
+AllowedHosts = Callable[[str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStat:
+    """What `stat` learned: the final URL after redirects, the object's length and its validators."""
+
+    url: str
+    content_length: int
+    headers: dict[str, str] = field(default_factory=dict)  # allow-listed; Content-Length = the total
+    etag: str = ""
+    last_modified: str = ""
+    accept_ranges: bool = True  # False when the origin answered the stat's Range with a plain 200
+
+
+def sanitize_request_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The caller's headers minus Range, If-*, Host, hop-by-hop ones; plus `Accept-Encoding: identity`."""
+    named_by_connection = {t.strip().lower() for k, v in headers.items() if k.lower() == "connection"
+                           for t in v.split(",")}  # fmt: skip
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        low = name.lower()
+        if (
+            low in HOP_BY_HOP_HEADERS
+            or low in named_by_connection
+            or low.startswith(("proxy-", "if-"))  # Proxy-Connection, Proxy-Authorization, If-Range, …
+            or low in ("range", "host", "accept-encoding", "content-length")
+        ):
+            continue
+        out[name] = value
+    out["Accept-Encoding"] = "identity"
+    return out
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials and query string, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?…" if parts.query else "")
+
+
+def stat(
+    url: str,
+    headers: Mapping[str, str],
+    *,
+    timeout_s: float,
+    allowed_hosts: AllowedHosts | None = None,
+    ca_file: str | None = None,
+    insecure_skip_verify: bool = False,
+) -> SourceStat:
+    """Length, validators and allow-listed headers of the object at `url` (GET with Range 0-0)."""
+    req = sanitize_request_headers(headers)
+    req["Range"] = "bytes=0-0"
+    conn, resp, final_url = _open(url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify)
+    try:
+        kept = _allowed(resp)
+        if resp.status == 206:
+            total = _content_range(resp)[2]
+            if total is None:
+                raise SourceError(f"origin sent no content length for {redact_url(final_url)}", 206, kept)
+        elif resp.status == 200:
+            total = _int_header(resp, "Content-Length")
+            if total is None:
+                raise SourceError(f"origin sent no content length for {redact_url(final_url)}", 200, kept)
+        elif resp.status == 416 and (resp.getheader("Content-Range") or "").strip() == "bytes */0":
+            total = 0
+        else:
+            raise _status_error(resp, final_url)
+        _check_encoding(resp, final_url)
+        kept["Content-Length"] = str(total)
+        return SourceStat(
+            url=final_url,
+            content_length=total,
+            headers=kept,
+            etag=resp.getheader("ETag") or "",
+            last_modified=resp.getheader("Last-Modified") or "",
+            accept_ranges=resp.status != 200,
+        )
+    finally:
+        resp.close()
+        conn.close()
+
+
+def read_pieces(
+    stat: SourceStat,
+    headers: Mapping[str, str],
+    *,
+    piece_length: int,
+    first_piece: int = 0,
+    last_piece: int | None = None,
+    buffer: bytearray | memoryview,
+    on_piece: Callable[[int, memoryview, int], None],
+    should_stop: Callable[[], bool],
+    timeout_s: float,
+    allowed_hosts: AllowedHosts | None = None,
+    ca_file: str | None = None,
+    insecure_skip_verify: bool = False,
+) -> int:
+    """Stream pieces first_piece..last_piece (inclusive) of `stat`'s object through `buffer`.
+
+    `on_piece(number, view, crc32)` gets a view of `buffer` holding the whole piece; it must return only once
+    the bytes are handed off, since the buffer is reused for the next piece. Returns the number of bytes
+    delivered through `on_piece`; stops early (between reads, dropping a partial piece) when `should_stop()`.
+    """
+    total = stat.content_length
+    count = piece_count(total, piece_length) if piece_length > 0 else 0
+    last = count - 1 if last_piece is None else last_piece
+    if piece_length <= 0 or len(buffer) < piece_length:
+        raise ValueError(f"buffer of {len(buffer)} bytes cannot hold a piece of {piece_length} bytes")
+    if total == 0 or first_piece > last:
+        return 0
+    if not 0 <= first_piece <= last < count:
+        raise ValueError(f"pieces {first_piece}..{last} out of range for {count} pieces")
+    start = first_piece * piece_length
+    end = min((last + 1) * piece_length, total) - 1
+    want = end - start + 1
+    req = sanitize_request_headers(headers)
+    req["Range"] = f"bytes={start}-{end}"
+    validator = _if_range_validator(stat)
+    if validator:
+        req["If-Range"] = validator
+    conn, resp, url = _open(stat.url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify)
+    try:
+        skip = _check_body_response(resp, stat, url, start, end, bool(validator))
+        view = memoryview(buffer)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        received = 0
+
+        def fill(target: memoryview, crc: int) -> tuple[int, bool]:
+            nonlocal received
+            got = 0
+            while got < len(target):
+                if should_stop():
+                    return crc, False
+                chunk = target[got : got + READ_CHUNK_BYTES]
+                try:
+                    n = resp.readinto(chunk)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _read_error(url, received + got, want + skip, exc) from exc
+                if n == 0:
+                    raise _read_error(url, received + got, want + skip, None)
+                crc = crc32(chunk[:n], crc)
+                got += n
+            received += got
+            return crc, True
+
+        while skip:  # an origin without Range support: read and drop the bytes before `start`
+            step = min(skip, len(view))
+            if not fill(view[:step], 0)[1]:
+                return 0
+            skip -= step
+        delivered = 0
+        for number in range(first_piece, last + 1):
+            size = min(piece_length, total - number * piece_length)
+            piece = view[:size]
+            crc, complete = fill(piece, 0)
+            if not complete:
+                break
+            on_piece(number, piece, crc)
+            delivered += size
+        return delivered
+    finally:
+        resp.close()
+        conn.close()
+
+
+def _check_body_response(
+    resp: http.client.HTTPResponse, stat: SourceStat, url: str, start: int, end: int, sent_if_range: bool
+) -> int:
+    """Validate a ranged response; return how many leading bytes to skip (a 200 from a range-less origin)."""
+    kept = _allowed(resp)
+    changed = f"origin object changed since stat: {redact_url(url)}"
+    if resp.status == 206:
+        first, last, total = _content_range(resp)
+        if total is not None and total != stat.content_length:
+            raise SourceError(f"{changed} (length {total}, was {stat.content_length})", 206, kept)
+        if (first, last) != (start, end):
+            raise SourceError(
+                f"origin sent bytes {first}-{last} but {start}-{end} were asked of {redact_url(url)}",
+                206,
+                kept,
+            )
+        skip = 0
+    elif resp.status == 200:
+        if sent_if_range and stat.accept_ranges:
+            raise SourceError(changed, 200, kept)
+        length = _int_header(resp, "Content-Length")
+        if length is not None and length != stat.content_length:
+            raise SourceError(f"{changed} (length {length}, was {stat.content_length})", 200, kept)
+        skip = start
+    elif resp.status == 416:
+        raise SourceError(f"{changed} (range {start}-{end} no longer satisfiable)", 416, kept)
+    else:
+        raise _status_error(resp, url)
+    etag = resp.getheader("ETag")
+    if stat.etag and etag and etag != stat.etag:
+        raise SourceError(f"{changed} (ETag {etag}, was {stat.etag})", resp.status, kept)
+    _check_encoding(resp, url)
+    return skip
+
+
+def _if_range_validator(stat: SourceStat) -> str:
+    if stat.etag and not stat.etag.startswith("W/"):  # weak ETags are not allowed in If-Range
+        return stat.etag
+    return stat.last_modified
+
+
+def _open(
+    url: str,
+    headers: dict[str, str],
+    timeout_s: float,
+    allowed_hosts: AllowedHosts | None,
+    ca_file: str | None,
+    insecure: bool,
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
+    """Send the GET, following redirects; return the open connection, its response and the final URL."""
+    first_url = url
+    for hop in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SourceError(f"unsupported source URL {redact_url(url)}: expected http(s)://host/…")
+        host = parts.hostname
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise SourceError(f"invalid port in source URL {redact_url(url)}") from exc
+        if allowed_hosts is not None and not allowed_hosts(host):
+            raise SourceError(f"source host {host} is not allowed ({redact_url(url)})")
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                host, port, timeout=timeout_s, context=_tls_context(ca_file, insecure)
+            )
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+        req = dict(headers)
+        if parts.username is not None and not any(k.lower() == "authorization" for k in req):
+            user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            req["Authorization"] = "Basic " + base64.b64encode(user_pass).decode("ascii")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            conn.request("GET", target, headers=req)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise _connect_error(host, port, timeout_s, exc) from exc
+        if resp.status not in REDIRECT_STATUSES:
+            return conn, resp, url
+        location = resp.getheader("Location")
+        resp.close()
+        conn.close()
+        if not location:
+            raise SourceError(
+                f"origin redirect {resp.status} without Location from {redact_url(url)}", resp.status
+            )
+        if hop == MAX_REDIRECTS:
+            raise SourceError(
+                f"too many redirects (more than {MAX_REDIRECTS}) from {redact_url(first_url)}", resp.status
+            )
+        new_url = urljoin(url, location)
+        new = urlsplit(new_url)
+        if (new.scheme, new.hostname, new.port) != (parts.scheme, parts.hostname, parts.port):
+            headers = {k: v for k, v in headers.items() if k.lower() not in _CROSS_ORIGIN_DROPPED}
+        url = new_url
+    raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _connect_error(host: str, port: int, timeout_s: float, exc: BaseException) -> SourceError:
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        text = f"cannot resolve origin host {where}: {exc.strerror or exc}"
+    elif isinstance(exc, ConnectionRefusedError):
+        text = f"connection refused by origin {where}"
+    elif isinstance(exc, TimeoutError):
+        text = f"origin {where} did not answer within {timeout_s:g}s"
+    elif isinstance(exc, ssl.SSLCertVerificationError):
+        text = f"TLS certificate of origin {where} not trusted: {exc.verify_message or exc}"
+    elif isinstance(exc, ssl.SSLError):
+        text = f"TLS error with origin {where}: {exc.reason or exc}"
+    elif isinstance(exc, OSError):
+        text = f"cannot reach origin {where}: {exc.strerror or exc}"
+    else:
+        text = f"bad response from origin {where}: {type(exc).__name__} {exc}".rstrip()
+    return SourceError(text, 0)
+
+
+def _read_error(url: str, received: int, expected: int, exc: BaseException | None) -> SourceError:
+    where = f"after {received} of {expected} bytes from {redact_url(url)}"
+    if exc is None:
+        return SourceError(f"origin closed the connection {where}", 0)
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return SourceError(f"reading the origin failed {where}: {reason}", 0)
+
+
+def _status_error(resp: http.client.HTTPResponse, url: str) -> SourceError:
+    return SourceError(
+        f"origin returned {resp.status} {resp.reason} for {redact_url(url)}", resp.status, _allowed(resp)
+    )
+
+
+def _check_encoding(resp: http.client.HTTPResponse, url: str) -> None:
+    encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+    if encoding != "identity":
+        raise SourceError(
+            f"origin sent Content-Encoding {encoding} for {redact_url(url)} although identity was asked",
+            resp.status,
+            _allowed(resp),
+        )
+
+
+def _allowed(resp: http.client.HTTPResponse) -> dict[str, str]:
+    return {name: value for name in ALLOWED_RESPONSE_HEADERS if (value := resp.getheader(name)) is not None}
+
+
+def _int_header(resp: http.client.HTTPResponse, name: str) -> int | None:
+    value = (resp.getheader(name) or "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _content_range(resp: http.client.HTTPResponse) -> tuple[int, int, int | None]:
+    """(first, last, total or None) of a 206's `Content-Range: bytes first-last/total`."""
+    value = (resp.getheader("Content-Range") or "").strip()
+    unit, _, rest = value.partition(" ")
+    span, _, total = rest.partition("/")
+    first, _, last = span.partition("-")
+    if unit.lower() != "bytes" or not first.strip().isdigit() or not last.strip().isdigit():
+        raise SourceError(f"origin sent a bad Content-Range {value!r}", resp.status, _allowed(resp))
+    total = total.strip()
+    return int(first), int(last), int(total) if total.isdigit() else None

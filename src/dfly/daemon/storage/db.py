@@ -1,0 +1,164 @@
+"""The SQLite side of the daemon's storage: task records and piece records in `metadata.db`.
+
+Rules:
+- Only the storage writer thread creates and uses a `MetadataDB` (the connection is opened with
+  `check_same_thread=True`, so any use from another thread, e.g. the event loop, raises).
+- WAL journal with `synchronous=FULL`: a committed transaction is durable (the WAL is fsynced).
+- Every change is one explicit transaction; callers fdatasync task files *before* recording their pieces.
+- SQLite errors are translated into `StorageError` with one line naming the database.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dfly.common.errors import StorageError
+from dfly.daemon.storage.model import StoredTask, TaskMeta
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    content_length INTEGER NOT NULL,
+    piece_length INTEGER NOT NULL,
+    response_headers TEXT NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pieces (
+    task_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    digest INTEGER NOT NULL,
+    PRIMARY KEY (task_id, number)
+) WITHOUT ROWID;
+"""
+
+
+class MetadataDB:
+    """Task and piece records; one instance per writer thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        except sqlite3.Error as exc:
+            raise StorageError(f"metadata db {path}: {exc}") from exc
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(f"metadata db {path}: cannot enable WAL (journal mode {mode})")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise StorageError(f"metadata db {path}: unknown schema version {version}")
+            with self.transaction():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException as exc:
+            self._conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"metadata db {path}: {exc}") from exc
+            raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: committed when the block ends, rolled back (and StorageError) on failure."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"metadata db {self.path}: {exc}") from exc
+        try:
+            yield self._conn
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"metadata db {self.path}: {exc}") from exc
+            raise
+
+    def load(self) -> dict[str, StoredTask]:
+        """Every task record with its piece records."""
+        try:
+            tasks: dict[str, StoredTask] = {}
+            rows = self._conn.execute(
+                "SELECT task_id, url, content_length, piece_length, response_headers, finished FROM tasks"
+            )
+            for task_id, url, content_length, piece_length, headers, finished in rows:
+                meta = TaskMeta(task_id, url, content_length, piece_length, _headers(headers))
+                tasks[task_id] = StoredTask(meta, {}, bool(finished))
+            for task_id, number, digest in self._conn.execute("SELECT task_id, number, digest FROM pieces"):
+                task = tasks.get(task_id)
+                if task is not None:
+                    task.pieces[number] = digest
+            return tasks
+        except sqlite3.Error as exc:
+            raise StorageError(f"metadata db {self.path}: {exc}") from exc
+
+    def orphan_piece_tasks(self) -> dict[str, int]:
+        """Task ids that have piece records but no task record -> how many records."""
+        try:
+            rows = self._conn.execute(
+                "SELECT task_id, COUNT(*) FROM pieces "
+                "WHERE task_id NOT IN (SELECT task_id FROM tasks) GROUP BY task_id"
+            )
+            return {task_id: count for task_id, count in rows}
+        except sqlite3.Error as exc:
+            raise StorageError(f"metadata db {self.path}: {exc}") from exc
+
+    @staticmethod
+    def insert_tasks(conn: sqlite3.Connection, metas: Iterable[TaskMeta]) -> None:
+        conn.executemany(
+            "INSERT OR REPLACE INTO tasks (task_id, url, content_length, piece_length, response_headers, "
+            "finished) VALUES (?, ?, ?, ?, ?, 0)",
+            [
+                (m.task_id, m.url, m.content_length, m.piece_length, json.dumps(m.response_headers))
+                for m in metas
+            ],
+        )
+
+    @staticmethod
+    def insert_pieces(conn: sqlite3.Connection, records: Iterable[tuple[str, int, int]]) -> None:
+        conn.executemany("INSERT OR REPLACE INTO pieces (task_id, number, digest) VALUES (?, ?, ?)", records)
+
+    @staticmethod
+    def mark_finished(conn: sqlite3.Connection, task_ids: Iterable[str]) -> None:
+        conn.executemany("UPDATE tasks SET finished = 1 WHERE task_id = ?", [(t,) for t in task_ids])
+
+    @staticmethod
+    def delete_tasks(conn: sqlite3.Connection, task_ids: Iterable[str]) -> None:
+        ids = [(t,) for t in task_ids]
+        conn.executemany("DELETE FROM pieces WHERE task_id = ?", ids)
+        conn.executemany("DELETE FROM tasks WHERE task_id = ?", ids)
+
+    @staticmethod
+    def delete_pieces(conn: sqlite3.Connection, records: Iterable[tuple[str, int]]) -> None:
+        conn.executemany("DELETE FROM pieces WHERE task_id = ? AND number = ?", records)
+
+    def close(self, *, checkpoint: bool) -> None:
+        """Close the connection; with `checkpoint`, fold the WAL into the database first."""
+        try:
+            if checkpoint:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+        except sqlite3.Error as exc:
+            raise StorageError(f"metadata db {self.path}: {exc}") from exc
+
+
+def _headers(text: str) -> dict[str, str]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}

@@ -1,0 +1,133 @@
+"""Filesystem side of the daemon's storage: the dir lock, the clean marker, task files; writer thread only.
+
+Rules:
+- Every function here runs on the storage writer thread (or at open, before the loop sees the storage).
+- `OSError` becomes `StorageError` with one line naming the file and the reason, except in the small
+  helpers whose callers translate (`fsync_dir`, `take_marker`, `write_marker`).
+- A task file is created with `O_TRUNC` and preallocated to its content length (`posix_fallocate`), so a
+  full disk shows at create time rather than in the middle of a download.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from dfly.common.errors import StorageError
+from dfly.daemon.storage.model import CLEAN_MARKER, LOCK_NAME, TASKS_DIR, TaskMeta, short, task_relpath
+
+TASK_FILE_MODE = 0o640
+
+
+def open_root(root: Path) -> int:
+    """Create the layout if needed and lock the dir for this process; returns the lock fd."""
+    try:
+        (root / TASKS_DIR).mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot open storage dir {root}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(f"storage dir {root} is in use by another process") from exc
+    if not os.access(root / TASKS_DIR, os.W_OK):
+        os.close(fd)
+        raise StorageError(f"cannot open storage dir {root}: not writable")
+    return fd
+
+
+def release_root(lock_fd: int) -> None:
+    if lock_fd >= 0:
+        os.close(lock_fd)  # drops the flock
+
+
+def remove_empty_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def take_marker(root: Path) -> bool:
+    """Whether the clean-shutdown marker was present; it is gone (durably) when this returns."""
+    marker = root / CLEAN_MARKER
+    try:
+        marker.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_dir(root)
+    return True
+
+
+def write_marker(root: Path) -> None:
+    marker = root / CLEAN_MARKER
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, b"clean\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(root)
+
+
+def create_task_file(root: Path, meta: TaskMeta) -> tuple[int, list[Path]]:
+    """Create and preallocate the task file: (O_RDWR fd, directories whose entries must be synced)."""
+    path = root / task_relpath(meta.task_id)
+    new_dirs: list[Path] = []
+    try:
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new_dirs.append(path.parent.parent)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, TASK_FILE_MODE)
+    except OSError as exc:
+        raise StorageError(f"cannot create task file {path}: {exc.strerror or exc}") from exc
+    try:
+        if meta.content_length:
+            os.posix_fallocate(fd, 0, meta.content_length)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise StorageError(
+            f"cannot preallocate {meta.content_length} bytes for task {short(meta.task_id)}: "
+            f"{exc.strerror or exc}"
+        ) from exc
+    new_dirs.append(path.parent)
+    return fd, new_dirs
+
+
+def open_task_file(root: Path, task_id: str) -> int:
+    path = root / task_relpath(task_id)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StorageError(f"cannot open task file {path}: {exc.strerror or exc}") from exc
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of `view` at `offset` (os.pwrite releases the GIL while it copies)."""
+    done, size = 0, len(view)
+    while done < size:
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += n
+
+
+def remove_task_file(root: Path, task_id: str) -> None:
+    path = root / task_relpath(task_id)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot remove task file {path}: {exc.strerror or exc}") from exc
+    remove_empty_dir(path.parent)

@@ -1,0 +1,75 @@
+"""Value types and layout rules of the daemon's storage (DESIGN.md §5).
+
+- `TaskMeta` is what the storage knows of a task; `StoredTask` is a task as recovered at open: its meta,
+  its *durable* piece records (number -> CRC-32) and whether it was finished.
+- Layout under the storage dir: `tasks/{id[:3]}/{id}` (one preallocated file per task), `metadata.db`
+  (SQLite in WAL mode), `clean-shutdown` (the marker written at a clean close) and `lock` (flock held
+  while a Storage has the dir open, so two daemons never share one dir).
+- Task ids become file names, so they are restricted to `[A-Za-z0-9_-]`, at least 3 characters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dfly.common.errors import StorageError
+from dfly.common.pieces import piece_count
+
+TASKS_DIR = "tasks"
+DB_NAME = "metadata.db"
+CLEAN_MARKER = "clean-shutdown"
+LOCK_NAME = "lock"
+
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{3,200}")
+
+
+@dataclass(frozen=True)
+class TaskMeta:
+    task_id: str
+    url: str
+    content_length: int
+    piece_length: int
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def piece_count(self) -> int:
+        return piece_count(self.content_length, self.piece_length)
+
+    def piece_span(self, number: int) -> tuple[int, int]:
+        """(offset, length) of piece `number`; StorageError when out of range."""
+        if number < 0 or number >= self.piece_count:
+            raise StorageError(f"piece {number} out of range for task {short(self.task_id)}")
+        offset = number * self.piece_length
+        return offset, min(self.piece_length, self.content_length - offset)
+
+
+@dataclass
+class StoredTask:
+    meta: TaskMeta
+    pieces: dict[int, int]  # piece number -> CRC-32 digest, durable records only
+    finished: bool
+
+
+def short(task_id: str) -> str:
+    """A task id as shown in messages."""
+    return task_id[:12]
+
+
+def check_meta(meta: TaskMeta) -> None:
+    """StorageError unless the meta can name a file and describes a layout."""
+    if not _TASK_ID.fullmatch(meta.task_id):
+        raise StorageError(f"invalid task id {meta.task_id!r}: expected 3-200 characters of [A-Za-z0-9_-]")
+    if meta.content_length < 0:
+        raise StorageError(f"task {short(meta.task_id)}: negative content length {meta.content_length}")
+    if meta.piece_length <= 0:
+        raise StorageError(f"task {short(meta.task_id)}: piece length must be positive")
+
+
+def is_task_id(name: str) -> bool:
+    return _TASK_ID.fullmatch(name) is not None
+
+
+def task_relpath(task_id: str) -> Path:
+    return Path(TASKS_DIR) / task_id[:3] / task_id

@@ -1,0 +1,400 @@
+"""The storage writer thread: the one thread that pwrites, fdatasyncs and talks to SQLite (DESIGN.md §5).
+
+Rules:
+- The event loop only enqueues operations (`submit`) and gets results through futures resolved with
+  `loop.call_soon_threadsafe`; it never waits on this thread's locks for longer than a state flip.
+- A piece write resolves as soon as its bytes are pwritten (the piece is *available*); its record joins
+  the pending set and becomes *durable* at the next group commit: fdatasync of every task file with
+  pending records FIRST, then all their records in one SQLite transaction.
+- A group commit runs at least every `commit_interval_s` while anything is dirty, and at once when a task
+  is finished (the finish resolves only when durable). Operations are taken from the queue one at a
+  time, so writes that queue up during a commit batch into the next one.
+- The thread keeps no reference to a write's buffer once its future is resolved. A write whose caller
+  was cancelled before the thread took it is skipped (see `WriteOp.claim`).
+- Errors become `StorageError` on the future of the operation that failed; the thread goes on. An
+  unexpected exception fails every queued operation and marks the writer dead, never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfly.common.errors import StorageError
+from dfly.daemon.storage.db import MetadataDB
+from dfly.daemon.storage.files import (
+    create_task_file,
+    fsync_dir,
+    open_root,
+    open_task_file,
+    pwrite_all,
+    release_root,
+    remove_task_file,
+    take_marker,
+    write_marker,
+)
+from dfly.daemon.storage.model import DB_NAME, TaskMeta, short
+from dfly.daemon.storage.ops import CreateOp, DeleteOp, FinishOp, Op, OpenOp, StopOp, WriteOp
+from dfly.daemon.storage.recovery import RecoveryReport, recover
+
+log = logging.getLogger(__name__)
+
+MAX_OPEN_FILES = 256  # write fds kept open; a task with pending records always keeps its fd
+
+
+@dataclass
+class Counters:
+    commits: int = 0
+    commit_errors: int = 0
+    pieces_written: int = 0
+    bytes_written: int = 0
+    pieces_durable: int = 0
+    write_errors: int = 0
+    pending_records: int = 0
+
+
+@dataclass
+class _TaskState:
+    meta: TaskMeta
+    recorded: set[int]  # durable or pending records
+    pending: dict[int, int] = field(default_factory=dict)  # number -> digest, not yet committed
+    in_db: bool = True  # the task record is in SQLite
+    finish_waiters: list[asyncio.Future[Any]] = field(default_factory=list)
+
+
+class WriterThread:
+    def __init__(
+        self,
+        root: Path,
+        commit_interval_s: float,
+        loop: asyncio.AbstractEventLoop,
+        on_commit: Callable[[int], None],
+    ) -> None:
+        self.root = root
+        self.commit_interval_s = commit_interval_s
+        self.counters = Counters()
+        self._loop = loop
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name="dfly-storage-writer", daemon=True)
+        self._closed: StorageError | None = None  # set once the thread stops taking operations
+        self._db: MetadataDB | None = None
+        self._lock_fd = -1
+        self._tasks: dict[str, _TaskState] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._dirs_to_sync: set[Path] = set()
+        self._dirty_tasks: set[str] = set()  # tasks with pending records, no record yet, or finishing
+        self._dirty_since: float | None = None
+        self._commit_now = False
+
+    @property
+    def ident(self) -> int | None:
+        return self._thread.ident
+
+    def start(self, open_op: OpenOp) -> None:
+        self._queue.put(open_op)
+        self._thread.start()
+
+    def submit(self, op: Op) -> None:
+        if self._closed is not None:
+            raise self._closed
+        self._queue.put(op)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    # -- resolving futures on the loop -------------------------------------------------------------
+
+    def _resolve(
+        self, fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None
+    ) -> None:
+        def apply() -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        try:
+            self._loop.call_soon_threadsafe(apply)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    # -- the thread --------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            while True:
+                deadline = None if self._dirty_since is None else self._dirty_since + self.commit_interval_s
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    op: Op | None = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    op = None
+                if op is not None and self._handle(op):
+                    break
+                due = deadline is not None and time.monotonic() >= deadline
+                if self._commit_now or due:
+                    self._commit()
+        except BaseException as exc:
+            log.exception("storage writer thread failed")
+            self._closed = StorageError(f"storage writer thread failed: {exc!r}")
+            for task in self._tasks.values():
+                for fut in task.finish_waiters:
+                    self._resolve(fut, exc=self._closed)
+            self._release(clean=False)
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        closed = self._closed or StorageError("storage is closed")
+        while True:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(op, WriteOp):
+                if not op.claim():
+                    continue
+                op.data = None
+            self._resolve(op.future, exc=closed)
+
+    def _handle(self, op: Op) -> bool:
+        """Run one operation; True when the thread must stop."""
+        if isinstance(op, WriteOp):
+            self._write(op)
+            return False
+        try:
+            if isinstance(op, OpenOp):
+                self._resolve(op.future, self._open())
+            elif isinstance(op, CreateOp):
+                self._create(op.meta)
+                self._resolve(op.future)
+            elif isinstance(op, FinishOp):
+                self._finish(op)
+            elif isinstance(op, DeleteOp):
+                self._delete(op.task_id)
+                self._resolve(op.future)
+            elif isinstance(op, StopOp):
+                self._stop(op)
+                return True
+        except (StorageError, OSError) as exc:
+            if isinstance(exc, OSError):
+                exc = StorageError(f"storage {self.root}: {exc.strerror or exc}")
+            self._resolve(op.future, exc=exc)
+            if isinstance(op, OpenOp):
+                self._closed = exc
+                self._release(clean=False)
+                return True
+        return False
+
+    def _open(self) -> RecoveryReport:
+        self._lock_fd = open_root(self.root)
+        try:
+            clean = take_marker(self.root)
+        except OSError as exc:
+            raise StorageError(f"storage dir {self.root}: {exc.strerror or exc}") from exc
+        self._db = MetadataDB(self.root / DB_NAME)
+        report = recover(self.root, self._db, clean=clean)
+        for task in report.tasks:
+            self._tasks[task.meta.task_id] = _TaskState(task.meta, set(task.pieces))
+        return report
+
+    def _fd(self, task_id: str) -> int:
+        fd = self._fds.get(task_id)
+        if fd is not None:
+            self._fds.move_to_end(task_id)
+            return fd
+        fd = open_task_file(self.root, task_id)
+        self._fds[task_id] = fd
+        if len(self._fds) > MAX_OPEN_FILES:
+            for old in list(self._fds)[: len(self._fds) - MAX_OPEN_FILES]:
+                state = self._tasks.get(old)
+                if state is None or not state.pending:
+                    os.close(self._fds.pop(old))
+        return fd
+
+    def _dirty(self, task_id: str) -> None:
+        self._dirty_tasks.add(task_id)
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+
+    def _write(self, op: WriteOp) -> None:
+        if not op.claim():
+            return  # the caller was cancelled before the write started
+        try:
+            task = self._tasks.get(op.task_id)
+            if task is None:
+                raise StorageError(f"piece {op.number}: unknown task {short(op.task_id)}")
+            view = memoryview(op.data).cast("B")  # type: ignore[arg-type]
+            size = len(view)
+            try:
+                pwrite_all(self._fd(op.task_id), view, op.offset)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise StorageError(
+                    f"cannot write piece {op.number} of task {short(op.task_id)}: {reason}"
+                ) from exc
+            finally:
+                view.release()
+        except StorageError as exc:
+            op.data = None
+            self.counters.write_errors += 1
+            self._resolve(op.future, exc=exc)
+            return
+        op.data = None  # the caller may reuse the buffer once the future resolves
+        task.pending[op.number] = op.digest
+        task.recorded.add(op.number)
+        self.counters.pieces_written += 1
+        self.counters.bytes_written += size
+        self.counters.pending_records += 1
+        self._dirty(op.task_id)
+        self._resolve(op.future)
+
+    def _create(self, meta: TaskMeta) -> None:
+        existing = self._tasks.get(meta.task_id)
+        if existing is not None:
+            if existing.meta != meta:
+                raise StorageError(f"task {short(meta.task_id)} already exists with another layout or URL")
+            return
+        fd, new_dirs = create_task_file(self.root, meta)
+        self._fds[meta.task_id] = fd
+        self._dirs_to_sync.update(new_dirs)
+        self._tasks[meta.task_id] = _TaskState(meta, set(), in_db=False)
+        self._dirty(meta.task_id)
+
+    def _finish(self, op: FinishOp) -> None:
+        task = self._tasks.get(op.task_id)
+        if task is None:
+            raise StorageError(f"cannot finish unknown task {short(op.task_id)}")
+        count = task.meta.piece_count
+        if len(task.recorded) != count:
+            raise StorageError(
+                f"cannot finish task {short(op.task_id)}: {len(task.recorded)} of {count} pieces stored"
+            )
+        task.finish_waiters.append(op.future)
+        self._dirty(op.task_id)
+        self._commit_now = True
+
+    def _delete(self, task_id: str) -> None:
+        task = self._tasks.pop(task_id, None)
+        self._dirty_tasks.discard(task_id)
+        if task is not None:
+            self.counters.pending_records -= len(task.pending)
+            gone = StorageError(f"task {short(task_id)} was deleted")
+            for fut in task.finish_waiters:
+                self._resolve(fut, exc=gone)
+        assert self._db is not None
+        # Records first: a crash in between leaves a file without a record, which recovery removes.
+        with self._db.transaction() as conn:
+            MetadataDB.delete_tasks(conn, [task_id])
+        fd = self._fds.pop(task_id, None)
+        if fd is not None:
+            os.close(fd)
+        remove_task_file(self.root, task_id)
+
+    def _commit(self) -> None:
+        """Group commit: fdatasync dirty task files, then record their pieces in one transaction."""
+        self._commit_now = False
+        self._dirty_since = None
+        assert self._db is not None
+        dirty = [self._tasks[t] for t in sorted(self._dirty_tasks)]
+        self._dirty_tasks.clear()
+        try:
+            for directory in sorted(self._dirs_to_sync):
+                fsync_dir(directory)
+            self._dirs_to_sync.clear()
+        except OSError as exc:
+            self._commit_failed(dirty, f"cannot sync a task directory: {exc}")
+            return
+        synced: list[_TaskState] = []
+        for task in dirty:
+            if task.pending:
+                try:
+                    os.fdatasync(self._fd(task.meta.task_id))
+                except OSError as exc:
+                    # After a failed fdatasync the page cache cannot be trusted: forget these records.
+                    reason = f"cannot sync task {short(task.meta.task_id)}: {exc.strerror or exc}"
+                    self._commit_failed([task], reason, drop_pending=True)
+                    continue
+            synced.append(task)
+        if not synced:
+            return
+        records = [(t.meta.task_id, n, d) for t in synced for n, d in t.pending.items()]
+        try:
+            with self._db.transaction() as conn:
+                MetadataDB.insert_tasks(conn, [t.meta for t in synced if not t.in_db])
+                MetadataDB.insert_pieces(conn, records)
+                MetadataDB.mark_finished(conn, [t.meta.task_id for t in synced if t.finish_waiters])
+        except StorageError as exc:
+            self._commit_failed(synced, str(exc))
+            return
+        self.counters.commits += 1
+        self.counters.pieces_durable += len(records)
+        self.counters.pending_records -= len(records)
+        for task in synced:
+            task.pending.clear()
+            task.in_db = True
+            for fut in task.finish_waiters:
+                self._resolve(fut)
+            task.finish_waiters.clear()
+        commits = self.counters.commits
+        try:
+            self._loop.call_soon_threadsafe(self._on_commit, commits)
+        except RuntimeError:
+            pass
+
+    def _commit_failed(self, tasks: list[_TaskState], reason: str, *, drop_pending: bool = False) -> None:
+        log.error("group commit failed: %s", reason)
+        self.counters.commit_errors += 1
+        error = StorageError(f"group commit failed: {reason}")
+        for task in tasks:
+            for fut in task.finish_waiters:
+                self._resolve(fut, exc=error)
+            task.finish_waiters.clear()
+            if drop_pending:
+                self.counters.pending_records -= len(task.pending)
+                task.recorded.difference_update(task.pending)
+                task.pending.clear()
+            if task.pending or not task.in_db:
+                self._dirty(task.meta.task_id)  # retried at the next commit
+
+    def _stop(self, op: StopOp) -> None:
+        if op.clean and (self._dirty_since is not None or self._commit_now):
+            self._commit()
+        self._closed = StorageError("storage is closed")
+        errors = self._release(clean=op.clean)
+        if errors:
+            self._resolve(op.future, exc=StorageError(f"closing storage {self.root}: {errors[0]}"))
+        else:
+            self._resolve(op.future)
+
+    def _release(self, *, clean: bool) -> list[str]:
+        """Close files and the database; at a clean stop, write the marker. Returns error lines."""
+        errors: list[str] = []
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._db is not None:
+            try:
+                self._db.close(checkpoint=clean)
+            except StorageError as exc:
+                errors.append(str(exc))
+            self._db = None
+        if clean and self._lock_fd >= 0:
+            try:
+                write_marker(self.root)
+            except OSError as exc:
+                errors.append(f"cannot write the clean-shutdown marker: {exc.strerror or exc}")
+        release_root(self._lock_fd)
+        self._lock_fd = -1
+        return errors

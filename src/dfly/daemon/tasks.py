@@ -1,0 +1,232 @@
+"""The daemon's tasks: one live task per task id, shared by every request that names it.
+
+`TaskManager` is the local API's backend (dfget downloads, stats), the piece server's provider (what
+this host can upload) and the control service's target (seed triggers). A request attaches to the live
+task of its id, starting a Conductor only when no attempt is running; a finished task in storage is
+served without touching the network.
+
+Rules:
+- One attempt (Conductor) per task id at a time; a failed attempt is replaced by the next request,
+  keeping the pieces it stored.
+- Downloads started by a request end with the task, not with the request: a dfget that goes away does
+  not cancel a download other requests (or the swarm) may still need.
+- Every asyncio task created here is owned by `_tasks` and cancelled at close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+from dfly.api import scheduler_pb2 as pb
+from dfly.common.errors import DflyError, StorageError
+from dfly.common.ids import task_id as compute_task_id
+from dfly.daemon.conductor import Conductor, TaskRequest
+from dfly.daemon.context import DaemonContext
+from dfly.daemon.core.task_state import TaskState
+from dfly.daemon.local_api import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
+from dfly.daemon.storage import StoredTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LiveTask:
+    state: TaskState
+    file_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    attempt: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.attempt is not None and not self.attempt.done()
+
+
+class ServedTaskView:
+    """A live task as the piece server sees it (transfer.server.ServedTask)."""
+
+    def __init__(self, live: LiveTask, read_fd: Callable[[], int]) -> None:
+        self._live = live
+        self._read_fd = read_fd
+        layout = live.state.layout
+        assert layout is not None
+        self.task_id = live.state.task_id
+        self.piece_length = layout.piece_length
+        self.content_length = layout.content_length
+
+    @property
+    def piece_count(self) -> int:
+        return self._live.state.piece_count
+
+    def available_pieces(self) -> Iterable[int]:
+        return self._live.state.available_pieces()
+
+    def piece_digest(self, number: int) -> int | None:
+        return self._live.state.piece_digest(number)
+
+    def read_fd(self) -> int:
+        return self._read_fd()
+
+    def subscribe(self, on_available: Callable[[int], None]) -> Callable[[], None]:
+        return self._live.state.subscribe(on_available)
+
+
+class TaskManager:
+    def __init__(self, ctx: DaemonContext) -> None:
+        self.ctx = ctx
+        self._live: dict[str, LiveTask] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- start-up / shutdown ----------------------------------------------------------------------
+    def load(self, stored: list[StoredTask]) -> None:
+        """Tasks that survived in storage: finished ones are served, partial ones resumed on demand."""
+        for task in stored:
+            state = TaskState(task.meta.task_id, task.meta.url)
+            state.set_layout(task.meta.content_length, task.meta.piece_length)
+            state.response_headers = dict(task.meta.response_headers)
+            state.load_pieces(task.pieces)
+            live = LiveTask(state)
+            live.file_ready.set()
+            if task.finished and state.complete:
+                state.end(None)
+            self._live[state.task_id] = live
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def finished_tasks(self) -> list[pb.FinishedTask]:
+        out = []
+        for live in self._live.values():
+            state = live.state
+            if state.complete and state.ended and state.error is None and state.layout is not None:
+                out.append(
+                    pb.FinishedTask(
+                        task_id=state.task_id,
+                        peer_id=f"{self.ctx.host_id}-stored",
+                        content_length=state.layout.content_length,
+                        piece_length=state.layout.piece_length,
+                        piece_digests=state.digests_in_order(),
+                        url=state.url,
+                    )
+                )
+        return out
+
+    # -- attaching --------------------------------------------------------------------------------
+    def start(self, request: TaskRequest) -> LiveTask:
+        """The live task for `request`, with a download attempt running unless it is complete."""
+        tid = compute_task_id(
+            request.url,
+            tag=request.tag,
+            application=request.application,
+            piece_length=request.piece_length,
+            filtered_query_params=request.filtered_query_params,
+        )
+        live = self._live.get(tid)
+        if live is None:
+            live = LiveTask(TaskState(tid, request.url))
+            self._live[tid] = live
+        elif live.state.ended and live.state.error is not None:
+            old = live.state
+            fresh = TaskState(tid, request.url)
+            if old.layout is not None:
+                fresh.set_layout(old.layout.content_length, old.layout.piece_length)
+                fresh.load_pieces(
+                    {n: d for n in old.available_pieces() if (d := old.piece_digest(n)) is not None}
+                )
+            live = LiveTask(fresh, live.file_ready)
+            self._live[tid] = live
+        if live.state.complete and live.state.ended:
+            return live
+        if not live.running:
+            conductor = Conductor(self.ctx, live.state, request, live.file_ready)
+            attempt = asyncio.create_task(conductor.run(), name=f"download-{tid[:12]}")
+            live.attempt = attempt
+            self._tasks.add(attempt)
+            attempt.add_done_callback(self._tasks.discard)
+        return live
+
+    async def download(self, request: DownloadRequest) -> AsyncIterator[DownloadEvent]:
+        live = self.start(
+            TaskRequest(
+                url=request.url,
+                tag=request.tag,
+                application=request.application,
+                filtered_query_params=request.filtered_query_params,
+                headers=request.headers,
+                piece_length=request.piece_length,
+                timeout_s=request.timeout_s,
+                disable_back_to_source=request.disable_back_to_source,
+            )
+        )
+        local_hit = live.state.complete and live.state.ended
+        wake = asyncio.Event()
+        unsubscribe = live.state.subscribe(lambda _n: wake.set())
+        remove_end = live.state.on_end(lambda _err: wake.set())
+        try:
+            while not live.file_ready.is_set() and not live.state.ended:
+                wake.clear()
+                waiters = [asyncio.ensure_future(live.file_ready.wait()), asyncio.ensure_future(wake.wait())]
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters:
+                        waiter.cancel()
+            if not live.file_ready.is_set():
+                raise live.state.error or DflyError("download ended before it started")
+            layout = live.state.layout
+            assert layout is not None
+            yield Started(
+                task_id=live.state.task_id,
+                content_length=layout.content_length,
+                piece_length=layout.piece_length,
+                task_path=str(self.ctx.storage.task_path(live.state.task_id)),
+                read_fd=self.ctx.storage.read_fd(live.state.task_id),
+            )
+            sent: set[int] = set()
+            while True:
+                wake.clear()
+                ended = live.state.ended
+                fresh = [n for n in live.state.available_pieces() if n not in sent]
+                if fresh:
+                    sent.update(fresh)
+                    yield PiecesReady(tuple(fresh))
+                if ended:
+                    if live.state.error is not None:
+                        raise live.state.error
+                    if len(sent) != layout.piece_count:
+                        raise StorageError("task ended without all its pieces")
+                    if local_hit:
+                        self.ctx.counters.downloaded("local", layout.content_length)
+                    yield Finished()
+                    return
+                await wake.wait()
+        finally:
+            unsubscribe()
+            remove_end()
+
+    def trigger(self, request: TaskRequest) -> str:
+        """A download requested by the scheduler (seed trigger): runs in the background."""
+        return self.start(request).state.task_id
+
+    # -- stats and the piece server's view --------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        counters = self.ctx.counters
+        return {
+            "host_id": self.ctx.host_id,
+            "download_bytes": dict(counters.download_bytes),
+            "upload_bytes": counters.upload_bytes,
+            "tasks": len(self._live),
+            "tasks_succeeded": counters.tasks_succeeded,
+            "tasks_failed": counters.tasks_failed,
+            "running": sum(1 for live in self._live.values() if live.running),
+        }
+
+    def lookup(self, task_id: str) -> ServedTaskView | None:
+        live = self._live.get(task_id)
+        if live is None or live.state.layout is None or not live.file_ready.is_set():
+            return None
+        return ServedTaskView(live, lambda: self.ctx.storage.read_fd(task_id))

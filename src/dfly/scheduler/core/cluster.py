@@ -1,0 +1,123 @@
+"""All hosts, tasks and peers the engine knows, and the bookkeeping that keeps their indexes consistent.
+
+Rules: every peer is in exactly one task and one host; a peer that fails or leaves is removed from every
+index at once (it is never offered again and costs no memory); `remove_peer` reports whether the peer
+was reading the origin or was the task's seed, so the engine can react. No policy lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from dfly.scheduler.core.graph import drop_children, drop_parents
+from dfly.scheduler.core.messages import DownloadSpec, TaskLayout
+from dfly.scheduler.core.model import Host, Peer, PeerState, Task, TaskState
+
+
+@dataclass(frozen=True, slots=True)
+class TaskView:
+    """What StatTask reports."""
+
+    task_id: str
+    state: str
+    content_length: int  # -1 while unknown
+    piece_length: int  # 0 while unknown
+    peer_count: int
+    piece_digests: tuple[int, ...]  # the known prefix of the published digests, in piece order
+    known_digests: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedPeer:
+    peer: Peer
+    task: Task
+    was_origin_reader: bool
+    was_unfinished_seed: bool
+
+
+@dataclass(slots=True, eq=False)
+class Cluster:
+    hosts: dict[str, Host] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    peers: dict[str, Peer] = field(default_factory=dict)
+    seed_host_ids: set[str] = field(default_factory=set)
+
+    def task(self, task_id: str, download: DownloadSpec | None) -> Task:
+        """The task, created on first use; a FAILED task starts over (layout and digests forgotten)."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            task = Task(task_id=task_id, download=download)
+            self.tasks[task_id] = task
+        elif task.state is TaskState.FAILED:
+            task.state = TaskState.PENDING
+            task.layout = None
+            task.publisher_id = None
+            task.published_digests.clear()
+            task.seed_trigger_pending = False
+            if download is not None:
+                task.download = download
+        if task.download is None and download is not None:
+            task.download = download
+        return task
+
+    def add_peer(self, peer: Peer, task: Task, host: Host) -> None:
+        self.peers[peer.peer_id] = peer
+        task.peers[peer.peer_id] = peer
+        host.peer_ids.add(peer.peer_id)
+
+    def remove_peer(self, peer: Peer, state: PeerState) -> RemovedPeer:
+        """Move the peer to FAILED or LEAVE and forget it everywhere (O(its parents))."""
+        task = self.tasks[peer.task_id]
+        was_origin_reader = peer.reads_origin
+        was_unfinished_seed = peer.is_seed and peer.state is not PeerState.SUCCEEDED
+        peer.move_to(state)
+        drop_parents(peer, task, self.hosts)
+        drop_children(peer, task, self.hosts)
+        task.parent_pool.discard(peer.peer_id)
+        task.waiting.pop(peer.peer_id, None)
+        task.origin_readers.discard(peer.peer_id)
+        task.seed_readers.discard(peer.peer_id)
+        task.pending_verdicts.discard(peer.peer_id)
+        peer.reads_origin = False
+        peer.waiting = False
+        peer.retry_at = None
+        task.peers.pop(peer.peer_id, None)
+        self.peers.pop(peer.peer_id, None)
+        host = self.hosts.get(peer.host_id)
+        if host is not None:
+            host.peer_ids.discard(peer.peer_id)
+        return RemovedPeer(peer, task, was_origin_reader, was_unfinished_seed)
+
+    def set_layout(self, task: Task, layout: TaskLayout) -> bool:
+        """Fix the task's layout if unknown; False when it is already fixed to another one."""
+        if task.layout is None:
+            task.layout = layout
+            return True
+        return (task.layout.content_length, task.layout.piece_length) == (
+            layout.content_length,
+            layout.piece_length,
+        )
+
+    def stat(self, task_id: str) -> TaskView | None:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return None
+        prefix: list[int] = []
+        while len(prefix) in task.published_digests:
+            prefix.append(task.published_digests[len(prefix)])
+        layout = task.layout or TaskLayout(content_length=-1, piece_length=0)
+        return TaskView(
+            task_id=task.task_id,
+            state=task.state.value,
+            content_length=layout.content_length,
+            piece_length=layout.piece_length,
+            peer_count=len(task.peers),
+            piece_digests=tuple(prefix),
+            known_digests=len(task.published_digests),
+        )
+
+
+def seed_download(download: DownloadSpec) -> DownloadSpec:
+    """The spec a seed peer is asked to fetch: same task, straight from the origin."""
+    return dataclasses.replace(download, need_back_to_source=True, disable_back_to_source=False)

@@ -1,0 +1,42 @@
+"""Tunables of the pure scheduling engine (the `scheduling:` section of the scheduler config).
+
+Defaults follow Dragonfly's current scheduler (dragonfly.md §3.4–3.6) except where DESIGN §4 says
+otherwise (back_to_source_limit 1 besides seeds). Durations are float seconds (`_s`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dfly.common.config import StrictModel
+
+
+class EvaluatorWeights(StrictModel):
+    """Named weights of a parent's score; each feature score is in [0, 1], so is the weighted sum."""
+
+    load: float = Field(default=0.6, ge=0)
+    idc: float = Field(default=0.2, ge=0)
+    location: float = Field(default=0.1, ge=0)
+    host_type: float = Field(default=0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _check_sum(self) -> EvaluatorWeights:
+        if self.load + self.idc + self.location + self.host_type <= 0:
+            raise ValueError("at least one evaluator weight must be positive")
+        return self
+
+
+class EngineConfig(StrictModel):
+    candidate_parent_limit: int = Field(default=3, ge=1, le=20)  # parents handed out per answer
+    filter_parent_limit: int = Field(default=15, ge=1, le=1000)  # candidates sampled per attempt
+    retry_limit: int = Field(default=5, ge=1)  # failed attempts before "no parent available"
+    retry_back_to_source_limit: int = Field(default=4, ge=1)  # failed attempts before the origin
+    retry_interval_s: float = Field(default=0.5, gt=0)  # fallback retry; events schedule sooner
+    back_to_source_limit: int = Field(default=1, ge=0)  # concurrent origin readers per task, seeds aside
+    seed_failure_ttl_s: float = Field(default=1800.0, ge=0)  # a failed seed is not retried for a task
+    unreachable_reports: int = Field(default=2, ge=1)  # distinct children reporting a host unreachable
+    unreachable_suspend_s: float = Field(default=60.0, gt=0)  # how long such a host is not offered
+    topology: Literal["mesh", "dag"] = "mesh"
+    weights: EvaluatorWeights = EvaluatorWeights()

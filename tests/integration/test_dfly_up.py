@@ -1,0 +1,88 @@
+"""`dfly up --peers 2` as a real subprocess: cluster.json, live members, health endpoints, clean SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for_cluster_json(proc: subprocess.Popen[bytes], path: Path) -> dict[str, object]:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not path.exists():
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            pytest.fail(f"dfly up exited with {proc.returncode} before cluster.json:\n{out[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {path} within {READY_TIMEOUT_S:g} s")
+        time.sleep(0.1)
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.mark.timeout(READY_TIMEOUT_S + STOP_TIMEOUT_S + 30)
+def test_dfly_up_two_peers(tmp_path: Path) -> None:
+    cluster_dir = tmp_path / "c"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dfly.cli.dfly", "up", "--peers", "2", "--dir", str(cluster_dir)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    pids: list[int] = []
+    try:
+        desc = _wait_for_cluster_json(proc, cluster_dir / "cluster.json")
+        processes = desc["processes"]
+        assert isinstance(processes, list)
+        assert sorted(p["role"] for p in processes) == ["peer", "peer", "scheduler", "seed"]
+        for p in processes:
+            pids.append(p["pid"])
+            assert _alive(p["pid"]), p
+            assert p["ports"], p
+            assert all(isinstance(v, int) and v > 0 for v in p["ports"].values()), p
+            if p["role"] == "scheduler":
+                assert "grpc" in p["ports"]
+                continue
+            assert Path(p["socket"]).exists(), p
+            assert p["proxy_port"] > 0
+            assert p["host_id"]
+            url = f"http://127.0.0.1:{p['ports']['health']}/healthy"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                assert resp.status == 200, url
+        hostnames = {p["host_id"] for p in processes if p["role"] != "scheduler"}
+        assert len(hostnames) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pids if _alive(pid)]
+        assert (cluster_dir / "cluster.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

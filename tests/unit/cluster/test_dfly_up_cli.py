@@ -1,0 +1,80 @@
+"""`dfly up` end to end against fake members: table, cluster.json, SIGTERM exit 0, a dying member exit 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dfly.cli.dfly import main
+
+FAKE = str(Path(__file__).with_name("fake_member.py"))
+WRAPPER = """
+import sys
+from dfly.cluster import LocalCluster
+from dfly.cli.dfly import main
+LocalCluster.__init__.__kwdefaults__["scheduler_cmd"] = [sys.executable, {fake!r}, "ok"]
+LocalCluster.__init__.__kwdefaults__["daemon_cmd"] = [sys.executable, {fake!r}, "ok"]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(fake=FAKE))
+    cluster_dir = tmp_path / "c"
+    proc = subprocess.Popen(
+        [sys.executable, str(wrapper), "up", "--peers", "2", "--dir", str(cluster_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (cluster_dir / "cluster.json").exists():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, "no cluster.json"
+        time.sleep(0.05)
+    return proc, cluster_dir
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_sigterm_stops_everything_with_exit_0(tmp_path: Path) -> None:
+    proc, cluster_dir = _start(tmp_path)
+    pids = [p["pid"] for p in json.loads((cluster_dir / "cluster.json").read_text())["processes"]]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "peer-2" in out
+    assert "dfget -e" in out
+    assert all(_gone(pid) for pid in pids)
+
+
+def test_a_member_dying_stops_the_rest_with_exit_1(tmp_path: Path) -> None:
+    proc, cluster_dir = _start(tmp_path)
+    procs = json.loads((cluster_dir / "cluster.json").read_text())["processes"]
+    seed = next(p for p in procs if p["name"] == "seed")
+    os.kill(seed["pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out
+    assert "seed exited" in out
+    assert all(_gone(p["pid"]) for p in procs)
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["up", "--peers", "-1"]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["nope"])
+    assert info.value.code == 2

@@ -1,0 +1,321 @@
+"""Table-driven checks of DownloadPlanner choices: each case is a list of steps with expected outputs.
+
+Expected requests are sets, and every case runs under many rng seeds, so a case only passes when the
+outcome does not depend on the random tie-break.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from dfly.daemon.core.planner import Cancel, DownloadPlanner, Request
+
+Step = tuple[Any, ...]
+R = Request
+C = Cancel
+
+CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
+    "only announced pieces are requested": (
+        {"piece_count": 4},
+        [("add", "A"), ("has", "A", [1, 3]), ("next", 0.0, {R("A", 1), R("A", 3)}), ("next", 0.0, set())],
+    ),
+    "pieces already had are never requested": (
+        {"piece_count": 3, "have": [0, 2]},
+        [("add", "A"), ("has", "A", [0, 1, 2]), ("next", 0.0, {R("A", 1)}), ("missing", 1)],
+    ),
+    "queue depth per parent": (
+        {"piece_count": 10, "requests_per_parent": 3},
+        [
+            ("add", "A"),
+            ("has", "A", range(10)),
+            ("next_count", 0.0, {"A": 3}),
+            ("next", 0.0, set()),
+            ("done_any", "A"),
+            ("next_count", 0.0, {"A": 1}),
+        ],
+    ),
+    "rarest first: a parent serves the pieces only it holds": (
+        {"piece_count": 4},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0, 1, 2, 3]),
+            ("has", "B", [0, 1]),
+            ("next", 0.0, {R("A", 2), R("A", 3), R("B", 0), R("B", 1)}),
+        ],
+    ),
+    "rarest first follows HAVE updates": (
+        {"piece_count": 3, "requests_per_parent": 1},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "B", [0, 1, 2]),
+            ("has", "A", [0, 1]),  # piece 2: only B
+            ("next", 0.0, {R("A", 0), R("A", 1), R("B", 2)}, "A"),  # A's choice is random between 0 and 1
+        ],
+    ),
+    "failed parent is not asked again while another holder has not failed": (
+        {"piece_count": 1, "requests_per_parent": 1, "endgame": False},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0]),
+            ("has", "B", [0]),
+            ("next", 0.0, {R("A", 0)}),
+            ("fail", "A", 0),
+            ("next", 0.0, {R("B", 0)}),
+            ("fail", "B", 0),  # every holder failed: all may retry
+            ("next", 0.0, {R("A", 0)}),
+        ],
+    ),
+    "failed parent is skipped in endgame too": (
+        {"piece_count": 1, "requests_per_parent": 1},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0]),
+            ("has", "B", [0]),
+            ("next", 0.0, {R("A", 0), R("B", 0)}),  # endgame duplicate
+            ("fail", "A", 0),
+            ("next", 0.0, set()),
+        ],
+    ),
+    "not_available: the parent is no longer assumed to hold the piece": (
+        {"piece_count": 1, "requests_per_parent": 1, "endgame": False},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0]),
+            ("has", "B", [0]),
+            ("next", 0.0, {R("A", 0)}),
+            ("lacks", "A", 0),
+            ("next", 0.0, {R("B", 0)}),
+            ("fail", "B", 0),  # B is the only holder left: it retries, A is never asked
+            ("next", 0.0, {R("B", 0)}),
+            ("lacks", "B", 0),
+            ("next", 0.0, set()),
+            ("stalled", True),
+            ("has", "A", [0]),  # a later HAVE restores it
+            ("stalled", False),
+            ("next", 0.0, {R("A", 0)}),
+        ],
+    ),
+    "remove_parent requeues its in-flight pieces": (
+        {"piece_count": 4},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0, 1]),
+            ("has", "B", [0, 1, 2, 3]),
+            ("next", 0.0, {R("A", 0), R("A", 1), R("B", 2), R("B", 3)}),
+            ("remove", "A"),
+            ("parents", ["B"]),
+            ("next", 0.0, set()),
+            ("done", "B", 2, []),
+            ("done", "B", 3, []),
+            ("next", 1.0, {R("B", 0), R("B", 1)}),
+        ],
+    ),
+    "endgame duplicates in-flight pieces and done cancels the other copy": (
+        {"piece_count": 2},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0, 1]),
+            ("has", "B", [0, 1]),
+            ("next", 0.0, {R("A", 0), R("A", 1), R("B", 0), R("B", 1)}),
+            ("done", "A", 0, [C("B", 0)]),
+            ("next", 0.0, set()),  # piece 1 already has two copies
+            ("done", "B", 1, [C("A", 1)]),
+            ("done", "A", 1, []),  # the cancelled copy arrived anyway
+            ("complete", True),
+        ],
+    ),
+    "endgame duplicates the oldest request first": (
+        {"piece_count": 2, "requests_per_parent": 1},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("add", "C"),
+            ("has", "A", [0]),
+            ("has", "B", [1]),
+            ("next", 5.0, {R("A", 0), R("B", 1)}),
+            ("fail", "A", 0),
+            ("next", 7.0, {R("A", 0)}),  # the only holder retries
+            ("has", "C", [0, 1]),
+            ("next", 8.0, {R("C", 1)}),  # B's piece 1 was requested at 5.0, A's piece 0 at 7.0
+            ("done", "C", 1, [C("B", 1)]),
+        ],
+    ),
+    "no endgame while a parent still has un-requested pieces": (
+        {"piece_count": 2, "requests_per_parent": 1},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0, 1]),
+            ("next", 0.0, {R("A", 0), R("A", 1)}, "A"),  # A gets one of them
+            ("has", "B", [0, 1]),
+            ("next_count", 0.0, {"B": 1}),  # the other, not a duplicate
+            ("pieces_in_flight", 2),
+        ],
+    ),
+    "endgame disabled": (
+        {"piece_count": 2, "endgame": False},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0, 1]),
+            ("has", "B", [0, 1]),
+            ("next_count", 0.0, {"A": 1, "B": 1}),
+            ("next", 0.0, set()),
+        ],
+    ),
+    "expired requests and deadlines": (
+        {"piece_count": 2, "requests_per_parent": 1, "piece_timeout_s": 30.0},
+        [
+            ("add", "A"),
+            ("has", "A", [0]),
+            ("deadline", None),
+            ("next", 10.0, {R("A", 0)}),
+            ("deadline", 40.0),
+            ("expired", 39.9, []),
+            ("expired", 40.0, [R("A", 0)]),
+            ("expired", 41.0, [R("A", 0)]),  # a query: stays until the caller fails it
+            ("fail", "A", 0),
+            ("deadline", None),
+            ("expired", 99.0, []),
+            ("next", 50.0, {R("A", 0)}),  # the only holder retries
+            ("deadline", 80.0),
+        ],
+    ),
+    "stalled: missing pieces and no parent holding any": (
+        {"piece_count": 2, "have": [0]},
+        [
+            ("stalled", True),
+            ("add", "A"),
+            ("stalled", True),
+            ("has", "A", [0]),  # a piece we have does not help
+            ("stalled", True),
+            ("has", "A", [1]),
+            ("stalled", False),
+            ("next", 0.0, {R("A", 1)}),
+            ("remove", "A"),
+            ("stalled", True),
+            ("parents", []),
+        ],
+    ),
+    "events of removed parents are ignored, a piece they sent is kept": (
+        {"piece_count": 2},
+        [
+            ("add", "A"),
+            ("has", "A", [0, 1]),
+            ("next", 0.0, {R("A", 0), R("A", 1)}),
+            ("remove", "A"),
+            ("fail", "A", 0),
+            ("has", "A", [0]),
+            ("done", "A", 1, []),
+            ("missing", 1),
+            ("stalled", True),
+        ],
+    ),
+}
+
+
+def run(kwargs: dict[str, Any], steps: list[Step], seed: int) -> None:
+    planner = DownloadPlanner(rng=random.Random(seed), **kwargs)
+    for i, step in enumerate(steps):
+        op, *args = step
+        where = f"step {i} {step!r}"
+        if op == "add":
+            planner.add_parent(args[0])
+        elif op == "remove":
+            planner.remove_parent(args[0])
+        elif op == "has":
+            planner.parent_has(args[0], args[1])
+        elif op == "next":
+            got = planner.next_requests(args[0])
+            assert len(got) == len(set(got)), where
+            if len(args) == 3:  # only this parent's requests are a choice among the expected ones
+                chosen = {r for r in got if r.parent_id == args[2]}
+                assert len(chosen) == 1, where
+                assert set(got) - chosen <= args[1], where
+                assert chosen <= args[1], where
+            else:
+                assert set(got) == args[1], where
+        elif op == "next_count":
+            got = planner.next_requests(args[0])
+            counts = {p: sum(r.parent_id == p for r in got) for p in {r.parent_id for r in got}}
+            assert counts == args[1], where
+            assert len({r.piece for r in got}) == len(got), where
+        elif op == "done":
+            assert planner.piece_done(args[0], args[1]) == args[2], where
+        elif op == "done_any":
+            piece = next(r.piece for r in planner.expired(float("inf")) if r.parent_id == args[0])
+            planner.piece_done(args[0], piece)
+        elif op == "fail":
+            planner.piece_failed(args[0], args[1])
+        elif op == "lacks":
+            planner.piece_failed(args[0], args[1], parent_lacks=True)
+        elif op == "expired":
+            assert planner.expired(args[0]) == args[1], where
+        elif op == "deadline":
+            assert planner.next_deadline() == args[0], where
+        elif op == "pieces_in_flight":
+            assert len({r.piece for r in planner.expired(float("inf"))}) == args[0], where
+        elif op == "stalled":
+            assert planner.stalled() is args[0], where
+        elif op == "missing":
+            assert planner.missing == args[0], where
+        elif op == "complete":
+            assert planner.complete is args[0], where
+        elif op == "parents":
+            assert planner.parents == args[0], where
+        else:
+            raise AssertionError(f"unknown op {op!r}")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_planner_choice(name: str) -> None:
+    kwargs, steps = CASES[name]
+    for seed in range(25):
+        run(kwargs, steps, seed)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"piece_count": -1},
+        {"piece_count": 1, "requests_per_parent": 0},
+        {"piece_count": 1, "piece_timeout_s": 0},
+    ],
+)
+def test_invalid_arguments(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        DownloadPlanner(rng=random.Random(0), **kwargs)
+
+
+def test_out_of_range_piece_and_duplicate_parent() -> None:
+    planner = DownloadPlanner(4, rng=random.Random(0))
+    planner.add_parent("A")
+    with pytest.raises(ValueError, match="already added"):
+        planner.add_parent("A")
+    with pytest.raises(ValueError, match="out of range"):
+        planner.parent_has("A", [4])
+    with pytest.raises(ValueError, match="out of range"):
+        planner.piece_done("A", -1)
+    with pytest.raises(ValueError, match="out of range"):
+        DownloadPlanner(4, have=[7], rng=random.Random(0))
+
+
+def test_ties_are_broken_by_the_rng() -> None:
+    def first_requests(seed: int) -> list[Request]:
+        planner = DownloadPlanner(64, rng=random.Random(seed))
+        planner.add_parent("A")
+        planner.parent_has("A", range(64))
+        return planner.next_requests(0.0)
+
+    assert first_requests(1) == first_requests(1)
+    assert len({tuple(first_requests(seed)) for seed in range(10)}) > 1
