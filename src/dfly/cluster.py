@@ -46,9 +46,10 @@ class ClusterError(DflyError):
 
 
 def scheduler_config(log_level: str = "info") -> dict[str, Any]:
-    """The scheduler's YAML config: every listener on 127.0.0.1, port 0."""
+    """The scheduler's YAML config (a `SchedulerConfig` mapping): every listener on 127.0.0.1, port 0."""
     return {
-        "grpc": {"ip": LOOPBACK, "port": 0},
+        "listen_ip": LOOPBACK,
+        "port": 0,
         "metrics": {"ip": LOOPBACK, "port": 0},
         "log_level": log_level,
     }
@@ -102,7 +103,9 @@ class Member:
     @property
     def ports(self) -> dict[str, int]:
         ports = self.ready.get("ports", {})
-        return {str(k): int(v) for k, v in ports.items()} if isinstance(ports, dict) else {}
+        if not isinstance(ports, dict):
+            return {}
+        return {str(k): int(v) for k, v in ports.items() if v is not None}  # None: listener not running
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -119,7 +122,7 @@ class Member:
         }
         if self.role != "scheduler":
             info["socket"] = str(self.ready.get("socket", self.socket))
-            info["proxy_port"] = self.ports.get("proxy", 0)
+            info["proxy_port"] = self.ports.get("proxy")
             info["host_id"] = str(self.ready.get("host_id", ""))
         return info
 

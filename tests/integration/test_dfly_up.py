@@ -65,7 +65,7 @@ def test_dfly_up_two_peers(tmp_path: Path) -> None:
                 assert "grpc" in p["ports"]
                 continue
             assert Path(p["socket"]).exists(), p
-            assert p["proxy_port"] > 0
+            assert "proxy_port" in p  # None until the daemon runs its proxy
             assert p["host_id"]
             url = f"http://127.0.0.1:{p['ports']['health']}/healthy"
             with urllib.request.urlopen(url, timeout=5) as resp:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
+from typing import TYPE_CHECKING
 
-from dfly.common.digest import Digest, FileHasher
 from dfly.common.errors import DigestMismatch, StorageError
+
+if TYPE_CHECKING:
+    from dfly.common.digest import Digest
 
 _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 _LINK_UNSUPPORTED_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -37,7 +39,7 @@ class OutputFile:
         self.path = os.path.abspath(path)
         directory, name = os.path.split(self.path)
         self.directory = directory
-        self.tmp_path = os.path.join(directory, f".{name}.dfget-{secrets.token_hex(6)}")
+        self.tmp_path = os.path.join(directory, f".{name}.dfget-{os.urandom(6).hex()}")
         self._fd: int | None = None
         self._use_copy_file_range = True
         self.linked = False
@@ -98,6 +100,8 @@ class OutputFile:
 
     def verify(self, expected: Digest) -> None:
         """Raise DigestMismatch unless the temporary file's bytes have the expected digest."""
+        from dfly.common.digest import FileHasher
+
         hasher = FileHasher(expected.algorithm)
         try:
             fd = os.open(self.tmp_path, os.O_RDONLY | os.O_CLOEXEC)

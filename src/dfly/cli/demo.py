@@ -140,7 +140,7 @@ def run_demo(workdir: Path, size: int, peers: int) -> int:
 
 
 def _on_term(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="dfly-demo-") as tmp:
             return run_demo(Path(tmp), args.size_mib * MiB, args.peers)
-    except KeyboardInterrupt:
-        print("demo: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"demo: interrupted {exc}".rstrip(), file=sys.stderr)
         return 130
     except ClusterError as exc:
         print(f"demo: {exc}", file=sys.stderr)

@@ -18,17 +18,18 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dfly.cli._dfget_client import DeadlineExceeded, LocalApiClient, error_from_event
 from dfly.cli._dfget_output import OutputFile
 from dfly.cli._dfget_progress import Progress, make_progress
-from dfly.common.digest import Digest, parse_digest
 from dfly.common.errors import DflyError, DownloadTimeout, ProtocolError, UsageError
 from dfly.common.ids import canonical_url, effective_filters
 from dfly.common.pieces import parse_size, piece_count, piece_range, validate_user_piece_length
+
+if TYPE_CHECKING:
+    from dfly.common.digest import Digest
 
 DEFAULT_ENDPOINT = "/run/dfly/dfdaemon.sock"
 DEFAULT_TIMEOUT = "2h"
@@ -67,8 +68,7 @@ def parse_headers(values: Sequence[str]) -> dict[str, str]:
     return headers
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     url: str
     output: str
     digest: Digest | None
@@ -153,7 +153,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     ns = build_parser().parse_args(argv)
     filters = effective_filters(ns.filtered_query_param, no_default_filters=ns.no_default_filters)
     canonical_url(ns.url, filters)
-    digest = parse_digest(ns.digest) if ns.digest is not None else None
+    digest = None
+    if ns.digest is not None:
+        from dfly.common.digest import parse_digest  # its dataclass pulls in inspect: only when needed
+
+        digest = parse_digest(ns.digest)
     piece_length = None
     if ns.piece_length is not None:
         piece_length = validate_user_piece_length(parse_size(ns.piece_length))

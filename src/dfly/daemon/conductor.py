@@ -27,7 +27,7 @@ import grpc
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, DigestMismatch, DownloadTimeout, NoParents, SourceError
-from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, peer_id
+from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, HostId, peer_id
 from dfly.daemon.back_to_source import BackToSource
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import Layout, TaskState
@@ -105,7 +105,7 @@ class Conductor:
         self.state = state
         self.request = request
         self.file_ready = file_ready
-        self.peer_id = peer_id(ctx.host_id, f"{ctx.rng.getrandbits(64):016x}")
+        self.peer_id = peer_id(HostId(ctx.host_id), f"{ctx.rng.getrandbits(64):016x}")
         self.events: asyncio.Queue[object] = asyncio.Queue()
         self._call: grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse] | None = None
         self._write_lock = asyncio.Lock()
@@ -141,9 +141,11 @@ class Conductor:
             if error is None:
                 log.exception("download of %s failed", self.request.url)
                 error = DflyError(f"internal error: {type(exc).__name__}: {exc}")
-        await self._close()
-        self.ctx.counters.task_ended(error is None)
-        self.state.end(error)
+        try:
+            await self._close()
+        finally:
+            self.ctx.counters.task_ended(error is None)
+            self.state.end(error)
 
     def _stop_helpers(self) -> None:
         """The stream reader and piece writers end with the attempt."""
@@ -334,14 +336,8 @@ class Conductor:
             return
         assert self.state.layout is not None
         offset, length = self.state.layout.piece_range(number)
-        write = asyncio.ensure_future(
-            self.ctx.storage.write_piece(self.state.task_id, number, offset, data[:length], digest)
-        )
-        try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:
-            await asyncio.wait([write])  # the writer thread still reads `data`: keep it until done
-            raise
+        # Storage does not return, even when cancelled, while its thread still reads `data`.
+        await self.ctx.storage.write_piece(self.state.task_id, number, offset, data[:length], digest)
         if self.state.mark_available(number, digest):
             self.ctx.counters.downloaded(source, length)
             self._report.append(pb.PieceDone(number=number, digest=digest, parent_id=parent_id))

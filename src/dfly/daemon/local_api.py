@@ -171,25 +171,32 @@ class LocalApiServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Bind the socket (removing a stale one), set its mode and group, and start accepting."""
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        """Bind the socket (removing a stale one), set its mode and group, and start accepting.
+
+        Raises ConfigError (one line) when the socket cannot be set up.
+        """
         try:
+            gid = grp.getgrnam(self._group).gr_gid if self._group else -1
+        except KeyError:
+            raise ConfigError(f"local_api.group: no such group {self._group!r}") from None
+        sock, bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), False
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
             sock.bind(str(self._path))
-            if self._group:
-                try:
-                    gid = grp.getgrnam(self._group).gr_gid
-                except KeyError:
-                    raise ConfigError(f"local_api.group: no such group {self._group!r}") from None
-                os.chown(self._path, -1, gid)
+            bound = True
+            os.chown(self._path, -1, gid)
             os.chmod(self._path, self._mode)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
-        except BaseException:
+        except BaseException as exc:
             sock.close()
-            with contextlib.suppress(OSError):
-                self._path.unlink()
+            if bound:
+                with contextlib.suppress(OSError):
+                    self._path.unlink()
+            if isinstance(exc, OSError):
+                reason = exc.strerror or str(exc)
+                raise ConfigError(f"local_api.socket: cannot listen on {self._path}: {reason}") from None
             raise
         self._sock = sock
         self._inode = os.stat(self._path).st_ino
@@ -310,12 +317,10 @@ class LocalApiServer:
         """Returns when the client closes or resets the connection; anything it sends is ignored."""
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                chunk = await loop.sock_recv(conn, 4096)
-            except OSError:
-                return
-            if not chunk:
-                return
+            with contextlib.suppress(OSError):
+                if await loop.sock_recv(conn, 4096):
+                    continue
+            return
 
     async def _pump(self, conn: socket.socket, request: DownloadRequest) -> None:
         events = self._backend.download(request)
@@ -349,9 +354,10 @@ class LocalApiServer:
             if aclose is not None:
                 await aclose()
 
-    async def _send(self, conn: socket.socket, event: dict[str, object]) -> None:
+    async def _send(self, conn: socket.socket, event: dict[str, object] | bytes) -> None:
+        data = event if isinstance(event, bytes) else encode_event(event)
         try:
-            await asyncio.get_running_loop().sock_sendall(conn, encode_event(event))
+            await asyncio.get_running_loop().sock_sendall(conn, data)
         except OSError:
             raise _ClientGone from None
 
@@ -376,16 +382,18 @@ class LocalApiServer:
         finally:
             os.close(fd)
         if sent < len(data):
-            try:
-                await loop.sock_sendall(conn, data[sent:])
-            except OSError:
-                raise _ClientGone from None
+            await self._send(conn, data[sent:])
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
     ready: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+    loop.add_writer(conn.fileno(), _resolve, ready)
     try:
         await ready
     finally:
         loop.remove_writer(conn.fileno())
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -34,6 +34,7 @@ class ParentSet:
         self.active = False  # downloading from parents (not waiting, not back-to-source)
         self._planner: DownloadPlanner | None = None
         self._conns: dict[str, ParentConnection] = {}
+        self._ever: dict[str, ParentConnection] = {}  # closed ones too: buffers go back through them
         self._connecting: set[str] = set()
         self._infos: dict[str, pb.CandidateParent] = {}
         self._known: dict[str, set[int]] = {}
@@ -102,6 +103,7 @@ class ParentSet:
             conn.close()
             return
         self._conns[cand.peer_id] = conn
+        self._ever[cand.peer_id] = conn
         self._ensure_planner().add_parent(cand.peer_id)
         self._ensure_planner().parent_has(cand.peer_id, self._known.get(cand.peer_id, ()))
         self.c.events.put_nowait(None)
@@ -136,10 +138,10 @@ class ParentSet:
 
     def close_all(self) -> None:
         self.active = False
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+        conns, self._conns = list(self._conns.values()), {}
         self._planner = None
+        for conn in conns:
+            conn.close()
 
     # -- driving the planner ----------------------------------------------------------------------
     async def pump(self, now: float) -> None:
@@ -157,7 +159,10 @@ class ParentSet:
             conn = self._conns.get(request.parent_id)
             if conn is None:
                 continue
-            await conn.request(request.piece, layout.piece_range(request.piece)[1])
+            try:
+                await conn.request(request.piece, layout.piece_range(request.piece)[1])
+            except ConnectionError:
+                pass  # it closed while waiting for a buffer; on_closed drops it
 
     # -- ParentListener ---------------------------------------------------------------------------
     def on_have(self, parent_id: str, pieces: list[int]) -> None:

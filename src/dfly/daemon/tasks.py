@@ -146,8 +146,13 @@ class TaskManager:
             attempt = asyncio.create_task(conductor.run(), name=f"download-{tid[:12]}")
             live.attempt = attempt
             self._tasks.add(attempt)
-            attempt.add_done_callback(self._tasks.discard)
+            attempt.add_done_callback(self._attempt_done)
         return live
+
+    def _attempt_done(self, attempt: asyncio.Task[None]) -> None:
+        self._tasks.discard(attempt)
+        if not attempt.cancelled() and attempt.exception() is not None:
+            log.error("download attempt crashed", exc_info=attempt.exception())
 
     async def download(self, request: DownloadRequest) -> AsyncIterator[DownloadEvent]:
         live = self.start(

@@ -38,7 +38,7 @@ def main() -> int:
                 "hostname": config["host"]["hostname"],
                 "data_dir": config["storage"]["dir"],
                 "socket": config["local_api"]["socket"],
-                "ports": ports,
+                "ports": {**ports, "proxy": None},
             }
         else:
             info = {"role": "scheduler", "pid": os.getpid(), "ports": {"grpc": 9, "metrics": 8}}

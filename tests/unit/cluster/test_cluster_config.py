@@ -6,24 +6,19 @@ import json
 import socket
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dfly.cluster import LOOPBACK, ClusterError, daemon_config, query_stats, scheduler_config
 from dfly.daemon.config import DaemonConfig
-
-
-def _listener_ports(cfg: dict[str, Any]) -> list[int]:
-    return [v["port"] for v in cfg.values() if isinstance(v, dict) and "port" in v]
+from dfly.scheduler.config import SchedulerConfig
 
 
 def test_scheduler_listeners_are_loopback_port_zero() -> None:
-    cfg = scheduler_config("debug")
-    ports = _listener_ports(cfg)
-    assert ports
-    assert all(p == 0 for p in ports)
-    assert all(v["ip"] == LOOPBACK for v in cfg.values() if isinstance(v, dict) and "ip" in v)
+    cfg = SchedulerConfig.model_validate(scheduler_config("debug"))
+    assert (cfg.listen_ip, cfg.port) == (LOOPBACK, 0)
+    assert (cfg.metrics.ip, cfg.metrics.port) == (LOOPBACK, 0)
+    assert cfg.log_level == "debug"
 
 
 @pytest.mark.parametrize("seed", [True, False])

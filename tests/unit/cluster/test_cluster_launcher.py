@@ -38,7 +38,8 @@ def test_start_writes_cluster_json_and_stop_ends_all(tmp_path: Path) -> None:
             assert p["ports"]
         for p in procs[1:]:
             assert p["socket"].endswith(f"{p['name']}/dfdaemon.sock")
-            assert p["proxy_port"] == 2
+            assert p["proxy_port"] is None
+            assert "proxy" not in p["ports"]
             assert p["host_id"] == f"127.0.0.1-dfly-{p['name']}"
         seed_cfg = (cluster.base_dir / "seed.yaml").read_text()
         assert "127.0.0.1:9" in seed_cfg

@@ -162,6 +162,67 @@ CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
             ("pieces_in_flight", 2),
         ],
     ),
+    "endgame: at most two copies of a piece": (
+        {"piece_count": 1, "requests_per_parent": 1},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("add", "C"),
+            ("has", "A", [0]),
+            ("has", "B", [0]),
+            ("has", "C", [0]),
+            ("next", 0.0, {R("A", 0), R("B", 0)}),
+            ("next", 0.0, set()),
+            ("done", "B", 0, [C("A", 0)]),
+        ],
+    ),
+    "no endgame for an idle parent while another parent's pieces wait": (
+        {"piece_count": 2, "requests_per_parent": 1},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0]),
+            ("next", 0.0, {R("A", 0)}),
+            ("has", "A", [1]),
+            ("has", "B", [0]),
+            ("next", 0.0, set()),  # B could duplicate 0, but piece 1 (A's) is not in flight yet
+        ],
+    ),
+    "not_available clears the parent's failure record": (
+        {"piece_count": 1, "requests_per_parent": 1, "endgame": False},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0]),
+            ("has", "B", [0]),
+            ("next", 0.0, {R("A", 0)}),
+            ("fail", "A", 0),
+            ("next", 0.0, {R("B", 0)}),
+            ("lacks", "B", 0),
+            ("next", 0.0, {R("A", 0)}),
+            ("lacks", "A", 0),
+            ("has", "B", [0]),
+            ("has", "A", [0]),
+            ("next", 0.0, {R("A", 0)}),  # A's old failure is forgotten: A (first in order) is asked
+        ],
+    ),
+    "a parent removed and added again starts with a clean record": (
+        {"piece_count": 1, "requests_per_parent": 1, "endgame": False},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0]),
+            ("has", "B", [0]),
+            ("next", 0.0, {R("A", 0)}),
+            ("fail", "A", 0),
+            ("remove", "A"),
+            ("add", "A"),
+            ("has", "A", [0]),
+            ("next", 0.0, {R("B", 0)}),
+            ("fail", "B", 0),
+            ("next", 0.0, {R("A", 0)}),  # B failed it, the new A did not
+        ],
+    ),
     "endgame disabled": (
         {"piece_count": 2, "endgame": False},
         [

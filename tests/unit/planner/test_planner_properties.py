@@ -14,7 +14,7 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from dfly.daemon.core.planner import MAX_COPIES, DownloadPlanner, Request
+from dfly.daemon.core.planner import DownloadPlanner, Request
 
 PIECES = 12
 TIMEOUT = 5.0
@@ -162,7 +162,7 @@ class PlannerMachine(RuleBasedStateMachine):
         for parent_id in self.announced:
             assert sum(r.parent_id == parent_id for r in self.sent) <= self.depth
         for r in self.sent:
-            assert len(self._copies(r.piece)) <= MAX_COPIES
+            assert len(self._copies(r.piece)) <= 2
             assert r.piece not in self.have
 
     @invariant()

@@ -156,7 +156,7 @@ class DownloadPlanner:
             self._holders[piece].discard(parent_id)
             failed = self._failed.get(piece)
             if failed is not None:
-                pass
+                failed.discard(parent_id)
         affected = parent.has | parent.in_flight.keys()
         parent.has = set()
         parent.in_flight = {}

@@ -240,8 +240,8 @@ def _check_body_response(
         raise SourceError(f"{changed} (range {start}-{end} no longer satisfiable)", 416, kept)
     else:
         raise _status_error(resp, url)
-    etag = resp.getheader("ETag")
-    if stat.etag and etag and etag != stat.etag:
+    etag = resp.getheader("ETag")  # compared weakly: different opaque tags mean another object
+    if stat.etag and etag and etag.removeprefix("W/") != stat.etag.removeprefix("W/"):
         raise SourceError(f"{changed} (ETag {etag}, was {stat.etag})", resp.status, kept)
     _check_encoding(resp, url)
     return skip

@@ -131,8 +131,10 @@ class MetadataDB:
         conn.executemany("INSERT OR REPLACE INTO pieces (task_id, number, digest) VALUES (?, ?, ?)", records)
 
     @staticmethod
-    def mark_finished(conn: sqlite3.Connection, task_ids: Iterable[str]) -> None:
-        conn.executemany("UPDATE tasks SET finished = 1 WHERE task_id = ?", [(t,) for t in task_ids])
+    def mark_finished(conn: sqlite3.Connection, task_ids: Iterable[str], *, finished: bool = True) -> None:
+        conn.executemany(
+            "UPDATE tasks SET finished = ? WHERE task_id = ?", [(int(finished), t) for t in task_ids]
+        )
 
     @staticmethod
     def delete_tasks(conn: sqlite3.Connection, task_ids: Iterable[str]) -> None:

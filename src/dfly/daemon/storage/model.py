@@ -52,6 +52,19 @@ class StoredTask:
     finished: bool
 
 
+@dataclass
+class Counters:
+    """The writer thread's counters (written by that thread only; read anywhere for stats)."""
+
+    commits: int = 0
+    commit_errors: int = 0
+    pieces_written: int = 0
+    bytes_written: int = 0
+    pieces_durable: int = 0
+    write_errors: int = 0
+    pending_records: int = 0
+
+
 def short(task_id: str) -> str:
     """A task id as shown in messages."""
     return task_id[:12]

@@ -41,6 +41,7 @@ def recover(root: Path, db: MetadataDB, *, clean: bool) -> RecoveryReport:
     report = RecoveryReport(clean=clean, tasks=[])
     bad_tasks: list[str] = []
     bad_pieces: list[tuple[str, int]] = []
+    unfinished: list[str] = []
     for task_id, task in stored.items():
         path = root / task_relpath(task_id)
         try:
@@ -61,12 +62,14 @@ def recover(root: Path, db: MetadataDB, *, clean: bool) -> RecoveryReport:
                 "task %s: finished but %d of %d pieces recorded", short(task_id), len(task.pieces), count
             )
             task.finished = False
+            unfinished.append(task_id)
         report.tasks.append(task)
     orphans = db.orphan_piece_tasks()
-    if bad_tasks or bad_pieces or orphans:
+    if bad_tasks or bad_pieces or orphans or unfinished:
         with db.transaction() as conn:
             MetadataDB.delete_tasks(conn, bad_tasks + list(orphans))
             MetadataDB.delete_pieces(conn, bad_pieces)
+            MetadataDB.mark_finished(conn, unfinished, finished=False)
     report.dropped_records = len(bad_tasks)
     report.dropped_pieces = len(bad_pieces) + sum(len(stored[t].pieces) for t in bad_tasks)
     report.dropped_pieces += sum(orphans.values())

@@ -91,7 +91,7 @@ class Storage:
 
     @property
     def was_clean(self) -> bool:
-        """Whether the previous stop was clean (the marker was present at open)."""
+        """Whether the previous stop was clean (the marker was present at open; False for a new dir)."""
         return self.recovery is not None and self.recovery.clean
 
     @property

@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 import time
+from asyncio import Future
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,24 +43,13 @@ from dfly.daemon.storage.files import (
     take_marker,
     write_marker,
 )
-from dfly.daemon.storage.model import DB_NAME, TaskMeta, short
+from dfly.daemon.storage.model import DB_NAME, Counters, TaskMeta, short
 from dfly.daemon.storage.ops import CreateOp, DeleteOp, FinishOp, Op, OpenOp, StopOp, WriteOp
 from dfly.daemon.storage.recovery import RecoveryReport, recover
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_FILES = 256  # write fds kept open; a task with pending records always keeps its fd
-
-
-@dataclass
-class Counters:
-    commits: int = 0
-    commit_errors: int = 0
-    pieces_written: int = 0
-    bytes_written: int = 0
-    pieces_durable: int = 0
-    write_errors: int = 0
-    pending_records: int = 0
 
 
 @dataclass
@@ -87,6 +77,7 @@ class WriterThread:
         self._queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="dfly-storage-writer", daemon=True)
         self._closed: StorageError | None = None  # set once the thread stops taking operations
+        self._submit_lock = threading.Lock()
         self._db: MetadataDB | None = None
         self._lock_fd = -1
         self._tasks: dict[str, _TaskState] = {}
@@ -105,18 +96,17 @@ class WriterThread:
         self._thread.start()
 
     def submit(self, op: Op) -> None:
-        if self._closed is not None:
-            raise self._closed
-        self._queue.put(op)
+        with self._submit_lock:  # against a race with the final drain in _fail_queued
+            if self._closed is not None:
+                raise self._closed
+            self._queue.put(op)
 
     def join(self) -> None:
         self._thread.join()
 
     # -- resolving futures on the loop -------------------------------------------------------------
 
-    def _resolve(
-        self, fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None
-    ) -> None:
+    def _resolve(self, fut: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
         def apply() -> None:
             if fut.done():
                 return
@@ -156,17 +146,18 @@ class WriterThread:
         self._fail_queued()
 
     def _fail_queued(self) -> None:
-        closed = self._closed or StorageError("storage is closed")
-        while True:
-            try:
-                op = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(op, WriteOp):
-                if not op.claim():
-                    continue
-                op.data = None
-            self._resolve(op.future, exc=closed)
+        with self._submit_lock:
+            closed = self._closed = self._closed or StorageError("storage is closed")
+            while True:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if isinstance(op, WriteOp):
+                    if not op.claim():
+                        continue
+                    op.data = None
+                self._resolve(op.future, exc=closed)
 
     def _handle(self, op: Op) -> bool:
         """Run one operation; True when the thread must stop."""
@@ -205,8 +196,7 @@ class WriterThread:
             raise StorageError(f"storage dir {self.root}: {exc.strerror or exc}") from exc
         self._db = MetadataDB(self.root / DB_NAME)
         report = recover(self.root, self._db, clean=clean)
-        for task in report.tasks:
-            self._tasks[task.meta.task_id] = _TaskState(task.meta, set(task.pieces))
+        self._tasks = {t.meta.task_id: _TaskState(t.meta, set(t.pieces)) for t in report.tasks}
         return report
 
     def _fd(self, task_id: str) -> int:

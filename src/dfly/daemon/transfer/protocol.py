@@ -20,10 +20,31 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from dfly.common.errors import ProtocolError
+from dfly.daemon.transfer.events import (
+    NEED_DATA,
+    Bitfield,
+    BodyChunk,
+    Cancel,
+    Closed,
+    Error,
+    Event,
+    Have,
+    Hello,
+    NeedData,
+    PieceEnd,
+    PieceHeader,
+    Request,
+)
+
+__all__ = [
+    "NEED_DATA", "Bitfield", "BodyChunk", "Cancel", "Closed", "Error", "Event", "FrameDecoder", "Have",
+    "Hello", "NeedData", "PieceEnd", "PieceHeader", "Request", "bitfield_pieces", "encode_bitfield",
+    "encode_cancel", "encode_error", "encode_have", "encode_hello", "encode_piece_header",
+    "encode_request", "make_bitfield",
+]  # fmt: skip
 
 HELLO: Final = 1
 BITFIELD: Final = 2
@@ -58,80 +79,6 @@ _ACCEPTS: Final[dict[str, frozenset[int]]] = {
     "child": frozenset({HELLO, BITFIELD, HAVE, PIECE, ERROR}),
     "parent": frozenset({HELLO, REQUEST, CANCEL, ERROR}),
 }
-
-
-# ---------------------------------------------------------------------------------------------- events
-@dataclass(frozen=True, slots=True)
-class Hello:
-    task_id: str
-    peer_id: str
-    piece_length: int
-    content_length: int
-
-
-@dataclass(frozen=True, slots=True)
-class Bitfield:
-    bits: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Have:
-    number: int
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    number: int
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    number: int
-
-
-@dataclass(frozen=True, slots=True)
-class PieceHeader:
-    number: int
-    offset: int
-    length: int
-    digest: int
-
-
-@dataclass(frozen=True, slots=True)
-class BodyChunk:
-    """Piece bytes the decoder already held when the body began (copied out of its buffer)."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PieceEnd:
-    number: int
-
-
-@dataclass(frozen=True, slots=True)
-class Error:
-    code: str
-    message: str
-    piece: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Closed:
-    """The peer closed cleanly (EOF on a frame boundary)."""
-
-
-class NeedData:
-    """Sentinel type: no complete event yet."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData()
-Event = Hello | Bitfield | Have | Request | Cancel | PieceHeader | BodyChunk | PieceEnd | Error | Closed
 
 
 # -------------------------------------------------------------------------------------------- encoders
@@ -397,7 +344,7 @@ class FrameDecoder:
             return self._hello(payload)
         if kind == ERROR:
             return self._error(payload)
-        assert self.piece_count is not None and self.piece_length is not None
+        assert self.piece_count is not None
         if kind == BITFIELD:
             bitfield_pieces(payload, self.piece_count)  # validates length and spare bits
             self._state = "open"
@@ -437,7 +384,8 @@ class FrameDecoder:
         return Error(code, message, piece)
 
     def _piece(self, payload: bytes) -> PieceHeader:
-        assert self.piece_count is not None and self.piece_length is not None
+        assert self.piece_count is not None
+        assert self.piece_length is not None
         assert self.content_length is not None
         number, offset, length, digest = _PIECE.unpack(payload)
         if number >= self.piece_count:

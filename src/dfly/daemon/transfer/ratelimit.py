@@ -9,7 +9,8 @@ Rules:
   the earlier debt), and the long-run rate is exact.
 - Default burst: max(rate / 10, 64 KiB), i.e. about 100 ms of traffic. Because debt is allowed the burst
   only bounds how much idle credit accumulates; it does not need to cover a whole piece.
-- Rate 0 means unlimited: `acquire` returns at once without touching the clock.
+- Rate 0 means unlimited: `acquire` returns at once without touching the clock. Burst None or 0 means
+  the default.
 - A waiter cancelled while waiting gets its bytes refunded.
 """
 
@@ -39,11 +40,11 @@ class BucketCore:
 
     def configure(self, rate_bytes_per_s: int, burst_bytes: int | None, now: float | None = None) -> None:
         """Change the rate (e.g. from dynamic config); accrued credit is kept up to the new burst."""
-        if rate_bytes_per_s < 0 or (burst_bytes is not None and burst_bytes <= 0):
+        if rate_bytes_per_s < 0 or (burst_bytes is not None and burst_bytes < 0):
             raise ValueError(f"bad token bucket rate={rate_bytes_per_s} burst={burst_bytes}")
         self._refill(now)
         self.rate = rate_bytes_per_s
-        self.burst = burst_bytes if burst_bytes is not None else default_burst(rate_bytes_per_s)
+        self.burst = burst_bytes or default_burst(rate_bytes_per_s)
         self.tokens = min(self.tokens, float(self.burst))
 
     def _refill(self, now: float | None) -> None:

@@ -67,7 +67,12 @@ UploadCallback = Callable[[str, int], None]
 
 async def _wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_s: float) -> None:
     fut: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_writer(sock.fileno(), ready)
     try:
         async with asyncio.timeout(timeout_s):
             await fut
@@ -117,7 +122,7 @@ class PieceServer:
         self.bytes_uploaded = 0
         self.bytes_uploaded_by_task: dict[str, int] = {}
         self.connections_open = 0
-        self.uploads_in_progress = 0
+        self.active_uploads = 0
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -215,7 +220,7 @@ class _Connection:
 
     def send_now(self, frame: bytes) -> None:
         """Best-effort, non-blocking final frame (ERROR before close); skipped in the middle of a frame."""
-        if not self.mid_frame and not self.closed:
+        if not self.mid_frame:
             with contextlib.suppress(OSError):
                 self.sock.send(frame)
 
@@ -263,7 +268,9 @@ class _Connection:
         unsubscribe = task.subscribe(self._on_available)
         try:
             self.known = p.make_bitfield(task.piece_count, task.available_pieces())
-            greeting = p.encode_hello(task.task_id, self.server.peer_id, task.piece_length, task.content_length)
+            greeting = p.encode_hello(
+                task.task_id, self.server.peer_id, task.piece_length, task.content_length
+            )
             await self._send(greeting + p.encode_bitfield(self.known))
             self._handle(events[1:])
             await self._run_loops()
@@ -341,7 +348,7 @@ class _Connection:
         server = self.server
         self.current, self.current_cancelled = number, False
         async with server.slots if server.slots is not None else contextlib.nullcontext():
-            server.uploads_in_progress += 1
+            server.active_uploads += 1
             try:
                 await server.limiter.acquire(length)
                 self.current = -1
@@ -351,8 +358,10 @@ class _Connection:
                 self.out.clear()
                 await self._send(header)
                 self.mid_frame = True
-                await sendfile_range(self.loop, self.sock, task.read_fd(), offset, length, server.stall_timeout_s)
+                await sendfile_range(
+                    self.loop, self.sock, task.read_fd(), offset, length, server.stall_timeout_s
+                )
                 self.mid_frame = False
             finally:
-                server.uploads_in_progress -= 1
+                server.active_uploads -= 1
         server.count_upload(task.task_id, length)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from dfly.scheduler.core.graph import drop_children, drop_parents
 from dfly.scheduler.core.messages import DownloadSpec, TaskLayout
-from dfly.scheduler.core.model import Host, Peer, PeerState, Task, TaskState
+from dfly.scheduler.core.model import PEER_TRANSITIONS, Host, Peer, PeerState, Task, TaskState
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +67,12 @@ class Cluster:
         host.peer_ids.add(peer.peer_id)
 
     def remove_peer(self, peer: Peer, state: PeerState) -> RemovedPeer:
-        """Move the peer to FAILED or LEAVE and forget it everywhere (O(its parents))."""
+        """Move the peer to FAILED (LEAVE if it had succeeded) or LEAVE and forget it everywhere
+        (O(its parents and children))."""
         task = self.tasks[peer.task_id]
         was_origin_reader = peer.reads_origin
         was_unfinished_seed = peer.is_seed and peer.state is not PeerState.SUCCEEDED
-        peer.move_to(state)
+        peer.move_to(state if state in PEER_TRANSITIONS[peer.state] else PeerState.LEAVE)
         drop_parents(peer, task, self.hosts)
         drop_children(peer, task, self.hosts)
         task.parent_pool.discard(peer.peer_id)

@@ -94,6 +94,8 @@ def rank_parents(
     candidates: Sequence[tuple[Peer, Host]], child_host: Host, weights: EvaluatorWeights
 ) -> list[tuple[Peer, Host]]:
     """Candidates best first; equal scores keep their (randomly sampled) order."""
-    scored = [(evaluate(peer, host, child_host, weights), index) for index, (peer, host) in enumerate(candidates)]
+    scored = [
+        (evaluate(peer, host, child_host, weights), index) for index, (peer, host) in enumerate(candidates)
+    ]
     scored.sort(key=lambda item: (-item[0], item[1]))
     return [candidates[index] for _, index in scored]

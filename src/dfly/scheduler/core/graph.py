@@ -16,7 +16,7 @@ from dfly.scheduler.core.model import Host, Peer, Task
 
 def would_create_cycle(child: Peer, parent: Peer) -> bool:
     """True when the edge parent → child could close a cycle under the depth invariant."""
-    if child.child_count == 0:
+    if not child.children:
         return False
     return parent.depth >= child.depth
 
@@ -27,7 +27,7 @@ def drop_parents(child: Peer, task: Task, hosts: Mapping[str, Host]) -> None:
         parent = task.peers.get(parent_id)
         if parent is None:
             continue
-        parent.child_count = max(0, parent.child_count - 1)
+        parent.children.discard(child.peer_id)
         host = hosts.get(parent.host_id)
         if host is not None:
             host.child_edges = max(0, host.child_edges - 1)
@@ -35,23 +35,27 @@ def drop_parents(child: Peer, task: Task, hosts: Mapping[str, Host]) -> None:
 
 
 def drop_children(parent: Peer, task: Task, hosts: Mapping[str, Host]) -> None:
-    """Forget the edges out of a peer that goes away; its children keep stale ids and reschedule."""
+    """Remove the edges out of a peer that goes away (O(its children)); the children reschedule."""
     host = hosts.get(parent.host_id)
     if host is not None:
-        host.child_edges = max(0, host.child_edges - parent.child_count)
-    parent.child_count = 0
+        host.child_edges = max(0, host.child_edges - len(parent.children))
+    for child_id in parent.children:
+        child = task.peers.get(child_id)
+        if child is not None:
+            child.parent_ids = tuple(pid for pid in child.parent_ids if pid != parent.peer_id)
+    parent.children.clear()
 
 
 def set_parents(child: Peer, parents: Sequence[Peer], task: Task, hosts: Mapping[str, Host]) -> None:
     """Replace the child's in-edges by edges from `parents` and update depth labels and host loads."""
     drop_parents(child, task, hosts)
     for parent in parents:
-        parent.child_count += 1
+        parent.children.add(child.peer_id)
         host = hosts.get(parent.host_id)
         if host is not None:
             host.child_edges += 1
     child.parent_ids = tuple(parent.peer_id for parent in parents)
-    if parents and child.child_count == 0:
+    if parents and not child.children:
         child.depth = 1 + max(parent.depth for parent in parents)
 
 

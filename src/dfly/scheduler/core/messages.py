@@ -245,4 +245,6 @@ class ClosePeer:
     reason: str
 
 
-Command = SendCandidateParents | SendBackToSource | SendTaskFailed | SendFinishVerdict | TriggerSeedPeer | ClosePeer
+Command = (
+    SendCandidateParents | SendBackToSource | SendTaskFailed | SendFinishVerdict | TriggerSeedPeer | ClosePeer
+)

@@ -45,7 +45,9 @@ class TaskState(enum.Enum):
 _ENDED = frozenset({PeerState.SUCCEEDED, PeerState.FAILED, PeerState.LEAVE})
 
 PEER_TRANSITIONS: dict[PeerState, frozenset[PeerState]] = {
-    PeerState.PENDING: frozenset({PeerState.RECEIVED, PeerState.SUCCEEDED, PeerState.FAILED, PeerState.LEAVE}),
+    PeerState.PENDING: frozenset(
+        {PeerState.RECEIVED, PeerState.SUCCEEDED, PeerState.FAILED, PeerState.LEAVE}
+    ),
     PeerState.RECEIVED: frozenset({PeerState.RUNNING, PeerState.BACK_TO_SOURCE}) | _ENDED,
     PeerState.RUNNING: frozenset({PeerState.BACK_TO_SOURCE}) | _ENDED,
     PeerState.BACK_TO_SOURCE: _ENDED,
@@ -124,7 +126,7 @@ class Peer:
     finished_piece_count: int = 0
     blocked: set[str] = field(default_factory=set)  # parents this child reported as failing it
     parent_ids: tuple[str, ...] = ()  # the parents last handed out (edges parent → self)
-    child_count: int = 0  # edges self → children
+    children: set[str] = field(default_factory=set)  # edges self → children
     depth: int = 0  # dag topology: every edge goes from a smaller depth to a larger one
     waiting: bool = False  # needs parents (or a back-to-source decision)
     attempts: int = 0  # failed scheduling attempts in the current round

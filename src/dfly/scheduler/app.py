@@ -1,0 +1,147 @@
+"""Composition root of `dfly scheduler`: config → engine → gRPC service → server, metrics, ready file.
+
+Rules: the ready file (`{"role": "scheduler", "pid", "ports": {"grpc", "metrics"}}`) is written, to a
+temporary name then renamed, only once the gRPC port is bound and serving; port 0 means the kernel's
+choice and the real port is reported. `run` returns after `stop` is set and everything is shut down.
+`main` is the `dfly scheduler` subcommand: SIGINT/SIGTERM stop cleanly (exit 0), a bad config is one
+line on stderr (exit 2), any other DflyError one line (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+from grpc import aio
+from prometheus_client import start_http_server
+
+from dfly.api import scheduler_pb2_grpc
+from dfly.common.errors import ConfigError, DflyError
+from dfly.common.logging import setup_logging
+from dfly.scheduler.config import SchedulerConfig, load_scheduler_config
+from dfly.scheduler.core.engine import SchedulerEngine
+from dfly.scheduler.metrics import SchedulerMetrics
+from dfly.scheduler.service import SchedulerService
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 1.0
+
+
+class BindError(DflyError):
+    kind = "bind"
+
+
+def write_ready_file(path: Path, grpc_port: int, metrics_port: int) -> None:
+    payload = {"role": "scheduler", "pid": os.getpid(), "ports": {"grpc": grpc_port, "metrics": metrics_port}}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(payload))
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise DflyError(f"cannot write ready file {path}: {exc.strerror}") from None
+
+
+def _start_metrics(config: SchedulerConfig, metrics: SchedulerMetrics) -> tuple[WSGIServer | None, int]:
+    if not config.metrics.enable:
+        return None, 0
+    try:
+        server, _thread = start_http_server(config.metrics.port, config.metrics.ip, registry=metrics.registry)
+    except OSError as exc:
+        raise BindError(
+            f"cannot listen for metrics on {config.metrics.ip}:{config.metrics.port}: {exc}"
+        ) from None
+    return server, int(server.server_port)
+
+
+def _stop_metrics(server: WSGIServer | None) -> None:
+    if server is None:
+        return
+    stopper = threading.Thread(target=server.shutdown, name="metrics-shutdown", daemon=True)
+    stopper.start()
+    stopper.join(timeout=5)
+    server.server_close()
+
+
+async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Event) -> None:
+    engine = SchedulerEngine(config.scheduling, random.Random(int.from_bytes(os.urandom(8), "big")))
+    metrics = SchedulerMetrics()
+    service = SchedulerService(engine, metrics, seed_trigger_timeout_s=config.seed_trigger.timeout_s)
+    await service.start()
+    server = aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    address = (
+        f"[{config.listen_ip}]:{config.port}"
+        if ":" in config.listen_ip
+        else f"{config.listen_ip}:{config.port}"
+    )
+    try:
+        grpc_port = server.add_insecure_port(address)
+    except RuntimeError:
+        grpc_port = 0
+    if grpc_port == 0:
+        raise BindError(f"cannot listen for gRPC on {address}")
+    metrics_server, metrics_port = _start_metrics(config, metrics)
+    try:
+        await server.start()
+        log.info(
+            "scheduler serving gRPC on %s:%d, metrics on port %d", config.listen_ip, grpc_port, metrics_port
+        )
+        if ready_file is not None:
+            write_ready_file(ready_file, grpc_port, metrics_port)
+        await stop.wait()
+        log.info("scheduler stopping")
+    finally:
+        await service.stop()
+        await server.stop(SHUTDOWN_GRACE_S)
+        _stop_metrics(metrics_server)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dfly scheduler", description="Run the dfly scheduler.")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config file")
+    parser.add_argument("--ready-file", type=Path, default=None, help="write real ports here once serving")
+    parser.add_argument("--port", type=int, default=None, help="gRPC port (overrides the config; 0 = any)")
+    return parser.parse_args(argv)
+
+
+async def _serve(config: SchedulerConfig, ready_file: Path | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await run(config, ready_file, stop)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        config = load_scheduler_config(args.config)
+        if args.port is not None:
+            if not 0 <= args.port <= 65535:
+                raise ConfigError(f"invalid --port {args.port}: must be 0..65535")
+            config = config.model_copy(update={"port": args.port})
+        setup_logging("scheduler", config.log_level)
+        asyncio.run(_serve(config, args.ready_file))
+    except DflyError as exc:
+        print(f"dfly scheduler: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"dfly scheduler: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,38 @@
+"""`dfly scheduler` configuration (YAML via --config, env prefix DFLY_SCHEDULER__).
+
+Every listener accepts port 0 (the kernel picks; the real port goes to --ready-file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from dfly.common.config import StrictModel, load_config
+from dfly.scheduler.core.config import EngineConfig
+
+ENV_PREFIX = "DFLY_SCHEDULER"
+
+
+class MetricsSection(StrictModel):
+    ip: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    enable: bool = True
+
+
+class SeedTriggerSection(StrictModel):
+    timeout_s: float = Field(default=10.0, gt=0)  # DownloadTask call on a seed peer's control port
+
+
+class SchedulerConfig(StrictModel):
+    listen_ip: str = "0.0.0.0"
+    port: int = Field(default=8002, ge=0, le=65535)
+    metrics: MetricsSection = MetricsSection()
+    scheduling: EngineConfig = EngineConfig()
+    seed_trigger: SeedTriggerSection = SeedTriggerSection()
+    log_level: str = "info"
+
+
+def load_scheduler_config(path: str | Path | None, environ: dict[str, str] | None = None) -> SchedulerConfig:
+    return load_config(SchedulerConfig, path, ENV_PREFIX, environ)

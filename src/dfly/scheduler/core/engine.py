@@ -1,0 +1,251 @@
+"""SchedulerEngine: the pure scheduler. Events in, commands out; no I/O, no clock, injected randomness.
+
+Drive it with `handle(event, now)`, and call `on_timer(now)` once `next_deadline()` has passed; both
+return the commands to carry out, in order. The same events at the same times with the same seeded
+`random.Random` give the same commands. Policy (DESIGN §4):
+- waiting peers are scheduled on the event that makes a parent usable (an origin reader starting, a
+  peer's first finished pieces, a host coming back with finished tasks); the retry timer is a fallback;
+- a seed that could not be triggered, or failed without an origin error, is not retried for the task
+  for `seed_failure_ttl_s`, and one waiting peer reads the origin instead;
+- an origin error (PeerFailed with a source error from an origin reader) fails every active peer of the
+  task with that error and marks the task FAILED (the next register starts it over);
+- a host whose keepalive stream drops, or that enough distinct children report unreachable, is
+  suspended at once; a new boot id drops the host's old peers; finished tasks make it a parent again;
+- a child's finish is checked against the digests the origin readers published (verdicts.py).
+Host events live in hosts.py; parent choice and retries in scheduling.py.
+"""
+
+from __future__ import annotations
+
+import random
+
+from dfly.scheduler.core.cluster import Cluster, RemovedPeer, TaskView
+from dfly.scheduler.core.config import EngineConfig
+from dfly.scheduler.core.graph import make_root
+from dfly.scheduler.core.hosts import HostHandlers
+from dfly.scheduler.core.messages import (
+    BackToSourceStarted,
+    ClosePeer,
+    Command,
+    Event,
+    HostAnnounced,
+    HostDisconnected,
+    HostKeepAlive,
+    HostLeft,
+    PeerFailed,
+    PeerFinished,
+    PeerLeft,
+    PeerRegistered,
+    PiecesFinished,
+    RescheduleRequested,
+    SeedTriggerFailed,
+    SendFinishVerdict,
+    SendTaskFailed,
+    TaskLayout,
+)
+from dfly.scheduler.core.model import Peer, PeerState, Task, TaskState
+from dfly.scheduler.core.scheduling import ParentScheduler
+from dfly.scheduler.core.verdicts import judge, publish, publish_all
+
+
+class SchedulerEngine:
+    def __init__(self, config: EngineConfig, rng: random.Random) -> None:
+        self.config = config
+        self.cluster = Cluster()
+        self.scheduler = ParentScheduler(config, rng, self.cluster)
+        self._hosts = HostHandlers(
+            config, self.cluster, self.scheduler, self.after_removal, self._recheck_verdicts
+        )
+
+    # --- public API -----------------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Command]:
+        match event:
+            case HostAnnounced():
+                return self._hosts.announced(event, now)
+            case HostKeepAlive():
+                return self._hosts.keepalive(event, now)
+            case HostDisconnected():
+                return self._hosts.disconnected(event)
+            case HostLeft():
+                return self._hosts.left(event, now)
+            case PeerRegistered():
+                return self._registered(event, now)
+            case SeedTriggerFailed():
+                return self._seed_trigger_failed(event, now)
+        peer = self.cluster.peers.get(event.peer_id)
+        if peer is None:
+            return []  # a peer the engine already forgot (failed, left, host gone): nothing to do
+        task = self.cluster.tasks[peer.task_id]
+        match event:
+            case BackToSourceStarted():
+                return self._back_to_source_started(peer, task, event, now)
+            case PiecesFinished():
+                return self._pieces_finished(peer, task, event, now)
+            case PeerFinished():
+                return self._finished(peer, task, event)
+            case PeerFailed():
+                return self._failed(peer, task, event, now)
+            case RescheduleRequested():
+                return self._reschedule(peer, task, event, now)
+            case PeerLeft():
+                return self.after_removal(self.cluster.remove_peer(peer, PeerState.LEAVE), now)
+        return []
+
+    def next_deadline(self) -> float | None:
+        return self.scheduler.next_deadline()
+
+    def on_timer(self, now: float) -> list[Command]:
+        return self.scheduler.on_timer(now)
+
+    def stat_task(self, task_id: str) -> TaskView | None:
+        return self.cluster.stat(task_id)
+
+    def has_host(self, host_id: str) -> bool:
+        return host_id in self.cluster.hosts
+
+    # --- peer events ----------------------------------------------------------------------------------
+
+    def _registered(self, event: PeerRegistered, now: float) -> list[Command]:
+        host = self.cluster.hosts.get(event.host_id)
+        if host is None:
+            return [ClosePeer(event.peer_id, f"host {event.host_id} has not announced itself")]
+        commands: list[Command] = []
+        old = self.cluster.peers.get(event.peer_id)
+        if old is not None:
+            commands.extend(self.after_removal(self.cluster.remove_peer(old, PeerState.LEAVE), now))
+        task = self.cluster.task(event.task_id, event.download)
+        peer = Peer(event.peer_id, task.task_id, host.host_id, event.download)
+        peer.is_seed = event.download.need_back_to_source and host.info.seed  # only a triggered seed
+        self.cluster.add_peer(peer, task, host)
+        peer.move_to(PeerState.RECEIVED)
+        if peer.is_seed:
+            task.seed_trigger_pending = False
+        commands.extend(self.scheduler.start_round(peer, task, now))
+        return commands
+
+    def _back_to_source_started(
+        self, peer: Peer, task: Task, event: BackToSourceStarted, now: float
+    ) -> list[Command]:
+        if peer.state not in (PeerState.RECEIVED, PeerState.RUNNING, PeerState.BACK_TO_SOURCE):
+            return []
+        layout = TaskLayout(event.content_length, event.piece_length, event.response_headers)
+        if not self.cluster.set_layout(task, layout):
+            assert task.layout is not None
+            description = (
+                f"origin layout {event.content_length}/{event.piece_length} differs from the task's "
+                f"{task.layout.content_length}/{task.layout.piece_length}"
+            )
+            return self._fail_peer(peer, description, now)
+        if task.publisher_id is None:
+            task.publisher_id = peer.peer_id
+        if not peer.reads_origin:  # the peer went to the origin on its own (e.g. scheduler too slow)
+            self.scheduler.mark_origin_reader(peer, task)
+        peer.move_to(PeerState.BACK_TO_SOURCE)
+        task.parent_pool.add(peer.peer_id)
+        if task.state is not TaskState.SUCCEEDED:
+            task.state = TaskState.RUNNING
+        return self.scheduler.schedule_waiting(task, now)
+
+    def _pieces_finished(self, peer: Peer, task: Task, event: PiecesFinished, now: float) -> list[Command]:
+        commands: list[Command] = []
+        if peer.reads_origin and publish(task, event.pieces):
+            commands.extend(self._recheck_verdicts(task))
+        first_pieces = peer.finished_piece_count == 0 and bool(event.pieces)
+        peer.finished_piece_count += len(event.pieces)
+        if peer.state is PeerState.RECEIVED:
+            peer.move_to(PeerState.RUNNING)
+        if first_pieces and peer.active:
+            task.parent_pool.add(peer.peer_id)
+            commands.extend(self.scheduler.schedule_waiting(task, now))
+        return commands
+
+    def _finished(self, peer: Peer, task: Task, event: PeerFinished) -> list[Command]:
+        if peer.reads_origin or peer.state is PeerState.BACK_TO_SOURCE:
+            publish_all(task, event.piece_digests)
+            self._succeed(peer, task, len(event.piece_digests))
+            return [SendFinishVerdict(peer.peer_id, accepted=True), *self._recheck_verdicts(task)]
+        peer.finish_digests = event.piece_digests
+        task.pending_verdicts.add(peer.peer_id)
+        return self._recheck_verdicts(task)
+
+    def _failed(self, peer: Peer, task: Task, event: PeerFailed, now: float) -> list[Command]:
+        if event.source_error is not None and (peer.reads_origin or event.back_to_source):
+            return self._origin_failed(peer, task, event)
+        removed = self.cluster.remove_peer(peer, PeerState.FAILED)
+        return self.after_removal(removed, now)
+
+    def _reschedule(self, peer: Peer, task: Task, event: RescheduleRequested, now: float) -> list[Command]:
+        peer.blocked.update(event.blocked)
+        peer.blocked.update(event.unreachable)
+        for parent_id in event.unreachable:
+            self._hosts.report_unreachable(parent_id, peer, now)
+        if peer.reads_origin or not peer.active or peer.waiting:
+            return []
+        return self.scheduler.start_round(peer, task, now)
+
+    def _seed_trigger_failed(self, event: SeedTriggerFailed, now: float) -> list[Command]:
+        task = self.cluster.tasks.get(event.task_id)
+        if task is None or task.seed_readers:
+            return []
+        task.seed_trigger_pending = False
+        task.seed_failed_at = now
+        return self.scheduler.schedule_waiting(task, now)
+
+    # --- shared by peer and host events --------------------------------------------------------------
+
+    def after_removal(self, removed: RemovedPeer, now: float) -> list[Command]:
+        """React to a peer gone: a lost seed is remembered; a lost origin reader is replaced."""
+        task = removed.task
+        if removed.was_unfinished_seed:
+            task.seed_failed_at = now
+        if not removed.was_origin_reader and not removed.was_unfinished_seed:
+            return []
+        return [*self.scheduler.schedule_waiting(task, now), *self._recheck_verdicts(task)]
+
+    def _fail_peer(self, peer: Peer, description: str, now: float) -> list[Command]:
+        removed = self.cluster.remove_peer(peer, PeerState.FAILED)
+        return [SendTaskFailed(peer.peer_id, description), *self.after_removal(removed, now)]
+
+    def _origin_failed(self, reporter: Peer, task: Task, event: PeerFailed) -> list[Command]:
+        self.cluster.remove_peer(reporter, PeerState.FAILED)
+        commands: list[Command] = []
+        for peer in list(task.peers.values()):
+            if peer.active:
+                self.cluster.remove_peer(peer, PeerState.FAILED)
+                commands.append(SendTaskFailed(peer.peer_id, event.description, event.source_error))
+        task.state = TaskState.FAILED
+        task.seed_trigger_pending = False
+        return commands
+
+    def _succeed(self, peer: Peer, task: Task, piece_count: int) -> None:
+        peer.move_to(PeerState.SUCCEEDED)
+        make_root(peer, task, self.cluster.hosts)
+        peer.reads_origin = False
+        peer.finish_digests = None
+        peer.waiting = False
+        peer.retry_at = None
+        task.waiting.pop(peer.peer_id, None)
+        peer.finished_piece_count = max(peer.finished_piece_count, piece_count)
+        task.origin_readers.discard(peer.peer_id)
+        task.seed_readers.discard(peer.peer_id)
+        task.pending_verdicts.discard(peer.peer_id)
+        task.parent_pool.add(peer.peer_id)
+        task.state = TaskState.SUCCEEDED
+
+    def _recheck_verdicts(self, task: Task) -> list[Command]:
+        commands: list[Command] = []
+        readers_running = bool(task.origin_readers)
+        for peer_id in sorted(task.pending_verdicts):
+            peer = task.peers[peer_id]
+            assert peer.finish_digests is not None
+            digests = peer.finish_digests
+            verdict = judge(digests, task.published_digests, task.expected_piece_count(), readers_running)
+            if verdict is None:
+                continue
+            task.pending_verdicts.discard(peer_id)
+            peer.finish_digests = None
+            if verdict.accepted:
+                self._succeed(peer, task, len(digests))
+            commands.append(SendFinishVerdict(peer_id, verdict.accepted, verdict.bad_pieces))
+        return commands

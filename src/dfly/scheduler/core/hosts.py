@@ -1,0 +1,168 @@
+"""Host events of the engine: announce (new boot, finished tasks), keepalive, disconnect, leave, and
+children's unreachable reports.
+
+Rules: a dropped keepalive stream suspends the host at once, a keepalive or announce lifts that; enough
+distinct child hosts reporting a host unreachable suspend it for `unreachable_suspend_s` (an announce
+lifts it). A new boot id drops every peer of the old boot. A finished task in an announce becomes a
+SUCCEEDED peer (layout and digests only), and waiting peers of that task are scheduled at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from dfly.scheduler.core.cluster import Cluster, RemovedPeer
+from dfly.scheduler.core.config import EngineConfig
+from dfly.scheduler.core.messages import (
+    ClosePeer,
+    Command,
+    DownloadSpec,
+    FinishedTask,
+    HostAnnounced,
+    HostDisconnected,
+    HostKeepAlive,
+    HostLeft,
+    TaskLayout,
+)
+from dfly.scheduler.core.model import Host, Peer, PeerState, Task, TaskState
+from dfly.scheduler.core.scheduling import ParentScheduler
+from dfly.scheduler.core.verdicts import publish_all
+
+AfterRemoval = Callable[[RemovedPeer, float], list[Command]]
+RecheckVerdicts = Callable[[Task], list[Command]]
+
+
+class HostHandlers:
+    def __init__(
+        self,
+        config: EngineConfig,
+        cluster: Cluster,
+        scheduler: ParentScheduler,
+        after_removal: AfterRemoval,
+        recheck_verdicts: RecheckVerdicts,
+    ) -> None:
+        self._config = config
+        self._cluster = cluster
+        self._scheduler = scheduler
+        self._after_removal = after_removal
+        self._recheck_verdicts = recheck_verdicts
+
+    def announced(self, event: HostAnnounced, now: float) -> list[Command]:
+        info = event.host
+        host = self._cluster.hosts.get(info.host_id)
+        commands: list[Command] = []
+        if host is not None and info.boot_id and host.info.boot_id and info.boot_id != host.info.boot_id:
+            commands.extend(self._drop_peers(host, f"host {info.host_id} restarted", now))
+            host.upload_rate_bytes_per_s = 0.0
+            host.upload_slots_in_use = 0
+        if host is None:
+            host = Host(info)
+            self._cluster.hosts[info.host_id] = host
+        host.info = info
+        host.disconnected = False
+        host.unreachable_until = -math.inf
+        host.unreachable_reporters.clear()
+        if info.seed:
+            self._cluster.seed_host_ids.add(info.host_id)
+        else:
+            self._cluster.seed_host_ids.discard(info.host_id)
+        touched = self._tasks_offered_by(host)
+        for finished in event.finished_tasks:
+            task = self._register_finished(host, finished)
+            if task is not None:
+                touched[task.task_id] = task
+        for task in touched.values():
+            commands.extend(self._scheduler.schedule_waiting(task, now))
+            commands.extend(self._recheck_verdicts(task))
+        return commands
+
+    def keepalive(self, event: HostKeepAlive, now: float) -> list[Command]:
+        host = self._current_host(event.host_id, event.boot_id)
+        if host is None:
+            return []
+        host.upload_rate_bytes_per_s = max(0.0, event.upload_rate_bytes_per_s)
+        host.upload_slots_in_use = max(0, event.upload_slots_in_use)
+        if not host.disconnected:
+            return []
+        host.disconnected = False
+        commands: list[Command] = []
+        for task in self._tasks_offered_by(host).values():
+            commands.extend(self._scheduler.schedule_waiting(task, now))
+        return commands
+
+    def disconnected(self, event: HostDisconnected) -> list[Command]:
+        host = self._current_host(event.host_id, event.boot_id)
+        if host is not None:
+            host.disconnected = True
+        return []
+
+    def left(self, event: HostLeft, now: float) -> list[Command]:
+        host = self._cluster.hosts.get(event.host_id)
+        if host is None:
+            return []
+        host.disconnected = True  # nothing of this host is offered while its peers are dropped
+        commands = self._drop_peers(host, f"host {event.host_id} left", now)
+        del self._cluster.hosts[event.host_id]
+        self._cluster.seed_host_ids.discard(event.host_id)
+        return commands
+
+    def report_unreachable(self, parent_id: str, child: Peer, now: float) -> None:
+        parent = self._cluster.peers.get(parent_id)
+        host = self._cluster.hosts.get(parent.host_id) if parent is not None else None
+        if host is None or host.host_id == child.host_id:
+            return
+        host.unreachable_reporters.add(child.host_id)
+        if len(host.unreachable_reporters) >= self._config.unreachable_reports:
+            host.unreachable_until = now + self._config.unreachable_suspend_s
+            host.unreachable_reporters.clear()
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    def _current_host(self, host_id: str, boot_id: str) -> Host | None:
+        host = self._cluster.hosts.get(host_id)
+        if host is None or (boot_id and host.info.boot_id and boot_id != host.info.boot_id):
+            return None
+        return host
+
+    def _tasks_offered_by(self, host: Host) -> dict[str, Task]:
+        tasks: dict[str, Task] = {}
+        for peer_id in sorted(host.peer_ids):
+            peer = self._cluster.peers[peer_id]
+            task = self._cluster.tasks[peer.task_id]
+            if peer_id in task.parent_pool and task.waiting:
+                tasks[task.task_id] = task
+        return tasks
+
+    def _drop_peers(self, host: Host, reason: str, now: float) -> list[Command]:
+        commands: list[Command] = []
+        removals: list[RemovedPeer] = []
+        for peer_id in sorted(host.peer_ids):
+            peer = self._cluster.peers[peer_id]
+            if peer.active:
+                commands.append(ClosePeer(peer_id, reason))
+            removals.append(self._cluster.remove_peer(peer, PeerState.LEAVE))
+        for removed in removals:
+            commands.extend(self._after_removal(removed, now))
+        return commands
+
+    def _register_finished(self, host: Host, finished: FinishedTask) -> Task | None:
+        existing = self._cluster.peers.get(finished.peer_id)
+        if existing is not None:
+            if existing.active:
+                return None  # a live download reports for itself on its stream
+            self._cluster.remove_peer(existing, PeerState.LEAVE)
+        task = self._cluster.task(finished.task_id, None)
+        if task.download is None and finished.url:
+            task.download = DownloadSpec(url=finished.url)
+        if not self._cluster.set_layout(task, TaskLayout(finished.content_length, finished.piece_length)):
+            return None  # another layout: its pieces would be refused by every child
+        peer = Peer(finished.peer_id, task.task_id, host.host_id)
+        self._cluster.add_peer(peer, task, host)
+        peer.move_to(PeerState.SUCCEEDED)
+        peer.finished_piece_count = len(finished.piece_digests) or (task.expected_piece_count() or 0)
+        task.parent_pool.add(peer.peer_id)
+        task.state = TaskState.SUCCEEDED
+        if not task.published_digests:
+            publish_all(task, finished.piece_digests)
+        return task

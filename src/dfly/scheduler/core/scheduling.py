@@ -1,0 +1,202 @@
+"""Parent choice and the retry / back-to-source / seed-trigger decisions for one waiting peer.
+
+One attempt: sample up to `filter_parent_limit` peers of the task's parent pool (O(sample)), drop what
+the filters reject, rank with the evaluator, hand out the best `candidate_parent_limit`. When nothing
+fits and nobody is bringing the task's data (no seed on its way, no origin reader), trigger a seed
+(consistent hash of the task id over healthy seeds) or, without one, send this peer to the origin now.
+Counted attempts (register, reschedule, fallback timer) move toward the origin after
+`retry_back_to_source_limit` and toward failure after `retry_limit`; attempts made because a parent just
+became usable are free. The only timer is each waiting peer's retry deadline, kept in a heap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import random
+
+from dfly.scheduler.core.cluster import Cluster, seed_download
+from dfly.scheduler.core.config import EngineConfig
+from dfly.scheduler.core.evaluator import rank_parents
+from dfly.scheduler.core.filters import FilterContext, rejection_reason
+from dfly.scheduler.core.graph import drop_parents, make_root, set_parents
+from dfly.scheduler.core.messages import (
+    CandidateParent,
+    Command,
+    SendBackToSource,
+    SendCandidateParents,
+    SendTaskFailed,
+    TriggerSeedPeer,
+)
+from dfly.scheduler.core.model import Host, Peer, PeerState, Task, TaskState
+
+
+def seed_rank(task_id: str, host_id: str) -> bytes:
+    """Rendezvous-hash weight: the healthy seed with the largest value serves the task."""
+    return hashlib.sha256(f"{task_id}\0{host_id}".encode()).digest()
+
+
+def pick_seed_host(task_id: str, seeds: list[Host]) -> Host | None:
+    """Consistent choice of a seed for a task; removing another seed never moves the task."""
+    return max(seeds, key=lambda host: seed_rank(task_id, host.host_id), default=None)
+
+
+class ParentScheduler:
+    def __init__(self, config: EngineConfig, rng: random.Random, cluster: Cluster) -> None:
+        self._config = config
+        self._rng = rng
+        self._cluster = cluster
+        self._retries: list[tuple[float, int, str]] = []
+        self._sequence = itertools.count()
+
+    # --- entry points ---------------------------------------------------------------------------------
+
+    def start_round(self, peer: Peer, task: Task, now: float) -> list[Command]:
+        """The peer needs parents (register, reschedule): a fresh round of counted attempts."""
+        drop_parents(peer, task, self._cluster.hosts)  # the child said they no longer serve it
+        peer.attempts = 0
+        peer.waiting = True
+        task.waiting[peer.peer_id] = None
+        return self.attempt(peer, task, now, counted=True)
+
+    def schedule_waiting(self, task: Task, now: float) -> list[Command]:
+        """A parent may have become usable, or the data source changed: retry every waiting peer."""
+        commands: list[Command] = []
+        for peer_id in list(task.waiting):
+            peer = task.peers.get(peer_id)
+            if peer is not None and peer.waiting:
+                commands.extend(self.attempt(peer, task, now, counted=False))
+        return commands
+
+    def next_deadline(self) -> float | None:
+        while self._retries:
+            at, _, peer_id = self._retries[0]
+            peer = self._cluster.peers.get(peer_id)
+            if peer is not None and peer.waiting and peer.retry_at == at:
+                return at
+            heapq.heappop(self._retries)
+        return None
+
+    def on_timer(self, now: float) -> list[Command]:
+        commands: list[Command] = []
+        while (deadline := self.next_deadline()) is not None and deadline <= now:
+            _, _, peer_id = heapq.heappop(self._retries)
+            peer = self._cluster.peers[peer_id]
+            peer.retry_at = None
+            commands.extend(self.attempt(peer, self._cluster.tasks[peer.task_id], now, counted=True))
+        return commands
+
+    # --- one attempt ----------------------------------------------------------------------------------
+
+    def attempt(self, peer: Peer, task: Task, now: float, *, counted: bool) -> list[Command]:
+        if peer.is_seed:
+            return self.send_to_origin(peer, task, "seed peer: read the task from the origin")
+        parents = self.find_parents(peer, task, now)
+        if parents:
+            return [self._hand_out(peer, task, parents)]
+        commands: list[Command] = []
+        if not task.seed_trigger_pending and not task.origin_readers:
+            trigger = self._trigger_seed(task, peer, now)
+            if trigger is not None:
+                commands.append(trigger)
+            elif self.may_read_origin(peer, task):
+                return self.send_to_origin(
+                    peer, task, "no seed peer serves the task: read it from the origin"
+                )
+        if not counted:
+            return commands
+        peer.attempts += 1
+        if peer.attempts >= self._config.retry_back_to_source_limit and self.may_read_origin(peer, task):
+            description = f"no parent after {peer.attempts} attempts: read the task from the origin"
+            return [*commands, *self.send_to_origin(peer, task, description)]
+        if peer.attempts >= self._config.retry_limit:
+            return [*commands, self._give_up(peer, task)]
+        self._arm_retry(peer, now + self._config.retry_interval_s)
+        return commands
+
+    def find_parents(self, child: Peer, task: Task, now: float) -> list[Peer]:
+        child_host = self._cluster.hosts.get(child.host_id)
+        if child_host is None or task.layout is None:
+            return []
+        context = FilterContext(child, child_host, now, dag=self._config.topology == "dag")
+        candidates: list[tuple[Peer, Host]] = []
+        for peer_id in task.parent_pool.sample(self._rng, self._config.filter_parent_limit):
+            candidate = task.peers.get(peer_id)
+            host = self._cluster.hosts.get(candidate.host_id) if candidate is not None else None
+            if (
+                candidate is not None
+                and host is not None
+                and rejection_reason(context, candidate, host) is None
+            ):
+                candidates.append((candidate, host))
+        ranked = rank_parents(candidates, child_host, self._config.weights)
+        return [peer for peer, _ in ranked[: self._config.candidate_parent_limit]]
+
+    def may_read_origin(self, peer: Peer, task: Task) -> bool:
+        if peer.download is not None and peer.download.disable_back_to_source:
+            return False
+        return task.normal_origin_readers < self._config.back_to_source_limit
+
+    def send_to_origin(self, peer: Peer, task: Task, description: str) -> list[Command]:
+        self.mark_origin_reader(peer, task)
+        return [SendBackToSource(peer.peer_id, description, task.layout)]
+
+    def mark_origin_reader(self, peer: Peer, task: Task) -> None:
+        """The peer reads the origin: no parents, no waiting, counted against back_to_source_limit."""
+        self._stop_waiting(peer, task)
+        make_root(peer, task, self._cluster.hosts)
+        peer.reads_origin = True
+        task.origin_readers.add(peer.peer_id)
+        if peer.is_seed:
+            task.seed_readers.add(peer.peer_id)
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    def _hand_out(self, child: Peer, task: Task, parents: list[Peer]) -> SendCandidateParents:
+        assert task.layout is not None  # find_parents returns nothing without a layout
+        self._stop_waiting(child, task)
+        set_parents(child, parents, task, self._cluster.hosts)
+        child.move_to(PeerState.RUNNING)
+        if task.state is TaskState.PENDING:
+            task.state = TaskState.RUNNING
+        offered = []
+        for parent in parents:
+            info = self._cluster.hosts[parent.host_id].info
+            offered.append(CandidateParent(parent.peer_id, info.host_id, info.ip, info.piece_port, info.seed))
+        return SendCandidateParents(child.peer_id, task.layout, tuple(offered))
+
+    def _give_up(self, peer: Peer, task: Task) -> SendTaskFailed:
+        self._stop_waiting(peer, task)
+        self._cluster.remove_peer(peer, PeerState.FAILED)
+        description = f"no parent available for task {task.task_id} after {peer.attempts} attempts"
+        return SendTaskFailed(peer.peer_id, description)
+
+    def _trigger_seed(self, task: Task, child: Peer, now: float) -> TriggerSeedPeer | None:
+        if task.download is None:
+            return None
+        failed_at = task.seed_failed_at
+        if failed_at is not None and now - failed_at < self._config.seed_failure_ttl_s:
+            return None
+        healthy = [
+            host
+            for host_id in sorted(self._cluster.seed_host_ids)
+            if (host := self._cluster.hosts[host_id]).host_id != child.host_id and not host.is_suspended(now)
+        ]
+        seed = pick_seed_host(task.task_id, healthy)
+        if seed is None:
+            return None
+        task.seed_trigger_pending = True
+        task.seed_failed_at = None
+        return TriggerSeedPeer(
+            task.task_id, seed.host_id, seed.info.ip, seed.info.control_port, seed_download(task.download)
+        )
+
+    def _stop_waiting(self, peer: Peer, task: Task) -> None:
+        peer.waiting = False
+        peer.retry_at = None
+        task.waiting.pop(peer.peer_id, None)
+
+    def _arm_retry(self, peer: Peer, at: float) -> None:
+        peer.retry_at = at
+        heapq.heappush(self._retries, (at, next(self._sequence), peer.peer_id))

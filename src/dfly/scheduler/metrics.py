@@ -1,0 +1,78 @@
+"""Prometheus metrics of the scheduler (prefix `dfly_scheduler_`), counted at the service edge.
+
+The engine stays pure: the service shows every event it feeds in and every command it carries out to
+`SchedulerMetrics`, which counts them. Each instance owns its registry, so several schedulers (tests)
+can live in one process; app.py serves that registry on the metrics port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from dfly.scheduler.core.messages import (
+    Command,
+    Event,
+    HostAnnounced,
+    PeerRegistered,
+    SeedTriggerFailed,
+    SendBackToSource,
+    SendCandidateParents,
+    SendFinishVerdict,
+    SendTaskFailed,
+    TriggerSeedPeer,
+)
+
+
+class SchedulerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.host_announces = Counter("dfly_scheduler_host_announces", "AnnounceHost calls.", registry=r)
+        self.registered_peers = Counter("dfly_scheduler_registered_peers", "Peers registered.", registry=r)
+        self.candidate_parents = Counter(
+            "dfly_scheduler_candidate_parents_sent", "Candidate-parent answers sent.", registry=r
+        )
+        self.back_to_source = Counter(
+            "dfly_scheduler_back_to_source_decisions", "Peers told to read the origin.", registry=r
+        )
+        self.seed_triggers = Counter(
+            "dfly_scheduler_seed_triggers", "Seed-peer triggers by result.", ["result"], registry=r
+        )
+        self.task_failures = Counter(
+            "dfly_scheduler_task_failures", "Failed answers sent to peers, by cause.", ["cause"], registry=r
+        )
+        self.finish_verdicts = Counter(
+            "dfly_scheduler_finish_verdicts", "Finish verdicts sent, by result.", ["accepted"], registry=r
+        )
+        self.peer_streams = Gauge("dfly_scheduler_peer_streams", "Open AnnouncePeer streams.", registry=r)
+        self.hosts = Gauge("dfly_scheduler_hosts", "Hosts known to the scheduler.", registry=r)
+        self.tasks = Gauge("dfly_scheduler_tasks", "Tasks known to the scheduler.", registry=r)
+
+    def track_sizes(self, hosts: Callable[[], int], tasks: Callable[[], int]) -> None:
+        self.hosts.set_function(lambda: float(hosts()))
+        self.tasks.set_function(lambda: float(tasks()))
+
+    def observe_event(self, event: Event) -> None:
+        match event:
+            case HostAnnounced():
+                self.host_announces.inc()
+            case PeerRegistered():
+                self.registered_peers.inc()
+            case SeedTriggerFailed():
+                self.seed_triggers.labels(result="failed").inc()
+
+    def observe_command(self, command: Command) -> None:
+        match command:
+            case SendCandidateParents():
+                self.candidate_parents.inc()
+            case SendBackToSource():
+                self.back_to_source.inc()
+            case TriggerSeedPeer():
+                self.seed_triggers.labels(result="sent").inc()
+            case SendTaskFailed():
+                cause = "origin" if command.source_error is not None else "scheduling"
+                self.task_failures.labels(cause=cause).inc()
+            case SendFinishVerdict():
+                self.finish_verdicts.labels(accepted=str(command.accepted).lower()).inc()

@@ -1,0 +1,351 @@
+"""The scheduler's gRPC adapter (grpc.aio): proto messages → engine events, engine commands → stream
+writes and seed-peer DownloadTask calls.
+
+Rules:
+- the engine is called only from the event loop thread, with `now = loop.time()`; ONE timer, re-armed
+  from `engine.next_deadline()` after every call (loop.call_at);
+- each AnnouncePeer stream has one asyncio.Queue; commands for the peer are put there and the handler
+  writes them in order; a stream that ends before the peer finished or failed is a PeerLeft;
+- a HostKeepAlive stream that ends (the last one of the host) is a HostDisconnected;
+- every task it starts (stream readers, seed triggers) is tracked and cancelled by `stop()`;
+- errors are converted here: bad requests get INVALID_ARGUMENT / FAILED_PRECONDITION / NOT_FOUND with a
+  one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from dfly.api import daemon_pb2_grpc, scheduler_pb2_grpc
+from dfly.api import scheduler_pb2 as pb
+from dfly.common.errors import DflyError
+from dfly.scheduler import convert
+from dfly.scheduler.core.engine import SchedulerEngine
+from dfly.scheduler.core.messages import (
+    ClosePeer,
+    Command,
+    Event,
+    HostDisconnected,
+    HostKeepAlive,
+    HostLeft,
+    PeerLeft,
+    PeerRegistered,
+    SeedTriggerFailed,
+    SendFinishVerdict,
+    SendTaskFailed,
+    TriggerSeedPeer,
+)
+from dfly.scheduler.metrics import SchedulerMetrics
+
+log = logging.getLogger(__name__)
+
+ChannelFactory = Callable[[str], aio.Channel]
+
+
+@dataclass(frozen=True, slots=True)
+class _EndStream:
+    """Queue item: end the AnnouncePeer stream, with an error status when `code` is set."""
+
+    code: grpc.StatusCode | None = None
+    details: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class _PeerStream:
+    queue: asyncio.Queue[pb.AnnouncePeerResponse | _EndStream] = field(default_factory=asyncio.Queue)
+    peer_id: str | None = None
+    ended: bool = False  # finished (accepted), failed or closed: no PeerLeft when the stream goes
+    awaiting_verdict: bool = False
+    close_after_verdict: bool = False
+
+    def end(self, code: grpc.StatusCode | None = None, details: str = "") -> None:
+        self.queue.put_nowait(_EndStream(code, details))
+
+
+def _address(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(
+        self,
+        engine: SchedulerEngine,
+        metrics: SchedulerMetrics | None = None,
+        *,
+        seed_trigger_timeout_s: float = 10.0,
+        channel_factory: ChannelFactory = aio.insecure_channel,
+    ) -> None:
+        self._engine = engine
+        self._metrics = metrics if metrics is not None else SchedulerMetrics()
+        self._metrics.track_sizes(lambda: len(engine.cluster.hosts), lambda: len(engine.cluster.tasks))
+        self._seed_trigger_timeout_s = seed_trigger_timeout_s
+        self._channel_factory = channel_factory
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, _PeerStream] = {}
+        self._keepalive_streams: dict[str, int] = {}
+        self._channels: dict[str, aio.Channel] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._stopping = False
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for stream in list(self._streams.values()):
+            stream.end(grpc.StatusCode.UNAVAILABLE, "scheduler is stopping")
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+    # --- RPCs -----------------------------------------------------------------------------------------
+
+    async def AnnounceHost(self, request: pb.AnnounceHostRequest, context: Any) -> pb.Empty:
+        host = request.host
+        if not host.host_id or not host.ip:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host_id and ip are required")
+        self._apply(convert.host_announced(request))
+        return pb.Empty()
+
+    async def LeaveHost(self, request: pb.LeaveHostRequest, context: Any) -> pb.Empty:
+        self._apply(HostLeft(request.host_id))
+        return pb.Empty()
+
+    async def StatTask(self, request: pb.StatTaskRequest, context: Any) -> pb.TaskStat:
+        view = self._engine.stat_task(request.task_id)
+        if view is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} is unknown")
+        assert view is not None
+        return convert.task_stat(view)
+
+    async def HostKeepAlive(self, request_iterator: Any, context: Any) -> pb.Empty:
+        host_id = ""
+        boot_id = ""
+        try:
+            async for request in request_iterator:
+                if not host_id:
+                    if not self._engine.has_host(request.host_id):
+                        await context.abort(
+                            grpc.StatusCode.FAILED_PRECONDITION, f"host {request.host_id!r} has not announced"
+                        )
+                    host_id, boot_id = request.host_id, request.boot_id
+                    self._keepalive_streams[host_id] = self._keepalive_streams.get(host_id, 0) + 1
+                elif request.host_id != host_id:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host_id changed on the stream")
+                event = HostKeepAlive(
+                    host_id, request.boot_id, request.upload_rate_bytes_per_s, request.upload_slots_in_use
+                )
+                self._apply(event)
+        finally:
+            if host_id:
+                remaining = self._keepalive_streams.get(host_id, 1) - 1
+                if remaining > 0:
+                    self._keepalive_streams[host_id] = remaining
+                else:
+                    self._keepalive_streams.pop(host_id, None)
+                    if not self._stopping:
+                        self._apply(HostDisconnected(host_id, boot_id))
+        return pb.Empty()
+
+    async def AnnouncePeer(
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[pb.AnnouncePeerResponse]:
+        stream = _PeerStream()
+        reader = self._spawn(self._read_peer_requests(request_iterator, stream))
+        self._metrics.peer_streams.inc()
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, _EndStream):
+                    if item.code is not None:
+                        await context.abort(item.code, item.details)
+                    return
+                yield item
+        finally:
+            reader.cancel()
+            self._metrics.peer_streams.dec()
+            self._forget(stream)
+
+    # --- peer stream internals ------------------------------------------------------------------------
+
+    async def _read_peer_requests(self, requests: Any, stream: _PeerStream) -> None:
+        try:
+            async for request in requests:
+                if self._on_peer_request(request, stream):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the client went away mid-read; the stream just ends
+            log.debug("announce stream of %s broke: %s", stream.peer_id, exc)
+            stream.end()
+            return
+        if stream.awaiting_verdict:
+            stream.close_after_verdict = True  # half-closed after `finished`: answer, then end
+        else:
+            stream.end()
+
+    def _on_peer_request(self, request: pb.AnnouncePeerRequest, stream: _PeerStream) -> bool:
+        """Handle one request; True when the stream must end (the reason is already queued)."""
+        kind = request.WhichOneof("request")
+        if stream.peer_id is None:
+            if kind != "register":
+                stream.end(grpc.StatusCode.INVALID_ARGUMENT, f"first request must be register, not {kind}")
+                return True
+            if not (
+                request.peer_id and request.host_id and request.task_id and request.register.download.url
+            ):
+                stream.end(
+                    grpc.StatusCode.INVALID_ARGUMENT, "register needs host_id, task_id, peer_id and url"
+                )
+                return True
+            if request.peer_id in self._streams:
+                stream.end(grpc.StatusCode.ALREADY_EXISTS, f"peer {request.peer_id} already has a stream")
+                return True
+            stream.peer_id = request.peer_id
+            self._streams[request.peer_id] = stream
+            download = convert.download_spec(request.register.download)
+            self._apply(PeerRegistered(request.peer_id, request.host_id, request.task_id, download))
+            return False
+        if request.peer_id and request.peer_id != stream.peer_id:
+            stream.end(grpc.StatusCode.INVALID_ARGUMENT, "peer_id changed on the stream")
+            return True
+        event = convert.peer_event(request, stream.peer_id)
+        if event is None:
+            stream.end(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} request after register"
+            )
+            return True
+        if kind == "finished":
+            stream.awaiting_verdict = True
+        if kind == "failed":
+            stream.ended = True
+        self._apply(event)
+        if kind == "failed":
+            stream.end()
+            return True
+        return False
+
+    def _forget(self, stream: _PeerStream) -> None:
+        if stream.peer_id is None or self._streams.get(stream.peer_id) is not stream:
+            return
+        del self._streams[stream.peer_id]
+        if not stream.ended and not self._stopping:
+            self._apply(PeerLeft(stream.peer_id))
+
+    # --- engine calls and commands --------------------------------------------------------------------
+
+    def _now(self) -> float:
+        assert self._loop is not None, "SchedulerService.start() was not awaited"
+        return self._loop.time()
+
+    def _apply(self, event: Event) -> None:
+        self._metrics.observe_event(event)
+        try:
+            commands = self._engine.handle(event, self._now())
+        except DflyError as exc:
+            log.error("engine refused %s: %s", type(event).__name__, exc)
+            commands = []
+        except Exception:  # a bug in the engine must not take the scheduler down
+            log.exception("engine failed on %s", type(event).__name__)
+            commands = []
+        self._carry_out(commands)
+
+    def _on_timer(self) -> None:
+        fired_at = self._timer_at
+        self._timer = None
+        self._timer_at = None
+        now = max(self._now(), fired_at or 0.0)
+        try:
+            commands = self._engine.on_timer(now)
+        except Exception:
+            log.exception("engine timer failed")
+            commands = []
+        self._carry_out(commands)
+
+    def _carry_out(self, commands: list[Command]) -> None:
+        for command in commands:
+            self._metrics.observe_command(command)
+            if isinstance(command, TriggerSeedPeer):
+                self._spawn(self._trigger_seed(command))
+            else:
+                self._send_to_peer(command)
+        self._rearm_timer()
+
+    def _rearm_timer(self) -> None:
+        deadline = self._engine.next_deadline()
+        if deadline == self._timer_at or self._stopping:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, deadline
+        if deadline is not None:
+            assert self._loop is not None
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _send_to_peer(self, command: Command) -> None:
+        if isinstance(command, TriggerSeedPeer):
+            return
+        stream = self._streams.get(command.peer_id)
+        if stream is None:
+            log.debug("no stream for %s, dropped", command)
+            return
+        if isinstance(command, ClosePeer):
+            stream.ended = True
+            stream.end(grpc.StatusCode.FAILED_PRECONDITION, command.reason)
+            return
+        response = convert.peer_response(command)
+        if response is not None:
+            stream.queue.put_nowait(response)
+        if isinstance(command, SendTaskFailed):
+            stream.ended = True
+            stream.end()
+        elif isinstance(command, SendFinishVerdict):
+            stream.awaiting_verdict = False
+            stream.ended = command.accepted
+            if stream.close_after_verdict:
+                stream.end()
+
+    async def _trigger_seed(self, command: TriggerSeedPeer) -> None:
+        address = _address(command.seed_ip, command.seed_control_port)
+        try:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = self._channel_factory(address)
+            stub = daemon_pb2_grpc.DfdaemonControlStub(channel)
+            request = convert.download_task_request(command)
+            response = await stub.DownloadTask(request, timeout=self._seed_trigger_timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code().name if isinstance(exc, aio.AioRpcError) else "error"
+            details = exc.details() if isinstance(exc, aio.AioRpcError) else str(exc)
+            description = f"seed {command.seed_host_id} at {address} failed DownloadTask: {code}: {details}"
+        else:
+            if response.accepted:
+                return
+            description = f"seed {command.seed_host_id} refused task {command.task_id}"
+        log.warning("%s", description)
+        if not self._stopping:
+            self._apply(SeedTriggerFailed(command.task_id, command.seed_host_id, description))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

@@ -1,0 +1,268 @@
+"""The real scheduler (app.run → grpc.aio server) on 127.0.0.1, port 0, driven through a real stub.
+
+A fake DfdaemonControl server plays the seed host's control port, so the seed trigger is a real gRPC call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from dfly.api import daemon_pb2, daemon_pb2_grpc, scheduler_pb2_grpc
+from dfly.api import scheduler_pb2 as pb
+from dfly.scheduler import app
+from dfly.scheduler.config import MetricsSection, SchedulerConfig
+from dfly.scheduler.core.config import EngineConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+STEP_S = 5.0  # bound on every single await of the conversation
+END_OF_STREAM: Any = aio.EOF  # type: ignore[attr-defined]
+
+
+class FakeSeedControl(daemon_pb2_grpc.DfdaemonControlServicer):
+    def __init__(self) -> None:
+        self.requests: asyncio.Queue[daemon_pb2.DownloadTaskRequest] = asyncio.Queue()
+
+    async def DownloadTask(self, request: daemon_pb2.DownloadTaskRequest, context: Any) -> Any:
+        self.requests.put_nowait(request)
+        return daemon_pb2.DownloadTaskResponse(task_id=request.task_id, accepted=True)
+
+
+@dataclass
+class Running:
+    stub: Any
+    ports: dict[str, int]
+
+
+@asynccontextmanager
+async def scheduler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheduling: EngineConfig | None = None
+) -> AsyncIterator[Running]:
+    ready = asyncio.Event()
+    original = app.write_ready_file
+
+    def write_and_signal(path: Path, grpc_port: int, metrics_port: int) -> None:
+        original(path, grpc_port, metrics_port)
+        ready.set()
+
+    monkeypatch.setattr(app, "write_ready_file", write_and_signal)
+    config = SchedulerConfig(
+        listen_ip="127.0.0.1", port=0, metrics=MetricsSection(port=0), scheduling=scheduling or EngineConfig()
+    )
+    ready_file = tmp_path / "scheduler.json"
+    stop = asyncio.Event()
+    runner = asyncio.create_task(app.run(config, ready_file, stop))
+    try:
+        await asyncio.wait_for(ready.wait(), STEP_S)
+        content = json.loads(ready_file.read_text())
+        assert content["role"] == "scheduler"
+        assert content["ports"]["grpc"] > 0
+        async with aio.insecure_channel(f"127.0.0.1:{content['ports']['grpc']}") as channel:
+            yield Running(scheduler_pb2_grpc.SchedulerStub(channel), content["ports"])
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, STEP_S)
+
+
+@asynccontextmanager
+async def seed_control() -> AsyncIterator[tuple[FakeSeedControl, int]]:
+    server = aio.server()
+    control = FakeSeedControl()
+    daemon_pb2_grpc.add_DfdaemonControlServicer_to_server(control, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield control, port
+    finally:
+        await server.stop(None)
+
+
+def host(name: str, *, seed: bool = False, control_port: int = 4000) -> pb.HostInfo:
+    return pb.HostInfo(
+        host_id=f"127.0.0.1-{name}",
+        hostname=name,
+        ip="127.0.0.1",
+        piece_port=4005,
+        control_port=control_port,
+        seed=seed,
+        boot_id="boot-1",
+        upload_slots=10,
+    )
+
+
+def register(
+    host_name: str, peer_id: str, *, need_back_to_source: bool = False, disable_back_to_source: bool = False
+) -> pb.AnnouncePeerRequest:
+    download = pb.Download(
+        url="http://origin.test/file",
+        need_back_to_source=need_back_to_source,
+        disable_back_to_source=disable_back_to_source,
+    )
+    return pb.AnnouncePeerRequest(
+        host_id=f"127.0.0.1-{host_name}",
+        task_id="task-1",
+        peer_id=peer_id,
+        register=pb.RegisterPeer(download=download),
+    )
+
+
+async def read(call: Any) -> pb.AnnouncePeerResponse:
+    response = await asyncio.wait_for(call.read(), STEP_S)
+    assert response is not END_OF_STREAM
+    return response  # type: ignore[no-any-return]
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(test())
+
+
+def test_seed_trigger_then_candidate_parents_then_stat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with seed_control() as (control, control_port), scheduler(tmp_path, monkeypatch) as running:
+            stub = running.stub
+            await stub.AnnounceHost(
+                pb.AnnounceHostRequest(host=host("seed", seed=True, control_port=control_port))
+            )
+            await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("child")))
+
+            child = stub.AnnouncePeer()
+            await child.write(register("child", "child-peer"))
+            trigger = await asyncio.wait_for(control.requests.get(), STEP_S)
+            assert trigger.task_id == "task-1"
+            assert trigger.download.need_back_to_source
+
+            seed = stub.AnnouncePeer()
+            await seed.write(register("seed", "seed-peer", need_back_to_source=True))
+            assert (await read(seed)).WhichOneof("response") == "need_back_to_source"
+            started = pb.BackToSourceStarted(content_length=3 * 1024, piece_length=1024)
+            await seed.write(
+                pb.AnnouncePeerRequest(peer_id="seed-peer", task_id="task-1", back_to_source_started=started)
+            )
+
+            answer = await read(child)
+            assert answer.WhichOneof("response") == "candidate_parents"
+            assert [p.peer_id for p in answer.candidate_parents.parents] == ["seed-peer"]
+            assert answer.candidate_parents.layout.piece_length == 1024
+
+            pieces = pb.PiecesFinished(pieces=[pb.PieceDone(number=n, digest=10 + n) for n in range(3)])
+            await seed.write(pb.AnnouncePeerRequest(peer_id="seed-peer", pieces_finished=pieces))
+            stat = await stub.StatTask(pb.StatTaskRequest(task_id="task-1"))
+            assert (stat.state, stat.content_length, stat.peer_count) == ("RUNNING", 3072, 2)
+            assert list(stat.piece_digests) == [10, 11, 12]
+
+            await child.write(pb.AnnouncePeerRequest(finished=pb.PeerFinished(piece_digests=[10, 11, 12])))
+            verdict = await read(child)
+            assert verdict.finish_verdict.accepted
+            await child.done_writing()
+            await seed.done_writing()
+            assert await asyncio.wait_for(child.read(), STEP_S) is END_OF_STREAM
+
+            with pytest.raises(aio.AioRpcError) as missing:
+                await stub.StatTask(pb.StatTaskRequest(task_id="no-such-task"))
+            assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+
+            metrics = await asyncio.to_thread(fetch_metrics, running.ports["metrics"])
+            assert "dfly_scheduler_registered_peers_total 2.0" in metrics
+            assert 'dfly_scheduler_seed_triggers_total{result="sent"} 1.0' in metrics
+
+    run(scenario)
+
+
+def test_unreachable_seed_sends_the_child_to_the_origin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with seed_control() as (_, closed_port):
+            pass  # the port is closed again: DownloadTask is refused
+        async with scheduler(tmp_path, monkeypatch) as running:
+            stub = running.stub
+            await stub.AnnounceHost(
+                pb.AnnounceHostRequest(host=host("seed", seed=True, control_port=closed_port))
+            )
+            await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("child")))
+            child = stub.AnnouncePeer()
+            await child.write(register("child", "child-peer"))
+            answer = await read(child)
+            assert answer.WhichOneof("response") == "need_back_to_source"
+            await child.done_writing()
+
+    run(scenario)
+
+
+def test_requests_out_of_order_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        async with scheduler(tmp_path, monkeypatch) as running:
+            stub = running.stub
+            early = stub.AnnouncePeer()
+            await early.write(pb.AnnouncePeerRequest(peer_id="p", finished=pb.PeerFinished()))
+            with pytest.raises(aio.AioRpcError) as refused:
+                await read(early)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+            stranger = stub.AnnouncePeer()
+            await stranger.write(register("nobody", "p2"))
+            with pytest.raises(aio.AioRpcError) as unknown:
+                await read(stranger)
+            assert unknown.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert "has not announced" in (unknown.value.details() or "")
+
+            keepalive = stub.HostKeepAlive()
+            await keepalive.write(pb.HostKeepAliveRequest(host_id="127.0.0.1-nobody"))
+            with pytest.raises(aio.AioRpcError) as not_announced:
+                await asyncio.wait_for(keepalive, STEP_S)
+            assert not_announced.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+    run(scenario)
+
+
+def test_dropped_keepalive_suspends_and_the_retry_timer_fails_the_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        fast = EngineConfig(retry_interval_s=0.05)
+        async with scheduler(tmp_path, monkeypatch, fast) as running:
+            stub = running.stub
+            await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("a")))
+            await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("c")))
+            origin_reader = stub.AnnouncePeer()
+            await origin_reader.write(register("a", "peer-a"))
+            assert (await read(origin_reader)).WhichOneof("response") == "need_back_to_source"
+            started = pb.BackToSourceStarted(content_length=1024, piece_length=1024)
+            await origin_reader.write(pb.AnnouncePeerRequest(back_to_source_started=started))
+
+            keepalive = stub.HostKeepAlive()
+            await keepalive.write(pb.HostKeepAliveRequest(host_id="127.0.0.1-a", boot_id="boot-1"))
+            await keepalive.done_writing()
+            await asyncio.wait_for(keepalive, STEP_S)  # the stream is gone: host a is suspended
+
+            child = stub.AnnouncePeer()
+            await child.write(register("c", "peer-c", disable_back_to_source=True))
+            failed = await read(child)  # five fallback retries of 50 ms, no parent
+            assert failed.WhichOneof("response") == "failed"
+            assert "no parent available" in failed.failed.description
+            assert await asyncio.wait_for(child.read(), STEP_S) is END_OF_STREAM
+
+            await origin_reader.done_writing()  # leaves without finishing
+            assert await asyncio.wait_for(origin_reader.read(), STEP_S) is END_OF_STREAM
+            stat = await stub.StatTask(pb.StatTaskRequest(task_id="task-1"))
+            assert stat.peer_count == 0
+
+    run(scenario)
+
+
+def fetch_metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=STEP_S) as response:
+        return response.read().decode()  # type: ignore[no-any-return]

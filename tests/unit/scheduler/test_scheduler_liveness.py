@@ -1,0 +1,124 @@
+"""Host liveness: disconnect and unreachable reports suspend, a new boot drops peers, finished tasks
+make a reconnecting host a parent again."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scheduler_testkit import Harness, host_info, of_type
+
+from dfly.scheduler.core.config import EngineConfig
+from dfly.scheduler.core.messages import (
+    ClosePeer,
+    Command,
+    FinishedTask,
+    HostAnnounced,
+    HostDisconnected,
+    HostKeepAlive,
+    HostLeft,
+    PeerFinished,
+    RescheduleRequested,
+    SendCandidateParents,
+)
+
+
+def two_parents(harness: Harness) -> None:
+    """peer-a reads the origin on host a, peer-b holds pieces on host b; hosts c, d, e are children."""
+    for name in ("a", "b", "c", "d", "e"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a")
+    harness.register("peer-b", "b")
+    harness.pieces("peer-b", 0, parent="peer-a")
+
+
+def parents_of(commands: Sequence[Command], child: str) -> set[str]:
+    return {
+        parent.peer_id
+        for command in commands
+        if isinstance(command, SendCandidateParents) and command.peer_id == child
+        for parent in command.parents
+    }
+
+
+def test_disconnect_suspends_at_once_and_keepalive_lifts_it() -> None:
+    harness = Harness()
+    two_parents(harness)
+    harness.do(HostDisconnected(harness.host_id("a")))
+    assert parents_of(harness.register("peer-c", "c"), "peer-c") == {"peer-b"}
+    harness.do(HostDisconnected(harness.host_id("b")))
+    assert not harness.register("peer-d", "d")  # nothing usable: waits
+    commands = harness.do(HostKeepAlive(harness.host_id("b"), "boot-1", 0.0, 0))
+    assert parents_of(commands, "peer-d") == {"peer-b"}  # scheduled on the keepalive, no timer
+
+
+def test_disconnect_of_an_old_boot_is_ignored() -> None:
+    harness = Harness()
+    two_parents(harness)
+    harness.do(HostDisconnected(harness.host_id("b"), boot_id="boot-0"))
+    assert not harness.engine.cluster.hosts[harness.host_id("b")].disconnected
+
+
+def test_two_distinct_children_reporting_unreachable_suspend_the_host() -> None:
+    harness = Harness(EngineConfig(unreachable_suspend_s=60))
+    two_parents(harness)
+    harness.register("peer-c", "c")
+    harness.register("peer-d", "d")
+    host_b = harness.engine.cluster.hosts[harness.host_id("b")]
+    harness.do(RescheduleRequested("peer-c", unreachable=("peer-b",)))
+    assert not host_b.is_suspended(harness.now)  # one report is not enough
+    harness.do(RescheduleRequested("peer-c", unreachable=("peer-b",)))
+    assert not host_b.is_suspended(harness.now)  # the same child twice is still one
+    harness.do(RescheduleRequested("peer-d", unreachable=("peer-b",)))
+    assert host_b.is_suspended(harness.now)
+    assert parents_of(harness.register("peer-e", "e"), "peer-e") == {"peer-a"}
+    harness.advance(61)
+    assert not host_b.is_suspended(harness.now)
+
+
+def test_new_boot_id_drops_the_hosts_old_peers() -> None:
+    harness = Harness()
+    two_parents(harness)
+    commands = harness.do(HostAnnounced(host_info("b", boot_id="boot-2")))
+    assert ClosePeer("peer-b", f"host {harness.host_id('b')} restarted") in commands
+    assert "peer-b" not in harness.engine.cluster.peers
+    assert parents_of(harness.register("peer-c", "c"), "peer-c") == {"peer-a"}
+
+
+def test_reconnect_with_finished_tasks_reoffers_the_host() -> None:
+    harness = Harness()
+    for name in ("a", "b", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
+    harness.pieces("peer-a", 0, 1)
+    harness.do(PeerFinished("peer-a", (100, 101)))
+    harness.do(HostLeft(harness.host_id("a")))
+    assert not harness.register("peer-c", "c", disable_back_to_source=True)  # nobody holds it
+
+    finished = FinishedTask("task-1", "peer-a2", 2048, 1024, (100, 101), "http://origin/file")
+    commands = harness.do(HostAnnounced(host_info("a", boot_id="boot-2"), (finished,)))
+    assert parents_of(commands, "peer-c") == {"peer-a2"}
+    view = harness.engine.stat_task("task-1")
+    assert view is not None
+    assert view.state == "SUCCEEDED"
+    assert view.piece_digests == (100, 101)
+
+
+def test_finished_task_with_another_layout_is_not_offered() -> None:
+    harness = Harness()
+    for name in ("a", "b", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
+    stale = FinishedTask("task-1", "peer-old", 4096, 1024, (1, 2, 3, 4))
+    harness.do(HostAnnounced(host_info("b"), (stale,)))
+    assert "peer-old" not in harness.engine.cluster.peers
+
+
+def test_host_left_closes_its_active_peers() -> None:
+    harness = Harness()
+    two_parents(harness)
+    commands = harness.do(HostLeft(harness.host_id("b")))
+    assert of_type(commands, ClosePeer) == [ClosePeer("peer-b", f"host {harness.host_id('b')} left")]
+    assert harness.host_id("b") not in harness.engine.cluster.hosts

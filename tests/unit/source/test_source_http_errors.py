@@ -1,0 +1,222 @@
+"""Back-to-source HTTP client against the real in-process Origin: redirects, statuses, changed objects,
+content encodings, dropped connections, stop requests, range-less origins and unreachable origins."""
+
+from __future__ import annotations
+
+import os
+import socket
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dfly.common.errors import SourceError
+from dfly.daemon.source.http import MAX_REDIRECTS, SourceStat, read_pieces, stat
+from dfly.devtools.origin import Origin, make_file, pseudo_random_bytes
+
+KiB = 1024
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[Origin]:
+    with Origin(tmp_path) as server:
+        yield server
+
+
+def read_all(st: SourceStat, *, piece_length: int = 64 * KiB, first: int = 0, **kw: object) -> dict[int, int]:
+    crcs: dict[int, int] = {}
+
+    def on_piece(number: int, view: memoryview, crc: int) -> None:
+        assert crc == zlib.crc32(view)
+        crcs[number] = crc
+
+    read_pieces(st, {}, piece_length=piece_length, first_piece=first, buffer=bytearray(piece_length),
+                on_piece=on_piece, should_stop=lambda: False, timeout_s=5, **kw)  # type: ignore[arg-type]  # fmt: skip
+    return crcs
+
+
+def test_404_is_a_source_error_with_status(origin: Origin) -> None:
+    with pytest.raises(SourceError) as info:
+        stat(origin.url("missing.bin"), {}, timeout_s=5)
+    assert info.value.status_code == 404
+    assert str(info.value) == f"origin returned 404 Not Found for {origin.url('missing.bin')}"
+
+
+def test_error_message_leaves_out_the_query_string(origin: Origin) -> None:
+    with pytest.raises(SourceError) as info:
+        stat(origin.url("missing.bin") + "?X-Amz-Signature=secret", {}, timeout_s=5)
+    assert "secret" not in str(info.value)
+    assert "?…" in str(info.value)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_is_followed_and_final_url_kept(origin: Origin, status: int) -> None:
+    target = origin.add_bytes("real.bin", b"a" * 300)
+    start = origin.add_redirect("start", "/real.bin", status)
+    st = stat(start, {}, timeout_s=5)
+    assert st.url == target
+    assert st.content_length == 300
+    assert len(read_all(st)) == 1
+    assert [r.path for r in origin.request_log()] == ["/start", "/real.bin", "/real.bin"]
+
+
+def chain(origin: Origin, hops: int) -> str:
+    origin.add_bytes("end", b"z" * 10)
+    for i in range(hops):
+        origin.add_redirect(f"hop{i}", f"/hop{i + 1}" if i + 1 < hops else "/end")
+    return origin.url("hop0")
+
+
+def test_redirect_limit_allows_ten(origin: Origin) -> None:
+    assert stat(chain(origin, MAX_REDIRECTS), {}, timeout_s=5).content_length == 10
+
+
+def test_redirect_limit_refuses_eleven(origin: Origin) -> None:
+    with pytest.raises(SourceError, match="too many redirects") as info:
+        stat(chain(origin, MAX_REDIRECTS + 1), {}, timeout_s=5)
+    assert info.value.status_code == 302
+    assert origin.requests == MAX_REDIRECTS + 1
+
+
+def test_each_redirect_hop_is_checked_against_allowed_hosts(origin: Origin) -> None:
+    origin.add_bytes("real.bin", b"a")
+    url = origin.add_redirect("start", f"http://localhost:{origin.port}/real.bin")
+    with pytest.raises(SourceError, match="localhost is not allowed"):
+        stat(url, {}, timeout_s=5, allowed_hosts=lambda host: host == "127.0.0.1")
+    assert origin.requests == 1
+    with pytest.raises(SourceError, match=r"127\.0\.0\.1 is not allowed"):
+        stat(url, {}, timeout_s=5, allowed_hosts=lambda host: host == "localhost")
+
+
+def test_cross_origin_redirect_drops_credentials(origin: Origin) -> None:
+    origin.add_bytes("real.bin", b"a")
+    url = origin.add_redirect("start", f"http://localhost:{origin.port}/real.bin")
+    stat(url, {"Authorization": "Bearer t", "Cookie": "c=1", "X-Keep": "1"}, timeout_s=5)
+    first, second = origin.request_log()
+    assert first.headers["Authorization"] == "Bearer t"
+    assert "Authorization" not in second.headers
+    assert "Cookie" not in second.headers
+    assert second.headers["X-Keep"] == "1"
+
+
+def test_content_encoding_other_than_identity_is_refused(origin: Origin) -> None:
+    url = origin.add_bytes("gz", b"\x1f\x8b" + bytes(100), headers={"Content-Encoding": "gzip"})
+    with pytest.raises(SourceError, match="Content-Encoding gzip") as info:
+        stat(url, {}, timeout_s=5)
+    assert info.value.status_code == 206
+
+
+def test_changed_object_fails_instead_of_mixing_versions(origin: Origin, tmp_path: Path) -> None:
+    path = tmp_path / "obj.bin"
+    make_file(path, 256 * KiB, seed=1)
+    st = stat(origin.url("obj.bin"), {}, timeout_s=5)
+    make_file(path, 256 * KiB, seed=2)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))  # same size: only the validators differ
+    for first in (0, 2):  # the whole object, and a resume from the middle
+        with pytest.raises(SourceError, match="origin object changed") as info:
+            read_all(st, first=first)
+        assert info.value.status_code == 200
+    assert origin.request_log()[-1].headers["If-Range"] == st.etag
+
+
+def test_weak_etag_falls_back_to_last_modified(origin: Origin) -> None:
+    url = origin.add_bytes("weak", b"w" * 100)
+    st = stat(url, {}, timeout_s=5)
+    weak = SourceStat(st.url, st.content_length, st.headers, "W/" + st.etag, st.last_modified)
+    read_all(weak)
+    assert origin.request_log()[-1].headers["If-Range"] == st.last_modified
+
+
+def test_dropped_connection_names_bytes_received_and_expected(origin: Origin) -> None:
+    url = origin.add_bytes("cut", pseudo_random_bytes(200 * KiB))
+    st = stat(url, {}, timeout_s=5)
+    origin.drop_after("cut", 100 * KiB)
+    got: list[int] = []
+    with pytest.raises(SourceError, match=f"after {100 * KiB} of {200 * KiB} bytes") as info:
+        read_pieces(st, {}, piece_length=64 * KiB, buffer=bytearray(64 * KiB),
+                    on_piece=lambda n, v, c: got.append(n), should_stop=lambda: False,
+                    timeout_s=5)  # fmt: skip
+    assert info.value.status_code == 0
+    assert got == [0]  # the piece in flight is not delivered
+
+
+def test_should_stop_ends_between_reads(origin: Origin) -> None:
+    st = stat(origin.add_bytes("s", pseudo_random_bytes(4 * 64 * KiB)), {}, timeout_s=5)
+    got: list[int] = []
+    delivered = read_pieces(st, {}, piece_length=64 * KiB, buffer=bytearray(64 * KiB),
+                            on_piece=lambda n, v, c: got.append(n), should_stop=lambda: len(got) == 2,
+                            timeout_s=5)  # fmt: skip
+    assert got == [0, 1]
+    assert delivered == 128 * KiB
+
+
+def test_last_piece_is_short_and_last_piece_bound_is_honoured(origin: Origin) -> None:
+    data = pseudo_random_bytes(3 * 64 * KiB + 5)
+    st = stat(origin.add_bytes("odd", data), {}, timeout_s=5)
+    crcs = read_all(st, first=1)
+    assert crcs == {n: zlib.crc32(data[n * 64 * KiB : (n + 1) * 64 * KiB]) for n in (1, 2, 3)}
+    assert origin.request_log()[-1].headers["Range"] == f"bytes={64 * KiB}-{len(data) - 1}"
+    read_pieces(st, {}, piece_length=64 * KiB, first_piece=1, last_piece=1, buffer=bytearray(64 * KiB),
+                on_piece=lambda *_: None, should_stop=lambda: False, timeout_s=5)  # fmt: skip
+    assert origin.request_log()[-1].headers["Range"] == f"bytes={64 * KiB}-{128 * KiB - 1}"
+
+
+def test_empty_object(origin: Origin) -> None:
+    st = stat(origin.add_bytes("empty", b""), {}, timeout_s=5)
+    assert st.content_length == 0
+    assert st.headers["Content-Length"] == "0"
+    assert read_all(st) == {}
+    assert origin.requests == 1
+
+
+def test_origin_without_range_support(origin: Origin) -> None:
+    data = pseudo_random_bytes(5 * 64 * KiB)
+    st = stat(origin.add_bytes("plain", data), {}, timeout_s=5)
+    origin.ranges_enabled = False
+    st = stat(st.url, {}, timeout_s=5)
+    assert not st.accept_ranges
+    assert st.content_length == len(data)
+    crcs = read_all(st, first=3)  # the leading bytes are read and dropped
+    assert crcs == {n: zlib.crc32(data[n * 64 * KiB : (n + 1) * 64 * KiB]) for n in (3, 4)}
+
+
+def test_buffer_smaller_than_a_piece_is_refused(origin: Origin) -> None:
+    st = stat(origin.add_bytes("b", b"b" * 10), {}, timeout_s=5)
+    with pytest.raises(ValueError, match="cannot hold"):
+        read_pieces(st, {}, piece_length=64 * KiB, buffer=bytearray(10), on_piece=lambda *_: None,
+                    should_stop=lambda: False, timeout_s=5)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_connection_refused_names_host_and_port() -> None:
+    port = free_port()
+    with pytest.raises(SourceError, match=f"connection refused by origin 127.0.0.1:{port}") as info:
+        stat(f"http://127.0.0.1:{port}/x", {}, timeout_s=5)
+    assert info.value.status_code == 0
+
+
+def test_dns_failure_names_host_and_port() -> None:
+    with pytest.raises(SourceError, match=r"cannot resolve origin host no-such-host\.invalid:80") as info:
+        stat("http://no-such-host.invalid/x", {}, timeout_s=5)
+    assert info.value.status_code == 0
+
+
+def test_silent_origin_times_out() -> None:
+    with socket.socket() as listener:  # accepts connections (backlog) but never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        with pytest.raises(SourceError, match=f"origin 127.0.0.1:{port} did not answer within 0.2s") as info:
+            stat(f"http://127.0.0.1:{port}/x", {}, timeout_s=0.2)
+    assert info.value.status_code == 0
+
+
+def test_unsupported_scheme() -> None:
+    with pytest.raises(SourceError, match="unsupported source URL"):
+        stat("ftp://example.com/x", {}, timeout_s=1)

@@ -1,0 +1,154 @@
+"""Storage recovery: after an unclean stop only durable records count; files and records are reconciled."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import zlib
+from pathlib import Path
+
+from dfly.daemon.storage import Storage, StoredTask, TaskMeta
+
+PIECE = 64 * 1024
+
+
+def piece_bytes(task_id: str, number: int, size: int) -> bytes:
+    return random.Random(f"{task_id}/{number}").randbytes(size)
+
+
+def make_meta(task_id: str, pieces: int = 4) -> TaskMeta:
+    return TaskMeta(task_id, f"https://example.com/{task_id}", pieces * PIECE, PIECE, {})
+
+
+async def write(storage: Storage, meta: TaskMeta, numbers: list[int]) -> None:
+    for n in numbers:
+        offset, length = meta.piece_span(n)
+        data = piece_bytes(meta.task_id, n, length)
+        await storage.write_piece(meta.task_id, n, offset, data, zlib.crc32(data))
+
+
+async def reopen(root: Path) -> tuple[Storage, dict[str, StoredTask]]:
+    storage = Storage(root)
+    tasks = await storage.open()
+    return storage, {t.meta.task_id: t for t in tasks}
+
+
+def test_unclean_stop_keeps_only_committed_pieces(tmp_path: Path) -> None:
+    done, partial = make_meta("task-done"), make_meta("task-partial")
+
+    async def run() -> None:
+        # A long interval: the only commits are the ones finish_task forces.
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        await storage.create_task(done)
+        await storage.create_task(partial)
+        await write(storage, partial, [0, 1])
+        await write(storage, done, [0, 1, 2, 3])
+        await storage.finish_task(done.task_id)  # commits everything dirty, partial's 0 and 1 too
+        await write(storage, partial, [2, 3])  # available, never durable
+        assert storage.stats()["pending_records"] == 2
+        await storage.close(clean=False)
+        assert not (tmp_path / "clean-shutdown").exists()
+
+        again, tasks = await reopen(tmp_path)
+        assert not again.was_clean
+        assert tasks[done.task_id].finished
+        assert sorted(tasks[done.task_id].pieces) == [0, 1, 2, 3]
+        assert not tasks[partial.task_id].finished
+        assert sorted(tasks[partial.task_id].pieces) == [0, 1]
+        for n, digest in tasks[partial.task_id].pieces.items():
+            assert digest == zlib.crc32(piece_bytes(partial.task_id, n, PIECE))
+        # The unfinished task resumes: the missing pieces can be written and the task finished.
+        await write(again, partial, [2, 3])
+        await again.finish_task(partial.task_id)
+        await again.close()
+
+    asyncio.run(run())
+
+
+def test_uncommitted_new_task_disappears_after_unclean_stop(tmp_path: Path) -> None:
+    meta = make_meta("task-new")
+
+    async def run() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        await storage.create_task(meta)
+        await write(storage, meta, [0])
+        await storage.close(clean=False)
+        again, tasks = await reopen(tmp_path)
+        assert tasks == {}
+        assert again.recovery is not None
+        assert again.recovery.removed_files == 1
+        assert not again.task_path(meta.task_id).exists()
+        await again.close()
+
+    asyncio.run(run())
+
+
+def test_file_without_record_and_record_without_file_are_cleaned(tmp_path: Path) -> None:
+    keep, missing, truncated = make_meta("task-keep"), make_meta("task-missing"), make_meta("task-short")
+
+    async def populate() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        for meta in (keep, missing, truncated):
+            await storage.create_task(meta)
+            await write(storage, meta, [0, 1, 2, 3])
+            await storage.finish_task(meta.task_id)
+        await storage.close()
+
+    asyncio.run(populate())
+    tasks_dir = tmp_path / "tasks"
+    (tasks_dir / "tas" / "task-missing").unlink()
+    with open(tasks_dir / "tas" / "task-short", "r+b") as f:
+        f.truncate(PIECE)
+    (tasks_dir / "str").mkdir()
+    (tasks_dir / "str" / "stray-file").write_bytes(b"no record")
+    (tasks_dir / "tas" / "task-stray").write_bytes(b"no record either")
+    (tasks_dir / "junk").write_bytes(b"not a prefix dir")
+    with sqlite3.connect(tmp_path / "metadata.db") as db:
+        db.execute("INSERT INTO pieces (task_id, number, digest) VALUES ('ghost-task', 0, 1)")
+        db.execute("INSERT INTO pieces (task_id, number, digest) VALUES ('task-keep', 99, 1)")
+
+    async def check() -> None:
+        storage, tasks = await reopen(tmp_path)
+        assert storage.was_clean
+        assert list(tasks) == [keep.task_id]
+        assert sorted(tasks[keep.task_id].pieces) == [0, 1, 2, 3]
+        report = storage.recovery
+        assert report is not None
+        assert report.dropped_records == 2
+        assert report.dropped_pieces == 4 + 4 + 1 + 1
+        assert report.removed_files == 4  # task-short's file, two strays, the junk entry
+        await storage.close()
+
+    asyncio.run(check())
+    assert sorted(p.relative_to(tasks_dir).as_posix() for p in tasks_dir.rglob("*")) == [
+        "tas",
+        "tas/task-keep",
+    ]
+    with sqlite3.connect(tmp_path / "metadata.db") as db:
+        assert db.execute("SELECT DISTINCT task_id FROM pieces").fetchall() == [("task-keep",)]
+        assert db.execute("SELECT COUNT(*) FROM pieces").fetchone() == (4,)
+        assert db.execute("SELECT task_id FROM tasks").fetchall() == [("task-keep",)]
+
+
+def test_marker_is_removed_at_open_and_written_at_clean_close(tmp_path: Path) -> None:
+    async def run() -> None:
+        storage = Storage(tmp_path)
+        await storage.open()
+        assert not (tmp_path / "clean-shutdown").exists()
+        await storage.close()
+        assert (tmp_path / "clean-shutdown").exists()
+        again = Storage(tmp_path)
+        await again.open()
+        assert again.was_clean
+        assert not (tmp_path / "clean-shutdown").exists()
+        await again.close(clean=False)
+        third = Storage(tmp_path)
+        await third.open()
+        assert not third.was_clean
+        await third.close()
+
+    asyncio.run(run())
