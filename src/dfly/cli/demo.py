@@ -70,7 +70,7 @@ def _mib(stats: dict[str, Any], key: str) -> str:
 
 
 def _print_report(rows: list[Row], origin_bytes: int, size: int) -> None:
-    headers = ["daemon", "time (s)", "from origin MiB", "from seed MiB", "from peers MiB", "result"]
+    headers = ["daemon", "time (s)", "origin MiB", "seed MiB", "peers MiB", "result"]
     table_rows = [
         [
             r.name,

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.2
 VERDICT_TIMEOUT_S = 30.0
+MORE_PARENTS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class Conductor:
             and len(self.parents) < self.ctx.config.download.max_parents
             and now >= self._more_parents_at
         ):
-            self._more_parents_at = now + 1.0
+            self._more_parents_at = now + MORE_PARENTS_INTERVAL_S
             await self._send(reschedule=pb.Reschedule(more_parents=True, description="more parents"))
         if self.parents.active and self.parents.stalled() and self._back_to_source is None:
             blocked, unreachable = self.parents.take_failed()
@@ -308,8 +309,9 @@ class Conductor:
             await self.events.put(_SchedulerGone(str(exc)))
 
     async def _flush_report(self, now: float) -> None:
-        self._last_report_at = now
+        """Send batched progress; the first batch goes at once, later ones at most once per interval."""
         if self._report:
+            self._last_report_at = now
             pieces, self._report = self._report, []
             await self._send(pieces_finished=pb.PiecesFinished(pieces=pieces))
 

@@ -127,6 +127,7 @@ def peer_event(request: pb.AnnouncePeerRequest, peer_id: str) -> Event | None:
             tuple(reschedule.blocked_parents),
             tuple(reschedule.unreachable_parents),
             reschedule.description,
+            reschedule.more_parents,
         )
     return None
 

@@ -224,3 +224,27 @@ def test_reschedule_blocks_the_reported_parent(harness: Harness) -> None:
     commands = harness.do(RescheduleRequested("peer-c", blocked=("peer-a",)))
     [answer] = of_type(commands, SendCandidateParents)
     assert [parent.peer_id for parent in answer.parents] == ["peer-b"]
+
+
+def test_more_parents_offers_only_new_parents_and_never_gives_up() -> None:
+    from dfly.scheduler.core.messages import RescheduleRequested
+
+    harness = Harness(EngineConfig(back_to_source_limit=1))
+    for name in ("a", "b", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a")
+    [first] = of_type(harness.register("peer-c", "c"), SendCandidateParents)
+    assert [p.peer_id for p in first.parents] == ["peer-a"]
+
+    for _ in range(10):  # nothing new: no answer, no retry timer, no origin, no failure
+        assert harness.do(RescheduleRequested("peer-c", more_parents=True)) == []
+    assert harness.engine.next_deadline() is None
+    assert harness.advance(60) == []
+
+    harness.register("peer-b", "b")
+    harness.pieces("peer-b", 0, parent="peer-a")
+    commands = harness.do(RescheduleRequested("peer-c", more_parents=True))
+    [more] = of_type(commands, SendCandidateParents)
+    assert [p.peer_id for p in more.parents] == ["peer-b"]
+    assert set(harness.engine.cluster.peers["peer-c"].parent_ids) == {"peer-a", "peer-b"}

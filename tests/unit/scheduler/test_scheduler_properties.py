@@ -68,7 +68,7 @@ operations = st.one_of(
     st.tuples(st.just("pieces"), peer_index, st.integers(0, 3)),
     st.tuples(st.just("finish"), peer_index),
     st.tuples(st.just("fail"), peer_index, st.booleans()),
-    st.tuples(st.just("reschedule"), peer_index, peer_index, peer_index),
+    st.tuples(st.just("reschedule"), peer_index, peer_index, peer_index, st.booleans()),
     st.tuples(st.just("leave"), peer_index),
     st.tuples(st.just("advance"), st.sampled_from([0.1, 0.5, 0.6, 2.0, 3600.0])),
 )
@@ -135,6 +135,8 @@ class Run:
             error = SourceErrorInfo(500, "boom") if op[2] else None
             return PeerFailed(peer_id, "failed", error, back_to_source=op[2])
         if kind == "reschedule":
+            if op[4]:  # the child only wants more parents
+                return RescheduleRequested(peer_id, more_parents=True)
             return RescheduleRequested(peer_id, (f"p{op[2]}",), (f"p{op[3]}",))
         if kind == "leave":
             return PeerLeft(peer_id)
@@ -167,6 +169,7 @@ class Run:
                 continue
             child = cluster.peers[command.peer_id]
             assert 0 < len(command.parents) <= self.config.candidate_parent_limit
+            assert len(child.parent_ids) <= self.config.candidate_parent_limit
             assert len({p.peer_id for p in command.parents}) == len(command.parents)
             for offered in command.parents:
                 parent = cluster.peers[offered.peer_id]
@@ -253,7 +256,8 @@ def test_dag_topology_never_builds_a_cycle_in_a_busy_swarm() -> None:
                 ("seed_register", 0),
                 ("start_origin", rng.randrange(PEERS)),
                 ("pieces", rng.randrange(PEERS), 2),
-                ("reschedule", rng.randrange(PEERS), rng.randrange(PEERS), rng.randrange(PEERS)),
+                ("reschedule", rng.randrange(PEERS), rng.randrange(PEERS), rng.randrange(PEERS), False),
+                ("reschedule", rng.randrange(PEERS), 0, 0, True),
                 ("advance", 0.5),
             ]
         )

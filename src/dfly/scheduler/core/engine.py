@@ -11,7 +11,9 @@ return the commands to carry out, in order. The same events at the same times wi
   task with that error and marks the task FAILED (the next register starts it over);
 - a host whose keepalive stream drops, or that enough distinct children report unreachable, is
   suspended at once; a new boot id drops the host's old peers; finished tasks make it a parent again;
-- a child's finish is checked against the digests the origin readers published (verdicts.py).
+- a child's finish is checked against the digests the origin readers published (verdicts.py);
+- a reschedule with `more_parents` (the child still has working parents) is answered with new parents
+  only when there are some: never with back-to-source or failure, and it arms no retry.
 Host events live in hosts.py; parent choice and retries in scheduling.py.
 """
 
@@ -180,6 +182,8 @@ class SchedulerEngine:
         peer.blocked.update(event.unreachable)
         for parent_id in event.unreachable:
             self._hosts.report_unreachable(parent_id, peer, now)
+        if event.more_parents:
+            return self.scheduler.offer_more(peer, task, now)
         if peer.reads_origin or not peer.active or peer.waiting:
             return []
         return self.scheduler.start_round(peer, task, now)

@@ -59,6 +59,16 @@ def set_parents(child: Peer, parents: Sequence[Peer], task: Task, hosts: Mapping
         child.depth = 1 + max(parent.depth for parent in parents)
 
 
+def add_parents(
+    child: Peer, parents: Sequence[Peer], task: Task, hosts: Mapping[str, Host], keep: int
+) -> None:
+    """Put `parents` first among the child's in-edges and keep at most `keep` edges in all."""
+    current = [task.peers[parent_id] for parent_id in child.parent_ids if parent_id in task.peers]
+    fresh = {parent.peer_id for parent in parents}
+    combined = [*parents, *(parent for parent in current if parent.peer_id not in fresh)]
+    set_parents(child, combined[:keep], task, hosts)
+
+
 def make_root(peer: Peer, task: Task, hosts: Mapping[str, Host]) -> None:
     """The peer no longer downloads from parents (reads the origin or holds everything)."""
     drop_parents(peer, task, hosts)

@@ -159,10 +159,13 @@ class PeerFailed:
 
 @dataclass(frozen=True, slots=True)
 class RescheduleRequested:
+    """The child has no working parent left, or (more_parents) still has some and wants more."""
+
     peer_id: str
     blocked: tuple[str, ...] = ()
     unreachable: tuple[str, ...] = ()
     description: str = ""
+    more_parents: bool = False
 
 
 @dataclass(frozen=True, slots=True)

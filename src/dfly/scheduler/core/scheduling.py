@@ -20,7 +20,7 @@ from dfly.scheduler.core.cluster import Cluster, seed_download
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.evaluator import rank_parents
 from dfly.scheduler.core.filters import FilterContext, rejection_reason
-from dfly.scheduler.core.graph import drop_parents, make_root, set_parents
+from dfly.scheduler.core.graph import add_parents, drop_parents, make_root, set_parents
 from dfly.scheduler.core.messages import (
     CandidateParent,
     Command,
@@ -69,6 +69,16 @@ class ParentScheduler:
                 commands.extend(self.attempt(peer, task, now, counted=False))
         return commands
 
+    def offer_more(self, peer: Peer, task: Task, now: float) -> list[Command]:
+        """The child has working parents and wants more: new ones if any, otherwise no answer."""
+        if not peer.active or peer.waiting or peer.reads_origin or task.layout is None:
+            return []
+        parents = self.find_parents(peer, task, now, exclude=frozenset(peer.parent_ids))
+        if not parents:
+            return []
+        add_parents(peer, parents, task, self._cluster.hosts, keep=self._config.candidate_parent_limit)
+        return [SendCandidateParents(peer.peer_id, task.layout, self._describe(parents))]
+
     def next_deadline(self) -> float | None:
         while self._retries:
             at, _, peer_id = self._retries[0]
@@ -115,7 +125,9 @@ class ParentScheduler:
         self._arm_retry(peer, now + self._config.retry_interval_s)
         return commands
 
-    def find_parents(self, child: Peer, task: Task, now: float) -> list[Peer]:
+    def find_parents(
+        self, child: Peer, task: Task, now: float, exclude: frozenset[str] = frozenset()
+    ) -> list[Peer]:
         child_host = self._cluster.hosts.get(child.host_id)
         if child_host is None or task.layout is None:
             return []
@@ -124,11 +136,9 @@ class ParentScheduler:
         for peer_id in task.parent_pool.sample(self._rng, self._config.filter_parent_limit):
             candidate = task.peers.get(peer_id)
             host = self._cluster.hosts.get(candidate.host_id) if candidate is not None else None
-            if (
-                candidate is not None
-                and host is not None
-                and rejection_reason(context, candidate, host) is None
-            ):
+            if candidate is None or host is None or peer_id in exclude:
+                continue
+            if rejection_reason(context, candidate, host) is None:
                 candidates.append((candidate, host))
         ranked = rank_parents(candidates, child_host, self._config.weights)
         return [peer for peer, _ in ranked[: self._config.candidate_parent_limit]]
@@ -160,11 +170,14 @@ class ParentScheduler:
         child.move_to(PeerState.RUNNING)
         if task.state is TaskState.PENDING:
             task.state = TaskState.RUNNING
+        return SendCandidateParents(child.peer_id, task.layout, self._describe(parents))
+
+    def _describe(self, parents: list[Peer]) -> tuple[CandidateParent, ...]:
         offered = []
         for parent in parents:
             info = self._cluster.hosts[parent.host_id].info
             offered.append(CandidateParent(parent.peer_id, info.host_id, info.ip, info.piece_port, info.seed))
-        return SendCandidateParents(child.peer_id, task.layout, tuple(offered))
+        return tuple(offered)
 
     def _give_up(self, peer: Peer, task: Task) -> SendTaskFailed:
         self._stop_waiting(peer, task)
