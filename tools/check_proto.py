@@ -33,6 +33,7 @@ def main() -> int:
             ],
             cwd=ROOT / "src",
             check=True,
+            capture_output=True,
             env=env,
         )
         stale = [

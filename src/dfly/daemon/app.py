@@ -86,7 +86,11 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     limit = config.upload.rate_limit_bytes_per_s
     limiter = TokenBucket(limit, max(limit // 10, 4 << 20) if limit else 0)
     pieces = PieceServer(
-        tasks, host, limiter, upload_slots=config.upload.slots, on_uploaded=lambda _task, n: counters.uploaded(n)
+        tasks,
+        host,
+        limiter,
+        upload_slots=config.upload.slots,
+        on_uploaded=lambda _task, n: counters.uploaded(n),
     )
     piece_port = await pieces.start(config.piece.ip, config.piece.port)
 
