@@ -275,7 +275,7 @@ class LocalCluster:
                 f"socket path {sock} is longer than {SOCKET_PATH_MAX} bytes; use a shorter --dir"
             )
         Path(cfg["storage"]["dir"]).mkdir(parents=True, exist_ok=True)
-        return self._launch(name, role, cfg, socket_path=sock, extra=["--seed"] if seed else [])
+        return self._launch(name, role, cfg, socket_path=sock)
 
     def _launch(
         self,
@@ -284,7 +284,6 @@ class LocalCluster:
         config: dict[str, Any],
         *,
         socket_path: Path | None = None,
-        extra: Sequence[str] = (),
     ) -> Member:
         member_dir = self.base_dir / name
         member_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +298,13 @@ class LocalCluster:
         )
         member.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         member.ready_path.unlink(missing_ok=True)
-        base = self.scheduler_cmd if role == "scheduler" else self.daemon_cmd
+        self._spawn(member)
+        self.members.append(member)
+        return member
+
+    def _spawn(self, member: Member) -> None:
+        base = self.scheduler_cmd if member.role == "scheduler" else self.daemon_cmd
+        extra = ["--seed"] if member.role == "seed" else []
         argv = [*base, "--config", str(member.config_path), *extra, "--ready-file", str(member.ready_path)]
         with open(member.log_path, "ab") as log:
             member.process = subprocess.Popen(
@@ -310,8 +315,6 @@ class LocalCluster:
                 close_fds=True,
                 process_group=0,
             )
-        self.members.append(member)
-        return member
 
     def _wait_ready(self, members: Sequence[Member]) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -342,6 +345,25 @@ class LocalCluster:
         m = self.member(name)
         self._terminate([m])
         return m.process.returncode if m.process is not None else None
+
+    def kill_member(self, name: str) -> None:
+        """SIGKILL one member (a crash: no clean shutdown) and reap it."""
+        m = self.member(name)
+        if m.alive():
+            assert m.process is not None
+            _signal(m, signal.SIGKILL)
+            m.process.wait()
+
+    def restart_member(self, name: str) -> Member:
+        """Start a stopped member again with its config and data; returns once it is ready."""
+        m = self.member(name)
+        if m.alive():
+            raise ClusterError(f"{name} is still running")
+        m.ready_path.unlink(missing_ok=True)
+        m.ready = {}
+        self._spawn(m)
+        self._wait_ready([m])
+        return m
 
     def stop(self) -> None:
         """Stop the daemons, then the scheduler. Leaves every file under the base dir in place."""

@@ -1,0 +1,201 @@
+"""The P2P core end to end: real scheduler, seed and peers (LocalCluster) and a real origin on 127.0.0.1.
+
+One cluster per module (1 seed with a 50 MiB/s upload limit + 3 peers); tests run in file order and use
+distinct files, so each checks its own task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.common.pieces import MiB, default_piece_length
+from dfly.devtools.origin import Origin, make_file
+
+pytestmark = pytest.mark.integration
+
+FILE_BYTES = 64 * MiB
+SEED_UPLOAD_LIMIT = 50 * MiB
+DFGET_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
+    root = tmp_path_factory.mktemp("www")
+    with Origin(root) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    base = Path(tmp_path_factory.mktemp("c"))
+    with LocalCluster(base, peers=3, seed_upload_limit_bytes_per_s=SEED_UPLOAD_LIMIT) as running:
+        yield running
+
+
+def publish(origin: Origin, name: str, size: int, seed: int) -> tuple[str, str]:
+    assert origin.root is not None
+    digest = make_file(origin.root / name, size, seed=seed)
+    return origin.url(f"/{name}"), digest
+
+
+def dfget_cmd(member: Member, url: str, out: Path, *extra: str) -> list[str]:
+    assert member.socket is not None
+    return [
+        sys.executable,
+        "-m",
+        "dfly.cli.dfget",
+        "-e",
+        str(member.socket),
+        "--no-progress",
+        url,
+        "-O",
+        str(out),
+        *extra,
+    ]
+
+
+def dfget(member: Member, url: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        dfget_cmd(member, url, out, *extra),
+        capture_output=True,
+        text=True,
+        timeout=DFGET_TIMEOUT_S,
+        check=False,
+    )
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def network_bytes(stats: dict[str, object]) -> int:
+    downloaded = stats["download_bytes"]
+    assert isinstance(downloaded, dict)
+    return int(downloaded["back_to_source"]) + int(downloaded["remote_seed"]) + int(downloaded["remote_peer"])
+
+
+def test_swarm_of_three_peers_shares_one_origin_copy(
+    cluster: LocalCluster, origin: Origin, tmp_path: Path
+) -> None:
+    url, digest = publish(origin, "swarm.bin", FILE_BYTES, seed=1)
+    before = origin.bytes_sent
+    procs = [
+        subprocess.Popen(
+            dfget_cmd(peer, url, tmp_path / f"out-{peer.name}"), stderr=subprocess.PIPE, text=True
+        )
+        for peer in cluster.peers
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
+        assert proc.returncode == 0, err
+    for peer in cluster.peers:
+        assert sha256(tmp_path / f"out-{peer.name}") == digest
+
+    origin_copies = (origin.bytes_sent - before) / FILE_BYTES
+    assert 1.0 <= origin_copies <= 1.1
+
+    seed_stats = query_stats(cluster.seed.socket or "")
+    peer_stats = [query_stats(peer.socket or "") for peer in cluster.peers]
+    assert seed_stats["upload_bytes"] <= 1.6 * FILE_BYTES
+    assert sum(s["upload_bytes"] for s in peer_stats) >= 1.0 * FILE_BYTES
+    uploaded = seed_stats["upload_bytes"] + sum(s["upload_bytes"] for s in peer_stats)
+    received = sum(
+        s["download_bytes"]["remote_seed"] + s["download_bytes"]["remote_peer"] for s in peer_stats
+    )
+    assert abs(uploaded - received) <= default_piece_length(FILE_BYTES)
+    for stats in peer_stats:
+        assert stats["download_bytes"]["back_to_source"] == 0
+        assert network_bytes(stats) == FILE_BYTES
+
+
+def test_second_download_reads_nothing_from_the_network(
+    cluster: LocalCluster, origin: Origin, tmp_path: Path
+) -> None:
+    url, digest = publish(origin, "again.bin", 8 * MiB, seed=2)
+    peer = cluster.peers[0]
+    assert dfget(peer, url, tmp_path / "first").returncode == 0
+    stats_before = query_stats(peer.socket or "")
+    origin_before = origin.bytes_sent
+    result = dfget(peer, url, tmp_path / "second")
+    assert result.returncode == 0, result.stderr
+    assert sha256(tmp_path / "second") == digest
+    stats_after = query_stats(peer.socket or "")
+    assert network_bytes(stats_after) == network_bytes(stats_before)
+    assert origin.bytes_sent == origin_before
+
+
+def test_editing_the_output_does_not_change_the_cache(
+    cluster: LocalCluster, origin: Origin, tmp_path: Path
+) -> None:
+    url, digest = publish(origin, "edit.bin", 4 * MiB, seed=3)
+    peer = cluster.peers[1]
+    out = tmp_path / "edit"
+    assert dfget(peer, url, out).returncode == 0
+    with open(out, "r+b") as f:
+        f.write(b"scribbled over by the user")
+    assert dfget(peer, url, tmp_path / "fresh").returncode == 0
+    assert sha256(tmp_path / "fresh") == digest
+    other = cluster.peers[2]  # and other peers get the original bytes from this cache
+    assert dfget(other, url, tmp_path / "other").returncode == 0
+    assert sha256(tmp_path / "other") == digest
+
+
+def test_daemon_killed_and_restarted_still_serves_its_finished_task(
+    cluster: LocalCluster, origin: Origin, tmp_path: Path
+) -> None:
+    url, digest = publish(origin, "survivor.bin", 16 * MiB, seed=4)
+    holder, fetcher = cluster.peers[0], cluster.peers[1]
+    assert dfget(holder, url, tmp_path / "held").returncode == 0
+    cluster.kill_member(holder.name)
+    cluster.restart_member(holder.name)
+    result = dfget(holder, url, tmp_path / "after-restart")
+    assert result.returncode == 0, result.stderr
+    assert sha256(tmp_path / "after-restart") == digest
+    # Another peer can get it from the restarted holder (or the seed): never from the origin again.
+    origin_before = origin.bytes_sent
+    result = dfget(fetcher, url, tmp_path / "from-swarm")
+    assert result.returncode == 0, result.stderr
+    assert sha256(tmp_path / "from-swarm") == digest
+    assert origin.bytes_sent == origin_before
+
+
+def test_origin_404_fails_with_the_status_and_leaves_no_file(
+    cluster: LocalCluster, origin: Origin, tmp_path: Path
+) -> None:
+    out = tmp_path / "missing"
+    result = dfget(cluster.peers[2], origin.url("/no-such-file"), out)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "404" in lines[0]
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_daemon_names_the_socket(origin: Origin, tmp_path: Path) -> None:
+    sock = tmp_path / "nobody.sock"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dfly.cli.dfget",
+        "-e",
+        str(sock),
+        origin.url("/x"),
+        "-O",
+        str(tmp_path / "o"),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1
+    assert str(sock) in result.stderr
+    assert not (tmp_path / "o").exists()
