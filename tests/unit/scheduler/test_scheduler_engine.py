@@ -86,7 +86,7 @@ def test_unready_peer_becomes_parent_on_first_pieces() -> None:
 
 
 def test_retries_then_back_to_source_then_failure_on_the_virtual_clock() -> None:
-    harness = Harness(EngineConfig(back_to_source_limit=1))
+    harness = Harness(EngineConfig(back_to_source_limit=1, source_start_timeout_s=0))
     harness.announce("seed", seed=True)
     harness.announce("a")
     harness.announce("b")
@@ -110,7 +110,7 @@ def test_retries_then_back_to_source_then_failure_on_the_virtual_clock() -> None
 
 
 def test_disable_back_to_source_fails_after_retry_limit_without_origin() -> None:
-    harness = Harness()
+    harness = Harness(EngineConfig(source_start_timeout_s=0))
     harness.announce("a")
     harness.announce("b")
     harness.register("peer-a", "a")
@@ -192,7 +192,7 @@ def test_origin_error_is_forwarded_to_every_active_peer_and_the_task_fails(harne
 
 
 def test_back_to_source_limit_and_seed_do_not_count_together() -> None:
-    harness = Harness(EngineConfig(back_to_source_limit=1))
+    harness = Harness(EngineConfig(back_to_source_limit=1, source_start_timeout_s=0))
     for name in ("a", "b", "c"):
         harness.announce(name)
     assert of_type(harness.register("peer-a", "a"), SendBackToSource)
@@ -248,3 +248,14 @@ def test_more_parents_offers_only_new_parents_and_never_gives_up() -> None:
     [more] = of_type(commands, SendCandidateParents)
     assert [p.peer_id for p in more.parents] == ["peer-b"]
     assert set(harness.engine.cluster.peers["peer-c"].parent_ids) == {"peer-a", "peer-b"}
+
+
+def test_waiting_for_a_slow_seed_is_not_a_failed_attempt() -> None:
+    harness = Harness(EngineConfig(back_to_source_limit=1, source_start_timeout_s=10.0))
+    harness.announce("seed", seed=True)
+    harness.announce("a")
+    harness.register("peer-a", "a")  # seed triggered; it does not register (a slow origin, a slow seed)
+    assert not of_type(harness.advance(9.9), SendBackToSource)
+    commands = harness.advance(1.6)  # then the ordinary counted tries run out
+    [to_origin] = of_type(commands, SendBackToSource)
+    assert to_origin.peer_id == "peer-a"

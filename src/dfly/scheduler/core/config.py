@@ -36,6 +36,8 @@ class EngineConfig(StrictModel):
     retry_interval_s: float = Field(default=0.5, gt=0)  # fallback retry; events schedule sooner
     back_to_source_limit: int = Field(default=1, ge=0)  # concurrent origin readers per task, seeds aside
     seed_failure_ttl_s: float = Field(default=1800.0, ge=0)  # a failed seed is not retried for a task
+    # Children wait this long, uncounted, for a triggered seed or an origin reader to fix the layout.
+    source_start_timeout_s: float = Field(default=10.0, ge=0)
     unreachable_reports: int = Field(default=2, ge=1)  # distinct children reporting a host unreachable
     unreachable_suspend_s: float = Field(default=60.0, gt=0)  # how long such a host is not offered
     topology: Literal["mesh", "dag"] = "mesh"

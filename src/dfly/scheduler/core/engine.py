@@ -142,7 +142,7 @@ class SchedulerEngine:
         if task.publisher_id is None:
             task.publisher_id = peer.peer_id
         if not peer.reads_origin:  # the peer went to the origin on its own (e.g. scheduler too slow)
-            self.scheduler.mark_origin_reader(peer, task)
+            self.scheduler.mark_origin_reader(peer, task, now)
         peer.move_to(PeerState.BACK_TO_SOURCE)
         task.parent_pool.add(peer.peer_id)
         if task.state is not TaskState.SUCCEEDED:

@@ -162,6 +162,7 @@ class Task:
     pending_verdicts: set[str] = field(default_factory=set)
     seed_trigger_pending: bool = False  # DownloadTask sent, the seed has not registered yet
     seed_failed_at: float | None = None
+    source_requested_at: float | None = None  # when a seed was triggered / an origin reader sent
 
     @property
     def normal_origin_readers(self) -> int:

@@ -6,7 +6,8 @@ fits and nobody is bringing the task's data (no seed on its way, no origin reade
 (consistent hash of the task id over healthy seeds) or, without one, send this peer to the origin now.
 Counted attempts (register, reschedule, fallback timer) move toward the origin after
 `retry_back_to_source_limit` and toward failure after `retry_limit`; attempts made because a parent just
-became usable are free. The only timer is each waiting peer's retry deadline, kept in a heap.
+became usable are free, and so is waiting while a triggered seed or an origin reader has not yet fixed
+the task's layout (a slow origin must not send every child to it). The only timer is each waiting peer's retry deadline, kept in a heap.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class ParentScheduler:
 
     def attempt(self, peer: Peer, task: Task, now: float, *, counted: bool) -> list[Command]:
         if peer.is_seed:
-            return self.send_to_origin(peer, task, "seed peer: read the task from the origin")
+            return self.send_to_origin(peer, task, "seed peer: read the task from the origin", now)
         parents = self.find_parents(peer, task, now)
         if parents:
             return [self._hand_out(peer, task, parents)]
@@ -112,14 +113,25 @@ class ParentScheduler:
                 commands.append(trigger)
             elif self.may_read_origin(peer, task):
                 return self.send_to_origin(
-                    peer, task, "no seed peer serves the task: read it from the origin"
+                    peer, task, "no seed peer serves the task: read it from the origin", now
                 )
         if not counted:
+            return commands
+        if (
+            task.layout is None
+            and (task.seed_trigger_pending or task.origin_readers)
+            and task.source_requested_at is not None
+            and now - task.source_requested_at < self._config.source_start_timeout_s
+        ):
+            # The data is on its way (a seed was triggered, or an origin reader is stat-ing the origin):
+            # waiting for it is not a failed attempt. Bounded by the seed-trigger timeout, the origin
+            # reader's own failure and `source_start_timeout_s`.
+            self._arm_retry(peer, now + self._config.retry_interval_s)
             return commands
         peer.attempts += 1
         if peer.attempts >= self._config.retry_back_to_source_limit and self.may_read_origin(peer, task):
             description = f"no parent after {peer.attempts} attempts: read the task from the origin"
-            return [*commands, *self.send_to_origin(peer, task, description)]
+            return [*commands, *self.send_to_origin(peer, task, description, now)]
         if peer.attempts >= self._config.retry_limit:
             return [*commands, self._give_up(peer, task)]
         self._arm_retry(peer, now + self._config.retry_interval_s)
@@ -148,15 +160,17 @@ class ParentScheduler:
             return False
         return task.normal_origin_readers < self._config.back_to_source_limit
 
-    def send_to_origin(self, peer: Peer, task: Task, description: str) -> list[Command]:
-        self.mark_origin_reader(peer, task)
+    def send_to_origin(self, peer: Peer, task: Task, description: str, now: float) -> list[Command]:
+        self.mark_origin_reader(peer, task, now)
         return [SendBackToSource(peer.peer_id, description, task.layout)]
 
-    def mark_origin_reader(self, peer: Peer, task: Task) -> None:
+    def mark_origin_reader(self, peer: Peer, task: Task, now: float) -> None:
         """The peer reads the origin: no parents, no waiting, counted against back_to_source_limit."""
         self._stop_waiting(peer, task)
         make_root(peer, task, self._cluster.hosts)
         peer.reads_origin = True
+        if not task.origin_readers and not task.seed_trigger_pending:
+            task.source_requested_at = now
         task.origin_readers.add(peer.peer_id)
         if peer.is_seed:
             task.seed_readers.add(peer.peer_id)
@@ -201,6 +215,7 @@ class ParentScheduler:
             return None
         task.seed_trigger_pending = True
         task.seed_failed_at = None
+        task.source_requested_at = now
         return TriggerSeedPeer(
             task.task_id, seed.host_id, seed.info.ip, seed.info.control_port, seed_download(task.download)
         )
