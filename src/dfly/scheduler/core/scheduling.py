@@ -7,7 +7,8 @@ fits and nobody is bringing the task's data (no seed on its way, no origin reade
 Counted attempts (register, reschedule, fallback timer) move toward the origin after
 `retry_back_to_source_limit` and toward failure after `retry_limit`; attempts made because a parent just
 became usable are free, and so is waiting while a triggered seed or an origin reader has not yet fixed
-the task's layout (a slow origin must not send every child to it). The only timer is each waiting peer's retry deadline, kept in a heap.
+the task's layout (a slow origin must not send every child to it).
+The only timer is each waiting peer's retry deadline, kept in a heap.
 """
 
 from __future__ import annotations
