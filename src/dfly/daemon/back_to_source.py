@@ -1,8 +1,8 @@
 """Back-to-source for one download: stat the origin, fix the layout, stream pieces into storage.
 
 The blocking HTTP client (`source.http`) runs in a worker thread; each piece it cuts is handed to the
-event loop, written by the storage writer thread, and only then is the origin read further (the thread
-waits), so one piece buffer per download suffices and memory stays flat.
+event loop and written by the storage writer thread while the next piece is read into a second buffer
+slot; a slot is reused only once its write is done, so memory stays at two pieces per download.
 
 Rules:
 - The first back-to-source peer of a task fixes its layout: the user's piece length or the default
@@ -27,7 +27,26 @@ if TYPE_CHECKING:
     from dfly.daemon.conductor import Conductor
 
 STAT_TIMEOUT_S = 30.0
+BUFFER_SLOTS = 2  # read piece n+1 from the origin while piece n is being written
 READ_TIMEOUT_S = 60.0
+
+
+class StoreHandoff:
+    """A piece being written by the event loop; the reader thread waits on it before reusing the slot."""
+
+    def __init__(self, future: concurrent.futures.Future[None], stop: threading.Event) -> None:
+        self._future = future
+        self._stop = stop
+
+    def result(self) -> None:
+        while True:  # wait for the write, but never outlive a stopped download
+            try:
+                self._future.result(timeout=0.5)
+                return
+            except concurrent.futures.TimeoutError:
+                if self._stop.is_set():
+                    self._future.cancel()
+                    return
 
 
 class BackToSource:
@@ -65,19 +84,11 @@ class BackToSource:
             return
         loop = asyncio.get_running_loop()
 
-        def on_piece(number: int, view: memoryview, digest: int) -> None:
+        def on_piece(number: int, view: memoryview, digest: int) -> StoreHandoff | None:
             if self.c.state.has(number):
-                return
+                return None
             store = self.c.store_piece(number, view, digest, "back_to_source", "")
-            future = asyncio.run_coroutine_threadsafe(store, loop)
-            while True:  # wait for the write, but never outlive a stopped download
-                try:
-                    future.result(timeout=0.5)
-                    return
-                except concurrent.futures.TimeoutError:
-                    if self._stop.is_set():
-                        future.cancel()
-                        return
+            return StoreHandoff(asyncio.run_coroutine_threadsafe(store, loop), self._stop)
 
         await asyncio.to_thread(
             http.read_pieces,
@@ -85,7 +96,7 @@ class BackToSource:
             request.headers,
             piece_length=layout.piece_length,
             first_piece=missing[0],
-            buffer=bytearray(layout.piece_length),
+            buffer=bytearray(BUFFER_SLOTS * layout.piece_length),
             on_piece=on_piece,
             should_stop=self._stop.is_set,
             timeout_s=READ_TIMEOUT_S,

@@ -28,6 +28,7 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import unquote, urljoin, urlsplit
 
 from dfly.common.digest import crc32
@@ -43,6 +44,12 @@ READ_CHUNK_BYTES = 1024 * 1024  # one readinto at most; should_stop is checked b
 _CROSS_ORIGIN_DROPPED = ("authorization", "cookie")
 
 AllowedHosts = Callable[[str], bool]
+
+
+class PieceHandoff(Protocol):
+    """What `on_piece` may return: waited on (`result()`) before the piece's buffer slot is reused."""
+
+    def result(self) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +143,7 @@ def read_pieces(
     first_piece: int = 0,
     last_piece: int | None = None,
     buffer: bytearray | memoryview,
-    on_piece: Callable[[int, memoryview, int], None],
+    on_piece: Callable[[int, memoryview, int], PieceHandoff | None],
     should_stop: Callable[[], bool],
     timeout_s: float,
     allowed_hosts: AllowedHosts | None = None,
@@ -145,9 +152,11 @@ def read_pieces(
 ) -> int:
     """Stream pieces first_piece..last_piece (inclusive) of `stat`'s object through `buffer`.
 
-    `on_piece(number, view, crc32)` gets a view of `buffer` holding the whole piece; it must return only once
-    the bytes are handed off, since the buffer is reused for the next piece. Returns the number of bytes
-    delivered through `on_piece`; stops early (between reads, dropping a partial piece) when `should_stop()`.
+    `buffer` holds one or more piece-sized slots used in turn. `on_piece(number, view, crc32)` gets a view
+    of the slot holding the whole piece. It either returns None once the bytes are handed off, or returns
+    a handle with `.result()` that is waited on before that slot is read into again, so the next piece is
+    read from the origin while the previous one is being written. Returns the number of bytes delivered
+    through `on_piece`; stops early (between reads, dropping a partial piece) when `should_stop()`.
     """
     total = stat.content_length
     count = piece_count(total, piece_length) if piece_length > 0 else 0
@@ -198,14 +207,25 @@ def read_pieces(
                 return 0
             skip -= step
         delivered = 0
-        for number in range(first_piece, last + 1):
-            size = min(piece_length, total - number * piece_length)
-            piece = view[:size]
-            crc, complete = fill(piece, 0)
-            if not complete:
-                break
-            on_piece(number, piece, crc)
-            delivered += size
+        slots = len(view) // piece_length
+        pending: list[PieceHandoff | None] = [None] * slots
+        try:
+            for number in range(first_piece, last + 1):
+                slot = number % slots
+                if (handoff := pending[slot]) is not None:
+                    pending[slot] = None
+                    handoff.result()
+                size = min(piece_length, total - number * piece_length)
+                piece = view[slot * piece_length : slot * piece_length + size]
+                crc, complete = fill(piece, 0)
+                if not complete:
+                    break
+                pending[slot] = on_piece(number, piece, crc)
+                delivered += size
+        finally:
+            for handoff in pending:  # never return while a slot is still being read by its consumer
+                if handoff is not None:
+                    handoff.result()
         return delivered
     finally:
         resp.close()

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
+from dfly.common.digest import crc32
 from dfly.common.errors import DigestMismatch, ProtocolError
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.buffers import BufferPool
@@ -195,7 +195,7 @@ class ParentConnection(asyncio.BufferedProtocol):
             if self._direct:
                 cur = self._current
                 if cur is not None and cur.buf is not None:
-                    self._crc = zlib.crc32(memoryview(cur.buf)[self._pos : self._pos + nbytes], self._crc)
+                    self._crc = crc32(memoryview(cur.buf)[self._pos : self._pos + nbytes], self._crc)
                 self._pos += nbytes
                 self.decoder.body_received(nbytes)
             else:
@@ -258,7 +258,7 @@ class ParentConnection(asyncio.BufferedProtocol):
             if cur is not None and cur.buf is not None:
                 end = self._pos + len(event.data)
                 cur.buf[self._pos : end] = event.data
-                self._crc = zlib.crc32(event.data, self._crc)
+                self._crc = crc32(event.data, self._crc)
             self._pos += len(event.data)
         elif isinstance(event, p.PieceEnd):
             self._finish_piece()
