@@ -16,12 +16,33 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dfly.common.errors import DigestMismatch, StorageError
 
 if TYPE_CHECKING:
     from dfly.common.digest import Digest
+
+_EARLY_WRITEBACK_MIN_BYTES = 64 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range, to start writeback of copied pieces early (the final fsync then has
+    little left to do: measured 0.3 s of a 1 GiB download otherwise). None where unavailable."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
 
 _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 _LINK_UNSUPPORTED_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -42,6 +63,7 @@ class OutputFile:
         self.tmp_path = os.path.join(directory, f".{name}.dfget-{os.urandom(6).hex()}")
         self._fd: int | None = None
         self._use_copy_file_range = True
+        self._writeback: Callable[[int, int, int, int], int] | None = None
         self.linked = False
         self._placed = False
         try:
@@ -50,6 +72,8 @@ class OutputFile:
             raise StorageError(f"cannot create a temporary file in {directory}: {_reason(exc)}") from None
 
     def allocate(self, content_length: int) -> None:
+        if content_length >= _EARLY_WRITEBACK_MIN_BYTES:
+            self._writeback = _sync_file_range()
         try:
             os.ftruncate(self._require_fd(), content_length)
         except OSError as exc:
@@ -97,6 +121,8 @@ class OutputFile:
             if n == 0:
                 raise StorageError(f"the task file ended at byte {pos}, expected {offset + length}")
             done += n
+        if self._writeback is not None:
+            self._writeback(dst_fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # starts writeback, no wait
 
     def verify(self, expected: Digest) -> None:
         """Raise DigestMismatch unless the temporary file's bytes have the expected digest."""

@@ -10,7 +10,8 @@ Rules:
   no answer within `scheduler.schedule_timeout_s` (unless back-to-source is disabled).
 - A piece is written, then marked available, then reported (batched ≥ progress_report_interval_s
   apart, and at completion). The task completes only after the scheduler's digest cross-check
-  (or without it when the scheduler is gone).
+  (or without it when the scheduler is gone); its group commit runs alongside and is awaited after
+  attachers have been told, so no dfget waits for the cache's fdatasync.
 - While it holds fewer parents than `download.max_parents`, the child asks for more about once a second.
 """
 
@@ -118,6 +119,9 @@ class Conductor:
         self._schedule_deadline: float | None = None
         self._more_parents_at = 0.0
         self._done = False
+        self._started_at = asyncio.get_running_loop().time()
+        self._all_pieces_at: float | None = None
+        self._durable: asyncio.Future[None] | None = None
         self._helpers: set[asyncio.Task[None]] = set()
         self.parents = ParentSet(self)
 
@@ -147,6 +151,24 @@ class Conductor:
         finally:
             self.ctx.counters.task_ended(error is None)
             self.state.end(error)
+        await self._await_durable()
+
+    async def _await_durable(self) -> None:
+        """Attachers are told as soon as the pieces are verified; the group commit finishes here."""
+        if self._durable is None:
+            return
+        try:
+            await self._durable
+        except DflyError as exc:
+            log.error("task %s is complete but not durable: %s", self.state.task_id[:12], exc)
+            return
+        now = asyncio.get_running_loop().time()
+        log.info(
+            "task %s: all pieces after %.3f s, durable after %.3f s",
+            self.state.task_id[:12],
+            (self._all_pieces_at or now) - self._started_at,
+            now - self._started_at,
+        )
 
     def _stop_helpers(self) -> None:
         """The stream reader and piece writers end with the attempt."""
@@ -346,7 +368,9 @@ class Conductor:
             self.events.put_nowait(_Wake())
 
     async def _complete(self, now: float) -> None:
-        await self.ctx.storage.finish_task(self.state.task_id)
+        """All pieces are available: report, ask for the digest verdict; durability follows on its own."""
+        self._all_pieces_at = now
+        self._durable = asyncio.ensure_future(self.ctx.storage.finish_task(self.state.task_id))
         await self._flush_report(now)
         if not self._scheduler_alive:
             self._done = True
