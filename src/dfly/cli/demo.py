@@ -102,7 +102,7 @@ def _print_report(rows: list[Row], origin_bytes: int, size: int) -> None:
     console.print(summary)
 
 
-def run_demo(workdir: Path, size: int, peers: int) -> int:
+def run_demo(workdir: Path, size: int, peers: int, seed_upload_mib_s: int) -> int:
     from dfly.devtools.origin import Origin, make_file
 
     root = workdir / "origin"
@@ -113,8 +113,14 @@ def run_demo(workdir: Path, size: int, peers: int) -> int:
     origin.start()
     try:
         url = origin.url("demo.bin")
-        print(f"origin: {url}\nstarting scheduler, seed and {peers} peers …", flush=True)
-        with LocalCluster(workdir / "cluster", peers=peers) as cluster:
+        limit = (
+            f"seed upload limited to {seed_upload_mib_s} MiB/s" if seed_upload_mib_s else "no upload limit"
+        )
+        print(f"origin: {url}\nstarting scheduler, seed ({limit}) and {peers} peers …", flush=True)
+        cluster_dir = workdir / "cluster"
+        with LocalCluster(
+            cluster_dir, peers=peers, seed_upload_limit_bytes_per_s=seed_upload_mib_s * MiB
+        ) as cluster:
             out_dir = workdir / "out"
             out_dir.mkdir()
             print(f"running dfget on {peers} peers at once …", flush=True)
@@ -149,13 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--size-mib", type=int, default=256, help="size of the demo file (default 256)")
     parser.add_argument("--peers", type=int, default=3, help="number of peers (default 3)")
+    parser.add_argument(
+        "--seed-upload-mib-s",
+        type=int,
+        default=100,
+        help="the seed's upload limit, as a real seed's uplink would be (default 100; 0 = none)",
+    )
     args = parser.parse_args(argv)
-    if args.size_mib <= 0 or args.peers <= 0:
-        parser.error("--size-mib and --peers must be positive")
+    if args.size_mib <= 0 or args.peers <= 0 or args.seed_upload_mib_s < 0:
+        parser.error("--size-mib and --peers must be positive, --seed-upload-mib-s not negative")
     signal.signal(signal.SIGTERM, _on_term)
     try:
         with tempfile.TemporaryDirectory(prefix="dfly-demo-") as tmp:
-            return run_demo(Path(tmp), args.size_mib * MiB, args.peers)
+            return run_demo(Path(tmp), args.size_mib * MiB, args.peers, args.seed_upload_mib_s)
     except KeyboardInterrupt as exc:
         print(f"demo: interrupted {exc}".rstrip(), file=sys.stderr)
         return 130

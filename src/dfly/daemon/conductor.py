@@ -249,6 +249,7 @@ class Conductor:
                 return
             await self.ensure_file(layout, dict(reply.layout.response_headers))
             self._schedule_deadline = None
+            log.debug("task %s: %d candidate parents", self.state.task_id[:12], len(reply.parents))
             self.parents.add_candidates(list(reply.parents))
         elif kind == "need_back_to_source":
             reply_bts = response.need_back_to_source

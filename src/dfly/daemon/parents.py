@@ -75,6 +75,7 @@ class ParentSet:
                 continue
             self._infos[cand.peer_id] = cand
             self._connecting.add(cand.peer_id)
+            log.debug("task %s: connecting to parent %s", self.c.state.task_id[:12], cand.peer_id)
             self.c.spawn(self._connect(cand))
 
     async def _connect(self, cand: pb.CandidateParent) -> None:
