@@ -18,9 +18,11 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
+import select
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -65,35 +67,47 @@ class PieceProvider(Protocol):
 UploadCallback = Callable[[str, int], None]
 
 
-async def _wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_s: float) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_writer(sock.fileno(), ready)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await fut
-    finally:
-        loop.remove_writer(sock.fileno())
-
-
-async def sendfile_range(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, fd: int, offset: int, count: int, stall_s: float
-) -> None:
-    """Send `count` bytes of `fd` from `offset` with os.sendfile on a non-blocking socket."""
+def _sendfile_blocking(sock_fd: int, fd: int, offset: int, count: int, stall_s: float) -> None:
+    """os.sendfile on a non-blocking socket, waiting with poll(); runs in an upload thread."""
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT)
     while count > 0:
         try:
-            sent = os.sendfile(sock.fileno(), fd, offset, count)
+            sent = os.sendfile(sock_fd, fd, offset, count)
         except BlockingIOError:
-            await _wait_writable(loop, sock, stall_s)
+            if not poller.poll(stall_s * 1000):
+                raise TimeoutError(f"child took no data for {stall_s:g} s") from None
             continue
         if sent == 0:
             raise StorageError(f"task file ends before offset {offset} + {count}")
         offset += sent
         count -= sent
+
+
+async def sendfile_range(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    fd: int,
+    offset: int,
+    count: int,
+    stall_s: float,
+    executor: concurrent.futures.Executor | None = None,
+) -> None:
+    """Send `count` bytes of `fd` from `offset` with os.sendfile, off the event loop.
+
+    The kernel copy of a large piece takes milliseconds; done on the loop it delayed everything else
+    the daemon does (measured: a seed's loop spent most of a 1 GiB upload inside sendfile, stalling its
+    own back-to-source). If the caller is cancelled, the socket is shut down so the thread's sendfile
+    fails at once, and the thread is waited for: the socket is never closed under it.
+    """
+    future = loop.run_in_executor(executor, _sendfile_blocking, sock.fileno(), fd, offset, count, stall_s)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        await asyncio.wait([future])
+        raise
 
 
 class PieceServer:
@@ -109,6 +123,7 @@ class PieceServer:
         hello_timeout_s: float = 10.0,
         stall_timeout_s: float = 60.0,
         on_uploaded: UploadCallback | None = None,
+        upload_threads: int = 4,
     ) -> None:
         self.provider = provider
         self.peer_id = peer_id
@@ -126,6 +141,9 @@ class PieceServer:
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.upload_threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=upload_threads, thread_name_prefix="dfly-upload"
+        )
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 = kernel's choice); returns the bound port."""
@@ -151,6 +169,7 @@ class PieceServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.upload_threads.shutdown(wait=True)
 
     def count_upload(self, task_id: str, nbytes: int) -> None:
         self.bytes_uploaded += nbytes
@@ -359,7 +378,13 @@ class _Connection:
                 await self._send(header)
                 self.mid_frame = True
                 await sendfile_range(
-                    self.loop, self.sock, task.read_fd(), offset, length, server.stall_timeout_s
+                    self.loop,
+                    self.sock,
+                    task.read_fd(),
+                    offset,
+                    length,
+                    server.stall_timeout_s,
+                    server.upload_threads,
                 )
                 self.mid_frame = False
             finally:
