@@ -39,6 +39,7 @@ from typing import Any
 from dfly.cluster import LocalCluster, Member, dfget_command
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 TARGETS = {"dfget_over_curl_max": 1.3, "p2p_over_curl_throughput_min": 0.8, "daemon_peak_rss_mib_max": 150}
 
 
@@ -209,12 +210,20 @@ def page_cache_write_s_per_gib(work: Path, mib: int = 512) -> tuple[float, float
     return figures[0], figures[1]
 
 
-def mem_free_bytes() -> int:
+def meminfo_bytes(key: str) -> int:
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemFree:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
-    raise BenchError("no MemFree in /proc/meminfo")
+    raise BenchError(f"no {key} in /proc/meminfo")
+
+
+def mem_free_bytes() -> int:
+    return meminfo_bytes("MemFree")
+
+
+def mem_total_bytes() -> int:
+    return meminfo_bytes("MemTotal")
 
 
 class PageCacheBallast:
@@ -236,7 +245,11 @@ class PageCacheBallast:
 
     def top_up(self) -> None:
         missing = mem_free_bytes() - self.slack
-        if missing <= 0:
+        # Bounded: never more than the machine's memory in all, never into the last 4 GiB of disk.
+        missing = min(
+            missing, mem_total_bytes() - self.written, shutil.disk_usage(self.path.parent).free - 4 * GiB
+        )
+        if missing < MiB:
             return
         with open(self.path, "ab") as f:
             for _ in range(missing // MiB):
