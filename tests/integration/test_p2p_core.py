@@ -199,3 +199,59 @@ def test_unreachable_daemon_names_the_socket(origin: Origin, tmp_path: Path) -> 
     assert result.returncode == 1
     assert str(sock) in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_dfget_options_reach_the_task_and_the_origin(
+    cluster: LocalCluster, origin: Origin, tmp_path: Path
+) -> None:
+    url, digest = publish(origin, "options.bin", 3 * MiB, seed=5)
+    peer = cluster.peers[0]
+    signed = f"{url}?token=one&v=1"
+    result = dfget(
+        peer,
+        signed,
+        tmp_path / "a",
+        "--filtered-query-param",
+        "token",
+        "--piece-length",
+        "1MiB",
+        "--tag",
+        "t1",
+        "-H",
+        "X-Test-Header: hello",
+        "--digest",
+        f"sha256:{digest}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert sha256(tmp_path / "a") == digest
+    requests = [r for r in origin.request_log() if r.path.startswith("/options.bin")]
+    assert requests
+    assert all(r.headers.get("X-Test-Header") == "hello" for r in requests)
+    assert all("Range" in r.headers for r in requests)  # stat with Range 0-0, then one ranged stream
+    fetched = origin.bytes_sent
+    # The same object under another token is the same task (the filter extends the defaults): no origin read.
+    again = dfget(
+        peer,
+        f"{url}?token=two&v=1",
+        tmp_path / "b",
+        "--filtered-query-param",
+        "token",
+        "--piece-length",
+        "1MiB",
+        "--tag",
+        "t1",
+    )
+    assert again.returncode == 0, again.stderr
+    assert origin.bytes_sent == fetched
+    # Another tag is another task: read from the origin once more.
+    other = dfget(peer, signed, tmp_path / "c", "--filtered-query-param", "token", "--piece-length", "1MiB")
+    assert other.returncode == 0, other.stderr
+    assert origin.bytes_sent > fetched
+
+
+def test_wrong_digest_fails_and_leaves_nothing(cluster: LocalCluster, origin: Origin, tmp_path: Path) -> None:
+    url, _ = publish(origin, "digest.bin", 1 * MiB, seed=6)
+    result = dfget(cluster.peers[1], url, tmp_path / "out", "--digest", "sha256:" + "0" * 64)
+    assert result.returncode == 1
+    assert "digest mismatch" in result.stderr
+    assert list(tmp_path.iterdir()) == []
