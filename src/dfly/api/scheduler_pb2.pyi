@@ -373,6 +373,23 @@ class RegisterPeer(_message.Message):
 Global___RegisterPeer: _TypeAlias = RegisterPeer  # noqa: Y015
 
 @_typing.final
+class PeerStarted(_message.Message):
+    """The child has reached its first parent and is downloading from it (RECEIVED → RUNNING)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerStarted: _TypeAlias = PeerStarted  # noqa: Y015
+
+@_typing.final
 class BackToSourceStarted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -542,6 +559,7 @@ class AnnouncePeerRequest(_message.Message):
     FINISHED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     RESCHEDULE_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     task_id: _builtins.str
     peer_id: _builtins.str
@@ -557,6 +575,8 @@ class AnnouncePeerRequest(_message.Message):
     def failed(self) -> Global___PeerFailed: ...
     @_builtins.property
     def reschedule(self) -> Global___Reschedule: ...
+    @_builtins.property
+    def started(self) -> Global___PeerStarted: ...
     def __init__(
         self,
         *,
@@ -569,12 +589,13 @@ class AnnouncePeerRequest(_message.Message):
         finished: Global___PeerFinished | None = ...,
         failed: Global___PeerFailed | None = ...,
         reschedule: Global___Reschedule | None = ...,
+        started: Global___PeerStarted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["back_to_source_started", b"back_to_source_started", "failed", b"failed", "finished", b"finished", "pieces_finished", b"pieces_finished", "register", b"register", "request", b"request", "reschedule", b"reschedule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["back_to_source_started", b"back_to_source_started", "failed", b"failed", "finished", b"finished", "pieces_finished", b"pieces_finished", "register", b"register", "request", b"request", "reschedule", b"reschedule", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["back_to_source_started", b"back_to_source_started", "failed", b"failed", "finished", b"finished", "host_id", b"host_id", "peer_id", b"peer_id", "pieces_finished", b"pieces_finished", "register", b"register", "request", b"request", "reschedule", b"reschedule", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["back_to_source_started", b"back_to_source_started", "failed", b"failed", "finished", b"finished", "host_id", b"host_id", "peer_id", b"peer_id", "pieces_finished", b"pieces_finished", "register", b"register", "request", b"request", "reschedule", b"reschedule", "started", b"started", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["register", "back_to_source_started", "pieces_finished", "finished", "failed", "reschedule"]  # noqa: Y015
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["register", "back_to_source_started", "pieces_finished", "finished", "failed", "reschedule", "started"]  # noqa: Y015
     _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
 

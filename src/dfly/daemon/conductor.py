@@ -118,6 +118,7 @@ class Conductor:
         self._verdict_deadline: float | None = None
         self._schedule_deadline: float | None = None
         self._more_parents_at = 0.0
+        self._started_sent = False
         self._done = False
         self._started_at = asyncio.get_running_loop().time()
         self._all_pieces_at: float | None = None
@@ -209,6 +210,9 @@ class Conductor:
         elif isinstance(event, _SchedulerGone):
             self._on_scheduler_gone(event.reason)
         await self.parents.pump(now)
+        if not self._started_sent and self.parents.connected:
+            self._started_sent = True
+            await self._send(started=pb.PeerStarted())
         if self._back_to_source is not None and self._back_to_source.done():
             self._back_to_source.result()  # re-raises the origin's error
         if self.state.complete and self._verdict_deadline is None:

@@ -45,6 +45,10 @@ class ParentSet:
     def __len__(self) -> int:
         return len(self._conns) + len(self._connecting)
 
+    @property
+    def connected(self) -> bool:
+        return bool(self._conns)
+
     # -- membership -------------------------------------------------------------------------------
     def _ensure_planner(self) -> DownloadPlanner:
         if self._planner is None:

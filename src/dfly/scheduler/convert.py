@@ -24,6 +24,7 @@ from dfly.scheduler.core.messages import (
     HostInfo,
     PeerFailed,
     PeerFinished,
+    PeerStarted,
     PiecesFinished,
     RescheduleRequested,
     SendBackToSource,
@@ -100,6 +101,8 @@ def download_message(spec: DownloadSpec) -> pb.Download:
 def peer_event(request: pb.AnnouncePeerRequest, peer_id: str) -> Event | None:
     """The event for an announce after register; None for `register` or an empty oneof."""
     kind = request.WhichOneof("request")
+    if kind == "started":
+        return PeerStarted(peer_id)
     if kind == "back_to_source_started":
         started = request.back_to_source_started
         return BackToSourceStarted(

@@ -259,3 +259,19 @@ def test_waiting_for_a_slow_seed_is_not_a_failed_attempt() -> None:
     commands = harness.advance(1.6)  # then the ordinary counted tries run out
     [to_origin] = of_type(commands, SendBackToSource)
     assert to_origin.peer_id == "peer-a"
+
+
+def test_started_moves_a_child_from_received_to_running(harness: Harness) -> None:
+    from dfly.scheduler.core.messages import PeerStarted
+    from dfly.scheduler.core.model import PeerState
+
+    harness.announce("a")
+    harness.announce("b")
+    assert of_type(harness.register("peer-a", "a"), SendBackToSource)
+    harness.start_origin("peer-a")
+    [parents] = of_type(harness.register("peer-b", "b"), SendCandidateParents)
+    assert parents.peer_id == "peer-b"
+    child = harness.engine.cluster.peers["peer-b"]
+    assert child.state is PeerState.RECEIVED  # parents handed out, nothing downloaded yet
+    assert harness.do(PeerStarted("peer-b")) == []
+    assert child.state is PeerState.RUNNING

@@ -38,6 +38,7 @@ from dfly.scheduler.core.messages import (
     PeerFinished,
     PeerLeft,
     PeerRegistered,
+    PeerStarted,
     PiecesFinished,
     RescheduleRequested,
     SeedTriggerFailed,
@@ -80,6 +81,10 @@ class SchedulerEngine:
             return []  # a peer the engine already forgot (failed, left, host gone): nothing to do
         task = self.cluster.tasks[peer.task_id]
         match event:
+            case PeerStarted():
+                if peer.state is PeerState.RECEIVED:
+                    peer.move_to(PeerState.RUNNING)
+                return []
             case BackToSourceStarted():
                 return self._back_to_source_started(peer, task, event, now)
             case PiecesFinished():

@@ -130,6 +130,13 @@ class PeerRegistered:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerStarted:
+    """The child reached its first parent and downloads from it (RECEIVED → RUNNING)."""
+
+    peer_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class BackToSourceStarted:
     peer_id: str
     content_length: int
@@ -188,6 +195,7 @@ Event = (
     | HostDisconnected
     | HostLeft
     | PeerRegistered
+    | PeerStarted
     | BackToSourceStarted
     | PiecesFinished
     | PeerFinished

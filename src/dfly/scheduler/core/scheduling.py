@@ -181,8 +181,7 @@ class ParentScheduler:
     def _hand_out(self, child: Peer, task: Task, parents: list[Peer]) -> SendCandidateParents:
         assert task.layout is not None  # find_parents returns nothing without a layout
         self._stop_waiting(child, task)
-        set_parents(child, parents, task, self._cluster.hosts)
-        child.move_to(PeerState.RUNNING)
+        set_parents(child, parents, task, self._cluster.hosts)  # RUNNING once it says `started`
         if task.state is TaskState.PENDING:
             task.state = TaskState.RUNNING
         return SendCandidateParents(child.peer_id, task.layout, self._describe(parents))
