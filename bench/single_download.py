@@ -20,7 +20,6 @@ and prints no figures.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pwd
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dfly.cluster import LocalCluster, Member, dfget_command
+from dfly.common.digest import file_digest
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -49,14 +49,6 @@ class BenchError(Exception):
 
 def log(msg: str) -> None:
     print(f"[single_download] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def vm_hwm_mib(pid: int) -> float | None:
@@ -173,7 +165,7 @@ def timed(cmd: list[str], what: str) -> float:
 def fetch_checked(run: Callable[[], float], out: Path, want: str, what: str) -> float:
     out.unlink(missing_ok=True)
     elapsed = run()
-    got = sha256_file(out) if out.exists() else "(no file)"
+    got = file_digest(out).value if out.exists() else "(no file)"
     out.unlink(missing_ok=True)
     if got != want:
         raise BenchError(f"{what}: sha256 {got} != {want}")

@@ -6,7 +6,6 @@ distinct files, so each checks its own task.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB, default_piece_length
 from dfly.devtools.origin import Origin, make_file
 
@@ -71,14 +71,6 @@ def dfget(member: Member, url: str, out: Path, *extra: str) -> subprocess.Comple
     )
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def network_bytes(stats: dict[str, object]) -> int:
     downloaded = stats["download_bytes"]
     assert isinstance(downloaded, dict)
@@ -100,7 +92,7 @@ def test_swarm_of_three_peers_shares_one_origin_copy(
         _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
         assert proc.returncode == 0, err
     for peer in cluster.peers:
-        assert sha256(tmp_path / f"out-{peer.name}") == digest
+        assert file_digest(tmp_path / f"out-{peer.name}").value == digest
 
     origin_copies = (origin.bytes_sent - before) / FILE_BYTES
     assert 1.0 <= origin_copies <= 1.1
@@ -129,7 +121,7 @@ def test_second_download_reads_nothing_from_the_network(
     origin_before = origin.bytes_sent
     result = dfget(peer, url, tmp_path / "second")
     assert result.returncode == 0, result.stderr
-    assert sha256(tmp_path / "second") == digest
+    assert file_digest(tmp_path / "second").value == digest
     stats_after = query_stats(peer.socket or "")
     assert network_bytes(stats_after) == network_bytes(stats_before)
     assert origin.bytes_sent == origin_before
@@ -145,10 +137,10 @@ def test_editing_the_output_does_not_change_the_cache(
     with open(out, "r+b") as f:
         f.write(b"scribbled over by the user")
     assert dfget(peer, url, tmp_path / "fresh").returncode == 0
-    assert sha256(tmp_path / "fresh") == digest
+    assert file_digest(tmp_path / "fresh").value == digest
     other = cluster.peers[2]  # and other peers get the original bytes from this cache
     assert dfget(other, url, tmp_path / "other").returncode == 0
-    assert sha256(tmp_path / "other") == digest
+    assert file_digest(tmp_path / "other").value == digest
 
 
 def test_daemon_killed_and_restarted_still_serves_its_finished_task(
@@ -161,12 +153,12 @@ def test_daemon_killed_and_restarted_still_serves_its_finished_task(
     cluster.restart_member(holder.name)
     result = dfget(holder, url, tmp_path / "after-restart")
     assert result.returncode == 0, result.stderr
-    assert sha256(tmp_path / "after-restart") == digest
+    assert file_digest(tmp_path / "after-restart").value == digest
     # Another peer can get it from the restarted holder (or the seed): never from the origin again.
     origin_before = origin.bytes_sent
     result = dfget(fetcher, url, tmp_path / "from-swarm")
     assert result.returncode == 0, result.stderr
-    assert sha256(tmp_path / "from-swarm") == digest
+    assert file_digest(tmp_path / "from-swarm").value == digest
     assert origin.bytes_sent == origin_before
 
 
@@ -223,7 +215,7 @@ def test_dfget_options_reach_the_task_and_the_origin(
         f"sha256:{digest}",
     )
     assert result.returncode == 0, result.stderr
-    assert sha256(tmp_path / "a") == digest
+    assert file_digest(tmp_path / "a").value == digest
     requests = [r for r in origin.request_log() if r.path.startswith("/options.bin")]
     assert requests
     assert all(r.headers.get("X-Test-Header") == "hello" for r in requests)

@@ -12,7 +12,6 @@ or any digest mismatches.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from dfly.cluster import ClusterError, LocalCluster, Member, dfget_command, query_stats
+from dfly.common.digest import file_digest
 
 MiB = 1024 * 1024
 
@@ -39,14 +39,6 @@ class Row:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download(peer: Member, url: str, out: Path, want_sha: str) -> Row:
     cmd = [*dfget_command(), "-e", str(peer.socket), url, "-O", str(out), "--no-progress"]
     started = time.monotonic()
@@ -58,7 +50,7 @@ def _download(peer: Member, url: str, out: Path, want_sha: str) -> Row:
     elif not out.exists():
         row.ok, row.note = False, "dfget exited 0 but wrote no file"
     else:
-        got = sha256_file(out)
+        got = file_digest(out).value
         row.ok = got == want_sha
         row.note = "sha256 ok" if row.ok else f"sha256 MISMATCH {got[:16]}…"
     return row

@@ -8,6 +8,7 @@ written `algorithm:value`: sha256 / sha512 in lower-case hex, crc32 as a decimal
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 from dfly.common.errors import UsageError
@@ -67,3 +68,14 @@ class FileHasher:
         if self._hash is None:
             return Digest("crc32", str(self._crc & 0xFFFFFFFF))
         return Digest(self.algorithm, self._hash.hexdigest())
+
+
+def file_digest(
+    path: str | os.PathLike[str], algorithm: str = "sha256", chunk_bytes: int = 4 << 20
+) -> Digest:
+    """The whole-file digest of the file at `path` (raises OSError when it cannot be read)."""
+    hasher = FileHasher(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            hasher.update(chunk)
+    return hasher.digest()

@@ -274,4 +274,4 @@ def test_started_moves_a_child_from_received_to_running(harness: Harness) -> Non
     child = harness.engine.cluster.peers["peer-b"]
     assert child.state is PeerState.RECEIVED  # parents handed out, nothing downloaded yet
     assert harness.do(PeerStarted("peer-b")) == []
-    assert child.state is PeerState.RUNNING
+    assert harness.engine.cluster.peers["peer-b"].state is PeerState.RUNNING
