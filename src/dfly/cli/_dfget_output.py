@@ -126,21 +126,12 @@ class OutputFile:
 
     def verify(self, expected: Digest) -> None:
         """Raise DigestMismatch unless the temporary file's bytes have the expected digest."""
-        from dfly.common.digest import FileHasher
+        from dfly.common.digest import file_digest
 
-        hasher = FileHasher(expected.algorithm)
         try:
-            fd = os.open(self.tmp_path, os.O_RDONLY | os.O_CLOEXEC)
+            got = file_digest(self.tmp_path, expected.algorithm)
         except OSError as exc:
             raise StorageError(f"cannot read {self.tmp_path}: {_reason(exc)}") from None
-        try:
-            offset = 0
-            while chunk := os.pread(fd, _READ_CHUNK, offset):
-                hasher.update(chunk)
-                offset += len(chunk)
-        finally:
-            os.close(fd)
-        got = hasher.digest()
         if got.value != expected.value:
             raise DigestMismatch(f"digest mismatch: expected {expected} got {got}")
 
