@@ -1,0 +1,64 @@
+"""The control service (port 4000) makes a daemon fetch, so only trusted schedulers may call it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from dfly.api import daemon_pb2 as dpb
+from dfly.api import daemon_pb2_grpc as dpb_grpc
+from dfly.api import scheduler_pb2 as pb
+from dfly.daemon.conductor import TaskRequest
+from dfly.daemon.services import ControlService, peer_ip
+
+pytestmark = pytest.mark.integration
+
+
+async def call_download_task(trusted: list[str]) -> tuple[grpc.StatusCode | None, list[TaskRequest]]:
+    triggered: list[TaskRequest] = []
+
+    def trigger(request: TaskRequest) -> str:
+        triggered.append(request)
+        return "t" * 64
+
+    server = grpc.aio.server()
+    dpb_grpc.add_DfdaemonControlServicer_to_server(ControlService(trusted, trigger), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = dpb_grpc.DfdaemonControlStub(channel)
+            request = dpb.DownloadTaskRequest(download=pb.Download(url="http://origin.example/f"))
+            try:
+                reply = await stub.DownloadTask(request, timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code(), triggered
+            assert reply.accepted
+            assert reply.task_id == "t" * 64
+            return None, triggered
+    finally:
+        await server.stop(0)
+
+
+def test_untrusted_caller_is_refused_and_nothing_is_fetched() -> None:
+    code, triggered = asyncio.run(call_download_task(["192.0.2.10"]))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert triggered == []
+
+
+def test_trusted_scheduler_triggers_a_back_to_source_download() -> None:
+    code, triggered = asyncio.run(call_download_task(["127.0.0.1"]))
+    assert code is None
+    [request] = triggered
+    assert request.url == "http://origin.example/f"
+    assert request.need_back_to_source
+
+
+@pytest.mark.parametrize(
+    ("peer", "ip"),
+    [("ipv4:127.0.0.1:5555", "127.0.0.1"), ("ipv6:[::1]:5555", "::1"), ("unix:/tmp/x", "")],
+)
+def test_peer_ip(peer: str, ip: str) -> None:
+    assert peer_ip(peer) == ip
