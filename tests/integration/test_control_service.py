@@ -10,8 +10,8 @@ import pytest
 from dfly.api import daemon_pb2 as dpb
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
-from dfly.daemon.conductor import TaskRequest
 from dfly.daemon.services import ControlService, peer_ip
+from dfly.daemon.task_request import TaskRequest
 
 pytestmark = pytest.mark.integration
 

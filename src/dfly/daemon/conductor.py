@@ -21,51 +21,26 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, DigestMismatch, DownloadTimeout, NoParents, SourceError
-from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, HostId, peer_id
+from dfly.common.ids import HostId, peer_id
 from dfly.daemon.back_to_source import BackToSource
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import Layout, TaskState
 from dfly.daemon.parents import ParentSet
 from dfly.daemon.storage import TaskMeta
+from dfly.daemon.task_request import TaskRequest
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
 VERDICT_TIMEOUT_S = 30.0
 MORE_PARENTS_INTERVAL_S = 0.5
-
-
-@dataclass(frozen=True)
-class TaskRequest:
-    url: str
-    tag: str = ""
-    application: str = ""
-    filtered_query_params: tuple[str, ...] = DEFAULT_FILTERED_QUERY_PARAMS
-    headers: dict[str, str] = field(default_factory=dict)
-    piece_length: int | None = None
-    timeout_s: float = 7200.0
-    disable_back_to_source: bool = False
-    need_back_to_source: bool = False
-
-    def to_proto(self) -> pb.Download:
-        return pb.Download(
-            url=self.url,
-            tag=self.tag,
-            application=self.application,
-            filtered_query_params=list(self.filtered_query_params),
-            request_headers=self.headers,
-            piece_length=self.piece_length or 0,
-            disable_back_to_source=self.disable_back_to_source,
-            timeout_s=self.timeout_s,
-            need_back_to_source=self.need_back_to_source,
-        )
 
 
 @dataclass(frozen=True)

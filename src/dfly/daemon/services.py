@@ -20,8 +20,7 @@ import grpc
 from dfly.api import daemon_pb2 as dpb
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.common.errors import DflyError
-from dfly.common.ids import effective_filters
-from dfly.daemon.conductor import TaskRequest
+from dfly.daemon.task_request import TaskRequest
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +56,8 @@ class ControlService(dpb_grpc.DfdaemonControlServicer):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"{caller or 'caller'} is not a trusted scheduler"
             )
-        d = request.download
         try:
-            task_id = self._trigger(
-                TaskRequest(
-                    url=d.url,
-                    tag=d.tag,
-                    application=d.application,
-                    filtered_query_params=tuple(d.filtered_query_params) or effective_filters(),
-                    headers=dict(d.request_headers),
-                    piece_length=d.piece_length or None,
-                    timeout_s=d.timeout_s or 10 * 3600.0,
-                    need_back_to_source=True,
-                )
-            )
+            task_id = self._trigger(TaskRequest.seed_trigger(request.download))
         except DflyError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.task_id and request.task_id != task_id:

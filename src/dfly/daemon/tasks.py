@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, StorageError
-from dfly.common.ids import task_id as compute_task_id
-from dfly.daemon.conductor import Conductor, TaskRequest
+from dfly.daemon.conductor import Conductor
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import TaskState
 from dfly.daemon.local_api import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.storage import StoredTask
+from dfly.daemon.task_request import TaskRequest
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +118,7 @@ class TaskManager:
     # -- attaching --------------------------------------------------------------------------------
     def start(self, request: TaskRequest) -> LiveTask:
         """The live task for `request`, with a download attempt running unless it is complete."""
-        tid = compute_task_id(
-            request.url,
-            tag=request.tag,
-            application=request.application,
-            piece_length=request.piece_length,
-            filtered_query_params=request.filtered_query_params,
-        )
+        tid = request.task_id
         live = self._live.get(tid)
         if live is None:
             live = LiveTask(TaskState(tid, request.url))

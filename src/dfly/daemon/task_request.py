@@ -1,0 +1,64 @@
+"""What one download asks for, as the daemon passes it around (local API, seed trigger, conductor).
+
+The task id is computed here and nowhere else in the daemon (`dfly.common.ids.task_id`), from the
+same fields the scheduler's `Download` message carries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dfly.api import scheduler_pb2 as pb
+from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, TaskId, effective_filters, task_id
+
+SEED_TIMEOUT_S = 10 * 3600.0  # a seed trigger without a timeout (Dragonfly's: 10 h)
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    url: str
+    tag: str = ""
+    application: str = ""
+    filtered_query_params: tuple[str, ...] = DEFAULT_FILTERED_QUERY_PARAMS
+    headers: dict[str, str] = field(default_factory=dict)
+    piece_length: int | None = None
+    timeout_s: float = 7200.0
+    disable_back_to_source: bool = False
+    need_back_to_source: bool = False
+
+    @property
+    def task_id(self) -> TaskId:
+        return task_id(
+            self.url,
+            tag=self.tag,
+            application=self.application,
+            piece_length=self.piece_length,
+            filtered_query_params=self.filtered_query_params,
+        )
+
+    def to_proto(self) -> pb.Download:
+        return pb.Download(
+            url=self.url,
+            tag=self.tag,
+            application=self.application,
+            filtered_query_params=list(self.filtered_query_params),
+            request_headers=self.headers,
+            piece_length=self.piece_length or 0,
+            disable_back_to_source=self.disable_back_to_source,
+            timeout_s=self.timeout_s,
+            need_back_to_source=self.need_back_to_source,
+        )
+
+    @classmethod
+    def seed_trigger(cls, download: pb.Download) -> TaskRequest:
+        """The scheduler's DownloadTask: this daemon reads the origin for the swarm."""
+        return cls(
+            url=download.url,
+            tag=download.tag,
+            application=download.application,
+            filtered_query_params=tuple(download.filtered_query_params) or effective_filters(),
+            headers=dict(download.request_headers),
+            piece_length=download.piece_length or None,
+            timeout_s=download.timeout_s or SEED_TIMEOUT_S,
+            need_back_to_source=True,
+        )
