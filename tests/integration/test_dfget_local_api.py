@@ -289,7 +289,6 @@ def test_signals_remove_the_temporary_file(
         while not leftovers(out_dir) or url not in harness.backend.task_paths:
             assert time.monotonic() < deadline, "dfget never started"
             time.sleep(0.02)
-        time.sleep(0.2)
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=10)
     finally:
