@@ -247,3 +247,21 @@ def test_wrong_digest_fails_and_leaves_nothing(cluster: LocalCluster, origin: Or
     assert result.returncode == 1
     assert "digest mismatch" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_dfgets_on_one_peer_share_one_download(
+    cluster: LocalCluster, origin: Origin, tmp_path: Path
+) -> None:
+    url, digest = publish(origin, "shared.bin", 16 * MiB, seed=7)
+    peer = cluster.peers[2]
+    before = network_bytes(query_stats(peer.socket or ""))
+    procs = [
+        subprocess.Popen(dfget_cmd(peer, url, tmp_path / f"out-{i}"), stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
+        assert proc.returncode == 0, err
+    for i in range(2):
+        assert file_digest(tmp_path / f"out-{i}").value == digest
+    assert network_bytes(query_stats(peer.socket or "")) - before == 16 * MiB  # one live task, fetched once
