@@ -265,3 +265,25 @@ def test_two_dfgets_on_one_peer_share_one_download(
     for i in range(2):
         assert file_digest(tmp_path / f"out-{i}").value == digest
     assert network_bytes(query_stats(peer.socket or "")) - before == 16 * MiB  # one live task, fetched once
+
+
+def test_without_the_seed_one_peer_reads_the_origin_for_the_others(
+    cluster: LocalCluster, origin: Origin, tmp_path: Path
+) -> None:
+    """Runs last: it stops the seed. The scheduler sees the seed's keepalive drop and sends one peer
+    to the origin; the others get the file from it."""
+    cluster.kill_member("seed")
+    url, digest = publish(origin, "seedless.bin", 8 * MiB, seed=8)
+    before = origin.bytes_sent
+    procs = [
+        subprocess.Popen(
+            dfget_cmd(peer, url, tmp_path / f"out-{peer.name}"), stderr=subprocess.PIPE, text=True
+        )
+        for peer in cluster.peers
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
+        assert proc.returncode == 0, err
+    for peer in cluster.peers:
+        assert file_digest(tmp_path / f"out-{peer.name}").value == digest
+    assert (origin.bytes_sent - before) / (8 * MiB) <= 1.1
