@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.2
 VERDICT_TIMEOUT_S = 30.0
-MORE_PARENTS_INTERVAL_S = 0.5
+MORE_PARENTS_INTERVAL_S = 1.0  # a fallback: the scheduler pushes new parents as they appear
 
 
 @dataclass(frozen=True)

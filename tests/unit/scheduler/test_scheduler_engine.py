@@ -229,7 +229,7 @@ def test_reschedule_blocks_the_reported_parent(harness: Harness) -> None:
 def test_more_parents_offers_only_new_parents_and_never_gives_up() -> None:
     from dfly.scheduler.core.messages import RescheduleRequested
 
-    harness = Harness(EngineConfig(back_to_source_limit=1))
+    harness = Harness(EngineConfig(back_to_source_limit=1, push_fanout=0))  # the child asks; no push
     for name in ("a", "b", "c"):
         harness.announce(name)
     harness.register("peer-a", "a")
@@ -275,3 +275,20 @@ def test_started_moves_a_child_from_received_to_running(harness: Harness) -> Non
     assert child.state is PeerState.RECEIVED  # parents handed out, nothing downloaded yet
     assert harness.do(PeerStarted("peer-b")) == []
     assert harness.engine.cluster.peers["peer-b"].state is PeerState.RUNNING
+
+
+def test_a_peer_with_its_first_pieces_is_pushed_to_children_short_of_parents() -> None:
+    harness = Harness(EngineConfig(back_to_source_limit=1, push_fanout=4))
+    for name in ("a", "b", "c", "d"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a")
+    for child in ("b", "c", "d"):
+        [answer] = of_type(harness.register(f"peer-{child}", child), SendCandidateParents)
+        assert [p.peer_id for p in answer.parents] == ["peer-a"]  # one parent of three: hungry
+    commands = harness.pieces("peer-b", 0, parent="peer-a")
+    pushed = {c.peer_id: [p.peer_id for p in c.parents] for c in of_type(commands, SendCandidateParents)}
+    assert pushed == {"peer-c": ["peer-b"], "peer-d": ["peer-b"]}  # never to itself
+    assert set(harness.engine.cluster.peers["peer-c"].parent_ids) == {"peer-a", "peer-b"}
+    # Later batches of the same peer push nothing more (only its first pieces make it a new parent).
+    assert not of_type(harness.pieces("peer-b", 1, parent="peer-a"), SendCandidateParents)

@@ -76,6 +76,7 @@ class Cluster:
         drop_parents(peer, task, self.hosts)
         drop_children(peer, task, self.hosts)
         task.parent_pool.discard(peer.peer_id)
+        task.hungry.discard(peer.peer_id)
         task.waiting.pop(peer.peer_id, None)
         task.origin_readers.discard(peer.peer_id)
         task.seed_readers.discard(peer.peer_id)

@@ -40,5 +40,8 @@ class EngineConfig(StrictModel):
     source_start_timeout_s: float = Field(default=10.0, ge=0)
     unreachable_reports: int = Field(default=2, ge=1)  # distinct children reporting a host unreachable
     unreachable_suspend_s: float = Field(default=60.0, gt=0)  # how long such a host is not offered
+    # A peer that just got its first pieces is offered to this many children that have fewer parents
+    # than candidate_parent_limit (sampled; O(1) per event, never O(peers of the task)).
+    push_fanout: int = Field(default=4, ge=0, le=100)
     topology: Literal["mesh", "dag"] = "mesh"
     weights: EvaluatorWeights = EvaluatorWeights()

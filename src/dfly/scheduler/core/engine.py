@@ -165,6 +165,7 @@ class SchedulerEngine:
         if first_pieces and peer.active:
             task.parent_pool.add(peer.peer_id)
             commands.extend(self.scheduler.schedule_waiting(task, now))
+            commands.extend(self.scheduler.push_new_parent(peer, task, now))
         return commands
 
     def _finished(self, peer: Peer, task: Task, event: PeerFinished) -> list[Command]:
@@ -173,6 +174,7 @@ class SchedulerEngine:
             self._succeed(peer, task, len(event.piece_digests))
             return [SendFinishVerdict(peer.peer_id, accepted=True), *self._recheck_verdicts(task)]
         peer.finish_digests = event.piece_digests
+        task.hungry.discard(peer.peer_id)
         task.pending_verdicts.add(peer.peer_id)
         return self._recheck_verdicts(task)
 

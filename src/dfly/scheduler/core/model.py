@@ -154,6 +154,7 @@ class Task:
     layout: TaskLayout | None = None
     peers: dict[str, Peer] = field(default_factory=dict)
     parent_pool: IndexedSet = field(default_factory=IndexedSet)  # peers that may serve pieces
+    hungry: IndexedSet = field(default_factory=IndexedSet)  # downloading with fewer parents than allowed
     waiting: dict[str, None] = field(default_factory=dict)  # ordered set of peers needing parents
     origin_readers: set[str] = field(default_factory=set)  # seeds included
     seed_readers: set[str] = field(default_factory=set)  # the subset that are triggered seeds

@@ -79,7 +79,37 @@ class ParentScheduler:
         if not parents:
             return []
         add_parents(peer, parents, task, self._cluster.hosts, keep=self._config.candidate_parent_limit)
+        self._track_hunger(peer, task)
         return [SendCandidateParents(peer.peer_id, task.layout, self._describe(parents))]
+
+    def push_new_parent(self, parent: Peer, task: Task, now: float) -> list[Command]:
+        """A peer just became usable: offer it to a few children holding fewer parents than allowed."""
+        parent_host = self._cluster.hosts.get(parent.host_id)
+        if parent_host is None or task.layout is None:
+            return []
+        commands: list[Command] = []
+        limit = self._config.candidate_parent_limit
+        for child_id in task.hungry.sample(self._rng, self._config.push_fanout):
+            child = task.peers.get(child_id)
+            if child is None or not child.active or child.waiting or child.reads_origin:
+                task.hungry.discard(child_id)
+                continue
+            child_host = self._cluster.hosts.get(child.host_id)
+            if child_id == parent.peer_id or parent.peer_id in child.parent_ids or child_host is None:
+                continue
+            context = FilterContext(child, child_host, now, dag=self._config.topology == "dag")
+            if rejection_reason(context, parent, parent_host) is not None:
+                continue
+            add_parents(child, [parent], task, self._cluster.hosts, keep=limit)
+            self._track_hunger(child, task)
+            commands.append(SendCandidateParents(child_id, task.layout, self._describe([parent])))
+        return commands
+
+    def _track_hunger(self, child: Peer, task: Task) -> None:
+        if len(child.parent_ids) < self._config.candidate_parent_limit:
+            task.hungry.add(child.peer_id)
+        else:
+            task.hungry.discard(child.peer_id)
 
     def next_deadline(self) -> float | None:
         while self._retries:
@@ -182,6 +212,7 @@ class ParentScheduler:
         assert task.layout is not None  # find_parents returns nothing without a layout
         self._stop_waiting(child, task)
         set_parents(child, parents, task, self._cluster.hosts)  # RUNNING once it says `started`
+        self._track_hunger(child, task)
         if task.state is TaskState.PENDING:
             task.state = TaskState.RUNNING
         return SendCandidateParents(child.peer_id, task.layout, self._describe(parents))
