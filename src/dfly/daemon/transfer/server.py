@@ -107,6 +107,8 @@ async def sendfile_range(
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # the thread's error (EPIPE after the shutdown) is expected: retrieve it
         raise
 
 
