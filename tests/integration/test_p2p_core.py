@@ -71,6 +71,21 @@ def dfget(member: Member, url: str, out: Path, *extra: str) -> subprocess.Comple
     )
 
 
+def dfget_at_once(peers: list[Member], url: str, digest: str, out_dir: Path) -> None:
+    """dfget on every peer at the same time; each must succeed with the expected bytes."""
+    procs = [
+        subprocess.Popen(
+            dfget_cmd(peer, url, out_dir / f"out-{peer.name}"), stderr=subprocess.PIPE, text=True
+        )
+        for peer in peers
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
+        assert proc.returncode == 0, err
+    for peer in peers:
+        assert file_digest(out_dir / f"out-{peer.name}").value == digest
+
+
 def network_bytes(stats: dict[str, object]) -> int:
     downloaded = stats["download_bytes"]
     assert isinstance(downloaded, dict)
@@ -82,17 +97,7 @@ def test_swarm_of_three_peers_shares_one_origin_copy(
 ) -> None:
     url, digest = publish(origin, "swarm.bin", FILE_BYTES, seed=1)
     before = origin.bytes_sent
-    procs = [
-        subprocess.Popen(
-            dfget_cmd(peer, url, tmp_path / f"out-{peer.name}"), stderr=subprocess.PIPE, text=True
-        )
-        for peer in cluster.peers
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
-        assert proc.returncode == 0, err
-    for peer in cluster.peers:
-        assert file_digest(tmp_path / f"out-{peer.name}").value == digest
+    dfget_at_once(cluster.peers, url, digest, tmp_path)
 
     origin_copies = (origin.bytes_sent - before) / FILE_BYTES
     assert 1.0 <= origin_copies <= 1.1
@@ -275,15 +280,5 @@ def test_without_the_seed_one_peer_reads_the_origin_for_the_others(
     cluster.kill_member("seed")
     url, digest = publish(origin, "seedless.bin", 8 * MiB, seed=8)
     before = origin.bytes_sent
-    procs = [
-        subprocess.Popen(
-            dfget_cmd(peer, url, tmp_path / f"out-{peer.name}"), stderr=subprocess.PIPE, text=True
-        )
-        for peer in cluster.peers
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
-        assert proc.returncode == 0, err
-    for peer in cluster.peers:
-        assert file_digest(tmp_path / f"out-{peer.name}").value == digest
+    dfget_at_once(cluster.peers, url, digest, tmp_path)
     assert (origin.bytes_sent - before) / (8 * MiB) <= 1.1
