@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -314,7 +314,38 @@ class Testbed:
     def run_dfget(
         self, hosts: Sequence[int] | None, url: str, timeout_s: float = 120.0, run: str = "run"
     ) -> list[float]:
-        """dfget `url` on the hosts (indices; all if None) at once; seconds from t0 to each exit.
+        """dfget `url` on the hosts (indices; all if None) at once; seconds from t0 to each exit."""
+
+        def dfget(node: Node, out: Path) -> list[str]:
+            return [
+                sys.executable,
+                "-m",
+                "dfly.cli.dfget",
+                "-e",
+                str(node.socket),
+                "--no-progress",
+                url,
+                "-O",
+                str(out),
+            ]
+
+        return self.run_clients(hosts, url, dfget, f"dfget-{run}", timeout_s)
+
+    def run_curl(self, hosts: Sequence[int] | None, url: str, timeout_s: float = 120.0) -> list[float]:
+        """Plain HTTP baseline: `curl -o` from the origin on the hosts at once."""
+        return self.run_clients(
+            hosts, url, lambda _node, out: ["curl", "-sf", "-o", str(out), url], "curl", timeout_s
+        )
+
+    def run_clients(
+        self,
+        hosts: Sequence[int] | None,
+        url: str,
+        command: Callable[[Node, Path], list[str]],
+        label: str,
+        timeout_s: float = 120.0,
+    ) -> list[float]:
+        """Run one client per host at once; seconds from t0 to each exit.
 
         t0 is taken just before the first client is launched; all are launched, then waited for
         (pidfds). Every output's sha256 must equal the origin file's (if added with add_file); a failed
@@ -322,21 +353,25 @@ class Testbed:
         """
         indices = list(range(self.n_hosts)) if hosts is None else list(hosts)
         name = url.rsplit("/", 1)[-1]
-        outs = [self.dir / self.hosts[i].name / f"{run}-{name}" for i in indices]
+        outs = [self.dir / self.hosts[i].name / f"{label}-{name}" for i in indices]
         procs: list[subprocess.Popen[bytes]] = []
         t0 = time.monotonic()
         for i, out in zip(indices, outs, strict=True):
-            argv = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(self.hosts[i].socket), "--no-progress",
-                    url, "-O", str(out)]  # fmt: skip
-            procs.append(self.spawn(self.hosts[i], argv, f"dfget-{run}-h{i}"))
+            procs.append(self.spawn(self.hosts[i], command(self.hosts[i], out), f"{label}-h{i}"))
         ends = wait_exits(procs, t0 + timeout_s)
         for i, proc, out, end in zip(indices, procs, outs, ends, strict=True):
             if end is None or proc.returncode != 0:
-                log = self.tail(f"dfget-{run}-h{i}")
-                raise TestbedError(f"dfget on h{i} failed ({proc.returncode}):\n{log}")
+                raise TestbedError(
+                    f"{label} on h{i} failed ({proc.returncode}):\n{self.tail(f'{label}-h{i}')}"
+                )
             if name in self._sha and (sha := _sha256(out)) != self._sha[name]:
                 raise TestbedError(f"h{i}: sha256 {sha} != origin's {self._sha[name]}")
         return [end - t0 for end in ends if end is not None]
+
+    def dfly_pids(self) -> list[int]:
+        """Scheduler, seed and daemons (the dfly side of `cpu_s`; clients are counted by the caller)."""
+        dfly = {self.scheduler.name, self.seed.name, *(host.name for host in self.hosts)}
+        return [proc.pid for name, proc in self.procs if name in dfly and proc.poll() is None]
 
     def origin_bytes(self) -> int:
         """Body bytes the origin has sent (nginx's access log of $body_bytes_sent, or `GET /_stats`)."""
