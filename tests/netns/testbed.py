@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ from types import FrameType, TracebackType
 from typing import Any
 
 import yaml
+
+from dfly.common.digest import file_digest
 
 from .netns import (
     PAYLOAD_FRACTION,
@@ -308,7 +309,7 @@ class Testbed:
         with open(self.origin_root / name, "wb") as f:
             for off in range(0, size, 1 << 20):
                 f.write(os.urandom(min(1 << 20, size - off)))
-        self._sha[name] = _sha256(self.origin_root / name)
+        self._sha[name] = file_digest(self.origin_root / name).value
         return f"http://{self.origin.ip}:{self.origin_port}/{name}", self._sha[name]
 
     def run_dfget(
@@ -364,7 +365,7 @@ class Testbed:
                 raise TestbedError(
                     f"{label} on h{i} failed ({proc.returncode}):\n{self.tail(f'{label}-h{i}')}"
                 )
-            if name in self._sha and (sha := _sha256(out)) != self._sha[name]:
+            if name in self._sha and (sha := file_digest(out).value) != self._sha[name]:
                 raise TestbedError(f"h{i}: sha256 {sha} != origin's {self._sha[name]}")
         return [end - t0 for end in ends if end is not None]
 
@@ -380,11 +381,6 @@ class Testbed:
         code = "import sys,urllib.request as u;sys.stdout.write(u.urlopen(sys.argv[1]).read().decode())"
         argv = [sys.executable, "-c", code, f"http://{self.origin.ip}:{self.origin_port}/_stats"]
         return int(json.loads(sh("ip", "netns", "exec", self.origin.ns, *argv).stdout)["bytes_sent"])
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # One nginx process (no master, so nothing outlives it), sendfile, an access log of body bytes only.
