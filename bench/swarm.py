@@ -1,19 +1,32 @@
 """Swarm benchmark on namespaced hosts with capped links (issue 3): one JSON line per system.
 
-`bench/swarm.py --hosts N --file-mib F --rate-mbit R [--origin-rate-mbit R_o] [--systems dfly,http]`
-builds a fresh `tests/netns` testbed per system (root), puts one file on the nginx origin (the dfly
-devtools origin when nginx is missing), starts every client at once and prints, per system:
-`system, hosts, file_bytes, rate_mbit, origin_rate_mbit, p50_s, p95_s, max_s, t_min_s, t_min_wire_s,
-p95_over_tmin, max_over_tmin, origin_copies, cpu_s, sha_ok, client`.
+`bench/swarm.py --hosts N --file-mib F --rate-mbit R [--origin-rate-mbit R_o] [--delay-ms D]
+[--systems dfly,http,bittorrent] [--stagger-s S] [--files K]` builds a fresh `tests/netns` testbed per
+system (root), puts K random files of F/K MiB on the nginx origin (the dfly devtools origin when nginx
+is missing), starts every host's clients and prints, per system: `system, hosts, file_bytes, files,
+stagger_s, rate_mbit, origin_rate_mbit, p50_s, p95_s, max_s, t_min_s, t_min_wire_s, p95_over_tmin,
+max_over_tmin, origin_copies, cpu_s, sha_ok, client` (`client`: the exact client command lines).
 
-Rules: T_min = max(F/R_o, F/R, N·F/(R_o + N·R)) at TCP payload rate (wire × 1448/1514; `t_min_wire_s`
-at wire rate); a host's time is its client's exit minus t0, taken just before the first client is
-launched; percentiles by linear interpolation; `origin_copies` = the origin's body bytes ÷ F;
+Systems: dfly (scheduler, seed peer at R_o, one dfdaemon per host; one `dfget` per file per host, all
+at once), http (one `curl` per file per host from the origin) and bittorrent (tests/netns/bittorrent.py:
+opentracker, an aria2c seeder in the seed namespace at R_o, one aria2c per host with one torrent per
+file). The baselines' testbeds run no dfly processes.
+Rules: host i starts its clients at t0 + i·S (t0 just before the first launch) and its time runs from
+that start to its last file's completion (dfly/http: the client's exit; bittorrent: aria2c's
+download-complete hook); p50/p95/max of these by linear interpolation. T_min = max(F/R_o, F/R,
+N·F/(R_o + N·R)) for the F total at TCP payload rate (wire × 1448/1514; `t_min_wire_s` at wire rate);
+the swarm term never exceeds F/R, so T_min is also the bound of one host alone, the right one for
+staggered hosts. `origin_copies` = bytes the origin sent ÷ F: nginx's body bytes for dfly and http;
+for bittorrent, whose origin is its seeder, the seeder's upload as counted by aria2c (piece payload).
 `cpu_s` = CPU seconds of the system's own processes during the run (dfly: scheduler, seed, daemons and
-dfget clients; http: the curl clients; the origin is common to both and not counted). Exits non-zero
-with the reason when it cannot run; never prints a partial or made-up result. Not built yet (refused
-with exit 2): the BitTorrent baseline, `--delay-ms` (no netem on these machines), `--stagger-s`,
-`--files`.
+dfget clients; http: the curl clients; bittorrent: tracker, seeder and leechers; the nginx origin is
+not counted). Validity: in the reference scenarios of testbed-notes.md (8 hosts × 64 MiB × 100 Mbit/s
+and 16 × 64 MiB × 50 Mbit/s, R_o = R, one file, no stagger) a run with bittorrent whose p95/T_min lies
+outside 1.5–2.6 or whose origin copies lie outside 1.2–1.7 is invalid: exit 3 and no figures for any
+system (without bittorrent in --systems nothing is checked). Exit codes: 0 figures printed; 1 could not
+run (reason on stderr; never a partial result); 2 bad arguments; 3 invalid run; 4 skipped: --delay-ms
+needs sch_netem, which is probed first (these machines have none); with netem present, delay is not
+built yet and exits 2.
 """
 
 from __future__ import annotations
@@ -28,23 +41,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from netns.netns import TestbedError
+from netns.bittorrent import missing_tools, run_bittorrent
+from netns.netns import TestbedError, netem_missing, process_cpu_s
 from netns.testbed import Testbed, percentile, t_min_s
 
-SYSTEMS = ("dfly", "http")
-
-
-def process_cpu_s(pids: list[int]) -> float:
-    """utime + stime of live processes, from /proc/PID/stat."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+SYSTEMS = ("dfly", "http", "bittorrent")
+MIB = 1024 * 1024
+# (hosts, file MiB, R, R_o) -> bittorrent's valid (p95/T_min, origin copies) ranges (issue 3, testbed-notes)
+REFERENCE = {(8, 64, 100.0, 100.0): ((1.5, 2.6), (1.2, 1.7)), (16, 64, 50.0, 50.0): ((1.5, 2.6), (1.2, 1.7))}
+EXIT_FAILED, EXIT_USAGE, EXIT_INVALID, EXIT_SKIPPED = 1, 2, 3, 4
 
 
 def children_cpu_s() -> float:
@@ -52,25 +57,43 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
-    file_bytes = args.file_mib * 1024 * 1024
-    origin_rate = args.origin_rate_mbit or args.rate_mbit
-    with Testbed(hosts=args.hosts, rate_mbit=args.rate_mbit, origin_rate_mbit=origin_rate) as bed:
-        url, _ = bed.add_file(f"blob-{args.file_mib}m", file_bytes)
-        dfly_pids = bed.dfly_pids() if system == "dfly" else []
+def measure(system: str, args: argparse.Namespace) -> tuple[list[float], float, float, str]:
+    """Run one system in a fresh testbed: (per-host seconds, origin bytes ÷ F, cpu_s, client)."""
+    file_bytes, origin_rate = args.file_mib * MIB, args.origin_rate_mbit or args.rate_mbit
+    t_min = t_min_s(file_bytes, args.hosts, args.rate_mbit, origin_rate)
+    timeout_s = 60 + 3 * args.hosts * t_min  # plain HTTP needs ~N·T_min
+    with Testbed(args.hosts, args.rate_mbit, origin_rate, start_dfly=system == "dfly") as bed:
+        suffix = [f"-{k}" for k in range(args.files)] if args.files > 1 else [""]
+        urls = [bed.add_file(f"blob-{args.file_mib}m{s}", file_bytes // args.files)[0] for s in suffix]
+        if system == "bittorrent":
+            names = [url.rsplit("/", 1)[-1] for url in urls]
+            swarm = run_bittorrent(bed, names, stagger_s=args.stagger_s, timeout_s=timeout_s)
+            return swarm.times, swarm.seeder_upload_bytes / file_bytes, swarm.cpu_s, swarm.client
+        dfly_pids = bed.dfly_pids()
         cpu_before = process_cpu_s(dfly_pids) + children_cpu_s()
         origin_before = bed.origin_bytes()
+        each = f" ({args.files} per host at once)" if args.files > 1 else ""
         if system == "dfly":
-            times, client = bed.run_dfget(None, url), "dfget --no-progress URL -O OUT"
+            times = bed.run_dfget(None, urls, timeout_s, stagger_s=args.stagger_s)
+            client = f"python -m dfly.cli.dfget -e SOCKET --no-progress URL -O OUT{each}"
         else:
-            times, client = bed.run_curl(None, url), "curl -sf -o OUT URL"
+            times = bed.run_curl(None, urls, timeout_s, stagger_s=args.stagger_s)
+            client = f"curl -sf -o OUT URL{each}"
+        bed.check_alive()
         cpu_s = process_cpu_s(dfly_pids) + children_cpu_s() - cpu_before
-        copies = (bed.origin_bytes() - origin_before) / file_bytes
+        return times, (bed.origin_bytes() - origin_before) / file_bytes, cpu_s, client
+
+
+def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
+    times, copies, cpu_s, client = measure(system, args)
+    file_bytes, origin_rate = args.file_mib * MIB, args.origin_rate_mbit or args.rate_mbit
     t_min = t_min_s(file_bytes, args.hosts, args.rate_mbit, origin_rate)
     return {
         "system": system,
         "hosts": args.hosts,
         "file_bytes": file_bytes,
+        "files": args.files,
+        "stagger_s": args.stagger_s,
         "rate_mbit": args.rate_mbit,
         "origin_rate_mbit": origin_rate,
         "p50_s": round(percentile(times, 50), 3),
@@ -82,40 +105,70 @@ def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
         "max_over_tmin": round(max(times) / t_min, 3),
         "origin_copies": round(copies, 4),
         "cpu_s": round(cpu_s, 2),
-        "sha_ok": True,  # run_dfget / run_curl raise on any mismatch
+        "sha_ok": True,  # every output was checked; a mismatch raises before any figure exists
         "client": client,
     }
+
+
+def invalid_reason(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
+    """Why this run is invalid by the reference bands ("" if valid or not a reference scenario)."""
+    origin_rate = args.origin_rate_mbit or args.rate_mbit
+    bands = REFERENCE.get((args.hosts, args.file_mib, args.rate_mbit, origin_rate))
+    if bands is None or args.files != 1 or args.stagger_s:
+        return ""
+    (p95_lo, p95_hi), (copies_lo, copies_hi) = bands
+    for result in (r for r in results if r["system"] == "bittorrent"):
+        p95, copies = result["p95_over_tmin"], result["origin_copies"]
+        if not (p95_lo <= p95 <= p95_hi and copies_lo <= copies <= copies_hi):
+            return (f"bittorrent p95/T_min {p95} (valid {p95_lo}–{p95_hi}) or origin copies {copies} "
+                    f"(valid {copies_lo}–{copies_hi}) is outside the reference band")  # fmt: skip
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="dfly swarm benchmark in network namespaces (root)")
     parser.add_argument("--hosts", type=int, default=8)
-    parser.add_argument("--file-mib", type=int, default=64)
+    parser.add_argument("--file-mib", type=int, default=64, help="total MiB per host (split by --files)")
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--origin-rate-mbit", type=float, default=None)
     parser.add_argument("--systems", default="dfly,http")
-    parser.add_argument("--delay-ms", type=float, default=0.0)
-    parser.add_argument("--stagger-s", type=float, default=0.0)
-    parser.add_argument("--files", type=int, default=1)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="needs sch_netem (exit 4 without)")
+    parser.add_argument("--stagger-s", type=float, default=0.0, help="host i starts at t0 + i·S")
+    parser.add_argument("--files", type=int, default=1, help="K files of F/K MiB, all fetched at once")
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown:
-        parser.error(f"systems {unknown} are not built yet (available: {', '.join(SYSTEMS)})")
-    if args.delay_ms:
-        parser.error("--delay-ms needs netem, which this machine's kernel does not have")
-    if args.stagger_s or args.files != 1:
-        parser.error("--stagger-s and --files are not built yet")
+    if unknown := [s for s in systems if s not in SYSTEMS]:
+        parser.error(f"unknown systems {unknown} (available: {', '.join(SYSTEMS)})")
+    if args.hosts < 1 or args.files < 1 or args.stagger_s < 0 or args.delay_ms < 0:
+        parser.error("--hosts and --files must be >= 1, --stagger-s and --delay-ms >= 0")
+    if args.file_mib * MIB % args.files:
+        parser.error(f"{args.file_mib} MiB do not split into {args.files} equal files")
     if os.geteuid() != 0:
         print("swarm: needs root for network namespaces", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    if "bittorrent" in systems and (missing := missing_tools()):
+        print(f"swarm: bittorrent needs {', '.join(missing)} (apt-get install aria2 mktorrent opentracker)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
     results = []
     try:
+        if args.delay_ms:
+            if reason := netem_missing(f"dfn{os.getpid():x}x0"):
+                print(f"skipped: --delay-ms needs sch_netem, not in this kernel ({reason})", file=sys.stderr)
+                return EXIT_SKIPPED
+            print("swarm: netem is present but --delay-ms is not built yet", file=sys.stderr)
+            return EXIT_USAGE
         for system in systems:
             results.append(run_system(system, args))
     except (TestbedError, OSError) as exc:
         print(f"swarm: could not run: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("swarm: interrupted; everything was removed", file=sys.stderr)
+        return 130
+    if reason := invalid_reason(args, results):
+        print(f"swarm: invalid run, no figures: {reason}", file=sys.stderr)
+        return EXIT_INVALID
     for result in results:
         print(json.dumps(result), flush=True)
     return 0

@@ -1,9 +1,10 @@
-"""Linux network-namespace plumbing for the testbed: short commands, shaping, reaping, stale cleanup.
+"""Linux network-namespace plumbing for the testbed: nodes, bridge, shaping, short commands, cleanup.
 
 Rules: every name the testbed creates matches `dfn<pid hex>x<seq>…` (`cleanup_stale` removes only
 names whose owning pid is gone); shaping is HTB with one class (rate = ceil, burst ≥ 128 KiB, see
 testbed-notes) and a bfifo leaf of ~QUEUE_S seconds (HTB's default 1000-packet leaf of 64 KiB GSO
-packets held seconds of data and slowed a seed's origin read to 6 s); children are reaped by pidfd.
+packets held seconds of data and slowed a seed's origin read to 6 s); `netem_missing` probes sch_netem
+on `lo` of a throwaway namespace (this project's kernels have none, see testbed-notes).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 import signal
 import subprocess
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 PAYLOAD_FRACTION = 1448 / 1514
 BURST = "256k"  # >= 128 KiB, or the shaper splits veth's 64 KiB GSO packets (CPU x3)
@@ -26,6 +28,20 @@ _PREFIX_RE = re.compile(r"^dfn([0-9a-f]+)x\d")
 
 class TestbedError(RuntimeError):
     """The testbed could not be built, a member failed, or a download was wrong."""
+
+
+@dataclass
+class Node:
+    """One namespace: its name, IP, veth ends (`veth_ns` inside, `veth_br` on the bridge) and cap."""
+
+    name: str
+    ns: str
+    ip: str
+    veth_ns: str
+    veth_br: str
+    rate_mbit: float | None
+    ready: dict[str, Any] | None = None  # the scheduler's ready file
+    socket: Path | None = None  # a daemon's local API socket
 
 
 def payload_bytes_per_s(rate_mbit: float) -> float:
@@ -79,29 +95,54 @@ def shape(tc: list[str], dev: str, rate_mbit: float) -> None:
     sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "bfifo", "limit", str(limit))
 
 
-def wait_exits(procs: Sequence[subprocess.Popen[bytes]], deadline: float) -> list[float | None]:
-    """Reap every process as it exits (pidfd + poll): its exit time, None if killed at the deadline."""
-    ends: list[float | None] = [None] * len(procs)
-    fds = {os.pidfd_open(proc.pid): k for k, proc in enumerate(procs)}
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    try:
-        while None in ends and (left := deadline - time.monotonic()) > 0:
-            for fd, _ in poller.poll(left * 1000):
-                ends[fds[fd]] = time.monotonic()
-                procs[fds[fd]].wait()
-                poller.unregister(fd)
-    finally:
-        for fd in fds:
-            os.close(fd)
-        for proc in procs:
-            signal_group(proc, signal.SIGKILL)
-            proc.wait()
-    return ends
-
-
 def signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if proc.poll() is None:
             os.killpg(proc.pid, sig)
+
+
+def netem_missing(prefix: str) -> str:
+    """Why `tc ... netem` cannot be used here ("" if it can): tried on `lo` of namespace PREFIX-netem."""
+    ns = f"{prefix}-netem"
+    sh("ip", "netns", "add", ns)
+    try:
+        probe = sh("tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False)
+        return "" if probe.returncode == 0 else probe.stderr.strip() or f"tc exited {probe.returncode}"
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def process_cpu_s(pids: Sequence[int]) -> float:
+    """utime + stime of live processes (all their threads, not their children), from /proc/PID/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def build_network(bridge: str, nodes: Sequence[Node], probe: Node) -> bool:
+    """The bridge, one namespace + veth pair per node, the caps; returns whether netem works on `probe`."""
+    sh("ip", "link", "add", bridge, "type", "bridge")
+    sh("ip", "link", "set", bridge, "up")
+    for node in nodes:
+        ns, a, b = node.ns, node.veth_ns, node.veth_br
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", b, "type", "veth", "peer", "name", a, "netns", ns)
+        sh("ip", "link", "set", b, "master", bridge, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{node.ip}/16", "dev", a)
+        sh("ip", "-n", ns, "link", "set", a, "up")
+    netem = ("tc", "qdisc", "add", "dev", probe.veth_br, "root", "netem", "delay", "1ms")
+    has_netem = sh(*netem, check=False).returncode == 0  # `probe` (the scheduler) stays uncapped
+    if has_netem:
+        sh("tc", "qdisc", "del", "dev", probe.veth_br, "root")
+    for node in nodes:
+        if node.rate_mbit is not None:
+            shape(["tc"], node.veth_br, node.rate_mbit)
+            shape(["tc", "-n", node.ns], node.veth_ns, node.rate_mbit)
+    return has_netem

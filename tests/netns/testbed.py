@@ -1,7 +1,9 @@
 """Network-namespace testbed: N capped hosts, an origin, a scheduler and a seed peer on one bridge.
 
-Job: build a small data centre in this machine (root), run dfly in it, time `dfget` on every host, then
-remove everything. Used by `tests/netns` and `bench/swarm.py` (see ../shared/reference/testbed-notes.md).
+Job: build a small data centre in this machine (root), run dfly in it (or only the origin, for the
+baselines: start_dfly=False), time clients on every host (`clients.run_staggered`: all at once or
+staggered, several files per host), then remove everything. Used by `tests/netns` and `bench/swarm.py`
+(see ../shared/reference/testbed-notes.md).
 Rules: every name it creates starts with `dfn<pid hex>x<seq>` (cleanup removes exactly that;
 `cleanup_stale()` what a dead earlier run left); addresses in 10.213.0.0/16 on the veth ends only, each
 namespace has just `lo` and its veth end, no default route. Caps: HTB, one class (rate = ceil, burst
@@ -10,7 +12,7 @@ at R, origin and seed at R_o, scheduler uncapped; `has_netem` tells if delay/los
 Children: exec'd by `ip netns exec` (never a fork of this process), own process group, `*_proxy`
 stripped, all reaped; `close()` runs on exit, exception, SIGINT/SIGTERM and atexit, kills what is left
 per namespace (`ip netns pids`) and deletes namespaces and bridge. Every daemon is ready before a clock
-starts; T_min is at TCP payload rate (wire × 1448/1514).
+starts; T_min is at TCP payload rate (wire × 1448/1514). A host dir DIR/<host> holds its outputs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -35,16 +36,17 @@ import yaml
 
 from dfly.common.digest import file_digest
 
+from .clients import run_staggered
 from .netns import (
     PAYLOAD_FRACTION,
+    Node,
     TestbedError,
+    build_network,
     clean_env,
     kill_namespace,
     payload_bytes_per_s,
     sh,
-    shape,
     signal_group,
-    wait_exits,
 )
 
 SUBNET = "10.213"  # a /16 used by nothing else on the project's machines
@@ -59,7 +61,10 @@ Waiting = tuple[str, "subprocess.Popen[bytes]", Path]  # (log name, process, its
 def t_min_s(
     file_bytes: int, hosts: int, rate_mbit: float, origin_rate_mbit: float, *, payload: bool = True
 ) -> float:
-    """max(F/R_o, F/R, N·F/(R_o + N·R)): no swarm can do better (payload rate unless payload=False)."""
+    """max(F/R_o, F/R, N·F/(R_o + N·R)): no swarm can do better (payload rate unless payload=False).
+
+    The swarm term never exceeds F/R, so this is also the bound of one host alone (staggered starts).
+    """
     scale = 1.0 if payload else 1 / PAYLOAD_FRACTION
     r, r_o = payload_bytes_per_s(rate_mbit) * scale, payload_bytes_per_s(origin_rate_mbit) * scale
     return max(file_bytes / r_o, file_bytes / r, hosts * file_bytes / (r_o + hosts * r))
@@ -73,28 +78,14 @@ def percentile(values: Sequence[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
-@dataclass
-class Node:
-    """One namespace: its name, IP, veth ends (`veth_ns` inside, `veth_br` on the bridge) and cap."""
-
-    name: str
-    ns: str
-    ip: str
-    veth_ns: str
-    veth_br: str
-    rate_mbit: float | None
-    ready: dict[str, Any] | None = None  # the scheduler's ready file
-    socket: Path | None = None  # a daemon's local API socket
-
-
 class Testbed:
     """Bridge + origin + scheduler + seed + `hosts` capped host namespaces running dfly.
 
     Context manager: `__enter__` builds the network and starts every process (all ready before it
     returns); `__exit__`/`close()` removes everything (the work dir is kept after a failure or with
-    keep_dir). `add_file(name, size)` puts a random file on the origin; `run_dfget(hosts, url)` times
-    dfget on hosts; `origin_bytes()` is the body bytes the origin sent; `spawn(node, argv, log)` runs
-    anything else inside a namespace.
+    keep_dir). `add_file(name, size)` puts a random file on the origin (its digest in `sha256`);
+    `run_dfget(hosts, urls)` / `run_curl` time dfget / curl on hosts; `origin_bytes()` is the body bytes
+    the origin sent; `spawn(node, argv, log)` runs anything else inside a namespace.
     """
 
     __test__ = False  # not a pytest test class
@@ -110,6 +101,7 @@ class Testbed:
         log_level: str = "warning",
         use_nginx: bool | None = None,
         keep_dir: bool = False,
+        start_dfly: bool = True,
     ) -> None:
         if not 1 <= hosts <= 99:
             raise TestbedError("hosts must be in 1..99")
@@ -118,6 +110,7 @@ class Testbed:
         _SEQ[0] += 1
         self.prefix = prefix or f"dfn{os.getpid():x}x{_SEQ[0]}"  # + 3 characters: <= 15 for a link
         self.ready_timeout_s, self.log_level, self.keep_dir = ready_timeout_s, log_level, keep_dir
+        self.start_dfly = start_dfly
         self.use_nginx = shutil.which("nginx") is not None if use_nginx is None else use_nginx
         self.dir = Path(tempfile.mkdtemp(prefix=self.prefix))
         self.origin_root = self.dir / "www"
@@ -131,9 +124,10 @@ class Testbed:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.scheduler_addr = ""
         self.origin_port = 8080
-        self._sha: dict[str, str] = {}
+        self.sha256: dict[str, str] = {}  # file name on the origin -> hex digest
         self._closed = False
         self._old_handlers: dict[int, Any] = {}
+        self._members = {"origin", *(node.name for node in self.nodes)}  # long-running processes
 
     def _ifname(self, suffix: str) -> str:
         if len(self.prefix + suffix) > IFNAME_MAX:
@@ -154,7 +148,8 @@ class Testbed:
         try:
             self._build_network()
             self._start_origin()
-            self._start_dfly()
+            if self.start_dfly:
+                self._start_dfly()
         except BaseException:
             self.keep_dir = True
             self.close()
@@ -202,24 +197,7 @@ class Testbed:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _build_network(self) -> None:
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        sh("ip", "link", "set", self.bridge, "up")
-        for node in self.nodes:
-            ns, a, b = node.ns, node.veth_ns, node.veth_br
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", b, "type", "veth", "peer", "name", a, "netns", ns)
-            sh("ip", "link", "set", b, "master", self.bridge, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "addr", "add", f"{node.ip}/16", "dev", a)
-            sh("ip", "-n", ns, "link", "set", a, "up")
-        probe = ("tc", "qdisc", "add", "dev", self.scheduler.veth_br, "root", "netem", "delay", "1ms")
-        self.has_netem = sh(*probe, check=False).returncode == 0  # the scheduler stays uncapped
-        if self.has_netem:
-            sh("tc", "qdisc", "del", "dev", self.scheduler.veth_br, "root")
-        for node in self.nodes:
-            if node.rate_mbit is not None:
-                shape(["tc"], node.veth_br, node.rate_mbit)
-                shape(["tc", "-n", node.ns], node.veth_ns, node.rate_mbit)
+        self.has_netem = build_network(self.bridge, self.nodes, probe=self.scheduler)
 
     def spawn(self, node: Node, argv: Sequence[str], log_name: str) -> subprocess.Popen[bytes]:
         """Start `argv` inside `node`'s namespace (exec, own process group, log in DIR/<log_name>.log)."""
@@ -301,7 +279,7 @@ class Testbed:
     def check_alive(self) -> None:
         """Raise if any long-running member (origin, scheduler, daemons) has exited."""
         for name, proc in self.procs:
-            if not name.startswith("dfget") and proc.poll() is not None:
+            if name in self._members and proc.poll() is not None:
                 raise TestbedError(f"{name} exited ({proc.returncode}):\n{self.tail(name)}")
 
     def add_file(self, name: str, size: int) -> tuple[str, str]:
@@ -309,65 +287,75 @@ class Testbed:
         with open(self.origin_root / name, "wb") as f:
             for off in range(0, size, 1 << 20):
                 f.write(os.urandom(min(1 << 20, size - off)))
-        self._sha[name] = file_digest(self.origin_root / name).value
-        return f"http://{self.origin.ip}:{self.origin_port}/{name}", self._sha[name]
+        self.sha256[name] = file_digest(self.origin_root / name).value
+        return f"http://{self.origin.ip}:{self.origin_port}/{name}", self.sha256[name]
 
     def run_dfget(
-        self, hosts: Sequence[int] | None, url: str, timeout_s: float = 120.0, run: str = "run"
+        self,
+        hosts: Sequence[int] | None,
+        urls: str | Sequence[str],
+        timeout_s: float = 120.0,
+        run: str = "run",
+        stagger_s: float = 0.0,
     ) -> list[float]:
-        """dfget `url` on the hosts (indices; all if None) at once; seconds from t0 to each exit."""
+        """dfget every URL on the hosts (indices; all if None), one dfget per URL, all at once per host."""
 
-        def dfget(node: Node, out: Path) -> list[str]:
-            return [
-                sys.executable,
-                "-m",
-                "dfly.cli.dfget",
-                "-e",
-                str(node.socket),
-                "--no-progress",
-                url,
-                "-O",
-                str(out),
-            ]
+        def dfget(node: Node, url: str, out: Path) -> list[str]:
+            return [sys.executable, "-m", "dfly.cli.dfget", "-e", str(node.socket), "--no-progress", url,
+                    "-O", str(out)]  # fmt: skip
 
-        return self.run_clients(hosts, url, dfget, f"dfget-{run}", timeout_s)
+        return self.run_clients(hosts, urls, dfget, f"dfget-{run}", timeout_s, stagger_s)
 
-    def run_curl(self, hosts: Sequence[int] | None, url: str, timeout_s: float = 120.0) -> list[float]:
-        """Plain HTTP baseline: `curl -o` from the origin on the hosts at once."""
+    def run_curl(
+        self, hosts: Sequence[int] | None, urls: str | Sequence[str], timeout_s: float = 120.0,
+        stagger_s: float = 0.0,
+    ) -> list[float]:  # fmt: skip
+        """Plain HTTP baseline: `curl -o` of every URL from the origin, one curl per URL, on the hosts."""
         return self.run_clients(
-            hosts, url, lambda _node, out: ["curl", "-sf", "-o", str(out), url], "curl", timeout_s
-        )
+            hosts, urls, lambda _node, url, out: ["curl", "-sf", "-o", str(out), url], "curl", timeout_s,
+            stagger_s,
+        )  # fmt: skip
 
     def run_clients(
         self,
         hosts: Sequence[int] | None,
-        url: str,
-        command: Callable[[Node, Path], list[str]],
+        urls: str | Sequence[str],
+        command: Callable[[Node, str, Path], list[str]],
         label: str,
         timeout_s: float = 120.0,
+        stagger_s: float = 0.0,
     ) -> list[float]:
-        """Run one client per host at once; seconds from t0 to each exit.
+        """Run one client per URL on every host; seconds from each host's start to its last exit.
 
-        t0 is taken just before the first client is launched; all are launched, then waited for
-        (pidfds). Every output's sha256 must equal the origin file's (if added with add_file); a failed
+        Host k of `hosts` starts at t0 + k·stagger_s (`clients.run_staggered`); its clients are launched
+        together. Every output's sha256 must equal the origin file's (if added with add_file); a failed
         or hung client or a wrong digest raises TestbedError.
         """
         indices = list(range(self.n_hosts)) if hosts is None else list(hosts)
-        name = url.rsplit("/", 1)[-1]
-        outs = [self.dir / self.hosts[i].name / f"{label}-{name}" for i in indices]
-        procs: list[subprocess.Popen[bytes]] = []
-        t0 = time.monotonic()
-        for i, out in zip(indices, outs, strict=True):
-            procs.append(self.spawn(self.hosts[i], command(self.hosts[i], out), f"{label}-h{i}"))
-        ends = wait_exits(procs, t0 + timeout_s)
-        for i, proc, out, end in zip(indices, procs, outs, ends, strict=True):
-            if end is None or proc.returncode != 0:
-                raise TestbedError(
-                    f"{label} on h{i} failed ({proc.returncode}):\n{self.tail(f'{label}-h{i}')}"
-                )
-            if name in self._sha and (sha := file_digest(out).value) != self._sha[name]:
-                raise TestbedError(f"h{i}: sha256 {sha} != origin's {self._sha[name]}")
-        return [end - t0 for end in ends if end is not None]
+        names = [url.rsplit("/", 1)[-1] for url in ([urls] if isinstance(urls, str) else urls)]
+        urls = [urls] if isinstance(urls, str) else list(urls)
+
+        def out(i: int, name: str) -> Path:
+            return self.dir / self.hosts[i].name / f"{label}-{name}"
+
+        def launch(k: int) -> list[subprocess.Popen[bytes]]:
+            node = self.hosts[indices[k]]
+            (self.dir / node.name).mkdir(exist_ok=True)
+            return [self.spawn(node, command(node, url, out(indices[k], name)), f"{label}-{node.name}")
+                    for url, name in zip(urls, names, strict=True)]  # fmt: skip
+
+        def describe(k: int) -> str:
+            return f"{label} on h{indices[k]}:\n{self.tail(f'{label}-h{indices[k]}')}"
+
+        times = run_staggered(len(indices), stagger_s, launch, timeout_s, describe=describe)
+        self.verify([(out(i, name), name) for i in indices for name in names])
+        return times
+
+    def verify(self, outputs: Sequence[tuple[Path, str]]) -> None:
+        """Raise TestbedError unless every (output, origin file name) pair has the origin's sha256."""
+        for path, name in outputs:
+            if name in self.sha256 and (sha := file_digest(path).value) != self.sha256[name]:
+                raise TestbedError(f"{path}: sha256 {sha} != origin's {self.sha256[name]}")
 
     def dfly_pids(self) -> list[int]:
         """Scheduler, seed and daemons (the dfly side of `cpu_s`; clients are counted by the caller)."""
