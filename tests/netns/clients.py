@@ -47,7 +47,7 @@ def run_staggered(
     """Launch host i at t0 + i·stagger_s; seconds from each host's scheduled start to its completion.
 
     Raises TestbedError when a client fails (`describe(i)` names host i and may add its log) or when a
-    host is not done within timeout_s of its own start.
+    host is not done within timeout_s of its own start (hosts by launch order).
     """
     poller = select.poll()
     if events is not None:
@@ -82,8 +82,8 @@ def run_staggered(
                 launched += 1
             now = time.monotonic()
             if now > deadline:
-                late = [describe(i) for i, end in enumerate(ends) if end is None]
-                raise TestbedError(f"not done within {timeout_s:g} s of their start: {', '.join(late)}")
+                late = [i for i, end in enumerate(ends) if end is None]
+                raise TestbedError(f"not done within {timeout_s:g} s of their start: hosts #{late}")
             wake = min(deadline, starts[launched]) if launched < count else deadline
             for fd, _ in poller.poll(max(0.0, wake - now) * 1000 + 1):
                 now = time.monotonic()

@@ -146,3 +146,12 @@ def build_network(bridge: str, nodes: Sequence[Node], probe: Node) -> bool:
             shape(["tc"], node.veth_br, node.rate_mbit)
             shape(["tc", "-n", node.ns], node.veth_ns, node.rate_mbit)
     return has_netem
+
+
+def drop_data(root: Path, min_bytes: int = 1 << 20) -> None:
+    """Delete the regular files under `root` of at least `min_bytes` but logs (`*.log`): keep the clues."""
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            big = path.is_file() and not path.is_symlink() and path.stat().st_size >= min_bytes
+            if big and path.suffix != ".log":
+                path.unlink()

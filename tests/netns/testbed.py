@@ -43,6 +43,7 @@ from .netns import (
     TestbedError,
     build_network,
     clean_env,
+    drop_data,
     kill_namespace,
     payload_bytes_per_s,
     sh,
@@ -82,10 +83,11 @@ class Testbed:
     """Bridge + origin + scheduler + seed + `hosts` capped host namespaces running dfly.
 
     Context manager: `__enter__` builds the network and starts every process (all ready before it
-    returns); `__exit__`/`close()` removes everything (the work dir is kept after a failure or with
-    keep_dir). `add_file(name, size)` puts a random file on the origin (its digest in `sha256`);
-    `run_dfget(hosts, urls)` / `run_curl` time dfget / curl on hosts; `origin_bytes()` is the body bytes
-    the origin sent; `spawn(node, argv, log)` runs anything else inside a namespace.
+    returns); `__exit__`/`close()` removes everything (with keep_dir the work dir stays; after a
+    failure, but not after Ctrl-C/SIGTERM, its logs and configs stay, its data files ≥ 1 MiB do not).
+    `add_file(name, size)` puts a random file on the origin (its digest in `sha256`); `run_dfget(hosts,
+    urls)` / `run_curl` time dfget / curl on hosts; `origin_bytes()` is the body bytes the origin sent;
+    `spawn(node, argv, log)` runs anything else inside a namespace.
     """
 
     __test__ = False  # not a pytest test class
@@ -125,7 +127,7 @@ class Testbed:
         self.scheduler_addr = ""
         self.origin_port = 8080
         self.sha256: dict[str, str] = {}  # file name on the origin -> hex digest
-        self._closed = False
+        self._closed = self._failed = False
         self._old_handlers: dict[int, Any] = {}
         self._members = {"origin", *(node.name for node in self.nodes)}  # long-running processes
 
@@ -150,8 +152,8 @@ class Testbed:
             self._start_origin()
             if self.start_dfly:
                 self._start_dfly()
-        except BaseException:
-            self.keep_dir = True
+        except BaseException as exc:
+            self._failed = not isinstance(exc, KeyboardInterrupt | SystemExit)
             self.close()
             raise
         return self
@@ -159,7 +161,7 @@ class Testbed:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.keep_dir = self.keep_dir or exc_type is not None
+        self._failed = exc_type is not None and not issubclass(exc_type, KeyboardInterrupt | SystemExit)
         self.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -186,7 +188,9 @@ class Testbed:
                 sh("ip", "link", "del", node.veth_br, check=False)  # both ends, now (netns del: later)
                 sh("ip", "netns", "del", node.ns, check=False)
             sh("ip", "link", "del", self.bridge, check=False)
-            if self.keep_dir:
+            if self.keep_dir or self._failed:
+                if not self.keep_dir:
+                    drop_data(self.dir)
                 print(f"testbed: logs and configs kept in {self.dir}", file=sys.stderr)
             else:
                 shutil.rmtree(self.dir, ignore_errors=True)
