@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from dfly.common.errors import DigestMismatch, ProtocolError
+from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.buffers import BufferPool
 from dfly.daemon.transfer.client import ParentConnection, RemoteError, connect_parent
@@ -49,6 +50,11 @@ class FileTask:
                 self.digests[n] = zlib.crc32(f.read(piece_length))
         self.available = set(range(self.piece_count) if available is None else available)
         self.subscribers: list[Callable[[int], None]] = []
+        self.gate: FirstPassGate | None = None
+
+    @property
+    def first_pass(self) -> FirstPassGate | None:
+        return self.gate
 
     @property
     def piece_count(self) -> int:
@@ -377,3 +383,61 @@ def test_loopback_throughput_256mib(tmp_path: Path) -> None:
         await server.close()
 
     run(main(), timeout_s=120)
+
+
+def test_first_pass_gate_gives_each_piece_once_then_releases(tmp_path: Path) -> None:
+    make_file(tmp_path / "f", 768 * KiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
+    task.gate = FirstPassGate(task.piece_count)
+
+    async def main() -> None:
+        server, port = await start(task)
+        first, second = Recorder(), Recorder()
+        conn1 = await connect(port, task, first)
+        conn2 = await connect(port, task, second)
+        await conn1.request(0)
+        assert await first.expect("piece") == ("piece", 0, task.digests[0])
+        await conn2.request(0)  # already given to the first child
+        assert await second.expect("failed") == ("failed", 0, "not_available")
+        await conn2.request(1)
+        assert await second.expect("piece") == ("piece", 1, task.digests[1])
+        assert not task.gate.released
+        await conn1.request(2)  # the last unclaimed piece: the gate releases
+        assert await first.expect("piece") == ("piece", 2, task.digests[2])
+        assert task.gate.released
+        assert await second.expect("have") == ("have", [0])  # told again at release
+        await conn2.request(0)
+        assert await second.expect("piece") == ("piece", 0, task.digests[0])
+        await server.close()
+        assert server.bytes_uploaded_by_task == {"t1": 4 * 256 * KiB}  # one piece twice, after release
+
+    run(main())
+
+
+def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -> None:
+    make_file(tmp_path / "f", 768 * KiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
+    task.gate = FirstPassGate(task.piece_count)
+
+    async def main() -> None:
+        # rate 1 byte/s with a one-piece burst: the second request waits for tokens and is never sent
+        server, port = await start(task, rate=1, burst=256 * KiB)
+        first, second = Recorder(), Recorder()
+        conn1 = await connect(port, task, first)
+        await conn1.request(0)
+        assert await first.expect("piece") == ("piece", 0, task.digests[0])
+        await conn1.request(1)  # claimed, waits for tokens
+        conn1.close()
+        assert await first.expect("failed") == ("failed", 1, "connection closed")
+        conn2 = await connect(port, task, second)
+        for _ in range(200):  # the server notices the close on its own loop
+            if task.gate is not None and task.gate.unclaimed == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert task.gate is not None and task.gate.unclaimed == 2  # piece 1 was never sent
+        await conn2.request(0)
+        assert await second.expect("failed") == ("failed", 0, "not_available")
+        await server.close()
+        del conn2
+
+    run(main())

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from dfly.common.errors import SourceError
 from dfly.common.pieces import default_piece_length
+from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.core.task_state import Layout
 from dfly.daemon.source import http
 
@@ -77,6 +78,8 @@ class BackToSource:
         else:
             piece_length = request.piece_length or default_piece_length(stat.content_length)
             layout = Layout(stat.content_length, piece_length)
+        if self.c.ctx.config.upload.first_pass and self.c.state.first_pass is None:
+            self.c.state.first_pass = FirstPassGate(layout.piece_count)
         await self.c.ensure_file(layout, stat.headers)
         await self.c.report_back_to_source_started(layout, stat.headers)
         missing = [n for n in range(layout.piece_count) if not self.c.state.has(n)]

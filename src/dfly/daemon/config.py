@@ -43,7 +43,7 @@ class StorageSection(StrictModel):
 
 class DownloadSection(StrictModel):
     buffer_bytes: int = Field(default=32 * MiB, ge=1 * MiB)  # budget of receive buffers
-    max_parents: int = Field(default=3, ge=1, le=20)
+    max_parents: int = Field(default=8, ge=1, le=20)
     requests_per_parent: int = Field(default=2, ge=1, le=16)
     piece_timeout_s: float = Field(default=30.0, gt=0)
     progress_report_interval_s: float = Field(default=1.0, gt=0)
@@ -52,6 +52,9 @@ class DownloadSection(StrictModel):
 class UploadSection(StrictModel):
     rate_limit_bytes_per_s: int = Field(default=0, ge=0)  # 0 = unlimited
     slots: int = Field(default=200, ge=1)
+    # A task this daemon reads from the origin: give each piece to one child before any piece twice
+    # (daemon/core/first_pass.py); the swarm's source uplink then carries about one copy.
+    first_pass: bool = True
 
 
 class ListenerSection(StrictModel):

@@ -24,6 +24,7 @@ from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, StorageError
 from dfly.daemon.conductor import Conductor
 from dfly.daemon.context import DaemonContext
+from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.core.task_state import TaskState
 from dfly.daemon.local_api import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.storage import StoredTask
@@ -70,6 +71,10 @@ class ServedTaskView:
 
     def subscribe(self, on_available: Callable[[int], None]) -> Callable[[], None]:
         return self._live.state.subscribe(on_available)
+
+    @property
+    def first_pass(self) -> FirstPassGate | None:
+        return self._live.state.first_pass
 
 
 class TaskManager:

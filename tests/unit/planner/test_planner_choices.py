@@ -188,6 +188,20 @@ CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
             ("next", 0.0, set()),  # B could duplicate 0, but piece 1 (A's) is not in flight yet
         ],
     ),
+    "no endgame while a missing piece is held by nobody yet (the swarm is waiting for its source)": (
+        {"piece_count": 3, "requests_per_parent": 1},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", [0]),
+            ("has", "B", [0]),
+            ("next", 0.0, {R("A", 0)}),  # B does not duplicate 0: pieces 1 and 2 are not in flight
+            ("has", "A", [1]),
+            ("next", 0.0, set()),  # A is busy; B still may not duplicate 0 (piece 2 is held by nobody)
+            ("has", "B", [2]),
+            ("next", 0.0, {R("B", 2)}),
+        ],
+    ),
     "not_available clears the parent's failure record": (
         {"piece_count": 1, "requests_per_parent": 1, "endgame": False},
         [

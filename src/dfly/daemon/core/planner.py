@@ -12,9 +12,11 @@ Rules:
 - A parent picks, among the missing pieces it holds that are not in flight, the rarest among the known
   parents (fewest holders); ties are broken by the rng. A parent that failed a piece is not asked for it
   again while another holder has not failed it; once every holder failed it, all may retry.
-- Endgame: once no parent has an un-requested piece to give, a parent with a free slot duplicates an
-  in-flight piece it holds (the oldest request first; at most 2 copies); the first copy done cancels
-  the other. A missing piece is otherwise in flight at most once.
+- Endgame: once every missing piece is in flight, a parent with a free slot duplicates an in-flight
+  piece it holds (the oldest request first; at most 2 copies); the first copy done cancels the other.
+  A missing piece is otherwise in flight at most once. (Not earlier: in a swarm waiting for its source,
+  "no parent has an un-requested piece" holds long before the end, and duplicates there cost the
+  uplinks of parents that are the swarm's bottleneck: 8 hosts × 64 MiB, 2.7 copies wasted by peers.)
 - Events for unknown (e.g. already removed) parents are ignored, except ``piece_done``: a verified piece
   is kept whoever sent it.
 - Cost per event is O(holders of the pieces touched), never a scan of all pieces: each parent keeps its
@@ -229,7 +231,7 @@ class DownloadPlanner:
                 if len(parent.in_flight) >= self._depth:
                     continue
                 piece = self._pick(parent)
-                if piece is None and self._endgame and not self._listed:
+                if piece is None and self._endgame and len(self._copies) >= len(self._missing):
                     piece = self._pick_endgame(parent_id, parent)
                 if piece is None:
                     continue

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from dfly.common.errors import DflyError, ProtocolError
 from dfly.common.pieces import piece_count, piece_range
+from dfly.daemon.core.first_pass import FirstPassGate
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,7 @@ class TaskState:
         self._end_listeners: list[EndListener] = []
         self.ended = False
         self.error: DflyError | None = None
+        self.first_pass: FirstPassGate | None = None  # set while this daemon is the task's source
 
     # -- layout -----------------------------------------------------------------------------------
     def set_layout(self, content_length: int, piece_length: int) -> Layout:

@@ -11,6 +11,10 @@ Rules:
 - HAVE frames come from `ServedTask.subscribe`; the callback may run on any thread and hops to the loop
   with `call_soon_threadsafe`. A HAVE waits at most for the piece being sent at that moment.
 - The digest sent is the stored one (`piece_digest`); bytes are never re-read to compute it.
+- A task with a first-pass gate (this daemon is the swarm's source, core/first_pass.py) serves each piece
+  to one child before any piece twice: a REQUEST for a piece given to another child is answered at once
+  with ERROR not_available, and that child gets HAVE for it again when the gate releases. A claimed piece
+  not delivered (cancelled before its header, connection lost) is handed back to the gate.
 - A bad client never crashes the server: protocol errors get ERROR bad_frame (unless we are in the middle
   of a frame) and the connection closes; everything is logged at debug level.
 """
@@ -27,6 +31,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from dfly.common.errors import ProtocolError, StorageError
+from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.ratelimit import TokenBucket
 from dfly.daemon.transfer.sendfile import sendfile_range
@@ -56,6 +61,11 @@ class ServedTask(Protocol):
 
     def subscribe(self, on_available: Callable[[int], None]) -> Callable[[], None]:
         """Call `on_available(n)` (from any thread) when piece n becomes available; returns unsubscribe."""
+        ...
+
+    @property
+    def first_pass(self) -> FirstPassGate | None:
+        """The source's first-pass gate while it applies; None = serve every piece to everyone."""
         ...
 
 
@@ -190,6 +200,9 @@ class _Connection:
         self.out = bytearray()  # control frames waiting for the writer
         self.wake = asyncio.Event()
         self.known = bytearray()  # pieces announced to the child
+        self.claimed: set[int] = set()  # pieces the first-pass gate gave this child, not yet delivered
+        self.refused: set[int] = set()  # pieces the gate refused this child: announced again at release
+        self.stop_waiting_release: Callable[[], None] | None = None
         self.mid_frame = False
         self.closed = False
 
@@ -252,6 +265,7 @@ class _Connection:
         finally:
             self.closed = True
             unsubscribe()
+            self._hand_back_claims()
 
     async def _run_loops(self) -> None:
         reader = self.loop.create_task(self._reader())
@@ -275,6 +289,8 @@ class _Connection:
             if isinstance(event, p.Request):
                 if len(self.queue) >= self.server.max_queued_requests:
                     raise ProtocolError(f"more than {self.server.max_queued_requests} queued requests")
+                if self._refused_by_gate(event.number):
+                    continue
                 self.queue.append(event.number)
                 self.wake.set()
             elif isinstance(event, p.Cancel):
@@ -282,12 +298,49 @@ class _Connection:
                     self.current_cancelled = True
                 with contextlib.suppress(ValueError):
                     self.queue.remove(event.number)
+                    self._unclaim(event.number)
             elif isinstance(event, p.Error):
                 log.debug("child sent ERROR %s: %s", event.code, event.message)
                 return False
             elif isinstance(event, p.Closed):
                 return False
         return True
+
+    def _refused_by_gate(self, number: int) -> bool:
+        """Apply the first-pass gate to a REQUEST; True = refused (ERROR not_available queued)."""
+        task = self.task
+        gate = task.first_pass if task is not None else None
+        if gate is None or gate.released or task is None or task.piece_digest(number) is None:
+            return False
+        if gate.claim(number):
+            self.claimed.add(number)
+            return False
+        if 0 <= number < len(self.known) * 8:
+            self.known[number >> 3] &= ~(0x80 >> (number & 7)) & 0xFF
+        self.refused.add(number)
+        if self.stop_waiting_release is None:
+            self.stop_waiting_release = gate.on_release(self._announce_refused)
+        self.out += p.encode_error("not_available", f"piece {number} went to another child", piece=number)
+        self.wake.set()
+        return True
+
+    def _announce_refused(self) -> None:
+        refused, self.refused = self.refused, set()
+        for number in sorted(refused):
+            self._push_have(number)
+
+    def _unclaim(self, number: int) -> None:
+        if number in self.claimed:
+            self.claimed.discard(number)
+            gate = self.task.first_pass if self.task is not None else None
+            if gate is not None:
+                gate.unclaim(number)
+
+    def _hand_back_claims(self) -> None:
+        if self.stop_waiting_release is not None:
+            self.stop_waiting_release()
+        for number in list(self.claimed):
+            self._unclaim(number)
 
     def _on_available(self, number: int) -> None:
         with contextlib.suppress(RuntimeError):  # loop already closed
@@ -317,6 +370,7 @@ class _Connection:
         assert task is not None
         digest = task.piece_digest(number)
         if digest is None:
+            self._unclaim(number)
             self.out += p.encode_error("not_available", f"piece {number} is not available", piece=number)
             return
         offset, length = p.piece_span(number, task.piece_length, task.content_length)
@@ -328,6 +382,7 @@ class _Connection:
                 await server.limiter.acquire(length)
                 self.current = -1
                 if self.current_cancelled:
+                    self._unclaim(number)
                     return
                 header = bytes(self.out) + p.encode_piece_header(number, offset, length, digest)
                 self.out.clear()
@@ -343,6 +398,7 @@ class _Connection:
                     server.upload_threads,
                 )
                 self.mid_frame = False
+                self.claimed.discard(number)  # delivered: it stays given out
             finally:
                 server.active_uploads -= 1
         server.count_upload(task.task_id, length)
