@@ -434,7 +434,8 @@ def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -
             if task.gate is not None and task.gate.unclaimed == 2:
                 break
             await asyncio.sleep(0.01)
-        assert task.gate is not None and task.gate.unclaimed == 2  # piece 1 was never sent
+        assert task.gate is not None
+        assert task.gate.unclaimed == 2  # piece 1 was never sent
         await conn2.request(0)
         assert await second.expect("failed") == ("failed", 0, "not_available")
         await server.close()
