@@ -388,7 +388,7 @@ def test_loopback_throughput_256mib(tmp_path: Path) -> None:
 def test_first_pass_gate_gives_each_piece_once_then_releases(tmp_path: Path) -> None:
     make_file(tmp_path / "f", 768 * KiB)
     task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
-    task.gate = FirstPassGate(task.piece_count)
+    gate = task.gate = FirstPassGate(task.piece_count)
 
     async def main() -> None:
         server, port = await start(task)
@@ -401,10 +401,10 @@ def test_first_pass_gate_gives_each_piece_once_then_releases(tmp_path: Path) -> 
         assert await second.expect("failed") == ("failed", 0, "not_available")
         await conn2.request(1)
         assert await second.expect("piece") == ("piece", 1, task.digests[1])
-        assert not task.gate.released
+        assert not gate.released
         await conn1.request(2)  # the last unclaimed piece: the gate releases
         assert await first.expect("piece") == ("piece", 2, task.digests[2])
-        assert task.gate.released
+        assert gate.released
         assert await second.expect("have") == ("have", [0])  # told again at release
         await conn2.request(0)
         assert await second.expect("piece") == ("piece", 0, task.digests[0])
