@@ -1,8 +1,10 @@
-"""The `dfly` command: `dfly scheduler ...` (the scheduler server) and `dfly up` (an all-in-one cluster).
+"""The `dfly` command: `dfly scheduler ...` (the scheduler server), `dfly up` (an all-in-one cluster) and
+`dfly sim ...` (the swarm simulator).
 
-Rules: parse, call, print. `dfly scheduler` hands its arguments unchanged to `dfly.scheduler.app.main`,
-imported only in that branch. `dfly up` runs a `dfly.cluster.LocalCluster` in the foreground until
-Ctrl-C or SIGTERM (exit 0) or until a member dies (exit 1); exit codes follow the error tree.
+Rules: parse, call, print. `dfly scheduler` and `dfly sim` hand their arguments unchanged to
+`dfly.scheduler.app.main` and `dfly.sim.cli.main`, each imported only in its branch. `dfly up` runs a
+`dfly.cluster.LocalCluster` in the foreground until Ctrl-C or SIGTERM (exit 0) or until a member dies
+(exit 1); exit codes follow the error tree.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfly", description="dfly: peer-to-peer file distribution")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("scheduler", help="run the scheduler (see `dfly scheduler --help`)", add_help=False)
+    sub.add_parser(
+        "sim", help="simulate a swarm with the real scheduler core (see `dfly sim --help`)", add_help=False
+    )
     up = sub.add_parser("up", help="run a scheduler, a seed peer and N peers on 127.0.0.1")
     up.add_argument("--peers", type=int, default=3, help="number of (non-seed) peers (default 3)")
     up.add_argument("--dir", default=None, help="directory for configs, logs, data (default: a new temp dir)")
@@ -104,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dfly.scheduler.app import main as scheduler_main
 
         return int(scheduler_main(args_list[1:]) or 0)
+    if args_list and args_list[0] == "sim":
+        from dfly.sim.cli import main as sim_main
+
+        return sim_main(args_list[1:])
     args = _parser().parse_args(args_list)
     try:
         if args.command == "up":

@@ -1,0 +1,155 @@
+"""One piece connection (child, parent, task) and the parent's side of it, as the real piece server does:
+REQUESTs queue FIFO and one piece at a time is sent, each holding one of the host's upload slots (a
+FIFO semaphore, `upload.slots`); a CANCEL drops a queued request, or the current one while it waits for
+a slot, never a piece being sent; HAVE frames wait behind the piece being sent (and behind the next
+piece's wait for a slot) and go out before its header, or at its end when nothing else is queued;
+ERROR not_available for a piece the parent does not hold. Every frame takes the hosts' one-way delay.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from dfly.sim.flows import Flow
+from dfly.sim.model import SimHost, World, piece_size
+
+if TYPE_CHECKING:
+    from dfly.sim.peer import SimPeer
+
+
+class Conn:
+    __slots__ = (
+        "cancelled", "child", "current", "delay", "flow", "have_out", "open", "parent", "queue", "waiting",
+        "world",
+    )  # fmt: skip
+
+    def __init__(self, world: World, child: SimPeer, parent: SimPeer) -> None:
+        self.world = world
+        self.child = child
+        self.parent = parent
+        self.delay = world.delay(child.host, parent.host)
+        self.queue: deque[int] = deque()
+        self.current = -1  # the piece waiting for a slot or being sent
+        self.cancelled = False  # the current piece was cancelled while waiting for its slot
+        self.waiting = False  # waiting for an upload slot
+        self.flow: Flow | None = None
+        self.have_out: list[int] = []  # HAVEs waiting behind the piece being sent
+        self.open = True
+
+    # --- frames from the child (they arrive after `delay`) ---------------------------------------------
+
+    def send_request(self, piece: int) -> None:
+        self.world.clock.after(self.delay, self._on_request, piece)
+
+    def send_cancel(self, piece: int) -> None:
+        self.world.clock.after(self.delay, self._on_cancel, piece)
+
+    def _on_request(self, piece: int) -> None:
+        if not self.open:
+            return
+        self.queue.append(piece)
+        if self.current < 0:
+            self._send_next()
+
+    def _on_cancel(self, piece: int) -> None:
+        if not self.open:
+            return
+        if piece == self.current and self.waiting:
+            self.cancelled = True
+        elif piece in self.queue:
+            self.queue.remove(piece)
+
+    # --- the parent's writer -------------------------------------------------------------------------
+
+    def _send_next(self) -> None:
+        parent = self.parent
+        while self.queue:
+            piece = self.queue.popleft()
+            if not parent.holds(piece):
+                self.world.clock.after(self.delay, self.child.on_piece_failed, (self, piece))
+                continue
+            self.current, self.cancelled = piece, False
+            host = parent.host
+            if host.slots_free > 0:
+                host.slots_free -= 1
+                self._begin()
+            else:
+                self.waiting = True
+                host.slot_waiters.append(self)
+            return
+        if self.have_out:
+            self._flush_haves()
+
+    def _begin(self) -> None:
+        """Holding a slot: send the current piece, after any HAVEs waiting in front of its header."""
+        self.waiting = False
+        host = self.parent.host
+        if self.cancelled:
+            self.current = -1
+            _release_slot(host)
+            self._send_next()
+            return
+        if self.have_out:
+            self._flush_haves()
+        task = self.parent.task
+        size = piece_size(self.current, self.parent.piece_length, task.content_length)
+        host.uploads_in_flight += 1
+        self.flow = self.world.net.start(host.up, self.child.host.down, size, self._sent)
+
+    def _sent(self, flow: Flow) -> None:
+        self.flow = None
+        host = self.parent.host
+        host.uploads_in_flight -= 1
+        host.uploaded_bytes += flow.size
+        piece, self.current = self.current, -1
+        self.world.clock.after(self.delay, self.child.on_piece, (self, piece, self.parent.seed_source))
+        _release_slot(host)
+        self._send_next()
+
+    def push_have(self, piece: int) -> None:
+        """The parent has a new piece: a HAVE to this child, behind the piece being sent (if any)."""
+        if not self.open:
+            return
+        if self.current >= 0:
+            self.have_out.append(piece)
+        else:
+            self.world.clock.after(self.delay, self._deliver_haves, [piece])
+
+    def _flush_haves(self) -> None:
+        pieces, self.have_out = self.have_out, []
+        self.world.clock.after(self.delay, self._deliver_haves, pieces)
+
+    def _deliver_haves(self, pieces: list[int]) -> None:
+        if self.open:
+            self.child.on_have(self, pieces)
+
+    # --- closing -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Either side closes: the piece being sent is aborted, queued requests are dropped."""
+        if not self.open:
+            return
+        self.open = False
+        self.queue.clear()
+        self.have_out = []
+        host = self.parent.host
+        if self.flow is not None:
+            self.world.cancelled_bytes += self.world.net.cancel(self.flow)
+            self.flow = None
+            host.uploads_in_flight -= 1
+            _release_slot(host)
+        self.waiting = False  # a stale entry in slot_waiters is skipped
+        self.current = -1
+        self.parent.children.pop(self.child.peer_id, None)
+
+
+def _release_slot(host: SimHost) -> None:
+    """Give the slot to the first connection still waiting for one (FIFO, like asyncio.Semaphore)."""
+    waiters = host.slot_waiters
+    while waiters:
+        conn = waiters.popleft()
+        if conn.open and conn.waiting:
+            conn._begin()
+            return
+    host.slots_free += 1
