@@ -71,13 +71,15 @@ def missing_tools() -> list[str]:
 
 
 def client_flags(files: int) -> str:
-    """The exact command lines, for the `client` field of the figures."""
-    flags = " ".join(ARIA2_FLAGS)
+    """The exact command lines (paths and the RPC secret as placeholders), for the figures' `client`."""
+    flags, k = " ".join((*ARIA2_FLAGS, *QUIET)), f"-j {files}"
     return (
-        f"leecher: aria2c {flags} -j {files} -d OUT --on-bt-download-complete=HOOK {files} TORRENT_FILES; "
-        f"seeder: aria2c {flags} -j {files} --bt-seed-unverified=true -d ORIGIN --enable-rpc "
-        f"{files} TORRENT_FILES; "
-        f"tracker: opentracker -f CONF (access.whitelist); mktorrent -l 18 -a ANNOUNCE"
+        f"leecher: aria2c {flags} {k} -d OUT --on-bt-download-complete=HOOK {files} TORRENT_FILES; "
+        f"seeder: aria2c {flags} {k} --bt-seed-unverified=true -d ORIGIN_DIR --enable-rpc "
+        f"--rpc-listen-port={RPC_PORT} --rpc-secret=SECRET {files} TORRENT_FILES; "
+        f"tracker: opentracker -f CONF -i IP -p {TRACKER_PORT} -P {TRACKER_PORT} "
+        f"(CONF: access.whitelist PATH); torrents: mktorrent -l 18 -a http://IP:{TRACKER_PORT}/announce "
+        "-o TORRENT FILE"
     )
 
 
