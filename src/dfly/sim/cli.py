@@ -66,7 +66,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idcs", type=int, default=1, help="IDC labels hosts are spread over (default 1)")
     p.add_argument("--idc-latency-ms", type=float, default=0.0, help="extra one-way delay across IDCs")
     p.add_argument("--start-spread-s", type=float, default=0.0, help="hosts start uniformly within this")
-    p.add_argument("--fairness", choices=["maxmin", "equal"], default="maxmin", help="link sharing model")
+    p.add_argument(
+        "--fairness",
+        choices=["equal", "maxmin"],
+        default="equal",
+        help="link sharing: equal share per endpoint (default, calibrated) or local max-min",
+    )
     p.add_argument(
         "--announce-upload-limit",
         action="store_true",

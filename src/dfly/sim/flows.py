@@ -1,16 +1,16 @@
 """Flow-level network: every host has an upload and a download link of fixed capacity; a piece transfer
 is a flow through the sender's upload link and the receiver's download link.
 
-Fairness (`fairness="maxmin"`, the default) is max-min computed locally: each link water-fills its
-capacity among its flows, using as each flow's demand the level (fair share) of the flow's other link;
-a flow runs at min(its allocation at the sender, its allocation at the receiver). Allocations are stored
-per flow and only a link's own fill changes them, so no link ever carries more than its capacity, even
-with stale demands (stale only leaves capacity unused). `fairness="equal"` gives each flow
-min(C_up / n_up, C_down / n_down), which is exact with local updates but wastes what a flow limited on
-its other side leaves.
+Fairness `"equal"` (the default: it is the model that matches the netns measurement, docs/simulation.md)
+gives each flow min(C_up / n_up, C_down / n_down): exact with local updates, and what a flow limited at
+its other end leaves unused stays unused. `"maxmin"` is max-min computed locally: each link water-fills
+its capacity among its flows, using as each flow's demand the level (fair share) of the flow's other
+link; a flow runs at min(its allocation at the sender, its allocation at the receiver). Allocations are
+stored per flow and only a link's own fill changes them, so no link ever carries more than its
+capacity, even with stale demands (stale only leaves capacity unused).
 
-Approximations (docs/simulation.md): an event (flow start or end) fills the two links it touches, then
-once more every link one hop away, but only from a link of at most `big_link` flows whose level moved
+Approximations (docs/simulation.md): an event (flow start or end) fills the two links it touches; with
+max-min, once more every link one hop away, but only from a link of at most `big_link` flows whose level moved
 by more than 0.1 %; effects further away wait for those links' own events. A link carrying more than
 `big_link` flows (a seed uplink serving hundreds of children) is filled again only once its flow count
 has moved by `drift` (default 2 %) since its last fill: in between a new flow gets the last level and a
@@ -20,6 +20,7 @@ Transport effects (TCP slow start, loss, queueing delay) are not modelled; laten
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -50,8 +51,8 @@ FlowDone = Callable[["Flow"], None]
 
 class Flow:
     __slots__ = (
-        "active", "alloc_down", "alloc_up", "down", "on_done", "rate", "remaining", "since", "size", "up",
-        "version",
+        "active", "alloc_down", "alloc_up", "down", "due", "on_done", "rate", "remaining", "since", "size",
+        "up", "version",
     )  # fmt: skip
 
     def __init__(self, up: Link, down: Link, size: float, on_done: FlowDone) -> None:
@@ -62,6 +63,7 @@ class Flow:
         self.rate = 0.0
         self.since = 0.0
         self.version = 0
+        self.due = math.inf  # when the pending completion check runs
         self.alloc_up = up.level
         self.alloc_down = down.level
         self.on_done = on_done
@@ -74,12 +76,13 @@ class Flow:
 
 class Network:
     def __init__(
-        self, clock: Clock, *, fairness: Fairness = "maxmin", big_link: int = 32, drift: float = 0.02
+        self, clock: Clock, *, fairness: Fairness = "equal", big_link: int = 32, drift: float = 0.02
     ) -> None:
         if fairness not in ("maxmin", "equal"):
             raise ValueError(f"unknown fairness {fairness!r}")
         self.clock = clock
         self.fairness = fairness
+        self.equal = fairness == "equal"
         self.big_link = big_link
         self.drift = drift
         self.flows_started = 0
@@ -122,6 +125,13 @@ class Network:
         flow, version = arg
         if not flow.active or flow.version != version:
             return
+        now = self.clock.now
+        left = flow.remaining - flow.rate * (now - flow.since)
+        if left > 1e-9 * flow.size + 1e-6:  # slowed down since this check was set: check again later
+            flow.remaining, flow.since = left, now
+            flow.due = now + left / flow.rate
+            self.clock.at(flow.due, self._finish, (flow, version))
+            return
         flow.remaining = 0.0
         self._remove(flow)
         flow.on_done(flow)
@@ -131,7 +141,7 @@ class Network:
         neighbours: dict[Link, None] = {}
         for link in (a, b):
             before = link.level
-            if not self._fill(link) or self.fairness == "equal" or len(link.flows) > big:
+            if not self._fill(link) or self.equal or len(link.flows) > big:
                 continue
             if abs(link.level - before) <= LEVEL_EPSILON * before:
                 continue
@@ -155,42 +165,51 @@ class Network:
         self.fills += 1
         link.filled_count = n
         capacity = link.capacity
-        if self.fairness == "equal":
-            level = capacity / n
+        if self.equal:
+            level = link.level = capacity / n
             for flow in flows:
                 if flow.up is link:
                     flow.alloc_up = level
                 else:
                     flow.alloc_down = level
-                self._set_rate(flow, min(flow.alloc_up, flow.alloc_down))
-            link.level = level
+                rate = min(flow.alloc_up, flow.alloc_down)
+                if rate != flow.rate:
+                    self._set_rate(flow, rate)
             return True
-        demands = sorted((flow.down if flow.up is link else flow.up).level for flow in flows)
-        rest = capacity
-        left = n
-        level = -1.0
-        for demand in demands:
-            fair = rest / left
-            if demand >= fair:
-                level = fair
-                break
-            rest -= demand
-            left -= 1
-        if level < 0:  # every flow is held back by its other end: any one could take the spare
-            level = rest + demands[-1]
+        demands = [(flow.down if flow.up is link else flow.up).level for flow in flows]
+        level = capacity / n
+        if min(demands) < level:  # some flows are held back elsewhere: water-fill
+            demands.sort()
+            rest = capacity
+            left = n
+            level = -1.0
+            for demand in demands:
+                fair = rest / left
+                if demand >= fair:
+                    level = fair
+                    break
+                rest -= demand
+                left -= 1
+            if level < 0:  # every flow is held back by its other end: any one could take the spare
+                level = rest + demands[-1]
         link.level = level
+        set_rate = self._set_rate
         for flow in flows:
             if flow.up is link:
                 demand = flow.down.level
-                flow.alloc_up = demand if demand < level else level
+                alloc = flow.alloc_up = demand if demand < level else level
+                other = flow.alloc_down
             else:
                 demand = flow.up.level
-                flow.alloc_down = demand if demand < level else level
-            self._set_rate(flow, flow.alloc_up if flow.alloc_up < flow.alloc_down else flow.alloc_down)
+                alloc = flow.alloc_down = demand if demand < level else level
+                other = flow.alloc_up
+            rate = alloc if alloc < other else other
+            if rate != flow.rate:
+                set_rate(flow, rate)
         return True
 
     def _set_rate(self, flow: Flow, rate: float) -> None:
-        if rate == flow.rate or not flow.active:
+        if not flow.active:
             return
         now = self.clock.now
         if flow.rate > 0.0:
@@ -199,5 +218,8 @@ class Network:
                 flow.remaining = 0.0
         flow.since = now
         flow.rate = rate
-        flow.version += 1
-        self.clock.at(now + flow.remaining / rate, self._finish, (flow, flow.version))
+        due = now + flow.remaining / rate
+        if due < flow.due:  # sooner than the pending check: a new one (a later finish re-checks then)
+            flow.due = due
+            flow.version += 1
+            self.clock.at(due, self._finish, (flow, flow.version))

@@ -45,6 +45,7 @@ class DaemonSettings:
     schedule_timeout_s: float = 30.0  # scheduler.schedule_timeout_s
     keepalive_interval_s: float = 5.0  # scheduler.keepalive_interval_s
     upload_slots: int = UploadSection().slots
+    first_pass: bool = UploadSection().first_pass  # an origin reader gives each piece once first
     announce_upload_limit: bool = False  # upload.rate_limit_bytes_per_s = the modelled cap (else 0)
 
 
@@ -83,7 +84,7 @@ class World:
         *,
         rng: random.Random,
         settings: DaemonSettings,
-        fairness: str = "maxmin",
+        fairness: str = "equal",
         latency_s: float = 0.0,
         idc_latency_s: float = 0.0,
         origin: Link | None = None,
@@ -91,7 +92,7 @@ class World:
         self.rng = rng
         self.settings = settings
         self.clock = Clock()
-        self.net = Network(self.clock, fairness="equal" if fairness == "equal" else "maxmin")
+        self.net = Network(self.clock, fairness="maxmin" if fairness == "maxmin" else "equal")
         self.latency_s = latency_s
         self.idc_latency_s = idc_latency_s
         self.origin = origin if origin is not None else Link("origin", 1e30)
@@ -101,8 +102,17 @@ class World:
         self.origin_bytes = 0.0
         self.piece_bytes = {"back_to_source": 0.0, "remote_seed": 0.0, "remote_peer": 0.0}
         self.cancelled_bytes = 0.0  # bytes of piece copies aborted (a parent left, a child closed)
+        self._digests: dict[tuple[str, int], tuple[int, ...]] = {}
         self.on_peer_end: Callable[[SimPeer], None] | None = None
         self.on_seed_trigger: Callable[[TriggerSeedPeer], None] | None = None
+
+    def digests(self, task_id: str, count: int) -> tuple[int, ...]:
+        """The stand-in CRC-32 of every piece of a task (the same for every copy)."""
+        key = (task_id, count)
+        digests = self._digests.get(key)
+        if digests is None:
+            digests = self._digests[key] = tuple(digest_of(task_id, n) for n in range(count))
+        return digests
 
     def planner_rng(self) -> random.Random:
         """A planner's own generator, drawn from the run's seeded one."""

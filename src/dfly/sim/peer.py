@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.core.planner import DownloadPlanner
 from dfly.scheduler.core.messages import (
     CandidateParent,
@@ -47,7 +48,6 @@ from dfly.sim.model import (
     SimHost,
     TaskSpec,
     World,
-    digest_of,
     layout_piece_count,
     piece_size,
 )
@@ -80,10 +80,12 @@ class SimPeer:
         self.new_unreachable: list[str] = []
         self.known: dict[str, set[int]] = {}
         self.planner: DownloadPlanner | None = None
+        self.expiry_at = math.inf  # never later than the planner's next request timeout
         self.active = False  # downloading from parents (not waiting, not back-to-source)
         self.report: list[FinishedPiece] = []
         self.last_report_at = -math.inf
         self.source: OriginStream | None = None
+        self.gate: FirstPassGate | None = None  # set while it reads the origin (upload.first_pass)
         self.scheduler_alive = True
         self.verdict_deadline: float | None = None
         self.schedule_deadline: float | None = None
@@ -171,6 +173,9 @@ class SimPeer:
     def complete(self) -> bool:
         return self.piece_count > 0 and self.available == self.piece_count
 
+    def digests(self) -> tuple[int, ...]:
+        return self.world.digests(self.task.task_id, self.piece_count)
+
     def holds(self, piece: int) -> bool:
         return piece < len(self.have) and self.have[piece] == 1
 
@@ -180,7 +185,7 @@ class SimPeer:
         self.have[piece] = 1
         self.available += 1
         self.world.piece_bytes[source] += piece_size(piece, self.piece_length, self.task.content_length)
-        self.report.append(FinishedPiece(piece, digest_of(self.task.task_id, piece), parent_id))
+        self.report.append(FinishedPiece(piece, self.digests()[piece], parent_id))
         for conn in list(self.children.values()):
             conn.push_have(piece)
 
@@ -250,6 +255,7 @@ class SimPeer:
         self.active = False
         conns, self.conns = list(self.conns.values()), {}
         self.planner = None
+        self.expiry_at = math.inf
         for conn in conns:
             conn.close()
 
@@ -335,15 +341,21 @@ class SimPeer:
         if planner is None or not self.active:
             return
         conns = self.conns
-        for expired in planner.expired(now):
-            conn = conns.get(expired.parent_id)
-            if conn is not None:
-                conn.send_cancel(expired.piece)
-            planner.piece_failed(expired.parent_id, expired.piece)
-        for request in planner.next_requests(now):
+        if now >= self.expiry_at:  # planner.expired() is empty before its next deadline: skip the scan
+            for expired in planner.expired(now):
+                conn = conns.get(expired.parent_id)
+                if conn is not None:
+                    conn.send_cancel(expired.piece)
+                planner.piece_failed(expired.parent_id, expired.piece)
+            deadline = planner.next_deadline()
+            self.expiry_at = math.inf if deadline is None else deadline
+        requests = planner.next_requests(now)
+        for request in requests:
             conn = conns.get(request.parent_id)
             if conn is not None:
                 conn.send_request(request.piece)
+        if requests and self.expiry_at == math.inf:
+            self.expiry_at = now + self.settings.piece_timeout_s
 
     def _complete(self, now: float) -> None:
         self.all_pieces_at = now
@@ -352,8 +364,7 @@ class SimPeer:
             self.end()
             return
         self.verdict_deadline = now + VERDICT_TIMEOUT_S
-        digests = tuple(digest_of(self.task.task_id, n) for n in range(self.piece_count))
-        self.send(PeerFinished(self.peer_id, digests))
+        self.send(PeerFinished(self.peer_id, self.digests()))
 
     def _flush_report(self, now: float) -> None:
         if self.report:
@@ -370,10 +381,8 @@ class SimPeer:
                 at = deadline
         if self._wants_more_parents() and self.more_parents_at < at:
             at = self.more_parents_at
-        if self.planner is not None and self.active:
-            expiry = self.planner.next_deadline()
-            if expiry is not None and expiry < at:
-                at = expiry
+        if self.planner is not None and self.active and self.expiry_at < at:
+            at = self.expiry_at
         if at <= now:
             at = now + 1e-6
         if at < math.inf and (at < self.wake_at or self.wake_at <= now):

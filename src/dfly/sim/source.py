@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dfly.common.pieces import default_piece_length
+from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.scheduler.core.messages import BackToSourceStarted, TaskLayout
 from dfly.sim.flows import Flow
 from dfly.sim.model import World, piece_size
@@ -48,6 +49,8 @@ class OriginStream:
         else:
             piece_length = peer.download.piece_length or default_piece_length(content_length)
         peer.ensure_layout(content_length, piece_length)
+        if peer.settings.first_pass and peer.gate is None:
+            peer.gate = FirstPassGate(peer.piece_count)
         peer.send(BackToSourceStarted(peer.peer_id, content_length, piece_length))
         missing = [n for n in range(peer.piece_count) if not peer.have[n]]
         if not missing:

@@ -56,7 +56,7 @@ class SwarmConfig:
     idcs: int = 1
     idc_latency_s: float = 0.0
     start_spread_s: float = 0.0
-    fairness: str = "maxmin"
+    fairness: str = "equal"  # link sharing, see dfly.sim.flows
     seed: int = 0
     max_sim_s: float = 0.0  # 0 = 50 x bound + 120 s
 

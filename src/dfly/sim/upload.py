@@ -3,12 +3,17 @@ REQUESTs queue FIFO and one piece at a time is sent, each holding one of the hos
 FIFO semaphore, `upload.slots`); a CANCEL drops a queued request, or the current one while it waits for
 a slot, never a piece being sent; HAVE frames wait behind the piece being sent (and behind the next
 piece's wait for a slot) and go out before its header, or at its end when nothing else is queued;
-ERROR not_available for a piece the parent does not hold. Every frame takes the hosts' one-way delay.
+ERROR not_available for a piece the parent does not hold. A parent reading the origin applies the
+real first-pass gate (dfly.daemon.core.first_pass) exactly where the piece server does: a REQUEST for a
+piece given to another child is refused with ERROR not_available and announced again (HAVE) when the gate
+releases; a claimed piece not delivered (cancelled in the queue or while waiting for a slot, connection
+closed) is handed back. Every frame takes the hosts' one-way delay.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dfly.sim.flows import Flow
@@ -20,8 +25,8 @@ if TYPE_CHECKING:
 
 class Conn:
     __slots__ = (
-        "cancelled", "child", "current", "delay", "flow", "have_out", "open", "parent", "queue", "waiting",
-        "world",
+        "cancelled", "child", "claimed", "current", "delay", "error_out", "flow", "have_out", "open",
+        "parent", "queue", "refused", "stop_waiting_release", "waiting", "world",
     )  # fmt: skip
 
     def __init__(self, world: World, child: SimPeer, parent: SimPeer) -> None:
@@ -35,6 +40,10 @@ class Conn:
         self.waiting = False  # waiting for an upload slot
         self.flow: Flow | None = None
         self.have_out: list[int] = []  # HAVEs waiting behind the piece being sent
+        self.error_out: list[int] = []  # ERROR not_available frames waiting the same way
+        self.claimed: set[int] = set()  # pieces the first-pass gate gave this child, not yet delivered
+        self.refused: set[int] = set()  # pieces the gate refused this child: announced again at release
+        self.stop_waiting_release: Callable[[], None] | None = None
         self.open = True
 
     # --- frames from the child (they arrive after `delay`) ---------------------------------------------
@@ -46,7 +55,7 @@ class Conn:
         self.world.clock.after(self.delay, self._on_cancel, piece)
 
     def _on_request(self, piece: int) -> None:
-        if not self.open:
+        if not self.open or self._refused_by_gate(piece):
             return
         self.queue.append(piece)
         if self.current < 0:
@@ -59,6 +68,34 @@ class Conn:
             self.cancelled = True
         elif piece in self.queue:
             self.queue.remove(piece)
+            self._unclaim(piece)
+
+    # --- the source's first-pass gate ---------------------------------------------------------------
+
+    def _refused_by_gate(self, piece: int) -> bool:
+        gate = self.parent.gate
+        if gate is None or gate.released or not self.parent.holds(piece):
+            return False
+        if gate.claim(piece):
+            self.claimed.add(piece)
+            return False
+        self.refused.add(piece)
+        if self.stop_waiting_release is None:
+            self.stop_waiting_release = gate.on_release(self._announce_refused)
+        self._error(piece)
+        return True
+
+    def _announce_refused(self) -> None:
+        refused, self.refused = self.refused, set()
+        for piece in sorted(refused):
+            self.push_have(piece)
+
+    def _unclaim(self, piece: int) -> None:
+        if piece in self.claimed:
+            self.claimed.discard(piece)
+            gate = self.parent.gate
+            if gate is not None:
+                gate.unclaim(piece)
 
     # --- the parent's writer -------------------------------------------------------------------------
 
@@ -67,7 +104,8 @@ class Conn:
         while self.queue:
             piece = self.queue.popleft()
             if not parent.holds(piece):
-                self.world.clock.after(self.delay, self.child.on_piece_failed, (self, piece))
+                self._unclaim(piece)
+                self._error(piece)
                 continue
             self.current, self.cancelled = piece, False
             host = parent.host
@@ -78,20 +116,19 @@ class Conn:
                 self.waiting = True
                 host.slot_waiters.append(self)
             return
-        if self.have_out:
-            self._flush_haves()
+        self._flush_out()
 
     def _begin(self) -> None:
         """Holding a slot: send the current piece, after any HAVEs waiting in front of its header."""
         self.waiting = False
         host = self.parent.host
         if self.cancelled:
+            self._unclaim(self.current)
             self.current = -1
             _release_slot(host)
             self._send_next()
             return
-        if self.have_out:
-            self._flush_haves()
+        self._flush_out()
         task = self.parent.task
         size = piece_size(self.current, self.parent.piece_length, task.content_length)
         host.uploads_in_flight += 1
@@ -103,6 +140,7 @@ class Conn:
         host.uploads_in_flight -= 1
         host.uploaded_bytes += flow.size
         piece, self.current = self.current, -1
+        self.claimed.discard(piece)  # delivered: it stays given out
         self.world.clock.after(self.delay, self.child.on_piece, (self, piece, self.parent.seed_source))
         _release_slot(host)
         self._send_next()
@@ -116,9 +154,25 @@ class Conn:
         else:
             self.world.clock.after(self.delay, self._deliver_haves, [piece])
 
-    def _flush_haves(self) -> None:
-        pieces, self.have_out = self.have_out, []
-        self.world.clock.after(self.delay, self._deliver_haves, pieces)
+    def _error(self, piece: int) -> None:
+        """ERROR not_available for `piece`, behind the piece being sent (if any)."""
+        if self.current >= 0:
+            self.error_out.append(piece)
+        else:
+            self.world.clock.after(self.delay, self._deliver_errors, [piece])
+
+    def _flush_out(self) -> None:
+        if self.error_out:
+            errors, self.error_out = self.error_out, []
+            self.world.clock.after(self.delay, self._deliver_errors, errors)
+        if self.have_out:
+            pieces, self.have_out = self.have_out, []
+            self.world.clock.after(self.delay, self._deliver_haves, pieces)
+
+    def _deliver_errors(self, pieces: list[int]) -> None:
+        if self.open:
+            for piece in pieces:
+                self.child.on_piece_failed((self, piece))
 
     def _deliver_haves(self, pieces: list[int]) -> None:
         if self.open:
@@ -133,6 +187,11 @@ class Conn:
         self.open = False
         self.queue.clear()
         self.have_out = []
+        self.error_out = []
+        if self.stop_waiting_release is not None:
+            self.stop_waiting_release()
+        for piece in list(self.claimed):
+            self._unclaim(piece)
         host = self.parent.host
         if self.flow is not None:
             self.world.cancelled_bytes += self.world.net.cancel(self.flow)
