@@ -16,6 +16,7 @@ import pytest
 from dfly.cluster import LocalCluster, Member, query_stats
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB, default_piece_length
+from dfly.daemon.config import DownloadSection
 from dfly.devtools.origin import Origin, make_file
 
 pytestmark = pytest.mark.integration
@@ -110,7 +111,11 @@ def test_swarm_of_three_peers_shares_one_origin_copy(
     received = sum(
         s["download_bytes"]["remote_seed"] + s["download_bytes"]["remote_peer"] for s in peer_stats
     )
-    assert abs(uploaded - received) <= default_piece_length(FILE_BYTES)
+    # Every received byte was uploaded; the surplus is endgame duplicates a CANCEL reached too late: at
+    # most one per request in flight when the endgame starts (parents x requests per parent, per peer).
+    parents_per_peer = len(cluster.daemons) - 1
+    in_flight_at_endgame = len(cluster.peers) * parents_per_peer * DownloadSection().requests_per_parent
+    assert 0 <= uploaded - received <= in_flight_at_endgame * default_piece_length(FILE_BYTES)
     for stats in peer_stats:
         assert stats["download_bytes"]["back_to_source"] == 0
         assert network_bytes(stats) == FILE_BYTES

@@ -28,7 +28,10 @@ if TYPE_CHECKING:
     from dfly.daemon.conductor import Conductor
 
 STAT_TIMEOUT_S = 30.0
-BUFFER_SLOTS = 2  # read piece n+1 from the origin while piece n is being written
+# Read ahead of the pieces being written: at least 2 piece-sized slots and at least this many bytes, so
+# a busy event loop (a seed serving many children) does not stall the origin stream between pieces.
+MIN_BUFFER_SLOTS = 2
+MIN_BUFFER_BYTES = 8 * 1024 * 1024
 READ_TIMEOUT_S = 60.0
 
 
@@ -94,7 +97,8 @@ class BackToSource:
             return StoreHandoff(asyncio.run_coroutine_threadsafe(store, loop), self._stop)
 
         # From the daemon's pool: a fresh 2-piece bytearray per task cost ~0.2 s of page faults per GiB.
-        buffer = await self.c.ctx.pool.acquire(BUFFER_SLOTS * layout.piece_length)
+        slots = max(MIN_BUFFER_SLOTS, -(-MIN_BUFFER_BYTES // layout.piece_length))
+        buffer = await self.c.ctx.pool.acquire(slots * layout.piece_length)
         reader = asyncio.ensure_future(
             asyncio.to_thread(
                 http.read_pieces,

@@ -173,17 +173,27 @@ class Conductor:
         else:
             self._schedule_deadline = loop.time() + self.ctx.config.scheduler.schedule_timeout_s
         while not self._done:
-            try:
-                event = await asyncio.wait_for(self.events.get(), TICK_S)
-            except TimeoutError:
-                event = _Wake()
-            await self._handle(event, loop.time())
+            if self.events.empty():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._next_event(), TICK_S)
+            # Everything queued is applied, then one step: a burst of HAVEs and stored pieces costs
+            # one planner pass, not one per event (one step per event was most of a peer's CPU).
+            while not self.events.empty():
+                await self._apply(self.events.get_nowait())
+            await self._step(loop.time())
 
-    async def _handle(self, event: object, now: float) -> None:
+    async def _next_event(self) -> None:
+        """Wait until an event is queued, leaving it queued."""
+        event = await self.events.get()
+        self.events.put_nowait(event)  # the queue was empty: it is alone, so order is kept
+
+    async def _apply(self, event: object) -> None:
         if isinstance(event, _SchedulerReply):
             await self._on_reply(event.response)
         elif isinstance(event, _SchedulerGone):
             self._on_scheduler_gone(event.reason)
+
+    async def _step(self, now: float) -> None:
         await self.parents.pump(now)
         if not self._started_sent and self.parents.connected:
             self._started_sent = True

@@ -23,13 +23,13 @@ from dfly.common.pieces import (
         (0, 256 * KiB),
         (1, 256 * KiB),
         (16 * MiB, 256 * KiB),
-        (16 * MiB + 1, 256 * KiB),
-        (32 * MiB - 1, 256 * KiB),
-        (32 * MiB, 512 * KiB),
-        (64 * MiB, 1 * MiB),
-        (256 * MiB, 4 * MiB),
-        (1024 * MiB, 16 * MiB),
-        (1024 * MiB - 1, 8 * MiB),
+        (64 * MiB, 256 * KiB),
+        (128 * MiB - 1, 256 * KiB),
+        (128 * MiB, 512 * KiB),
+        (256 * MiB, 1 * MiB),
+        (1024 * MiB - 1, 2 * MiB),
+        (1024 * MiB, 4 * MiB),
+        (4096 * MiB, 16 * MiB),
         (100 * 1024 * MiB, 16 * MiB),
     ],
 )
@@ -37,9 +37,9 @@ def test_default_piece_length(content_length: int, expected: int) -> None:
     assert default_piece_length(content_length) == expected
 
 
-def test_files_up_to_1gib_have_at_least_64_pieces() -> None:
-    for size in (16 * MiB + 1, 100 * MiB, 1000 * MiB, 1024 * MiB):
-        assert piece_count(size, default_piece_length(size)) >= 64
+def test_files_of_16mib_to_4gib_have_at_least_64_pieces_and_from_64mib_256() -> None:
+    for size in (16 * MiB + 1, 40 * MiB, 64 * MiB, 100 * MiB, 1000 * MiB, 1024 * MiB, 4096 * MiB):
+        assert piece_count(size, default_piece_length(size)) >= (256 if size >= 64 * MiB else 64)
 
 
 def test_piece_ranges_cover_the_file_exactly() -> None:

@@ -9,7 +9,8 @@ Rules:
   then token bucket, then header + sendfile). A CANCEL drops a queued request, or the current one while
   it still waits for its slot or tokens; once its header is out a piece completes.
 - HAVE frames come from `ServedTask.subscribe`; the callback may run on any thread and hops to the loop
-  with `call_soon_threadsafe`. A HAVE waits at most for the piece being sent at that moment.
+  with `call_soon_threadsafe` (directly when already on it). A HAVE waits at most for the piece being
+  sent at that moment.
 - The digest sent is the stored one (`piece_digest`); bytes are never re-read to compute it.
 - A task with a first-pass gate (this daemon is the swarm's source, core/first_pass.py) serves each piece
   to one child before any piece twice: a REQUEST for a piece given to another child is answered at once
@@ -314,6 +315,8 @@ class _Connection:
             return False
         if gate.claim(number):
             self.claimed.add(number)
+            if gate.released:
+                log.info("task %s: first pass done, every piece given out once", task.task_id[:12])
             return False
         if 0 <= number < len(self.known) * 8:
             self.known[number >> 3] &= ~(0x80 >> (number & 7)) & 0xFF
@@ -343,6 +346,13 @@ class _Connection:
             self._unclaim(number)
 
     def _on_available(self, number: int) -> None:
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:  # another thread, without a loop
+            on_loop = False
+        if on_loop:  # the usual case (pieces are recorded on the loop): no self-pipe write per child
+            self._push_have(number)
+            return
         with contextlib.suppress(RuntimeError):  # loop already closed
             self.loop.call_soon_threadsafe(self._push_have, number)
 
