@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from dfly.cli.dfly import main
+from dfly.sim.report import code_digest
 
 SMALL = ["sim", "--hosts", "4", "--file-mib", "4", "--host-rate-mbit", "100"]
 REQUIRED_KEYS = {
@@ -103,3 +105,14 @@ def test_no_traceback_and_same_output_under_other_hash_seeds() -> None:
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_calibrated_only_with_a_passing_record_of_this_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, stale = tmp_path / "good.json", tmp_path / "stale.json"
+    good.write_text(json.dumps({"calibrated": True, "code_digest": code_digest()}))
+    stale.write_text(json.dumps({"calibrated": True, "code_digest": "0" * 64}))
+    for record, expected in ((good, True), (stale, False), (tmp_path / "missing.json", False)):
+        assert main([*SMALL, "--json", "--calibration", str(record)]) == 0
+        assert json.loads(capsys.readouterr().out)["calibrated"] is expected

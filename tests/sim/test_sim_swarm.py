@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sim_swarmkit import scenario
 
+from dfly.sim.model import DaemonSettings
 from dfly.sim.report import percentile, summarize
 from dfly.sim.swarm import run_swarm
 
@@ -84,3 +85,17 @@ def test_percentile_interpolates_linearly() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
     assert percentile([5.0], 99) == 5.0
     assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+
+
+def test_the_first_pass_gate_spares_the_seed_uplink() -> None:
+    gated = run_swarm(scenario(8, 16, 100, daemon=DaemonSettings(first_pass=True)))
+    open_ = run_swarm(scenario(8, 16, 100, daemon=DaemonSettings(first_pass=False)))
+    assert gated.failed == open_.failed == 0
+    assert gated.seed_upload_bytes < open_.seed_upload_bytes
+    assert gated.seed_upload_bytes / gated.config.file_bytes < 1.5
+
+
+def test_fewer_upload_slots_than_children_still_completes() -> None:
+    result = run_swarm(scenario(12, 8, 100, daemon=DaemonSettings(upload_slots=2)))
+    assert result.failed == 0, result.failures
+    assert len(result.host_times) == 12

@@ -248,3 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"dfly sim: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug in the model must still end with one line, not a traceback
+        print(f"dfly sim: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

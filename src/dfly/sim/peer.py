@@ -78,7 +78,6 @@ class SimPeer:
         self.blocked: set[str] = set()
         self.new_blocked: list[str] = []
         self.new_unreachable: list[str] = []
-        self.known: dict[str, set[int]] = {}
         self.planner: DownloadPlanner | None = None
         self.expiry_at = math.inf  # never later than the planner's next request timeout
         self.active = False  # downloading from parents (not waiting, not back-to-source)
@@ -234,11 +233,12 @@ class SimPeer:
         conn = Conn(self.world, self, parent)
         self.conns[parent_id] = conn
         parent.children[self.peer_id] = conn
-        known = self.known.setdefault(parent_id, set())
-        known.update(n for n in range(parent.piece_count) if parent.have[n])  # BITFIELD
         planner = self._ensure_planner()
         planner.add_parent(parent_id)
-        planner.parent_has(parent_id, known)
+        # BITFIELD. HAVEs only travel on open connections here, so unlike ParentSet nothing is kept per
+        # parent (it keeps them for a refetch after a rejected verdict, which the model never sees).
+        have = parent.have
+        planner.parent_has(parent_id, [n for n in range(parent.piece_count) if have[n]])
         self.step()
 
     def _fail(self, parent_id: str, *, unreachable: bool = False) -> None:
@@ -263,10 +263,14 @@ class SimPeer:
 
     def on_have(self, conn: Conn, pieces: list[int]) -> None:
         parent_id = conn.parent.peer_id
-        self.known.setdefault(parent_id, set()).update(pieces)
-        if self.planner is not None and self.conns.get(parent_id) is conn:
+        if self.planner is not None and self.conns.get(parent_id) is conn and not self.ended:
             self.planner.parent_has(parent_id, pieces)
-            self.step()
+            # A HAVE changes only what can be requested (no report, deadline or parent count moves):
+            # the conductor's full pass would do nothing else, so only the planner is pumped.
+            expiry_at = self.expiry_at
+            self._pump(self.world.clock.now)
+            if self.expiry_at != expiry_at:
+                self._arm(self.world.clock.now)
 
     def on_piece(self, arg: tuple[Conn, int, str]) -> None:
         conn, piece, source = arg

@@ -118,21 +118,21 @@ class Conn:
             return
         self._flush_out()
 
-    def _begin(self) -> None:
-        """Holding a slot: send the current piece, after any HAVEs waiting in front of its header."""
+    def _begin(self) -> bool:
+        """Holding a slot: send the current piece, after any frames waiting in front of its header.
+        False (slot not used) when the piece was cancelled while it waited."""
         self.waiting = False
         host = self.parent.host
         if self.cancelled:
             self._unclaim(self.current)
             self.current = -1
-            _release_slot(host)
-            self._send_next()
-            return
+            return False
         self._flush_out()
         task = self.parent.task
         size = piece_size(self.current, self.parent.piece_length, task.content_length)
         host.uploads_in_flight += 1
         self.flow = self.world.net.start(host.up, self.child.host.down, size, self._sent)
+        return True
 
     def _sent(self, flow: Flow) -> None:
         self.flow = None
@@ -204,11 +204,13 @@ class Conn:
 
 
 def _release_slot(host: SimHost) -> None:
-    """Give the slot to the first connection still waiting for one (FIFO, like asyncio.Semaphore)."""
+    """Give the slot to the first connection still waiting for one (FIFO, like asyncio.Semaphore); one
+    whose piece was cancelled meanwhile lets it go at once and moves on to its next request."""
     waiters = host.slot_waiters
     while waiters:
         conn = waiters.popleft()
         if conn.open and conn.waiting:
-            conn._begin()
-            return
+            if conn._begin():
+                return
+            conn._send_next()  # may queue it for a slot again, behind the others
     host.slots_free += 1
