@@ -8,7 +8,8 @@ Rules: every name it creates starts with `dfn<pid hex>x<seq>` (cleanup removes e
 `cleanup_stale()` what a dead earlier run left); addresses in 10.213.0.0/16 on the veth ends only, each
 namespace has just `lo` and its veth end, no default route. Caps: HTB, one class (rate = ceil, burst
 256 KiB) + a ~20 ms bfifo leaf on both veth ends (namespace end = upload, bridge end = download): hosts
-at R, origin and seed at R_o, scheduler uncapped; `has_netem` tells if delay/loss can be emulated.
+at R, origin and seed at R_o (a rate of 0: that link is not shaped), scheduler uncapped; `has_netem`
+tells if delay/loss can be emulated.
 Children: exec'd by `ip netns exec` (never a fork of this process), own process group, `*_proxy`
 stripped, all reaped; `close()` runs on exit, exception, SIGINT/SIGTERM and atexit, kills what is left
 per namespace (`ip netns pids`) and deletes namespaces and bridge. Every daemon is ready before a clock
@@ -65,7 +66,10 @@ def t_min_s(
     """max(F/R_o, F/R, N·F/(R_o + N·R)): no swarm can do better (payload rate unless payload=False).
 
     The swarm term never exceeds F/R, so this is also the bound of one host alone (staggered starts).
+    Uncapped links (a rate of 0) have no such bound: 0.0.
     """
+    if rate_mbit <= 0 or origin_rate_mbit <= 0:
+        return 0.0
     scale = 1.0 if payload else 1 / PAYLOAD_FRACTION
     r, r_o = payload_bytes_per_s(rate_mbit) * scale, payload_bytes_per_s(origin_rate_mbit) * scale
     return max(file_bytes / r_o, file_bytes / r, hosts * file_bytes / (r_o + hosts * r))
@@ -119,10 +123,12 @@ class Testbed:
         self.bridge = self._ifname("br0")
         self.has_netem = False
         self.nodes: list[Node] = []
-        self.origin = self._node("origin", "or", f"{SUBNET}.0.2", self.origin_rate_mbit)
+        self.origin = self._node("origin", "or", f"{SUBNET}.0.2", self.origin_rate_mbit or None)
         self.scheduler = self._node("sched", "sc", f"{SUBNET}.0.3", None)
-        self.seed = self._node("seed", "sd", f"{SUBNET}.0.4", self.origin_rate_mbit)
-        self.hosts = [self._node(f"h{i}", f"{i:02}", f"{SUBNET}.1.{10 + i}", rate_mbit) for i in range(hosts)]
+        self.seed = self._node("seed", "sd", f"{SUBNET}.0.4", self.origin_rate_mbit or None)
+        self.hosts = [
+            self._node(f"h{i}", f"{i:02}", f"{SUBNET}.1.{10 + i}", rate_mbit or None) for i in range(hosts)
+        ]
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.scheduler_addr = ""
         self.origin_port = 8080
