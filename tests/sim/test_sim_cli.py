@@ -67,9 +67,10 @@ def test_missing_rate_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
     assert "--host-rate-mbit" in capsys.readouterr().err
 
 
-def test_calibrate_needs_measured_figures(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["sim", "--calibrate", "--measured-8", "3.05"]) == 2
+def test_calibrate_needs_a_measured_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "--calibrate"]) == 2
     assert "--measured-16" in capsys.readouterr().err
+    assert main(["sim", "--calibrate", "--measured-8", "-1"]) == 2
 
 
 def test_no_traceback_and_same_output_under_other_hash_seeds() -> None:
@@ -116,3 +117,17 @@ def test_calibrated_only_with_a_passing_record_of_this_code(
     for record, expected in ((good, True), (stale, False), (tmp_path / "missing.json", False)):
         assert main([*SMALL, "--json", "--calibration", str(record)]) == 0
         assert json.loads(capsys.readouterr().out)["calibrated"] is expected
+
+
+def test_calibrate_prints_simulated_next_to_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = tmp_path / "calibration.json"
+    argv = ["sim", "--calibrate", "--measured-8", "1.35", "--runs", "1", "--json"]
+    assert main([*argv, "--save-calibration", str(record)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["measured_8"] == 1.35
+    assert out["sim_8"] >= 1.0  # no host beats T_min
+    assert out["sim_16"] >= 1.0
+    assert out["calibrated"] is False  # the 16-host figure was not given
+    assert json.loads(record.read_text())["code_digest"] == code_digest()
