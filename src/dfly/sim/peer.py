@@ -13,13 +13,12 @@ ParentSet do, driving the real DownloadPlanner:
 - every piece it stores is announced (HAVE) to the children connected to it, which keep downloading from
   it after it finished, as the real piece server keeps serving.
 The conductor's 0.2 s tick is replaced by a wake-up at the next deadline (report, more parents, planner
-timeout, verdict, schedule timeout); everything else reacts to events at once.
+timeout, verdict, schedule timeout); all else reacts to events at once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.core.planner import DownloadPlanner
@@ -39,7 +38,6 @@ from dfly.scheduler.core.messages import (
     SendCandidateParents,
     SendFinishVerdict,
     SendTaskFailed,
-    TaskLayout,
 )
 from dfly.sim.model import (
     CONNECT_ONE_WAY_DELAYS,
@@ -51,10 +49,8 @@ from dfly.sim.model import (
     layout_piece_count,
     piece_size,
 )
+from dfly.sim.source import OriginStream, start_back_to_source
 from dfly.sim.upload import Conn
-
-if TYPE_CHECKING:
-    from dfly.sim.source import OriginStream
 
 
 class SimPeer:
@@ -144,7 +140,7 @@ class SimPeer:
                 self.schedule_deadline = None
                 self.add_candidates(command.parents)
         elif isinstance(command, SendBackToSource):
-            self.go_back_to_source(command.layout)
+            start_back_to_source(self, command.layout)
         elif isinstance(command, SendTaskFailed):
             self.end(f"scheduler failed the download: {command.description}")
             return
@@ -157,7 +153,7 @@ class SimPeer:
                 self.end()
                 return
             if not self.active and self.source is None and not self.complete:
-                self.go_back_to_source(None)
+                start_back_to_source(self, None)
         self.step()
 
     # --- layout and pieces ---------------------------------------------------------------------------
@@ -318,7 +314,7 @@ class SimPeer:
             return
         elif self.schedule_deadline is not None and now >= self.schedule_deadline:
             self.schedule_deadline = None
-            self.go_back_to_source(None)
+            start_back_to_source(self, None)
         if now - self.last_report_at >= settings.progress_report_interval_s:
             self._flush_report(now)
         if self._wants_more_parents() and now >= self.more_parents_at:
@@ -398,18 +394,3 @@ class SimPeer:
             return
         self.wake_at = math.inf
         self.step()
-
-    # --- back to source ------------------------------------------------------------------------------
-
-    def go_back_to_source(self, layout: TaskLayout | None) -> None:
-        if self.source is not None or self.complete:
-            return
-        if self.download.disable_back_to_source:
-            self.end("no parent could serve the task and back-to-source is disabled")
-            return
-        from dfly.sim.source import OriginStream
-
-        self.schedule_deadline = None
-        self.close_parents()
-        self.source = OriginStream(self.world, self, layout)
-        self.source.start()

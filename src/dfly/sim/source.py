@@ -74,3 +74,16 @@ class OriginStream:
         self._read_next()
         self.peer.store_piece(piece, "back_to_source", "")
         self.peer.step()
+
+
+def start_back_to_source(peer: SimPeer, layout: TaskLayout | None) -> None:
+    """The conductor's `_go_back_to_source`: once, never when complete; parents are closed first."""
+    if peer.source is not None or peer.complete:
+        return
+    if peer.download.disable_back_to_source:
+        peer.end("no parent could serve the task and back-to-source is disabled")
+        return
+    peer.schedule_deadline = None
+    peer.close_parents()
+    peer.source = OriginStream(peer.world, peer, layout)
+    peer.source.start()
