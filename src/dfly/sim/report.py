@@ -88,14 +88,15 @@ _MODEL_SOURCES = ("scheduler/core", "daemon/core", "sim")
 
 
 def code_digest() -> str:
-    """sha256 over the sources whose behaviour the figures depend on (scheduler core, planner, sim)."""
+    """sha256 over the sources the figures depend on (scheduler core, daemon cores, configs, piece rule,
+    sim)."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for folder in _MODEL_SOURCES:
         for path in sorted((root / folder).glob("*.py")):
             digest.update(path.relative_to(root).as_posix().encode())
             digest.update(path.read_bytes())
-    for name in ("daemon/config.py", "scheduler/core/config.py"):
+    for name in ("daemon/config.py", "scheduler/core/config.py", "common/pieces.py"):
         digest.update((root / name).read_bytes())
     return digest.hexdigest()
 
