@@ -7,7 +7,7 @@ from sim_swarmkit import scenario
 
 from dfly.sim.model import DaemonSettings
 from dfly.sim.report import percentile, summarize
-from dfly.sim.swarm import run_swarm
+from dfly.sim.swarm import Swarm, run_swarm
 
 
 def test_small_swarm_completes_with_one_origin_copy_and_never_beats_the_bound() -> None:
@@ -99,3 +99,14 @@ def test_fewer_upload_slots_than_children_still_completes() -> None:
     result = run_swarm(scenario(12, 8, 100, daemon=DaemonSettings(upload_slots=2)))
     assert result.failed == 0, result.failures
     assert len(result.host_times) == 12
+
+
+def test_idc_and_location_labels_reach_the_engine_and_cross_idc_latency_costs_time() -> None:
+    swarm = Swarm(scenario(8, 4, 100, idcs=2))
+    near = swarm.run()
+    labels = {host.info.idc for host in swarm.scheduler.engine.cluster.hosts.values() if not host.info.seed}
+    assert labels == {"idc0", "idc1"}
+    assert all(h.info.location.endswith(h.info.idc) for h in swarm.scheduler.engine.cluster.hosts.values())
+    far = run_swarm(scenario(8, 4, 100, idcs=2, idc_latency_s=0.05))
+    assert near.failed == far.failed == 0
+    assert max(far.host_times) > max(near.host_times)
