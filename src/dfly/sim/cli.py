@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
         "--fairness",
         choices=["equal", "maxmin"],
         default="equal",
-        help="link sharing: equal share per endpoint (default, calibrated) or local max-min",
+        help="link sharing: equal share per endpoint (default: matches the netns figures) or local max-min",
     )
     p.add_argument(
         "--no-first-pass",
