@@ -28,10 +28,12 @@ if TYPE_CHECKING:
     from dfly.daemon.conductor import Conductor
 
 STAT_TIMEOUT_S = 30.0
-# Read ahead of the pieces being written: at least 2 piece-sized slots and at least this many bytes, so
-# a busy event loop (a seed serving many children) does not stall the origin stream between pieces.
+# Read ahead of the pieces being written: at least 2 piece-sized slots and up to READ_AHEAD_BYTES (but
+# at most 1/READ_AHEAD_SHARE of the daemon's buffer budget, so concurrent origin reads of a seed never
+# wait for each other's buffers), so a busy event loop does not stall the origin stream between pieces.
 MIN_BUFFER_SLOTS = 2
-MIN_BUFFER_BYTES = 8 * 1024 * 1024
+READ_AHEAD_BYTES = 8 * 1024 * 1024
+READ_AHEAD_SHARE = 8
 READ_TIMEOUT_S = 60.0
 
 
@@ -97,7 +99,8 @@ class BackToSource:
             return StoreHandoff(asyncio.run_coroutine_threadsafe(store, loop), self._stop)
 
         # From the daemon's pool: a fresh 2-piece bytearray per task cost ~0.2 s of page faults per GiB.
-        slots = max(MIN_BUFFER_SLOTS, -(-MIN_BUFFER_BYTES // layout.piece_length))
+        read_ahead = min(READ_AHEAD_BYTES, self.c.ctx.pool.budget_bytes // READ_AHEAD_SHARE)
+        slots = max(MIN_BUFFER_SLOTS, read_ahead // layout.piece_length)
         buffer = await self.c.ctx.pool.acquire(slots * layout.piece_length)
         reader = asyncio.ensure_future(
             asyncio.to_thread(
