@@ -44,7 +44,7 @@ class StorageSection(StrictModel):
 class DownloadSection(StrictModel):
     buffer_bytes: int = Field(default=32 * MiB, ge=1 * MiB)  # budget of receive buffers
     max_parents: int = Field(default=8, ge=1, le=20)
-    requests_per_parent: int = Field(default=2, ge=1, le=16)
+    requests_per_parent: int = Field(default=6, ge=1, le=16)
     piece_timeout_s: float = Field(default=30.0, gt=0)
     progress_report_interval_s: float = Field(default=1.0, gt=0)
 

@@ -17,11 +17,6 @@ never runs it. Rules (DESIGN.md §5 "Back-to-source"):
   received: connection refused, DNS failure, timeout, TLS failure, dropped connection). Query strings are
   left out of messages because presigned URLs carry credentials there.
 - `timeout_s` bounds connecting and each socket read, not the whole transfer.
-- Plain-HTTP bodies are read with SO_RCVLOWAT = min(1 MiB, a quarter of the receive buffer, what is
-  left of the body minus a 64 KiB margin for bytes already buffered above the socket): each read wakes
-  the reading thread once per large chunk, so several origin reads of one daemon do not queue for the
-  GIL once per small TCP burst (measured: 4 concurrent reads of a seed, 64 MiB at 100 Mbit/s, took
-  7.1 s instead of the line's 5.6 s). The quarter keeps the kernel from clamping the TCP window.
 """
 
 from __future__ import annotations
@@ -46,45 +41,6 @@ HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "te", "trailer", "tr
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 READ_CHUNK_BYTES = 1024 * 1024  # one readinto at most; should_stop is checked between reads
-LOWAT_MARGIN_BYTES = 64 * 1024  # > what http.client may hold above the socket (an 8 KiB buffer)
-
-
-class _LowWater:
-    """SO_RCVLOWAT of a plain TCP socket, never above what is left to arrive (a read could then wait)."""
-
-    def __init__(self, sock: socket.socket | None) -> None:
-        usable = sock is not None and not isinstance(sock, ssl.SSLSocket)
-        self._sock = sock if usable else None
-        self._value = 1
-        self._cap = 1
-
-    def new_piece(self) -> None:
-        if self._sock is not None:
-            try:
-                rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            except OSError:
-                rcvbuf = 0
-            self._cap = max(1, min(READ_CHUNK_BYTES, rcvbuf // 4))
-
-    def read_limit(self, remaining: int) -> int:
-        """Set the mark for a body with `remaining` bytes to come; returns how much one read may ask for.
-
-        A read (and the 8 KiB buffer refill under it) must never ask for bytes that will not come while
-        the mark is above 1, or it waits for them until the timeout: it stays LOWAT_MARGIN_BYTES short.
-        """
-        if self._sock is None:
-            return READ_CHUNK_BYTES
-        want = max(1, min(self._cap, remaining - LOWAT_MARGIN_BYTES))
-        if want != self._value:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                self._value = want
-            except OSError:
-                self._sock = None
-                self._value = 1
-        return remaining - LOWAT_MARGIN_BYTES if self._value > 1 else READ_CHUNK_BYTES
-
-
 _CROSS_ORIGIN_DROPPED = ("authorization", "cookie")
 
 AllowedHosts = Callable[[str], bool]
@@ -226,18 +182,14 @@ def read_pieces(
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         received = 0
-        body_bytes = want + skip  # at least what the body holds (a 200 without Range may hold more)
-        lowat = _LowWater(conn.sock)
 
         def fill(target: memoryview, crc: int) -> tuple[int, bool]:
             nonlocal received
             got = 0
-            lowat.new_piece()
             while got < len(target):
                 if should_stop():
                     return crc, False
-                limit = lowat.read_limit(body_bytes - received - got)
-                chunk = target[got : got + min(READ_CHUNK_BYTES, limit)]
+                chunk = target[got : got + READ_CHUNK_BYTES]
                 try:
                     n = resp.readinto(chunk)
                 except (OSError, http.client.HTTPException) as exc:

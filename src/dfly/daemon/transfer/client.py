@@ -14,10 +14,6 @@ Rules:
   a protocol error (including a PIECE that was never requested) closes it with ProtocolError.
 - A PIECE for a request we cancelled may still arrive (the parent had started it): it is discarded.
 - Listener callbacks run on the event loop, never before `connect_parent` has returned.
-- While a piece body is due, SO_RCVLOWAT holds the socket unreadable until min(the rest of the body,
-  LOWAT_MAX, a quarter of the receive buffer) bytes are queued, so a body costs a few wakeups of the
-  event loop instead of one per arriving burst; between bodies it is 1 (control frames at once). The
-  quarter keeps the kernel from raising the buffer and clamping the TCP window to the low-water mark.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,7 +31,6 @@ from dfly.daemon.transfer.buffers import BufferPool
 
 log = logging.getLogger(__name__)
 _SCRATCH_SIZE = 256 * 1024
-LOWAT_MAX = 256 * 1024
 
 
 class RemoteError(ProtocolError):
@@ -99,9 +93,6 @@ class ParentConnection(asyncio.BufferedProtocol):
         self._scratch: bytearray | None = None
         self._delivered: dict[int, tuple[memoryview, bytearray]] = {}  # id(view) -> (view, buffer)
         self._direct = False
-        self._sock: socket.socket | None = None  # for SO_RCVLOWAT (None: not a TCP socket we can tune)
-        self._lowat = 1
-        self._lowat_cap = 1
         self._handshake: asyncio.Future[p.Hello] = asyncio.get_running_loop().create_future()
         self._opened = False  # connect_parent returned: listener callbacks allowed
         self._closed = False
@@ -183,9 +174,6 @@ class ParentConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            self._sock = sock
 
     def get_buffer(self, sizehint: int) -> memoryview:
         cur = self._current
@@ -213,8 +201,6 @@ class ParentConnection(asyncio.BufferedProtocol):
             else:
                 self.decoder.buffer_updated(nbytes)
             self._process()
-            if self._sock is not None:
-                self._tune_lowat()
         except Exception as exc:  # ProtocolError, DigestMismatch, or a listener bug
             if not isinstance(exc, ProtocolError | DigestMismatch):
                 log.exception("piece connection to %s failed", self.parent_id)
@@ -281,16 +267,6 @@ class ParentConnection(asyncio.BufferedProtocol):
         elif isinstance(event, p.Closed):
             self._shutdown(None)
 
-    def _tune_lowat(self) -> None:
-        remaining = self.decoder.body_remaining if self._current is not None else 0
-        want = min(remaining, self._lowat_cap) if remaining > 0 else 1
-        if want != self._lowat and self._sock is not None:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                self._lowat = want
-            except OSError:
-                self._sock = None  # not supported here: plain wakeups
-
     def _start_piece(self, header: p.PieceHeader) -> None:
         req = self._pending.get(header.number)
         if req is None or not req.sent:
@@ -299,12 +275,6 @@ class ParentConnection(asyncio.BufferedProtocol):
             self._cancelled.discard(header.number)
             req = _Request(header.number, header.length, cancelled=True)  # discard its body
         self._current, self._crc, self._pos, self._digest = req, 0, 0, header.digest
-        if self._sock is not None:
-            try:
-                rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            except OSError:
-                rcvbuf = 0
-            self._lowat_cap = max(1, min(LOWAT_MAX, rcvbuf // 4))
 
     def _finish_piece(self) -> None:
         req, self._current = self._current, None
