@@ -98,7 +98,7 @@ class BackToSource:
             store = self.c.store_piece(number, view, digest, "back_to_source", "")
             return StoreHandoff(asyncio.run_coroutine_threadsafe(store, loop), self._stop)
 
-        # From the daemon's pool: a fresh 2-piece bytearray per task cost ~0.2 s of page faults per GiB.
+        # From the daemon's pool: a fresh bytearray per task cost ~0.2 s of page faults per GiB.
         read_ahead = min(READ_AHEAD_BYTES, self.c.ctx.pool.budget_bytes // READ_AHEAD_SHARE)
         slots = max(MIN_BUFFER_SLOTS, read_ahead // layout.piece_length)
         buffer = await self.c.ctx.pool.acquire(slots * layout.piece_length)

@@ -177,7 +177,7 @@ class Conductor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._next_event(), TICK_S)
             # Everything queued is applied, then one step: a burst of HAVEs and stored pieces costs
-            # one planner pass, not one per event (one step per event was most of a peer's CPU).
+            # one planner pass, not one per event (and no wait_for timer per event).
             while not self.events.empty():
                 await self._apply(self.events.get_nowait())
             await self._step(loop.time())
