@@ -417,9 +417,20 @@ def test_first_pass_gate_gives_each_piece_once_then_releases(tmp_path: Path) -> 
 def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -> None:
     make_file(tmp_path / "f", 768 * KiB)
     task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
-    task.gate = FirstPassGate(task.piece_count)
+
+    class WatchedGate(FirstPassGate):
+        """Sets `handed_back` when a claim comes back (the server does it on its own loop)."""
+
+        def __init__(self, piece_count: int) -> None:
+            super().__init__(piece_count)
+            self.handed_back = asyncio.Event()
+
+        def unclaim(self, number: int) -> None:
+            super().unclaim(number)
+            self.handed_back.set()
 
     async def main() -> None:
+        gate = task.gate = WatchedGate(task.piece_count)
         # rate 1 byte/s with a one-piece burst: the second request waits for tokens and is never sent
         server, port = await start(task, rate=1, burst=256 * KiB)
         first, second = Recorder(), Recorder()
@@ -430,12 +441,8 @@ def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -
         conn1.close()
         assert await first.expect("failed") == ("failed", 1, "connection closed")
         conn2 = await connect(port, task, second)
-        for _ in range(200):  # the server notices the close on its own loop
-            if task.gate is not None and task.gate.unclaimed == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert task.gate is not None
-        assert task.gate.unclaimed == 2  # piece 1 was never sent
+        await gate.handed_back.wait()  # bounded by run()'s timeout
+        assert gate.unclaimed == 2  # piece 1 was never sent
         await conn2.request(0)
         assert await second.expect("failed") == ("failed", 0, "not_available")
         await server.close()
