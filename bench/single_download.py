@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import pwd
+import resource
 import shutil
 import socket
 import statistics
@@ -172,9 +173,22 @@ def fetch_checked(run: Callable[[], float], out: Path, want: str, what: str) -> 
     return elapsed
 
 
-def dfget(peer: Member, url: str, out: Path) -> float:
+def dfget(peer: Member, url: str, out: Path, piece_length: str | None = None) -> float:
     cmd = [*dfget_command(), "-e", str(peer.socket), url, "-O", str(out), "--no-progress"]
+    if piece_length is not None:
+        cmd += ["--piece-length", piece_length]
     return timed(cmd, f"dfget on {peer.name}")
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a live process (/proc/PID/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def curl(url: str, out: Path) -> float:
@@ -254,7 +268,9 @@ class PageCacheBallast:
         self.path.unlink(missing_ok=True)
 
 
-def run(work: Path, size: int, pairs: int, fill_page_cache: bool) -> dict[str, Any]:
+def run(
+    work: Path, size: int, pairs: int, fill_page_cache: bool, piece_length: str | None = None
+) -> dict[str, Any]:
     from dfly.devtools.origin import Origin, make_file
 
     if shutil.which("curl") is None:
@@ -291,6 +307,8 @@ def run(work: Path, size: int, pairs: int, fill_page_cache: bool) -> dict[str, A
             peer1, peer2 = cluster.peers
             curl_s: list[float] = []
             dfget_s: list[float] = []
+            cpu_runs: list[dict[str, float]] = []  # CPU seconds per dfget: seed, peer, dfget itself
+            seed = next(m for m in cluster.daemons if m.name == "seed")
             warm = out / "warmup.bin"  # one unmeasured curl so the origin file is in the page cache
             fetch_checked(lambda: curl(origin.url("blob.bin?warmup"), warm), warm, want, "warm-up curl")
             for i in range(pairs):
@@ -303,7 +321,12 @@ def run(work: Path, size: int, pairs: int, fill_page_cache: bool) -> dict[str, A
                 def one_dfget(url: str = url) -> float:
                     settle()
                     f = out / "dfget.bin"
-                    return fetch_checked(lambda: dfget(peer1, url, f), f, want, "dfget")
+                    before = (process_cpu_s(seed.pid), process_cpu_s(peer1.pid), children_cpu_s())
+                    elapsed = fetch_checked(lambda: dfget(peer1, url, f, piece_length), f, want, "dfget")
+                    after = (process_cpu_s(seed.pid), process_cpu_s(peer1.pid), children_cpu_s())
+                    names = ("seed", "peer", "dfget")
+                    cpu_runs.append({k: a - b for k, a, b in zip(names, after, before, strict=True)})
+                    return elapsed
 
                 if i % 2 == 0:
                     curl_s.append(one_curl())
@@ -320,7 +343,7 @@ def run(work: Path, size: int, pairs: int, fill_page_cache: bool) -> dict[str, A
             cluster.stop_member("seed")
             settle()
             p2p_s = fetch_checked(
-                lambda: dfget(peer2, p2p_url, out / "p2p.bin"), out / "p2p.bin", want, "p2p"
+                lambda: dfget(peer2, p2p_url, out / "p2p.bin", piece_length), out / "p2p.bin", want, "p2p"
             )
             log(f"p2p (origin and seed stopped): {p2p_s:.2f} s")
             for m in (peer1, peer2):
@@ -339,6 +362,7 @@ def run(work: Path, size: int, pairs: int, fill_page_cache: bool) -> dict[str, A
         warmup_curl=True,
         curl_s=[round(x, 3) for x in curl_s],
         dfget_s=[round(x, 3) for x in dfget_s],
+        piece_length=piece_length or "default",
         dfget_over_curl=round(statistics.median(ratios), 3),
         dfget_over_curl_min=round(min(ratios), 3),
         dfget_over_curl_max=round(max(ratios), 3),
@@ -347,6 +371,7 @@ def run(work: Path, size: int, pairs: int, fill_page_cache: bool) -> dict[str, A
         p2p_throughput_mib_s=round(size / MiB / p2p_s, 1),
         p2p_over_curl_throughput=round(curl_median / p2p_s, 3),
         origin_bytes_sent_during_pairs=origin_bytes,
+        cpu_s_per_dfget={k: round(statistics.median(r[k] for r in cpu_runs), 3) for k in cpu_runs[0]},
         daemon_peak_rss_mib=round(max(rss_values), 1),
         daemon_rss_mib={k: (None if v is None else round(v, 1)) for k, v in rss.items()},
         page_cache_write_s_per_gib={"fresh_memory": round(fresh_s, 3), "just_freed": round(reused_s, 3)},
@@ -371,12 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure with free memory (every new page a host fault on these VMs) instead of a full cache",
     )
+    parser.add_argument("--piece-length", default=None, help="passed to dfget (default: the piece rule)")
     args = parser.parse_args(argv)
     if args.pairs < 3 or args.size_mib <= 0:
         parser.error("--pairs must be >= 3 and --size-mib positive")
     try:
         with tempfile.TemporaryDirectory(prefix="dfly-bench-", dir=args.workdir) as tmp:
-            result = run(Path(tmp), args.size_mib * MiB, args.pairs, not args.no_fill_page_cache)
+            result = run(
+                Path(tmp), args.size_mib * MiB, args.pairs, not args.no_fill_page_cache, args.piece_length
+            )
     except Exception as exc:
         print(f"single_download: could not run: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
