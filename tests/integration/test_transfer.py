@@ -385,12 +385,13 @@ def test_loopback_throughput_256mib(tmp_path: Path) -> None:
     run(main(), timeout_s=120)
 
 
-def test_first_pass_gate_gives_each_piece_once_then_releases(tmp_path: Path) -> None:
+def test_first_pass_gate_gives_each_piece_once_then_releases_after_its_hold(tmp_path: Path) -> None:
     make_file(tmp_path / "f", 768 * KiB)
     task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
-    gate = task.gate = FirstPassGate(task.piece_count)
 
     async def main() -> None:
+        held = asyncio.Event()
+        gate = task.gate = FirstPassGate(task.piece_count, on_given_out=held.set)  # the test releases it
         server, port = await start(task)
         first, second = Recorder(), Recorder()
         conn1 = await connect(port, task, first)
@@ -401,11 +402,17 @@ def test_first_pass_gate_gives_each_piece_once_then_releases(tmp_path: Path) -> 
         assert await second.expect("failed") == ("failed", 0, "not_available")
         await conn2.request(1)
         assert await second.expect("piece") == ("piece", 1, task.digests[1])
-        assert not gate.released
-        await conn1.request(2)  # the last unclaimed piece: the gate releases
+        await conn1.request(2)  # the last unclaimed piece: every piece is given out, the hold starts
         assert await first.expect("piece") == ("piece", 2, task.digests[2])
+        assert gate.given_out
+        assert not gate.released
+        await held.wait()
+        await conn2.request(2)  # during the hold: still once only
+        assert await second.expect("failed") == ("failed", 2, "not_available")
+        gate.release()
+        told = [*(await second.expect("have"))[1], *(await second.expect("have"))[1]]
+        assert sorted(told) == [0, 2]  # told again at release, one HAVE per piece
         assert gate.released
-        assert await second.expect("have") == ("have", [0])  # told again at release
         await conn2.request(0)
         assert await second.expect("piece") == ("piece", 0, task.digests[0])
         await server.close()

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from typing import TYPE_CHECKING
 
 from dfly.common.errors import SourceError
 from dfly.common.pieces import default_piece_length
-from dfly.daemon.core.first_pass import FirstPassGate
+from dfly.daemon.core.first_pass import FirstPassGate, hold_s
 from dfly.daemon.core.task_state import Layout
 from dfly.daemon.source import http
 
 if TYPE_CHECKING:
     from dfly.daemon.conductor import Conductor
+
+log = logging.getLogger(__name__)
 
 STAT_TIMEOUT_S = 30.0
 # Read ahead of the pieces being written: at least 2 piece-sized slots and up to READ_AHEAD_BYTES (but
@@ -53,6 +56,25 @@ class StoreHandoff:
                 if self._stop.is_set():
                     self._future.cancel()
                     return
+
+
+def first_pass_gate(piece_count: int, max_hold_s: float, task_id: str) -> FirstPassGate:
+    """The source's first-pass gate, released after its hold (on this loop): `hold_s(...)` of the time
+    the first pass took, so a short download is not held for long."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    gate: FirstPassGate
+
+    def given_out() -> None:
+        hold = hold_s(loop.time() - started, max_hold_s)
+        log.info("task %s: first pass done, all pieces given out; release in %.2f s", task_id[:12], hold)
+        if hold > 0:
+            loop.call_later(hold, gate.release)
+        else:
+            gate.release()
+
+    gate = FirstPassGate(piece_count, on_given_out=given_out)
+    return gate
 
 
 class BackToSource:
@@ -84,7 +106,10 @@ class BackToSource:
             piece_length = request.piece_length or default_piece_length(stat.content_length)
             layout = Layout(stat.content_length, piece_length)
         if self.c.ctx.config.upload.first_pass and self.c.state.first_pass is None:
-            self.c.state.first_pass = FirstPassGate(layout.piece_count)
+            upload = self.c.ctx.config.upload
+            self.c.state.first_pass = first_pass_gate(
+                layout.piece_count, upload.first_pass_hold_s, self.c.state.task_id
+            )
         await self.c.ensure_file(layout, stat.headers)
         await self.c.report_back_to_source_started(layout, stat.headers)
         missing = [n for n in range(layout.piece_count) if not self.c.state.has(n)]

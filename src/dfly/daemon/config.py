@@ -55,6 +55,8 @@ class UploadSection(StrictModel):
     # A task this daemon reads from the origin: give each piece to one child before any piece twice
     # (daemon/core/first_pass.py); the swarm's source uplink then carries about one copy.
     first_pass: bool = True
+    # Seconds between the last piece given out and the release of that rule (see first_pass.py).
+    first_pass_hold_s: float = Field(default=1.0, ge=0, le=60)
 
 
 class ListenerSection(StrictModel):

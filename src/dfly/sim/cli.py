@@ -78,6 +78,11 @@ def parser() -> argparse.ArgumentParser:
         help="the origin reader serves any piece to anyone (upload.first_pass: false)",
     )
     p.add_argument(
+        "--first-pass-hold-s",
+        type=float,
+        help="seconds from the last piece given out to the first pass's release (upload.first_pass_hold_s)",
+    )
+    p.add_argument(
         "--announce-upload-limit",
         action="store_true",
         help="daemons announce their uplink as upload limit (default 0 = unlimited)",
@@ -149,6 +154,10 @@ def build_config(args: argparse.Namespace, *, seed: int | None = None) -> SwarmC
     daemon_fields: dict[str, Any] = {"announce_upload_limit": args.announce_upload_limit}
     if args.no_first_pass:
         daemon_fields["first_pass"] = False
+    if args.first_pass_hold_s is not None:
+        if args.first_pass_hold_s < 0:
+            raise UsageError("--first-pass-hold-s must be >= 0")
+        daemon_fields["first_pass_hold_s"] = args.first_pass_hold_s
     if args.candidate_parents is not None:
         engine_fields["candidate_parent_limit"] = args.candidate_parents
         daemon_fields["max_parents"] = args.candidate_parents

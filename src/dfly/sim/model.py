@@ -46,6 +46,7 @@ class DaemonSettings:
     keepalive_interval_s: float = 5.0  # scheduler.keepalive_interval_s
     upload_slots: int = UploadSection().slots
     first_pass: bool = UploadSection().first_pass  # an origin reader gives each piece once first
+    first_pass_hold_s: float = UploadSection().first_pass_hold_s
     announce_upload_limit: bool = False  # upload.rate_limit_bytes_per_s = the modelled cap (else 0)
 
 

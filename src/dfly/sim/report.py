@@ -50,6 +50,7 @@ def summarize(result: SwarmResult, *, calibrated: bool = False) -> dict[str, Any
         "candidate_parents": c.engine.candidate_parent_limit,
         "max_parents": c.daemon.max_parents,
         "topology": c.engine.topology,
+        "first_pass_hold_s": c.daemon.first_pass_hold_s if c.daemon.first_pass else None,
         "churn": c.churn,
         "seed": c.seed,
         "bound_s": _round(bound),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dfly.common.pieces import default_piece_length
-from dfly.daemon.core.first_pass import FirstPassGate
+from dfly.daemon.core.first_pass import FirstPassGate, hold_s
 from dfly.scheduler.core.messages import BackToSourceStarted, TaskLayout
 from dfly.sim.flows import Flow
 from dfly.sim.model import World, piece_size
@@ -50,7 +50,7 @@ class OriginStream:
             piece_length = peer.download.piece_length or default_piece_length(content_length)
         peer.ensure_layout(content_length, piece_length)
         if peer.settings.first_pass and peer.gate is None:
-            peer.gate = FirstPassGate(peer.piece_count)
+            peer.gate = self._first_pass_gate(peer.piece_count, peer.settings.first_pass_hold_s)
         peer.send(BackToSourceStarted(peer.peer_id, content_length, piece_length))
         missing = [n for n in range(peer.piece_count) if not peer.have[n]]
         if not missing:
@@ -58,6 +58,22 @@ class OriginStream:
             return
         self.next_piece = missing[0]
         self.world.clock.after(2 * self.world.latency_s, self._read_next)
+
+    def _first_pass_gate(self, piece_count: int, max_hold_s: float) -> FirstPassGate:
+        """As dfly.daemon.back_to_source.first_pass_gate: released after its hold."""
+        clock = self.world.clock
+        started = clock.now
+        gate: FirstPassGate
+
+        def given_out() -> None:
+            hold = hold_s(clock.now - started, max_hold_s)
+            if hold > 0:
+                clock.after(hold, _release, gate)
+            else:
+                gate.release()
+
+        gate = FirstPassGate(piece_count, on_given_out=given_out)
+        return gate
 
     def _read_next(self, _: object = None) -> None:
         peer = self.peer
@@ -87,3 +103,7 @@ def start_back_to_source(peer: SimPeer, layout: TaskLayout | None) -> None:
     peer.close_parents()
     peer.source = OriginStream(peer.world, peer, layout)
     peer.source.start()
+
+
+def _release(gate: FirstPassGate) -> None:
+    gate.release()

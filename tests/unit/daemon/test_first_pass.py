@@ -1,14 +1,24 @@
-"""FirstPassGate: each piece given out once before any twice; hand-back; release listeners."""
+"""FirstPassGate: each piece given out once before any twice; hand-back; the hold; release listeners."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from dfly.daemon.core.first_pass import FirstPassGate
+from dfly.daemon.back_to_source import first_pass_gate
+from dfly.daemon.core.first_pass import FirstPassGate, hold_s
+
+
+def released_when_given_out(piece_count: int) -> FirstPassGate:
+    """A gate whose owner releases it at once (upload.first_pass_hold_s = 0)."""
+    gate: FirstPassGate
+    gate = FirstPassGate(piece_count, on_given_out=lambda: gate.release())
+    return gate
 
 
 def test_each_piece_is_given_once_until_all_are_given() -> None:
-    gate = FirstPassGate(3)
+    gate = released_when_given_out(3)
     assert gate.claim(1)
     assert not gate.claim(1)  # another child asks for the same piece
     assert gate.claim(0)
@@ -20,8 +30,27 @@ def test_each_piece_is_given_once_until_all_are_given() -> None:
     assert gate.claim(1)
 
 
+def test_given_out_waits_for_the_owners_release() -> None:
+    given_out: list[int] = []
+    gate = FirstPassGate(2, on_given_out=lambda: given_out.append(1))
+    assert gate.claim(0)
+    assert gate.claim(1)
+    assert given_out == [1]
+    assert gate.given_out
+    assert not gate.released
+    assert not gate.claim(0)  # during the hold a piece is still given only once
+    gate.unclaim(1)  # not delivered after all: the next child may have it
+    assert not gate.given_out
+    assert gate.claim(1)
+    assert given_out == [1]  # told once
+    gate.release()
+    gate.release()  # idempotent
+    assert gate.released
+    assert gate.claim(0)
+
+
 def test_unclaimed_piece_goes_to_the_next_child() -> None:
-    gate = FirstPassGate(2)
+    gate = released_when_given_out(2)
     assert gate.claim(0)
     gate.unclaim(0)  # cancelled before it was sent
     assert gate.unclaimed == 2
@@ -31,7 +60,7 @@ def test_unclaimed_piece_goes_to_the_next_child() -> None:
 
 
 def test_release_listeners_run_once_and_can_be_removed() -> None:
-    gate = FirstPassGate(2)
+    gate = released_when_given_out(2)
     calls: list[str] = []
     gate.on_release(lambda: calls.append("a"))
     remove_b = gate.on_release(lambda: calls.append("b"))
@@ -51,3 +80,26 @@ def test_empty_task_is_released_and_bad_count_rejected() -> None:
     assert FirstPassGate(0).released
     with pytest.raises(ValueError, match="piece_count"):
         FirstPassGate(-1)
+
+
+def test_hold_is_a_tenth_of_the_first_pass_capped() -> None:
+    assert hold_s(2.0, 1.0) == pytest.approx(0.2)
+    assert hold_s(60.0, 1.0) == 1.0
+    assert hold_s(5.0, 0.0) == 0.0
+
+
+def test_daemon_gate_releases_after_its_hold_on_the_loop() -> None:
+    async def main() -> None:
+        released = asyncio.Event()
+        gate = first_pass_gate(1, 1.0, "t" * 64)
+        gate.on_release(released.set)
+        assert gate.claim(0)
+        assert gate.given_out
+        assert not gate.released  # held for a tenth of the (short) first pass
+        await asyncio.wait_for(released.wait(), 5)
+        assert gate.released
+        instant = first_pass_gate(1, 0.0, "t" * 64)
+        assert instant.claim(0)
+        assert instant.released  # no hold: released with the last claim
+
+    asyncio.run(main())

@@ -315,8 +315,6 @@ class _Connection:
             return False
         if gate.claim(number):
             self.claimed.add(number)
-            if gate.released:
-                log.info("task %s: first pass done, every piece given out once", task.task_id[:12])
             return False
         if 0 <= number < len(self.known) * 8:
             self.known[number >> 3] &= ~(0x80 >> (number & 7)) & 0xFF
