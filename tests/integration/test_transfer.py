@@ -421,6 +421,31 @@ def test_first_pass_gate_gives_each_piece_once_then_releases_after_its_hold(tmp_
     run(main())
 
 
+def test_after_release_a_piece_goes_to_one_child_at_a_time(tmp_path: Path) -> None:
+    make_file(tmp_path / "f", 768 * KiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
+
+    async def main() -> None:
+        gate = task.gate = FirstPassGate(task.piece_count)
+        gate.release()  # as after the first pass and its hold
+        # rate 1 byte/s with a one-piece burst: after piece 0, a piece waits for tokens and is never sent
+        server, port = await start(task, rate=1, burst=256 * KiB)
+        first, second = Recorder(), Recorder()
+        conn1 = await connect(port, task, first)
+        conn2 = await connect(port, task, second)
+        await conn1.request(0)
+        assert await first.expect("piece") == ("piece", 0, task.digests[0])
+        await conn1.request(1)  # its copy waits for tokens
+        await conn2.request(1)  # one copy at a time: refused for now
+        assert await second.expect("failed") == ("failed", 1, "not_available")
+        conn1.close()  # the copy is handed back: the refused child hears of piece 1 again
+        assert await second.expect("have") == ("have", [1])
+        await server.close()
+        del conn2
+
+    run(main())
+
+
 def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -> None:
     make_file(tmp_path / "f", 768 * KiB)
     task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces

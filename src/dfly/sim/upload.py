@@ -6,12 +6,14 @@ piece's wait for a slot) and go out before its header, or at its end when nothin
 ERROR not_available for a piece the parent does not hold. A parent reading the origin applies the
 real first-pass gate (dfly.daemon.core.first_pass) exactly where the piece server does: a REQUEST for a
 piece given to another child is refused with ERROR not_available and announced again (HAVE) when the gate
-releases; a claimed piece not delivered (cancelled in the queue or while waiting for a slot, connection
-closed) is handed back. Every frame takes the hosts' one-way delay.
+releases, and after the release a piece with a copy on its way to another child is refused and announced
+again once that copy is done; a claimed piece not delivered (cancelled in the queue or while waiting for
+a slot, connection closed) is handed back. Every frame takes the hosts' one-way delay.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -74,14 +76,17 @@ class Conn:
 
     def _refused_by_gate(self, piece: int) -> bool:
         gate = self.parent.gate
-        if gate is None or gate.released or not self.parent.holds(piece):
+        if gate is None or not self.parent.holds(piece):
             return False
         if gate.claim(piece):
             self.claimed.add(piece)
             return False
-        self.refused.add(piece)
-        if self.stop_waiting_release is None:
-            self.stop_waiting_release = gate.on_release(self._announce_refused)
+        if gate.released:
+            gate.on_free(piece, functools.partial(self.push_have, piece))
+        else:
+            self.refused.add(piece)
+            if self.stop_waiting_release is None:
+                self.stop_waiting_release = gate.on_release(self._announce_refused)
         self._error(piece)
         return True
 
@@ -140,7 +145,11 @@ class Conn:
         host.uploads_in_flight -= 1
         host.uploaded_bytes += flow.size
         piece, self.current = self.current, -1
-        self.claimed.discard(piece)  # delivered: it stays given out
+        if piece in self.claimed:  # delivered: during the first pass it stays given out
+            self.claimed.discard(piece)
+            gate = self.parent.gate
+            if gate is not None:
+                gate.delivered(piece)
         self.world.clock.after(self.delay, self.child.on_piece, (self, piece, self.parent.seed_source))
         _release_slot(host)
         self._send_next()

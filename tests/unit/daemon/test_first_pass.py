@@ -26,7 +26,8 @@ def test_each_piece_is_given_once_until_all_are_given() -> None:
     assert gate.unclaimed == 1
     assert gate.claim(2)
     assert gate.released
-    assert gate.claim(1)  # released: everything to everyone
+    assert gate.claim(1)  # released: everything to everyone, one copy at a time
+    gate.delivered(1)
     assert gate.claim(1)
 
 
@@ -103,3 +104,28 @@ def test_daemon_gate_releases_after_its_hold_on_the_loop() -> None:
         assert instant.released  # no hold: released with the last claim
 
     asyncio.run(main())
+
+
+def test_after_release_one_copy_of_a_piece_at_a_time() -> None:
+    gate = released_when_given_out(2)
+    assert gate.claim(0)
+    assert gate.claim(1)
+    assert gate.released
+    told: list[str] = []
+    assert gate.claim(0)  # a second copy of piece 0, now that every piece is out
+    assert not gate.claim(0)  # while it is being sent, nobody else gets piece 0
+    gate.on_free(0, lambda: told.append("b"))
+    gate.on_free(0, lambda: told.append("c"))
+    assert gate.claim(1)  # other pieces are independent
+    gate.delivered(0)
+    assert told == ["b", "c"]  # each refused child is told once
+    gate.delivered(0)  # nothing in flight: no effect
+    assert told == ["b", "c"]
+    assert gate.claim(0)
+    gate.unclaim(0)  # handed back (cancelled, connection lost): free again
+    assert gate.claim(0)
+    gate.on_free(1, lambda: told.append("free at once"))  # 1 is being sent: waits
+    gate.unclaim(1)
+    assert told == ["b", "c", "free at once"]
+    gate.on_free(1, lambda: told.append("not sending"))  # nothing in flight: runs now
+    assert told[-1] == "not sending"

@@ -14,8 +14,9 @@ Rules:
 - The digest sent is the stored one (`piece_digest`); bytes are never re-read to compute it.
 - A task with a first-pass gate (this daemon is the swarm's source, core/first_pass.py) serves each piece
   to one child before any piece twice: a REQUEST for a piece given to another child is answered at once
-  with ERROR not_available, and that child gets HAVE for it again when the gate releases. A claimed piece
-  not delivered (cancelled before its header, connection lost) is handed back to the gate.
+  with ERROR not_available, and that child gets HAVE for it again when the gate releases; after the
+  release one copy of a piece is sent at a time, and a child refused one hears HAVE again when that copy
+  is done. A claimed piece not delivered (cancelled before its header, connection lost) is handed back.
 - A bad client never crashes the server: protocol errors get ERROR bad_frame (unless we are in the middle
   of a frame) and the connection closes; everything is logged at debug level.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import socket
 from collections import deque
@@ -311,17 +313,20 @@ class _Connection:
         """Apply the first-pass gate to a REQUEST; True = refused (ERROR not_available queued)."""
         task = self.task
         gate = task.first_pass if task is not None else None
-        if gate is None or gate.released or task is None or task.piece_digest(number) is None:
+        if gate is None or task is None or task.piece_digest(number) is None:
             return False
         if gate.claim(number):
             self.claimed.add(number)
             return False
         if 0 <= number < len(self.known) * 8:
             self.known[number >> 3] &= ~(0x80 >> (number & 7)) & 0xFF
-        self.refused.add(number)
-        if self.stop_waiting_release is None:
-            self.stop_waiting_release = gate.on_release(self._announce_refused)
-        self.out += p.encode_error("not_available", f"piece {number} went to another child", piece=number)
+        if gate.released:  # a copy is being sent to another child: told again once it is done
+            gate.on_free(number, functools.partial(self._push_have, number))
+        else:
+            self.refused.add(number)
+            if self.stop_waiting_release is None:
+                self.stop_waiting_release = gate.on_release(self._announce_refused)
+        self.out += p.encode_error("not_available", f"piece {number} is with another child", piece=number)
         self.wake.set()
         return True
 
@@ -406,7 +411,10 @@ class _Connection:
                     server.upload_threads,
                 )
                 self.mid_frame = False
-                self.claimed.discard(number)  # delivered: it stays given out
+                if number in self.claimed:  # delivered: during the first pass it stays given out
+                    self.claimed.discard(number)
+                    if task.first_pass is not None:
+                        task.first_pass.delivered(number)
             finally:
                 server.active_uploads -= 1
         server.count_upload(task.task_id, length)
