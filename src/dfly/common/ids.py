@@ -8,6 +8,8 @@ Rules:
   within a key, raw encoding kept).
 - task_id = sha256 over canonical URL, tag, application and the user-fixed piece length (NUL-separated).
   Every entry point (dfget, proxy, mirror, preheat, scheduler) calls `task_id` and nothing else.
+- redact_url is the only form of a URL that goes into a log line or an error message: no credentials,
+  no query string (presigned URLs carry their tokens there).
 """
 
 from __future__ import annotations
@@ -75,13 +77,14 @@ def canonical_url(url: str, filtered_query_params: Iterable[str] = DEFAULT_FILTE
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise UsageError(f"invalid URL {url!r}: {exc}") from None
+        raise UsageError(f"invalid URL {redact_url(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
-        raise UsageError(f"unsupported URL scheme {parts.scheme!r} in {url!r} (use http or https)")
+        shown = redact_url(url)
+        raise UsageError(f"unsupported URL scheme {parts.scheme!r} in {shown!r} (use http or https)")
     hostname = (parts.hostname or "").lower()
     if not hostname:
-        raise UsageError(f"URL has no host: {url!r}")
+        raise UsageError(f"URL has no host: {redact_url(url)!r}")
     if ":" in hostname:  # IPv6 literal
         hostname = f"[{hostname}]"
     netloc = hostname if port is None or port == _DEFAULT_PORTS[scheme] else f"{hostname}:{port}"
@@ -118,3 +121,21 @@ def task_id(
         "STANDARD",
     ]
     return TaskId(sha256("\0".join(fields).encode()).hexdigest())
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials and query string, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # an invalid port or bracketed host: cut by hand
+        scheme, sep, rest = url.partition("://")
+        before_query, query_mark, _ = rest.partition("?")
+        netloc, slash, path = before_query.partition("/")
+        tail = "?…" if query_mark else ""
+        return f"{scheme}{sep}{netloc.rsplit('@', 1)[-1]}{slash}{path}{tail}"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?…" if parts.query else "")

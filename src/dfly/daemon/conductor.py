@@ -28,7 +28,7 @@ import grpc
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, DigestMismatch, DownloadTimeout, NoParents, SourceError
-from dfly.common.ids import HostId, peer_id
+from dfly.common.ids import HostId, peer_id, redact_url
 from dfly.daemon.back_to_source import BackToSource
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import Layout, TaskState
@@ -120,7 +120,7 @@ class Conductor:
         except BaseException as exc:
             error = first_dfly_error(exc)
             if error is None:
-                log.exception("download of %s failed", self.request.url)
+                log.exception("download of %s failed", redact_url(self.request.url))
                 error = DflyError(f"internal error: {type(exc).__name__}: {exc}")
         try:
             await self._close()

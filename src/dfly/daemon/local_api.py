@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dfly.common.errors import ConfigError, DflyError, UsageError
-from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS
+from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, redact_url
 from dfly.common.pieces import validate_user_piece_length
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,8 @@ class LocalApiServer:
                 log.exception("local API request from uid=%d pid=%d crashed", uid, pid)
                 await self._send_quietly(conn, error_event(DflyError(f"internal error in the daemon: {exc}")))
                 return
-            log.info("local API download %s from uid=%d gid=%d pid=%d", request.url, uid, gid, pid)
+            shown = redact_url(request.url)
+            log.info("local API download %s from uid=%d gid=%d pid=%d", shown, uid, gid, pid)
             await self._download_until_gone(conn, request)
 
     async def _read_line(self, conn: socket.socket) -> bytes:
@@ -307,7 +308,7 @@ class LocalApiServer:
         try:
             done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
             if pump not in done:
-                log.info("local API client left during %s; download detached", request.url)
+                log.info("local API client left during %s; download detached", redact_url(request.url))
         finally:
             for task in (pump, watch):
                 task.cancel()
@@ -342,12 +343,12 @@ class LocalApiServer:
                     return
             raise DflyError("internal error: download ended without Finished")
         except _ClientGone:
-            log.info("local API client went away during %s", request.url)
+            log.info("local API client went away during %s", redact_url(request.url))
         except DflyError as exc:
-            log.info("local API download %s failed: %s", request.url, exc)
+            log.info("local API download %s failed: %s", redact_url(request.url), exc)
             await self._send_quietly(conn, error_event(exc))
         except Exception as exc:
-            log.exception("local API download %s crashed", request.url)
+            log.exception("local API download %s crashed", redact_url(request.url))
             await self._send_quietly(conn, error_event(DflyError(f"internal error in the daemon: {exc}")))
         finally:
             aclose: Callable[[], Coroutine[Any, Any, None]] | None = getattr(events, "aclose", None)

@@ -46,6 +46,7 @@ class RequestRecord(NamedTuple):
     method: str
     path: str
     headers: dict[str, str]
+    target: str = ""  # the request target as sent, query string included
 
 
 @dataclass(slots=True)
@@ -99,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == STATS_PATH:
             self._reply(200, {"Content-Type": "application/json"}, json.dumps(origin.stats()).encode(), head)
             return
-        origin._note_request(RequestRecord(self.command, path, dict(self.headers.items())))
+        origin._note_request(RequestRecord(self.command, path, dict(self.headers.items()), self.path))
         if (redirect := origin._redirects.get(path)) is not None:
             self._reply(redirect[1], {"Location": redirect[0]}, b"", head)
             return

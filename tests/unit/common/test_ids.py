@@ -3,7 +3,13 @@
 import pytest
 
 from dfly.common.errors import UsageError
-from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, canonical_url, effective_filters, task_id
+from dfly.common.ids import (
+    DEFAULT_FILTERED_QUERY_PARAMS,
+    canonical_url,
+    effective_filters,
+    redact_url,
+    task_id,
+)
 
 CANONICAL = [
     ("HTTP://Example.COM/a/b", "http://example.com/a/b"),
@@ -68,3 +74,23 @@ def test_tag_application_and_piece_length_split_tasks() -> None:
     assert len({base, *others}) == 5
     # tag and application are not interchangeable
     assert task_id("http://h/a", tag="x") != task_id("http://h/a", application="x")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:pw@h:8080/a?token=s", "http://h:8080/a?…"),
+        ("https://h/a", "https://h/a"),
+        ("http://[::1]:80/p?x=s", "http://[::1]:80/p?…"),
+        ("http://user:pw@h:99999/x?token=s", "http://h:99999/x?…"),  # invalid port: cut by hand
+        ("http://[::1/x?token=s", "http://[::1/x?…"),  # unbalanced bracket
+    ],
+)
+def test_redact_url_drops_credentials_and_query(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_invalid_url_errors_do_not_repeat_the_query() -> None:
+    with pytest.raises(UsageError) as err:
+        canonical_url("http://h:99999/x?token=secret")
+    assert "secret" not in str(err.value)

@@ -33,6 +33,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from dfly.common.digest import crc32
 from dfly.common.errors import SourceError
+from dfly.common.ids import redact_url
 from dfly.common.pieces import piece_count
 
 ALLOWED_RESPONSE_HEADERS = ("Content-Type", "Content-Length", "ETag", "Last-Modified",
@@ -81,16 +82,6 @@ def sanitize_request_headers(headers: Mapping[str, str]) -> dict[str, str]:
         out[name] = value
     out["Accept-Encoding"] = "identity"
     return out
-
-
-def redact_url(url: str) -> str:
-    """The URL without credentials and query string, for messages and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return f"{parts.scheme}://{netloc}{parts.path}" + ("?…" if parts.query else "")
 
 
 def stat(

@@ -1,0 +1,66 @@
+"""Secrets never reach a log: tokens in query strings and Authorization headers, at debug level.
+
+A real cluster (scheduler, seed, one peer) logging at debug level downloads a presigned-style URL with
+an Authorization header, then is handed a malformed URL carrying a token; afterwards no log file under
+the cluster's directory may contain either secret, while the origin did receive them (so the test would
+see them if they leaked).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dfly.cluster import LocalCluster
+from dfly.common.digest import file_digest
+from dfly.common.pieces import MiB
+from dfly.devtools.origin import Origin, make_file
+
+pytestmark = pytest.mark.integration
+
+QUERY_SECRET = "qs3cr3t-7f1d"
+HEADER_SECRET = "hs3cr3t-92ab"
+DFGET_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
+    with Origin(tmp_path_factory.mktemp("www")) as server:
+        yield server
+
+
+def dfget(cluster: LocalCluster, url: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    peer = cluster.peers[0]
+    assert peer.socket is not None
+    cmd = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(peer.socket), "--no-progress"]
+    cmd += [url, "-O", str(out)]
+    return subprocess.run(
+        [*cmd, *extra], capture_output=True, text=True, timeout=DFGET_TIMEOUT_S, check=False
+    )
+
+
+def test_tokens_and_authorization_never_reach_a_log(origin: Origin, tmp_path: Path) -> None:
+    assert origin.root is not None
+    digest = make_file(origin.root / "private.bin", 2 * MiB, seed=41)
+    with LocalCluster(tmp_path / "c", peers=1, log_level="debug") as cluster:
+        url = origin.url(f"/private.bin?X-Amz-Signature={QUERY_SECRET}&token={QUERY_SECRET}")
+        ok = dfget(cluster, url, tmp_path / "out", "-H", f"Authorization: Bearer {HEADER_SECRET}")
+        assert ok.returncode == 0, ok.stderr
+        assert file_digest(tmp_path / "out").value == digest
+        bad = dfget(cluster, f"http://127.0.0.1:99999/x?token={QUERY_SECRET}", tmp_path / "bad")
+        assert bad.returncode != 0
+        assert QUERY_SECRET not in bad.stderr
+    seen = [r for r in origin.request_log() if r.path.startswith("/private.bin")]
+    assert seen
+    assert all(QUERY_SECRET in r.target for r in seen)
+    assert all(r.headers.get("Authorization") == f"Bearer {HEADER_SECRET}" for r in seen)
+    logs = sorted((tmp_path / "c").rglob("*.log"))
+    assert logs
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert QUERY_SECRET not in text, f"query token in {log.name}"
+        assert HEADER_SECRET not in text, f"Authorization header in {log.name}"
