@@ -16,7 +16,9 @@ from dfly.daemon.task_request import TaskRequest
 pytestmark = pytest.mark.integration
 
 
-async def call_download_task(trusted: list[str]) -> tuple[grpc.StatusCode | None, list[TaskRequest]]:
+async def call_download_task(
+    trusted: list[str], download: pb.Download | None = None
+) -> tuple[grpc.StatusCode | None, list[TaskRequest]]:
     triggered: list[TaskRequest] = []
 
     def trigger(request: TaskRequest) -> str:
@@ -30,7 +32,8 @@ async def call_download_task(trusted: list[str]) -> tuple[grpc.StatusCode | None
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = dpb_grpc.DfdaemonControlStub(channel)
-            request = dpb.DownloadTaskRequest(download=pb.Download(url="http://origin.example/f"))
+            wanted = download or pb.Download(url="http://origin.example/f")
+            request = dpb.DownloadTaskRequest(download=wanted)
             try:
                 reply = await stub.DownloadTask(request, timeout=5)
             except grpc.aio.AioRpcError as exc:
@@ -54,6 +57,21 @@ def test_trusted_scheduler_triggers_a_back_to_source_download() -> None:
     [request] = triggered
     assert request.url == "http://origin.example/f"
     assert request.need_back_to_source
+
+
+@pytest.mark.parametrize(
+    "download",
+    [
+        pb.Download(url="http://origin.example/f", piece_length=1000),
+        pb.Download(url="http://origin.example/f", piece_length=1 << 30),
+        pb.Download(url="ftp://origin.example/f"),
+        pb.Download(url="http://origin.example/../../etc/passwd?x=1", piece_length=-(1 << 20)),
+    ],
+)
+def test_invalid_trigger_is_refused_and_nothing_is_fetched(download: pb.Download) -> None:
+    code, triggered = asyncio.run(call_download_task(["127.0.0.1"], download))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert triggered == []
 
 
 @pytest.mark.parametrize(

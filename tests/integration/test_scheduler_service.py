@@ -147,7 +147,7 @@ def test_seed_trigger_then_candidate_parents_then_stat(
             seed = stub.AnnouncePeer()
             await seed.write(register("seed", "seed-peer", need_back_to_source=True))
             assert (await read(seed)).WhichOneof("response") == "need_back_to_source"
-            started = pb.BackToSourceStarted(content_length=3 * 1024, piece_length=1024)
+            started = pb.BackToSourceStarted(content_length=3 * 65536, piece_length=65536)
             await seed.write(
                 pb.AnnouncePeerRequest(peer_id="seed-peer", task_id="task-1", back_to_source_started=started)
             )
@@ -155,12 +155,12 @@ def test_seed_trigger_then_candidate_parents_then_stat(
             answer = await read(child)
             assert answer.WhichOneof("response") == "candidate_parents"
             assert [p.peer_id for p in answer.candidate_parents.parents] == ["seed-peer"]
-            assert answer.candidate_parents.layout.piece_length == 1024
+            assert answer.candidate_parents.layout.piece_length == 65536
 
             pieces = pb.PiecesFinished(pieces=[pb.PieceDone(number=n, digest=10 + n) for n in range(3)])
             await seed.write(pb.AnnouncePeerRequest(peer_id="seed-peer", pieces_finished=pieces))
             stat = await stub.StatTask(pb.StatTaskRequest(task_id="task-1"))
-            assert (stat.state, stat.content_length, stat.peer_count) == ("RUNNING", 3072, 2)
+            assert (stat.state, stat.content_length, stat.peer_count) == ("RUNNING", 3 * 65536, 2)
             assert list(stat.piece_digests) == [10, 11, 12]
 
             await child.write(pb.AnnouncePeerRequest(finished=pb.PeerFinished(piece_digests=[10, 11, 12])))
@@ -228,6 +228,35 @@ def test_requests_out_of_order_are_refused(tmp_path: Path, monkeypatch: pytest.M
     run(scenario)
 
 
+def test_impossible_piece_lengths_and_layouts_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with scheduler(tmp_path, monkeypatch) as running:
+            stub = running.stub
+            await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("odd")))
+            bad_register = register("odd", "odd-1")
+            bad_register.register.download.piece_length = 1000
+            refused = stub.AnnouncePeer()
+            await refused.write(bad_register)
+            with pytest.raises(aio.AioRpcError) as not_a_power:
+                await read(refused)
+            assert not_a_power.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "power of two" in (not_a_power.value.details() or "")
+
+            peer = stub.AnnouncePeer()
+            await peer.write(register("odd", "odd-2", need_back_to_source=True))
+            assert (await read(peer)).WhichOneof("response") == "need_back_to_source"
+            started = pb.BackToSourceStarted(content_length=1 << 20, piece_length=3)
+            await peer.write(pb.AnnouncePeerRequest(peer_id="odd-2", back_to_source_started=started))
+            with pytest.raises(aio.AioRpcError) as bad_layout:
+                await read(peer)
+            assert bad_layout.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "invalid layout" in (bad_layout.value.details() or "")
+
+    run(scenario)
+
+
 def test_dropped_keepalive_suspends_and_the_retry_timer_fails_the_child(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,7 +269,7 @@ def test_dropped_keepalive_suspends_and_the_retry_timer_fails_the_child(
             origin_reader = stub.AnnouncePeer()
             await origin_reader.write(register("a", "peer-a"))
             assert (await read(origin_reader)).WhichOneof("response") == "need_back_to_source"
-            started = pb.BackToSourceStarted(content_length=1024, piece_length=1024)
+            started = pb.BackToSourceStarted(content_length=1024, piece_length=65536)
             await origin_reader.write(pb.AnnouncePeerRequest(back_to_source_started=started))
 
             keepalive = stub.HostKeepAlive()

@@ -6,6 +6,9 @@ file of 64 MiB to 4 GiB has 256–511 pieces and one of 16–64 MiB 64–256 (DE
 8 hosts × 64 MiB × 100 Mbit/s went from 1.30–1.38 × T_min with 1 MiB pieces to 1.16–1.30 with 256 KiB.
 docs/architecture.md, docs/benchmarks.md). A 1 GiB file gets 4 MiB pieces, as in Dragonfly.
 User-fixed lengths: powers of two in [64 KiB, 64 MiB].
+A layout received from the network (scheduler, peer, seed trigger) is valid when its piece length is
+such a power of two and it has at most MAX_PIECE_COUNT pieces (a 2 MiB bitmap); anything else is
+refused before a bitmap or a file is sized from it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ MAX_DEFAULT_PIECE_LENGTH = 16 * MiB
 MIN_USER_PIECE_LENGTH = 64 * KiB
 MAX_USER_PIECE_LENGTH = 64 * MiB
 TARGET_PIECE_COUNT = 256
+MAX_PIECE_COUNT = 1 << 24
 
 
 def _power_of_two_at_most(n: int) -> int:
@@ -38,6 +42,21 @@ def validate_user_piece_length(length: int) -> int:
     if length < MIN_USER_PIECE_LENGTH or length > MAX_USER_PIECE_LENGTH or length & (length - 1):
         raise UsageError(f"piece length {length} must be a power of two between 64KiB and 64MiB")
     return length
+
+
+def validate_layout(content_length: int, piece_length: int) -> None:
+    """Raise UsageError unless (content_length, piece_length) is a layout dfly could have made."""
+    if (
+        piece_length < MIN_USER_PIECE_LENGTH
+        or piece_length > MAX_USER_PIECE_LENGTH
+        or piece_length & (piece_length - 1)
+    ):
+        raise UsageError(f"invalid layout: piece length {piece_length} is not a power of two in 64KiB-64MiB")
+    if content_length < 0 or piece_count(content_length, piece_length) > MAX_PIECE_COUNT:
+        raise UsageError(
+            f"invalid layout: {content_length} bytes in pieces of {piece_length} "
+            f"(at most {MAX_PIECE_COUNT} pieces)"
+        )
 
 
 def piece_count(content_length: int, piece_length: int) -> int:

@@ -29,6 +29,7 @@ import grpc
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, DigestMismatch, DownloadTimeout, NoParents, SourceError
 from dfly.common.ids import HostId, peer_id, redact_url
+from dfly.common.pieces import validate_layout
 from dfly.daemon.back_to_source import BackToSource
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import Layout, TaskState
@@ -71,8 +72,10 @@ def first_dfly_error(exc: BaseException) -> DflyError | None:
 
 
 def layout_from_proto(layout: pb.TaskLayout) -> Layout | None:
-    if layout.piece_length <= 0:
+    """The scheduler's layout (None: not known yet); UsageError for one dfly could not have made."""
+    if layout.piece_length == 0:  # the scheduler does not know it yet (content_length -1)
         return None
+    validate_layout(layout.content_length, layout.piece_length)
     return Layout(layout.content_length, layout.piece_length)
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, TaskId, effective_filters, task_id
+from dfly.common.ids import (
+    DEFAULT_FILTERED_QUERY_PARAMS,
+    TaskId,
+    canonical_url,
+    effective_filters,
+    task_id,
+)
+from dfly.common.pieces import validate_user_piece_length
 
 SEED_TIMEOUT_S = 10 * 3600.0  # a seed trigger without a timeout (Dragonfly's: 10 h)
 
@@ -51,7 +58,10 @@ class TaskRequest:
 
     @classmethod
     def seed_trigger(cls, download: pb.Download) -> TaskRequest:
-        """The scheduler's DownloadTask: this daemon reads the origin for the swarm."""
+        """The scheduler's DownloadTask: this daemon reads the origin for the swarm (UsageError: invalid)."""
+        canonical_url(download.url)
+        if download.piece_length:
+            validate_user_piece_length(download.piece_length)
         return cls(
             url=download.url,
             tag=download.tag,

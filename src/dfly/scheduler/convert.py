@@ -1,8 +1,10 @@
 """Translation between scheduler.proto messages and the engine's events, commands and views.
 
 Rules: pure functions, no I/O; maps become sorted tuples of pairs (the engine keeps immutable values);
-a missing optional message (SourceError) becomes None; nothing here validates beyond what the engine
-needs: the service checks ids and message order before calling these.
+a missing optional message (SourceError) becomes None; the service checks ids and message order before
+calling these. Layouts and piece lengths from peers are checked here (`validate_layout`,
+`validate_user_piece_length`; UsageError, which the service answers with INVALID_ARGUMENT); a finished
+task with an impossible layout in a host announce is dropped, not the whole announce.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Mapping
 
 from dfly.api import daemon_pb2
 from dfly.api import scheduler_pb2 as pb
+from dfly.common.errors import UsageError
+from dfly.common.pieces import validate_layout, validate_user_piece_length
 from dfly.scheduler.core.cluster import TaskView
 from dfly.scheduler.core.messages import (
     BackToSourceStarted,
@@ -66,11 +70,22 @@ def host_announced(request: pb.AnnounceHostRequest) -> HostAnnounced:
             url=task.url,
         )
         for task in request.finished_tasks
+        if _valid_layout(task.content_length, task.piece_length)
     )
     return HostAnnounced(info, finished)
 
 
+def _valid_layout(content_length: int, piece_length: int) -> bool:
+    try:
+        validate_layout(content_length, piece_length)
+    except UsageError:
+        return False
+    return True
+
+
 def download_spec(download: pb.Download) -> DownloadSpec:
+    if download.piece_length:
+        validate_user_piece_length(download.piece_length)
     return DownloadSpec(
         url=download.url,
         tag=download.tag,
@@ -105,6 +120,7 @@ def peer_event(request: pb.AnnouncePeerRequest, peer_id: str) -> Event | None:
         return PeerStarted(peer_id)
     if kind == "back_to_source_started":
         started = request.back_to_source_started
+        validate_layout(started.content_length, started.piece_length)
         return BackToSourceStarted(
             peer_id, started.content_length, started.piece_length, headers_of(started.response_headers)
         )

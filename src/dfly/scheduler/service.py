@@ -25,7 +25,7 @@ from grpc import aio
 
 from dfly.api import daemon_pb2_grpc, scheduler_pb2_grpc
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import DflyError
+from dfly.common.errors import DflyError, UsageError
 from dfly.scheduler import convert
 from dfly.scheduler.core.engine import SchedulerEngine
 from dfly.scheduler.core.messages import (
@@ -219,15 +219,23 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             if request.peer_id in self._streams:
                 stream.end(grpc.StatusCode.ALREADY_EXISTS, f"peer {request.peer_id} already has a stream")
                 return True
+            try:
+                download = convert.download_spec(request.register.download)
+            except UsageError as exc:
+                stream.end(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                return True
             stream.peer_id = request.peer_id
             self._streams[request.peer_id] = stream
-            download = convert.download_spec(request.register.download)
             self._apply(PeerRegistered(request.peer_id, request.host_id, request.task_id, download))
             return False
         if request.peer_id and request.peer_id != stream.peer_id:
             stream.end(grpc.StatusCode.INVALID_ARGUMENT, "peer_id changed on the stream")
             return True
-        event = convert.peer_event(request, stream.peer_id)
+        try:
+            event = convert.peer_event(request, stream.peer_id)
+        except UsageError as exc:
+            stream.end(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return True
         if event is None:
             stream.end(
                 grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} request after register"

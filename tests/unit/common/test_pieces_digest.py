@@ -13,6 +13,7 @@ from dfly.common.pieces import (
     parse_size,
     piece_count,
     piece_range,
+    validate_layout,
     validate_user_piece_length,
 )
 
@@ -93,3 +94,28 @@ def test_digests() -> None:
 def test_parse_digest_rejects(text: str) -> None:
     with pytest.raises(UsageError):
         parse_digest(text)
+
+
+@pytest.mark.parametrize(
+    ("content_length", "piece_length"),
+    [(0, 64 * KiB), (1, 256 * KiB), (1 << 40, 64 * KiB), (1 << 44, 16 * MiB), (5, 64 * MiB)],
+)
+def test_layout_accepted(content_length: int, piece_length: int) -> None:
+    validate_layout(content_length, piece_length)
+
+
+@pytest.mark.parametrize(
+    ("content_length", "piece_length"),
+    [
+        (1, 0),
+        (1, -64 * KiB),
+        (1, 1000),
+        (1, 32 * KiB),
+        (1, 128 * MiB),
+        (-1, 64 * KiB),
+        ((1 << 40) + 1, 64 * KiB),  # one piece more than MAX_PIECE_COUNT
+    ],
+)
+def test_layout_refused(content_length: int, piece_length: int) -> None:
+    with pytest.raises(UsageError, match="invalid layout"):
+        validate_layout(content_length, piece_length)
