@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -192,6 +192,7 @@ class LocalCluster:
         stop_timeout_s: float = 10.0,
         scheduler_cmd: Sequence[str] = DEFAULT_SCHEDULER_CMD,
         daemon_cmd: Sequence[str] = DEFAULT_DAEMON_CMD,
+        daemon_overrides: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
     ) -> None:
         if peers < 0:
             raise ClusterError("the number of peers must be >= 0")
@@ -203,6 +204,8 @@ class LocalCluster:
         self.stop_timeout_s = stop_timeout_s
         self.scheduler_cmd = list(scheduler_cmd)
         self.daemon_cmd = list(daemon_cmd)
+        # Per daemon name ("seed", "peer-1", …): config sections whose keys replace the defaults.
+        self.daemon_overrides = {name: dict(sections) for name, sections in (daemon_overrides or {}).items()}
         self.members: list[Member] = []
         self.cluster_json = self.base_dir / "cluster.json"
 
@@ -269,6 +272,8 @@ class LocalCluster:
             upload_limit_bytes_per_s=limit,
             log_level=self.log_level,
         )
+        for section, values in self.daemon_overrides.get(name, {}).items():
+            cfg[section] = {**cfg.get(section, {}), **values}
         sock = Path(cfg["local_api"]["socket"])
         if len(os.fsencode(sock)) > SOCKET_PATH_MAX:
             raise ClusterError(

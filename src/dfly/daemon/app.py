@@ -92,7 +92,9 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         upload_slots=config.upload.slots,
         on_uploaded=lambda _task, n: counters.uploaded(n),
     )
-    piece_port = await pieces.start(config.piece.ip, config.piece.port)
+    # A leech (upload.disable_shared) opens no piece port and announces 0: never offered as a parent.
+    leech = config.upload.disable_shared
+    piece_port = 0 if leech else await pieces.start(config.piece.ip, config.piece.port)
 
     control = grpc.aio.server()
     trusted = config.control.trusted_schedulers or [
@@ -157,7 +159,10 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
                         },
                     },
                 )
-            log.info("dfdaemon %s ready (seed=%s, pieces on %s:%d)", host, seed, config.piece.ip, piece_port)
+            where = f"pieces on {config.piece.ip}:{piece_port}"
+            if leech:
+                where = "no piece server: upload.disable_shared"
+            log.info("dfdaemon %s ready (seed=%s, %s)", host, seed, where)
             await stop.wait()
             for task in background:
                 task.cancel()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dfly.common.config import StrictModel
 from dfly.common.pieces import MiB
@@ -57,6 +57,9 @@ class UploadSection(StrictModel):
     first_pass: bool = True
     # Seconds between the last piece given out and the release of that rule (see first_pass.py).
     first_pass_hold_s: float = Field(default=1.0, ge=0, le=60)
+    # A leech (Dragonfly's upload.disableShared): no piece server; the scheduler never offers this host
+    # as a parent. Not allowed on a seed peer.
+    disable_shared: bool = False
 
 
 class ListenerSection(StrictModel):
@@ -114,3 +117,9 @@ class DaemonConfig(StrictModel):
     local_api: LocalApiSection = LocalApiSection()
     seed_peer: SeedPeerSection = SeedPeerSection()
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _seed_uploads(self) -> DaemonConfig:
+        if self.seed_peer.enable and self.upload.disable_shared:
+            raise ValueError("a seed peer must upload: seed_peer.enable excludes upload.disable_shared")
+        return self

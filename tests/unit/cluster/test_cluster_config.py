@@ -79,3 +79,12 @@ def test_query_stats_error_event_raises(tmp_path: Path) -> None:
     with pytest.raises(ClusterError):
         query_stats(sock)
     thread.join(5)
+
+
+def test_a_seed_cannot_be_a_leech(tmp_path: Path) -> None:
+    cfg = daemon_config("seed", tmp_path, "127.0.0.1:8002", seed=True)
+    cfg["upload"]["disable_shared"] = True
+    with pytest.raises(ValueError, match="seed peer must upload"):
+        DaemonConfig.model_validate(cfg)
+    cfg["seed_peer"]["enable"] = False
+    assert DaemonConfig.model_validate(cfg).upload.disable_shared
