@@ -221,7 +221,15 @@ class Conductor:
             and now >= self._more_parents_at
         ):
             self._more_parents_at = now + MORE_PARENTS_INTERVAL_S
-            await self._send(reschedule=pb.Reschedule(more_parents=True, description="more parents"))
+            blocked, unreachable = self.parents.take_failed()  # reported now, not only when all fail
+            await self._send(
+                reschedule=pb.Reschedule(
+                    more_parents=True,
+                    blocked_parents=blocked,
+                    unreachable_parents=unreachable,
+                    description="more parents",
+                )
+            )
         if self.parents.active and self.parents.stalled() and self._back_to_source is None:
             blocked, unreachable = self.parents.take_failed()
             self.parents.active = False

@@ -7,11 +7,15 @@ Rules:
 - At most `download.max_parents` parents, never one that failed this download before.
 - A parent that closes, breaks the protocol or sends a corrupt piece is dropped and reported to the
   scheduler on the next reschedule (unreachable when it could not be connected at all).
+- A request older than `download.piece_timeout_s` is cancelled and that piece asked of another holder;
+  if the parent sent no piece at all in that time (stopped, hung, its link dead) it is dropped and
+  reported too: a stalled parent must not cost one timeout per piece.
 - Piece bytes are written by the conductor (`store_piece`) before the buffer returns to the pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -41,6 +45,7 @@ class ParentSet:
         self._blocked: set[str] = set()
         self._new_blocked: list[str] = []
         self._new_unreachable: list[str] = []
+        self._last_piece_at: dict[str, float] = {}  # parent -> loop time of its last piece (or connect)
 
     def __len__(self) -> int:
         return len(self._conns) + len(self._connecting)
@@ -109,6 +114,7 @@ class ParentSet:
             return
         self._conns[cand.peer_id] = conn
         self._ever[cand.peer_id] = conn
+        self._last_piece_at[cand.peer_id] = asyncio.get_running_loop().time()
         self._ensure_planner().add_parent(cand.peer_id)
         self._ensure_planner().parent_has(cand.peer_id, self._known.get(cand.peer_id, ()))
         self.c.events.put_nowait(None)
@@ -155,11 +161,23 @@ class ParentSet:
             return
         layout = self.c.state.layout
         assert layout is not None
+        stalled: set[str] = set()
+        timeout_s = self.c.ctx.config.download.piece_timeout_s
         for expired in planner.expired(now):
             conn = self._conns.get(expired.parent_id)
             if conn is not None:
                 conn.cancel(expired.piece)
             planner.piece_failed(expired.parent_id, expired.piece)
+            if now - self._last_piece_at.get(expired.parent_id, now) >= timeout_s:
+                stalled.add(expired.parent_id)
+        for parent_id in stalled:
+            log.warning(
+                "task %s: parent %s sent no piece for %.0f s; dropped",
+                self.c.state.task_id[:12],
+                parent_id,
+                now - self._last_piece_at[parent_id],
+            )
+            self._fail(parent_id)
         for request in planner.next_requests(now):
             conn = self._conns.get(request.parent_id)
             if conn is None:
@@ -177,6 +195,7 @@ class ParentSet:
             self.c.events.put_nowait(None)
 
     def on_piece(self, parent_id: str, number: int, offset: int, data: memoryview, digest: int) -> None:
+        self._last_piece_at[parent_id] = asyncio.get_running_loop().time()
         if self._planner is not None and parent_id in self._conns:
             for cancel in self._planner.piece_done(parent_id, number):
                 other = self._conns.get(cancel.parent_id)

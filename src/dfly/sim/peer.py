@@ -3,7 +3,8 @@ ParentSet do, driving the real DownloadPlanner:
 
 - register with the scheduler; take the candidate parents it sends (up to `max_parents`, never one that
   failed this download), connect to each, feed its BITFIELD and HAVEs to the planner, send the planner's
-  REQUESTs and CANCELs; a parent that closes is dropped and reported as blocked on the next reschedule;
+  REQUESTs and CANCELs; a parent that closes is dropped and reported as blocked on the next reschedule
+  (a `more_parents` one too);
 - report PeerStarted on the first connection, PiecesFinished batched (the first batch at once, later ones
   at least `progress_report_interval_s` apart, and at completion), then PeerFinished and wait for the
   digest verdict (accepted without one after VERDICT_TIMEOUT_S);
@@ -319,7 +320,10 @@ class SimPeer:
             self._flush_report(now)
         if self._wants_more_parents() and now >= self.more_parents_at:
             self.more_parents_at = now + MORE_PARENTS_INTERVAL_S
-            self.send(RescheduleRequested(self.peer_id, description="more parents", more_parents=True))
+            blocked, unreachable = tuple(self.new_blocked), tuple(self.new_unreachable)
+            self.new_blocked, self.new_unreachable = [], []
+            more = RescheduleRequested(self.peer_id, blocked, unreachable, "more parents", more_parents=True)
+            self.send(more)
         if self.active and not self.conns and not self.connecting and self.source is None:
             blocked, unreachable = tuple(self.new_blocked), tuple(self.new_unreachable)
             self.new_blocked, self.new_unreachable = [], []
