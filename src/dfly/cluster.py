@@ -360,10 +360,17 @@ class LocalCluster:
             m.process.wait()
 
     def restart_member(self, name: str) -> Member:
-        """Start a stopped member again with its config and data; returns once it is ready."""
+        """Start a stopped member again with its config and data; returns once it is ready.
+
+        A scheduler comes back on the ports it had (the daemons' configs name its address)."""
         m = self.member(name)
         if m.alive():
             raise ClusterError(f"{name} is still running")
+        if m.role == "scheduler" and m.ports:  # daemons know it by address: come back on the same ports
+            config = yaml.safe_load(m.config_path.read_text())
+            config["port"] = m.ports.get("grpc", config.get("port", 0))
+            config.setdefault("metrics", {})["port"] = m.ports.get("metrics", 0)
+            m.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         m.ready_path.unlink(missing_ok=True)
         m.ready = {}
         self._spawn(m)

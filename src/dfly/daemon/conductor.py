@@ -6,8 +6,11 @@ stored pieces, ticks) pass through one queue handled by one loop, so its state h
 
 Rules:
 - Register first; parents come from the scheduler, piece availability from the parents themselves.
-- Back to the origin only when the scheduler says so, or when the scheduler cannot be reached or gives
-  no answer within `scheduler.schedule_timeout_s` (unless back-to-source is disabled).
+- Back to the origin only when the scheduler says so, when no scheduler can be reached at the start,
+  when it gives no answer within `scheduler.schedule_timeout_s`, or when its stream broke and for
+  `download.no_parent_timeout_s` no parent held a missing piece (never with back-to-source disabled).
+- A broken scheduler stream does not stop the download: the parents it has keep serving, and the
+  conductor registers again (peer_stream.py), then re-reports its pieces and whether it reads the origin.
 - A piece is written, then marked available, then reported (batched ≥ progress_report_interval_s
   apart, and at completion). The task completes only after the scheduler's digest cross-check
   (or without it when the scheduler is gone); its group commit runs alongside and is awaited after
@@ -19,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
-
-import grpc
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, DigestMismatch, DownloadTimeout, NoParents, SourceError
@@ -34,6 +36,7 @@ from dfly.daemon.back_to_source import BackToSource
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import Layout, TaskState
 from dfly.daemon.parents import ParentSet
+from dfly.daemon.peer_stream import PeerStream, SchedulerGone, SchedulerReply
 from dfly.daemon.storage import TaskMeta
 from dfly.daemon.task_request import TaskRequest
 
@@ -42,16 +45,6 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 VERDICT_TIMEOUT_S = 30.0
 MORE_PARENTS_INTERVAL_S = 1.0  # a fallback: the scheduler pushes new parents as they appear
-
-
-@dataclass(frozen=True)
-class _SchedulerReply:
-    response: pb.AnnouncePeerResponse
-
-
-@dataclass(frozen=True)
-class _SchedulerGone:
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -87,11 +80,10 @@ class Conductor:
         self.file_ready = file_ready
         self.peer_id = peer_id(HostId(ctx.host_id), f"{ctx.rng.getrandbits(64):016x}")
         self.events: asyncio.Queue[object] = asyncio.Queue()
-        self._call: grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse] | None = None
-        self._write_lock = asyncio.Lock()
+        self.stream = PeerStream(ctx, state.task_id, self.peer_id, self.events, self.spawn)
         self._report: list[pb.PieceDone] = []
         self._last_report_at = 0.0
-        self._scheduler_alive = False
+        self._orphan_since: float | None = None  # scheduler gone and no parent can help, since
         self._back_to_source: asyncio.Task[None] | None = None
         self._verdict_deadline: float | None = None
         self._schedule_deadline: float | None = None
@@ -151,8 +143,7 @@ class Conductor:
 
     def _stop_helpers(self) -> None:
         """The stream reader and piece writers end with the attempt."""
-        if self._call is not None:
-            self._call.cancel()
+        self.stream.close()
         for task in list(self._helpers):
             task.cancel()
         if self._back_to_source is not None:
@@ -162,16 +153,13 @@ class Conductor:
         self.parents.close_all()
         if self._back_to_source is not None:
             self._back_to_source.cancel()
-        if self._call is not None:
-            with contextlib.suppress(Exception):
-                self._call.cancel()
+        self.stream.close()
 
     # -- main loop --------------------------------------------------------------------------------
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.ctx.scheduler is not None:
-            await self._open_stream()
-        if not self._scheduler_alive:
+        await self.stream.open(self.request)
+        if not self.stream.alive:
             self._go_back_to_source(None, "no scheduler reachable")
         else:
             self._schedule_deadline = loop.time() + self.ctx.config.scheduler.schedule_timeout_s
@@ -191,9 +179,9 @@ class Conductor:
         self.events.put_nowait(event)  # the queue was empty: it is alone, so order is kept
 
     async def _apply(self, event: object) -> None:
-        if isinstance(event, _SchedulerReply):
+        if isinstance(event, SchedulerReply):
             await self._on_reply(event.response)
-        elif isinstance(event, _SchedulerGone):
+        elif isinstance(event, SchedulerGone) and self.stream.is_current(event):
             self._on_scheduler_gone(event.reason)
 
     async def _step(self, now: float) -> None:
@@ -211,6 +199,7 @@ class Conductor:
         elif self._schedule_deadline is not None and now >= self._schedule_deadline:
             self._schedule_deadline = None
             self._go_back_to_source(None, "the scheduler gave no parent in time")
+        self._check_orphan(now)
         if now - self._last_report_at >= self.ctx.config.download.progress_report_interval_s:
             await self._flush_report(now)
         if (
@@ -278,11 +267,49 @@ class Conductor:
             self._verdict_deadline = None
 
     def _on_scheduler_gone(self, reason: str) -> None:
-        self._scheduler_alive = False
+        self.stream.alive = False
         if self._verdict_deadline is not None:
             self._done = True  # nothing left to cross-check against
-        elif not self.parents.active and self._back_to_source is None and not self.state.complete:
-            self._go_back_to_source(None, f"scheduler stream ended: {reason}")
+            return
+        if self._done or self.state.complete:
+            return
+        task = self.state.task_id[:12]
+        log.warning("task %s: scheduler stream ended (%s); registering again", task, reason)
+        self.spawn(self.stream.reregister(self._register_request, self._restore, self._wants_scheduler))
+
+    def _wants_scheduler(self) -> bool:
+        return not self._done and not self.state.complete
+
+    def _register_request(self) -> TaskRequest:
+        """Registering again while reading the origin: say so, or the scheduler triggers a seed for it."""
+        if self._back_to_source is not None:
+            return dataclasses.replace(self.request, need_back_to_source=True)
+        return self.request
+
+    async def _restore(self) -> None:
+        """After registering again: what the scheduler needs to use this peer as a parent again."""
+        if self._started_sent:
+            await self._send(started=pb.PeerStarted())
+        if self._back_to_source is not None and self.state.layout is not None:
+            await self.report_back_to_source_started(self.state.layout, self.state.response_headers)
+        self._report = []
+        held = [
+            pb.PieceDone(number=n, digest=digest, parent_id="")
+            for n in self.state.available_pieces()
+            if (digest := self.state.piece_digest(n)) is not None
+        ]
+        if held:
+            await self._send(pieces_finished=pb.PiecesFinished(pieces=held))
+
+    def _check_orphan(self, now: float) -> None:
+        """Scheduler gone and no parent holds a missing piece: the origin after no_parent_timeout_s."""
+        busy = self.stream.alive or self._back_to_source is not None or self.state.complete
+        if busy or not self.parents.helpless():
+            self._orphan_since = None
+        elif self._orphan_since is None:
+            self._orphan_since = now
+        elif now - self._orphan_since >= (limit := self.ctx.config.download.no_parent_timeout_s):
+            self._go_back_to_source(None, f"no scheduler, and no parent had a missing piece for {limit:g} s")
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """A helper task owned by this attempt's TaskGroup, cancelled when the attempt ends."""
@@ -291,45 +318,8 @@ class Conductor:
         task.add_done_callback(self._helpers.discard)
 
     # -- scheduler stream -------------------------------------------------------------------------
-    async def _open_stream(self) -> None:
-        assert self.ctx.scheduler is not None
-        try:
-            self._call = self.ctx.scheduler.announce_peer()
-            self._scheduler_alive = True
-            await self._send(register=pb.RegisterPeer(download=self.request.to_proto()))
-        except grpc.aio.AioRpcError as exc:
-            self._scheduler_alive = False
-            log.warning("cannot register %s with the scheduler: %s", self.state.task_id[:12], exc.code().name)
-            return
-        self.spawn(self._read_replies())
-
-    async def _read_replies(self) -> None:
-        assert self._call is not None
-        reason = "closed"
-        try:
-            async for response in self._call:
-                await self.events.put(_SchedulerReply(response))
-        except grpc.aio.AioRpcError as exc:
-            reason = f"{exc.code().name}: {exc.details()}"
-        except asyncio.CancelledError:
-            raise
-        await self.events.put(_SchedulerGone(reason))
-
     async def _send(self, **oneof: object) -> None:
-        if self._call is None or not self._scheduler_alive:
-            return
-        request = pb.AnnouncePeerRequest(
-            host_id=self.ctx.host_id,
-            task_id=self.state.task_id,
-            peer_id=self.peer_id,
-            **oneof,  # type: ignore[arg-type]
-        )
-        try:
-            async with self._write_lock:
-                await self._call.write(request)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            self._scheduler_alive = False
-            await self.events.put(_SchedulerGone(str(exc)))
+        await self.stream.send(**oneof)
 
     async def _flush_report(self, now: float) -> None:
         """Send batched progress; the first batch goes at once, later ones at most once per interval."""
@@ -373,12 +363,12 @@ class Conductor:
         self._all_pieces_at = now
         self._durable = asyncio.ensure_future(self.ctx.storage.finish_task(self.state.task_id))
         await self._flush_report(now)
-        if not self._scheduler_alive:
+        if not self.stream.alive:
             self._done = True
             return
         self._verdict_deadline = now + VERDICT_TIMEOUT_S
         await self._send(finished=pb.PeerFinished(piece_digests=self.state.digests_in_order()))
-        if not self._scheduler_alive:
+        if not self.stream.alive:
             self._done = True
 
     # -- back to source ---------------------------------------------------------------------------

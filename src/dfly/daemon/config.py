@@ -46,6 +46,8 @@ class DownloadSection(StrictModel):
     max_parents: int = Field(default=8, ge=1, le=20)
     requests_per_parent: int = Field(default=6, ge=1, le=16)
     piece_timeout_s: float = Field(default=30.0, gt=0)
+    # Scheduler stream broken and no parent holds a missing piece for this long: read the origin.
+    no_parent_timeout_s: float = Field(default=10.0, gt=0)
     progress_report_interval_s: float = Field(default=1.0, gt=0)
 
 

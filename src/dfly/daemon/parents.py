@@ -135,6 +135,12 @@ class ParentSet:
         self._new_blocked, self._new_unreachable = [], []
         return blocked, unreachable
 
+    def helpless(self) -> bool:
+        """Nothing to wait for from parents: none active, none left, or none holds a missing piece."""
+        if not self.active or (not self._conns and not self._connecting):
+            return True
+        return self._planner is not None and not self._connecting and self._planner.stalled()
+
     def stalled(self) -> bool:
         """No parent left or coming: the scheduler must be asked again."""
         return self.active and not self._conns and not self._connecting

@@ -56,7 +56,16 @@ class SchedulerClient:
         self._load = load
         self._interval_s = keepalive_interval_s
         self._channel = grpc.aio.insecure_channel(
-            addr, options=[("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+            addr,
+            options=[
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                # gRPC's own reconnect backoff (1 s growing to 120 s by default) would keep a restarted
+                # scheduler unused for minutes: retry from 0.2 s, at most every 5 s.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 5_000),
+            ],
         )
         self.stub = pb_grpc.SchedulerStub(self._channel)
         self.connected = asyncio.Event()
@@ -94,7 +103,9 @@ class SchedulerClient:
             backoff_s = min(backoff_s * 2, 5.0)
 
     def announce_peer(self) -> grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse]:
-        return self.stub.AnnouncePeer()  # type: ignore[call-arg]  # aio: no iterator = write() API
+        # wait_for_ready: a channel between reconnect attempts waits instead of failing the stream at
+        # once; the caller bounds how long its first write may take.
+        return self.stub.AnnouncePeer(wait_for_ready=True)  # type: ignore[call-arg]  # aio: write() API
 
     async def leave(self) -> None:
         try:

@@ -1,0 +1,164 @@
+"""One download's AnnouncePeer stream to the scheduler: register, replies, writes, and re-registering.
+
+Owned by a Conductor and used only from its loop.
+
+Rules:
+- `open()` registers; replies are queued for the conductor as `SchedulerReply`, the end of a stream as
+  `SchedulerGone` (for the current stream only: one from a stream already replaced is dropped).
+  Writes while no stream is up are dropped; the conductor decides what a missing scheduler means.
+- After a break `reregister()` opens a new stream under the same peer id, each try once the host is
+  announced again (the keepalive loop re-announces it), backing off from 0.2 s, doubling, to at most
+  5 s between tries, until it succeeds or the download ends. Once registered it runs `restore`, which
+  tells the scheduler what it needs to use this peer again (what it holds, whether it reads the origin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from dfly.api import scheduler_pb2 as pb
+from dfly.daemon.context import DaemonContext
+from dfly.daemon.task_request import TaskRequest
+
+log = logging.getLogger(__name__)
+
+REREGISTER_FIRST_S = 0.2
+REREGISTER_MAX_S = 5.0
+REGISTER_WAIT_S = 3.0  # a scheduler that takes no registration within this is not reachable
+
+
+@dataclass(frozen=True)
+class SchedulerReply:
+    response: pb.AnnouncePeerResponse
+
+
+@dataclass(frozen=True)
+class SchedulerGone:
+    reason: str
+    generation: int
+
+
+class PeerStream:
+    def __init__(
+        self,
+        ctx: DaemonContext,
+        task_id: str,
+        peer_id: str,
+        events: asyncio.Queue[object],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.ctx = ctx
+        self.task_id = task_id
+        self.peer_id = peer_id
+        self.events = events
+        self.spawn = spawn
+        self.alive = False
+        self.reregistering = False
+        self._call: grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse] | None = None
+        self._generation = 0
+        self._write_lock = asyncio.Lock()
+
+    def is_current(self, gone: SchedulerGone) -> bool:
+        return gone.generation == self._generation
+
+    async def open(self, request: TaskRequest) -> bool:
+        """Open a stream and register; True when the scheduler took the registration."""
+        scheduler = self.ctx.scheduler
+        if scheduler is None:
+            return False
+        self.close()
+        self._generation += 1
+        if not scheduler.connected.is_set():  # host not announced (yet again): give the keepalive a moment
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(scheduler.connected.wait(), REGISTER_WAIT_S)
+        call = scheduler.announce_peer()
+        register = self._message(register=pb.RegisterPeer(download=request.to_proto()))
+        try:
+            async with asyncio.timeout(REGISTER_WAIT_S), self._write_lock:
+                await call.write(register)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
+            call.cancel()
+            reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+            log.warning("cannot register %s with the scheduler: %s", self.task_id[:12], reason)
+            return False
+        self._call = call
+        self.alive = True
+        self.spawn(self._read_replies(call, self._generation))
+        return True
+
+    async def reregister(
+        self,
+        request: Callable[[], TaskRequest],
+        restore: Callable[[], Awaitable[None]],
+        wanted: Callable[[], bool],
+    ) -> None:
+        """Register again after a break (see the module rules); `wanted()` False stops trying."""
+        scheduler = self.ctx.scheduler
+        if scheduler is None or self.reregistering:
+            return
+        self.reregistering = True
+        delay_s = REREGISTER_FIRST_S
+        try:
+            while wanted() and not self.alive:
+                await scheduler.connected.wait()
+                if await self.open(request()):
+                    log.info("task %s registered with the scheduler again", self.task_id[:12])
+                    await restore()
+                    return
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, REREGISTER_MAX_S)
+        finally:
+            self.reregistering = False
+
+    async def _read_replies(
+        self,
+        call: grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse],
+        generation: int,
+    ) -> None:
+        reason = "closed"
+        try:
+            async for response in call:
+                await self.events.put(SchedulerReply(response))
+        except grpc.aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}".splitlines()[0]
+        except asyncio.CancelledError:
+            raise
+        if generation == self._generation:
+            self.alive = False
+            await self.events.put(SchedulerGone(reason, generation))
+
+    async def send(self, **oneof: object) -> None:
+        call = self._call
+        if call is None or not self.alive:
+            return
+        try:
+            async with self._write_lock:
+                await call.write(self._message(**oneof))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            if call is self._call and self.alive:
+                self.alive = False
+                reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "stream closed"
+                await self.events.put(SchedulerGone(reason, self._generation))
+
+    def _message(self, **oneof: object) -> pb.AnnouncePeerRequest:
+        return pb.AnnouncePeerRequest(
+            host_id=self.ctx.host_id,
+            task_id=self.task_id,
+            peer_id=self.peer_id,
+            **oneof,  # type: ignore[arg-type]
+        )
+
+    def close(self) -> None:
+        """Cancel the current stream (its reader then ends quietly)."""
+        call, self._call = self._call, None
+        self.alive = False
+        if call is not None:
+            with contextlib.suppress(Exception):
+                call.cancel()

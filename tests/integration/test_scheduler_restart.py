@@ -1,0 +1,124 @@
+"""A scheduler restart in the middle of a download loses no download and sends nobody to the origin.
+
+Real processes: scheduler, seed and two peers on 127.0.0.1; a real origin paced so that the seed's read
+takes seconds. peer-1 starts downloading; the scheduler is stopped and started again on the same port
+while the seed is still reading the origin; then peer-2 asks for the same file. The running downloads
+register again (the seed saying it reads the origin, every peer re-reporting its pieces), so peer-2 is
+given them as parents: both finish with the right bytes and the origin sends one copy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.common.digest import file_digest
+from dfly.common.pieces import MiB
+from dfly.devtools.origin import Origin, make_file
+
+pytestmark = pytest.mark.integration
+
+FILE_BYTES = 48 * MiB
+ORIGIN_RATE = 8 * MiB  # the seed's origin read takes ~6 s
+DFGET_TIMEOUT_S = 60.0
+PROBE_TIMEOUT_S = 20.0
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[Origin]:
+    with Origin(tmp_path / "www", rate_limit_bytes_per_s=ORIGIN_RATE) as server:
+        yield server
+
+
+def stats(member: Member) -> dict[str, Any]:
+    assert member.socket is not None
+    return query_stats(member.socket)
+
+
+def wait_until(what: str, check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {PROBE_TIMEOUT_S:g} s: {what}")
+        time.sleep(0.02)
+
+
+def dfget(member: Member, url: str, out: Path) -> subprocess.Popen[str]:
+    assert member.socket is not None
+    cmd = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(member.socket), "--no-progress", url]
+    return subprocess.Popen([*cmd, "-O", str(out)], stderr=subprocess.PIPE, text=True)
+
+
+def test_scheduler_restart_mid_download_keeps_the_swarm_off_the_origin(
+    origin: Origin, tmp_path: Path
+) -> None:
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digest = make_file(origin.root / "f.bin", FILE_BYTES, seed=23)
+    url = origin.url("/f.bin")
+    with LocalCluster(tmp_path / "c", peers=2) as cluster:
+        seed, p1, p2 = cluster.member("seed"), cluster.member("peer-1"), cluster.member("peer-2")
+        first = dfget(p1, url, tmp_path / "one")
+        second: subprocess.Popen[str] | None = None
+        try:
+            wait_until("peer-1 has 4 MiB", lambda: stats(p1)["download_bytes"]["remote_seed"] >= 4 * MiB)
+            cluster.stop_member("scheduler")
+            cluster.restart_member("scheduler")
+            assert stats(seed)["download_bytes"]["back_to_source"] < FILE_BYTES, "restart came too late"
+            second = dfget(p2, url, tmp_path / "two")
+            for proc in (first, second):
+                _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
+                assert proc.returncode == 0, err
+        finally:
+            for left in (first, second):
+                if left is not None and left.poll() is None:
+                    left.kill()
+        for out in ("one", "two"):
+            assert file_digest(tmp_path / out).value == digest
+        assert origin.bytes_sent <= 1.1 * FILE_BYTES, (
+            f"origin sent {origin.bytes_sent / FILE_BYTES:.2f} copies"
+        )
+        for peer in (p1, p2):
+            assert stats(peer)["download_bytes"]["back_to_source"] == 0, f"{peer.name} read the origin"
+        seed_log = seed.log_path.read_text(errors="replace")
+        assert "registered with the scheduler again" in seed_log
+
+
+def test_without_a_scheduler_a_peer_keeps_its_parents_then_reads_only_what_is_missing(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """The scheduler dies for good mid-download: peer-1 goes on from the seed; when the seed dies too,
+    nobody can help, and after no_parent_timeout_s peer-1 reads only its missing pieces from the origin."""
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digest = make_file(origin.root / "g.bin", FILE_BYTES, seed=29)
+    overrides = {"peer-1": {"download": {"no_parent_timeout_s": 1.0}}}
+    with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
+        p1 = cluster.member("peer-1")
+        proc = dfget(p1, origin.url("/g.bin"), tmp_path / "out")
+        try:
+            wait_until("peer-1 has 4 MiB", lambda: stats(p1)["download_bytes"]["remote_seed"] >= 4 * MiB)
+            cluster.kill_member("scheduler")
+            held = stats(p1)["download_bytes"]["remote_seed"]
+            wait_until(
+                "peer-1 goes on from the seed", lambda: stats(p1)["download_bytes"]["remote_seed"] > held
+            )
+            cluster.kill_member("seed")
+            _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
+            assert proc.returncode == 0, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert file_digest(tmp_path / "out").value == digest
+        got = stats(p1)["download_bytes"]
+        assert got["remote_seed"] > held
+        assert 0 < got["back_to_source"] < FILE_BYTES
+        assert got["remote_seed"] + got["back_to_source"] == FILE_BYTES
+        assert "no scheduler, and no parent had a missing piece for 1 s" in p1.log_path.read_text()
