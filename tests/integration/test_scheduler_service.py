@@ -57,9 +57,10 @@ async def scheduler(
         ready.set()
 
     monkeypatch.setattr(app, "write_ready_file", write_and_signal)
-    config = SchedulerConfig(
-        listen_ip="127.0.0.1", port=0, metrics=MetricsSection(port=0), scheduling=scheduling or EngineConfig()
-    )
+    # No start-up grace: these scenarios start the scheduler and decide at once (the grace is tested on
+    # the engine, tests/unit/scheduler, and end to end in test_scheduler_restart.py).
+    engine = scheduling or EngineConfig(startup_grace_s=0)
+    config = SchedulerConfig(listen_ip="127.0.0.1", port=0, metrics=MetricsSection(port=0), scheduling=engine)
     ready_file = tmp_path / "scheduler.json"
     stop = asyncio.Event()
     runner = asyncio.create_task(app.run(config, ready_file, stop))
@@ -261,7 +262,7 @@ def test_dropped_keepalive_suspends_and_the_retry_timer_fails_the_child(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def scenario() -> None:
-        fast = EngineConfig(retry_interval_s=0.05)
+        fast = EngineConfig(retry_interval_s=0.05, startup_grace_s=0)
         async with scheduler(tmp_path, monkeypatch, fast) as running:
             stub = running.stub
             await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("a")))

@@ -73,7 +73,8 @@ def _stop_metrics(server: WSGIServer | None) -> None:
 
 
 async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Event) -> None:
-    engine = SchedulerEngine(config.scheduling, random.Random(int.from_bytes(os.urandom(8), "big")))
+    rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+    engine = SchedulerEngine(config.scheduling, rng, started_at=asyncio.get_running_loop().time())
     metrics = SchedulerMetrics()
     service = SchedulerService(engine, metrics, seed_trigger_timeout_s=config.seed_trigger.timeout_s)
     await service.start()

@@ -45,8 +45,10 @@ def of_type(commands: list[Command], kind: type[C]) -> list[C]:
 class Harness:
     """An engine on a virtual clock: `now` only moves when a test moves it."""
 
-    def __init__(self, config: EngineConfig | None = None, seed: int = 7) -> None:
-        self.engine = SchedulerEngine(config or EngineConfig(), random.Random(seed))
+    def __init__(
+        self, config: EngineConfig | None = None, seed: int = 7, started_at: float | None = None
+    ) -> None:
+        self.engine = SchedulerEngine(config or EngineConfig(), random.Random(seed), started_at=started_at)
         self.now = 0.0
         self.hosts: dict[str, HostInfo] = {}
         self.log: list[Command] = []

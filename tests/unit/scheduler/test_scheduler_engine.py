@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 from scheduler_testkit import Harness, of_type
 
+from dfly.common.pieces import MiB
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.messages import (
     ClosePeer,
     PeerFailed,
+    PeerFinished,
     PeerLeft,
     SeedTriggerFailed,
     SendBackToSource,
@@ -60,13 +62,17 @@ def test_first_pieces_of_a_peer_make_it_a_parent(harness: Harness) -> None:
     assert of_type(harness.register("peer-a", "a"), SendBackToSource)  # no seed: first peer reads origin
     harness.start_origin("peer-a")
     assert of_type(harness.register("peer-b", "b"), SendCandidateParents)
-    harness.do(PeerLeft("peer-a"))  # the only origin reader goes; b has nothing yet
-    assert of_type(harness.register("peer-c", "c"), SendBackToSource)  # nobody brings data
-    assert not harness.register("peer-d", "d")  # waits: b unready, c not started
-    commands = harness.pieces("peer-b", 0, parent="peer-a")
-    [answer] = of_type(commands, SendCandidateParents)
-    assert answer.peer_id == "peer-d"
+    commands = harness.do(PeerLeft("peer-a"))  # the only origin reader goes: b takes over its read
+    assert [c.peer_id for c in of_type(commands, SendBackToSource)] == ["peer-b"]
+    harness.start_origin("peer-b")
+    [answer] = of_type(harness.register("peer-c", "c"), SendCandidateParents)  # the new origin reader
     assert [p.peer_id for p in answer.parents] == ["peer-b"]
+    [answer] = of_type(harness.register("peer-d", "d"), SendCandidateParents)  # c has nothing yet
+    assert [p.peer_id for p in answer.parents] == ["peer-b"]
+    commands = harness.pieces("peer-c", 0, parent="peer-b")  # c's first pieces make it a parent
+    [pushed] = of_type(commands, SendCandidateParents)
+    assert pushed.peer_id == "peer-d"
+    assert [p.peer_id for p in pushed.parents] == ["peer-c"]
 
 
 def test_unready_peer_becomes_parent_on_first_pieces() -> None:
@@ -157,6 +163,36 @@ def test_seed_failure_is_remembered_and_one_waiting_peer_reads_the_origin(harnes
     harness.do(PeerLeft("peer-c"))
     harness.advance(1800)
     assert of_type(harness.register("peer-d", "a"), TriggerSeedPeer)  # remembered 30 min only
+
+
+def test_seed_lost_mid_read_the_running_peer_with_most_pieces_reads_the_rest(harness: Harness) -> None:
+    """Children holding parts of the task, no one waiting: without a replacement they would wait for ever."""
+    swarm_with_seed(harness)
+    harness.announce("c")
+    harness.register("peer-a", "a")
+    harness.register("seed-peer", "seed", need_back_to_source=True)
+    harness.start_origin("seed-peer")
+    harness.pieces("seed-peer", 0, 1, 2)
+    harness.register("peer-b", "b")
+    harness.register("peer-c", "c")
+    harness.pieces("peer-a", 0, parent="seed-peer")
+    harness.pieces("peer-b", 0, 1, parent="seed-peer")
+    commands = harness.do(PeerLeft("seed-peer"))
+    assert [c.peer_id for c in of_type(commands, SendBackToSource)] == ["peer-b"]  # exactly one, most pieces
+    assert not of_type(harness.do(PeerLeft("peer-c")), SendBackToSource)  # not an origin reader: nothing
+
+
+def test_no_replacement_when_a_peer_holds_the_task_whole(harness: Harness) -> None:
+    swarm_with_seed(harness)
+    harness.register("peer-a", "a")
+    harness.register("seed-peer", "seed", need_back_to_source=True)
+    harness.start_origin("seed-peer", content_length=2 * MiB)
+    harness.pieces("seed-peer", 0, 1)
+    harness.register("peer-b", "b")
+    harness.pieces("peer-a", 0, 1, parent="seed-peer")
+    harness.do(PeerFinished("peer-a", (100, 101)))
+    harness.pieces("peer-b", 0, parent="peer-a")
+    assert not of_type(harness.do(PeerLeft("seed-peer")), SendBackToSource)
 
 
 def test_seed_failing_without_origin_error_counts_as_seed_failure(harness: Harness) -> None:
@@ -292,3 +328,25 @@ def test_a_peer_with_its_first_pieces_is_pushed_to_children_short_of_parents() -
     assert set(harness.engine.cluster.peers["peer-c"].parent_ids) == {"peer-a", "peer-b"}
     # Later batches of the same peer push nothing more (only its first pieces make it a new parent).
     assert not of_type(harness.pieces("peer-b", 1, parent="peer-a"), SendCandidateParents)
+
+
+def test_after_a_restart_a_peer_waits_for_hosts_to_come_back_before_the_origin() -> None:
+    """A scheduler that just started knows no seed yet: the peer waits (uncounted) for the grace period."""
+    harness = Harness(started_at=0.0)
+    harness.announce("a")
+    harness.announce("b")
+    harness.advance(1.0)
+    assert not of_type(harness.register("peer-a", "a"), SendBackToSource)
+    # A download that was reading the origin before the restart registers again and reports pieces.
+    harness.register("peer-r", "b", need_back_to_source=True)
+    commands = harness.start_origin("peer-r") + harness.pieces("peer-r", 0)
+    [answer] = of_type(commands, SendCandidateParents)
+    assert (answer.peer_id, [p.peer_id for p in answer.parents]) == ("peer-a", ["peer-r"])
+
+
+def test_the_start_up_grace_ends_and_a_lone_peer_reads_the_origin() -> None:
+    harness = Harness(started_at=0.0)
+    harness.announce("a")
+    assert not of_type(harness.register("peer-a", "a"), SendBackToSource)
+    sent = of_type(harness.advance(EngineConfig().startup_grace_s + 0.1), SendBackToSource)
+    assert [c.peer_id for c in sent] == ["peer-a"]

@@ -38,6 +38,10 @@ class EngineConfig(StrictModel):
     seed_failure_ttl_s: float = Field(default=1800.0, ge=0)  # a failed seed is not retried for a task
     # Children wait this long, uncounted, for a triggered seed or an origin reader to fix the layout.
     source_start_timeout_s: float = Field(default=10.0, ge=0)
+    # After a (re)start, hosts re-announce within their keepalive backoff (at most 5 s) and running
+    # downloads register again: until then a peer is not sent to the origin for want of a seed host or
+    # an origin reader; it waits, uncounted (else a scheduler restart sends new peers to the origin).
+    startup_grace_s: float = Field(default=6.0, ge=0)
     unreachable_reports: int = Field(default=2, ge=1)  # distinct children reporting a host unreachable
     unreachable_suspend_s: float = Field(default=60.0, gt=0)  # how long such a host is not offered
     # A peer that just got its first pieces is offered to this many children that have fewer parents

@@ -52,10 +52,11 @@ from dfly.scheduler.core.verdicts import judge, publish, publish_all
 
 
 class SchedulerEngine:
-    def __init__(self, config: EngineConfig, rng: random.Random) -> None:
+    def __init__(self, config: EngineConfig, rng: random.Random, *, started_at: float | None = None) -> None:
+        """`started_at`: the service's clock at start, for EngineConfig.startup_grace_s (None: no grace)."""
         self.config = config
         self.cluster = Cluster()
-        self.scheduler = ParentScheduler(config, rng, self.cluster)
+        self.scheduler = ParentScheduler(config, rng, self.cluster, started_at)
         self._hosts = HostHandlers(
             config, self.cluster, self.scheduler, self.after_removal, self._recheck_verdicts
         )
@@ -206,13 +207,16 @@ class SchedulerEngine:
     # --- shared by peer and host events --------------------------------------------------------------
 
     def after_removal(self, removed: RemovedPeer, now: float) -> list[Command]:
-        """React to a peer gone: a lost seed is remembered; a lost origin reader is replaced."""
+        """React to a peer gone: a lost seed is remembered; a lost origin reader is replaced (by a waiting
+        peer, else by the running peer holding most pieces when nobody holds the task whole)."""
         task = removed.task
         if removed.was_unfinished_seed:
             task.seed_failed_at = now
         if not removed.was_origin_reader and not removed.was_unfinished_seed:
             return []
-        return [*self.scheduler.schedule_waiting(task, now), *self._recheck_verdicts(task)]
+        commands = self.scheduler.schedule_waiting(task, now)
+        commands.extend(self.scheduler.replace_lost_source(task, now))
+        return [*commands, *self._recheck_verdicts(task)]
 
     def _fail_peer(self, peer: Peer, description: str, now: float) -> list[Command]:
         removed = self.cluster.remove_peer(peer, PeerState.FAILED)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import math
 import random
 
 from dfly.scheduler.core.cluster import Cluster, seed_download
@@ -45,10 +46,14 @@ def pick_seed_host(task_id: str, seeds: list[Host]) -> Host | None:
 
 
 class ParentScheduler:
-    def __init__(self, config: EngineConfig, rng: random.Random, cluster: Cluster) -> None:
+    def __init__(
+        self, config: EngineConfig, rng: random.Random, cluster: Cluster, started_at: float | None = None
+    ) -> None:
         self._config = config
         self._rng = rng
         self._cluster = cluster
+        # None (simulations, tests): no start-up grace; see EngineConfig.startup_grace_s
+        self._grace_until = -math.inf if started_at is None else started_at + config.startup_grace_s
         self._retries: list[tuple[float, int, str]] = []
         self._sequence = itertools.count()
 
@@ -70,6 +75,24 @@ class ParentScheduler:
             if peer is not None and peer.waiting:
                 commands.extend(self.attempt(peer, task, now, counted=False))
         return commands
+
+    def replace_lost_source(self, task: Task, now: float) -> list[Command]:
+        """The task's origin reader is gone, nobody holds the task whole and nobody else reads the origin:
+        the running peer holding most pieces reads the rest (else peers holding parts wait for ever)."""
+        if task.origin_readers or task.seed_trigger_pending or task.layout is None:
+            return []
+        if any(p.state is PeerState.SUCCEEDED or p.finish_digests is not None for p in task.peers.values()):
+            return []  # someone holds it whole (finished, or awaiting its verdict)
+        runners = [
+            peer
+            for peer in task.peers.values()
+            if peer.active and not peer.waiting and not peer.reads_origin and self.may_read_origin(peer, task)
+        ]
+        if not runners:
+            return []
+        chosen = max(runners, key=lambda peer: (peer.finished_piece_count, peer.peer_id))
+        description = "the task's source is gone: read the missing pieces from the origin"
+        return self.send_to_origin(chosen, task, description, now)
 
     def offer_more(self, peer: Peer, task: Task, now: float) -> list[Command]:
         """The child has working parents and wants more: new ones if any, otherwise no answer."""
@@ -134,6 +157,9 @@ class ParentScheduler:
     def attempt(self, peer: Peer, task: Task, now: float, *, counted: bool) -> list[Command]:
         if peer.is_seed:
             return self.send_to_origin(peer, task, "seed peer: read the task from the origin", now)
+        asked = peer.download is not None and peer.download.need_back_to_source
+        if asked and self.may_read_origin(peer, task):  # e.g. an origin reader registering again
+            return self.send_to_origin(peer, task, "the peer asked to read the origin", now)
         parents = self.find_parents(peer, task, now)
         if parents:
             return [self._hand_out(peer, task, parents)]
@@ -142,6 +168,10 @@ class ParentScheduler:
             trigger = self._trigger_seed(task, peer, now)
             if trigger is not None:
                 commands.append(trigger)
+            elif now < self._grace_until and task.seed_failed_at is None:
+                # Just started and no seed host known yet: hosts and running downloads are re-announcing.
+                self._arm_retry(peer, min(self._grace_until, now + self._config.retry_interval_s))
+                return commands
             elif self.may_read_origin(peer, task):
                 return self.send_to_origin(
                     peer, task, "no seed peer serves the task: read it from the origin", now

@@ -1,0 +1,95 @@
+"""The seed peer dies while it is still reading the origin (issue 4, service level).
+
+Real processes: scheduler, seed and two peers on 127.0.0.1; a real origin paced so that the seed's read
+takes seconds. Both peers download; the seed is SIGKILLed when they have a few MiB. The scheduler sees
+its peer gone, remembers the seed failed, and sends one waiting peer to the origin; the other gets the
+rest from it. Both finish with the right bytes, and the origin sends less than the three copies that
+"every host reads the origin" would cost.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.common.digest import file_digest
+from dfly.common.pieces import MiB
+from dfly.devtools.origin import Origin, make_file
+
+pytestmark = pytest.mark.integration
+
+FILE_BYTES = 48 * MiB
+ORIGIN_RATE = 8 * MiB
+DFGET_TIMEOUT_S = 90.0
+PROBE_TIMEOUT_S = 20.0
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[Origin]:
+    with Origin(tmp_path / "www", rate_limit_bytes_per_s=ORIGIN_RATE) as server:
+        yield server
+
+
+def stats(member: Member) -> dict[str, Any]:
+    assert member.socket is not None
+    return query_stats(member.socket)
+
+
+def received(member: Member) -> int:
+    got = stats(member)["download_bytes"]
+    return int(got["remote_seed"]) + int(got["remote_peer"])
+
+
+def has_some(member: Member) -> bool:
+    return received(member) >= 2 * MiB
+
+
+def wait_until(what: str, check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {PROBE_TIMEOUT_S:g} s: {what}")
+        time.sleep(0.02)
+
+
+def dfget(member: Member, url: str, out: Path) -> subprocess.Popen[str]:
+    assert member.socket is not None
+    cmd = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(member.socket), "--no-progress", url]
+    return subprocess.Popen([*cmd, "-O", str(out)], stderr=subprocess.PIPE, text=True)
+
+
+def test_seed_killed_mid_origin_read_one_peer_takes_over(origin: Origin, tmp_path: Path) -> None:
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digest = make_file(origin.root / "f.bin", FILE_BYTES, seed=57)
+    url = origin.url("/f.bin")
+    with LocalCluster(tmp_path / "c", peers=2) as cluster:
+        peers = [cluster.member("peer-1"), cluster.member("peer-2")]
+        procs = [dfget(peer, url, tmp_path / peer.name) for peer in peers]
+        try:
+            for peer in peers:
+                wait_until(f"{peer.name} has 2 MiB", functools.partial(has_some, peer))
+            cluster.kill_member("seed")
+            seed_read = origin.bytes_sent
+            assert seed_read < FILE_BYTES, "the seed finished before it was killed"
+            for proc in procs:
+                _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
+                assert proc.returncode == 0, err
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        for peer in peers:
+            assert file_digest(tmp_path / peer.name).value == digest
+        readers = [p for p in peers if stats(p)["download_bytes"]["back_to_source"] > 0]
+        assert len(readers) == 1, "exactly one peer should have taken over the origin read"
+        assert origin.bytes_sent - seed_read <= 1.05 * FILE_BYTES
+        assert origin.bytes_sent < 2 * FILE_BYTES
