@@ -247,11 +247,11 @@ class _Download:
         for n in numbers:
             if not isinstance(n, int) or not 0 <= n < len(self.have):
                 raise ProtocolError(f"the daemon sent piece {n!r} outside the task")
-            if self.have[n]:
-                continue
             offset, length = piece_range(n, self.piece_length, self.content_length)
             if not self.out.linked:
-                self.out.copy(self.task_fd, offset, length)
+                self.out.copy(self.task_fd, offset, length)  # again when announced again: re-fetched
+            if self.have[n]:
+                continue
             self.have[n] = 1
             self.missing -= 1
             self.progress.advance(length)

@@ -8,7 +8,10 @@ Rules:
 - The first back-to-source peer of a task fixes its layout: the user's piece length or the default
   rule; a later one adopts the layout the scheduler sent and checks the origin's length against it.
 - The origin's refusal (status, headers) is reported to the scheduler, which tells every peer.
-- Reading starts at the first missing piece; pieces already held are skipped, not rewritten.
+- Reading starts at the first missing piece; pieces already held are skipped, not rewritten, unless
+  the origin's validators (ETag, else Last-Modified) differ from those recorded for the task: then the
+  held pieces are of another version, are dropped, and the whole object is read again (never a file
+  mixing two versions; the records on disk keep the old validators, so a crash meanwhile repeats this).
 """
 
 from __future__ import annotations
@@ -110,6 +113,15 @@ class BackToSource:
             self.c.state.first_pass = first_pass_gate(
                 layout.piece_count, upload.first_pass_hold_s, self.c.state.task_id
             )
+        held = [n for n in range(layout.piece_count) if self.c.state.has(n)]
+        if held and not http.same_object(self.c.state.response_headers, stat):
+            log.warning(
+                "task %s: the origin's object changed since its %d held pieces came; reading it again",
+                self.c.state.task_id[:12],
+                len(held),
+            )
+            self.c.state.forget_pieces(held)
+            self.c.state.response_headers = dict(stat.headers)
         await self.c.ensure_file(layout, stat.headers)
         await self.c.report_back_to_source_started(layout, stat.headers)
         missing = [n for n in range(layout.piece_count) if not self.c.state.has(n)]

@@ -131,6 +131,7 @@ class TaskManager:
         elif live.state.ended and live.state.error is not None:
             old = live.state
             fresh = TaskState(tid, request.url)
+            fresh.response_headers = dict(old.response_headers)  # the validators of the pieces kept
             if old.layout is not None:
                 fresh.set_layout(old.layout.content_length, old.layout.piece_length)
                 fresh.load_pieces(
@@ -190,13 +191,14 @@ class TaskManager:
                 task_path=str(self.ctx.storage.task_path(live.state.task_id)),
                 read_fd=self.ctx.storage.read_fd(live.state.task_id),
             )
-            sent: set[int] = set()
+            sent: dict[int, int] = {}  # piece -> version announced (a re-fetched one is announced again)
+            state = live.state
             while True:
                 wake.clear()
-                ended = live.state.ended
-                fresh = [n for n in live.state.available_pieces() if n not in sent]
+                ended = state.ended
+                fresh = [n for n in state.available_pieces() if sent.get(n) != state.version(n)]
                 if fresh:
-                    sent.update(fresh)
+                    sent.update((n, state.version(n)) for n in fresh)
                     yield PiecesReady(tuple(fresh))
                 if ended:
                     if live.state.error is not None:

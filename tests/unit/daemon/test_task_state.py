@@ -59,3 +59,9 @@ def test_forgotten_pieces_are_wanted_again() -> None:
     state.forget_pieces([1])
     assert state.available_pieces() == [0]
     assert state.mark_available(1, 3)
+    assert state.version(1) == 1  # attachers holding version 0 copy it again
+    assert state.version(0) == 0
+    state.forget_pieces([1, 1])
+    assert state.version(1) == 2
+    state.forget_pieces([1])  # not held: nothing to invalidate
+    assert state.version(1) == 2

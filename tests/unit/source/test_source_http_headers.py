@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from dfly.daemon.source.http import ALLOWED_RESPONSE_HEADERS, read_pieces, sanitize_request_headers, stat
+from dfly.daemon.source.http import (
+    ALLOWED_RESPONSE_HEADERS,
+    SourceStat,
+    read_pieces,
+    same_object,
+    sanitize_request_headers,
+    stat,
+)
 from dfly.devtools.origin import Origin, pseudo_random_bytes
 
 
@@ -99,3 +106,21 @@ def test_stat_keeps_only_allow_listed_headers(origin: Origin) -> None:
     assert st.last_modified
     assert st.content_length == 5000
     assert st.accept_ranges
+
+
+@pytest.mark.parametrize(
+    ("known", "etag", "last_modified", "same"),
+    [
+        ({"ETag": '"a"'}, '"a"', "", True),
+        ({"etag": 'W/"a"'}, '"a"', "", True),  # compared weakly, header names case-insensitive
+        ({"ETag": '"a"'}, '"b"', "", False),
+        ({"Last-Modified": "Mon, 01 Jan 2024 00:00:00 GMT"}, "", "Tue, 02 Jan 2024 00:00:00 GMT", False),
+        ({"ETag": '"a"', "Last-Modified": "x"}, '"a"', "y", True),  # the ETag decides when both have one
+        ({}, '"b"', "y", True),  # nothing recorded: nothing to compare
+    ],
+)
+def test_same_object_compares_recorded_validators(
+    known: dict[str, str], etag: str, last_modified: str, same: bool
+) -> None:
+    stat = SourceStat(url="http://h/f", content_length=1, etag=etag, last_modified=last_modified)
+    assert same_object(known, stat) is same

@@ -6,7 +6,9 @@ downloaded once however many requests attach to it.
 
 Rules:
 - The layout (content length, piece length) is set once; a different layout later is an error.
-- A piece becomes available once, with the digest it was verified against; that digest is final.
+- A piece becomes available with the digest it was verified against. It is forgotten only when its
+  bytes were found to be of the wrong object (the scheduler's cross-check, or the origin's validators
+  changed); each forgetting bumps the piece's `version`, so attachers that copied it copy it again.
 - Listeners are told of each newly available piece, and once of the task's end (None = finished).
 """
 
@@ -44,6 +46,7 @@ class TaskState:
         self.layout: Layout | None = None
         self.response_headers: dict[str, str] = {}
         self._digests: dict[int, int] = {}
+        self._versions: dict[int, int] = {}  # piece -> times forgotten (absent: 0)
         self._piece_listeners: list[PieceListener] = []
         self._end_listeners: list[EndListener] = []
         self.ended = False
@@ -98,9 +101,14 @@ class TaskState:
         return True
 
     def forget_pieces(self, numbers: Iterable[int]) -> None:
-        """Drop pieces found bad by the scheduler's cross-check so they are fetched again."""
+        """Drop pieces found to be of the wrong object so they are fetched again."""
         for number in numbers:
-            self._digests.pop(number, None)
+            if self._digests.pop(number, None) is not None:
+                self._versions[number] = self._versions.get(number, 0) + 1
+
+    def version(self, number: int) -> int:
+        """How often the piece was forgotten: an attacher holding an older copy must copy it again."""
+        return self._versions.get(number, 0)
 
     # -- listeners --------------------------------------------------------------------------------
     def subscribe(self, on_available: PieceListener) -> Callable[[], None]:

@@ -65,6 +65,19 @@ class SourceStat:
     accept_ranges: bool = True  # False when the origin answered the stat's Range with a plain 200
 
 
+def same_object(known: Mapping[str, str], stat: SourceStat) -> bool:
+    """False when validators recorded earlier (ETag, else Last-Modified) name another object than `stat`;
+    True when they agree or there is nothing to compare."""
+    recorded = {name.lower(): value for name, value in known.items()}
+    etag = recorded.get("etag", "")
+    if etag and stat.etag:
+        return etag.removeprefix("W/") == stat.etag.removeprefix("W/")
+    last_modified = recorded.get("last-modified", "")
+    if last_modified and stat.last_modified:
+        return last_modified == stat.last_modified
+    return True
+
+
 def sanitize_request_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The caller's headers minus Range, If-*, Host, hop-by-hop ones; plus `Accept-Encoding: identity`."""
     named_by_connection = {t.strip().lower() for k, v in headers.items() if k.lower() == "connection"

@@ -1,0 +1,97 @@
+"""The origin's object changes while a task is half fetched: never a file mixing two versions (issue 4).
+
+Real processes: a scheduler, a seed that is killed at once (so the peer reads the origin itself) and one
+peer; a real origin paced so the read takes seconds. The peer's daemon is SIGKILLed mid-read (its
+committed pieces survive), the object at the origin is replaced by another of the same length, and the
+daemon is restarted. The next dfget must deliver exactly the new object: the held pieces carry the old
+ETag, so they are dropped and everything is read again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.common.digest import file_digest
+from dfly.common.pieces import MiB
+from dfly.devtools.origin import Origin, make_file
+
+pytestmark = pytest.mark.integration
+
+FILE_BYTES = 16 * MiB
+ORIGIN_RATE = 4 * MiB
+PROBE_TIMEOUT_S = 20.0
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[Origin]:
+    with Origin(tmp_path / "www", rate_limit_bytes_per_s=ORIGIN_RATE) as server:
+        yield server
+
+
+def stats(member: Member) -> dict[str, Any]:
+    assert member.socket is not None
+    return query_stats(member.socket)
+
+
+def wait_until(what: str, check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {PROBE_TIMEOUT_S:g} s: {what}")
+        time.sleep(0.02)
+
+
+def dfget(member: Member, url: str, out: Path) -> list[str]:
+    assert member.socket is not None
+    return [
+        sys.executable,
+        "-m",
+        "dfly.cli.dfget",
+        "-e",
+        str(member.socket),
+        "--no-progress",
+        url,
+        "-O",
+        str(out),
+    ]
+
+
+def test_object_replaced_between_attempts_is_read_again_whole(origin: Origin, tmp_path: Path) -> None:
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    path = origin.root / "f.bin"
+    make_file(path, FILE_BYTES, seed=1)
+    url = origin.url("/f.bin")
+    with LocalCluster(tmp_path / "c", peers=1) as cluster:
+        cluster.kill_member("seed")
+        peer = cluster.member("peer-1")
+        first = subprocess.Popen(dfget(peer, url, tmp_path / "old"), stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(
+                "half the old object read", lambda: stats(peer)["download_bytes"]["back_to_source"] >= 8 * MiB
+            )
+            wait_until("a commit covered it", lambda: peer.data_dir.joinpath("metadata.db-wal").exists())
+            cluster.kill_member(peer.name)
+            first.communicate(timeout=30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        new_digest = make_file(path, FILE_BYTES, seed=2)  # same length, other bytes, a new ETag
+        later = time.time() + 10
+        os.utime(path, (later, later))
+        cluster.restart_member(peer.name)
+        result = subprocess.run(
+            dfget(peer, url, tmp_path / "new"), capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert file_digest(tmp_path / "new").value == new_digest
+        assert "object changed since its" in peer.log_path.read_text()
