@@ -178,7 +178,8 @@ class LocalCluster:
     """Scheduler + seed + N peers; a context manager (sync) and an async context manager.
 
     `start()` returns once every member has written its ready file and `cluster.json` is written;
-    `stop()` stops them all (idempotent). Members: `scheduler`, `seed`, `peers`, `members`, `member(name)`.
+    `stop()` stops them all (idempotent). Members: `scheduler` (the first of `schedulers`), `seed`, `peers`,
+    `members`, `member(name)`.
     """
 
     def __init__(
@@ -193,9 +194,13 @@ class LocalCluster:
         scheduler_cmd: Sequence[str] = DEFAULT_SCHEDULER_CMD,
         daemon_cmd: Sequence[str] = DEFAULT_DAEMON_CMD,
         daemon_overrides: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+        schedulers: int = 1,
     ) -> None:
         if peers < 0:
             raise ClusterError("the number of peers must be >= 0")
+        if schedulers < 1:
+            raise ClusterError("the number of schedulers must be >= 1")
+        self.n_schedulers = schedulers
         self.base_dir = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="dfly-up-"))
         self.n_peers = peers
         self.seed_upload_limit_bytes_per_s = seed_upload_limit_bytes_per_s
@@ -236,6 +241,15 @@ class LocalCluster:
     def scheduler_addr(self) -> str:
         return f"{LOOPBACK}:{self.scheduler.ports['grpc']}"
 
+    @property
+    def schedulers(self) -> list[Member]:
+        return [m for m in self.members if m.role == "scheduler"]
+
+    @property
+    def scheduler_addrs(self) -> list[str]:
+        """Every scheduler's address, in start order (the daemons' `scheduler.addrs`)."""
+        return [f"{LOOPBACK}:{m.ports['grpc']}" for m in self.schedulers]
+
     def describe(self) -> dict[str, Any]:
         scheduler = self.scheduler_addr if self.members and self.scheduler.ready else ""
         return {
@@ -249,10 +263,12 @@ class LocalCluster:
         """Start every member, in order, each once the previous is ready; stop all on failure."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         try:
-            sched = self._launch("scheduler", "scheduler", scheduler_config(self.log_level))
-            self._wait_ready([sched])
-            if "grpc" not in sched.ports:
-                raise ClusterError(f"scheduler ready file {sched.ready_path} has no ports.grpc")
+            sched_names = ["scheduler"] + [f"scheduler-{i}" for i in range(2, self.n_schedulers + 1)]
+            scheds = [self._launch(n, "scheduler", scheduler_config(self.log_level)) for n in sched_names]
+            self._wait_ready(scheds)
+            for sched in scheds:
+                if "grpc" not in sched.ports:
+                    raise ClusterError(f"scheduler ready file {sched.ready_path} has no ports.grpc")
             names = [("seed", "seed")] + [(f"peer-{i}", "peer") for i in range(1, self.n_peers + 1)]
             daemons = [self._launch_daemon(name, role) for name, role in names]
             self._wait_ready(daemons)
@@ -272,6 +288,7 @@ class LocalCluster:
             upload_limit_bytes_per_s=limit,
             log_level=self.log_level,
         )
+        cfg["scheduler"]["addrs"] = self.scheduler_addrs
         for section, values in self.daemon_overrides.get(name, {}).items():
             cfg[section] = {**cfg.get(section, {}), **values}
         sock = Path(cfg["local_api"]["socket"])

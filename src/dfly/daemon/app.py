@@ -26,6 +26,7 @@ from dfly.daemon.config import DaemonConfig
 from dfly.daemon.context import Counters, DaemonContext
 from dfly.daemon.local_api import LocalApiServer
 from dfly.daemon.scheduler_client import SchedulerClient, source_ip_toward
+from dfly.daemon.scheduler_ring import SchedulerRing
 from dfly.daemon.services import ControlService, start_health_server
 from dfly.daemon.storage import Storage
 from dfly.daemon.tasks import TaskManager
@@ -127,12 +128,17 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             upload_slots=config.upload.slots,
         )
 
-    scheduler = SchedulerClient(
-        config.scheduler.addrs[0],
-        host_info=host_info,
-        finished_tasks=tasks.finished_tasks,
-        load=lambda: (upload_rate.rate, pieces.active_uploads),
-        keepalive_interval_s=config.scheduler.keepalive_interval_s,
+    scheduler = SchedulerRing(
+        [
+            SchedulerClient(
+                addr,
+                host_info=host_info,
+                finished_tasks=tasks.finished_tasks,
+                load=lambda: (upload_rate.rate, pieces.active_uploads),
+                keepalive_interval_s=config.scheduler.keepalive_interval_s,
+            )
+            for addr in config.scheduler.addrs
+        ]
     )
     ctx.scheduler = scheduler
     try:
@@ -180,11 +186,11 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         log.info("dfdaemon %s stopped", host)
 
 
-async def _announce_until_done(scheduler: SchedulerClient, stop: asyncio.Event) -> None:
-    """Ready means announced: retry until the scheduler answers or the daemon is told to stop."""
+async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event) -> None:
+    """Ready means announced: retry until a scheduler answers or the daemon is told to stop."""
     while not stop.is_set():
         try:
-            await scheduler.announce()
+            await scheduler.announce_any()
             return
         except grpc.aio.AioRpcError as exc:
             log.warning("cannot announce to scheduler %s: %s; retrying", scheduler.addr, exc.code().name)

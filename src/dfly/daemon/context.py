@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter
 
 from dfly.daemon.config import DaemonConfig
-from dfly.daemon.scheduler_client import SchedulerClient
+from dfly.daemon.scheduler_ring import SchedulerRing
 from dfly.daemon.storage import Storage
 from dfly.daemon.transfer.buffers import BufferPool
 
@@ -56,7 +56,7 @@ class DaemonContext:
     ip: str
     seed: bool
     storage: Storage
-    scheduler: SchedulerClient | None
+    scheduler: SchedulerRing | None
     pool: BufferPool
     counters: Counters
     rng: random.Random

@@ -6,9 +6,10 @@ Rules:
 - `open()` registers; replies are queued for the conductor as `SchedulerReply`, the end of a stream as
   `SchedulerGone` (for the current stream only: one from a stream already replaced is dropped).
   Writes while no stream is up are dropped; the conductor decides what a missing scheduler means.
-- After a break `reregister()` opens a new stream under the same peer id, each try once the host is
-  announced again (the keepalive loop re-announces it), backing off from 0.2 s, doubling, to at most
-  5 s between tries, until it succeeds or the download ends. Once registered it runs `restore`, which
+- Streams go to the task's scheduler on the ring (scheduler_ring.py). After a break `reregister()`
+  opens a new stream under the same peer id (to the next scheduler on the ring if that one is gone),
+  each try once some scheduler is connected, backing off from 0.2 s, doubling, to at most 5 s between
+  tries, until it succeeds or the download ends. Once registered it runs `restore`, which
   tells the scheduler what it needs to use this peer again (what it holds, whether it reads the origin).
 """
 
@@ -75,10 +76,10 @@ class PeerStream:
             return False
         self.close()
         self._generation += 1
-        if not scheduler.connected.is_set():  # host not announced (yet again): give the keepalive a moment
+        if not scheduler.healthy():  # host not announced (yet again): give the keepalives a moment
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(scheduler.connected.wait(), REGISTER_WAIT_S)
-        call = scheduler.announce_peer()
+                await scheduler.wait_healthy(REGISTER_WAIT_S)
+        call = scheduler.pick(self.task_id).announce_peer()
         register = self._message(register=pb.RegisterPeer(download=request.to_proto()))
         try:
             async with asyncio.timeout(REGISTER_WAIT_S), self._write_lock:
@@ -107,7 +108,7 @@ class PeerStream:
         delay_s = REREGISTER_FIRST_S
         try:
             while wanted() and not self.alive:
-                await scheduler.connected.wait()
+                await scheduler.wait_healthy()
                 if await self.open(request()):
                     log.info("task %s registered with the scheduler again", self.task_id[:12])
                     await restore()

@@ -5,7 +5,7 @@ Rules:
   with the tasks it holds completely, so the scheduler offers it as a parent again.
 - The keepalive stream sends the observed upload rate and slots in use at least every
   `keepalive_interval_s`; when it breaks, the client reconnects with capped back-off.
-- One scheduler for now (the first of `scheduler.addrs`); the hash ring of several comes later.
+- One client per scheduler; `scheduler_ring.py` spreads tasks over several and keeps them informed.
 """
 
 from __future__ import annotations
@@ -69,11 +69,15 @@ class SchedulerClient:
         )
         self.stub = pb_grpc.SchedulerStub(self._channel)
         self.connected = asyncio.Event()
+        self.on_connected: Callable[[], None] | None = None  # the ring's hooks
+        self.on_disconnected: Callable[[], None] | None = None
 
     async def announce(self, timeout_s: float = 10.0) -> None:
         request = pb.AnnounceHostRequest(host=self._host_info(), finished_tasks=self._finished_tasks())
         await self.stub.AnnounceHost(request, timeout=timeout_s, wait_for_ready=True)
         self.connected.set()
+        if self.on_connected is not None:
+            self.on_connected()
 
     async def _keepalive_messages(self) -> AsyncIterator[pb.HostKeepAliveRequest]:
         info = self._host_info()
@@ -98,7 +102,10 @@ class SchedulerClient:
                 await self.stub.HostKeepAlive(self._keepalive_messages())
             except grpc.aio.AioRpcError as exc:
                 log.warning("scheduler %s keepalive broke: %s", self.addr, exc.code().name)
-            self.connected.clear()
+            if self.connected.is_set():
+                self.connected.clear()
+                if self.on_disconnected is not None:
+                    self.on_disconnected()
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
 

@@ -215,8 +215,14 @@ class TaskManager:
             remove_end()
 
     def trigger(self, request: TaskRequest) -> str:
-        """A download requested by the scheduler (seed trigger): runs in the background."""
-        return self.start(request).state.task_id
+        """A download requested by the scheduler (seed trigger): runs in the background. For a task held
+        completely already, the schedulers are told again (one that never heard of it may be asking)."""
+        live = self.start(request)
+        if live.state.complete and live.state.ended and self.ctx.scheduler is not None:
+            announce = asyncio.get_running_loop().create_task(self.ctx.scheduler.reannounce())
+            self._tasks.add(announce)
+            announce.add_done_callback(self._tasks.discard)
+        return live.state.task_id
 
     # -- stats and the piece server's view --------------------------------------------------------
     def stats(self) -> dict[str, object]:

@@ -1,0 +1,105 @@
+"""The daemon's schedulers (`scheduler.addrs`): which one a task talks to, and keeping all of them informed.
+
+Rules:
+- Every scheduler gets the host announce (with the tasks held completely) and a keepalive stream; each
+  `SchedulerClient` reconnects on its own with capped back-off.
+- A task talks to the healthy scheduler (keepalive stream up) with the highest rendezvous weight
+  sha256(task id, address): every peer of a task picks the same one, and when one scheduler goes only
+  its tasks move. With none healthy, the same rule over all of them (a first try can still succeed).
+- When a scheduler's stream breaks, the others are announced to again, so the tasks that move to them
+  find the hosts that hold them completely (schedulers share no state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+
+import grpc
+
+from dfly.daemon.scheduler_client import SchedulerClient
+
+log = logging.getLogger(__name__)
+
+
+def weight(task_id: str, addr: str) -> bytes:
+    """Rendezvous weight of a scheduler for a task: the highest among the healthy ones owns it."""
+    return hashlib.sha256(f"{task_id}\0{addr}".encode()).digest()
+
+
+def owner(task_id: str, addrs: list[str]) -> str:
+    return max(addrs, key=lambda addr: weight(task_id, addr))
+
+
+class SchedulerRing:
+    def __init__(self, clients: list[SchedulerClient]) -> None:
+        if not clients:
+            raise ValueError("at least one scheduler is needed")
+        self.clients = clients
+        self._changed = asyncio.Event()  # set whenever some client connects
+        self._pending: set[asyncio.Task[None]] = set()
+        for client in clients:
+            client.on_connected = self._changed.set
+            client.on_disconnected = self._others_reannounce
+
+    @property
+    def addr(self) -> str:
+        return ",".join(client.addr for client in self.clients)
+
+    def healthy(self) -> list[SchedulerClient]:
+        return [client for client in self.clients if client.connected.is_set()]
+
+    def pick(self, task_id: str) -> SchedulerClient:
+        """The scheduler for `task_id` (see the module rules)."""
+        pool = self.healthy() or self.clients
+        return max(pool, key=lambda client: weight(task_id, client.addr))
+
+    async def wait_healthy(self, timeout_s: float | None = None) -> bool:
+        """Wait until some scheduler is connected; False after `timeout_s` without one."""
+        async with asyncio.timeout(timeout_s):
+            while not self.healthy():
+                self._changed.clear()
+                await self._changed.wait()
+        return True
+
+    async def announce_any(self) -> None:
+        """Announce to every scheduler; returns once one took it (raises the last error if none did).
+        Those still pending are dropped: their keepalive loops announce when they connect."""
+        pending = {asyncio.ensure_future(client.announce()) for client in self.clients}
+        error: BaseException | None = None
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for attempt in done:
+                    if attempt.exception() is None:
+                        return
+                    error = attempt.exception()
+        finally:
+            for attempt in pending:
+                attempt.cancel()
+        assert error is not None
+        raise error
+
+    async def reannounce(self) -> None:
+        """Tell every connected scheduler again what this host holds (best effort)."""
+        for client in self.healthy():
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await client.announce()
+
+    def _others_reannounce(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reannounce())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def run_keepalive(self) -> None:
+        await asyncio.gather(*(client.run_keepalive() for client in self.clients))
+
+    async def leave(self) -> None:
+        await asyncio.gather(*(client.leave() for client in self.clients))
+
+    async def close(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        await asyncio.gather(*(client.close() for client in self.clients))

@@ -1,0 +1,54 @@
+"""Task → scheduler routing: rendezvous hashing over the healthy schedulers (daemon/scheduler_ring.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from dfly.daemon.scheduler_client import SchedulerClient
+from dfly.daemon.scheduler_ring import SchedulerRing, owner
+
+ADDRS = [f"10.0.0.{i}:8002" for i in range(1, 5)]
+TASKS = [f"{i:064x}" for i in range(400)]
+
+
+class FakeClient:
+    def __init__(self, addr: str) -> None:
+        self.addr = addr
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.on_connected = None
+        self.on_disconnected = None
+
+
+def ring() -> tuple[SchedulerRing, list[FakeClient]]:
+    clients = [FakeClient(addr) for addr in ADDRS]
+    return SchedulerRing(cast(list[SchedulerClient], clients)), clients
+
+
+def test_every_peer_of_a_task_picks_the_same_scheduler_and_tasks_spread() -> None:
+    async def scenario() -> None:
+        first, _ = ring()
+        second, _ = ring()
+        picks = [first.pick(t).addr for t in TASKS]
+        assert picks == [second.pick(t).addr for t in TASKS]
+        assert picks == [owner(t, ADDRS) for t in TASKS]
+        assert all(picks.count(addr) > len(TASKS) // 8 for addr in ADDRS)  # no scheduler left idle
+
+    asyncio.run(scenario())
+
+
+def test_when_a_scheduler_goes_only_its_tasks_move() -> None:
+    async def scenario() -> None:
+        routing, clients = ring()
+        before = {t: routing.pick(t).addr for t in TASKS}
+        clients[1].connected.clear()
+        after = {t: routing.pick(t).addr for t in TASKS}
+        moved = {t for t in TASKS if before[t] != after[t]}
+        assert moved == {t for t in TASKS if before[t] == ADDRS[1]}
+        assert ADDRS[1] not in after.values()
+        for client in clients:
+            client.connected.clear()
+        assert {t: routing.pick(t).addr for t in TASKS} == before  # none healthy: the same rule over all
+
+    asyncio.run(scenario())
