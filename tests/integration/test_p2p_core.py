@@ -6,6 +6,7 @@ distinct files, so each checks its own task.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from dfly.cluster import LocalCluster, Member, query_stats
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB, default_piece_length
 from dfly.daemon.config import DownloadSection
+from dfly.daemon.transfer.buffers import BufferPool
+from dfly.daemon.transfer.client import RemoteError, connect_parent
 from dfly.devtools.origin import Origin, make_file
 
 pytestmark = pytest.mark.integration
@@ -275,6 +278,35 @@ def test_two_dfgets_on_one_peer_share_one_download(
     for i in range(2):
         assert file_digest(tmp_path / f"out-{i}").value == digest
     assert network_bytes(query_stats(peer.socket or "")) - before == 16 * MiB  # one live task, fetched once
+
+
+class _Silent:
+    """A ParentListener that expects nothing."""
+
+    def on_have(self, parent_id: str, pieces: list[int]) -> None: ...
+    def on_piece(self, parent_id: str, number: int, offset: int, data: memoryview, digest: int) -> None: ...
+    def on_piece_failed(self, parent_id: str, number: int, reason: str) -> None: ...
+    def on_closed(self, parent_id: str, error: Exception | None) -> None: ...
+
+
+@pytest.mark.parametrize("task_id", ["../../../../etc/passwd", "/etc/passwd", "a" * 64, "%2e%2e%2fetc"])
+def test_piece_port_serves_tasks_by_id_never_a_path(cluster: LocalCluster, task_id: str) -> None:
+    """A real daemon's piece port asked for a path, or a task it does not hold: a clean refusal."""
+    peer = cluster.peers[0]
+
+    async def ask() -> str:
+        try:
+            conn = await connect_parent(
+                "127.0.0.1", peer.ports["piece"], task_id=task_id, peer_id="probe", piece_length=MiB,
+                content_length=MiB, parent_id="x", listener=_Silent(), pool=BufferPool(2 * MiB),
+            )  # fmt: skip
+        except RemoteError as exc:
+            return exc.code
+        conn.close()
+        return "served"
+
+    assert asyncio.run(ask()) == "unknown_task"
+    assert peer.alive()
 
 
 def test_without_the_seed_one_peer_reads_the_origin_for_the_others(

@@ -47,7 +47,10 @@ class Running:
 
 @asynccontextmanager
 async def scheduler(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheduling: EngineConfig | None = None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scheduling: EngineConfig | None = None,
+    max_message_bytes: int = 64 * 1024 * 1024,
 ) -> AsyncIterator[Running]:
     ready = asyncio.Event()
     original = app.write_ready_file
@@ -60,7 +63,13 @@ async def scheduler(
     # No start-up grace: these scenarios start the scheduler and decide at once (the grace is tested on
     # the engine, tests/unit/scheduler, and end to end in test_scheduler_restart.py).
     engine = scheduling or EngineConfig(startup_grace_s=0)
-    config = SchedulerConfig(listen_ip="127.0.0.1", port=0, metrics=MetricsSection(port=0), scheduling=engine)
+    config = SchedulerConfig(
+        listen_ip="127.0.0.1",
+        port=0,
+        metrics=MetricsSection(port=0),
+        scheduling=engine,
+        max_message_bytes=max_message_bytes,
+    )
     ready_file = tmp_path / "scheduler.json"
     stop = asyncio.Event()
     runner = asyncio.create_task(app.run(config, ready_file, stop))
@@ -254,6 +263,41 @@ def test_impossible_piece_lengths_and_layouts_are_refused(
                 await read(peer)
             assert bad_layout.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert "invalid layout" in (bad_layout.value.details() or "")
+
+    run(scenario)
+
+
+def test_oversized_and_malformed_messages_are_refused_and_the_scheduler_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with scheduler(tmp_path, monkeypatch, max_message_bytes=64 * 1024) as running:
+            stub = running.stub
+            digests = [2**31 + i for i in range(40_000)]  # ~200 KB of piece CRCs: over the 64 KiB limit
+            big = pb.AnnounceHostRequest(
+                host=host("big"),
+                finished_tasks=[
+                    pb.FinishedTask(task_id="t", content_length=1, piece_length=65536, piece_digests=digests)
+                ],
+            )
+            with pytest.raises(aio.AioRpcError) as oversized:
+                await stub.AnnounceHost(big, timeout=STEP_S)
+            assert oversized.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            async with aio.insecure_channel(f"127.0.0.1:{running.ports['grpc']}") as channel:
+                raw = channel.unary_unary(
+                    "/dfly.scheduler.v1.Scheduler/AnnounceHost",
+                    request_serializer=None,
+                    response_deserializer=None,
+                )
+                with pytest.raises(aio.AioRpcError) as garbage:
+                    await raw(b"\xff\xff\xff\xff not a protobuf", timeout=STEP_S)
+                assert garbage.value.code() is grpc.StatusCode.UNKNOWN  # grpcio's answer to a parse error
+                assert "Error parsing message" in (garbage.value.details() or "")
+
+            await stub.AnnounceHost(
+                pb.AnnounceHostRequest(host=host("fine")), timeout=STEP_S
+            )  # still serving
 
     run(scenario)
 

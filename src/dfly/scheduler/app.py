@@ -78,7 +78,8 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
     metrics = SchedulerMetrics()
     service = SchedulerService(engine, metrics, seed_trigger_timeout_s=config.seed_trigger.timeout_s)
     await service.start()
-    server = aio.server()
+    limits = [("grpc.max_receive_message_length", config.max_message_bytes)]
+    server = aio.server(options=limits)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     address = (
         f"[{config.listen_ip}]:{config.port}"

@@ -31,6 +31,9 @@ class SchedulerConfig(StrictModel):
     metrics: MetricsSection = MetricsSection()
     scheduling: EngineConfig = EngineConfig()
     seed_trigger: SeedTriggerSection = SeedTriggerSection()
+    # Largest gRPC message accepted (a host announce carries every task it holds whole, with a CRC per
+    # piece); larger ones are refused with RESOURCE_EXHAUSTED before they are parsed.
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     log_level: str = "info"
 
 
