@@ -246,3 +246,40 @@ def test_cancelled_write_never_outlives_the_call(tmp_path: Path, monkeypatch: py
         await storage.close()
 
     asyncio.run(run())
+
+
+def test_commit_failing_with_enospc_records_nothing_and_other_tasks_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fdatasync of one task's file fails (disk full): its finish fails with a clear error, none of its
+    pieces is recorded (after a reopen they are simply missing), and another task commits normally."""
+    full, fine = make_meta("task-full"), make_meta("task-fine")
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(full.task_id):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fdatasync(fd)
+
+    async def run() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        for meta in (full, fine):
+            await storage.create_task(meta)
+            for n in range(meta.piece_count):
+                data, digest = piece(n)
+                await storage.write_piece(meta.task_id, n, n * PIECE, data, digest)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        with pytest.raises(StorageError, match="No space left on device"):
+            await asyncio.wait_for(storage.finish_task(full.task_id), timeout=5)
+        await asyncio.wait_for(storage.finish_task(fine.task_id), timeout=5)
+        assert storage.stats()["commit_errors"] >= 1
+        await storage.close()
+
+        reopened = Storage(tmp_path, commit_interval_s=3600)
+        stored = {task.meta.task_id: task for task in await reopened.open()}
+        assert stored["task-fine"].pieces == {n: piece(n)[1] for n in range(fine.piece_count)}
+        assert stored.get("task-full") is None or stored["task-full"].pieces == {}
+        await reopened.close()
+
+    asyncio.run(run())
