@@ -195,12 +195,14 @@ class LocalCluster:
         daemon_cmd: Sequence[str] = DEFAULT_DAEMON_CMD,
         daemon_overrides: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
         schedulers: int = 1,
+        scheduler_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         if peers < 0:
             raise ClusterError("the number of peers must be >= 0")
         if schedulers < 1:
             raise ClusterError("the number of schedulers must be >= 1")
         self.n_schedulers = schedulers
+        self.scheduler_overrides = dict(scheduler_overrides or {})  # top-level keys of its config
         self.base_dir = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="dfly-up-"))
         self.n_peers = peers
         self.seed_upload_limit_bytes_per_s = seed_upload_limit_bytes_per_s
@@ -264,7 +266,8 @@ class LocalCluster:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         try:
             sched_names = ["scheduler"] + [f"scheduler-{i}" for i in range(2, self.n_schedulers + 1)]
-            scheds = [self._launch(n, "scheduler", scheduler_config(self.log_level)) for n in sched_names]
+            sched_config = {**scheduler_config(self.log_level), **self.scheduler_overrides}
+            scheds = [self._launch(n, "scheduler", dict(sched_config)) for n in sched_names]
             self._wait_ready(scheds)
             for sched in scheds:
                 if "grpc" not in sched.ports:

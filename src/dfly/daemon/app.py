@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.ids import host_id as make_host_id
+from dfly.common.tls import add_port
 from dfly.daemon.config import DaemonConfig
 from dfly.daemon.context import Counters, DaemonContext
 from dfly.daemon.local_api import LocalApiServer
@@ -102,7 +103,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         a.rpartition(":")[0].strip("[]") for a in config.scheduler.addrs
     ]
     dpb_grpc.add_DfdaemonControlServicer_to_server(ControlService(trusted, tasks.trigger), control)
-    control_port = control.add_insecure_port(f"{config.control.ip}:{config.control.port}")
+    control_port = add_port(control, f"{config.control.ip}:{config.control.port}", config.security.tls)
     await control.start()
     health = await start_health_server(config.health.ip, config.health.port)
     health_port = health.sockets[0].getsockname()[1]
@@ -136,6 +137,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
                 finished_tasks=tasks.finished_tasks,
                 load=lambda: (upload_rate.rate, pieces.active_uploads),
                 keepalive_interval_s=config.scheduler.keepalive_interval_s,
+                tls=config.security.tls,
             )
             for addr in config.scheduler.addrs
         ]

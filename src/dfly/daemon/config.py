@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from dfly.common.config import StrictModel
 from dfly.common.pieces import MiB
+from dfly.common.tls import SecuritySection
 
 
 class HostSection(StrictModel):
@@ -118,6 +119,7 @@ class DaemonConfig(StrictModel):
     health: HealthSection = HealthSection()
     local_api: LocalApiSection = LocalApiSection()
     seed_peer: SeedPeerSection = SeedPeerSection()
+    security: SecuritySection = SecuritySection()  # mTLS to schedulers and on the control port
     log_level: str = "info"
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ import grpc
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.api import scheduler_pb2_grpc as pb_grpc
+from dfly.common.tls import TlsSection, aio_channel
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,16 @@ class SchedulerClient:
         finished_tasks: FinishedTasksSource,
         load: LoadSource,
         keepalive_interval_s: float,
+        tls: TlsSection | None = None,
     ) -> None:
         self.addr = addr
         self._host_info = host_info
         self._finished_tasks = finished_tasks
         self._load = load
         self._interval_s = keepalive_interval_s
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = aio_channel(
             addr,
+            tls or TlsSection(),
             options=[
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),

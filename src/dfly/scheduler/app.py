@@ -27,6 +27,7 @@ from prometheus_client import start_http_server
 from dfly.api import scheduler_pb2_grpc
 from dfly.common.errors import ConfigError, DflyError
 from dfly.common.logging import setup_logging
+from dfly.common.tls import add_port, aio_channel
 from dfly.scheduler.config import SchedulerConfig, load_scheduler_config
 from dfly.scheduler.core.engine import SchedulerEngine
 from dfly.scheduler.metrics import SchedulerMetrics
@@ -76,7 +77,13 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
     engine = SchedulerEngine(config.scheduling, rng, started_at=asyncio.get_running_loop().time())
     metrics = SchedulerMetrics()
-    service = SchedulerService(engine, metrics, seed_trigger_timeout_s=config.seed_trigger.timeout_s)
+    tls = config.security.tls
+    service = SchedulerService(
+        engine,
+        metrics,
+        seed_trigger_timeout_s=config.seed_trigger.timeout_s,
+        channel_factory=lambda address: aio_channel(address, tls),
+    )
     await service.start()
     limits = [("grpc.max_receive_message_length", config.max_message_bytes)]
     server = aio.server(options=limits)
@@ -87,7 +94,7 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
         else f"{config.listen_ip}:{config.port}"
     )
     try:
-        grpc_port = server.add_insecure_port(address)
+        grpc_port = add_port(server, address, tls)
     except RuntimeError:
         grpc_port = 0
     if grpc_port == 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import Field
 
 from dfly.common.config import StrictModel, load_config
+from dfly.common.tls import SecuritySection
 from dfly.scheduler.core.config import EngineConfig
 
 ENV_PREFIX = "DFLY_SCHEDULER"
@@ -34,6 +35,7 @@ class SchedulerConfig(StrictModel):
     # Largest gRPC message accepted (a host announce carries every task it holds whole, with a CRC per
     # piece); larger ones are refused with RESOURCE_EXHAUSTED before they are parsed.
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    security: SecuritySection = SecuritySection()  # mTLS to daemons (common/tls.py)
     log_level: str = "info"
 
 

@@ -1,0 +1,82 @@
+"""mTLS for the control plane (`security.tls`): daemon ↔ scheduler gRPC and the daemon's control port.
+
+Rules:
+- Off unless `ca_cert`, `cert` and `key` are all set (PEM files); setting only some is a config error.
+- With it on, every gRPC server of the process asks for a client certificate signed by `ca_cert` and
+  refuses callers without one; every client presents its own and checks the server's against the same
+  CA and the address it dials (so certificates need the IPs or names the others use: SANs).
+- Piece transfer (port 4005) is not covered: it stays plain TCP with sendfile (docs/operations.md).
+- Files are read once at start; a missing or unreadable file is a ConfigError naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from pydantic import model_validator
+
+from dfly.common.config import StrictModel
+from dfly.common.errors import ConfigError
+
+
+class TlsSection(StrictModel):
+    ca_cert: Path | None = None  # PEM bundle of the CA that signs every member of the cluster
+    cert: Path | None = None  # this process's certificate (PEM)
+    key: Path | None = None  # its private key (PEM, unencrypted)
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> TlsSection:
+        given = [self.ca_cert is not None, self.cert is not None, self.key is not None]
+        if any(given) and not all(given):
+            raise ValueError("security.tls needs ca_cert, cert and key together (or none of them)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_cert is not None
+
+
+class SecuritySection(StrictModel):
+    tls: TlsSection = TlsSection()
+
+
+def _read(path: Path | None, what: str) -> bytes:
+    assert path is not None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read security.tls.{what} {path}: {exc.strerror or exc}") from None
+
+
+def server_credentials(tls: TlsSection) -> grpc.ServerCredentials:
+    """Server side: our certificate, and a client certificate from the CA required."""
+    pair = (_read(tls.key, "key"), _read(tls.cert, "cert"))
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=_read(tls.ca_cert, "ca_cert"), require_client_auth=True
+    )
+
+
+def channel_credentials(tls: TlsSection) -> grpc.ChannelCredentials:
+    """Client side: trust only the cluster's CA, and present our certificate."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_cert, "ca_cert"),
+        private_key=_read(tls.key, "key"),
+        certificate_chain=_read(tls.cert, "cert"),
+    )
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: TlsSection) -> int:
+    """Bind `address` on `server`, with mTLS when configured; returns the port."""
+    if tls.enabled:
+        return server.add_secure_port(address, server_credentials(tls))
+    return server.add_insecure_port(address)
+
+
+def aio_channel(
+    target: str, tls: TlsSection, options: list[tuple[str, int]] | None = None
+) -> grpc.aio.Channel:
+    """A channel to `target`, with mTLS when configured."""
+    if tls.enabled:
+        return grpc.aio.secure_channel(target, channel_credentials(tls), options=options)
+    return grpc.aio.insecure_channel(target, options=options)
