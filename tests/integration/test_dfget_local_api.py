@@ -283,7 +283,14 @@ def test_signals_remove_the_temporary_file(
     out = out_dir / "interrupted"
     url = harness.url("stall")
     cmd = [sys.executable, "-m", "dfly.cli.dfget", url, "-O", str(out), "-e", str(harness.socket)]
-    proc = subprocess.Popen([*cmd, "--no-progress"], stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then keeps it
+    # ignored: give dfget the default disposition, as an interactive shell would.
+    proc = subprocess.Popen(
+        [*cmd, "--no-progress"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 10
         while not leftovers(out_dir) or url not in harness.backend.task_paths:

@@ -516,6 +516,7 @@ class Reschedule(_message.Message):
     UNREACHABLE_PARENTS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     MORE_PARENTS_FIELD_NUMBER: _builtins.int
+    CORRUPT_PARENTS_FIELD_NUMBER: _builtins.int
     description: _builtins.str
     more_parents: _builtins.bool
     """The child still has working parents and only asks for more (it holds fewer than it may use):
@@ -530,6 +531,10 @@ class Reschedule(_message.Message):
     def unreachable_parents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """peer ids whose host could not be reached"""
 
+    @_builtins.property
+    def corrupt_parents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """peer ids that sent a piece failing its recorded CRC-32"""
+
     def __init__(
         self,
         *,
@@ -537,10 +542,11 @@ class Reschedule(_message.Message):
         unreachable_parents: _abc.Iterable[_builtins.str] | None = ...,
         description: _builtins.str = ...,
         more_parents: _builtins.bool = ...,
+        corrupt_parents: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_parents", b"blocked_parents", "description", b"description", "more_parents", b"more_parents", "unreachable_parents", b"unreachable_parents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_parents", b"blocked_parents", "corrupt_parents", b"corrupt_parents", "description", b"description", "more_parents", b"more_parents", "unreachable_parents", b"unreachable_parents"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -210,24 +210,15 @@ class Conductor:
             and now >= self._more_parents_at
         ):
             self._more_parents_at = now + MORE_PARENTS_INTERVAL_S
-            blocked, unreachable = self.parents.take_failed()  # reported now, not only when all fail
-            await self._send(
-                reschedule=pb.Reschedule(
-                    more_parents=True,
-                    blocked_parents=blocked,
-                    unreachable_parents=unreachable,
-                    description="more parents",
-                )
-            )
+            report = self.parents.take_failed()  # reported now, not only when all fail
+            report.more_parents, report.description = True, "more parents"
+            await self._report_reschedule(report)
         if self.parents.active and self.parents.stalled() and self._back_to_source is None:
-            blocked, unreachable = self.parents.take_failed()
+            report = self.parents.take_failed()
+            report.description = "no working parent"
             self.parents.active = False
             self._schedule_deadline = now + self.ctx.config.scheduler.schedule_timeout_s
-            await self._send(
-                reschedule=pb.Reschedule(
-                    blocked_parents=blocked, unreachable_parents=unreachable, description="no working parent"
-                )
-            )
+            await self._report_reschedule(report)
 
     async def _on_reply(self, response: pb.AnnouncePeerResponse) -> None:
         kind = response.WhichOneof("response")
@@ -320,6 +311,13 @@ class Conductor:
     # -- scheduler stream -------------------------------------------------------------------------
     async def _send(self, **oneof: object) -> None:
         await self.stream.send(**oneof)
+
+    async def _report_reschedule(self, report: pb.Reschedule) -> None:
+        for parent_id in report.corrupt_parents:
+            log.warning(
+                "task %s: reporting parent %s for a corrupt piece", self.state.task_id[:12], parent_id
+            )
+        await self._send(reschedule=report)
 
     async def _flush_report(self, now: float) -> None:
         """Send batched progress; the first batch goes at once, later ones at most once per interval."""

@@ -6,7 +6,8 @@ the planner at once; `pump()` turns the planner's choices into REQUEST/CANCEL fr
 Rules:
 - At most `download.max_parents` parents, never one that failed this download before.
 - A parent that closes, breaks the protocol or sends a corrupt piece is dropped and reported to the
-  scheduler on the next reschedule (unreachable when it could not be connected at all).
+  scheduler on the next reschedule (unreachable when it could not be connected at all; corrupt when a
+  piece failed its CRC, which the scheduler counts against the parent's host).
 - A request older than `download.piece_timeout_s` is cancelled and that piece asked of another holder;
   if the parent sent no piece at all in that time (stopped, hung, its link dead) it is dropped and
   reported too: a stalled parent must not cost one timeout per piece.
@@ -20,7 +21,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import DflyError
+from dfly.common.errors import DflyError, DigestMismatch
 from dfly.daemon.core.planner import DownloadPlanner
 from dfly.daemon.transfer.client import ParentConnection, connect_parent
 
@@ -45,6 +46,7 @@ class ParentSet:
         self._blocked: set[str] = set()
         self._new_blocked: list[str] = []
         self._new_unreachable: list[str] = []
+        self._new_corrupt: list[str] = []
         self._last_piece_at: dict[str, float] = {}  # parent -> loop time of its last piece (or connect)
 
     def __len__(self) -> int:
@@ -119,10 +121,13 @@ class ParentSet:
         self._ensure_planner().parent_has(cand.peer_id, self._known.get(cand.peer_id, ()))
         self.c.events.put_nowait(None)
 
-    def _fail(self, parent_id: str, *, unreachable: bool = False) -> None:
+    def _fail(self, parent_id: str, *, unreachable: bool = False, corrupt: bool = False) -> None:
         if parent_id not in self._blocked:
             self._blocked.add(parent_id)
-            (self._new_unreachable if unreachable else self._new_blocked).append(parent_id)
+            if corrupt:
+                self._new_corrupt.append(parent_id)
+            else:
+                (self._new_unreachable if unreachable else self._new_blocked).append(parent_id)
         conn = self._conns.pop(parent_id, None)
         if conn is not None:
             conn.close()
@@ -130,10 +135,15 @@ class ParentSet:
             self._planner.remove_parent(parent_id)
         self.c.events.put_nowait(None)
 
-    def take_failed(self) -> tuple[list[str], list[str]]:
-        blocked, unreachable = self._new_blocked, self._new_unreachable
-        self._new_blocked, self._new_unreachable = [], []
-        return blocked, unreachable
+    def take_failed(self) -> pb.Reschedule:
+        """The parents failed since the last call, as the report fields of a Reschedule."""
+        report = pb.Reschedule(
+            blocked_parents=self._new_blocked,
+            unreachable_parents=self._new_unreachable,
+            corrupt_parents=self._new_corrupt,
+        )
+        self._new_blocked, self._new_unreachable, self._new_corrupt = [], [], []
+        return report
 
     def helpless(self) -> bool:
         """Nothing to wait for from parents: none active, none left, or none holds a missing piece."""
@@ -237,4 +247,4 @@ class ParentSet:
     def on_closed(self, parent_id: str, error: Exception | None) -> None:
         if parent_id in self._conns:
             log.info("parent %s closed: %s", parent_id, error)
-            self._fail(parent_id)
+            self._fail(parent_id, corrupt=isinstance(error, DigestMismatch))

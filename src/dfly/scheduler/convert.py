@@ -147,6 +147,7 @@ def peer_event(request: pb.AnnouncePeerRequest, peer_id: str) -> Event | None:
             tuple(reschedule.unreachable_parents),
             reschedule.description,
             reschedule.more_parents,
+            tuple(reschedule.corrupt_parents),
         )
     return None
 

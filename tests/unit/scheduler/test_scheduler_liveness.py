@@ -122,3 +122,21 @@ def test_host_left_closes_its_active_peers() -> None:
     commands = harness.do(HostLeft(harness.host_id("b")))
     assert of_type(commands, ClosePeer) == [ClosePeer("peer-b", f"host {harness.host_id('b')} left")]
     assert harness.host_id("b") not in harness.engine.cluster.hosts
+
+
+def test_two_children_reporting_corrupt_pieces_suspend_the_host_longer() -> None:
+    harness = Harness(EngineConfig(corrupt_suspend_s=600))
+    two_parents(harness)
+    harness.register("peer-c", "c")
+    harness.register("peer-d", "d")
+    host_b = harness.engine.cluster.hosts[harness.host_id("b")]
+    harness.do(RescheduleRequested("peer-c", more_parents=True, corrupt=("peer-b",)))
+    assert not host_b.is_suspended(harness.now)  # one child's word is not enough
+    assert "peer-b" in harness.engine.cluster.peers["peer-c"].blocked  # but that child never gets it again
+    harness.do(RescheduleRequested("peer-d", corrupt=("peer-b",)))
+    assert host_b.is_suspended(harness.now)
+    assert parents_of(harness.register("peer-e", "e"), "peer-e") == {"peer-a"}
+    harness.advance(599)
+    assert host_b.is_suspended(harness.now)
+    harness.advance(2)
+    assert not host_b.is_suspended(harness.now)

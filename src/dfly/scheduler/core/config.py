@@ -44,6 +44,8 @@ class EngineConfig(StrictModel):
     startup_grace_s: float = Field(default=6.0, ge=0)
     unreachable_reports: int = Field(default=2, ge=1)  # distinct children reporting a host unreachable
     unreachable_suspend_s: float = Field(default=60.0, gt=0)  # how long such a host is not offered
+    corrupt_reports: int = Field(default=2, ge=1)  # distinct children that got a bad piece from a host
+    corrupt_suspend_s: float = Field(default=600.0, gt=0)  # how long such a host is not offered
     # A peer that just got its first pieces is offered to this many children that have fewer parents
     # than candidate_parent_limit (sampled; O(1) per event, never O(peers of the task)).
     push_fanout: int = Field(default=4, ge=0, le=100)

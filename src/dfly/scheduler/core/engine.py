@@ -188,8 +188,11 @@ class SchedulerEngine:
     def _reschedule(self, peer: Peer, task: Task, event: RescheduleRequested, now: float) -> list[Command]:
         peer.blocked.update(event.blocked)
         peer.blocked.update(event.unreachable)
+        peer.blocked.update(event.corrupt)
         for parent_id in event.unreachable:
             self._hosts.report_unreachable(parent_id, peer, now)
+        for parent_id in event.corrupt:
+            self._hosts.report_corrupt(parent_id, peer, now)
         if event.more_parents:
             return self.scheduler.offer_more(peer, task, now)
         if peer.reads_origin or not peer.active or peer.waiting:

@@ -117,6 +117,18 @@ class HostHandlers:
             host.unreachable_until = now + self._config.unreachable_suspend_s
             host.unreachable_reporters.clear()
 
+    def report_corrupt(self, parent_id: str, child: Peer, now: float) -> None:
+        """A child got a piece failing its CRC from this parent: after `corrupt_reports` distinct hosts
+        said so, its host is offered to nobody for `corrupt_suspend_s` (a bad disk or memory)."""
+        parent = self._cluster.peers.get(parent_id)
+        host = self._cluster.hosts.get(parent.host_id) if parent is not None else None
+        if host is None or host.host_id == child.host_id:
+            return
+        host.corrupt_reporters.add(child.host_id)
+        if len(host.corrupt_reporters) >= self._config.corrupt_reports:
+            host.unreachable_until = max(host.unreachable_until, now + self._config.corrupt_suspend_s)
+            host.corrupt_reporters.clear()
+
     # --- helpers --------------------------------------------------------------------------------------
 
     def _current_host(self, host_id: str, boot_id: str) -> Host | None:

@@ -173,6 +173,7 @@ class RescheduleRequested:
     unreachable: tuple[str, ...] = ()
     description: str = ""
     more_parents: bool = False
+    corrupt: tuple[str, ...] = ()  # parents that sent a piece failing its CRC-32 (also blocked)
 
 
 @dataclass(frozen=True, slots=True)

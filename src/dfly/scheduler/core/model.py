@@ -105,6 +105,7 @@ class Host:
     disconnected: bool = False  # keepalive stream dropped; lifted by a keepalive or an announce
     unreachable_until: float = -math.inf  # reported unreachable by enough children
     unreachable_reporters: set[str] = field(default_factory=set)
+    corrupt_reporters: set[str] = field(default_factory=set)  # hosts that got a bad piece from it
     peer_ids: set[str] = field(default_factory=set)
 
     @property
