@@ -208,13 +208,14 @@ class Conductor:
             and self._back_to_source is None
             and len(self.parents) < self.ctx.config.download.max_parents
             and now >= self._more_parents_at
+            and self.stream.alive  # reports taken while no stream is up would be lost
         ):
             self._more_parents_at = now + MORE_PARENTS_INTERVAL_S
             report = self.parents.take_failed()  # reported now, not only when all fail
             report.more_parents, report.description = True, "more parents"
             await self._report_reschedule(report)
         if self.parents.active and self.parents.stalled() and self._back_to_source is None:
-            report = self.parents.take_failed()
+            report = self.parents.take_failed() if self.stream.alive else pb.Reschedule()
             report.description = "no working parent"
             self.parents.active = False
             self._schedule_deadline = now + self.ctx.config.scheduler.schedule_timeout_s
@@ -347,10 +348,15 @@ class Conductor:
         """Write a verified piece, then make it available and queue its report."""
         if self.state.has(number):
             return
+        if self._back_to_source is not None and source != "back_to_source":
+            return  # once this peer reads the origin, only the origin's bytes are kept (it may have changed)
         assert self.state.layout is not None
         offset, length = self.state.layout.piece_range(number)
+        version = self.state.version(number)
         # Storage does not return, even when cancelled, while its thread still reads `data`.
         await self.ctx.storage.write_piece(self.state.task_id, number, offset, data[:length], digest)
+        if self.state.version(number) != version:
+            return  # forgotten while being written (another version of the object): not this copy
         if self.state.mark_available(number, digest):
             self.ctx.counters.downloaded(source, length)
             self._report.append(pb.PieceDone(number=number, digest=digest, parent_id=parent_id))

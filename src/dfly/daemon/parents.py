@@ -9,8 +9,8 @@ Rules:
   scheduler on the next reschedule (unreachable when it could not be connected at all; corrupt when a
   piece failed its CRC, which the scheduler counts against the parent's host).
 - A request older than `download.piece_timeout_s` is cancelled and that piece asked of another holder;
-  if the parent sent no piece at all in that time (stopped, hung, its link dead) it is dropped and
-  reported too: a stalled parent must not cost one timeout per piece.
+  if the parent sent not one byte in that time (stopped, hung, its link dead) it is dropped and
+  reported too: a stalled parent must not cost one timeout per piece (a slow one is kept).
 - Piece bytes are written by the conductor (`store_piece`) before the buffer returns to the pool.
 """
 
@@ -47,7 +47,7 @@ class ParentSet:
         self._new_blocked: list[str] = []
         self._new_unreachable: list[str] = []
         self._new_corrupt: list[str] = []
-        self._last_piece_at: dict[str, float] = {}  # parent -> loop time of its last piece (or connect)
+        self._progress: dict[str, tuple[int, float]] = {}  # parent -> (bytes received, when that changed)
 
     def __len__(self) -> int:
         return len(self._conns) + len(self._connecting)
@@ -116,7 +116,7 @@ class ParentSet:
             return
         self._conns[cand.peer_id] = conn
         self._ever[cand.peer_id] = conn
-        self._last_piece_at[cand.peer_id] = asyncio.get_running_loop().time()
+        self._progress[cand.peer_id] = (0, asyncio.get_running_loop().time())
         self._ensure_planner().add_parent(cand.peer_id)
         self._ensure_planner().parent_has(cand.peer_id, self._known.get(cand.peer_id, ()))
         self.c.events.put_nowait(None)
@@ -179,19 +179,24 @@ class ParentSet:
         assert layout is not None
         stalled: set[str] = set()
         timeout_s = self.c.ctx.config.download.piece_timeout_s
+        for parent_id, live in self._conns.items():
+            seen, _ = self._progress.get(parent_id, (-1, now))
+            if live.bytes_received != seen:
+                self._progress[parent_id] = (live.bytes_received, now)
         for expired in planner.expired(now):
             conn = self._conns.get(expired.parent_id)
             if conn is not None:
                 conn.cancel(expired.piece)
             planner.piece_failed(expired.parent_id, expired.piece)
-            if now - self._last_piece_at.get(expired.parent_id, now) >= timeout_s:
-                stalled.add(expired.parent_id)
+            if now - self._progress.get(expired.parent_id, (0, now))[1] >= timeout_s:
+                stalled.add(expired.parent_id)  # not one byte in that time: slow is not stalled
         for parent_id in stalled:
+            silent_s = now - self._progress[parent_id][1]
             log.warning(
                 "task %s: parent %s sent no piece for %.0f s; dropped",
                 self.c.state.task_id[:12],
                 parent_id,
-                now - self._last_piece_at[parent_id],
+                silent_s,
             )
             self._fail(parent_id)
         for request in planner.next_requests(now):
@@ -211,7 +216,6 @@ class ParentSet:
             self.c.events.put_nowait(None)
 
     def on_piece(self, parent_id: str, number: int, offset: int, data: memoryview, digest: int) -> None:
-        self._last_piece_at[parent_id] = asyncio.get_running_loop().time()
         if self._planner is not None and parent_id in self._conns:
             for cancel in self._planner.piece_done(parent_id, number):
                 other = self._conns.get(cancel.parent_id)

@@ -9,8 +9,10 @@ Rules:
 - Streams go to the task's scheduler on the ring (scheduler_ring.py). After a break `reregister()`
   opens a new stream under the same peer id (to the next scheduler on the ring if that one is gone),
   each try once some scheduler is connected, backing off from 0.2 s, doubling, to at most 5 s between
-  tries, until it succeeds or the download ends. Once registered it runs `restore`, which
-  tells the scheduler what it needs to use this peer again (what it holds, whether it reads the origin).
+  tries, until it succeeds or the download ends; the back-off carries over streams that break again
+  within 5 s (a scheduler that takes the registration and drops it must not make us spin). Once
+  registered it runs `restore`, which tells the scheduler what it needs to use this peer again (what
+  it holds, whether it reads the origin); a stream that breaks during `restore` is tried again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +67,8 @@ class PeerStream:
         self.reregistering = False
         self._call: grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse] | None = None
         self._generation = 0
+        self._opened_at = -math.inf  # loop time the last stream was opened
+        self._delay_s = REREGISTER_FIRST_S  # kept across breaks; reset once a stream lived long enough
         self._write_lock = asyncio.Lock()
 
     def is_current(self, gone: SchedulerGone) -> bool:
@@ -91,6 +96,7 @@ class PeerStream:
             return False
         self._call = call
         self.alive = True
+        self._opened_at = asyncio.get_running_loop().time()
         self.spawn(self._read_replies(call, self._generation))
         return True
 
@@ -105,16 +111,18 @@ class PeerStream:
         if scheduler is None or self.reregistering:
             return
         self.reregistering = True
-        delay_s = REREGISTER_FIRST_S
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._opened_at >= REREGISTER_MAX_S:  # the last stream lived: start afresh
+            self._delay_s = REREGISTER_FIRST_S
         try:
             while wanted() and not self.alive:
+                if self._opened_at > -math.inf:  # a stream that keeps breaking backs off too
+                    await asyncio.sleep(self._delay_s)
+                    self._delay_s = min(self._delay_s * 2, REREGISTER_MAX_S)
                 await scheduler.wait_healthy()
                 if await self.open(request()):
                     log.info("task %s registered with the scheduler again", self.task_id[:12])
-                    await restore()
-                    return
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, REREGISTER_MAX_S)
+                    await restore()  # if the stream breaks meanwhile, the loop goes on
         finally:
             self.reregistering = False
 

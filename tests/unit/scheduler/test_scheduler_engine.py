@@ -350,3 +350,21 @@ def test_the_start_up_grace_ends_and_a_lone_peer_reads_the_origin() -> None:
     assert not of_type(harness.register("peer-a", "a"), SendBackToSource)
     sent = of_type(harness.advance(EngineConfig().startup_grace_s + 0.1), SendBackToSource)
     assert [c.peer_id for c in sent] == ["peer-a"]
+
+
+def test_a_leech_reading_the_origin_is_nobodys_source() -> None:
+    """A leech reads the origin for itself only: others still get a source, and it never replaces one."""
+    harness = Harness()
+    harness.announce("leech", piece_port=0)
+    harness.announce("a")
+    harness.announce("b")
+    assert of_type(harness.register("peer-l", "leech"), SendBackToSource)  # no seed: reads for itself
+    harness.start_origin("peer-l")
+    sent = of_type(harness.register("peer-a", "a"), SendBackToSource)
+    assert [c.peer_id for c in sent] == ["peer-a"]  # the limit of 1 was not used up by the leech
+    harness.start_origin("peer-a")
+    harness.pieces("peer-a", 0)
+    harness.register("peer-b", "b")
+    harness.pieces("peer-l", 0, 1, 2)
+    commands = harness.do(PeerLeft("peer-a"))  # the source goes: b takes over, not the leech
+    assert [c.peer_id for c in of_type(commands, SendBackToSource)] == ["peer-b"]

@@ -126,7 +126,7 @@ class HostHandlers:
             return
         host.corrupt_reporters.add(child.host_id)
         if len(host.corrupt_reporters) >= self._config.corrupt_reports:
-            host.unreachable_until = max(host.unreachable_until, now + self._config.corrupt_suspend_s)
+            host.corrupt_until = now + self._config.corrupt_suspend_s
             host.corrupt_reporters.clear()
 
     # --- helpers --------------------------------------------------------------------------------------

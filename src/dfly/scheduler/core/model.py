@@ -106,6 +106,7 @@ class Host:
     unreachable_until: float = -math.inf  # reported unreachable by enough children
     unreachable_reporters: set[str] = field(default_factory=set)
     corrupt_reporters: set[str] = field(default_factory=set)  # hosts that got a bad piece from it
+    corrupt_until: float = -math.inf  # suspended for serving corrupt pieces; an announce does not lift it
     peer_ids: set[str] = field(default_factory=set)
 
     @property
@@ -113,7 +114,7 @@ class Host:
         return self.info.host_id
 
     def is_suspended(self, now: float) -> bool:
-        return self.disconnected or now < self.unreachable_until
+        return self.disconnected or now < self.unreachable_until or now < self.corrupt_until
 
 
 @dataclass(slots=True, eq=False)

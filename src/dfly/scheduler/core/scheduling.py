@@ -81,11 +81,12 @@ class ParentScheduler:
         the running peer holding most pieces reads the rest (else peers holding parts wait for ever)."""
         if task.origin_readers or task.seed_trigger_pending or task.layout is None:
             return []
-        if any(p.state is PeerState.SUCCEEDED or p.finish_digests is not None for p in task.peers.values()):
+        sources = [p for p in task.peers.values() if not self._is_leech(p)]  # a leech serves nobody
+        if any(p.state is PeerState.SUCCEEDED or p.finish_digests is not None for p in sources):
             return []  # someone holds it whole (finished, or awaiting its verdict)
         runners = [
             peer
-            for peer in task.peers.values()
+            for peer in sources
             if peer.active and not peer.waiting and not peer.reads_origin and self.may_read_origin(peer, task)
         ]
         if not runners:
@@ -230,6 +231,8 @@ class ParentScheduler:
         self._stop_waiting(peer, task)
         make_root(peer, task, self._cluster.hosts)
         peer.reads_origin = True
+        if self._is_leech(peer):
+            return  # reads for itself only: not the task's source, not counted against the limit
         if not task.origin_readers and not task.seed_trigger_pending:
             task.source_requested_at = now
         task.origin_readers.add(peer.peer_id)
@@ -237,6 +240,10 @@ class ParentScheduler:
             task.seed_readers.add(peer.peer_id)
 
     # --- helpers --------------------------------------------------------------------------------------
+
+    def _is_leech(self, peer: Peer) -> bool:
+        host = self._cluster.hosts.get(peer.host_id)
+        return host is not None and host.info.piece_port <= 0
 
     def _hand_out(self, child: Peer, task: Task, parents: list[Peer]) -> SendCandidateParents:
         assert task.layout is not None  # find_parents returns nothing without a layout
