@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from scheduler_testkit import Harness, of_type
+from scheduler_testkit import Harness, host_info, of_type
 
 from dfly.common.pieces import MiB
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.messages import (
     ClosePeer,
+    FinishedTask,
+    HostAnnounced,
     PeerFailed,
     PeerFinished,
     PeerLeft,
@@ -368,3 +370,16 @@ def test_a_leech_reading_the_origin_is_nobodys_source() -> None:
     harness.pieces("peer-l", 0, 1, 2)
     commands = harness.do(PeerLeft("peer-a"))  # the source goes: b takes over, not the leech
     assert [c.peer_id for c in of_type(commands, SendBackToSource)] == ["peer-b"]
+
+
+def test_a_triggered_seed_that_already_holds_the_task_answers_with_its_announce() -> None:
+    harness = Harness()
+    harness.announce("seed", seed=True)
+    harness.announce("a")
+    [trigger] = of_type(harness.register("peer-a", "a"), TriggerSeedPeer)
+    held = FinishedTask("task-1", "seed-stored", 2 * MiB, MiB, (100, 101), "http://origin/file")
+    commands = harness.do(HostAnnounced(host_info("seed", seed=True), (held,)))
+    [answer] = of_type(commands, SendCandidateParents)
+    assert (answer.peer_id, [p.peer_id for p in answer.parents]) == ("peer-a", ["seed-stored"])
+    assert not harness.engine.cluster.tasks["task-1"].seed_trigger_pending
+    assert trigger.seed_host_id == harness.host_id("seed")

@@ -172,6 +172,8 @@ class HostHandlers:
         peer = Peer(finished.peer_id, task.task_id, host.host_id)
         self._cluster.add_peer(peer, task, host)
         peer.move_to(PeerState.SUCCEEDED)
+        if host.info.seed:
+            task.seed_trigger_pending = False  # a triggered seed that held it already answers this way
         peer.finished_piece_count = len(finished.piece_digests) or (task.expected_piece_count() or 0)
         task.parent_pool.add(peer.peer_id)
         task.state = TaskState.SUCCEEDED
