@@ -64,7 +64,8 @@ def test_first_pieces_of_a_peer_make_it_a_parent(harness: Harness) -> None:
     assert of_type(harness.register("peer-a", "a"), SendBackToSource)  # no seed: first peer reads origin
     harness.start_origin("peer-a")
     assert of_type(harness.register("peer-b", "b"), SendCandidateParents)
-    commands = harness.do(PeerLeft("peer-a"))  # the only origin reader goes: b takes over its read
+    assert not of_type(harness.do(PeerLeft("peer-a")), SendBackToSource)  # it may come back...
+    commands = harness.advance(EngineConfig().source_return_s)  # ...it did not: b takes over its read
     assert [c.peer_id for c in of_type(commands, SendBackToSource)] == ["peer-b"]
     harness.start_origin("peer-b")
     [answer] = of_type(harness.register("peer-c", "c"), SendCandidateParents)  # the new origin reader
@@ -179,9 +180,11 @@ def test_seed_lost_mid_read_the_running_peer_with_most_pieces_reads_the_rest(har
     harness.register("peer-c", "c")
     harness.pieces("peer-a", 0, parent="seed-peer")
     harness.pieces("peer-b", 0, 1, parent="seed-peer")
-    commands = harness.do(PeerLeft("seed-peer"))
+    harness.do(PeerLeft("seed-peer"))
+    commands = harness.advance(EngineConfig().source_return_s)
     assert [c.peer_id for c in of_type(commands, SendBackToSource)] == ["peer-b"]  # exactly one, most pieces
-    assert not of_type(harness.do(PeerLeft("peer-c")), SendBackToSource)  # not an origin reader: nothing
+    harness.do(PeerLeft("peer-c"))  # not an origin reader: nothing
+    assert not of_type(harness.advance(10), SendBackToSource)
 
 
 def test_no_replacement_when_a_peer_holds_the_task_whole(harness: Harness) -> None:
@@ -194,7 +197,8 @@ def test_no_replacement_when_a_peer_holds_the_task_whole(harness: Harness) -> No
     harness.pieces("peer-a", 0, 1, parent="seed-peer")
     harness.do(PeerFinished("peer-a", (100, 101)))
     harness.pieces("peer-b", 0, parent="peer-a")
-    assert not of_type(harness.do(PeerLeft("seed-peer")), SendBackToSource)
+    harness.do(PeerLeft("seed-peer"))
+    assert not of_type(harness.advance(10), SendBackToSource)
 
 
 def test_seed_failing_without_origin_error_counts_as_seed_failure(harness: Harness) -> None:
@@ -368,7 +372,8 @@ def test_a_leech_reading_the_origin_is_nobodys_source() -> None:
     harness.pieces("peer-a", 0)
     harness.register("peer-b", "b")
     harness.pieces("peer-l", 0, 1, 2)
-    commands = harness.do(PeerLeft("peer-a"))  # the source goes: b takes over, not the leech
+    harness.do(PeerLeft("peer-a"))  # the source goes: b takes over, not the leech
+    commands = harness.advance(EngineConfig().source_return_s)
     assert [c.peer_id for c in of_type(commands, SendBackToSource)] == ["peer-b"]
 
 
@@ -383,3 +388,19 @@ def test_a_triggered_seed_that_already_holds_the_task_answers_with_its_announce(
     assert (answer.peer_id, [p.peer_id for p in answer.parents]) == ("peer-a", ["seed-stored"])
     assert not harness.engine.cluster.tasks["task-1"].seed_trigger_pending
     assert trigger.seed_host_id == harness.host_id("seed")
+
+
+def test_an_origin_reader_whose_stream_broke_comes_back_and_is_not_replaced(harness: Harness) -> None:
+    swarm_with_seed(harness)
+    harness.register("peer-a", "a")
+    harness.register("seed-peer", "seed", need_back_to_source=True)
+    harness.start_origin("seed-peer")
+    harness.pieces("seed-peer", 0)
+    harness.register("peer-b", "b")
+    harness.pieces("peer-a", 0, parent="seed-peer")
+    harness.do(PeerLeft("seed-peer"))
+    harness.advance(0.5)
+    back = harness.register("seed-peer", "seed", need_back_to_source=True)  # registers again
+    assert [c.peer_id for c in of_type(back, SendBackToSource)] == ["seed-peer"]
+    harness.start_origin("seed-peer")
+    assert not of_type(harness.advance(10), SendBackToSource)  # nobody else sent to the origin

@@ -42,6 +42,9 @@ class EngineConfig(StrictModel):
     # downloads register again: until then a peer is not sent to the origin for want of a seed host or
     # an origin reader; it waits, uncounted (else a scheduler restart sends new peers to the origin).
     startup_grace_s: float = Field(default=6.0, ge=0)
+    # A task's origin reader that is gone is replaced by a running peer only after this long: a reader
+    # whose stream merely broke registers again within it and goes on reading (no second origin copy).
+    source_return_s: float = Field(default=3.0, ge=0)
     unreachable_reports: int = Field(default=2, ge=1)  # distinct children reporting a host unreachable
     unreachable_suspend_s: float = Field(default=60.0, gt=0)  # how long such a host is not offered
     corrupt_reports: int = Field(default=2, ge=1)  # distinct children that got a bad piece from a host

@@ -218,7 +218,7 @@ class SchedulerEngine:
         if not removed.was_origin_reader and not removed.was_unfinished_seed:
             return []
         commands = self.scheduler.schedule_waiting(task, now)
-        commands.extend(self.scheduler.replace_lost_source(task, now))
+        commands.extend(self.scheduler.source_lost(task, now))
         return [*commands, *self._recheck_verdicts(task)]
 
     def _fail_peer(self, peer: Peer, description: str, now: float) -> list[Command]:

@@ -55,6 +55,7 @@ class ParentScheduler:
         # None (simulations, tests): no start-up grace; see EngineConfig.startup_grace_s
         self._grace_until = -math.inf if started_at is None else started_at + config.startup_grace_s
         self._retries: list[tuple[float, int, str]] = []
+        self._source_checks: list[tuple[float, int, str]] = []  # (when, seq, task id): replace_lost_source
         self._sequence = itertools.count()
 
     # --- entry points ---------------------------------------------------------------------------------
@@ -75,6 +76,14 @@ class ParentScheduler:
             if peer is not None and peer.waiting:
                 commands.extend(self.attempt(peer, task, now, counted=False))
         return commands
+
+    def source_lost(self, task: Task, now: float) -> list[Command]:
+        """The task's origin reader is gone: replace it now, or after `source_return_s` (it may return)."""
+        if self._config.source_return_s <= 0:
+            return self.replace_lost_source(task, now)
+        at = now + self._config.source_return_s
+        heapq.heappush(self._source_checks, (at, next(self._sequence), task.task_id))
+        return []
 
     def replace_lost_source(self, task: Task, now: float) -> list[Command]:
         """The task's origin reader is gone, nobody holds the task whole and nobody else reads the origin:
@@ -136,17 +145,29 @@ class ParentScheduler:
             task.hungry.discard(child.peer_id)
 
     def next_deadline(self) -> float | None:
+        retry = None
         while self._retries:
             at, _, peer_id = self._retries[0]
             peer = self._cluster.peers.get(peer_id)
             if peer is not None and peer.waiting and peer.retry_at == at:
-                return at
+                retry = at
+                break
             heapq.heappop(self._retries)
-        return None
+        check = self._source_checks[0][0] if self._source_checks else None
+        if retry is None or check is None:
+            return retry if check is None else check
+        return min(retry, check)
 
     def on_timer(self, now: float) -> list[Command]:
         commands: list[Command] = []
-        while (deadline := self.next_deadline()) is not None and deadline <= now:
+        while self._source_checks and self._source_checks[0][0] <= now:
+            _, _, task_id = heapq.heappop(self._source_checks)
+            task = self._cluster.tasks.get(task_id)
+            if task is not None:
+                commands.extend(self.replace_lost_source(task, now))
+        while (deadline := self.next_deadline()) is not None and deadline <= now and self._retries:
+            if self._retries[0][0] > now:
+                break
             _, _, peer_id = heapq.heappop(self._retries)
             peer = self._cluster.peers[peer_id]
             peer.retry_at = None
