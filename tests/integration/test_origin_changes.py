@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from clusterkit import dfget_cmd, stats, wait_until
 
-from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
 from dfly.devtools.origin import Origin, make_file
@@ -28,41 +27,12 @@ pytestmark = pytest.mark.integration
 
 FILE_BYTES = 16 * MiB
 ORIGIN_RATE = 4 * MiB
-PROBE_TIMEOUT_S = 20.0
 
 
 @pytest.fixture
 def origin(tmp_path: Path) -> Iterator[Origin]:
     with Origin(tmp_path / "www", rate_limit_bytes_per_s=ORIGIN_RATE) as server:
         yield server
-
-
-def stats(member: Member) -> dict[str, Any]:
-    assert member.socket is not None
-    return query_stats(member.socket)
-
-
-def wait_until(what: str, check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + PROBE_TIMEOUT_S
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {PROBE_TIMEOUT_S:g} s: {what}")
-        time.sleep(0.02)
-
-
-def dfget(member: Member, url: str, out: Path) -> list[str]:
-    assert member.socket is not None
-    return [
-        sys.executable,
-        "-m",
-        "dfly.cli.dfget",
-        "-e",
-        str(member.socket),
-        "--no-progress",
-        url,
-        "-O",
-        str(out),
-    ]
 
 
 def test_object_replaced_between_attempts_is_read_again_whole(origin: Origin, tmp_path: Path) -> None:
@@ -74,7 +44,7 @@ def test_object_replaced_between_attempts_is_read_again_whole(origin: Origin, tm
     with LocalCluster(tmp_path / "c", peers=1) as cluster:
         cluster.kill_member("seed")
         peer = cluster.member("peer-1")
-        first = subprocess.Popen(dfget(peer, url, tmp_path / "old"), stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen(dfget_cmd(peer, url, tmp_path / "old"), stderr=subprocess.PIPE, text=True)
         try:
             wait_until(
                 "half the old object read", lambda: stats(peer)["download_bytes"]["back_to_source"] >= 8 * MiB
@@ -90,7 +60,7 @@ def test_object_replaced_between_attempts_is_read_again_whole(origin: Origin, tm
         os.utime(path, (later, later))
         cluster.restart_member(peer.name)
         result = subprocess.run(
-            dfget(peer, url, tmp_path / "new"), capture_output=True, text=True, timeout=60
+            dfget_cmd(peer, url, tmp_path / "new"), capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 0, result.stderr
         assert file_digest(tmp_path / "new").value == new_digest

@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clusterkit import dfget_cmd, stats, wait_until
 
-from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
 from dfly.devtools.origin import Origin, make_file
@@ -31,7 +30,6 @@ FILE_BYTES = 48 * MiB
 PARENT_RATE = 8 * MiB  # bytes/s each of peer-1 and peer-2 may upload
 PIECE_TIMEOUT_S = 2.0  # peer-3's download.piece_timeout_s (default 30)
 DFGET_TIMEOUT_S = 60.0
-PROBE_TIMEOUT_S = 20.0
 INVERT = bytes(255 - b for b in range(256))
 
 
@@ -41,37 +39,8 @@ def origin(tmp_path: Path) -> Iterator[Origin]:
         yield server
 
 
-def dfget_cmd(member: Member, url: str, out: Path) -> list[str]:
-    assert member.socket is not None
-    return [
-        sys.executable,
-        "-m",
-        "dfly.cli.dfget",
-        "-e",
-        str(member.socket),
-        "--no-progress",
-        url,
-        "-O",
-        str(out),
-    ]
-
-
-def stats(member: Member) -> dict[str, Any]:
-    assert member.socket is not None
-    return query_stats(member.socket)
-
-
 def uploaded(member: Member) -> int:
     return int(stats(member)["upload_bytes"])
-
-
-def wait_until(what: str, check: Callable[[], bool]) -> None:
-    """Readiness probe: poll `check` until it holds; fail after PROBE_TIMEOUT_S."""
-    deadline = time.monotonic() + PROBE_TIMEOUT_S
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {PROBE_TIMEOUT_S:g} s: {what}")
-        time.sleep(0.02)
 
 
 def flip_task_file(member: Member) -> None:

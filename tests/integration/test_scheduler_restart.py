@@ -10,15 +10,13 @@ given them as parents: both finish with the right bytes and the origin sends one
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from clusterkit import dfget_popen, stats, wait_until
 
-from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
 from dfly.devtools.origin import Origin, make_file
@@ -28,32 +26,12 @@ pytestmark = pytest.mark.integration
 FILE_BYTES = 48 * MiB
 ORIGIN_RATE = 8 * MiB  # the seed's origin read takes ~6 s
 DFGET_TIMEOUT_S = 60.0
-PROBE_TIMEOUT_S = 20.0
 
 
 @pytest.fixture
 def origin(tmp_path: Path) -> Iterator[Origin]:
     with Origin(tmp_path / "www", rate_limit_bytes_per_s=ORIGIN_RATE) as server:
         yield server
-
-
-def stats(member: Member) -> dict[str, Any]:
-    assert member.socket is not None
-    return query_stats(member.socket)
-
-
-def wait_until(what: str, check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + PROBE_TIMEOUT_S
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {PROBE_TIMEOUT_S:g} s: {what}")
-        time.sleep(0.02)
-
-
-def dfget(member: Member, url: str, out: Path) -> subprocess.Popen[str]:
-    assert member.socket is not None
-    cmd = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(member.socket), "--no-progress", url]
-    return subprocess.Popen([*cmd, "-O", str(out)], stderr=subprocess.PIPE, text=True)
 
 
 def test_scheduler_restart_mid_download_keeps_the_swarm_off_the_origin(
@@ -65,14 +43,14 @@ def test_scheduler_restart_mid_download_keeps_the_swarm_off_the_origin(
     url = origin.url("/f.bin")
     with LocalCluster(tmp_path / "c", peers=2) as cluster:
         seed, p1, p2 = cluster.member("seed"), cluster.member("peer-1"), cluster.member("peer-2")
-        first = dfget(p1, url, tmp_path / "one")
+        first = dfget_popen(p1, url, tmp_path / "one")
         second: subprocess.Popen[str] | None = None
         try:
             wait_until("peer-1 has 4 MiB", lambda: stats(p1)["download_bytes"]["remote_seed"] >= 4 * MiB)
             cluster.stop_member("scheduler")
             cluster.restart_member("scheduler")
             assert stats(seed)["download_bytes"]["back_to_source"] < FILE_BYTES, "restart came too late"
-            second = dfget(p2, url, tmp_path / "two")
+            second = dfget_popen(p2, url, tmp_path / "two")
             for proc in (first, second):
                 _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
                 assert proc.returncode == 0, err
@@ -107,7 +85,7 @@ def test_without_a_scheduler_a_peer_keeps_its_parents_then_reads_only_what_is_mi
     overrides = {"peer-1": {"download": {"no_parent_timeout_s": 1.0}}}
     with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
         p1 = cluster.member("peer-1")
-        proc = dfget(p1, origin.url("/g.bin"), tmp_path / "out")
+        proc = dfget_popen(p1, origin.url("/g.bin"), tmp_path / "out")
         try:
             wait_until("peer-1 has 4 MiB", lambda: stats(p1)["download_bytes"]["remote_seed"] >= 4 * MiB)
             cluster.kill_member("scheduler")

@@ -10,18 +10,16 @@ and the origin sends one copy.
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
+from clusterkit import dfget_popen, stats, wait_until
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.api import scheduler_pb2_grpc
-from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
 from dfly.daemon.scheduler_ring import owner
@@ -33,26 +31,12 @@ pytestmark = pytest.mark.integration
 FILE_BYTES = 48 * MiB
 ORIGIN_RATE = 8 * MiB
 DFGET_TIMEOUT_S = 60.0
-PROBE_TIMEOUT_S = 20.0
 
 
 @pytest.fixture
 def origin(tmp_path: Path) -> Iterator[Origin]:
     with Origin(tmp_path / "www", rate_limit_bytes_per_s=ORIGIN_RATE) as server:
         yield server
-
-
-def stats(member: Member) -> dict[str, Any]:
-    assert member.socket is not None
-    return query_stats(member.socket)
-
-
-def wait_until(what: str, check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + PROBE_TIMEOUT_S
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {PROBE_TIMEOUT_S:g} s: {what}")
-        time.sleep(0.02)
 
 
 def peers_on(addr: str, task_id: str) -> int:
@@ -69,12 +53,6 @@ def peers_on(addr: str, task_id: str) -> int:
     return int(stat.peer_count)
 
 
-def dfget(member: Member, url: str, out: Path) -> subprocess.Popen[str]:
-    assert member.socket is not None
-    cmd = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(member.socket), "--no-progress", url]
-    return subprocess.Popen([*cmd, "-O", str(out)], stderr=subprocess.PIPE, text=True)
-
-
 def test_the_owning_scheduler_dies_and_its_task_moves_to_the_other(origin: Origin, tmp_path: Path) -> None:
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
@@ -87,7 +65,7 @@ def test_the_owning_scheduler_dies_and_its_task_moves_to_the_other(origin: Origi
         owning = cluster.schedulers[addrs.index(owning_addr)]
         other = next(m for m in cluster.schedulers if m is not owning)
         p1, p2 = cluster.member("peer-1"), cluster.member("peer-2")
-        first = dfget(p1, url, tmp_path / "one")
+        first = dfget_popen(p1, url, tmp_path / "one")
         second: subprocess.Popen[str] | None = None
         try:
             wait_until("peer-1 has 4 MiB", lambda: stats(p1)["download_bytes"]["remote_seed"] >= 4 * MiB)
@@ -95,7 +73,7 @@ def test_the_owning_scheduler_dies_and_its_task_moves_to_the_other(origin: Origi
             assert peers_on(owning_addr, task_id) >= 2  # the seed and peer-1: the task lives there
             assert peers_on(other_addr, task_id) == 0
             cluster.stop_member(owning.name)
-            second = dfget(p2, url, tmp_path / "two")
+            second = dfget_popen(p2, url, tmp_path / "two")
             for proc in (first, second):
                 _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
                 assert proc.returncode == 0, err

@@ -10,16 +10,13 @@ rest from it. Both finish with the right bytes, and the origin sends less than t
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from clusterkit import dfget_popen, stats, wait_until
 
-from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
 from dfly.devtools.origin import Origin, make_file
@@ -29,18 +26,12 @@ pytestmark = pytest.mark.integration
 FILE_BYTES = 48 * MiB
 ORIGIN_RATE = 8 * MiB
 DFGET_TIMEOUT_S = 90.0
-PROBE_TIMEOUT_S = 20.0
 
 
 @pytest.fixture
 def origin(tmp_path: Path) -> Iterator[Origin]:
     with Origin(tmp_path / "www", rate_limit_bytes_per_s=ORIGIN_RATE) as server:
         yield server
-
-
-def stats(member: Member) -> dict[str, Any]:
-    assert member.socket is not None
-    return query_stats(member.socket)
 
 
 def received(member: Member) -> int:
@@ -52,20 +43,6 @@ def has_some(member: Member) -> bool:
     return received(member) >= 2 * MiB
 
 
-def wait_until(what: str, check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + PROBE_TIMEOUT_S
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {PROBE_TIMEOUT_S:g} s: {what}")
-        time.sleep(0.02)
-
-
-def dfget(member: Member, url: str, out: Path) -> subprocess.Popen[str]:
-    assert member.socket is not None
-    cmd = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(member.socket), "--no-progress", url]
-    return subprocess.Popen([*cmd, "-O", str(out)], stderr=subprocess.PIPE, text=True)
-
-
 def test_seed_killed_mid_origin_read_one_peer_takes_over(origin: Origin, tmp_path: Path) -> None:
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
@@ -73,7 +50,7 @@ def test_seed_killed_mid_origin_read_one_peer_takes_over(origin: Origin, tmp_pat
     url = origin.url("/f.bin")
     with LocalCluster(tmp_path / "c", peers=2) as cluster:
         peers = [cluster.member("peer-1"), cluster.member("peer-2")]
-        procs = [dfget(peer, url, tmp_path / peer.name) for peer in peers]
+        procs = [dfget_popen(peer, url, tmp_path / peer.name) for peer in peers]
         try:
             for peer in peers:
                 wait_until(f"{peer.name} has 2 MiB", functools.partial(has_some, peer))

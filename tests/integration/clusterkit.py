@@ -1,0 +1,51 @@
+"""Helpers shared by the integration tests that drive a LocalCluster: counters, probes, dfget."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dfly.cluster import Member, query_stats
+
+PROBE_TIMEOUT_S = 20.0
+
+
+def stats(member: Member) -> dict[str, Any]:
+    """The daemon's counters (download_bytes by source, upload_bytes, tasks)."""
+    assert member.socket is not None
+    return query_stats(member.socket)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Readiness probe: poll `check` until it holds; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s:g} s: {what}")
+        time.sleep(0.02)
+
+
+def dfget_cmd(member: Member, url: str, out: Path) -> list[str]:
+    assert member.socket is not None
+    return [
+        sys.executable,
+        "-m",
+        "dfly.cli.dfget",
+        "-e",
+        str(member.socket),
+        "--no-progress",
+        url,
+        "-O",
+        str(out),
+    ]
+
+
+def dfget_popen(member: Member, url: str, out: Path) -> subprocess.Popen[str]:
+    """dfget in the background, its stderr captured."""
+    return subprocess.Popen(dfget_cmd(member, url, out), stderr=subprocess.PIPE, text=True)
