@@ -89,3 +89,15 @@ ERROR_KINDS: dict[str, type[DflyError]] = {
         DownloadTimeout,
     )
 }
+
+
+def first_dfly_error(exc: BaseException) -> DflyError | None:
+    """The DflyError inside `exc` (TaskGroups wrap their children's errors in groups)."""
+    if isinstance(exc, DflyError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_dfly_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import DflyError, DigestMismatch, DownloadTimeout, NoParents, SourceError
+from dfly.common.errors import (
+    DflyError,
+    DigestMismatch,
+    DownloadTimeout,
+    NoParents,
+    SourceError,
+    first_dfly_error,
+)
 from dfly.common.ids import HostId, peer_id, redact_url
 from dfly.common.pieces import validate_layout
 from dfly.daemon.back_to_source import BackToSource
@@ -50,18 +57,6 @@ MORE_PARENTS_INTERVAL_S = 1.0  # a fallback: the scheduler pushes new parents as
 @dataclass(frozen=True)
 class _Wake:
     """Something changed (a piece stored, a parent event): re-evaluate."""
-
-
-def first_dfly_error(exc: BaseException) -> DflyError | None:
-    """The DflyError inside `exc` (TaskGroups wrap their children's errors in groups)."""
-    if isinstance(exc, DflyError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = first_dfly_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def layout_from_proto(layout: pb.TaskLayout) -> Layout | None:
