@@ -108,26 +108,38 @@ class HostHandlers:
         return commands
 
     def report_unreachable(self, parent_id: str, child: Peer, now: float) -> None:
-        parent = self._cluster.peers.get(parent_id)
-        host = self._cluster.hosts.get(parent.host_id) if parent is not None else None
-        if host is None or host.host_id == child.host_id:
-            return
-        host.unreachable_reporters.add(child.host_id)
-        if len(host.unreachable_reporters) >= self._config.unreachable_reports:
+        """After `unreachable_reports` distinct hosts could not reach this parent, its host is offered to
+        nobody for `unreachable_suspend_s`."""
+        host = self._reported_by_quorum(
+            parent_id, child, lambda h: h.unreachable_reporters, self._config.unreachable_reports
+        )
+        if host is not None:
             host.unreachable_until = now + self._config.unreachable_suspend_s
-            host.unreachable_reporters.clear()
 
     def report_corrupt(self, parent_id: str, child: Peer, now: float) -> None:
         """A child got a piece failing its CRC from this parent: after `corrupt_reports` distinct hosts
         said so, its host is offered to nobody for `corrupt_suspend_s` (a bad disk or memory)."""
+        host = self._reported_by_quorum(
+            parent_id, child, lambda h: h.corrupt_reporters, self._config.corrupt_reports
+        )
+        if host is not None:
+            host.corrupt_until = now + self._config.corrupt_suspend_s
+
+    def _reported_by_quorum(
+        self, parent_id: str, child: Peer, reporters_of: Callable[[Host], set[str]], quorum: int
+    ) -> Host | None:
+        """Count the child's host among the parent host's reporters; the host once `quorum` distinct
+        hosts reported it (the count then starts again), else None."""
         parent = self._cluster.peers.get(parent_id)
         host = self._cluster.hosts.get(parent.host_id) if parent is not None else None
         if host is None or host.host_id == child.host_id:
-            return
-        host.corrupt_reporters.add(child.host_id)
-        if len(host.corrupt_reporters) >= self._config.corrupt_reports:
-            host.corrupt_until = now + self._config.corrupt_suspend_s
-            host.corrupt_reporters.clear()
+            return None
+        reporters = reporters_of(host)
+        reporters.add(child.host_id)
+        if len(reporters) < quorum:
+            return None
+        reporters.clear()
+        return host
 
     # --- helpers --------------------------------------------------------------------------------------
 
