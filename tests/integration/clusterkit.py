@@ -49,3 +49,36 @@ def dfget_cmd(member: Member, url: str, out: Path) -> list[str]:
 def dfget_popen(member: Member, url: str, out: Path) -> subprocess.Popen[str]:
     """dfget in the background, its stderr captured."""
     return subprocess.Popen(dfget_cmd(member, url, out), stderr=subprocess.PIPE, text=True)
+
+
+def dfget_ok(member: Member, url: str, out: Path, timeout_s: float = 60.0) -> None:
+    """dfget to the end; the test fails with its stderr unless it succeeded."""
+    result = subprocess.run(dfget_cmd(member, url, out), capture_output=True, text=True, timeout=timeout_s)
+    assert result.returncode == 0, result.stderr
+
+
+class Downloads:
+    """Background dfgets of one test: `start` them, `finish` them (each must succeed); any still
+    running when the block is left (a failed assertion) is killed."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def __enter__(self) -> Downloads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def start(self, member: Member, url: str, out: Path) -> subprocess.Popen[str]:
+        proc = dfget_popen(member, url, out)
+        self.procs.append(proc)
+        return proc
+
+    def finish(self, timeout_s: float) -> None:
+        for proc in self.procs:
+            _, err = proc.communicate(timeout=timeout_s)
+            assert proc.returncode == 0, err

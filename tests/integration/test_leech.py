@@ -7,14 +7,13 @@ file from it; as a leech it is not, so peer-2 reads the origin and peer-1 upload
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusterkit import dfget_ok
 
-from dfly.cluster import LocalCluster, Member, query_stats
+from dfly.cluster import LocalCluster, query_stats
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
 from dfly.devtools.origin import Origin, make_file
@@ -30,23 +29,6 @@ def origin(tmp_path: Path) -> Iterator[Origin]:
         yield server
 
 
-def dfget(member: Member, url: str, out: Path) -> None:
-    assert member.socket is not None
-    cmd = [
-        sys.executable,
-        "-m",
-        "dfly.cli.dfget",
-        "-e",
-        str(member.socket),
-        "--no-progress",
-        url,
-        "-O",
-        str(out),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-
-
 def test_a_leech_is_never_offered_as_a_parent(origin: Origin, tmp_path: Path) -> None:
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
@@ -56,11 +38,11 @@ def test_a_leech_is_never_offered_as_a_parent(origin: Origin, tmp_path: Path) ->
     with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
         leech, other = cluster.member("peer-1"), cluster.member("peer-2")
         assert leech.ports["piece"] == 0
-        dfget(leech, url, tmp_path / "a")
+        dfget_ok(leech, url, tmp_path / "a")
         assert file_digest(tmp_path / "a").value == digest
         cluster.kill_member("seed")
         before = origin.bytes_sent
-        dfget(other, url, tmp_path / "b")
+        dfget_ok(other, url, tmp_path / "b")
         assert file_digest(tmp_path / "b").value == digest
         assert origin.bytes_sent - before >= FILE_BYTES  # peer-2 went to the origin
         assert leech.socket is not None

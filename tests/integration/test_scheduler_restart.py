@@ -9,12 +9,11 @@ given them as parents: both finish with the right bytes and the origin sends one
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import dfget_popen, stats, wait_until
+from clusterkit import Downloads, stats, wait_until
 
 from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
@@ -43,21 +42,14 @@ def test_scheduler_restart_mid_download_keeps_the_swarm_off_the_origin(
     url = origin.url("/f.bin")
     with LocalCluster(tmp_path / "c", peers=2) as cluster:
         seed, p1, p2 = cluster.member("seed"), cluster.member("peer-1"), cluster.member("peer-2")
-        first = dfget_popen(p1, url, tmp_path / "one")
-        second: subprocess.Popen[str] | None = None
-        try:
+        with Downloads() as downloads:
+            downloads.start(p1, url, tmp_path / "one")
             wait_until("peer-1 has 4 MiB", lambda: stats(p1)["download_bytes"]["remote_seed"] >= 4 * MiB)
             cluster.stop_member("scheduler")
             cluster.restart_member("scheduler")
             assert stats(seed)["download_bytes"]["back_to_source"] < FILE_BYTES, "restart came too late"
-            second = dfget_popen(p2, url, tmp_path / "two")
-            for proc in (first, second):
-                _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
-                assert proc.returncode == 0, err
-        finally:
-            for left in (first, second):
-                if left is not None and left.poll() is None:
-                    left.kill()
+            downloads.start(p2, url, tmp_path / "two")
+            downloads.finish(DFGET_TIMEOUT_S)
         for out in ("one", "two"):
             assert file_digest(tmp_path / out).value == digest
         decisions = [
@@ -85,8 +77,8 @@ def test_without_a_scheduler_a_peer_keeps_its_parents_then_reads_only_what_is_mi
     overrides = {"peer-1": {"download": {"no_parent_timeout_s": 1.0}}}
     with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
         p1 = cluster.member("peer-1")
-        proc = dfget_popen(p1, origin.url("/g.bin"), tmp_path / "out")
-        try:
+        with Downloads() as downloads:
+            downloads.start(p1, origin.url("/g.bin"), tmp_path / "out")
             wait_until("peer-1 has 4 MiB", lambda: stats(p1)["download_bytes"]["remote_seed"] >= 4 * MiB)
             cluster.kill_member("scheduler")
             held = stats(p1)["download_bytes"]["remote_seed"]
@@ -94,11 +86,7 @@ def test_without_a_scheduler_a_peer_keeps_its_parents_then_reads_only_what_is_mi
                 "peer-1 goes on from the seed", lambda: stats(p1)["download_bytes"]["remote_seed"] > held
             )
             cluster.kill_member("seed")
-            _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
-            assert proc.returncode == 0, err
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+            downloads.finish(DFGET_TIMEOUT_S)
         assert file_digest(tmp_path / "out").value == digest
         got = stats(p1)["download_bytes"]
         assert got["remote_seed"] > held

@@ -9,13 +9,12 @@ and the origin sends one copy.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from clusterkit import dfget_popen, stats, wait_until
+from clusterkit import Downloads, stats, wait_until
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.api import scheduler_pb2_grpc
@@ -65,22 +64,15 @@ def test_the_owning_scheduler_dies_and_its_task_moves_to_the_other(origin: Origi
         owning = cluster.schedulers[addrs.index(owning_addr)]
         other = next(m for m in cluster.schedulers if m is not owning)
         p1, p2 = cluster.member("peer-1"), cluster.member("peer-2")
-        first = dfget_popen(p1, url, tmp_path / "one")
-        second: subprocess.Popen[str] | None = None
-        try:
+        with Downloads() as downloads:
+            downloads.start(p1, url, tmp_path / "one")
             wait_until("peer-1 has 4 MiB", lambda: stats(p1)["download_bytes"]["remote_seed"] >= 4 * MiB)
             other_addr = next(a for a in addrs if a != owning_addr)
             assert peers_on(owning_addr, task_id) >= 2  # the seed and peer-1: the task lives there
             assert peers_on(other_addr, task_id) == 0
             cluster.stop_member(owning.name)
-            second = dfget_popen(p2, url, tmp_path / "two")
-            for proc in (first, second):
-                _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
-                assert proc.returncode == 0, err
-        finally:
-            for left in (first, second):
-                if left is not None and left.poll() is None:
-                    left.kill()
+            downloads.start(p2, url, tmp_path / "two")
+            downloads.finish(DFGET_TIMEOUT_S)
         for out in ("one", "two"):
             assert file_digest(tmp_path / out).value == digest
         assert origin.bytes_sent <= 1.1 * FILE_BYTES, (

@@ -9,11 +9,11 @@ see them if they leaked).
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusterkit import dfget_cmd
 
 from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
@@ -34,13 +34,8 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
 
 
 def dfget(cluster: LocalCluster, url: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    peer = cluster.peers[0]
-    assert peer.socket is not None
-    cmd = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(peer.socket), "--no-progress"]
-    cmd += [url, "-O", str(out)]
-    return subprocess.run(
-        [*cmd, *extra], capture_output=True, text=True, timeout=DFGET_TIMEOUT_S, check=False
-    )
+    cmd = [*dfget_cmd(cluster.peers[0], url, out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=DFGET_TIMEOUT_S, check=False)
 
 
 def test_tokens_and_authorization_never_reach_a_log(origin: Origin, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import dfget_popen, stats, wait_until
+from clusterkit import Downloads, stats, wait_until
 
 from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
@@ -50,20 +50,15 @@ def test_seed_killed_mid_origin_read_one_peer_takes_over(origin: Origin, tmp_pat
     url = origin.url("/f.bin")
     with LocalCluster(tmp_path / "c", peers=2) as cluster:
         peers = [cluster.member("peer-1"), cluster.member("peer-2")]
-        procs = [dfget_popen(peer, url, tmp_path / peer.name) for peer in peers]
-        try:
+        with Downloads() as downloads:
+            for peer in peers:
+                downloads.start(peer, url, tmp_path / peer.name)
             for peer in peers:
                 wait_until(f"{peer.name} has 2 MiB", functools.partial(has_some, peer))
             cluster.kill_member("seed")
             seed_read = origin.bytes_sent
             assert seed_read < FILE_BYTES, "the seed finished before it was killed"
-            for proc in procs:
-                _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
-                assert proc.returncode == 0, err
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
+            downloads.finish(DFGET_TIMEOUT_S)
         for peer in peers:
             assert file_digest(tmp_path / peer.name).value == digest
         readers = [p for p in peers if stats(p)["download_bytes"]["back_to_source"] > 0]

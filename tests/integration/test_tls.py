@@ -8,20 +8,19 @@ by the scheduler and by the seed's control port, and nothing is fetched for them
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from clusterkit import dfget_ok
 
 from dfly.api import daemon_pb2 as dpb
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
 from dfly.api import scheduler_pb2_grpc as pb_grpc
-from dfly.cluster import LocalCluster, Member
+from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
 from dfly.devtools.origin import Origin, make_file
@@ -37,13 +36,6 @@ RPC_TIMEOUT_S = 5.0
 def origin(tmp_path: Path) -> Iterator[Origin]:
     with Origin(tmp_path / "www") as server:
         yield server
-
-
-def dfget(member: Member, url: str, out: Path) -> None:
-    assert member.socket is not None
-    cmd = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(member.socket), "--no-progress", url]
-    result = subprocess.run([*cmd, "-O", str(out)], capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
 
 
 def credentials(pki: dict[str, Path], name: str | None, ca: Path) -> grpc.ChannelCredentials:
@@ -88,7 +80,7 @@ def test_cluster_over_mtls_works_and_refuses_strangers(origin: Origin, tmp_path:
         tmp_path / "c", peers=2, daemon_overrides=overrides, scheduler_overrides={"security": tls}
     ) as cluster:
         for peer in cluster.peers:
-            dfget(peer, origin.url("/f.bin"), tmp_path / peer.name)
+            dfget_ok(peer, origin.url("/f.bin"), tmp_path / peer.name)
             assert file_digest(tmp_path / peer.name).value == digest
         assert origin.bytes_sent <= 1.1 * FILE_BYTES
 
