@@ -31,19 +31,11 @@ def wait_until(what: str, check: Callable[[], bool], timeout_s: float = PROBE_TI
         time.sleep(0.02)
 
 
-def dfget_cmd(member: Member, url: str, out: Path) -> list[str]:
+def dfget_cmd(member: Member, url: str, out: Path, *extra: str) -> list[str]:
+    """The dfget command line that downloads `url` to `out` through `member`'s daemon."""
     assert member.socket is not None
-    return [
-        sys.executable,
-        "-m",
-        "dfly.cli.dfget",
-        "-e",
-        str(member.socket),
-        "--no-progress",
-        url,
-        "-O",
-        str(out),
-    ]
+    cmd = [sys.executable, "-m", "dfly.cli.dfget", "-e", str(member.socket), "--no-progress"]
+    return [*cmd, url, "-O", str(out), *extra]
 
 
 def dfget_popen(member: Member, url: str, out: Path) -> subprocess.Popen[str]:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusterkit import dfget_cmd
 
 from dfly.cluster import LocalCluster, Member, query_stats
 from dfly.common.digest import file_digest
@@ -47,22 +48,6 @@ def publish(origin: Origin, name: str, size: int, seed: int) -> tuple[str, str]:
     assert origin.root is not None
     digest = make_file(origin.root / name, size, seed=seed)
     return origin.url(f"/{name}"), digest
-
-
-def dfget_cmd(member: Member, url: str, out: Path, *extra: str) -> list[str]:
-    assert member.socket is not None
-    return [
-        sys.executable,
-        "-m",
-        "dfly.cli.dfget",
-        "-e",
-        str(member.socket),
-        "--no-progress",
-        url,
-        "-O",
-        str(out),
-        *extra,
-    ]
 
 
 def dfget(member: Member, url: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
