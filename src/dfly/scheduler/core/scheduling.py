@@ -145,34 +145,35 @@ class ParentScheduler:
             task.hungry.discard(child.peer_id)
 
     def next_deadline(self) -> float | None:
-        retry = None
-        while self._retries:
-            at, _, peer_id = self._retries[0]
-            peer = self._cluster.peers.get(peer_id)
-            if peer is not None and peer.waiting and peer.retry_at == at:
-                retry = at
-                break
-            heapq.heappop(self._retries)
-        check = self._source_checks[0][0] if self._source_checks else None
-        if retry is None or check is None:
-            return retry if check is None else check
-        return min(retry, check)
+        deadlines = [at for at in (self._next_retry(), self._next_source_check()) if at is not None]
+        return min(deadlines, default=None)
 
     def on_timer(self, now: float) -> list[Command]:
         commands: list[Command] = []
-        while self._source_checks and self._source_checks[0][0] <= now:
+        while (at := self._next_source_check()) is not None and at <= now:
             _, _, task_id = heapq.heappop(self._source_checks)
             task = self._cluster.tasks.get(task_id)
             if task is not None:
                 commands.extend(self.replace_lost_source(task, now))
-        while (deadline := self.next_deadline()) is not None and deadline <= now and self._retries:
-            if self._retries[0][0] > now:
-                break
+        while (at := self._next_retry()) is not None and at <= now:
             _, _, peer_id = heapq.heappop(self._retries)
             peer = self._cluster.peers[peer_id]
             peer.retry_at = None
             commands.extend(self.attempt(peer, self._cluster.tasks[peer.task_id], now, counted=True))
         return commands
+
+    def _next_retry(self) -> float | None:
+        """When the earliest still-armed retry is due (stale heap entries are dropped on the way)."""
+        while self._retries:
+            at, _, peer_id = self._retries[0]
+            peer = self._cluster.peers.get(peer_id)
+            if peer is not None and peer.waiting and peer.retry_at == at:
+                return at
+            heapq.heappop(self._retries)
+        return None
+
+    def _next_source_check(self) -> float | None:
+        return self._source_checks[0][0] if self._source_checks else None
 
     # --- one attempt ----------------------------------------------------------------------------------
 
