@@ -5,12 +5,16 @@ Rules:
 - With it on, every gRPC server of the process asks for a client certificate signed by `ca_cert` and
   refuses callers without one; every client presents its own and checks the server's against the same
   CA and the address it dials (so certificates need the IPs or names the others use: SANs).
-- Piece transfer (port 4005) is not covered: it stays plain TCP with sendfile (docs/operations.md).
+- Piece transfer (port 4005) is a separate switch, `security.tls.pieces` (off by default): with it on,
+  the piece server asks every child for a certificate from the same CA and each child checks its
+  parent's against the address it dials. It costs sendfile: bytes pass through the TLS layer in user
+  space (measured in bench/piece_tls.py, docs/benchmarks.md).
 - Files are read once at start; a missing or unreadable file is a ConfigError naming it.
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -24,12 +28,15 @@ class TlsSection(StrictModel):
     ca_cert: Path | None = None  # PEM bundle of the CA that signs every member of the cluster
     cert: Path | None = None  # this process's certificate (PEM)
     key: Path | None = None  # its private key (PEM, unencrypted)
+    pieces: bool = False  # also mTLS on piece transfer (port 4005): no sendfile, more CPU per byte
 
     @model_validator(mode="after")
     def _all_or_none(self) -> TlsSection:
         given = [self.ca_cert is not None, self.cert is not None, self.key is not None]
         if any(given) and not all(given):
             raise ValueError("security.tls needs ca_cert, cert and key together (or none of them)")
+        if self.pieces and not all(given):
+            raise ValueError("security.tls.pieces needs ca_cert, cert and key")
         return self
 
     @property
@@ -80,3 +87,27 @@ def aio_channel(
     if tls.enabled:
         return grpc.aio.secure_channel(target, channel_credentials(tls), options=options)
     return grpc.aio.insecure_channel(target, options=options)
+
+
+def _ssl_context(tls: TlsSection, purpose: ssl.Purpose) -> ssl.SSLContext:
+    context = ssl.create_default_context(purpose)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_verify_locations(cadata=_read(tls.ca_cert, "ca_cert").decode("ascii", "replace"))
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"security.tls: cannot use {tls.cert} / {tls.key} / {tls.ca_cert}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"security.tls: cannot read {exc.filename}: {exc.strerror or exc}") from None
+    return context
+
+
+def piece_server_context(tls: TlsSection) -> ssl.SSLContext | None:
+    """For the piece server: our certificate, a child certificate from the CA required; None = plain."""
+    return _ssl_context(tls, ssl.Purpose.CLIENT_AUTH) if tls.enabled and tls.pieces else None
+
+
+def piece_client_context(tls: TlsSection) -> ssl.SSLContext | None:
+    """For connections to parents: their certificate checked against the CA and the dialled address."""
+    return _ssl_context(tls, ssl.Purpose.SERVER_AUTH) if tls.enabled and tls.pieces else None

@@ -22,7 +22,7 @@ from prometheus_client import start_http_server
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.ids import host_id as make_host_id
-from dfly.common.tls import add_port
+from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig
 from dfly.daemon.context import Counters, DaemonContext
 from dfly.daemon.local_api import LocalApiServer
@@ -82,6 +82,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         pool=BufferPool(config.download.buffer_bytes),
         counters=counters,
         rng=random.Random(),
+        piece_tls=piece_client_context(config.security.tls),
     )
     tasks = TaskManager(ctx)
     tasks.load(stored)
@@ -93,6 +94,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         limiter,
         upload_slots=config.upload.slots,
         on_uploaded=lambda _task, n: counters.uploaded(n),
+        tls_context=piece_server_context(config.security.tls),
     )
     # A leech (upload.disable_shared) opens no piece port and announces 0: never offered as a parent.
     leech = config.upload.disable_shared

@@ -7,6 +7,7 @@ numbers for the local API's `stats` reply, which the demo and tests read.
 from __future__ import annotations
 
 import random
+import ssl
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -60,3 +61,4 @@ class DaemonContext:
     pool: BufferPool
     counters: Counters
     rng: random.Random
+    piece_tls: ssl.SSLContext | None = None  # client side of `security.tls.pieces` (None = plain TCP)

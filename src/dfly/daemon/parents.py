@@ -104,6 +104,7 @@ class ParentSet:
                 listener=self,
                 pool=self.c.ctx.pool,
                 connect_timeout_s=CONNECT_TIMEOUT_S,
+                ssl_context=self.c.ctx.piece_tls,
             )
         except (OSError, DflyError, TimeoutError) as exc:
             log.info("parent %s unreachable: %s", cand.peer_id, exc)

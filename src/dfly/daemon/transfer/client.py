@@ -18,6 +18,9 @@ Rules:
   body's remaining bytes and `_LOWAT_MAX`, else 1: the loop wakes per ~64 KiB instead of per few
   packets (a 100 Mbit/s stream woke it ~700 times a second), and never waits for bytes the parent does
   not owe us (once a PIECE header is out, its body follows in full; EOF and errors wake it anyway).
+  Not over TLS: record framing means the ciphertext still due can be less than the plaintext.
+- With an `ssl_context` (`security.tls.pieces`) the connection is mTLS, the parent's certificate checked
+  against the address dialled.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -182,7 +186,8 @@ class ParentConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._sock = transport.get_extra_info("socket")
+        if transport.get_extra_info("sslcontext") is None:
+            self._sock = transport.get_extra_info("socket")
 
     def get_buffer(self, sizehint: int) -> memoryview:
         cur = self._current
@@ -371,6 +376,7 @@ async def connect_parent(
     listener: ParentListener,
     pool: BufferPool,
     connect_timeout_s: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ParentConnection:
     """Connect and exchange HELLO; raises RemoteError (e.g. unknown_task), ProtocolError, OSError or
     TimeoutError. Listener callbacks start after this returns."""
@@ -384,7 +390,9 @@ async def connect_parent(
     )
     try:
         async with asyncio.timeout(connect_timeout_s):
-            await loop.create_connection(lambda: conn, ip, port)
+            await loop.create_connection(
+                lambda: conn, ip, port, ssl=ssl_context, server_hostname=ip if ssl_context else None
+            )
             assert conn._transport is not None
             conn._transport.write(p.encode_hello(task_id, peer_id, piece_length, content_length))
             await conn._handshake

@@ -17,6 +17,8 @@ Rules:
   with ERROR not_available, and that child gets HAVE for it again when the gate releases; after the
   release one copy of a piece is sent at a time, and a child refused one hears HAVE again when that copy
   is done. A claimed piece not delivered (cancelled before its header, connection lost) is handed back.
+- With a TLS context (`security.tls.pieces`) each accepted connection first completes an mTLS handshake
+  (`tls_relay.serve_tls`) and is then served exactly like a plain one, through a socketpair.
 - A bad client never crashes the server: protocol errors get ERROR bad_frame (unless we are in the middle
   of a frame) and the connection closes; everything is logged at debug level.
 """
@@ -29,6 +31,7 @@ import contextlib
 import functools
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -38,6 +41,7 @@ from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.ratelimit import TokenBucket
 from dfly.daemon.transfer.sendfile import sendfile_range
+from dfly.daemon.transfer.tls_relay import serve_tls
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +97,10 @@ class PieceServer:
         stall_timeout_s: float = 60.0,
         on_uploaded: UploadCallback | None = None,
         upload_threads: int = 4,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.provider = provider
+        self.tls_context = tls_context
         self.peer_id = peer_id
         self.limiter = limiter
         self.max_connections = max_connections
@@ -160,10 +166,22 @@ class PieceServer:
             if self.connections_open >= self.max_connections:
                 log.debug("piece server busy, refusing %s", addr)
                 with contextlib.suppress(OSError):
-                    sock.send(p.encode_error("busy", "too many connections"))
+                    if self.tls_context is None:  # a TLS child could not read a plain frame
+                        sock.send(p.encode_error("busy", "too many connections"))
                 sock.close()
                 continue
-            task = loop.create_task(self._serve(sock, addr), name=f"piece-conn-{addr}")
+            serving = (
+                self._serve(sock, addr)
+                if self.tls_context is None
+                else serve_tls(
+                    sock,
+                    self.tls_context,
+                    self.hello_timeout_s,
+                    functools.partial(self._serve, addr=addr),
+                    flush_timeout_s=self.stall_timeout_s,
+                )
+            )
+            task = loop.create_task(serving, name=f"piece-conn-{addr}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
