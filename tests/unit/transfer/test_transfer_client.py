@@ -213,35 +213,3 @@ def test_errors_close_the_connection(data: bytes, error: str, failed: tuple[Any,
         assert pool.bytes_out == 0
 
     run(scenario)
-
-
-def test_receive_low_water_mark_follows_the_body_due() -> None:
-    """While a body is due the socket wakes the loop only for min(bytes due, 64 KiB); otherwise for 1."""
-    import socket
-
-    mine, other = socket.socketpair()
-
-    def lowat() -> int:
-        return mine.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
-
-    async def scenario(conn: ParentConnection, t: FakeTransport, log: Log, pool: BufferPool) -> None:
-        conn._sock = mine  # what connection_made takes from a real transport's extra info
-        await conn.request(0, PL)
-        await conn.request(3, 500)
-        data = piece(0) + piece(3)
-        header = len(piece(0)) - PL
-        feed(conn, data[: header + 100])
-        assert lowat() == PL - 100  # the rest of piece 0's body
-        feed(conn, data[header + 100 : header + PL + 3])  # piece 0 done, part of piece 3's header
-        assert lowat() == 1
-        feed(conn, data[header + PL + 3 : len(piece(0)) + header + 10])
-        assert lowat() == 490
-        feed(conn, data[len(piece(0)) + header + 10 :])
-        assert lowat() == 1
-        assert [e[:2] for e in log.events] == [("piece", 0), ("piece", 3)]
-
-    try:
-        run(scenario)
-    finally:
-        mine.close()
-        other.close()

@@ -14,11 +14,6 @@ Rules:
   a protocol error (including a PIECE that was never requested) closes it with ProtocolError.
 - A PIECE for a request we cancelled may still arrive (the parent had started it): it is discarded.
 - Listener callbacks run on the event loop, never before `connect_parent` has returned.
-- While a piece body is due, the socket's receive low-water mark (SO_RCVLOWAT) is the smaller of the
-  body's remaining bytes and `_LOWAT_MAX`, else 1: the loop wakes per ~64 KiB instead of per few
-  packets (a 100 Mbit/s stream woke it ~700 times a second), and never waits for bytes the parent does
-  not owe us (once a PIECE header is out, its body follows in full; EOF and errors wake it anyway).
-  Not over TLS: record framing means the ciphertext still due can be less than the plaintext.
 - With an `ssl_context` (`security.tls.pieces`) the connection is mTLS, the parent's certificate checked
   against the address dialled.
 """
@@ -28,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,7 +34,6 @@ from dfly.daemon.transfer.buffers import BufferPool
 
 log = logging.getLogger(__name__)
 _SCRATCH_SIZE = 256 * 1024
-_LOWAT_MAX = 64 * 1024
 
 
 class RemoteError(ProtocolError):
@@ -103,8 +96,6 @@ class ParentConnection(asyncio.BufferedProtocol):
         self._scratch: bytearray | None = None
         self._delivered: dict[int, tuple[memoryview, bytearray]] = {}  # id(view) -> (view, buffer)
         self._direct = False
-        self._sock: socket.socket | None = None
-        self._lowat = 1
         self._handshake: asyncio.Future[p.Hello] = asyncio.get_running_loop().create_future()
         self._opened = False  # connect_parent returned: listener callbacks allowed
         self._closed = False
@@ -186,8 +177,6 @@ class ParentConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        if transport.get_extra_info("sslcontext") is None:
-            self._sock = transport.get_extra_info("socket")
 
     def get_buffer(self, sizehint: int) -> memoryview:
         cur = self._current
@@ -215,7 +204,6 @@ class ParentConnection(asyncio.BufferedProtocol):
             else:
                 self.decoder.buffer_updated(nbytes)
             self._process()
-            self._tune_lowat()
         except Exception as exc:  # ProtocolError, DigestMismatch, or a listener bug
             if not isinstance(exc, ProtocolError | DigestMismatch):
                 log.exception("piece connection to %s failed", self.parent_id)
@@ -244,18 +232,6 @@ class ParentConnection(asyncio.BufferedProtocol):
                 self._process()
             except Exception as exc:
                 self._shutdown(exc)
-
-    def _tune_lowat(self) -> None:
-        """SO_RCVLOWAT = min(body bytes still due, _LOWAT_MAX) while a body is due, else 1."""
-        due = self.decoder.body_remaining if self._current is not None and not self.decoder.buffered else 0
-        lowat = max(1, min(due, _LOWAT_MAX))
-        if lowat != self._lowat and self._sock is not None and not self._closed:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-            except OSError:
-                self._sock = None  # not supported here: plain wake-ups from now on
-                return
-            self._lowat = lowat
 
     def _process(self) -> None:
         while not self._closed:
