@@ -35,6 +35,7 @@ from dfly.common.errors import (
     DownloadTimeout,
     NoParents,
     SourceError,
+    StorageError,
     first_dfly_error,
 )
 from dfly.common.ids import HostId, peer_id, redact_url
@@ -57,6 +58,13 @@ MORE_PARENTS_INTERVAL_S = 1.0  # a fallback: the scheduler pushes new parents as
 @dataclass(frozen=True)
 class _Wake:
     """Something changed (a piece stored, a parent event): re-evaluate."""
+
+
+@dataclass(frozen=True)
+class PiecesLost:
+    """Storage could not make these pieces durable (a failed fdatasync); the task state forgot them."""
+
+    pieces: list[int]
 
 
 def layout_from_proto(layout: pb.TaskLayout) -> Layout | None:
@@ -178,6 +186,15 @@ class Conductor:
             await self._on_reply(event.response)
         elif isinstance(event, SchedulerGone) and self.stream.is_current(event):
             self._on_scheduler_gone(event.reason)
+        elif isinstance(event, PiecesLost):
+            self._on_pieces_lost(event.pieces)
+
+    def _on_pieces_lost(self, pieces: list[int]) -> None:
+        """Fetch them again from parents; an origin read (sequential) or a finished attempt ends with a
+        clear error instead, and the next request resumes from the pieces that are still good."""
+        if self._back_to_source is not None or self._verdict_deadline is not None or not self.parents.active:
+            raise StorageError(f"{len(pieces)} pieces could not be synced to disk; download again")
+        self.parents.pieces_lost(pieces)
 
     async def _step(self, now: float) -> None:
         await self.parents.pump(now)

@@ -164,6 +164,14 @@ class ParentSet:
             planner.add_parent(parent_id)
             planner.parent_has(parent_id, self._known.get(parent_id, ()))
 
+    def pieces_lost(self, pieces: list[int]) -> None:
+        """Pieces stored earlier are gone (a failed sync): wanted again from the parents that hold them."""
+        planner = self._ensure_planner()
+        for piece in pieces:
+            planner.piece_lost(piece)
+        for parent_id in self._conns:
+            planner.parent_has(parent_id, self._known.get(parent_id, set()).intersection(pieces))
+
     def close_all(self) -> None:
         self.active = False
         conns, self._conns = list(self._conns.values()), {}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, StorageError
-from dfly.daemon.conductor import Conductor
+from dfly.daemon.conductor import Conductor, PiecesLost
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.core.task_state import TaskState
@@ -38,6 +38,7 @@ class LiveTask:
     state: TaskState
     file_ready: asyncio.Event = field(default_factory=asyncio.Event)
     attempt: asyncio.Task[None] | None = None
+    conductor: Conductor | None = None  # of the current or last attempt
 
     @property
     def running(self) -> bool:
@@ -128,7 +129,7 @@ class TaskManager:
         if live is None:
             live = LiveTask(TaskState(tid, request.url))
             self._live[tid] = live
-        elif live.state.ended and live.state.error is not None:
+        elif live.state.ended and (live.state.error is not None or not live.state.complete):
             old = live.state
             fresh = TaskState(tid, request.url)
             fresh.response_headers = dict(old.response_headers)  # the validators of the pieces kept
@@ -143,11 +144,24 @@ class TaskManager:
             return live
         if not live.running:
             conductor = Conductor(self.ctx, live.state, request, live.file_ready)
+            live.conductor = conductor
             attempt = asyncio.create_task(conductor.run(), name=f"download-{tid[:12]}")
             live.attempt = attempt
             self._tasks.add(attempt)
             attempt.add_done_callback(self._attempt_done)
         return live
+
+    def pieces_lost(self, task_id: str, pieces: list[int]) -> None:
+        """Storage dropped these written pieces (failed fdatasync): never serve or use them again."""
+        live = self._live.get(task_id)
+        if live is None:
+            return
+        log.error(
+            "task %s: %d pieces were not synced to disk; they are fetched again", task_id[:12], len(pieces)
+        )
+        live.state.forget_pieces(pieces)
+        if live.running and live.conductor is not None:
+            live.conductor.events.put_nowait(PiecesLost(pieces))
 
     def _attempt_done(self, attempt: asyncio.Task[None]) -> None:
         self._tasks.discard(attempt)

@@ -394,3 +394,21 @@ def test_ties_are_broken_by_the_rng() -> None:
 
     assert first_requests(1) == first_requests(1)
     assert len({tuple(first_requests(seed)) for seed in range(10)}) > 1
+
+
+def test_a_lost_piece_is_wanted_again_from_holders_announced_again() -> None:
+    planner = DownloadPlanner(2, rng=random.Random(1), requests_per_parent=2)
+    planner.add_parent("A")
+    planner.parent_has("A", [0, 1])
+    assert set(planner.next_requests(0.0)) == {Request("A", 0), Request("A", 1)}
+    planner.piece_done("A", 0)
+    planner.piece_done("A", 1)
+    assert planner.complete
+    planner.piece_lost(1)
+    assert planner.missing == 1
+    assert not planner.complete
+    assert planner.next_requests(1.0) == []  # its holders were forgotten when it was done
+    planner.parent_has("A", [0, 1])  # the caller announces them again
+    assert planner.next_requests(1.0) == [Request("A", 1)]  # never the piece still held
+    planner.piece_done("A", 1)
+    assert planner.complete

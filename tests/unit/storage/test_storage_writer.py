@@ -252,7 +252,8 @@ def test_commit_failing_with_enospc_records_nothing_and_other_tasks_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fdatasync of one task's file fails (disk full): its finish fails with a clear error, none of its
-    pieces is recorded (after a reopen they are simply missing), and another task commits normally."""
+    pieces is recorded (after a reopen they are simply missing), `on_pieces_lost` names them, and
+    another task commits normally."""
     full, fine = make_meta("task-full"), make_meta("task-fine")
     real_fdatasync = os.fdatasync
 
@@ -263,6 +264,8 @@ def test_commit_failing_with_enospc_records_nothing_and_other_tasks_go_on(
 
     async def run() -> None:
         storage = Storage(tmp_path, commit_interval_s=3600)
+        lost: list[tuple[str, list[int]]] = []
+        storage.on_pieces_lost = lambda task_id, pieces: lost.append((task_id, pieces))
         await storage.open()
         for meta in (full, fine):
             await storage.create_task(meta)
@@ -274,6 +277,8 @@ def test_commit_failing_with_enospc_records_nothing_and_other_tasks_go_on(
             await asyncio.wait_for(storage.finish_task(full.task_id), timeout=5)
         await asyncio.wait_for(storage.finish_task(fine.task_id), timeout=5)
         assert storage.stats()["commit_errors"] >= 1
+        # the loop is told which written pieces are gone, so they are neither served nor used
+        assert lost == [(full.task_id, list(range(full.piece_count)))]
         await storage.close()
 
         reopened = Storage(tmp_path, commit_interval_s=3600)

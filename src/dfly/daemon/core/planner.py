@@ -197,6 +197,12 @@ class DownloadPlanner:
         self._failed.pop(piece, None)
         return cancels
 
+    def piece_lost(self, piece: int) -> None:
+        """A piece we had is gone (storage could not keep it): missing again. Its holders are forgotten
+        once a piece is done, so the caller announces them again with ``parent_has``."""
+        self._check(piece)
+        self._missing.add(piece)
+
     def piece_failed(self, parent_id: str, piece: int, *, parent_lacks: bool = False) -> None:
         """A request failed (error, timeout, bad digest); ``parent_lacks`` for ERROR not_available."""
         self._check(piece)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ class Storage:
         self._read_fds: dict[str, int] = {}
         self._commits = 0
         self._commit_waiters: list[asyncio.Future[None]] = []
+        # Called on the loop with (task_id, pieces) when a failed fdatasync dropped written pieces.
+        self.on_pieces_lost: Callable[[str, list[int]], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -52,7 +55,7 @@ class Storage:
         if self._writer is not None or self._closed:
             raise StorageError(f"storage {self.root} was already opened")
         loop = asyncio.get_running_loop()
-        writer = WriterThread(self.root, self.commit_interval_s, loop, self._on_commit)
+        writer = WriterThread(self.root, self.commit_interval_s, loop, self._on_commit, self._on_lost)
         self._writer = writer
         fut: asyncio.Future[RecoveryReport] = loop.create_future()
         writer.start(OpenOp(fut))
@@ -198,6 +201,10 @@ class Storage:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _on_lost(self, task_id: str, pieces: list[int]) -> None:
+        if self.on_pieces_lost is not None:
+            self.on_pieces_lost(task_id, pieces)
 
     def _check_open(self) -> None:
         if self._writer is None:

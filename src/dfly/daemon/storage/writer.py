@@ -11,6 +11,8 @@ Rules:
   time, so writes that queue up during a commit batch into the next one.
 - The thread keeps no reference to a write's buffer once its future is resolved. A write whose caller
   was cancelled before the thread took it is skipped (see `WriteOp.claim`).
+- After a failed fdatasync the page cache of that file cannot be trusted: the pending records are
+  dropped and `on_lost(task_id, pieces)` tells the loop, which must stop serving and using them.
 - Errors become `StorageError` on the future of the operation that failed; the thread goes on. An
   unexpected exception fails every queued operation and marks the writer dead, never silently.
 """
@@ -18,6 +20,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -68,8 +71,10 @@ class WriterThread:
         commit_interval_s: float,
         loop: asyncio.AbstractEventLoop,
         on_commit: Callable[[int], None],
+        on_lost: Callable[[str, list[int]], None] | None = None,
     ) -> None:
         self.root = root
+        self._on_lost = on_lost
         self.commit_interval_s = commit_interval_s
         self.counters = Counters()
         self._loop = loop
@@ -352,9 +357,13 @@ class WriterThread:
                 self._resolve(fut, exc=error)
             task.finish_waiters.clear()
             if drop_pending:
+                lost = sorted(task.pending)
                 self.counters.pending_records -= len(task.pending)
                 task.recorded.difference_update(task.pending)
                 task.pending.clear()
+                if lost and self._on_lost is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody serves them
+                        self._loop.call_soon_threadsafe(self._on_lost, task.meta.task_id, lost)
             if task.pending or not task.in_db:
                 self._dirty(task.meta.task_id)  # retried at the next commit
 
