@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,16 @@ def test_swarm_of_three_peers_shares_one_origin_copy(
     for stats in peer_stats:
         assert stats["download_bytes"]["back_to_source"] == 0
         assert network_bytes(stats) == FILE_BYTES
+    # every piece from a parent was reported with its cost (the scheduler's bad-parent detection)
+    pieces_from_parents = len(cluster.peers) * (FILE_BYTES // default_piece_length(FILE_BYTES))
+    assert scheduler_metric(cluster, "dfly_scheduler_piece_cost_seconds_count") == pieces_from_parents
+
+
+def scheduler_metric(cluster: LocalCluster, name: str) -> float:
+    url = f"http://127.0.0.1:{cluster.scheduler.ports['metrics']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def test_second_download_reads_nothing_from_the_network(

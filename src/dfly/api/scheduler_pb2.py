@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x66ly/api/scheduler.proto\x12\x11\x64\x66ly.scheduler.v1\"\x07\n\x05\x45mpty\"\xd9\x01\n\x08HostInfo\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x12\n\npiece_port\x18\x04 \x01(\x05\x12\x14\n\x0c\x63ontrol_port\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x08\x12\x0f\n\x07\x62oot_id\x18\x07 \x01(\t\x12\x0b\n\x03idc\x18\x08 \x01(\t\x12\x10\n\x08location\x18\t \x01(\t\x12 \n\x18upload_limit_bytes_per_s\x18\n \x01(\x03\x12\x14\n\x0cupload_slots\x18\x0b \x01(\x05\"\x82\x01\n\x0c\x46inishedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x03 \x01(\x03\x12\x14\n\x0cpiece_length\x18\x04 \x01(\x03\x12\x15\n\rpiece_digests\x18\x05 \x03(\r\x12\x0b\n\x03url\x18\x06 \x01(\t\"y\n\x13\x41nnounceHostRequest\x12)\n\x04host\x18\x01 \x01(\x0b\x32\x1b.dfly.scheduler.v1.HostInfo\x12\x37\n\x0e\x66inished_tasks\x18\x02 \x03(\x0b\x32\x1f.dfly.scheduler.v1.FinishedTask\"v\n\x14HostKeepAliveRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\x1f\n\x17upload_rate_bytes_per_s\x18\x03 \x01(\x01\x12\x1b\n\x13upload_slots_in_use\x18\x04 \x01(\x05\"#\n\x10LeaveHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"\xbf\x02\n\x08\x44ownload\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x03 \x01(\t\x12\x1d\n\x15\x66iltered_query_params\x18\x04 \x03(\t\x12H\n\x0frequest_headers\x18\x05 \x03(\x0b\x32/.dfly.scheduler.v1.Download.RequestHeadersEntry\x12\x14\n\x0cpiece_length\x18\x06 \x01(\x03\x12\x1e\n\x16\x64isable_back_to_source\x18\x07 \x01(\x08\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x1b\n\x13need_back_to_source\x18\t \x01(\x08\x1a\x35\n\x13RequestHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa1\x01\n\x0bSourceError\x12\x13\n\x0bstatus_code\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12<\n\x07headers\x18\x03 \x03(\x0b\x32+.dfly.scheduler.v1.SourceError.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\tPieceDone\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\r\x12\x11\n\tparent_id\x18\x03 \x01(\t\"=\n\x0cRegisterPeer\x12-\n\x08\x64ownload\x18\x01 \x01(\x0b\x32\x1b.dfly.scheduler.v1.Download\"\r\n\x0bPeerStarted\"\xd2\x01\n\x13\x42\x61\x63kToSourceStarted\x12\x16\n\x0e\x63ontent_length\x18\x01 \x01(\x03\x12\x14\n\x0cpiece_length\x18\x02 \x01(\x03\x12U\n\x10response_headers\x18\x03 \x03(\x0b\x32;.dfly.scheduler.v1.BackToSourceStarted.ResponseHeadersEntry\x1a\x36\n\x14ResponseHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x0ePiecesFinished\x12,\n\x06pieces\x18\x01 \x03(\x0b\x32\x1c.dfly.scheduler.v1.PieceDone\"%\n\x0cPeerFinished\x12\x15\n\rpiece_digests\x18\x01 \x03(\r\"o\n\nPeerFailed\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x34\n\x0csource_error\x18\x02 \x01(\x0b\x32\x1e.dfly.scheduler.v1.SourceError\x12\x16\n\x0e\x62\x61\x63k_to_source\x18\x03 \x01(\x08\"\x86\x01\n\nReschedule\x12\x17\n\x0f\x62locked_parents\x18\x01 \x03(\t\x12\x1b\n\x13unreachable_parents\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x14\n\x0cmore_parents\x18\x04 \x01(\x08\x12\x17\n\x0f\x63orrupt_parents\x18\x05 \x03(\t\"\xde\x03\n\x13\x41nnouncePeerRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x33\n\x08register\x18\n \x01(\x0b\x32\x1f.dfly.scheduler.v1.RegisterPeerH\x00\x12H\n\x16\x62\x61\x63k_to_source_started\x18\x0b \x01(\x0b\x32&.dfly.scheduler.v1.BackToSourceStartedH\x00\x12<\n\x0fpieces_finished\x18\x0c \x01(\x0b\x32!.dfly.scheduler.v1.PiecesFinishedH\x00\x12\x33\n\x08\x66inished\x18\r \x01(\x0b\x32\x1f.dfly.scheduler.v1.PeerFinishedH\x00\x12/\n\x06\x66\x61iled\x18\x0e \x01(\x0b\x32\x1d.dfly.scheduler.v1.PeerFailedH\x00\x12\x33\n\nreschedule\x18\x0f \x01(\x0b\x32\x1d.dfly.scheduler.v1.RescheduleH\x00\x12\x31\n\x07started\x18\x10 \x01(\x0b\x32\x1e.dfly.scheduler.v1.PeerStartedH\x00\x42\t\n\x07request\"\xc0\x01\n\nTaskLayout\x12\x16\n\x0e\x63ontent_length\x18\x01 \x01(\x03\x12\x14\n\x0cpiece_length\x18\x02 \x01(\x03\x12L\n\x10response_headers\x18\x03 \x03(\x0b\x32\x32.dfly.scheduler.v1.TaskLayout.ResponseHeadersEntry\x1a\x36\n\x14ResponseHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x0f\x43\x61ndidateParent\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x12\n\npiece_port\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x08\"v\n\x10\x43\x61ndidateParents\x12-\n\x06layout\x18\x01 \x01(\x0b\x32\x1d.dfly.scheduler.v1.TaskLayout\x12\x33\n\x07parents\x18\x02 \x03(\x0b\x32\".dfly.scheduler.v1.CandidateParent\"V\n\x10NeedBackToSource\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12-\n\x06layout\x18\x02 \x01(\x0b\x32\x1d.dfly.scheduler.v1.TaskLayout\"W\n\nTaskFailed\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x34\n\x0csource_error\x18\x02 \x01(\x0b\x32\x1e.dfly.scheduler.v1.SourceError\"5\n\rFinishVerdict\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nbad_pieces\x18\x02 \x03(\r\"\x95\x02\n\x14\x41nnouncePeerResponse\x12@\n\x11\x63\x61ndidate_parents\x18\x01 \x01(\x0b\x32#.dfly.scheduler.v1.CandidateParentsH\x00\x12\x42\n\x13need_back_to_source\x18\x02 \x01(\x0b\x32#.dfly.scheduler.v1.NeedBackToSourceH\x00\x12/\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x1d.dfly.scheduler.v1.TaskFailedH\x00\x12:\n\x0e\x66inish_verdict\x18\x04 \x01(\x0b\x32 .dfly.scheduler.v1.FinishVerdictH\x00\x42\n\n\x08response\"\"\n\x0fStatTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x9a\x01\n\x08TaskStat\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x03 \x01(\x03\x12\x14\n\x0cpiece_length\x18\x04 \x01(\x03\x12\x12\n\npeer_count\x18\x05 \x01(\x05\x12\x15\n\rpiece_digests\x18\x06 \x03(\r\x12\x15\n\rknown_digests\x18\x07 \x01(\x05\x32\xb1\x03\n\tScheduler\x12P\n\x0c\x41nnounceHost\x12&.dfly.scheduler.v1.AnnounceHostRequest\x1a\x18.dfly.scheduler.v1.Empty\x12T\n\rHostKeepAlive\x12\'.dfly.scheduler.v1.HostKeepAliveRequest\x1a\x18.dfly.scheduler.v1.Empty(\x01\x12\x63\n\x0c\x41nnouncePeer\x12&.dfly.scheduler.v1.AnnouncePeerRequest\x1a\'.dfly.scheduler.v1.AnnouncePeerResponse(\x01\x30\x01\x12K\n\x08StatTask\x12\".dfly.scheduler.v1.StatTaskRequest\x1a\x1b.dfly.scheduler.v1.TaskStat\x12J\n\tLeaveHost\x12#.dfly.scheduler.v1.LeaveHostRequest\x1a\x18.dfly.scheduler.v1.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x66ly/api/scheduler.proto\x12\x11\x64\x66ly.scheduler.v1\"\x07\n\x05\x45mpty\"\xd9\x01\n\x08HostInfo\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x12\n\npiece_port\x18\x04 \x01(\x05\x12\x14\n\x0c\x63ontrol_port\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x08\x12\x0f\n\x07\x62oot_id\x18\x07 \x01(\t\x12\x0b\n\x03idc\x18\x08 \x01(\t\x12\x10\n\x08location\x18\t \x01(\t\x12 \n\x18upload_limit_bytes_per_s\x18\n \x01(\x03\x12\x14\n\x0cupload_slots\x18\x0b \x01(\x05\"\x82\x01\n\x0c\x46inishedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x03 \x01(\x03\x12\x14\n\x0cpiece_length\x18\x04 \x01(\x03\x12\x15\n\rpiece_digests\x18\x05 \x03(\r\x12\x0b\n\x03url\x18\x06 \x01(\t\"y\n\x13\x41nnounceHostRequest\x12)\n\x04host\x18\x01 \x01(\x0b\x32\x1b.dfly.scheduler.v1.HostInfo\x12\x37\n\x0e\x66inished_tasks\x18\x02 \x03(\x0b\x32\x1f.dfly.scheduler.v1.FinishedTask\"v\n\x14HostKeepAliveRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\x1f\n\x17upload_rate_bytes_per_s\x18\x03 \x01(\x01\x12\x1b\n\x13upload_slots_in_use\x18\x04 \x01(\x05\"#\n\x10LeaveHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"\xbf\x02\n\x08\x44ownload\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x03 \x01(\t\x12\x1d\n\x15\x66iltered_query_params\x18\x04 \x03(\t\x12H\n\x0frequest_headers\x18\x05 \x03(\x0b\x32/.dfly.scheduler.v1.Download.RequestHeadersEntry\x12\x14\n\x0cpiece_length\x18\x06 \x01(\x03\x12\x1e\n\x16\x64isable_back_to_source\x18\x07 \x01(\x08\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x1b\n\x13need_back_to_source\x18\t \x01(\x08\x1a\x35\n\x13RequestHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa1\x01\n\x0bSourceError\x12\x13\n\x0bstatus_code\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12<\n\x07headers\x18\x03 \x03(\x0b\x32+.dfly.scheduler.v1.SourceError.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\tPieceDone\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\r\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63ost_ms\x18\x04 \x01(\r\"=\n\x0cRegisterPeer\x12-\n\x08\x64ownload\x18\x01 \x01(\x0b\x32\x1b.dfly.scheduler.v1.Download\"\r\n\x0bPeerStarted\"\xd2\x01\n\x13\x42\x61\x63kToSourceStarted\x12\x16\n\x0e\x63ontent_length\x18\x01 \x01(\x03\x12\x14\n\x0cpiece_length\x18\x02 \x01(\x03\x12U\n\x10response_headers\x18\x03 \x03(\x0b\x32;.dfly.scheduler.v1.BackToSourceStarted.ResponseHeadersEntry\x1a\x36\n\x14ResponseHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x0ePiecesFinished\x12,\n\x06pieces\x18\x01 \x03(\x0b\x32\x1c.dfly.scheduler.v1.PieceDone\"%\n\x0cPeerFinished\x12\x15\n\rpiece_digests\x18\x01 \x03(\r\"o\n\nPeerFailed\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x34\n\x0csource_error\x18\x02 \x01(\x0b\x32\x1e.dfly.scheduler.v1.SourceError\x12\x16\n\x0e\x62\x61\x63k_to_source\x18\x03 \x01(\x08\"\x86\x01\n\nReschedule\x12\x17\n\x0f\x62locked_parents\x18\x01 \x03(\t\x12\x1b\n\x13unreachable_parents\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x14\n\x0cmore_parents\x18\x04 \x01(\x08\x12\x17\n\x0f\x63orrupt_parents\x18\x05 \x03(\t\"\xde\x03\n\x13\x41nnouncePeerRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x33\n\x08register\x18\n \x01(\x0b\x32\x1f.dfly.scheduler.v1.RegisterPeerH\x00\x12H\n\x16\x62\x61\x63k_to_source_started\x18\x0b \x01(\x0b\x32&.dfly.scheduler.v1.BackToSourceStartedH\x00\x12<\n\x0fpieces_finished\x18\x0c \x01(\x0b\x32!.dfly.scheduler.v1.PiecesFinishedH\x00\x12\x33\n\x08\x66inished\x18\r \x01(\x0b\x32\x1f.dfly.scheduler.v1.PeerFinishedH\x00\x12/\n\x06\x66\x61iled\x18\x0e \x01(\x0b\x32\x1d.dfly.scheduler.v1.PeerFailedH\x00\x12\x33\n\nreschedule\x18\x0f \x01(\x0b\x32\x1d.dfly.scheduler.v1.RescheduleH\x00\x12\x31\n\x07started\x18\x10 \x01(\x0b\x32\x1e.dfly.scheduler.v1.PeerStartedH\x00\x42\t\n\x07request\"\xc0\x01\n\nTaskLayout\x12\x16\n\x0e\x63ontent_length\x18\x01 \x01(\x03\x12\x14\n\x0cpiece_length\x18\x02 \x01(\x03\x12L\n\x10response_headers\x18\x03 \x03(\x0b\x32\x32.dfly.scheduler.v1.TaskLayout.ResponseHeadersEntry\x1a\x36\n\x14ResponseHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x0f\x43\x61ndidateParent\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x12\n\npiece_port\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x08\"v\n\x10\x43\x61ndidateParents\x12-\n\x06layout\x18\x01 \x01(\x0b\x32\x1d.dfly.scheduler.v1.TaskLayout\x12\x33\n\x07parents\x18\x02 \x03(\x0b\x32\".dfly.scheduler.v1.CandidateParent\"V\n\x10NeedBackToSource\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12-\n\x06layout\x18\x02 \x01(\x0b\x32\x1d.dfly.scheduler.v1.TaskLayout\"W\n\nTaskFailed\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x34\n\x0csource_error\x18\x02 \x01(\x0b\x32\x1e.dfly.scheduler.v1.SourceError\"5\n\rFinishVerdict\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nbad_pieces\x18\x02 \x03(\r\"\x95\x02\n\x14\x41nnouncePeerResponse\x12@\n\x11\x63\x61ndidate_parents\x18\x01 \x01(\x0b\x32#.dfly.scheduler.v1.CandidateParentsH\x00\x12\x42\n\x13need_back_to_source\x18\x02 \x01(\x0b\x32#.dfly.scheduler.v1.NeedBackToSourceH\x00\x12/\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x1d.dfly.scheduler.v1.TaskFailedH\x00\x12:\n\x0e\x66inish_verdict\x18\x04 \x01(\x0b\x32 .dfly.scheduler.v1.FinishVerdictH\x00\x42\n\n\x08response\"\"\n\x0fStatTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x9a\x01\n\x08TaskStat\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x03 \x01(\x03\x12\x14\n\x0cpiece_length\x18\x04 \x01(\x03\x12\x12\n\npeer_count\x18\x05 \x01(\x05\x12\x15\n\rpiece_digests\x18\x06 \x03(\r\x12\x15\n\rknown_digests\x18\x07 \x01(\x05\x32\xb1\x03\n\tScheduler\x12P\n\x0c\x41nnounceHost\x12&.dfly.scheduler.v1.AnnounceHostRequest\x1a\x18.dfly.scheduler.v1.Empty\x12T\n\rHostKeepAlive\x12\'.dfly.scheduler.v1.HostKeepAliveRequest\x1a\x18.dfly.scheduler.v1.Empty(\x01\x12\x63\n\x0c\x41nnouncePeer\x12&.dfly.scheduler.v1.AnnouncePeerRequest\x1a\'.dfly.scheduler.v1.AnnouncePeerResponse(\x01\x30\x01\x12K\n\x08StatTask\x12\".dfly.scheduler.v1.StatTaskRequest\x1a\x1b.dfly.scheduler.v1.TaskStat\x12J\n\tLeaveHost\x12#.dfly.scheduler.v1.LeaveHostRequest\x1a\x18.dfly.scheduler.v1.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,45 +60,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SOURCEERROR_HEADERSENTRY']._serialized_start=1127
   _globals['_SOURCEERROR_HEADERSENTRY']._serialized_end=1173
   _globals['_PIECEDONE']._serialized_start=1175
-  _globals['_PIECEDONE']._serialized_end=1237
-  _globals['_REGISTERPEER']._serialized_start=1239
-  _globals['_REGISTERPEER']._serialized_end=1300
-  _globals['_PEERSTARTED']._serialized_start=1302
-  _globals['_PEERSTARTED']._serialized_end=1315
-  _globals['_BACKTOSOURCESTARTED']._serialized_start=1318
-  _globals['_BACKTOSOURCESTARTED']._serialized_end=1528
-  _globals['_BACKTOSOURCESTARTED_RESPONSEHEADERSENTRY']._serialized_start=1474
-  _globals['_BACKTOSOURCESTARTED_RESPONSEHEADERSENTRY']._serialized_end=1528
-  _globals['_PIECESFINISHED']._serialized_start=1530
-  _globals['_PIECESFINISHED']._serialized_end=1592
-  _globals['_PEERFINISHED']._serialized_start=1594
-  _globals['_PEERFINISHED']._serialized_end=1631
-  _globals['_PEERFAILED']._serialized_start=1633
-  _globals['_PEERFAILED']._serialized_end=1744
-  _globals['_RESCHEDULE']._serialized_start=1747
-  _globals['_RESCHEDULE']._serialized_end=1881
-  _globals['_ANNOUNCEPEERREQUEST']._serialized_start=1884
-  _globals['_ANNOUNCEPEERREQUEST']._serialized_end=2362
-  _globals['_TASKLAYOUT']._serialized_start=2365
-  _globals['_TASKLAYOUT']._serialized_end=2557
-  _globals['_TASKLAYOUT_RESPONSEHEADERSENTRY']._serialized_start=1474
-  _globals['_TASKLAYOUT_RESPONSEHEADERSENTRY']._serialized_end=1528
-  _globals['_CANDIDATEPARENT']._serialized_start=2559
-  _globals['_CANDIDATEPARENT']._serialized_end=2656
-  _globals['_CANDIDATEPARENTS']._serialized_start=2658
-  _globals['_CANDIDATEPARENTS']._serialized_end=2776
-  _globals['_NEEDBACKTOSOURCE']._serialized_start=2778
-  _globals['_NEEDBACKTOSOURCE']._serialized_end=2864
-  _globals['_TASKFAILED']._serialized_start=2866
-  _globals['_TASKFAILED']._serialized_end=2953
-  _globals['_FINISHVERDICT']._serialized_start=2955
-  _globals['_FINISHVERDICT']._serialized_end=3008
-  _globals['_ANNOUNCEPEERRESPONSE']._serialized_start=3011
-  _globals['_ANNOUNCEPEERRESPONSE']._serialized_end=3288
-  _globals['_STATTASKREQUEST']._serialized_start=3290
-  _globals['_STATTASKREQUEST']._serialized_end=3324
-  _globals['_TASKSTAT']._serialized_start=3327
-  _globals['_TASKSTAT']._serialized_end=3481
-  _globals['_SCHEDULER']._serialized_start=3484
-  _globals['_SCHEDULER']._serialized_end=3917
+  _globals['_PIECEDONE']._serialized_end=1254
+  _globals['_REGISTERPEER']._serialized_start=1256
+  _globals['_REGISTERPEER']._serialized_end=1317
+  _globals['_PEERSTARTED']._serialized_start=1319
+  _globals['_PEERSTARTED']._serialized_end=1332
+  _globals['_BACKTOSOURCESTARTED']._serialized_start=1335
+  _globals['_BACKTOSOURCESTARTED']._serialized_end=1545
+  _globals['_BACKTOSOURCESTARTED_RESPONSEHEADERSENTRY']._serialized_start=1491
+  _globals['_BACKTOSOURCESTARTED_RESPONSEHEADERSENTRY']._serialized_end=1545
+  _globals['_PIECESFINISHED']._serialized_start=1547
+  _globals['_PIECESFINISHED']._serialized_end=1609
+  _globals['_PEERFINISHED']._serialized_start=1611
+  _globals['_PEERFINISHED']._serialized_end=1648
+  _globals['_PEERFAILED']._serialized_start=1650
+  _globals['_PEERFAILED']._serialized_end=1761
+  _globals['_RESCHEDULE']._serialized_start=1764
+  _globals['_RESCHEDULE']._serialized_end=1898
+  _globals['_ANNOUNCEPEERREQUEST']._serialized_start=1901
+  _globals['_ANNOUNCEPEERREQUEST']._serialized_end=2379
+  _globals['_TASKLAYOUT']._serialized_start=2382
+  _globals['_TASKLAYOUT']._serialized_end=2574
+  _globals['_TASKLAYOUT_RESPONSEHEADERSENTRY']._serialized_start=1491
+  _globals['_TASKLAYOUT_RESPONSEHEADERSENTRY']._serialized_end=1545
+  _globals['_CANDIDATEPARENT']._serialized_start=2576
+  _globals['_CANDIDATEPARENT']._serialized_end=2673
+  _globals['_CANDIDATEPARENTS']._serialized_start=2675
+  _globals['_CANDIDATEPARENTS']._serialized_end=2793
+  _globals['_NEEDBACKTOSOURCE']._serialized_start=2795
+  _globals['_NEEDBACKTOSOURCE']._serialized_end=2881
+  _globals['_TASKFAILED']._serialized_start=2883
+  _globals['_TASKFAILED']._serialized_end=2970
+  _globals['_FINISHVERDICT']._serialized_start=2972
+  _globals['_FINISHVERDICT']._serialized_end=3025
+  _globals['_ANNOUNCEPEERRESPONSE']._serialized_start=3028
+  _globals['_ANNOUNCEPEERRESPONSE']._serialized_end=3305
+  _globals['_STATTASKREQUEST']._serialized_start=3307
+  _globals['_STATTASKREQUEST']._serialized_end=3341
+  _globals['_TASKSTAT']._serialized_start=3344
+  _globals['_TASKSTAT']._serialized_end=3498
+  _globals['_SCHEDULER']._serialized_start=3501
+  _globals['_SCHEDULER']._serialized_end=3934
 # @@protoc_insertion_point(module_scope)

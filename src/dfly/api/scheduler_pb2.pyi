@@ -332,21 +332,25 @@ class PieceDone(_message.Message):
     NUMBER_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
+    COST_MS_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     digest: _builtins.int
     """CRC-32"""
     parent_id: _builtins.str
     """empty when from the origin"""
+    cost_ms: _builtins.int
+    """request sent -> piece verified, at the child (0: not measured)"""
     def __init__(
         self,
         *,
         number: _builtins.int = ...,
         digest: _builtins.int = ...,
         parent_id: _builtins.str = ...,
+        cost_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "number", b"number", "parent_id", b"parent_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_ms", b"cost_ms", "digest", b"digest", "number", b"number", "parent_id", b"parent_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

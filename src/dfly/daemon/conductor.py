@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -355,7 +356,7 @@ class Conductor:
             self.file_ready.set()
 
     async def store_piece(
-        self, number: int, data: memoryview, digest: int, source: str, parent_id: str
+        self, number: int, data: memoryview, digest: int, source: str, parent_id: str, cost_s: float = 0.0
     ) -> None:
         """Write a verified piece, then make it available and queue its report."""
         if self.state.has(number):
@@ -371,7 +372,9 @@ class Conductor:
             return  # forgotten while being written (another version of the object): not this copy
         if self.state.mark_available(number, digest):
             self.ctx.counters.downloaded(source, length)
-            self._report.append(pb.PieceDone(number=number, digest=digest, parent_id=parent_id))
+            cost_ms = min(math.ceil(cost_s * 1000), 0xFFFFFFFF)  # > 0 whenever measured
+            done = pb.PieceDone(number=number, digest=digest, parent_id=parent_id, cost_ms=cost_ms)
+            self._report.append(done)
             self.events.put_nowait(_Wake())
 
     async def _complete(self, now: float) -> None:

@@ -225,7 +225,11 @@ class ParentSet:
             self.c.events.put_nowait(None)
 
     def on_piece(self, parent_id: str, number: int, offset: int, data: memoryview, digest: int) -> None:
+        cost_s = 0.0  # request handed out -> verified piece; the scheduler's bad-parent detection
         if self._planner is not None and parent_id in self._conns:
+            asked = self._planner.requested_at(parent_id, number)
+            if asked is not None:
+                cost_s = asyncio.get_running_loop().time() - asked
             for cancel in self._planner.piece_done(parent_id, number):
                 other = self._conns.get(cancel.parent_id)
                 if other is not None:
@@ -233,7 +237,7 @@ class ParentSet:
         info = self._infos.get(parent_id)
         source = "remote_seed" if info is not None and info.seed else "remote_peer"
         conn = self._conns.get(parent_id)
-        self.c.spawn(self._store(conn, parent_id, number, data, digest, source))
+        self.c.spawn(self._store(conn, parent_id, number, data, digest, source, cost_s))
 
     async def _store(
         self,
@@ -243,9 +247,10 @@ class ParentSet:
         data: memoryview,
         digest: int,
         source: str,
+        cost_s: float,
     ) -> None:
         try:
-            await self.c.store_piece(number, data, digest, source, parent_id)
+            await self.c.store_piece(number, data, digest, source, parent_id, cost_s)
         finally:
             if conn is not None:
                 conn.release(data)

@@ -126,7 +126,7 @@ def peer_event(request: pb.AnnouncePeerRequest, peer_id: str) -> Event | None:
         )
     if kind == "pieces_finished":
         pieces = tuple(
-            FinishedPiece(piece.number, piece.digest, piece.parent_id)
+            FinishedPiece(piece.number, piece.digest, piece.parent_id, piece.cost_ms / 1000.0)
             for piece in request.pieces_finished.pieces
         )
         return PiecesFinished(peer_id, pieces)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dfly.scheduler.core.messages import (
     Command,
     Event,
     HostAnnounced,
     PeerRegistered,
+    PiecesFinished,
     SeedTriggerFailed,
     SendBackToSource,
     SendCandidateParents,
@@ -46,6 +47,12 @@ class SchedulerMetrics:
         self.finish_verdicts = Counter(
             "dfly_scheduler_finish_verdicts", "Finish verdicts sent, by result.", ["accepted"], registry=r
         )
+        self.piece_costs = Histogram(
+            "dfly_scheduler_piece_cost_seconds",
+            "Piece costs children report (request sent to piece verified), from parents only.",
+            buckets=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
+            registry=r,
+        )
         self.peer_streams = Gauge("dfly_scheduler_peer_streams", "Open AnnouncePeer streams.", registry=r)
         self.hosts = Gauge("dfly_scheduler_hosts", "Hosts known to the scheduler.", registry=r)
         self.tasks = Gauge("dfly_scheduler_tasks", "Tasks known to the scheduler.", registry=r)
@@ -62,6 +69,10 @@ class SchedulerMetrics:
                 self.registered_peers.inc()
             case SeedTriggerFailed():
                 self.seed_triggers.labels(result="failed").inc()
+            case PiecesFinished():
+                for piece in event.pieces:
+                    if piece.cost_s > 0:
+                        self.piece_costs.observe(piece.cost_s)
 
     def observe_command(self, command: Command) -> None:
         match command:

@@ -175,13 +175,13 @@ class SimPeer:
     def holds(self, piece: int) -> bool:
         return piece < len(self.have) and self.have[piece] == 1
 
-    def store_piece(self, piece: int, source: str, parent_id: str) -> None:
+    def store_piece(self, piece: int, source: str, parent_id: str, cost_s: float = 0.0) -> None:
         if self.have[piece]:
             return
         self.have[piece] = 1
         self.available += 1
         self.world.piece_bytes[source] += piece_size(piece, self.piece_length, self.task.content_length)
-        self.report.append(FinishedPiece(piece, self.digests()[piece], parent_id))
+        self.report.append(FinishedPiece(piece, self.digests()[piece], parent_id, cost_s))
         for conn in list(self.children.values()):
             conn.push_have(piece)
 
@@ -273,13 +273,15 @@ class SimPeer:
         conn, piece, source = arg
         if not conn.open:
             return  # the child closed the connection while the bytes were on the wire
-        parent_id = conn.parent.peer_id
+        parent_id, cost_s = conn.parent.peer_id, 0.0
         if self.planner is not None and self.conns.get(parent_id) is conn:
+            asked = self.planner.requested_at(parent_id, piece)
+            cost_s = 0.0 if asked is None else self.world.clock.now - asked
             for cancel in self.planner.piece_done(parent_id, piece):
                 other = self.conns.get(cancel.parent_id)
                 if other is not None:
                     other.send_cancel(cancel.piece)
-        self.store_piece(piece, source, parent_id)
+        self.store_piece(piece, source, parent_id, cost_s)
         self.step()
 
     def on_piece_failed(self, arg: tuple[Conn, int]) -> None:

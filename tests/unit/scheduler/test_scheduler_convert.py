@@ -7,6 +7,7 @@ import pytest
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import UsageError
 from dfly.scheduler import convert
+from dfly.scheduler.core.messages import FinishedPiece, PiecesFinished
 
 
 def finished(task_id: str, content_length: int, piece_length: int) -> pb.FinishedTask:
@@ -34,3 +35,10 @@ def test_back_to_source_started_with_an_impossible_layout_is_refused() -> None:
     started = pb.BackToSourceStarted(content_length=-5, piece_length=1 << 20)
     with pytest.raises(UsageError):
         convert.peer_event(pb.AnnouncePeerRequest(back_to_source_started=started), "p")
+
+
+def test_piece_costs_arrive_in_seconds() -> None:
+    done = pb.PiecesFinished(pieces=[pb.PieceDone(number=3, digest=9, parent_id="par", cost_ms=1250)])
+    event = convert.peer_event(pb.AnnouncePeerRequest(pieces_finished=done), "p")
+    assert isinstance(event, PiecesFinished)
+    assert event.pieces == (FinishedPiece(3, 9, "par", 1.25),)

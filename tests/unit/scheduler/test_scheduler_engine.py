@@ -9,11 +9,13 @@ from dfly.common.pieces import MiB
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.messages import (
     ClosePeer,
+    FinishedPiece,
     FinishedTask,
     HostAnnounced,
     PeerFailed,
     PeerFinished,
     PeerLeft,
+    PiecesFinished,
     SeedTriggerFailed,
     SendBackToSource,
     SendCandidateParents,
@@ -404,3 +406,33 @@ def test_an_origin_reader_whose_stream_broke_comes_back_and_is_not_replaced(harn
     assert [c.peer_id for c in of_type(back, SendBackToSource)] == ["seed-peer"]
     harness.start_origin("seed-peer")
     assert not of_type(harness.advance(10), SendBackToSource)  # nobody else sent to the origin
+
+
+def test_a_parent_whose_last_piece_was_an_outlier_is_not_offered_until_a_normal_one() -> None:
+    """Bad-parent detection from piece costs: children report each piece's cost; a parent whose last
+    served piece took > 20 × its mean is skipped for new children until it serves one normally again.
+    The origin reader is exempt (its children queue on it)."""
+    harness = Harness(EngineConfig(candidate_parent_limit=8))
+    for name in ("a", "b", "c", "d", "e", "f"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a")
+    harness.register("peer-b", "b")
+    harness.register("peer-c", "c")
+
+    def served(child: str, parent: str, *costs: float, first: int = 0) -> None:
+        pieces = tuple(
+            FinishedPiece(first + k, 100 + first + k, parent, cost) for k, cost in enumerate(costs)
+        )
+        harness.do(PiecesFinished(child, pieces))
+
+    served("peer-b", "peer-a", 9.0, 0.1, 0.1)  # slow and fast from the origin reader: exempt anyway
+    served("peer-c", "peer-b", 0.1, 0.1, 0.1, first=3)
+    [answer] = of_type(harness.register("peer-d", "d"), SendCandidateParents)
+    assert {p.peer_id for p in answer.parents} == {"peer-a", "peer-b", "peer-c"}
+    served("peer-c", "peer-b", 2.5, first=6)  # 25 × its mean
+    [answer] = of_type(harness.register("peer-e", "e"), SendCandidateParents)
+    assert {p.peer_id for p in answer.parents} == {"peer-a", "peer-c"}
+    served("peer-c", "peer-b", 0.1, first=7)  # a normal piece again
+    [answer] = of_type(harness.register("peer-f", "f"), SendCandidateParents)
+    assert "peer-b" in {p.peer_id for p in answer.parents}

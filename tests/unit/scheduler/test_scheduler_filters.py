@@ -6,6 +6,7 @@ import pytest
 from scheduler_testkit import Harness, host_info, of_type
 
 from dfly.scheduler.core.config import EngineConfig
+from dfly.scheduler.core.costs import PieceCosts
 from dfly.scheduler.core.filters import FILTERS, FilterContext, rejection_reason
 from dfly.scheduler.core.messages import SendCandidateParents
 from dfly.scheduler.core.model import Host, Peer, PeerState
@@ -44,6 +45,15 @@ def seed_host() -> Host:
     return Host(host_info("other", seed=True))
 
 
+def slow_costs() -> PieceCosts:
+    """A parent whose last served piece took 30 × its usual time."""
+    costs = PieceCosts()
+    for cost in (0.1, 0.1, 0.1, 3.0):
+        costs.record(cost)
+    assert costs.bad
+    return costs
+
+
 CASES = [
     # (name, child, candidate, candidate host, dag, expected reason)
     ("usable", child(), parent(), OTHER_HOST, False, None),
@@ -54,6 +64,16 @@ CASES = [
     ("received", child(), parent(state=PeerState.RECEIVED), OTHER_HOST, False, "bad"),
     ("failed", child(), parent(state=PeerState.FAILED), OTHER_HOST, False, "bad"),
     ("left", child(), parent(state=PeerState.LEAVE), OTHER_HOST, False, "bad"),
+    ("slow", child(), parent(served_costs=slow_costs()), OTHER_HOST, False, "slow"),
+    ("slow seed is exempt", child(), parent(served_costs=slow_costs()), seed_host(), False, None),
+    (
+        "slow origin reader is exempt",
+        child(),
+        parent(served_costs=slow_costs(), state=PeerState.BACK_TO_SOURCE, reads_origin=True),
+        OTHER_HOST,
+        False,
+        None,
+    ),
     ("disconnected host", child(), parent(), suspended_host(), False, "suspended"),
     ("unreachable host", child(), parent(), unreachable_host(), False, "suspended"),
     ("leech", child(), parent(), leech_host(), False, "leech"),
@@ -111,7 +131,7 @@ def test_unreachable_suspension_expires() -> None:
 
 def test_every_filter_is_named() -> None:
     names = [name for name, _ in FILTERS]
-    assert names == ["self", "same_host", "blocked", "bad", "suspended", "leech", "unready", "cycle"]
+    assert names == ["self", "same_host", "blocked", "bad", "slow", "suspended", "leech", "unready", "cycle"]
 
 
 def test_engine_never_offers_a_peer_of_the_childs_own_host() -> None:

@@ -197,6 +197,10 @@ class DownloadPlanner:
         self._failed.pop(piece, None)
         return cancels
 
+    def requested_at(self, parent_id: str, piece: int) -> float | None:
+        """When the request of this piece from this parent was handed out (None: not in flight)."""
+        return self._copies.get(piece, {}).get(parent_id)
+
     def piece_lost(self, piece: int) -> None:
         """A piece we had is gone (storage could not keep it): missing again. Its holders are forgotten
         once a piece is done, so the caller announces them again with ``parent_has``."""

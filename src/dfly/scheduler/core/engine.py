@@ -23,6 +23,7 @@ import random
 
 from dfly.scheduler.core.cluster import Cluster, RemovedPeer, TaskView
 from dfly.scheduler.core.config import EngineConfig
+from dfly.scheduler.core.costs import PieceCosts
 from dfly.scheduler.core.graph import make_root
 from dfly.scheduler.core.hosts import HostHandlers
 from dfly.scheduler.core.messages import (
@@ -159,6 +160,11 @@ class SchedulerEngine:
         commands: list[Command] = []
         if peer.reads_origin and publish(task, event.pieces):
             commands.extend(self._recheck_verdicts(task))
+        for piece in event.pieces:
+            if piece.cost_s > 0 and (parent := task.peers.get(piece.parent_id)) is not None:
+                if parent.served_costs is None:
+                    parent.served_costs = PieceCosts()
+                parent.served_costs.record(piece.cost_s)
         first_pieces = peer.finished_piece_count == 0 and bool(event.pieces)
         peer.finished_piece_count += len(event.pieces)
         if peer.state is PeerState.RECEIVED:

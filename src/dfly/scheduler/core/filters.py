@@ -1,7 +1,8 @@
 """Candidate-parent filters: a chain of named rejections, each a pure predicate (True = drop).
 
-Order matters only for the reason reported: self, same host, blocked, bad state, suspended host, leech,
-unready, cycle. `rejection_reason` returns the first filter's name that drops a candidate, or None.
+Order matters only for the reason reported: self, same host, blocked, bad state, slow (piece-cost
+outlier), suspended host, leech, unready, cycle. `rejection_reason` returns the first filter's name
+that drops a candidate, or None.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ def is_bad(ctx: FilterContext, candidate: Peer, host: Host) -> bool:
     return candidate.state in BAD_PARENT_STATES
 
 
+def is_slow(ctx: FilterContext, candidate: Peer, host: Host) -> bool:
+    """The last piece it served took far longer than its history (core/costs.py); seeds and origin
+    readers are exempt (their costs include the queueing of every child waiting on the source)."""
+    costs = candidate.served_costs
+    if costs is None or not costs.bad or host.info.seed or candidate.reads_origin:
+        return False
+    return candidate.state is not PeerState.BACK_TO_SOURCE
+
+
 def is_suspended(ctx: FilterContext, candidate: Peer, host: Host) -> bool:
     """The host's keepalive dropped, or children reported it unreachable."""
     return host.is_suspended(ctx.now)
@@ -73,6 +83,7 @@ FILTERS: tuple[tuple[str, Rejection], ...] = (
     ("same_host", is_same_host),
     ("blocked", is_blocked),
     ("bad", is_bad),
+    ("slow", is_slow),
     ("suspended", is_suspended),
     ("leech", is_leech),
     ("unready", is_unready),

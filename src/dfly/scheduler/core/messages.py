@@ -68,6 +68,7 @@ class FinishedPiece:
     number: int
     digest: int  # CRC-32
     parent_id: str = ""  # empty when read from the origin
+    cost_s: float = 0.0  # the child's time from request to verified piece (0: not measured)
 
 
 @dataclass(frozen=True, slots=True)

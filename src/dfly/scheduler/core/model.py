@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from dfly.common.errors import DflyError
+from dfly.scheduler.core.costs import PieceCosts
 from dfly.scheduler.core.messages import DownloadSpec, HostInfo, TaskLayout
 
 
@@ -135,6 +136,7 @@ class Peer:
     retry_at: float | None = None
     reads_origin: bool = False  # told to read the origin, not yet finished, failed or gone
     finish_digests: tuple[int, ...] | None = None  # finished, verdict deferred
+    served_costs: PieceCosts | None = None  # costs of pieces it served, as its children report them
 
     def move_to(self, state: PeerState) -> None:
         if state is self.state:
