@@ -5,6 +5,11 @@ The child is this file run as a script (`python test_storage_crash.py child ROOT
 writing the rest of "half" and rewriting task "busy" (commit interval 20 ms) until it is killed, printing
 a line per round so the kill lands in the middle of writes and commits.
 
+In "power" mode the child also simulates a power cut: its piece writes stay in its own memory until an
+fdatasync of that file applies them (`_lose_unsynced_writes_on_kill`), so the SIGKILL loses every byte
+that was not synced, as a power cut loses the page cache; a record for such a piece would point at
+zeros.
+
 After the kill the test reopens the storage in-process: the open is unclean, "done" is finished and
 complete, "half" keeps at least the pieces that were durable before READY, and every recovered piece's
 bytes on disk match its recorded CRC-32 and the bytes the child wrote.
@@ -22,6 +27,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +53,27 @@ async def _write(storage: Storage, task_id: str, number: int) -> None:
     data = piece_bytes(task_id, number)
     offset, _ = meta_of(task_id).piece_span(number)
     await storage.write_piece(task_id, number, offset, data, zlib.crc32(data))
+
+
+def _lose_unsynced_writes_on_kill() -> None:
+    """Piece writes are kept in memory (per file) until fdatasync of that file writes them out."""
+    from dfly.daemon.storage import writer
+
+    volatile: dict[int, list[tuple[int, bytes]]] = {}  # inode -> writes not yet synced
+    real_fdatasync = os.fdatasync
+
+    def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+        volatile.setdefault(os.fstat(fd).st_ino, []).append((offset, bytes(view)))
+
+    def fdatasync(fd: Any) -> None:
+        for offset, data in volatile.pop(os.fstat(fd).st_ino, []):
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+        real_fdatasync(fd)
+
+    writer.pwrite_all = pwrite_all  # type: ignore[attr-defined]
+    os.fdatasync = fdatasync
 
 
 async def _child(root: Path) -> None:
@@ -97,10 +124,11 @@ def _check_bytes(storage: Storage, task: StoredTask) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_sigkill_leaves_durable_records_with_matching_bytes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("crash", ["sigkill", "power"])
+def test_sigkill_leaves_durable_records_with_matching_bytes(tmp_path: Path, crash: str) -> None:
     root = tmp_path / "storage"
     proc = subprocess.Popen(
-        [sys.executable, __file__, "child", str(root)],
+        [sys.executable, __file__, "child", str(root), crash],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -141,4 +169,6 @@ def test_sigkill_leaves_durable_records_with_matching_bytes(tmp_path: Path) -> N
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
+    if sys.argv[3:4] == ["power"]:
+        _lose_unsynced_writes_on_kill()
     asyncio.run(_child(Path(sys.argv[2])))
