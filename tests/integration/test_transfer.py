@@ -481,3 +481,31 @@ def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -
         del conn2
 
     run(main())
+
+
+def test_child_disconnecting_mid_piece_leaves_the_server_serving(tmp_path: Path) -> None:
+    """A child that asks for a 16 MiB piece (more than the socket buffers hold) and resets the connection
+    after a few bytes: the upload ends, its slot and connection are freed, the next child gets it all."""
+    make_file(tmp_path / "f", 32 * MiB)
+    task = FileTask(tmp_path / "f", "t1", 16 * MiB)
+
+    async def main() -> None:
+        server, port = await start(task)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(p.encode_hello(task.task_id, "rude-child", task.piece_length, task.content_length))
+        writer.write(p.encode_request(1))
+        await reader.readexactly(64)  # HELLO, BITFIELD and the start of the piece
+        assert server.active_uploads == 1  # sendfile is blocked on the full socket
+        writer.transport.abort()  # RST, in the middle of the body
+        for _ in range(200):
+            if server.connections_open == 0 and server.active_uploads == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert server.connections_open == 0
+        assert server.active_uploads == 0
+        rec = Recorder()
+        conn = await connect(port, task, rec)
+        await fetch_all(conn, rec, 2)
+        await server.close()
+
+    run(main())

@@ -220,3 +220,21 @@ def test_silent_origin_times_out() -> None:
 def test_unsupported_scheme() -> None:
     with pytest.raises(SourceError, match="unsupported source URL"):
         stat("ftp://example.com/x", {}, timeout_s=1)
+
+
+@pytest.mark.parametrize(
+    ("headers", "fragment"),
+    [
+        ({f"X-Filler-{i}": "x" for i in range(150)}, "more than 100 headers"),
+        ({"X-Huge": "x" * (70 * KiB)}, "more than 65536 bytes when reading header line"),
+    ],
+    ids=["too many headers", "header line too long"],
+)
+def test_oversized_response_headers_are_a_clear_source_error(
+    origin: Origin, headers: dict[str, str], fragment: str
+) -> None:
+    url = origin.add_bytes("big-headers.bin", b"x" * 100, headers=headers)
+    with pytest.raises(SourceError) as info:
+        stat(url, {}, timeout_s=5)
+    assert fragment in str(info.value).lower()
+    assert url.rsplit("/", 1)[0].split("//")[1] in str(info.value)  # names the origin
