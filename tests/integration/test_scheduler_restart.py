@@ -9,11 +9,12 @@ given them as parents: both finish with the right bytes and the origin sends one
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import Downloads, stats, wait_until
+from clusterkit import Downloads, dfget_cmd, dfget_ok, stats, wait_until
 
 from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
@@ -93,3 +94,31 @@ def test_without_a_scheduler_a_peer_keeps_its_parents_then_reads_only_what_is_mi
         assert 0 < got["back_to_source"] < FILE_BYTES
         assert got["remote_seed"] + got["back_to_source"] == FILE_BYTES
         assert "no scheduler, and no parent had a missing piece for 1 s" in p1.log_path.read_text()
+
+
+def test_with_no_scheduler_at_all_a_download_reads_the_origin_unless_told_not_to(
+    tmp_path: Path,
+) -> None:
+    """No scheduler answers (it is gone before the download starts): dfget reads the origin at once;
+    with --disable-back-to-source it fails with a clear one-line error instead, and nothing is read."""
+    with Origin(tmp_path / "www") as origin, LocalCluster(tmp_path / "c", peers=1) as cluster:
+        assert origin.root is not None
+        origin.root.mkdir(parents=True, exist_ok=True)
+        digest = make_file(origin.root / "h.bin", 8 * MiB, seed=31)
+        make_file(origin.root / "i.bin", 8 * MiB, seed=32)
+        cluster.kill_member("scheduler")
+        p1 = cluster.member("peer-1")
+        dfget_ok(p1, origin.url("/h.bin"), tmp_path / "out", timeout_s=DFGET_TIMEOUT_S)
+        assert file_digest(tmp_path / "out").value == digest
+        assert stats(p1)["download_bytes"]["back_to_source"] == 8 * MiB
+        sent = origin.bytes_sent
+        refused = subprocess.run(
+            dfget_cmd(p1, origin.url("/i.bin"), tmp_path / "no", "--disable-back-to-source"),
+            capture_output=True, text=True, timeout=DFGET_TIMEOUT_S,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "back-to-source is disabled" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in refused.stderr
+        assert not (tmp_path / "no").exists()
+        assert origin.bytes_sent == sent
