@@ -26,6 +26,7 @@ from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig
 from dfly.daemon.context import Counters, DaemonContext
 from dfly.daemon.local_api import LocalApiServer
+from dfly.daemon.proxy.server import RegistryMirror
 from dfly.daemon.scheduler_client import SchedulerClient, source_ip_toward
 from dfly.daemon.scheduler_ring import SchedulerRing
 from dfly.daemon.services import ControlService, start_health_server
@@ -114,6 +115,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     metrics_port = metrics_server.server_port
     local_api = LocalApiServer(tasks, config.local_api.socket, config.local_api.mode, config.local_api.group)
     await local_api.start()
+    mirror = RegistryMirror(tasks, config.proxy.registry_mirror, config.proxy.allowed_hosts)
+    proxy_port = await mirror.start(config.proxy.ip, config.proxy.port) if config.proxy.enable else None
 
     upload_rate = UploadRate(counters)
 
@@ -163,7 +166,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
                         "socket": str(config.local_api.socket),
                         "ports": {
                             "control": control_port,
-                            "proxy": None,
+                            "proxy": proxy_port,
                             "metrics": metrics_port,
                             "health": health_port,
                             "piece": piece_port,
@@ -178,6 +181,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             for task in background:
                 task.cancel()
     finally:
+        await mirror.close()
         await local_api.close()
         await tasks.close()
         await pieces.close()

@@ -86,6 +86,23 @@ class LocalListenerSection(ListenerSection):
 
 class ProxySection(LocalListenerSection):
     port: int = Field(default=4001, ge=0, le=65535)
+    enable: bool = True  # the registry mirror on ip:port (127.0.0.1 unless configured)
+    # Upstream for mirror requests without X-Dragonfly-Registry or ns= (podman and skopeo send neither),
+    # e.g. "https://registry.example.com" or "127.0.0.1:5000"; "" = those requests get 400.
+    registry_mirror: str = ""
+    # Other upstreams the mirror may contact (scheme://host[:port]); registry_mirror is always allowed.
+    allowed_hosts: list[str] = []
+
+    @model_validator(mode="after")
+    def _upstreams_parse(self) -> ProxySection:
+        from dfly.daemon.proxy.registry import BadRequest, normalize_upstream
+
+        for value in ([self.registry_mirror] if self.registry_mirror else []) + self.allowed_hosts:
+            try:
+                normalize_upstream(value)
+            except BadRequest as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 class MetricsSection(LocalListenerSection):

@@ -151,6 +151,19 @@ class TaskManager:
             attempt.add_done_callback(self._attempt_done)
         return live
 
+    def evict(self, task_id: str) -> None:
+        """Forget a task whose bytes proved wrong as a whole (a registry blob failing its digest): no longer
+        served, its file deleted, and the next request downloads it afresh."""
+        live = self._live.pop(task_id, None)
+        if live is None:
+            return
+        log.error("task %s evicted: its content does not match the digest it was asked for", task_id[:12])
+        if live.attempt is not None and not live.attempt.done():
+            live.attempt.cancel()
+        deletion = asyncio.get_running_loop().create_task(self.ctx.storage.delete_task(task_id))
+        self._tasks.add(deletion)
+        deletion.add_done_callback(self._tasks.discard)
+
     def pieces_lost(self, task_id: str, pieces: list[int]) -> None:
         """Storage dropped these written pieces (failed fdatasync): never serve or use them again."""
         live = self._live.get(task_id)

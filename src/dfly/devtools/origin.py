@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 from urllib.parse import quote, unquote, urlsplit
 
 from dfly.common.pieces import MiB, parse_size
+from dfly.common.ranges import Unsatisfiable, parse_range
 
 STATS_PATH = "/_stats"
 _SEND_CHUNK_BYTES = 4 * MiB
@@ -58,28 +59,6 @@ class _Resource:
     file: BinaryIO | None = None
     data: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
-
-
-class _Unsatisfiable(Exception):
-    pass
-
-
-def parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """(first, last) of one `bytes=` range; None to serve the whole body; raises _Unsatisfiable for a 416."""
-    unit, _, spec = header.strip().partition("=")
-    first_text, dash, last_text = (part.strip() for part in spec.partition("-"))
-    if unit.strip().lower() != "bytes" or not dash or not (first_text + last_text).isdigit():
-        return None  # not a single byte range (several ranges included): ignore it
-    if not first_text:  # suffix: the last n bytes
-        if int(last_text) == 0 or size == 0:
-            raise _Unsatisfiable
-        return max(0, size - int(last_text)), size - 1
-    first, last = int(first_text), int(last_text) if last_text else size - 1
-    if last_text and last < first:
-        return None
-    if first >= size:
-        raise _Unsatisfiable
-    return first, min(last, size - 1)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -117,7 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
         if origin.ranges_enabled and range_header and if_range in (None, res.etag, res.last_modified):
             try:
                 span = parse_range(range_header, res.size)
-            except _Unsatisfiable:
+            except Unsatisfiable:
                 self._reply(416, {"Content-Range": f"bytes */{res.size}"}, b"", head)
                 return
         first, last = span if span is not None else (0, res.size - 1)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dfly.devtools.origin import Origin, _Unsatisfiable, make_file, parse_range, pseudo_random_bytes
+from dfly.common.ranges import Unsatisfiable, parse_range
+from dfly.devtools.origin import Origin, make_file, pseudo_random_bytes
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -64,7 +65,7 @@ def test_parse_range(header: str, want: tuple[int, int] | None) -> None:
 
 @pytest.mark.parametrize("header", ["bytes=10240-", "bytes=20000-30000", "bytes=-0"])
 def test_parse_range_unsatisfiable(header: str) -> None:
-    with pytest.raises(_Unsatisfiable):
+    with pytest.raises(Unsatisfiable):
         parse_range(header, len(DATA))
 
 

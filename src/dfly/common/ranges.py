@@ -1,0 +1,28 @@
+"""HTTP `Range: bytes=` parsing shared by the test origin and the daemon's registry mirror (one range only).
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+
+class Unsatisfiable(Exception):
+    """The range starts past the end (HTTP 416)."""
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """(first, last) of one `bytes=` range; None to serve the whole body; raises Unsatisfiable for a 416."""
+    unit, _, spec = header.strip().partition("=")
+    first_text, dash, last_text = (part.strip() for part in spec.partition("-"))
+    if unit.strip().lower() != "bytes" or not dash or not (first_text + last_text).isdigit():
+        return None  # not a single byte range (several ranges included): ignore it
+    if not first_text:  # suffix: the last n bytes
+        if int(last_text) == 0 or size == 0:
+            raise Unsatisfiable
+        return max(0, size - int(last_text)), size - 1
+    first, last = int(first_text), int(last_text) if last_text else size - 1
+    if last_text and last < first:
+        return None
+    if first >= size:
+        raise Unsatisfiable
+    return first, min(last, size - 1)

@@ -1,0 +1,1 @@
+"""The daemon's HTTP edge on port 4001: OCI registry mirror (and, later, forward proxy)."""

@@ -1,0 +1,122 @@
+"""A registry blob served from its P2P task: bytes in order as pieces arrive, the blob digest checked.
+
+Job: `serve_blob` runs the task through `TaskManager.download` and writes the requested bytes to an
+aiohttp response while pieces become available (each piece was CRC-checked when it arrived).
+
+Rules:
+- The whole blob is hashed in order (also the bytes before a `Range` start, read but not sent); the
+  response's last chunk is held back until the `sha256:` digest of the URL verifies. On a mismatch the
+  connection is closed before that chunk, so a client never completes a wrong blob, and the task is
+  evicted so the next request fetches it again. A range that ends before the blob does is sent once its
+  pieces verified their CRC (there is nothing to hold back from).
+- Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest`,
+  `Accept-Ranges: bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range`, past the end → 416.
+- Reads from the task file go through a thread (a piece is up to 64 MiB); at most one piece is in
+  memory per response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from aiohttp import web
+
+from dfly.common.errors import DflyError, DigestMismatch
+from dfly.common.ranges import Unsatisfiable, parse_range
+from dfly.daemon.local_api import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
+
+log = logging.getLogger(__name__)
+DOWNLOAD_TIMEOUT_S = 2 * 3600.0
+
+
+class Downloads(Protocol):
+    """What serve_blob needs of the daemon (TaskManager)."""
+
+    def download(self, request: DownloadRequest) -> AsyncIterator[DownloadEvent]: ...
+
+    def evict(self, task_id: str) -> None:
+        """Forget a finished task and delete its file (a blob that failed its digest)."""
+
+
+def _headers(digest: str, task_id: str, length: int) -> dict[str, str]:
+    return {
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(length),
+        "Docker-Content-Digest": digest,
+        "Accept-Ranges": "bytes",
+        "X-Dragonfly-Task-ID": task_id,
+    }
+
+
+async def serve_blob(
+    request: web.Request, tasks: Downloads, url: str, digest: str, upstream_headers: dict[str, str]
+) -> web.StreamResponse:
+    """Serve `url` (a blob whose digest is `digest`) through P2P; DflyError before any byte is sent."""
+    download = DownloadRequest(
+        url=url, tag="", application="", filtered_query_params=(), headers=upstream_headers,
+        piece_length=None, timeout_s=DOWNLOAD_TIMEOUT_S, disable_back_to_source=False,
+    )  # fmt: skip
+    events = aiter(tasks.download(download))
+    response: web.StreamResponse | None = None
+    read_fd = -1
+    try:
+        started = await anext(events)
+        if not isinstance(started, Started):
+            raise DflyError("the download ended before it started")
+        size, piece_length = started.content_length, started.piece_length
+        read_fd = os.dup(started.read_fd)  # ours: the task's own fd closes if it is evicted meanwhile
+        try:
+            span = parse_range(request.headers.get("Range", ""), size) if "Range" in request.headers else None
+        except Unsatisfiable:
+            raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"}) from None
+        first, last = span if span is not None else (0, size - 1)
+        status = 206 if span is not None else 200
+        headers = _headers(digest, started.task_id, last - first + 1)
+        response = web.StreamResponse(status=status, headers=headers)
+        if span is not None:
+            response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        await response.prepare(request)
+        hasher = hashlib.sha256()
+        ready: set[int] = set()
+        position = 0  # next byte of the blob to hash
+        whole = last == size - 1  # the response ends where the blob does: its end waits for the digest
+        while position < size and (whole or position <= last):
+            event = await anext(events)
+            if isinstance(event, PiecesReady):
+                ready.update(event.pieces)
+            while position < size and position // piece_length in ready:
+                number = position // piece_length
+                end = min(size, (number + 1) * piece_length)
+                data = await asyncio.to_thread(os.pread, read_fd, end - position, position)
+                if len(data) != end - position:
+                    raise DflyError(f"task file of {url} ended early")
+                hasher.update(data)
+                send_from, send_to = max(first, position), min(last + 1, end)
+                if end == size and whole and f"sha256:{hasher.hexdigest()}" != digest:
+                    tasks.evict(started.task_id)
+                    raise DigestMismatch(f"blob {digest} from {url} has sha256:{hasher.hexdigest()}")
+                if send_from < send_to:
+                    await response.write(data[send_from - position : send_to - position])
+                position = end
+            if isinstance(event, Finished):
+                break
+        await response.write_eof()
+        return response
+    except DflyError as exc:
+        if response is None:
+            raise
+        log.error("blob %s: %s; closing the connection before its end", digest, exc)
+        if request.transport is not None:
+            request.transport.close()  # the client sees a short body, never a complete wrong blob
+        return response
+    finally:
+        if read_fd >= 0:
+            os.close(read_fd)
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()

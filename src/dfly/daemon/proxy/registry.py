@@ -1,0 +1,87 @@
+"""Registry-mirror routing, pure: what a request is, which upstream it goes to, and the blob's URL.
+
+Rules (issue 5, reference/container-clients.md):
+- `GET|HEAD /v2/` is answered by the mirror itself (skopeo and podman ping it before using a mirror).
+- `GET /v2/<name>/blobs/sha256:<64 hex>` is a blob: served through P2P, one task per canonical upstream
+  URL, so the same layer pulled by different hosts is one task. Everything else (manifests, tags, HEAD,
+  uploads) is passed through to the upstream.
+- The upstream comes from the `X-Dragonfly-Registry` header, else containerd's `ns=` query parameter
+  (a host[:port], plain HTTP only when it is a loopback or listed as such), else the configured default
+  (`proxy.registry_mirror`). It must be one of `allowed` (scheme://host[:port]); anything else is
+  refused before any connection is made.
+- Repository names follow the distribution grammar (lower-case path components); anything that could
+  leave `/v2/` (`..`, empty components, `%2f`) is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from dfly.common.errors import DflyError
+
+_NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+_BLOB = re.compile(rf"/v2/(?P<name>{_NAME})/blobs/(?P<digest>sha256:[a-f0-9]{{64}})")
+
+
+class Forbidden(DflyError):
+    """The request names an upstream the mirror may not contact (HTTP 403)."""
+
+
+class BadRequest(DflyError):
+    """Not a registry request this mirror can make sense of (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: str  # "ping" | "blob" | "pass"
+    name: str = ""  # repository
+    digest: str = ""  # blobs: "sha256:<hex>"
+
+
+def route(method: str, path: str) -> Route:
+    """Classify an origin-form request path (without its query)."""
+    if path in ("/v2", "/v2/") and method in ("GET", "HEAD"):
+        return Route("ping")
+    if "%" in path or "//" in path or "/../" in f"{path}/" or "/./" in f"{path}/":
+        raise BadRequest(f"invalid registry path {path!r}")
+    if method == "GET" and (blob := _BLOB.fullmatch(path)):
+        return Route("blob", blob["name"], blob["digest"])
+    if path.startswith("/v2/"):
+        return Route("pass")
+    raise BadRequest(f"not a registry API path: {path!r}")
+
+
+def normalize_upstream(value: str) -> str:
+    """'http://h:p', 'https://h', 'h:p' -> 'scheme://host[:port]' (no path); BadRequest if not one."""
+    text = value.strip().rstrip("/")
+    if "://" not in text:
+        host = text.rsplit(":", 1)[0].strip("[]")
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        text = f"{'http' if loopback else 'https'}://{text}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise BadRequest(f"invalid registry {value!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise BadRequest(f"invalid registry {value!r}") from None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}"
+
+
+def choose_upstream(header: str | None, ns: str | None, default: str, allowed: frozenset[str]) -> str:
+    """The upstream registry for a request (module rules); Forbidden unless it is allowed."""
+    given = header or (unquote(ns) if ns else None) or default
+    if not given:
+        raise BadRequest("no upstream registry: send X-Dragonfly-Registry or configure proxy.registry_mirror")
+    upstream = normalize_upstream(given)
+    if upstream not in allowed:
+        raise Forbidden(f"registry {upstream} is not in proxy.allowed_hosts")
+    return upstream
+
+
+def blob_url(upstream: str, name: str, digest: str) -> str:
+    """The canonical upstream URL of a blob: the task id of its P2P download derives from it."""
+    return f"{upstream}/v2/{name}/blobs/{digest}"

@@ -1,0 +1,158 @@
+"""The registry mirror on port 4001 (aiohttp): `/v2/` answered here, blob GETs through P2P, the rest
+passed on.
+
+Rules (see registry.py for routing and upstream choice):
+- Blob GETs become P2P downloads of the blob's canonical upstream URL (blob.py). A blob GET carrying
+  `Authorization` is passed through instead: credentials never enter the swarm (private content is
+  fetched directly for that client).
+- Pass-through requests go to the upstream with the client's method, path, query (without `ns`), body
+  and headers (every value of repeated ones such as `Accept`; hop-by-hop headers dropped); the answer
+  streams back unchanged (no decompression, no redirect following).
+- Errors answer with `X-Dragonfly-Error-Type` (and the origin's status for origin errors): 400 bad
+  request, 403 upstream not allowed (no connection is made), 502 for an unreachable upstream or a failed
+  download. Absolute-form (forward-proxy) requests and CONNECT get 501: not built yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from dfly.common.errors import DflyError, SourceError
+from dfly.daemon.proxy.blob import Downloads, serve_blob
+from dfly.daemon.proxy.registry import (
+    BadRequest,
+    Forbidden,
+    blob_url,
+    choose_upstream,
+    normalize_upstream,
+    route,
+)
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "host",
+        "content-length",
+    ]
+)
+REGISTRY_HEADER = "X-Dragonfly-Registry"
+PING_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0", "Content-Type": "application/json"}
+
+
+def _error(status: int, kind: str, message: str, origin_status: int = 0) -> web.Response:
+    headers = {"X-Dragonfly-Error-Type": kind}
+    if origin_status:
+        headers["X-Dragonfly-Origin-Status"] = str(origin_status)
+    return web.Response(status=status, text=message + "\n", headers=headers)
+
+
+def _forwarded(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers:
+        if name.lower() not in HOP_BY_HOP and name.lower() != REGISTRY_HEADER.lower():
+            out.add(name, value)
+    return out
+
+
+class RegistryMirror:
+    def __init__(self, tasks: Downloads, default_upstream: str, allowed: Iterable[str]) -> None:
+        self.tasks = tasks
+        self.default_upstream = normalize_upstream(default_upstream) if default_upstream else ""
+        self.allowed = frozenset(normalize_upstream(a) for a in allowed) | (
+            {self.default_upstream} if self.default_upstream else set()
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0 = any free port); returns the bound port."""
+        self._session = aiohttp.ClientSession(
+            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
+        )
+        app = web.Application(client_max_size=0)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        await web.SockSite(self._runner, sock).start()
+        return int(sock.getsockname()[1])
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "CONNECT" or request.raw_path.startswith(("http://", "https://")):
+            return _error(
+                501, "unsupported", "forward proxying is not built yet; use dfly as a registry mirror"
+            )
+        try:
+            what = route(request.method, request.path)
+            if what.kind == "ping":
+                return web.Response(
+                    status=200, body=b"{}" if request.method == "GET" else None, headers=PING_HEADERS
+                )
+            upstream = choose_upstream(
+                request.headers.get(REGISTRY_HEADER),
+                request.query.get("ns"),
+                self.default_upstream,
+                self.allowed,
+            )
+            if what.kind == "blob" and "Authorization" not in request.headers:
+                url = blob_url(upstream, what.name, what.digest)
+                return await serve_blob(request, self.tasks, url, what.digest, {})
+            return await self._pass(request, upstream)
+        except BadRequest as exc:
+            return _error(400, "bad_request", str(exc))
+        except Forbidden as exc:
+            return _error(403, "forbidden", str(exc))
+        except SourceError as exc:
+            status = exc.status_code if 400 <= exc.status_code < 500 else 502
+            return _error(status, "origin", str(exc), exc.status_code)
+        except DflyError as exc:
+            return _error(502, exc.kind if hasattr(exc, "kind") else "download", str(exc))
+
+    async def _pass(self, request: web.Request, upstream: str) -> web.StreamResponse:
+        assert self._session is not None
+        query = [(k, v) for k, v in request.query.items() if k != "ns"]
+        body = request.content if request.body_exists else None
+        try:
+            headers = _forwarded(request.headers.items())
+            async with self._session.request(
+                request.method, upstream + request.path, params=query, headers=headers, data=body,
+                allow_redirects=False,
+            ) as upstream_response:  # fmt: skip
+                response = web.StreamResponse(
+                    status=upstream_response.status, reason=upstream_response.reason
+                )
+                for name, value in upstream_response.headers.items():
+                    if name.lower() not in HOP_BY_HOP:
+                        response.headers.add(name, value)
+                if "Content-Length" in upstream_response.headers:
+                    response.content_length = int(upstream_response.headers["Content-Length"])
+                await response.prepare(request)
+                if request.method != "HEAD":
+                    async for chunk in upstream_response.content.iter_chunked(256 * 1024):
+                        await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"registry {upstream} unreachable: {exc}") from None

@@ -1,0 +1,161 @@
+"""A real registry for the conformance tests: Debian's `docker-registry` on 127.0.0.1, and an image.
+
+`Registry(dir)` starts distribution 2.8 with filesystem storage and an access log (combined format, so
+each line carries the request and the client's User-Agent); `blob_gets()` lists the blob GETs it
+served. `push_image(registry, dir)` builds an OCI image without network (a config and `layers` gzip
+tar layers of random, incompressible data) as an OCI layout and pushes it with skopeo; it returns the
+image reference and every blob digest. Everything it starts is stopped by `stop()` / the context exit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import random
+import re
+import shutil
+import socket
+import subprocess
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+OCI = "application/vnd.oci.image"
+MISSING = [tool for tool in ("docker-registry", "skopeo") if shutil.which(tool) is None]
+_BLOB_GET = re.compile(
+    r'"GET /v2/(?P<name>[^ ]+)/blobs/(?P<digest>sha256:[a-f0-9]{64}) [^"]*" (?P<status>\d+) (?P<bytes>\d+) '
+    r'"[^"]*" "(?P<ua>[^"]*)"'
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Registry:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = f"127.0.0.1:{self.port}"
+        self.log_path = directory / "registry.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Registry:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "config.yml"
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n  accesslog:\n    disabled: false\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.dir / 'data'}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+        )
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"docker-registry did not start:\n{self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def blob_gets(self) -> list[tuple[str, str, int]]:
+        """(digest, user agent, body bytes) of every blob GET the registry answered so far."""
+        text = self.log_path.read_text(errors="replace")
+        return [(m["digest"], m["ua"], int(m["bytes"])) for m in _BLOB_GET.finditer(text)]
+
+
+def _blob(layout: Path, data: bytes) -> tuple[str, int]:
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return f"sha256:{digest}", len(data)
+
+
+def _layer(name: str, size: int) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo(f"data/{name}")
+        info.size = size
+        tar.addfile(info, io.BytesIO(random.randbytes(size)))  # incompressible: the layer is ~size
+    return gzip.compress(raw.getvalue(), compresslevel=1, mtime=0)
+
+
+def push_image(
+    registry: Registry, directory: Path, *, layers: int = 2, layer_bytes: int = 4 << 20
+) -> tuple[str, list[str]]:
+    """Build and push `demo/app:1`; returns (reference, [config digest, layer digests...])."""
+    layout = directory / "oci"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    layer_descs, diff_ids = [], []
+    for k in range(layers):
+        data = _layer(f"file-{k}", layer_bytes)
+        digest, size = _blob(layout, data)
+        layer_descs.append(
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}
+        )
+        diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest())
+    rootfs = {"type": "layers", "diff_ids": diff_ids}
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": rootfs}).encode()
+    config_digest, config_size = _blob(layout, config)
+    config_desc = {"mediaType": f"{OCI}.config.v1+json", "digest": config_digest, "size": config_size}
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": f"{OCI}.manifest.v1+json",
+            "config": config_desc,
+            "layers": layer_descs,
+        }
+    ).encode()
+    manifest_digest, manifest_size = _blob(layout, manifest)
+    entry = {"mediaType": f"{OCI}.manifest.v1+json", "digest": manifest_digest, "size": manifest_size,
+             "annotations": {"org.opencontainers.image.ref.name": "1"}}  # fmt: skip
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    reference = f"{registry.host}/demo/app:1"
+    subprocess.run(
+        ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", f"oci:{layout}:1", f"docker://{reference}"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return reference, [config_digest, *(str(d["digest"]) for d in layer_descs)]
+
+
+def registries_conf(path: Path, registry: Registry, mirror_port: int) -> Path:
+    path.write_text(
+        "unqualified-search-registries = []\n"
+        f'[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n'
+        f'[[registry.mirror]]\nlocation = "127.0.0.1:{mirror_port}"\ninsecure = true\n'
+    )
+    return path
+
+
+def pulled_blobs(directory: Path) -> dict[str, str]:
+    """skopeo `dir:` output: {file name: sha256 of its bytes} for every blob file."""
+    out = {}
+    for entry in directory.iterdir():
+        if re.fullmatch(r"[a-f0-9]{64}", entry.name):
+            out[entry.name] = hashlib.sha256(entry.read_bytes()).hexdigest()
+    return out

@@ -1,0 +1,121 @@
+"""skopeo pulls an image from a real registry through the dfdaemon registry mirror (port 4001).
+
+Real processes: Debian's docker-registry on 127.0.0.1 holding a 2-layer image pushed with skopeo; a
+scheduler, a seed and two peers whose `proxy.registry_mirror` is that registry. skopeo (registries.conf
+mirror = peer-1's proxy port) copies the image to a `dir:`; then the same through peer-2. Checks: every
+blob's bytes have their digest; the registry's access log shows no blob GET from skopeo (the bytes came
+through the mirror) and exactly one GET per blob in all (the seed's; peer-2's pull made none).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from registry_kit import MISSING, Registry, pulled_blobs, push_image, registries_conf
+
+from dfly.cluster import LocalCluster
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        bool(MISSING), reason=f"not installed: {', '.join(MISSING)} (bash .ci/run installs them)"
+    ),
+]
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    with Registry(tmp_path / "registry") as running:
+        yield running
+
+
+def skopeo_pull(conf: Path, reference: str, out: Path) -> None:
+    argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy", f"docker://{reference}"]
+    done = subprocess.run([*argv, f"dir:{out}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_skopeo_pulls_through_the_mirror_and_the_registry_sends_each_blob_once(
+    registry: Registry, tmp_path: Path
+) -> None:
+    reference, digests = push_image(registry, tmp_path / "image")
+    pushed_gets = len(registry.blob_gets())
+    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1", "peer-2")}
+    with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
+        for peer in cluster.peers:
+            conf = registries_conf(tmp_path / f"{peer.name}.conf", registry, peer.ports["proxy"])
+            out = tmp_path / f"pulled-{peer.name}"
+            skopeo_pull(conf, reference, out)
+            got = pulled_blobs(out)
+            for digest in digests:
+                hexdigest = digest.removeprefix("sha256:")
+                assert got.get(hexdigest) == hexdigest, f"{peer.name}: blob {digest} missing or wrong"
+        gets = registry.blob_gets()[pushed_gets:]
+        assert not [ua for _, ua, _ in gets if "skopeo" in ua], (
+            "skopeo fetched a blob from the registry itself"
+        )
+        copies = Counter(digest for digest, _, size in gets if size > 1)  # the source's 1-byte stat aside
+        assert copies == Counter(digests), gets  # each blob sent once in all, to the seed
+        assert all(m.alive() for m in cluster.members)
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry, tmp_path: Path) -> None:
+    """`/v2/` ping, a blob with and without Range (bytes checked against skopeo's direct copy), a manifest
+    passed through with every Accept value, a registry that is not allowed (403, no request made) and a
+    path that is not the registry API (400)."""
+    reference, digests = push_image(registry, tmp_path / "image", layers=1)
+    direct = tmp_path / "direct"
+    argv = [
+        "skopeo",
+        "--insecure-policy",
+        "copy",
+        "--src-tls-verify=false",
+        f"docker://{reference}",
+        f"dir:{direct}",
+    ]
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+    layer = digests[1]
+    data = (direct / layer.removeprefix("sha256:")).read_bytes()
+    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1")}
+    with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
+        mirror = f"http://127.0.0.1:{cluster.peers[0].ports['proxy']}"
+        status, headers, body = fetch(f"{mirror}/v2/")
+        assert (status, body, headers["Docker-Distribution-Api-Version"]) == (200, b"{}", "registry/2.0")
+
+        blob = f"{mirror}/v2/demo/app/blobs/{layer}"
+        status, headers, body = fetch(blob, {"Range": "bytes=1000-"})
+        assert status == 206
+        assert headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
+        assert body == data[1000:]
+        status, headers, body = fetch(blob)
+        assert (status, body) == (200, data)
+        assert headers["Docker-Content-Digest"] == layer
+        assert headers["X-Dragonfly-Task-ID"]
+
+        accept = "application/vnd.oci.image.manifest.v1+json"
+        status, headers, _ = fetch(f"{mirror}/v2/demo/app/manifests/1", {"Accept": accept})
+        assert status == 200
+        assert headers["Content-Type"] == accept
+
+        before = registry.log_path.read_text()
+        status, headers, _ = fetch(blob, {"X-Dragonfly-Registry": "http://169.254.169.254"})
+        assert status == 403
+        assert headers["X-Dragonfly-Error-Type"] == "forbidden"
+        status, _, _ = fetch(f"{mirror}/v2/demo/../../etc/passwd")
+        assert status == 400
+        assert registry.log_path.read_text() == before  # nothing was asked of the registry
