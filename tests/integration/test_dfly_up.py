@@ -44,8 +44,9 @@ def _wait_for_cluster_json(proc: subprocess.Popen[bytes], path: Path) -> dict[st
 @pytest.mark.timeout(READY_TIMEOUT_S + STOP_TIMEOUT_S + 30)
 def test_dfly_up_two_peers(tmp_path: Path) -> None:
     cluster_dir = tmp_path / "c"
+    argv = ["up", "--peers", "2", "--dir", str(cluster_dir), "--registry-mirror", "127.0.0.1:5999"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dfly.cli.dfly", "up", "--peers", "2", "--dir", str(cluster_dir)],
+        [sys.executable, "-m", "dfly.cli.dfly", *argv],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -65,11 +66,15 @@ def test_dfly_up_two_peers(tmp_path: Path) -> None:
                 assert "grpc" in p["ports"]
                 continue
             assert Path(p["socket"]).exists(), p
-            assert "proxy_port" in p  # None until the daemon runs its proxy
+            mirror = f"http://127.0.0.1:{p['proxy_port']}/v2/"  # the registry mirror answers its ping
+            with urllib.request.urlopen(mirror, timeout=5) as resp:
+                assert resp.headers["Docker-Distribution-Api-Version"] == "registry/2.0", mirror
             assert p["host_id"]
             url = f"http://127.0.0.1:{p['ports']['health']}/healthy"
             with urllib.request.urlopen(url, timeout=5) as resp:
                 assert resp.status == 200, url
+        configs = [Path(p["config"]).read_text() for p in processes if p["role"] != "scheduler"]
+        assert all("registry_mirror: 127.0.0.1:5999" in text for text in configs)
         hostnames = {p["host_id"] for p in processes if p["role"] != "scheduler"}
         assert len(hostnames) == 3
         proc.send_signal(signal.SIGTERM)

@@ -18,6 +18,7 @@ from types import FrameType
 
 from dfly.cluster import ClusterError, LocalCluster
 from dfly.common.errors import DflyError
+from dfly.daemon.proxy.registry import BadRequest, normalize_upstream
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         metavar="BYTES_PER_S",
         help="upload rate limit of the seed peer in bytes/s (default 0 = unlimited)",
+    )
+    up.add_argument(
+        "--registry-mirror",
+        default="",
+        metavar="URL",
+        help="upstream registry of every daemon's mirror (proxy.registry_mirror), e.g. http://127.0.0.1:5000",
     )
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     up.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for each stage")
@@ -71,12 +78,21 @@ def _run_up(args: argparse.Namespace) -> int:
             raise _Stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if args.registry_mirror:
+        try:
+            normalize_upstream(args.registry_mirror)
+        except BadRequest as exc:
+            print(f"dfly up: --registry-mirror: {exc}", file=sys.stderr)
+            return 2
+    names = ["seed", *(f"peer-{k}" for k in range(1, args.peers + 1))]
+    mirror = {"proxy": {"registry_mirror": args.registry_mirror}} if args.registry_mirror else {}
     cluster = LocalCluster(
         args.dir,
         peers=args.peers,
         seed_upload_limit_bytes_per_s=args.seed_upload_limit,
         log_level=args.log_level,
         ready_timeout_s=args.ready_timeout,
+        daemon_overrides={name: mirror for name in names} if mirror else None,
     )
     print(f"dfly up: starting in {cluster.base_dir}", flush=True)
     code = 0

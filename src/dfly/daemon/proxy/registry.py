@@ -55,13 +55,14 @@ def route(method: str, path: str) -> Route:
 
 def normalize_upstream(value: str) -> str:
     """'http://h:p', 'https://h', 'h:p' -> 'scheme://host[:port]' (no path); BadRequest if not one."""
-    text = value.strip().rstrip("/")
+    text = value.strip()
     if "://" not in text:
-        host = text.rsplit(":", 1)[0].strip("[]")
+        host = text.rstrip("/").rsplit(":", 1)[0].strip("[]")
         loopback = host in ("localhost", "::1") or host.startswith("127.")
         text = f"{'http' if loopback else 'https'}://{text}"
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+    scheme_ok = parts.scheme.lower() in ("http", "https")
+    if not scheme_ok or not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise BadRequest(f"invalid registry {value!r}")
     try:
         port = parts.port

@@ -1,0 +1,91 @@
+"""Registry-mirror routing (daemon/proxy/registry.py): request kinds, upstream choice, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from dfly.daemon.proxy.registry import (
+    BadRequest,
+    Forbidden,
+    blob_url,
+    choose_upstream,
+    normalize_upstream,
+    route,
+)
+
+DIGEST = "sha256:" + "ab" * 32
+ALLOWED = frozenset({"http://127.0.0.1:5000", "https://registry.example.com"})
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind"),
+    [
+        ("GET", "/v2/", "ping"),
+        ("HEAD", "/v2", "ping"),
+        ("GET", f"/v2/demo/app/blobs/{DIGEST}", "blob"),
+        ("GET", f"/v2/library/a-b/c_d/blobs/{DIGEST}", "blob"),
+        ("HEAD", f"/v2/demo/app/blobs/{DIGEST}", "pass"),
+        ("GET", "/v2/demo/app/manifests/1", "pass"),
+        ("GET", "/v2/demo/app/blobs/sha256:short", "pass"),
+        ("PUT", "/v2/demo/app/blobs/uploads/x", "pass"),
+    ],
+)
+def test_route(method: str, path: str, kind: str) -> None:
+    assert route(method, path).kind == kind
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "/v2/a/../../x", "/v2/a//b", "/v2/a%2f..%2fb", "/"])
+def test_paths_that_could_leave_the_registry_api_are_refused(path: str) -> None:
+    with pytest.raises(BadRequest):
+        route("GET", path)
+
+
+def test_blob_route_carries_name_and_digest() -> None:
+    what = route("GET", f"/v2/demo/app/blobs/{DIGEST}")
+    assert (what.name, what.digest) == ("demo/app", DIGEST)
+    assert (
+        blob_url("http://127.0.0.1:5000", what.name, what.digest)
+        == f"http://127.0.0.1:5000/v2/demo/app/blobs/{DIGEST}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "normal"),
+    [
+        ("127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("http://127.0.0.1:5000/", "http://127.0.0.1:5000"),
+        ("registry.example.com", "https://registry.example.com"),
+        ("HTTPS://registry.example.com:443", "https://registry.example.com:443"),
+    ],
+)
+def test_normalize_upstream(value: str, normal: str) -> None:
+    assert normalize_upstream(value) == normal
+
+
+@pytest.mark.parametrize("value", ["ftp://h", "http://h/path", "http://", "http://h:99999"])
+def test_bad_upstreams(value: str) -> None:
+    with pytest.raises(BadRequest):
+        normalize_upstream(value)
+
+
+def test_header_then_ns_then_default() -> None:
+    default = "https://registry.example.com"
+    assert (
+        choose_upstream("http://127.0.0.1:5000", "registry.example.com", default, ALLOWED)
+        == "http://127.0.0.1:5000"
+    )
+    assert choose_upstream(None, "127.0.0.1%3A5000", default, ALLOWED) == "http://127.0.0.1:5000"
+    assert choose_upstream(None, None, default, ALLOWED) == default
+
+
+@pytest.mark.parametrize(
+    "hint", ["http://169.254.169.254", "http://127.0.0.1:6000", "https://127.0.0.1:5000"]
+)
+def test_upstreams_not_allowed_are_forbidden(hint: str) -> None:
+    with pytest.raises(Forbidden):
+        choose_upstream(hint, None, "", ALLOWED)
+
+
+def test_no_upstream_at_all_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest, match="X-Dragonfly-Registry"):
+        choose_upstream(None, None, "", ALLOWED)
