@@ -159,3 +159,78 @@ def pulled_blobs(directory: Path) -> dict[str, str]:
         if re.fullmatch(r"[a-f0-9]{64}", entry.name):
             out[entry.name] = hashlib.sha256(entry.read_bytes()).hexdigest()
     return out
+
+
+class Containerd:
+    """A throw-away containerd with every path under `directory`; `ctr(*args)` runs ctr against it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.socket = directory / "containerd.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Containerd:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "config.toml"
+        disabled = ", ".join(
+            f'"io.containerd.{p}"'
+            for p in (
+                "grpc.v1.cri",
+                "snapshotter.v1.aufs",
+                "snapshotter.v1.btrfs",
+                "snapshotter.v1.devmapper",
+                "snapshotter.v1.zfs",
+            )
+        )
+        config.write_text(
+            f'version = 2\nroot = "{self.dir / "root"}"\nstate = "{self.dir / "state"}"\n'
+            f"disabled_plugins = [{disabled}]\n"
+            f'[grpc]\n  address = "{self.socket}"\n[ttrpc]\n  address = "{self.socket}.ttrpc"\n'
+            f'[plugins]\n  [plugins."io.containerd.internal.v1.opt"]\n    path = "{self.dir / "opt"}"\n'
+        )
+        with open(self.dir / "containerd.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                ["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 20
+        while subprocess.run(self.ctr_argv("version"), capture_output=True).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"containerd did not start:\n{(self.dir / 'containerd.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def ctr_argv(self, *args: str) -> list[str]:
+        return ["ctr", "--address", str(self.socket), "-n", "dfly-test", *args]
+
+    def pull(self, reference: str, hosts_dir: Path) -> subprocess.CompletedProcess[str]:
+        argv = self.ctr_argv(
+            "images", "pull", "--snapshotter", "native", "--hosts-dir", str(hosts_dir), reference
+        )
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+    def content_digests(self) -> set[str]:
+        listing = subprocess.run(
+            self.ctr_argv("content", "ls", "-q"), capture_output=True, text=True, check=True
+        )
+        return set(listing.stdout.split())
+
+
+def hosts_dir(directory: Path, registry: Registry, mirror_port: int) -> Path:
+    """containerd's hosts.toml: the registry's pulls and resolves go to the mirror first."""
+    (directory / registry.host).mkdir(parents=True, exist_ok=True)
+    (directory / registry.host / "hosts.toml").write_text(
+        f'server = "{registry.url}"\n[host."http://127.0.0.1:{mirror_port}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+    return directory

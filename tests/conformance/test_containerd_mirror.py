@@ -1,0 +1,55 @@
+"""containerd pulls an image through the dfdaemon registry mirror, and a second host makes no blob request.
+
+Real processes: Debian's docker-registry with a 2-layer image; a scheduler, a seed and two peers whose
+`proxy.registry_mirror` is that registry; two throw-away containerd daemons (one per "host"), each
+pulling with `ctr images pull --hosts-dir` (hosts.toml: the mirror with pull and resolve, the way
+containerd adds `?ns=<registry>` to every mirror request) and unpacking into the native snapshotter.
+Checks: both pulls succeed (containerd verifies every digest and unpacks every layer), the content
+store holds every blob, the registry saw no blob request from containerd and one full copy of each blob
+in all.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from registry_kit import MISSING, Containerd, Registry, hosts_dir, push_image
+
+from dfly.cluster import LocalCluster
+
+NO_CONTAINERD = [tool for tool in ("containerd", "ctr") if shutil.which(tool) is None]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(bool(MISSING + NO_CONTAINERD), reason=f"not installed: {MISSING + NO_CONTAINERD}"),
+]
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    with Registry(tmp_path / "registry") as running:
+        yield running
+
+
+@pytest.mark.timeout(180)
+def test_ctr_pulls_through_the_mirror_and_a_second_host_asks_the_registry_for_no_blob(
+    registry: Registry, tmp_path: Path
+) -> None:
+    reference, digests = push_image(registry, tmp_path / "image", layers=2, layer_bytes=8 << 20)
+    pushed = len(registry.blob_gets())
+    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1", "peer-2")}
+    with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
+        for peer in cluster.peers:
+            with Containerd(tmp_path / f"containerd-{peer.name}") as containerd:
+                hosts = hosts_dir(tmp_path / f"hosts-{peer.name}", registry, peer.ports["proxy"])
+                done = containerd.pull(reference, hosts)
+                assert done.returncode == 0, done.stdout + done.stderr
+                assert set(digests) <= containerd.content_digests()
+            after_first = Counter(d for d, _, size in registry.blob_gets()[pushed:] if size > 1)
+            assert after_first == Counter(digests)  # the second host adds nothing
+        gets = registry.blob_gets()[pushed:]
+        assert not [ua for _, ua, _ in gets if "containerd" in ua], "containerd fetched a blob itself"
+        assert all(m.alive() for m in cluster.members)
