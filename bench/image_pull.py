@@ -3,7 +3,7 @@
 Real processes on 127.0.0.1: Debian's docker-registry, a dfly cluster (scheduler, seed, 2 peers with
 `proxy.registry_mirror` = the registry) and a fresh containerd root for every pull (`ctr images pull
 --hosts-dir`, native snapshotter: fetch, verify and unpack). Each round pushes a new image (three layers
-of random data: 1 + 48 + 48 MiB) and pulls it three ways, one after the other:
+of 32 MiB of random data each) and pulls it three ways, one after the other:
 - `direct`: containerd → registry;
 - `cold`: containerd → peer-1's mirror, no daemon has the blobs (the seed reads the registry);
 - `warm`: containerd → peer-2's mirror, after the cold pull (peer-2 gets the blobs from the swarm).
@@ -30,6 +30,7 @@ from registry_kit import MISSING, Containerd, Registry, hosts_dir, push_image
 from dfly.cluster import LocalCluster
 
 MiB = 1 << 20
+LAYER_MIB = 32
 
 
 def timed_pull(work: Path, name: str, reference: str, hosts: Path) -> float:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     for k in range(args.rounds):
                         work = base / f"round-{k}"
-                        reference, digests = push_image(registry, work, layers=3, layer_bytes=48 * MiB)
+                        reference, digests = push_image(registry, work, layers=3, layer_bytes=LAYER_MIB * MiB)
                         before = len(registry.blob_gets())
                         times["direct"].append(timed_pull(work, "direct", reference, direct_hosts))
                         direct_gets = len(registry.blob_gets())
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     median = {mode: statistics.median(values) for mode, values in times.items()}
     result: dict[str, Any] = {
         "bench": "image_pull",
-        "image_mib": 97,
+        "image_mib": 3 * LAYER_MIB,
         "rounds": args.rounds,
         **{f"{mode}_s": round(value, 3) for mode, value in median.items()},
         "cold_over_direct": round(median["cold"] / median["direct"], 3),
