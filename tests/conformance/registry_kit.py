@@ -38,8 +38,11 @@ def free_port() -> int:
 
 
 class Registry:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, redirect_to: str = "") -> None:
+        """`redirect_to`: a base URL serving this registry's storage dir: blob GETs and HEADs then answer 307
+        to it (distribution's `redirect` storage middleware, as S3-backed registries do)."""
         self.dir = directory
+        self.redirect_to = redirect_to
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
@@ -49,11 +52,15 @@ class Registry:
     def __enter__(self) -> Registry:
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "config.yml"
+        middleware = ""
+        if self.redirect_to:
+            redirect = f"    - name: redirect\n      options:\n        baseurl: {self.redirect_to}\n"
+            middleware = "middleware:\n  storage:\n" + redirect
         config.write_text(
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n    disabled: false\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.dir / 'data'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n" + middleware
         )
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -83,10 +90,19 @@ class Registry:
                 self.proc.kill()
                 self.proc.wait()
 
+    @property
+    def storage_dir(self) -> Path:
+        return self.dir / "data"
+
     def blob_gets(self) -> list[tuple[str, str, int]]:
         """(digest, user agent, body bytes) of every blob GET the registry answered so far."""
         text = self.log_path.read_text(errors="replace")
         return [(m["digest"], m["ua"], int(m["bytes"])) for m in _BLOB_GET.finditer(text)]
+
+    def blob_statuses(self) -> list[tuple[str, str, int]]:
+        """(digest, user agent, HTTP status) of every blob GET the registry answered so far."""
+        text = self.log_path.read_text(errors="replace")
+        return [(m["digest"], m["ua"], int(m["status"])) for m in _BLOB_GET.finditer(text)]
 
 
 def _blob(layout: Path, data: bytes) -> tuple[str, int]:

@@ -20,6 +20,7 @@ import pytest
 from registry_kit import MISSING, Registry, pulled_blobs, push_image, registries_conf
 
 from dfly.cluster import LocalCluster
+from dfly.devtools.origin import Origin
 
 pytestmark = [
     pytest.mark.integration,
@@ -119,3 +120,28 @@ def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry,
         status, _, _ = fetch(f"{mirror}/v2/demo/../../etc/passwd")
         assert status == 400
         assert registry.log_path.read_text() == before  # nothing was asked of the registry
+
+
+def test_a_registry_redirecting_blobs_to_storage_is_followed_by_the_daemon(tmp_path: Path) -> None:
+    """The registry answers blob GETs with 307 to a storage server (S3-style). The client gets 200 and
+    the bytes from the mirror, never the redirect: the storage server sees the blobs fetched only by the
+    daemon's origin reader, once each, and nothing from skopeo."""
+    storage_root = tmp_path / "registry" / "data"
+    storage_root.mkdir(parents=True)
+    with (
+        Origin(storage_root) as storage,
+        Registry(tmp_path / "registry", redirect_to=storage.base_url) as registry,
+    ):
+        reference, digests = push_image(registry, tmp_path / "image")
+        overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1")}
+        with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
+            conf = registries_conf(tmp_path / "peer.conf", registry, cluster.peers[0].ports["proxy"])
+            skopeo_pull(conf, reference, tmp_path / "pulled")
+        got = pulled_blobs(tmp_path / "pulled")
+        assert all(got.get(d.removeprefix("sha256:")) == d.removeprefix("sha256:") for d in digests)
+        fetched = [r for r in storage.request_log() if r.method == "GET" and r.path.endswith("/data")]
+        assert not [r for r in fetched if "skopeo" in r.headers.get("User-Agent", "")]
+        reads = [r for r in fetched if r.headers.get("Range") != "bytes=0-0"]  # the reader's stat aside
+        full = Counter(r.path.split("/")[-2] for r in reads)
+        assert full == Counter(d.removeprefix("sha256:") for d in digests), fetched
+        assert {status for _, _, status in registry.blob_statuses()} == {307}
