@@ -115,7 +115,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     metrics_port = metrics_server.server_port
     local_api = LocalApiServer(tasks, config.local_api.socket, config.local_api.mode, config.local_api.group)
     await local_api.start()
-    mirror = RegistryMirror(tasks, config.proxy.registry_mirror, config.proxy.allowed_hosts)
+    proxy = config.proxy
+    mirror = RegistryMirror(tasks, proxy.registry_mirror, proxy.allowed_hosts, proxy.rules)
     proxy_port = await mirror.start(config.proxy.ip, config.proxy.port) if config.proxy.enable else None
 
     upload_rate = UploadRate(counters)

@@ -90,18 +90,24 @@ class ProxySection(LocalListenerSection):
     # Upstream for mirror requests without X-Dragonfly-Registry or ns= (podman and skopeo send neither),
     # e.g. "https://registry.example.com" or "127.0.0.1:5000"; "" = those requests get 400.
     registry_mirror: str = ""
-    # Other upstreams the mirror may contact (scheme://host[:port]); registry_mirror is always allowed.
+    # Other upstreams the mirror and the forward proxy may contact (scheme://host[:port]);
+    # registry_mirror is always allowed.
     allowed_hosts: list[str] = []
+    # Forward proxy: GET URLs matching one of these regexes go through P2P (also any GET carrying
+    # X-Dragonfly-Use-P2P: true); the rest is forwarded directly.
+    rules: list[str] = ["blobs/sha256.*"]
 
     @model_validator(mode="after")
     def _upstreams_parse(self) -> ProxySection:
+        from dfly.daemon.proxy.forward import compile_rules
         from dfly.daemon.proxy.registry import BadRequest, normalize_upstream
 
-        for value in ([self.registry_mirror] if self.registry_mirror else []) + self.allowed_hosts:
-            try:
+        try:
+            for value in ([self.registry_mirror] if self.registry_mirror else []) + self.allowed_hosts:
                 normalize_upstream(value)
-            except BadRequest as exc:
-                raise ValueError(str(exc)) from None
+            compile_rules(self.rules)
+        except BadRequest as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 

@@ -1,15 +1,16 @@
-"""A registry blob served from its P2P task: bytes in order as pieces arrive, the blob digest checked.
+"""An object served from its P2P task: bytes in order as pieces arrive; a registry blob's digest checked.
 
-Job: `serve_blob` runs the task through `TaskManager.download` and writes the requested bytes to an
+Job: `serve_p2p` runs the task through `TaskManager.download` and writes the requested bytes to an
 aiohttp response while pieces become available (each piece was CRC-checked when it arrived).
 
 Rules:
-- The whole blob is hashed in order (also the bytes before a `Range` start, read but not sent); the
-  response's last chunk is held back until the `sha256:` digest of the URL verifies. On a mismatch the
-  connection is closed before that chunk, so a client never completes a wrong blob, and the task is
-  evicted so the next request fetches it again. A range that ends before the blob does is sent once its
-  pieces verified their CRC (there is nothing to hold back from).
-- Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest`,
+- With a `sha256:` digest (registry blobs) the whole object is hashed in order (also the bytes before
+  a `Range` start, read but not sent); the response's last chunk is held back until that digest
+  verifies. On a mismatch the connection is closed before that chunk, so a client never completes a
+  wrong blob, and the task is evicted so the next request fetches it again. A range that ends before
+  the blob does is sent once its pieces verified their CRC (there is nothing to hold back from).
+  Without a digest (forward-proxy downloads) the pieces' CRCs are the check, as for dfget.
+- Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest` (blobs),
   `Accept-Ranges: bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range`, past the end → 416.
 - Reads from the task file go through a thread (a piece is up to 64 MiB); at most one piece is in
   memory per response.
@@ -43,20 +44,22 @@ class Downloads(Protocol):
         """Forget a finished task and delete its file (a blob that failed its digest)."""
 
 
-def _headers(digest: str, task_id: str, length: int) -> dict[str, str]:
-    return {
+def _headers(digest: str | None, task_id: str, length: int) -> dict[str, str]:
+    headers = {
         "Content-Type": "application/octet-stream",
         "Content-Length": str(length),
-        "Docker-Content-Digest": digest,
         "Accept-Ranges": "bytes",
         "X-Dragonfly-Task-ID": task_id,
     }
+    if digest is not None:
+        headers["Docker-Content-Digest"] = digest
+    return headers
 
 
-async def serve_blob(
-    request: web.Request, tasks: Downloads, url: str, digest: str, upstream_headers: dict[str, str]
+async def serve_p2p(
+    request: web.Request, tasks: Downloads, url: str, digest: str | None, upstream_headers: dict[str, str]
 ) -> web.StreamResponse:
-    """Serve `url` (a blob whose digest is `digest`) through P2P; DflyError before any byte is sent."""
+    """Serve `url` through P2P (checked against `digest` if given); DflyError before any byte is sent."""
     download = DownloadRequest(
         url=url, tag="", application="", filtered_query_params=(), headers=upstream_headers,
         piece_length=None, timeout_s=DOWNLOAD_TIMEOUT_S, disable_back_to_source=False,
@@ -83,9 +86,11 @@ async def serve_blob(
         await response.prepare(request)
         hasher = hashlib.sha256()
         ready: set[int] = set()
-        position = 0  # next byte of the blob to hash
-        whole = last == size - 1  # the response ends where the blob does: its end waits for the digest
-        while position < size and (whole or position <= last):
+        # next byte to read: from 0 when the whole object is hashed, else from the piece holding `first`
+        position = 0 if digest is not None else first - first % piece_length
+        # the response ends where the object does: with a digest to check, its end waits for it
+        whole = last == size - 1 and digest is not None
+        while position < size and (whole or position <= last):  # hash what precedes a range, too
             event = await anext(events)
             if isinstance(event, PiecesReady):
                 ready.update(event.pieces)
@@ -95,7 +100,8 @@ async def serve_blob(
                 data = await asyncio.to_thread(os.pread, read_fd, end - position, position)
                 if len(data) != end - position:
                     raise DflyError(f"task file of {url} ended early")
-                hasher.update(data)
+                if digest is not None:
+                    hasher.update(data)
                 send_from, send_to = max(first, position), min(last + 1, end)
                 if end == size and whole and f"sha256:{hasher.hexdigest()}" != digest:
                     tasks.evict(started.task_id)

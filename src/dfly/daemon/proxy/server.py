@@ -10,7 +10,8 @@ Rules (see registry.py for routing and upstream choice):
   streams back unchanged (no decompression, no redirect following).
 - Errors answer with `X-Dragonfly-Error-Type` (and the origin's status for origin errors): 400 bad
   request, 403 upstream not allowed (no connection is made), 502 for an unreachable upstream or a failed
-  download. Absolute-form (forward-proxy) requests and CONNECT get 501: not built yet.
+  download. Absolute-form requests (`http_proxy=` clients) are the forward proxy (forward.py): allowed
+  targets only, through P2P by the rules, else forwarded. CONNECT gets 501: not built yet.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import socket
 from collections.abc import Iterable
 
 import aiohttp
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
 from dfly.common.errors import DflyError, SourceError
-from dfly.daemon.proxy.blob import Downloads, serve_blob
+from dfly.daemon.proxy.blob import Downloads, serve_p2p
+from dfly.daemon.proxy.forward import DEFAULT_RULES, compile_rules, target_origin, use_p2p
 from dfly.daemon.proxy.registry import (
     BadRequest,
     Forbidden,
@@ -71,8 +74,15 @@ def _forwarded(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
 
 
 class RegistryMirror:
-    def __init__(self, tasks: Downloads, default_upstream: str, allowed: Iterable[str]) -> None:
+    def __init__(
+        self,
+        tasks: Downloads,
+        default_upstream: str,
+        allowed: Iterable[str],
+        rules: Iterable[str] = DEFAULT_RULES,
+    ) -> None:
         self.tasks = tasks
+        self.rules = compile_rules(list(rules))
         self.default_upstream = normalize_upstream(default_upstream) if default_upstream else ""
         self.allowed = frozenset(normalize_upstream(a) for a in allowed) | (
             {self.default_upstream} if self.default_upstream else set()
@@ -100,11 +110,11 @@ class RegistryMirror:
             await self._session.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.method == "CONNECT" or request.raw_path.startswith(("http://", "https://")):
-            return _error(
-                501, "unsupported", "forward proxying is not built yet; use dfly as a registry mirror"
-            )
+        if request.method == "CONNECT":
+            return _error(501, "unsupported", "CONNECT (HTTPS through the proxy) is not built yet")
         try:
+            if request.raw_path.startswith(("http://", "https://")):
+                return await self._forward(request, request.raw_path)
             what = route(request.method, request.path)
             if what.kind == "ping":
                 return web.Response(
@@ -118,8 +128,9 @@ class RegistryMirror:
             )
             if what.kind == "blob" and "Authorization" not in request.headers:
                 url = blob_url(upstream, what.name, what.digest)
-                return await serve_blob(request, self.tasks, url, what.digest, {})
-            return await self._pass(request, upstream)
+                return await serve_p2p(request, self.tasks, url, what.digest, {})
+            query = [(k, v) for k, v in request.query.items() if k != "ns"]
+            return await self._pass(request, yarl.URL(upstream + request.path).with_query(query))
         except BadRequest as exc:
             return _error(400, "bad_request", str(exc))
         except Forbidden as exc:
@@ -130,16 +141,22 @@ class RegistryMirror:
         except DflyError as exc:
             return _error(502, exc.kind if hasattr(exc, "kind") else "download", str(exc))
 
-    async def _pass(self, request: web.Request, upstream: str) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, url: str) -> web.StreamResponse:
+        """An absolute-form request (`http_proxy=` clients): through P2P by the rules, else directly."""
+        target_origin(url, self.allowed)
+        if use_p2p(request.method, url, request.headers, self.rules):
+            return await serve_p2p(request, self.tasks, url, None, {})
+        return await self._pass(request, yarl.URL(url, encoded=True))
+
+    async def _pass(self, request: web.Request, url: yarl.URL) -> web.StreamResponse:
+        """Send the request on to `url` and stream the answer back unchanged."""
         assert self._session is not None
-        query = [(k, v) for k, v in request.query.items() if k != "ns"]
         body = request.content if request.body_exists else None
         try:
             headers = _forwarded(request.headers.items())
             async with self._session.request(
-                request.method, upstream + request.path, params=query, headers=headers, data=body,
-                allow_redirects=False,
-            ) as upstream_response:  # fmt: skip
+                request.method, url, headers=headers, data=body, allow_redirects=False
+            ) as upstream_response:
                 response = web.StreamResponse(
                     status=upstream_response.status, reason=upstream_response.reason
                 )
@@ -155,4 +172,4 @@ class RegistryMirror:
                 await response.write_eof()
                 return response
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SourceError(f"registry {upstream} unreachable: {exc}") from None
+            raise SourceError(f"{url.origin()} unreachable: {exc}") from None

@@ -1,0 +1,100 @@
+"""curl and wget through the dfdaemon's forward proxy (port 4001, `http_proxy=` / `curl -x`).
+
+Real processes: the dfly test origin on 127.0.0.1, a scheduler, a seed and two peers whose
+`proxy.allowed_hosts` is that origin and whose `proxy.rules` match `.bin` files. Checks: a matching GET
+goes through P2P (`X-Dragonfly-Task-ID`, right bytes) and the second host's download costs the origin no
+more bytes; `Range` is served from the pieces (206); a non-matching GET is forwarded directly (the
+origin sees curl); `X-Dragonfly-Use-P2P: true` sends one through P2P anyway; a host that is not allowed
+gets 403 and no connection is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dfly.cluster import LocalCluster
+from dfly.devtools.origin import Origin, make_file
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        shutil.which("wget") is None or shutil.which("curl") is None, reason="needs curl and wget"
+    ),
+]
+MiB = 1 << 20
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[Origin]:
+    with Origin(tmp_path / "www") as server:
+        yield server
+
+
+def curl(proxy: int, url: str, out: Path, *extra: str) -> dict[str, str]:
+    """curl through the proxy; returns the response headers (lower-case names) with ':status'."""
+    head = out.with_suffix(".headers")
+    argv = ["curl", "-s", "-x", f"http://127.0.0.1:{proxy}", "-D", str(head), "-o", str(out), *extra, url]
+    subprocess.run(argv, check=True, timeout=60)
+    lines = head.read_text().splitlines()
+    headers = {":status": lines[0].split()[1]}
+    headers.update(
+        (k.strip().lower(), v.strip())
+        for k, _, v in (line.partition(":") for line in lines[1:] if ":" in line)
+    )
+    return headers
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_curl_and_wget_through_the_forward_proxy(origin: Origin, tmp_path: Path) -> None:
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digest = make_file(origin.root / "model.bin", 8 * MiB, seed=51)
+    make_file(origin.root / "notes.txt", 64 * 1024, seed=52)
+    proxy = {"proxy": {"allowed_hosts": [origin.base_url], "rules": [r"\.bin$"]}}
+    overrides = {name: proxy for name in ("seed", "peer-1", "peer-2")}
+    with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
+        first, second = (peer.ports["proxy"] for peer in cluster.peers)
+        headers = curl(first, origin.url("/model.bin"), tmp_path / "a.bin")
+        assert headers[":status"] == "200"
+        assert headers["x-dragonfly-task-id"]
+        assert sha(tmp_path / "a.bin") == digest
+        sent = origin.bytes_sent
+        env = {**os.environ, "http_proxy": f"http://127.0.0.1:{second}", "no_proxy": ""}
+        subprocess.run(
+            ["wget", "-q", "-O", str(tmp_path / "b.bin"), origin.url("/model.bin")],
+            env=env,
+            check=True,
+            timeout=60,
+        )
+        assert sha(tmp_path / "b.bin") == digest
+        assert origin.bytes_sent == sent  # the second host got it from the swarm
+
+        headers = curl(second, origin.url("/model.bin"), tmp_path / "part", "-r", "1000-1999")
+        assert headers[":status"] == "206"
+        assert headers["content-range"] == f"bytes 1000-1999/{8 * MiB}"
+        assert (tmp_path / "part").read_bytes() == (tmp_path / "a.bin").read_bytes()[1000:2000]
+
+        headers = curl(first, origin.url("/notes.txt"), tmp_path / "notes")
+        assert "x-dragonfly-task-id" not in headers  # forwarded directly
+        assert origin.request_log()[-1].headers.get("User-Agent", "").startswith("curl/")
+        headers = curl(
+            first, origin.url("/notes.txt"), tmp_path / "notes2", "-H", "X-Dragonfly-Use-P2P: true"
+        )
+        assert headers["x-dragonfly-task-id"]
+        assert (tmp_path / "notes2").read_bytes() == (tmp_path / "notes").read_bytes()
+
+        requests = len(origin.request_log())
+        headers = curl(first, f"http://127.0.0.2:{origin.port}/model.bin", tmp_path / "no")
+        assert headers[":status"] == "403"
+        assert headers["x-dragonfly-error-type"] == "forbidden"
+        assert len(origin.request_log()) == requests
