@@ -7,11 +7,16 @@ Rules (issue 5):
   default `blobs/sha256.*` catches registry layers) or it carries `X-Dragonfly-Use-P2P: true`; requests
   with credentials (`Authorization`, `Cookie`) never do: their content may be private.
 - Everything else is forwarded directly.
+- Whatever is allowed, an upstream whose name resolves to a link-local or cloud-metadata address is
+  refused (`refuse_link_local`), for the forward proxy and the registry mirror alike.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
@@ -45,3 +50,25 @@ def use_p2p(method: str, url: str, headers: Mapping[str, str], rules: Sequence[r
     if headers.get(USE_P2P_HEADER, "").strip().lower() == "true":
         return True
     return any(rule.search(url) for rule in rules)
+
+
+# Link-local (IPv4 169.254/16 includes the 169.254.169.254 metadata service, IPv6 fe80::/10) and the
+# cloud metadata addresses outside it (AWS IPv6, Alibaba).
+NEVER_UPSTREAM = tuple(
+    ipaddress.ip_network(net)
+    for net in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32")
+)
+
+
+async def refuse_link_local(origin: str) -> None:
+    """Forbidden if the upstream's host resolves to a link-local or metadata address (even when allowed)."""
+    parts = urlsplit(origin)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # unresolvable: the connection fails on its own, with the resolver's message
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        if any(address in net for net in NEVER_UPSTREAM):
+            raise Forbidden(f"{host} resolves to {address}, a link-local or metadata address")

@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 
 from dfly.common.errors import DflyError, SourceError
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
-from dfly.daemon.proxy.forward import DEFAULT_RULES, compile_rules, target_origin, use_p2p
+from dfly.daemon.proxy.forward import DEFAULT_RULES, compile_rules, refuse_link_local, target_origin, use_p2p
 from dfly.daemon.proxy.registry import (
     BadRequest,
     Forbidden,
@@ -126,6 +126,7 @@ class RegistryMirror:
                 self.default_upstream,
                 self.allowed,
             )
+            await refuse_link_local(upstream)
             if what.kind == "blob" and "Authorization" not in request.headers:
                 url = blob_url(upstream, what.name, what.digest)
                 return await serve_p2p(request, self.tasks, url, what.digest, {})
@@ -143,7 +144,7 @@ class RegistryMirror:
 
     async def _forward(self, request: web.Request, url: str) -> web.StreamResponse:
         """An absolute-form request (`http_proxy=` clients): through P2P by the rules, else directly."""
-        target_origin(url, self.allowed)
+        await refuse_link_local(target_origin(url, self.allowed))
         if use_p2p(request.method, url, request.headers, self.rules):
             return await serve_p2p(request, self.tasks, url, None, {})
         return await self._pass(request, yarl.URL(url, encoded=True))

@@ -1,0 +1,55 @@
+"""Forward-proxy decisions (daemon/proxy/forward.py): targets, P2P rules, link-local refusal."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dfly.daemon.proxy.forward import compile_rules, refuse_link_local, target_origin, use_p2p
+from dfly.daemon.proxy.registry import BadRequest, Forbidden
+
+RULES = compile_rules([r"blobs/sha256.*", r"\.safetensors$"])
+ALLOWED = frozenset({"http://127.0.0.1:8080", "https://files.example.com"})
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "headers", "p2p"),
+    [
+        ("GET", "http://127.0.0.1:8080/v2/a/blobs/sha256:ab", {}, True),
+        ("GET", "https://files.example.com/m/model.safetensors", {}, True),
+        ("GET", "https://files.example.com/notes.txt", {}, False),
+        ("GET", "https://files.example.com/notes.txt", {"X-Dragonfly-Use-P2P": "true"}, True),
+        ("GET", "https://files.example.com/notes.txt", {"X-Dragonfly-Use-P2P": "false"}, False),
+        ("HEAD", "https://files.example.com/m/model.safetensors", {}, False),
+        ("GET", "https://files.example.com/m/model.safetensors", {"Authorization": "Bearer x"}, False),
+        ("GET", "https://files.example.com/m/model.safetensors", {"Cookie": "s=1"}, False),
+    ],
+)
+def test_use_p2p(method: str, url: str, headers: dict[str, str], p2p: bool) -> None:
+    assert use_p2p(method, url, headers, RULES) is p2p
+
+
+def test_targets_must_be_allowed() -> None:
+    assert target_origin("http://127.0.0.1:8080/x?y=1", ALLOWED) == "http://127.0.0.1:8080"
+    with pytest.raises(Forbidden):
+        target_origin("http://127.0.0.1:8081/x", ALLOWED)
+    with pytest.raises(BadRequest):
+        target_origin("ftp://files.example.com/x", ALLOWED)
+
+
+def test_invalid_rules_are_a_clear_error() -> None:
+    with pytest.raises(BadRequest, match="invalid proxy rule"):
+        compile_rules(["(unclosed"])
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://169.254.169.254", "http://169.254.1.2:8080", "http://100.100.100.200"]
+)
+def test_link_local_and_metadata_addresses_are_refused_even_when_allowed(origin: str) -> None:
+    with pytest.raises(Forbidden, match="link-local or metadata"):
+        asyncio.run(refuse_link_local(origin))
+
+
+def test_ordinary_addresses_pass() -> None:
+    asyncio.run(refuse_link_local("http://127.0.0.1:8080"))
