@@ -98,3 +98,27 @@ def test_curl_and_wget_through_the_forward_proxy(origin: Origin, tmp_path: Path)
         assert headers[":status"] == "403"
         assert headers["x-dragonfly-error-type"] == "forbidden"
         assert len(origin.request_log()) == requests
+
+
+def test_forward_proxy_with_basic_auth(origin: Origin, tmp_path: Path) -> None:
+    """With proxy.basic_auth_* set, a request without the right Proxy-Authorization gets 407 and reaches
+    nothing; with it, the download works; the password appears in no log."""
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digest = make_file(origin.root / "model.bin", 1 * MiB, seed=53)
+    secret = "s3cret-proxy-password"
+    proxy = {"proxy": {"allowed_hosts": [origin.base_url], "rules": [r"\.bin$"],
+                       "basic_auth_username": "ops", "basic_auth_password": secret}}  # fmt: skip
+    with LocalCluster(tmp_path / "c", peers=1, daemon_overrides={"peer-1": proxy}) as cluster:
+        port = cluster.peers[0].ports["proxy"]
+        headers = curl(port, origin.url("/model.bin"), tmp_path / "no")
+        assert headers[":status"] == "407"
+        assert headers["proxy-authenticate"].startswith("Basic")
+        headers = curl(port, origin.url("/model.bin"), tmp_path / "wrong", "--proxy-user", "ops:guess")
+        assert headers[":status"] == "407"
+        assert origin.requests == 0
+        headers = curl(port, origin.url("/model.bin"), tmp_path / "yes", "--proxy-user", f"ops:{secret}")
+        assert headers[":status"] == "200"
+        assert sha(tmp_path / "yes") == digest
+        logs = "".join(m.log_path.read_text() for m in cluster.members)
+    assert secret not in logs

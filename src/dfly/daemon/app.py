@@ -116,7 +116,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     local_api = LocalApiServer(tasks, config.local_api.socket, config.local_api.mode, config.local_api.group)
     await local_api.start()
     proxy = config.proxy
-    mirror = RegistryMirror(tasks, proxy.registry_mirror, proxy.allowed_hosts, proxy.rules)
+    auth = (proxy.basic_auth_username, proxy.basic_auth_password) if proxy.basic_auth_username else None
+    mirror = RegistryMirror(tasks, proxy.registry_mirror, proxy.allowed_hosts, proxy.rules, auth)
     proxy_port = await mirror.start(config.proxy.ip, config.proxy.port) if config.proxy.enable else None
 
     upload_rate = UploadRate(counters)

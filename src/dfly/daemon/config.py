@@ -96,6 +96,10 @@ class ProxySection(LocalListenerSection):
     # Forward proxy: GET URLs matching one of these regexes go through P2P (also any GET carrying
     # X-Dragonfly-Use-P2P: true); the rest is forwarded directly.
     rules: list[str] = ["blobs/sha256.*"]
+    # Forward proxy: when both are set, absolute-form requests need `Proxy-Authorization: Basic` with
+    # them (else 407). Registry-mirror requests are not covered (their Authorization is the registry's).
+    basic_auth_username: str = ""
+    basic_auth_password: str = ""
 
     @model_validator(mode="after")
     def _upstreams_parse(self) -> ProxySection:

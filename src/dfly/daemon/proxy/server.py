@@ -16,6 +16,8 @@ Rules (see registry.py for routing and upstream choice):
 
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
 import socket
 from collections.abc import Iterable
@@ -65,6 +67,10 @@ def _error(status: int, kind: str, message: str, origin_status: int = 0) -> web.
     return web.Response(status=status, text=message + "\n", headers=headers)
 
 
+def _basic(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
 def _forwarded(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers:
@@ -80,8 +86,10 @@ class RegistryMirror:
         default_upstream: str,
         allowed: Iterable[str],
         rules: Iterable[str] = DEFAULT_RULES,
+        basic_auth: tuple[str, str] | None = None,
     ) -> None:
         self.tasks = tasks
+        self._proxy_auth = _basic(*basic_auth) if basic_auth else None
         self.rules = compile_rules(list(rules))
         self.default_upstream = normalize_upstream(default_upstream) if default_upstream else ""
         self.allowed = frozenset(normalize_upstream(a) for a in allowed) | (
@@ -144,6 +152,13 @@ class RegistryMirror:
 
     async def _forward(self, request: web.Request, url: str) -> web.StreamResponse:
         """An absolute-form request (`http_proxy=` clients): through P2P by the rules, else directly."""
+        given = request.headers.get("Proxy-Authorization", "")
+        if self._proxy_auth is not None and not hmac.compare_digest(
+            given.encode(), self._proxy_auth.encode()
+        ):
+            response = _error(407, "proxy_auth", "proxy authentication required")
+            response.headers["Proxy-Authenticate"] = 'Basic realm="dfly"'
+            return response
         await refuse_link_local(target_origin(url, self.allowed))
         if use_p2p(request.method, url, request.headers, self.rules):
             return await serve_p2p(request, self.tasks, url, None, {})
