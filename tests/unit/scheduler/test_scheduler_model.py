@@ -64,7 +64,7 @@ def test_indexed_set_adds_removes_and_samples_without_duplicates() -> None:
 
 def test_engine_config_defaults() -> None:
     config = EngineConfig()
-    assert (config.candidate_parent_limit, config.filter_parent_limit) == (8, 15)
+    assert (config.candidate_parent_limit, config.filter_parent_limit) == (5, 15)
     assert (config.retry_limit, config.retry_back_to_source_limit, config.retry_interval_s) == (5, 4, 0.5)
     assert (config.back_to_source_limit, config.seed_failure_ttl_s, config.topology) == (1, 1800, "mesh")
 

@@ -29,7 +29,7 @@ class EvaluatorWeights(StrictModel):
 
 
 class EngineConfig(StrictModel):
-    candidate_parent_limit: int = Field(default=8, ge=1, le=20)  # parents handed out per answer
+    candidate_parent_limit: int = Field(default=5, ge=1, le=20)  # parents handed out per answer
     filter_parent_limit: int = Field(default=15, ge=1, le=1000)  # candidates sampled per attempt
     retry_limit: int = Field(default=5, ge=1)  # failed attempts before "no parent available"
     retry_back_to_source_limit: int = Field(default=4, ge=1)  # failed attempts before the origin
