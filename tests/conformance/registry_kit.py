@@ -20,7 +20,9 @@ import socket
 import subprocess
 import tarfile
 import time
+import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 OCI = "application/vnd.oci.image"
@@ -49,11 +51,15 @@ def free_port() -> int:
 
 
 class Registry:
-    def __init__(self, directory: Path, *, redirect_to: str = "") -> None:
+    def __init__(
+        self, directory: Path, *, redirect_to: str = "", credentials: tuple[str, str] | None = None
+    ) -> None:
         """`redirect_to`: a base URL serving this registry's storage dir: blob GETs and HEADs then answer 307
-        to it (distribution's `redirect` storage middleware, as S3-backed registries do)."""
+        to it (distribution's `redirect` storage middleware, as S3-backed registries do). `credentials`:
+        (user, password) required for every request (htpasswd auth: 401 + `WWW-Authenticate: Basic`)."""
         self.dir = directory
         self.redirect_to = redirect_to
+        self.credentials = credentials
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
@@ -67,6 +73,16 @@ class Registry:
         if self.redirect_to:
             redirect = f"    - name: redirect\n      options:\n        baseurl: {self.redirect_to}\n"
             middleware = "middleware:\n  storage:\n" + redirect
+        if self.credentials:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import crypt  # bcrypt through libxcrypt; deprecated since 3.11, present until 3.13
+
+            user, password = self.credentials
+            (self.dir / "htpasswd").write_text(
+                f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))}\n"
+            )
+            middleware += f"auth:\n  htpasswd:\n    realm: dfly-test\n    path: {self.dir / 'htpasswd'}\n"
         config.write_text(
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n    disabled: false\n"
@@ -83,6 +99,9 @@ class Registry:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as answer:
                     if answer.status == 200:
                         return self
+            except urllib.error.HTTPError as error:
+                if error.code == 401 and self.credentials:
+                    return self  # up, and asking for credentials
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -103,6 +122,11 @@ class Registry:
         """(digest, user agent, body bytes) of every blob GET the registry answered so far."""
         text = self.log_path.read_text(errors="replace")
         return [(m["digest"], m["ua"], int(m["bytes"])) for m in _BLOB_GET.finditer(text)]
+
+    def mirror_heads(self) -> list[str]:
+        """Access-log lines of HEAD requests made by the dfly mirror (its aiohttp client)."""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [line for line in lines if '"HEAD ' in line and "aiohttp" in line]
 
     def blob_statuses(self) -> list[tuple[str, str, int]]:
         """(digest, user agent, HTTP status) of every blob GET the registry answered so far."""
@@ -157,8 +181,9 @@ def push_image(
              "annotations": {"org.opencontainers.image.ref.name": "1"}}  # fmt: skip
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
     reference = f"{registry.host}/demo/app:1"
+    creds = ["--dest-creds", ":".join(registry.credentials)] if registry.credentials else []
     subprocess.run(
-        ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", f"oci:{layout}:1", f"docker://{reference}"],
+        ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", *creds, f"oci:{layout}:1", f"docker://{reference}"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     return reference, [config_digest, *(str(d["digest"]) for d in layer_descs)]

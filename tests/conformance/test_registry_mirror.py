@@ -9,6 +9,9 @@ through the mirror) and exactly one GET per blob in all (the seed's; peer-2's pu
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import subprocess
 import urllib.error
 import urllib.request
@@ -47,7 +50,8 @@ def test_skopeo_pulls_through_the_mirror_and_the_registry_sends_each_blob_once(
 ) -> None:
     reference, digests = push_image(registry, tmp_path / "image")
     pushed_gets = len(registry.blob_gets())
-    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1", "peer-2")}
+    public = {"registry_mirror": registry.url, "public_registries": [registry.url]}  # no access check
+    overrides = {name: {"proxy": public} for name in ("seed", "peer-1", "peer-2")}
     with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
         for peer in cluster.peers:
             conf = registries_conf(tmp_path / f"{peer.name}.conf", registry, peer.ports["proxy"])
@@ -63,6 +67,12 @@ def test_skopeo_pulls_through_the_mirror_and_the_registry_sends_each_blob_once(
         )
         copies = Counter(digest for digest, _, size in gets if size > 1)  # the source's 1-byte stat aside
         assert copies == Counter(digests), gets  # each blob sent once in all, to the seed
+        checks = [
+            line
+            for line in registry.log_path.read_text().splitlines()
+            if '"HEAD ' in line and "aiohttp" in line
+        ]
+        assert checks == []  # a public registry: the mirror asks it nothing before serving from the swarm
         assert all(m.alive() for m in cluster.members)
 
 
@@ -145,3 +155,51 @@ def test_a_registry_redirecting_blobs_to_storage_is_followed_by_the_daemon(tmp_p
         full = Counter(r.path.split("/")[-2] for r in reads)
         assert full == Counter(d.removeprefix("sha256:") for d in digests), fetched
         assert {status for _, _, status in registry.blob_statuses()} == {307}
+
+
+def test_a_private_registry_through_the_mirror(tmp_path: Path) -> None:
+    """A registry that wants credentials (htpasswd: 401 + WWW-Authenticate): skopeo with the right
+    credentials pulls through the mirror (the seed reads the registry with them); afterwards, with the
+    blobs in the swarm, a client with no or wrong credentials still gets the registry's 401, never the
+    bytes; the password is in no log."""
+    secret = "reg-pass-7f3a"
+    with Registry(tmp_path / "registry", credentials=("alice", secret)) as registry:
+        reference, digests = push_image(registry, tmp_path / "image", layers=1)
+        overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1")}
+        with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
+            mirror_port = cluster.peers[0].ports["proxy"]
+            conf = registries_conf(tmp_path / "peer.conf", registry, mirror_port)
+            # containers/image takes a mirror's credentials from the auth file, by the mirror's address
+            token = base64.b64encode(f"alice:{secret}".encode()).decode()
+            auths = {host: {"auth": token} for host in (registry.host, f"127.0.0.1:{mirror_port}")}
+            (tmp_path / "auth.json").write_text(json.dumps({"auths": auths}))
+            out = f"dir:{tmp_path / 'pulled'}"
+            argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy", "--src-authfile",
+                    str(tmp_path / "auth.json"), f"docker://{reference}", out]  # fmt: skip
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            got = pulled_blobs(tmp_path / "pulled")
+            assert all(got.get(d.removeprefix("sha256:")) == d.removeprefix("sha256:") for d in digests)
+            gets = registry.blob_gets()
+            assert not [ua for _, ua, _ in gets if "skopeo" in ua], "skopeo fetched a blob from the registry"
+
+            blob = f"http://127.0.0.1:{cluster.peers[0].ports['proxy']}/v2/demo/app/blobs/{digests[1]}"
+            status, headers, body = fetch(blob)
+            assert status == 401
+            assert headers["WWW-Authenticate"].startswith("Basic")
+            assert len(body) < 1000  # an error text, not the layer
+            wrong = "Basic " + base64.b64encode(b"alice:guess").decode()
+            assert fetch(blob, {"Authorization": wrong})[0] == 401
+            right = "Basic " + base64.b64encode(f"alice:{secret}".encode()).decode()
+            status, _, body = fetch(blob, {"Authorization": right})
+            assert status == 200
+            assert hashlib.sha256(body).hexdigest() == digests[1].removeprefix("sha256:")
+            logs = "".join(m.log_path.read_text() for m in cluster.members)
+        checks = [
+            line
+            for line in registry.log_path.read_text().splitlines()
+            if '"HEAD ' in line and "aiohttp" in line
+        ]
+        assert checks  # a private registry: each client's credentials were checked upstream
+        assert secret not in logs
+        assert base64.b64encode(f"alice:{secret}".encode()).decode() not in logs

@@ -117,7 +117,9 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     await local_api.start()
     proxy = config.proxy
     auth = (proxy.basic_auth_username, proxy.basic_auth_password) if proxy.basic_auth_username else None
-    mirror = RegistryMirror(tasks, proxy.registry_mirror, proxy.allowed_hosts, proxy.rules, auth)
+    mirror = RegistryMirror(
+        tasks, proxy.registry_mirror, proxy.allowed_hosts, proxy.rules, auth, proxy.public_registries
+    )
     proxy_port = await mirror.start(config.proxy.ip, config.proxy.port) if config.proxy.enable else None
 
     upload_rate = UploadRate(counters)

@@ -96,6 +96,10 @@ class ProxySection(LocalListenerSection):
     # Forward proxy: GET URLs matching one of these regexes go through P2P (also any GET carrying
     # X-Dragonfly-Use-P2P: true); the rest is forwarded directly.
     rules: list[str] = ["blobs/sha256.*"]
+    # Registries whose blobs anyone may read: served from the swarm without asking the registry first.
+    # For every other registry the client's own credentials are checked upstream (HEAD of the blob) before
+    # a blob is served from the swarm.
+    public_registries: list[str] = []
     # Forward proxy: when both are set, absolute-form requests need `Proxy-Authorization: Basic` with
     # them (else 407). Registry-mirror requests are not covered (their Authorization is the registry's).
     basic_auth_username: str = ""
@@ -107,7 +111,8 @@ class ProxySection(LocalListenerSection):
         from dfly.daemon.proxy.registry import BadRequest, normalize_upstream
 
         try:
-            for value in ([self.registry_mirror] if self.registry_mirror else []) + self.allowed_hosts:
+            upstreams = [self.registry_mirror] if self.registry_mirror else []
+            for value in upstreams + self.allowed_hosts + self.public_registries:
                 normalize_upstream(value)
             compile_rules(self.rules)
         except BadRequest as exc:

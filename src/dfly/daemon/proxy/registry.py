@@ -1,7 +1,9 @@
 """Registry-mirror routing, pure: what a request is, which upstream it goes to, and the blob's URL.
 
 Rules (issue 5, reference/container-clients.md):
-- `GET|HEAD /v2/` is answered by the mirror itself (skopeo and podman ping it before using a mirror).
+- `GET|HEAD /v2/` (skopeo and podman ping it before using a mirror) is passed to the upstream, so a
+  registry's auth challenge reaches the client before its first real request; with no upstream known
+  the mirror answers 200 itself.
 - `GET /v2/<name>/blobs/sha256:<64 hex>` is a blob: served through P2P, one task per canonical upstream
   URL, so the same layer pulled by different hosts is one task. Everything else (manifests, tags, HEAD,
   uploads) is passed through to the upstream.

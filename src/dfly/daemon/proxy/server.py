@@ -2,9 +2,12 @@
 passed on.
 
 Rules (see registry.py for routing and upstream choice):
-- Blob GETs become P2P downloads of the blob's canonical upstream URL (blob.py). A blob GET carrying
-  `Authorization` is passed through instead: credentials never enter the swarm (private content is
-  fetched directly for that client).
+- Blob GETs become P2P downloads of the blob's canonical upstream URL (blob.py). Unless the registry is
+  in `proxy.public_registries`, the client's own credentials (or none) are first checked upstream with a
+  HEAD of the blob: only a 2xx lets the swarm's copy be served, anything else is the registry's answer
+  (401 with `WWW-Authenticate`, so clients run their token flow). The client's `Authorization` travels
+  with the download request (and so in the seed trigger) for the origin reader; it is never stored
+  with the task nor logged.
 - Pass-through requests go to the upstream with the client's method, path, query (without `ns`), body
   and headers (every value of repeated ones such as `Accept`; hop-by-hop headers dropped); the answer
   streams back unchanged (no decompression, no redirect following).
@@ -87,8 +90,10 @@ class RegistryMirror:
         allowed: Iterable[str],
         rules: Iterable[str] = DEFAULT_RULES,
         basic_auth: tuple[str, str] | None = None,
+        public_registries: Iterable[str] = (),
     ) -> None:
         self.tasks = tasks
+        self.public = frozenset(normalize_upstream(r) for r in public_registries)
         self._proxy_auth = _basic(*basic_auth) if basic_auth else None
         self.rules = compile_rules(list(rules))
         self.default_upstream = normalize_upstream(default_upstream) if default_upstream else ""
@@ -124,7 +129,8 @@ class RegistryMirror:
             if request.raw_path.startswith(("http://", "https://")):
                 return await self._forward(request, request.raw_path)
             what = route(request.method, request.path)
-            if what.kind == "ping":
+            hint, ns = request.headers.get(REGISTRY_HEADER), request.query.get("ns")
+            if what.kind == "ping" and not (hint or ns or self.default_upstream):
                 return web.Response(
                     status=200, body=b"{}" if request.method == "GET" else None, headers=PING_HEADERS
                 )
@@ -135,9 +141,17 @@ class RegistryMirror:
                 self.allowed,
             )
             await refuse_link_local(upstream)
-            if what.kind == "blob" and "Authorization" not in request.headers:
+            if what.kind == "blob":
                 url = blob_url(upstream, what.name, what.digest)
-                return await serve_p2p(request, self.tasks, url, what.digest, {})
+                auth = request.headers.get("Authorization")
+                if (
+                    upstream not in self.public
+                    and (refused := await self._check_access(url, auth)) is not None
+                ):
+                    return refused
+                return await serve_p2p(
+                    request, self.tasks, url, what.digest, {"Authorization": auth} if auth else {}
+                )
             query = [(k, v) for k, v in request.query.items() if k != "ns"]
             return await self._pass(request, yarl.URL(upstream + request.path).with_query(query))
         except BadRequest as exc:
@@ -149,6 +163,25 @@ class RegistryMirror:
             return _error(status, "origin", str(exc), exc.status_code)
         except DflyError as exc:
             return _error(502, exc.kind if hasattr(exc, "kind") else "download", str(exc))
+
+    async def _check_access(self, url: str, auth: str | None) -> web.Response | None:
+        """HEAD the blob upstream with the client's own credentials: None if it may have it (2xx), else the
+        registry's answer (401 with its WWW-Authenticate, so the client can fetch a token; 403; 404)."""
+        assert self._session is not None
+        headers = {"Authorization": auth} if auth else {}
+        try:
+            async with self._session.head(url, headers=headers, allow_redirects=True) as answer:
+                if 200 <= answer.status < 300:
+                    return None
+                reply = _error(
+                    answer.status, "auth", f"the registry answered {answer.status} for this client"
+                )
+                for name in ("WWW-Authenticate", "Docker-Distribution-Api-Version"):
+                    if name in answer.headers:
+                        reply.headers[name] = answer.headers[name]
+                return reply
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"{yarl.URL(url).origin()} unreachable: {exc}") from None
 
     async def _forward(self, request: web.Request, url: str) -> web.StreamResponse:
         """An absolute-form request (`http_proxy=` clients): through P2P by the rules, else directly."""
