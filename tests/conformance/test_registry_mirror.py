@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -203,3 +204,30 @@ def test_a_private_registry_through_the_mirror(tmp_path: Path) -> None:
         assert checks  # a private registry: each client's credentials were checked upstream
         assert secret not in logs
         assert base64.b64encode(f"alice:{secret}".encode()).decode() not in logs
+
+
+def test_a_client_leaving_mid_blob_is_no_error_and_the_blob_stays_servable(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """curl reads a blob slowly through the mirror and is killed mid-body: the daemon logs no traceback,
+    and the next request gets the whole blob."""
+    _, digests = push_image(registry, tmp_path / "image", layers=1, layer_bytes=32 << 20)
+    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1")}
+    with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
+        peer = cluster.peers[0]
+        blob = f"http://127.0.0.1:{peer.ports['proxy']}/v2/demo/app/blobs/{digests[1]}"
+        partial = tmp_path / "partial"
+        slow = subprocess.Popen(["curl", "-s", "--limit-rate", "1M", "-o", str(partial), blob])
+        try:
+            deadline = time.monotonic() + 30
+            while not (partial.exists() and partial.stat().st_size > 0):
+                assert time.monotonic() < deadline, "no byte reached the slow client"
+                time.sleep(0.05)
+        finally:
+            slow.kill()
+            slow.wait()
+        status, _, body = fetch(blob)
+        assert status == 200
+        assert hashlib.sha256(body).hexdigest() == digests[1].removeprefix("sha256:")
+        assert "Traceback" not in peer.log_path.read_text()
+        assert peer.alive()

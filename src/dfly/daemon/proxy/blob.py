@@ -12,6 +12,7 @@ Rules:
   Without a digest (forward-proxy downloads) the pieces' CRCs are the check, as for dfget.
 - Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest` (blobs),
   `Accept-Ranges: bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range`, past the end → 416.
+- A client that disconnects mid-body ends the response quietly (debug log); the download goes on.
 - Reads from the task file go through a thread (a piece is up to 64 MiB); at most one piece is in
   memory per response.
 """
@@ -113,6 +114,9 @@ async def serve_p2p(
                 break
         await response.write_eof()
         return response
+    except ConnectionError as exc:  # the client went away mid-body: nothing to answer, nothing to log loudly
+        log.debug("blob %s: client disconnected: %r", digest, exc)
+        return response if response is not None else web.Response(status=499)
     except DflyError as exc:
         if response is None:
             raise

@@ -198,9 +198,11 @@ class RegistryMirror:
         return await self._pass(request, yarl.URL(url, encoded=True))
 
     async def _pass(self, request: web.Request, url: yarl.URL) -> web.StreamResponse:
-        """Send the request on to `url` and stream the answer back unchanged."""
+        """Send the request on to `url` and stream the answer back unchanged. Once the answer has started,
+        a failure on either side ends it by closing the connection (a short body, never a wrong one)."""
         assert self._session is not None
         body = request.content if request.body_exists else None
+        response: web.StreamResponse | None = None
         try:
             headers = _forwarded(request.headers.items())
             async with self._session.request(
@@ -220,5 +222,10 @@ class RegistryMirror:
                         await response.write(chunk)
                 await response.write_eof()
                 return response
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            if response is not None and response.prepared:
+                log.info("%s %s ended early: %r", request.method, url.origin(), exc)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
             raise SourceError(f"{url.origin()} unreachable: {exc}") from None
