@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -66,9 +67,13 @@ def test_dfly_up_two_peers(tmp_path: Path) -> None:
                 assert "grpc" in p["ports"]
                 continue
             assert Path(p["socket"]).exists(), p
-            mirror = f"http://127.0.0.1:{p['proxy_port']}/v2/"  # the registry mirror answers its ping
-            with urllib.request.urlopen(mirror, timeout=5) as resp:
-                assert resp.headers["Docker-Distribution-Api-Version"] == "registry/2.0", mirror
+            # the registry mirror runs and passes its ping to --registry-mirror (nothing listens there)
+            mirror = f"http://127.0.0.1:{p['proxy_port']}/v2/"
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(mirror, timeout=5)
+            assert refused.value.code == 502, mirror
+            assert refused.value.headers["X-Dragonfly-Error-Type"] == "origin"
+            assert "127.0.0.1:5999" in refused.value.read().decode()
             assert p["host_id"]
             url = f"http://127.0.0.1:{p['ports']['health']}/healthy"
             with urllib.request.urlopen(url, timeout=5) as resp:

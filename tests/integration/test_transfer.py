@@ -124,6 +124,14 @@ class Recorder:
             assert event[0] == "have", f"expected {kind}, got {event}"
 
 
+async def uploaded(server: PieceServer, task_id: str, nbytes: int, timeout_s: float = 10.0) -> None:
+    """Wait until the server has counted `nbytes` uploaded for the task (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while server.bytes_uploaded_by_task.get(task_id, 0) < nbytes:
+        assert asyncio.get_running_loop().time() < deadline, server.bytes_uploaded_by_task
+        await asyncio.sleep(0.01)
+
+
 def run(coro: Coroutine[Any, Any, None], timeout_s: float = 60.0) -> None:
     asyncio.run(asyncio.wait_for(coro, timeout_s))
 
@@ -176,6 +184,7 @@ def test_fetch_all_pieces_of_8mib(tmp_path: Path) -> None:
         await fetch_all(conn, rec, task.piece_count)
         assert rec.have == set(range(task.piece_count))
         assert sink == data
+        await uploaded(server, "t1", len(data))  # counted once each upload thread returned
         assert server.connections_open == 1
         assert pool.bytes_out == 0
         conn.close()
@@ -415,8 +424,10 @@ def test_first_pass_gate_gives_each_piece_once_then_releases_after_its_hold(tmp_
         assert gate.released
         await conn2.request(0)
         assert await second.expect("piece") == ("piece", 0, task.digests[0])
+        # the child can have every byte before the server's upload thread returns and counts it
+        await uploaded(server, "t1", 4 * 256 * KiB)  # one piece twice, after release
         await server.close()
-        assert server.bytes_uploaded_by_task == {"t1": 4 * 256 * KiB}  # one piece twice, after release
+        assert server.bytes_uploaded_by_task == {"t1": 4 * 256 * KiB}
 
     run(main())
 
