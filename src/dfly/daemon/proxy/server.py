@@ -134,12 +134,7 @@ class RegistryMirror:
                 return web.Response(
                     status=200, body=b"{}" if request.method == "GET" else None, headers=PING_HEADERS
                 )
-            upstream = choose_upstream(
-                request.headers.get(REGISTRY_HEADER),
-                request.query.get("ns"),
-                self.default_upstream,
-                self.allowed,
-            )
+            upstream = choose_upstream(hint, ns, self.default_upstream, self.allowed)
             await refuse_link_local(upstream)
             if what.kind == "blob":
                 url = blob_url(upstream, what.name, what.digest)
@@ -165,13 +160,15 @@ class RegistryMirror:
             return _error(502, exc.kind if hasattr(exc, "kind") else "download", str(exc))
 
     async def _check_access(self, url: str, auth: str | None) -> web.Response | None:
-        """HEAD the blob upstream with the client's own credentials: None if it may have it (2xx), else the
-        registry's answer (401 with its WWW-Authenticate, so the client can fetch a token; 403; 404)."""
+        """HEAD the blob upstream with the client's own credentials: None if it may have it (2xx, or a
+        redirect to the registry's storage, which it only gives an authorized client; the redirect is not
+        followed), else the registry's answer (401 with its WWW-Authenticate, so the client can fetch a
+        token; 403; 404)."""
         assert self._session is not None
         headers = {"Authorization": auth} if auth else {}
         try:
-            async with self._session.head(url, headers=headers, allow_redirects=True) as answer:
-                if 200 <= answer.status < 300:
+            async with self._session.head(url, headers=headers, allow_redirects=False) as answer:
+                if 200 <= answer.status < 400:
                     return None
                 reply = _error(
                     answer.status, "auth", f"the registry answered {answer.status} for this client"
