@@ -40,14 +40,13 @@ from dfly.common.errors import (
     first_dfly_error,
 )
 from dfly.common.ids import HostId, peer_id, redact_url
-from dfly.common.pieces import validate_layout
 from dfly.daemon.back_to_source import BackToSource
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import Layout, TaskState
 from dfly.daemon.parents import ParentSet
 from dfly.daemon.peer_stream import PeerStream, SchedulerGone, SchedulerReply
 from dfly.daemon.storage import TaskMeta
-from dfly.daemon.task_request import TaskRequest
+from dfly.daemon.task_request import TaskRequest, layout_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +65,6 @@ class PiecesLost:
     """Storage could not make these pieces durable (a failed fdatasync); the task state forgot them."""
 
     pieces: list[int]
-
-
-def layout_from_proto(layout: pb.TaskLayout) -> Layout | None:
-    """The scheduler's layout (None: not known yet); UsageError for one dfly could not have made."""
-    if layout.piece_length == 0:  # the scheduler does not know it yet (content_length -1)
-        return None
-    validate_layout(layout.content_length, layout.piece_length)
-    return Layout(layout.content_length, layout.piece_length)
 
 
 class Conductor:

@@ -16,7 +16,8 @@ from dfly.common.ids import (
     effective_filters,
     task_id,
 )
-from dfly.common.pieces import validate_user_piece_length
+from dfly.common.pieces import validate_layout, validate_user_piece_length
+from dfly.daemon.core.task_state import Layout
 
 SEED_TIMEOUT_S = 10 * 3600.0  # a seed trigger without a timeout (Dragonfly's: 10 h)
 
@@ -72,3 +73,11 @@ class TaskRequest:
             timeout_s=download.timeout_s or SEED_TIMEOUT_S,
             need_back_to_source=True,
         )
+
+
+def layout_from_proto(layout: pb.TaskLayout) -> Layout | None:
+    """The scheduler's layout (None: not known yet); UsageError for one dfly could not have made."""
+    if layout.piece_length == 0:  # the scheduler does not know it yet (content_length -1)
+        return None
+    validate_layout(layout.content_length, layout.piece_length)
+    return Layout(layout.content_length, layout.piece_length)

@@ -6,8 +6,8 @@ import pytest
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import UsageError
-from dfly.daemon.conductor import layout_from_proto
 from dfly.daemon.core.task_state import Layout
+from dfly.daemon.task_request import layout_from_proto
 
 
 def test_unknown_layout_is_none() -> None:
