@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import subprocess
 import time
 import urllib.error
@@ -231,3 +232,28 @@ def test_a_client_leaving_mid_blob_is_no_error_and_the_blob_stays_servable(
         assert hashlib.sha256(body).hexdigest() == digests[1].removeprefix("sha256:")
         assert "Traceback" not in peer.log_path.read_text()
         assert peer.alive()
+
+
+def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_completed(tmp_path: Path) -> None:
+    """An upstream serving other bytes than the digest in the URL (the dfly test origin posing as a
+    registry): the mirror sends all but the last chunk, then closes the connection, so the client sees a
+    short body (curl: exit 18), never a complete wrong blob; the daemon evicts its copy, and a second
+    request ends the same way (the bytes are wrong wherever they come from)."""
+    good, bad = os.urandom(3 << 20), os.urandom(3 << 20)
+    digest = "sha256:" + hashlib.sha256(good).hexdigest()
+    with Origin(tmp_path / "www") as upstream:
+        upstream.add_bytes(f"v2/demo/app/blobs/{digest}", bad)
+        proxy = {"proxy": {"registry_mirror": upstream.base_url, "public_registries": [upstream.base_url]}}
+        with LocalCluster(
+            tmp_path / "c", peers=1, daemon_overrides={"seed": proxy, "peer-1": proxy}
+        ) as cluster:
+            peer = cluster.peers[0]
+            blob = f"http://127.0.0.1:{peer.ports['proxy']}/v2/demo/app/blobs/{digest}"
+            for attempt in range(2):
+                out = tmp_path / f"out-{attempt}"
+                done = subprocess.run(["curl", "-s", "-o", str(out), blob], timeout=60)
+                assert done.returncode == 18, done  # "partial file": the body ended before Content-Length
+                assert out.stat().st_size < len(bad)
+            log = peer.log_path.read_text()
+            assert log.count("does not match the digest") == 2  # evicted after each attempt
+            assert "Traceback" not in log

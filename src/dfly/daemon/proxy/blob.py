@@ -4,11 +4,12 @@ Job: `serve_p2p` runs the task through `TaskManager.download` and writes the req
 aiohttp response while pieces become available (each piece was CRC-checked when it arrived).
 
 Rules:
-- With a `sha256:` digest (registry blobs) the whole object is hashed in order (also the bytes before
-  a `Range` start, read but not sent); the response's last chunk is held back until that digest
-  verifies. On a mismatch the connection is closed before that chunk, so a client never completes a
-  wrong blob, and the task is evicted so the next request fetches it again. A range that ends before
-  the blob does is sent once its pieces verified their CRC (there is nothing to hold back from).
+- With a `sha256:` digest (registry blobs), when the response reaches the object's end, the whole
+  object is hashed in order (also the bytes before a `Range` start, read but not sent); the
+  response's last chunk is held back until that digest verifies. On a mismatch the connection is
+  closed before that chunk, so a client never completes a wrong blob, and this daemon's copy is evicted
+  (the next request downloads it again; other daemons' copies are left alone). A range that ends
+  before the blob does is sent once its pieces verified their CRC (there is nothing to hold back).
   Without a digest (forward-proxy downloads) the pieces' CRCs are the check, as for dfget.
 - Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest` (blobs),
   `Accept-Ranges: bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range`, past the end → 416.
@@ -87,10 +88,10 @@ async def serve_p2p(
         await response.prepare(request)
         hasher = hashlib.sha256()
         ready: set[int] = set()
-        # next byte to read: from 0 when the whole object is hashed, else from the piece holding `first`
-        position = 0 if digest is not None else first - first % piece_length
         # the response ends where the object does: with a digest to check, its end waits for it
         whole = last == size - 1 and digest is not None
+        # next byte to read: from 0 when the whole object is hashed, else from the piece holding `first`
+        position = 0 if whole else first - first % piece_length
         while position < size and (whole or position <= last):  # hash what precedes a range, too
             event = await anext(events)
             if isinstance(event, PiecesReady):
@@ -101,7 +102,7 @@ async def serve_p2p(
                 data = await asyncio.to_thread(os.pread, read_fd, end - position, position)
                 if len(data) != end - position:
                     raise DflyError(f"task file of {url} ended early")
-                if digest is not None:
+                if whole:
                     hasher.update(data)
                 send_from, send_to = max(first, position), min(last + 1, end)
                 if end == size and whole and f"sha256:{hasher.hexdigest()}" != digest:
