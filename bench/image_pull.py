@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dfly-image-pull-") as tmp:
         base = Path(tmp)
         with Registry(base / "registry") as registry:
-            overrides = {
-                n: {"proxy": {"registry_mirror": registry.url}} for n in ("seed", "peer-1", "peer-2")
-            }
+            overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
             with LocalCluster(base / "cluster", peers=2, daemon_overrides=overrides) as cluster:
                 direct_hosts = base / "hosts-direct"  # no hosts.toml: containerd asks the registry
                 direct_hosts.mkdir()

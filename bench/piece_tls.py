@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for mode in results:
                     tls = {**files, "pieces": mode == "tls"}
-                    overrides = {n: {"security": {"tls": tls}} for n in ("seed", "peer-1", "peer-2")}
+                    overrides = {"*": {"security": {"tls": tls}}}
                     clusters[mode] = LocalCluster(
                         base / mode, peers=2, daemon_overrides=overrides,
                         scheduler_overrides={"security": {"tls": files}},

@@ -211,7 +211,8 @@ class LocalCluster:
         self.stop_timeout_s = stop_timeout_s
         self.scheduler_cmd = list(scheduler_cmd)
         self.daemon_cmd = list(daemon_cmd)
-        # Per daemon name ("seed", "peer-1", …): config sections whose keys replace the defaults.
+        # Per daemon name ("seed", "peer-1", …, or "*" for every daemon, applied first): config sections
+        # whose keys replace the defaults.
         self.daemon_overrides = {name: dict(sections) for name, sections in (daemon_overrides or {}).items()}
         self.members: list[Member] = []
         self.cluster_json = self.base_dir / "cluster.json"
@@ -292,8 +293,9 @@ class LocalCluster:
             log_level=self.log_level,
         )
         cfg["scheduler"]["addrs"] = self.scheduler_addrs
-        for section, values in self.daemon_overrides.get(name, {}).items():
-            cfg[section] = {**cfg.get(section, {}), **values}
+        for key in ("*", name):
+            for section, values in self.daemon_overrides.get(key, {}).items():
+                cfg[section] = {**cfg.get(section, {}), **values}
         sock = Path(cfg["local_api"]["socket"])
         if len(os.fsencode(sock)) > SOCKET_PATH_MAX:
             raise ClusterError(

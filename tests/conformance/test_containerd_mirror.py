@@ -41,7 +41,7 @@ def test_ctr_pulls_through_the_mirror_and_a_second_host_asks_the_registry_for_no
 ) -> None:
     reference, digests = push_image(registry, tmp_path / "image", layers=2, layer_bytes=8 << 20)
     pushed = len(registry.blob_gets())
-    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1", "peer-2")}
+    overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
     with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
         for peer in cluster.peers:
             with Containerd(tmp_path / f"containerd-{peer.name}") as containerd:
@@ -76,7 +76,7 @@ def test_a_corrupt_cache_on_the_only_parent_never_reaches_containerd(
     every digest right (peer-2 drops the bad parent and reads what it lacks from the registry), and
     `ctr images check` finds the image complete in containerd's content store."""
     reference, digests = push_image(registry, tmp_path / "image", layers=2, layer_bytes=4 << 20)
-    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1", "peer-2")}
+    overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
     with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
         first, second = cluster.peers
         with Containerd(tmp_path / "containerd-1") as containerd:

@@ -61,7 +61,7 @@ def test_curl_and_wget_through_the_forward_proxy(origin: Origin, tmp_path: Path)
     digest = make_file(origin.root / "model.bin", 8 * MiB, seed=51)
     make_file(origin.root / "notes.txt", 64 * 1024, seed=52)
     proxy = {"proxy": {"allowed_hosts": [origin.base_url], "rules": [r"\.bin$"]}}
-    overrides = {name: proxy for name in ("seed", "peer-1", "peer-2")}
+    overrides = {"*": proxy}
     with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
         first, second = (peer.ports["proxy"] for peer in cluster.peers)
         headers = curl(first, origin.url("/model.bin"), tmp_path / "a.bin")

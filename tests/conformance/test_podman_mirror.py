@@ -48,7 +48,7 @@ def podman(root: Path, *args: str, conf: Path) -> subprocess.CompletedProcess[st
 def test_podman_pulls_through_the_mirror(registry: Registry, tmp_path: Path) -> None:
     reference, digests = push_image(registry, tmp_path / "image", layers=2, layer_bytes=4 << 20)
     pushed = len(registry.blob_gets())
-    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1")}
+    overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
     with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
         conf = registries_conf(tmp_path / "registries.conf", registry, cluster.peers[0].ports["proxy"])
         root = Path(tempfile.mkdtemp(prefix="dfly-podman-", dir="/tmp"))  # podman: runroot <= 50 chars

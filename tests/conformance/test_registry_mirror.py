@@ -53,7 +53,7 @@ def test_skopeo_pulls_through_the_mirror_and_the_registry_sends_each_blob_once(
     reference, digests = push_image(registry, tmp_path / "image")
     pushed_gets = len(registry.blob_gets())
     public = {"registry_mirror": registry.url, "public_registries": [registry.url]}  # no access check
-    overrides = {name: {"proxy": public} for name in ("seed", "peer-1", "peer-2")}
+    overrides = {"*": {"proxy": public}}
     with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
         for peer in cluster.peers:
             conf = registries_conf(tmp_path / f"{peer.name}.conf", registry, peer.ports["proxy"])
@@ -104,7 +104,7 @@ def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry,
     subprocess.run(argv, check=True, capture_output=True, timeout=120)
     layer = digests[1]
     data = (direct / layer.removeprefix("sha256:")).read_bytes()
-    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1")}
+    overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
     with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
         mirror = f"http://127.0.0.1:{cluster.peers[0].ports['proxy']}"
         status, headers, body = fetch(f"{mirror}/v2/")
@@ -145,7 +145,7 @@ def test_a_registry_redirecting_blobs_to_storage_is_followed_by_the_daemon(tmp_p
         Registry(tmp_path / "registry", redirect_to=storage.base_url) as registry,
     ):
         reference, digests = push_image(registry, tmp_path / "image")
-        overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1")}
+        overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
         with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
             conf = registries_conf(tmp_path / "peer.conf", registry, cluster.peers[0].ports["proxy"])
             skopeo_pull(conf, reference, tmp_path / "pulled")
@@ -167,7 +167,7 @@ def test_a_private_registry_through_the_mirror(tmp_path: Path) -> None:
     secret = "reg-pass-7f3a"
     with Registry(tmp_path / "registry", credentials=("alice", secret)) as registry:
         reference, digests = push_image(registry, tmp_path / "image", layers=1)
-        overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1")}
+        overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
         with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
             mirror_port = cluster.peers[0].ports["proxy"]
             conf = registries_conf(tmp_path / "peer.conf", registry, mirror_port)
@@ -213,7 +213,7 @@ def test_a_client_leaving_mid_blob_is_no_error_and_the_blob_stays_servable(
     """curl reads a blob slowly through the mirror and is killed mid-body: the daemon logs no traceback,
     and the next request gets the whole blob."""
     _, digests = push_image(registry, tmp_path / "image", layers=1, layer_bytes=32 << 20)
-    overrides = {name: {"proxy": {"registry_mirror": registry.url}} for name in ("seed", "peer-1")}
+    overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
     with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
         peer = cluster.peers[0]
         blob = f"http://127.0.0.1:{peer.ports['proxy']}/v2/demo/app/blobs/{digests[1]}"
@@ -244,9 +244,7 @@ def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_completed(tmp_path:
     with Origin(tmp_path / "www") as upstream:
         upstream.add_bytes(f"v2/demo/app/blobs/{digest}", bad)
         proxy = {"proxy": {"registry_mirror": upstream.base_url, "public_registries": [upstream.base_url]}}
-        with LocalCluster(
-            tmp_path / "c", peers=1, daemon_overrides={"seed": proxy, "peer-1": proxy}
-        ) as cluster:
+        with LocalCluster(tmp_path / "c", peers=1, daemon_overrides={"*": proxy}) as cluster:
             peer = cluster.peers[0]
             blob = f"http://127.0.0.1:{peer.ports['proxy']}/v2/demo/app/blobs/{digest}"
             for attempt in range(2):

@@ -77,7 +77,7 @@ def test_cluster_over_mtls_works_and_refuses_strangers(origin: Origin, tmp_path:
     tls: dict[str, Any] = {
         "tls": {"ca_cert": str(pki["ca"]), "cert": str(pki["member"]), "key": str(pki["member.key"])}
     }
-    overrides = {name: {"security": tls} for name in ("seed", "peer-1", "peer-2")}
+    overrides = {"*": {"security": tls}}
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
     digest = make_file(origin.root / "f.bin", FILE_BYTES, seed=3)
@@ -143,9 +143,7 @@ def test_pieces_over_mtls_flow_and_strangers_get_nothing(origin: Origin, tmp_pat
     pki = make_pki(tmp_path / "pki", ["member"])
     rogue = make_pki(tmp_path / "rogue", ["stranger"], ca_name="another CA")
     files = {"ca_cert": str(pki["ca"]), "cert": str(pki["member"]), "key": str(pki["member.key"])}
-    overrides = {
-        name: {"security": {"tls": {**files, "pieces": True}}} for name in ("seed", "peer-1", "peer-2")
-    }
+    overrides = {"*": {"security": {"tls": {**files, "pieces": True}}}}
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
     digest = make_file(origin.root / "f.bin", FILE_BYTES, seed=4)

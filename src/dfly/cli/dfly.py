@@ -84,7 +84,6 @@ def _run_up(args: argparse.Namespace) -> int:
         except BadRequest as exc:
             print(f"dfly up: --registry-mirror: {exc}", file=sys.stderr)
             return 2
-    names = ["seed", *(f"peer-{k}" for k in range(1, args.peers + 1))]
     mirror = {"proxy": {"registry_mirror": args.registry_mirror}} if args.registry_mirror else {}
     cluster = LocalCluster(
         args.dir,
@@ -92,7 +91,7 @@ def _run_up(args: argparse.Namespace) -> int:
         seed_upload_limit_bytes_per_s=args.seed_upload_limit,
         log_level=args.log_level,
         ready_timeout_s=args.ready_timeout,
-        daemon_overrides={name: mirror for name in names} if mirror else None,
+        daemon_overrides={"*": mirror} if mirror else None,
     )
     print(f"dfly up: starting in {cluster.base_dir}", flush=True)
     code = 0

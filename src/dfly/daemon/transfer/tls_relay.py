@@ -34,7 +34,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
-    except (OSError, ssl.SSLError):
+    except OSError:  # ssl.SSLError and connection resets included
         pass
     finally:
         writer.close()
@@ -58,7 +58,7 @@ async def serve_tls(
             ssl=context,
             ssl_handshake_timeout=handshake_timeout_s,
         )
-    except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+    except OSError as exc:  # ssl.SSLError, TimeoutError and ConnectionError are OSErrors
         log.debug("piece connection refused at the TLS handshake: %r", exc)
         sock.close()
         return
