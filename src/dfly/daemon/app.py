@@ -117,8 +117,24 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     await local_api.start()
     proxy = config.proxy
     auth = (proxy.basic_auth_username, proxy.basic_auth_password) if proxy.basic_auth_username else None
+    certs = None
+    if proxy.enable and proxy.hijack_https.hosts:
+        from dfly.daemon.proxy.certs import HostCertificates, load_or_create_ca  # cryptography: only if used
+
+        ca_cert, ca_key, ca_path = load_or_create_ca(
+            proxy.hijack_https.cert, proxy.hijack_https.key, config.storage.dir
+        )
+        certs = HostCertificates(ca_cert, ca_key, config.storage.dir)
+        log.info("intercepting HTTPS for %s; clients must trust %s", proxy.hijack_https.hosts, ca_path)
     mirror = RegistryMirror(
-        tasks, proxy.registry_mirror, proxy.allowed_hosts, proxy.rules, auth, proxy.public_registries
+        tasks,
+        proxy.registry_mirror,
+        proxy.allowed_hosts,
+        proxy.rules,
+        auth,
+        proxy.public_registries,
+        proxy.hijack_https.hosts,
+        certs,
     )
     proxy_port = await mirror.start(config.proxy.ip, config.proxy.port) if config.proxy.enable else None
 

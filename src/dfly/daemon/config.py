@@ -84,6 +84,23 @@ class LocalListenerSection(ListenerSection):
     ip: str = "127.0.0.1"
 
 
+class HijackHttpsSection(StrictModel):
+    # CONNECT targets whose host matches one of these regexes are intercepted: TLS is terminated with a
+    # certificate the CA below signs for that host, and the requests inside are served like forward-proxy
+    # requests (P2P by `rules`). Other CONNECT targets get a plain tunnel. Empty = intercept nothing.
+    hosts: list[str] = []
+    # The CA (PEM files) that signs the per-host certificates; both empty = a CA generated on first use
+    # and kept as <storage.dir>/proxy-ca.crt and proxy-ca.key. Clients must trust its certificate.
+    cert: str = ""
+    key: str = ""
+
+    @model_validator(mode="after")
+    def _pair(self) -> HijackHttpsSection:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("proxy.hijack_https: set both cert and key, or neither")
+        return self
+
+
 class ProxySection(LocalListenerSection):
     port: int = Field(default=4001, ge=0, le=65535)
     enable: bool = True  # the registry mirror on ip:port (127.0.0.1 unless configured)
@@ -104,6 +121,7 @@ class ProxySection(LocalListenerSection):
     # them (else 407). Registry-mirror requests are not covered (their Authorization is the registry's).
     basic_auth_username: str = ""
     basic_auth_password: str = ""
+    hijack_https: HijackHttpsSection = HijackHttpsSection()
 
     @model_validator(mode="after")
     def _upstreams_parse(self) -> ProxySection:
@@ -115,6 +133,7 @@ class ProxySection(LocalListenerSection):
             for value in upstreams + self.allowed_hosts + self.public_registries:
                 normalize_upstream(value)
             compile_rules(self.rules)
+            compile_rules(self.hijack_https.hosts)
         except BadRequest as exc:
             raise ValueError(str(exc)) from None
         return self

@@ -1,8 +1,7 @@
 """A throw-away PKI for tests and local clusters: one CA, and certificates it signs for 127.0.0.1.
 
 `make_pki(dir, names)` writes `ca.pem`, and `<name>.pem` / `<name>.key` per name, each valid for
-127.0.0.1, ::1 and localhost, for client and server use. Needs the `cryptography` package (a dev
-dependency); never use these files outside tests.
+127.0.0.1, ::1 and localhost, for client and server use. Never use these files outside tests.
 """
 
 from __future__ import annotations

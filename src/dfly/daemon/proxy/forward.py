@@ -60,6 +60,12 @@ NEVER_UPSTREAM = tuple(
 )
 
 
+def never_upstream(address: str) -> bool:
+    """Is this IP address (text, IPv6 zone allowed) link-local or a metadata address?"""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return any(ip in net for net in NEVER_UPSTREAM)
+
+
 async def refuse_link_local(origin: str) -> None:
     """Forbidden if the upstream's host resolves to a link-local or metadata address (even when allowed)."""
     parts = urlsplit(origin)
@@ -69,6 +75,5 @@ async def refuse_link_local(origin: str) -> None:
     except OSError:
         return  # unresolvable: the connection fails on its own, with the resolver's message
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
-        if any(address in net for net in NEVER_UPSTREAM):
-            raise Forbidden(f"{host} resolves to {address}, a link-local or metadata address")
+        if never_upstream(str(sockaddr[0])):
+            raise Forbidden(f"{host} resolves to {sockaddr[0]}, a link-local or metadata address")

@@ -14,16 +14,24 @@ Rules (see registry.py for routing and upstream choice):
 - Errors answer with `X-Dragonfly-Error-Type` (and the origin's status for origin errors): 400 bad
   request, 403 upstream not allowed (no connection is made), 502 for an unreachable upstream or a failed
   download. Absolute-form requests (`http_proxy=` clients) are the forward proxy (forward.py): allowed
-  targets only, through P2P by the rules, else forwarded. CONNECT gets 501: not built yet.
+  targets only, through P2P by the rules, else forwarded.
+- CONNECT (connect.py does the socket work): `https://host:port` must be allowed (so only port 443 unless
+  a port is listed), with proxy auth when configured. A host matching `proxy.hijack_https.hosts` is
+  intercepted: TLS is terminated with a certificate from certs.py and its requests are treated exactly
+  like forward-proxy requests for `https://host:port/...`; any other host gets a plain byte tunnel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hmac
 import logging
 import socket
-from collections.abc import Iterable
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import aiohttp
 import yarl
@@ -31,8 +39,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from dfly.common.errors import DflyError, SourceError
+from dfly.daemon.proxy import connect
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
-from dfly.daemon.proxy.forward import DEFAULT_RULES, compile_rules, refuse_link_local, target_origin, use_p2p
+from dfly.daemon.proxy.forward import (
+    DEFAULT_RULES,
+    compile_rules,
+    never_upstream,
+    refuse_link_local,
+    target_origin,
+    use_p2p,
+)
 from dfly.daemon.proxy.registry import (
     BadRequest,
     Forbidden,
@@ -41,6 +57,9 @@ from dfly.daemon.proxy.registry import (
     normalize_upstream,
     route,
 )
+
+if TYPE_CHECKING:
+    from dfly.daemon.proxy.certs import HostCertificates
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +101,21 @@ def _forwarded(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     return out
 
 
+async def _answer(handling: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+    """The handler's response, or the error response for what it raised."""
+    try:
+        return await handling
+    except BadRequest as exc:
+        return _error(400, "bad_request", str(exc))
+    except Forbidden as exc:
+        return _error(403, "forbidden", str(exc))
+    except SourceError as exc:
+        status = exc.status_code if 400 <= exc.status_code < 500 else 502
+        return _error(status, "origin", str(exc), exc.status_code)
+    except DflyError as exc:
+        return _error(502, exc.kind if hasattr(exc, "kind") else "download", str(exc))
+
+
 class RegistryMirror:
     def __init__(
         self,
@@ -91,8 +125,12 @@ class RegistryMirror:
         rules: Iterable[str] = DEFAULT_RULES,
         basic_auth: tuple[str, str] | None = None,
         public_registries: Iterable[str] = (),
+        hijack_hosts: Iterable[str] = (),
+        certs: HostCertificates | None = None,
     ) -> None:
         self.tasks = tasks
+        self.hijack_hosts = compile_rules(list(hijack_hosts)) if certs is not None else ()
+        self.certs = certs
         self.public = frozenset(normalize_upstream(r) for r in public_registries)
         self._proxy_auth = _basic(*basic_auth) if basic_auth else None
         self.rules = compile_rules(list(rules))
@@ -101,63 +139,144 @@ class RegistryMirror:
             {self.default_upstream} if self.default_upstream else set()
         )
         self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 = any free port); returns the bound port."""
         self._session = aiohttp.ClientSession(
             auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
         )
-        app = web.Application(client_max_size=0)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
+        plain = await self._runner(self.handle)
+        intercepted = await self._runner(self.handle_intercepted)
+        loop = asyncio.get_running_loop()
+
+        async def on_plain(conn: socket.socket) -> None:
+            await loop.connect_accepted_socket(plain.server, conn)  # type: ignore[arg-type]
+
+        async def on_connect(conn: socket.socket) -> None:
+            await self._connect(conn, intercepted)
+
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-        await web.SockSite(self._runner, sock).start()
+        sock.setblocking(False)
+        self._listener = sock
+        self._accepting = asyncio.create_task(connect.accept_loop(sock, on_plain, on_connect))
         return int(sock.getsockname()[1])
 
+    async def _runner(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.AppRunner:
+        app = web.Application(client_max_size=0)
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        return runner
+
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._listener is not None:
+            self._listener.close()
+        for runner in self._runners:
+            await runner.cleanup()
         if self._session is not None:
             await self._session.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.method == "CONNECT":
-            return _error(501, "unsupported", "CONNECT (HTTPS through the proxy) is not built yet")
+        """A request on port 4001: absolute-form = forward proxy, origin-form = registry mirror."""
+        if request.raw_path.startswith(("http://", "https://")):
+            return await _answer(self._forward(request, request.raw_path))
+        return await _answer(self._mirror(request))
+
+    async def handle_intercepted(self, request: web.Request) -> web.StreamResponse:
+        """A request inside an intercepted CONNECT: the forward proxy for https://<that authority>/..."""
+        assert self.certs is not None
+        transport = request.transport
+        authority = self.certs.authority_of(transport.get_extra_info("sslcontext") if transport else None)
+        if authority is None or not request.raw_path.startswith("/"):
+            return _error(400, "bad_request", "requests inside a tunnel must be origin-form")
+        url = f"https://{authority}{request.raw_path}"
+        return await _answer(self._forward(request, url, tunnelled=True))
+
+    async def _mirror(self, request: web.Request) -> web.StreamResponse:
+        what = route(request.method, request.path)
+        hint, ns = request.headers.get(REGISTRY_HEADER), request.query.get("ns")
+        if what.kind == "ping" and not (hint or ns or self.default_upstream):
+            return web.Response(
+                status=200, body=b"{}" if request.method == "GET" else None, headers=PING_HEADERS
+            )
+        upstream = choose_upstream(hint, ns, self.default_upstream, self.allowed)
+        await refuse_link_local(upstream)
+        if what.kind == "blob":
+            url = blob_url(upstream, what.name, what.digest)
+            auth = request.headers.get("Authorization")
+            if upstream not in self.public and (refused := await self._check_access(url, auth)) is not None:
+                return refused
+            return await serve_p2p(
+                request, self.tasks, url, what.digest, {"Authorization": auth} if auth else {}
+            )
+        query = [(k, v) for k, v in request.query.items() if k != "ns"]
+        return await self._pass(request, yarl.URL(upstream + request.path).with_query(query))
+
+    def _proxy_auth_ok(self, given: str) -> bool:
+        return self._proxy_auth is None or hmac.compare_digest(given.encode(), self._proxy_auth.encode())
+
+    async def _connect(self, conn: socket.socket, intercepted: web.AppRunner) -> None:
+        """A CONNECT: refused (400/403/407/502, then closed), intercepted, or tunnelled."""
         try:
-            if request.raw_path.startswith(("http://", "https://")):
-                return await self._forward(request, request.raw_path)
-            what = route(request.method, request.path)
-            hint, ns = request.headers.get(REGISTRY_HEADER), request.query.get("ns")
-            if what.kind == "ping" and not (hint or ns or self.default_upstream):
-                return web.Response(
-                    status=200, body=b"{}" if request.method == "GET" else None, headers=PING_HEADERS
-                )
-            upstream = choose_upstream(hint, ns, self.default_upstream, self.allowed)
-            await refuse_link_local(upstream)
-            if what.kind == "blob":
-                url = blob_url(upstream, what.name, what.digest)
-                auth = request.headers.get("Authorization")
-                if (
-                    upstream not in self.public
-                    and (refused := await self._check_access(url, auth)) is not None
-                ):
-                    return refused
-                return await serve_p2p(
-                    request, self.tasks, url, what.digest, {"Authorization": auth} if auth else {}
-                )
-            query = [(k, v) for k, v in request.query.items() if k != "ns"]
-            return await self._pass(request, yarl.URL(upstream + request.path).with_query(query))
-        except BadRequest as exc:
-            return _error(400, "bad_request", str(exc))
-        except Forbidden as exc:
-            return _error(403, "forbidden", str(exc))
-        except SourceError as exc:
-            status = exc.status_code if 400 <= exc.status_code < 500 else 502
-            return _error(status, "origin", str(exc), exc.status_code)
-        except DflyError as exc:
-            return _error(502, exc.kind if hasattr(exc, "kind") else "download", str(exc))
+            head, early = await connect.read_head(conn)
+            host, port, headers = connect.parse_connect(head)
+            if not self._proxy_auth_ok(headers.get("proxy-authorization", "")):
+                challenge = {
+                    "Proxy-Authenticate": 'Basic realm="dfly"',
+                    "X-Dragonfly-Error-Type": "proxy_auth",
+                }
+                await connect.reply(conn, 407, "Proxy Authentication Required", challenge)
+                conn.close()
+                return
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            target_origin(f"https://{authority}/", self.allowed)
+        except (BadRequest, Forbidden) as exc:
+            status, kind = (403, "forbidden") if isinstance(exc, Forbidden) else (400, "bad_request")
+            log.info("CONNECT refused: %s", exc)
+            await connect.reply(conn, status, kind.replace("_", " "), {"X-Dragonfly-Error-Type": kind})
+            conn.close()
+            return
+        if self.certs is not None and any(rule.search(host) for rule in self.hijack_hosts):
+            await self._intercept(conn, intercepted, authority, host, early)
+            return
+        try:
+            upstream = await connect.open_upstream(host, port, never_upstream, timeout_s=10.0)
+        except OSError as exc:
+            log.info("CONNECT %s failed: %s", authority, exc)
+            await connect.reply(conn, 502, "Bad Gateway", {"X-Dragonfly-Error-Type": "origin"})
+            conn.close()
+            return
+        await connect.reply(conn, 200, "Connection Established")
+        await connect.tunnel(conn, upstream, early)
+
+    async def _intercept(
+        self, conn: socket.socket, intercepted: web.AppRunner, authority: str, host: str, early: bytes
+    ) -> None:
+        """Answer 200, terminate TLS with a certificate for `host`, and serve what comes through."""
+        assert self.certs is not None
+        if early:  # TLS bytes sent before our answer could not reach the TLS server below
+            await connect.reply(conn, 400, "Bad Request", {"X-Dragonfly-Error-Type": "bad_request"})
+            conn.close()
+            return
+        await connect.reply(conn, 200, "Connection Established")
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                intercepted.server,  # type: ignore[arg-type]
+                conn,
+                ssl=self.certs.context_for(authority, host),
+                ssl_handshake_timeout=connect.HEAD_TIMEOUT_S,
+            )
+        except (OSError, ssl.SSLError) as exc:  # e.g. a client that does not trust the CA
+            log.info("TLS handshake for %s failed: %s", authority, exc)
+            conn.close()
 
     async def _check_access(self, url: str, auth: str | None) -> web.Response | None:
         """HEAD the blob upstream with the client's own credentials: None if it may have it (2xx, or a
@@ -180,12 +299,10 @@ class RegistryMirror:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SourceError(f"{yarl.URL(url).origin()} unreachable: {exc}") from None
 
-    async def _forward(self, request: web.Request, url: str) -> web.StreamResponse:
-        """An absolute-form request (`http_proxy=` clients): through P2P by the rules, else directly."""
-        given = request.headers.get("Proxy-Authorization", "")
-        if self._proxy_auth is not None and not hmac.compare_digest(
-            given.encode(), self._proxy_auth.encode()
-        ):
+    async def _forward(self, request: web.Request, url: str, tunnelled: bool = False) -> web.StreamResponse:
+        """An absolute-form request (`http_proxy=` clients) or one inside an intercepted tunnel (whose
+        CONNECT was authenticated): through P2P by the rules, else directly."""
+        if not tunnelled and not self._proxy_auth_ok(request.headers.get("Proxy-Authorization", "")):
             response = _error(407, "proxy_auth", "proxy authentication required")
             response.headers["Proxy-Authenticate"] = 'Basic realm="dfly"'
             return response

@@ -1,0 +1,127 @@
+"""CONNECT head parsing, the interception CA (generated once and kept, or configured and checked) and the
+host certificates it signs: a TLS handshake in-process proves a client trusting the CA accepts them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dfly.common.errors import ConfigError
+from dfly.daemon.config import ProxySection
+from dfly.daemon.proxy.certs import HostCertificates, load_or_create_ca
+from dfly.daemon.proxy.connect import parse_connect, read_head
+from dfly.daemon.proxy.registry import BadRequest
+from dfly.devtools.pki import make_pki
+
+
+def test_parse_connect_reads_target_and_headers() -> None:
+    host, port, headers = parse_connect(b"CONNECT example.com:443 HTTP/1.1\r\nProxy-Authorization: Basic x")
+    assert (host, port, headers) == ("example.com", 443, {"proxy-authorization": "Basic x"})
+    assert parse_connect(b"CONNECT [::1]:8443 HTTP/1.0")[:2] == ("::1", 8443)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"CONNECT example.com HTTP/1.1",
+        b"CONNECT example.com:0 HTTP/1.1",
+        b"CONNECT example.com:99999 HTTP/1.1",
+        b"CONNECT :443 HTTP/1.1",
+        b"CONNECT example.com:443 SPDY/3",
+        b"GET example.com:443 HTTP/1.1",
+        b"CONNECT example.com:443",
+        b"CONNECT example.com:443 HTTP/1.1\r\nno colon here",
+    ],
+)
+def test_parse_connect_refuses_malformed_heads(head: bytes) -> None:
+    with pytest.raises(BadRequest):
+        parse_connect(head)
+
+
+def test_read_head_stops_at_the_limit() -> None:
+    async def run() -> None:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.sendall(b"CONNECT a:443 HTTP/1.1\r\n" + b"X: " + b"y" * 20000)
+        with pytest.raises(BadRequest, match="longer than"):
+            await read_head(ours)
+        ours.close()
+        theirs.close()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.sendall(b"CONNECT a:443 HTTP/1.1\r\n\r\nearly")
+        assert await read_head(ours) == (b"CONNECT a:443 HTTP/1.1", b"early")
+        ours.close()
+        theirs.close()
+
+    asyncio.run(run())
+
+
+def test_generated_ca_is_kept_private_and_reused(tmp_path: Path) -> None:
+    cert, _, path = load_or_create_ca("", "", tmp_path / "data")
+    assert path == tmp_path / "data" / "proxy-ca.crt"
+    assert stat.S_IMODE((tmp_path / "data" / "proxy-ca.key").stat().st_mode) == 0o600
+    again, _, _ = load_or_create_ca("", "", tmp_path / "data")
+    assert again == cert  # a restart keeps the CA that clients were told to trust
+
+
+def test_configured_ca_must_be_a_ca_with_its_own_key(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki", ["leaf", "other"])
+    with pytest.raises(ConfigError, match="not a CA"):
+        load_or_create_ca(str(pki["leaf"]), str(pki["leaf.key"]), tmp_path)
+    with pytest.raises(ConfigError, match="not the key"):
+        load_or_create_ca(str(pki["ca"]), str(pki["other.key"]), tmp_path)
+    with pytest.raises(ConfigError, match="cannot load"):
+        load_or_create_ca(str(tmp_path / "missing.pem"), str(pki["other.key"]), tmp_path)
+
+
+def test_config_wants_cert_and_key_together_and_valid_host_patterns() -> None:
+    with pytest.raises(ValidationError, match="both cert and key"):
+        ProxySection.model_validate({"hijack_https": {"cert": "/etc/ca.pem"}})
+    with pytest.raises(ValidationError, match="invalid proxy rule"):
+        ProxySection.model_validate({"hijack_https": {"hosts": ["("]}})
+
+
+@pytest.mark.parametrize("host", ["registry.example.com", "127.0.0.1"])
+def test_host_certificates_pass_a_client_that_trusts_the_ca(tmp_path: Path, host: str) -> None:
+    cert, key, ca_path = load_or_create_ca("", "", tmp_path)
+    certs = HostCertificates(cert, key, tmp_path)
+    server_context = certs.context_for(f"{host}:443", host)
+    assert certs.context_for(f"{host}:443", host) is server_context
+    assert certs.authority_of(server_context) == f"{host}:443"
+    client_context = ssl.create_default_context(cafile=str(ca_path))
+    server_sock, client_sock = socket.socketpair()
+
+    def serve() -> None:
+        with server_context.wrap_socket(server_sock, server_side=True) as tls:
+            tls.sendall(tls.recv(5))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with client_context.wrap_socket(client_sock, server_hostname=host) as tls:
+        tls.sendall(b"hello")
+        assert tls.recv(5) == b"hello"
+    thread.join(timeout=10)
+    server_sock, client_sock = socket.socketpair()
+    other = threading.Thread(target=_handshake_quietly, args=(server_context, server_sock))
+    other.start()
+    with pytest.raises(ssl.SSLCertVerificationError):  # another name: the certificate does not cover it
+        client_context.wrap_socket(client_sock, server_hostname="elsewhere.example")
+    client_sock.close()
+    other.join(timeout=10)
+    assert not list(tmp_path.glob(".leaf-*"))  # the temporary chain file is gone
+
+
+def _handshake_quietly(context: ssl.SSLContext, sock: socket.socket) -> None:
+    try:
+        with context.wrap_socket(sock, server_side=True):
+            pass
+    except (ssl.SSLError, OSError):
+        pass
