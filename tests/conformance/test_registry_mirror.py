@@ -135,9 +135,11 @@ def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry,
 
 
 def test_a_registry_redirecting_blobs_to_storage_is_followed_by_the_daemon(tmp_path: Path) -> None:
-    """The registry answers blob GETs with 307 to a storage server (S3-style). The client gets 200 and
-    the bytes from the mirror, never the redirect: the storage server sees the blobs fetched only by the
-    daemon's origin reader, once each, and nothing from skopeo."""
+    """The registry answers blob GETs with 307 to a storage server (S3-style). While the storage server
+    is not in `proxy.allowed_hosts` the hop is refused: the client gets an error and the storage server
+    no request. Once allowed, the client gets 200 and the bytes from the mirror, never the redirect: the
+    storage server sees the blobs fetched only by the daemon's origin reader, once each, and nothing
+    from skopeo."""
     storage_root = tmp_path / "registry" / "data"
     storage_root.mkdir(parents=True)
     with (
@@ -146,6 +148,15 @@ def test_a_registry_redirecting_blobs_to_storage_is_followed_by_the_daemon(tmp_p
     ):
         reference, digests = push_image(registry, tmp_path / "image")
         overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
+        with LocalCluster(tmp_path / "refused", peers=1, daemon_overrides=overrides) as cluster:
+            port = cluster.peers[0].ports["proxy"]
+            url = f"http://127.0.0.1:{port}/v2/demo/app/blobs/{digests[1]}"
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url, timeout=60)
+            assert refused.value.code == 502
+            assert "is not allowed" in refused.value.read().decode()
+        assert storage.requests == 0
+        overrides = {"*": {"proxy": {"registry_mirror": registry.url, "allowed_hosts": [storage.base_url]}}}
         with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
             conf = registries_conf(tmp_path / "peer.conf", registry, cluster.peers[0].ports["proxy"])
             skopeo_pull(conf, reference, tmp_path / "pulled")

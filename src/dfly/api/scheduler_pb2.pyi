@@ -240,6 +240,7 @@ class Download(_message.Message):
     DISABLE_BACK_TO_SOURCE_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     NEED_BACK_TO_SOURCE_FIELD_NUMBER: _builtins.int
+    ALLOWED_ORIGINS_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     tag: _builtins.str
     application: _builtins.str
@@ -255,6 +256,12 @@ class Download(_message.Message):
 
     @_builtins.property
     def request_headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def allowed_origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set by a daemon's proxy: every origin the reader contacts (first URL and each redirect hop) must be
+        one of these scheme://host[:port]; empty = no restriction. Not part of the task id.
+        """
+
     def __init__(
         self,
         *,
@@ -267,10 +274,11 @@ class Download(_message.Message):
         disable_back_to_source: _builtins.bool = ...,
         timeout_s: _builtins.float = ...,
         need_back_to_source: _builtins.bool = ...,
+        allowed_origins: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "disable_back_to_source", b"disable_back_to_source", "filtered_query_params", b"filtered_query_params", "need_back_to_source", b"need_back_to_source", "piece_length", b"piece_length", "request_headers", b"request_headers", "tag", b"tag", "timeout_s", b"timeout_s", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_origins", b"allowed_origins", "application", b"application", "disable_back_to_source", b"disable_back_to_source", "filtered_query_params", b"filtered_query_params", "need_back_to_source", b"need_back_to_source", "piece_length", b"piece_length", "request_headers", b"request_headers", "tag", b"tag", "timeout_s", b"timeout_s", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,6 +26,7 @@ from dfly.common.errors import SourceError
 from dfly.common.pieces import default_piece_length
 from dfly.daemon.core.first_pass import FirstPassGate, hold_s
 from dfly.daemon.core.task_state import Layout
+from dfly.daemon.proxy.forward import hop_guard
 from dfly.daemon.source import http
 
 if TYPE_CHECKING:
@@ -97,7 +98,10 @@ class BackToSource:
 
     async def _run(self) -> None:
         request = self.c.request
-        stat = await asyncio.to_thread(http.stat, request.url, request.headers, timeout_s=STAT_TIMEOUT_S)
+        guard = hop_guard(request.allowed_origins)
+        stat = await asyncio.to_thread(
+            http.stat, request.url, request.headers, timeout_s=STAT_TIMEOUT_S, allowed_hosts=guard
+        )
         hint = self.layout_hint or self.c.state.layout
         if hint is not None:
             if hint.content_length != stat.content_length:
@@ -150,6 +154,7 @@ class BackToSource:
                 on_piece=on_piece,
                 should_stop=self._stop.is_set,
                 timeout_s=READ_TIMEOUT_S,
+                allowed_hosts=guard,
             )
         )
         try:

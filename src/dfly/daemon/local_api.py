@@ -53,6 +53,7 @@ class DownloadRequest:
     piece_length: int | None
     timeout_s: float
     disable_back_to_source: bool
+    allowed_origins: tuple[str, ...] = ()  # set by the proxy: see TaskRequest
 
 
 @dataclass(frozen=True)

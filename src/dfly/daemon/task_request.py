@@ -33,6 +33,9 @@ class TaskRequest:
     timeout_s: float = 7200.0
     disable_back_to_source: bool = False
     need_back_to_source: bool = False
+    # From the proxy: the origins (scheme://host[:port]) the origin reader may contact, redirect hops
+    # included; empty = any. Travels in the seed trigger; not part of the task id.
+    allowed_origins: tuple[str, ...] = ()
 
     @property
     def task_id(self) -> TaskId:
@@ -55,6 +58,7 @@ class TaskRequest:
             disable_back_to_source=self.disable_back_to_source,
             timeout_s=self.timeout_s,
             need_back_to_source=self.need_back_to_source,
+            allowed_origins=list(self.allowed_origins),
         )
 
     @classmethod
@@ -72,6 +76,7 @@ class TaskRequest:
             piece_length=download.piece_length or None,
             timeout_s=download.timeout_s or SEED_TIMEOUT_S,
             need_back_to_source=True,
+            allowed_origins=tuple(download.allowed_origins),
         )
 
 

@@ -192,6 +192,7 @@ class TaskManager:
                 piece_length=request.piece_length,
                 timeout_s=request.timeout_s,
                 disable_back_to_source=request.disable_back_to_source,
+                allowed_origins=request.allowed_origins,
             )
         )
         local_hit = live.state.complete and live.state.ended

@@ -96,6 +96,7 @@ def download_spec(download: pb.Download) -> DownloadSpec:
         disable_back_to_source=download.disable_back_to_source,
         timeout_s=download.timeout_s,
         need_back_to_source=download.need_back_to_source,
+        allowed_origins=tuple(download.allowed_origins),
     )
 
 
@@ -110,6 +111,7 @@ def download_message(spec: DownloadSpec) -> pb.Download:
         disable_back_to_source=spec.disable_back_to_source,
         timeout_s=spec.timeout_s,
         need_back_to_source=spec.need_back_to_source,
+        allowed_origins=list(spec.allowed_origins),
     )
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dfly.daemon.proxy.forward import compile_rules, refuse_link_local, target_origin, use_p2p
+from dfly.daemon.proxy.forward import compile_rules, hop_guard, refuse_link_local, target_origin, use_p2p
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 
 RULES = compile_rules([r"blobs/sha256.*", r"\.safetensors$"])
@@ -53,3 +53,20 @@ def test_link_local_and_metadata_addresses_are_refused_even_when_allowed(origin:
 
 def test_ordinary_addresses_pass() -> None:
     asyncio.run(refuse_link_local("http://127.0.0.1:8080"))
+
+
+def test_a_connect_target_on_the_default_port_matches_the_allowed_origin() -> None:
+    assert target_origin("https://files.example.com:443/", ALLOWED) == "https://files.example.com"
+    with pytest.raises(Forbidden):
+        target_origin("https://files.example.com:8443/", ALLOWED)
+
+
+def test_hop_guard_checks_origin_and_resolved_address() -> None:
+    assert hop_guard(()) is None  # downloads not started by the proxy are not restricted
+    guard = hop_guard(sorted(ALLOWED | {"http://169.254.169.254"}))
+    assert guard is not None
+    assert guard("http", "127.0.0.1", 8080)
+    assert guard("https", "files.example.com", 443)  # unresolvable here: left to the connection
+    assert not guard("http", "127.0.0.1", 8081)  # another port
+    assert not guard("https", "storage.example.com", 443)  # a redirect to a host nobody allowed
+    assert not guard("http", "169.254.169.254", 80)  # allowed, but a metadata address

@@ -55,7 +55,10 @@ def test_blob_route_carries_name_and_digest() -> None:
         ("127.0.0.1:5000", "http://127.0.0.1:5000"),
         ("http://127.0.0.1:5000/", "http://127.0.0.1:5000"),
         ("registry.example.com", "https://registry.example.com"),
-        ("HTTPS://registry.example.com:443", "https://registry.example.com:443"),
+        ("HTTPS://registry.example.com:443", "https://registry.example.com"),  # default ports dropped
+        ("registry.example.com:443", "https://registry.example.com"),
+        ("http://files.example.com:80/", "http://files.example.com"),
+        ("https://files.example.com:80", "https://files.example.com:80"),
     ],
 )
 def test_normalize_upstream(value: str, normal: str) -> None:

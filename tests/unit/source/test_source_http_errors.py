@@ -83,10 +83,10 @@ def test_each_redirect_hop_is_checked_against_allowed_hosts(origin: Origin) -> N
     origin.add_bytes("real.bin", b"a")
     url = origin.add_redirect("start", f"http://localhost:{origin.port}/real.bin")
     with pytest.raises(SourceError, match="localhost is not allowed"):
-        stat(url, {}, timeout_s=5, allowed_hosts=lambda host: host == "127.0.0.1")
+        stat(url, {}, timeout_s=5, allowed_hosts=lambda _s, host, _p: host == "127.0.0.1")
     assert origin.requests == 1
     with pytest.raises(SourceError, match=r"127\.0\.0\.1 is not allowed"):
-        stat(url, {}, timeout_s=5, allowed_hosts=lambda host: host == "localhost")
+        stat(url, {}, timeout_s=5, allowed_hosts=lambda _s, host, _p: host == "localhost")
 
 
 def test_cross_origin_redirect_drops_credentials(origin: Origin) -> None:

@@ -59,12 +59,19 @@ def _headers(digest: str | None, task_id: str, length: int) -> dict[str, str]:
 
 
 async def serve_p2p(
-    request: web.Request, tasks: Downloads, url: str, digest: str | None, upstream_headers: dict[str, str]
+    request: web.Request,
+    tasks: Downloads,
+    url: str,
+    digest: str | None,
+    upstream_headers: dict[str, str],
+    allowed_origins: tuple[str, ...],
 ) -> web.StreamResponse:
-    """Serve `url` through P2P (checked against `digest` if given); DflyError before any byte is sent."""
+    """Serve `url` through P2P (checked against `digest` if given); DflyError before any byte is sent.
+    Whoever reads the origin contacts only `allowed_origins` (redirect hops included)."""
     download = DownloadRequest(
         url=url, tag="", application="", filtered_query_params=(), headers=upstream_headers,
         piece_length=None, timeout_s=DOWNLOAD_TIMEOUT_S, disable_back_to_source=False,
+        allowed_origins=allowed_origins,
     )  # fmt: skip
     events = aiter(tasks.download(download))
     response: web.StreamResponse | None = None

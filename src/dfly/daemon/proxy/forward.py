@@ -9,6 +9,8 @@ Rules (issue 5):
 - Everything else is forwarded directly.
 - Whatever is allowed, an upstream whose name resolves to a link-local or cloud-metadata address is
   refused (`refuse_link_local`), for the forward proxy and the registry mirror alike.
+- Downloads the proxy starts carry its allowed origins to whichever daemon reads the origin; there
+  `hop_guard` applies both rules to the first URL and to every redirect hop.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from dfly.daemon.proxy.registry import BadRequest, Forbidden, normalize_upstream
@@ -64,6 +66,28 @@ def never_upstream(address: str) -> bool:
     """Is this IP address (text, IPv6 zone allowed) link-local or a metadata address?"""
     ip = ipaddress.ip_address(address.split("%")[0])
     return any(ip in net for net in NEVER_UPSTREAM)
+
+
+def hop_guard(allowed_origins: Sequence[str]) -> Callable[[str, str, int], bool] | None:
+    """The origin reader's check of each hop (first URL and every redirect) of a download the proxy
+    started: its scheme://host[:port] must be allowed and its name must not resolve to a link-local or
+    metadata address. None (no check) for downloads that carry no allowed origins (dfget, preheat).
+    Blocking (it resolves the name): the origin reader runs in a worker thread."""
+    if not allowed_origins:
+        return None
+    allowed = frozenset(allowed_origins)
+
+    def may_contact(scheme: str, host: str, port: int) -> bool:
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if normalize_upstream(f"{scheme}://{netloc}") not in allowed:
+            return False
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return True  # unresolvable: the connection fails on its own, with the resolver's message
+        return not any(never_upstream(str(info[4][0])) for info in infos)
+
+    return may_contact
 
 
 async def refuse_link_local(origin: str) -> None:

@@ -56,7 +56,8 @@ def route(method: str, path: str) -> Route:
 
 
 def normalize_upstream(value: str) -> str:
-    """'http://h:p', 'https://h', 'h:p' -> 'scheme://host[:port]' (no path); BadRequest if not one."""
+    """'http://h:p', 'https://h', 'h:p' -> 'scheme://host[:port]' (no path, no default port); BadRequest
+    if not one."""
     text = value.strip()
     if "://" not in text:
         host = text.rstrip("/").rsplit(":", 1)[0].strip("[]")
@@ -70,8 +71,10 @@ def normalize_upstream(value: str) -> str:
         port = parts.port
     except ValueError:
         raise BadRequest(f"invalid registry {value!r}") from None
+    scheme = parts.scheme.lower()
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}{f':{port}' if port else ''}"
+    default_port = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}{f':{port}' if port and port != default_port else ''}"
 
 
 def choose_upstream(header: str | None, ns: str | None, default: str, allowed: frozenset[str]) -> str:

@@ -138,6 +138,7 @@ class RegistryMirror:
         self.allowed = frozenset(normalize_upstream(a) for a in allowed) | (
             {self.default_upstream} if self.default_upstream else set()
         )
+        self._allowed_origins = tuple(sorted(self.allowed))
         self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.AppRunner] = []
         self._listener: socket.socket | None = None
@@ -215,7 +216,12 @@ class RegistryMirror:
             if upstream not in self.public and (refused := await self._check_access(url, auth)) is not None:
                 return refused
             return await serve_p2p(
-                request, self.tasks, url, what.digest, {"Authorization": auth} if auth else {}
+                request,
+                self.tasks,
+                url,
+                what.digest,
+                {"Authorization": auth} if auth else {},
+                self._allowed_origins,
             )
         query = [(k, v) for k, v in request.query.items() if k != "ns"]
         return await self._pass(request, yarl.URL(upstream + request.path).with_query(query))
@@ -308,7 +314,7 @@ class RegistryMirror:
             return response
         await refuse_link_local(target_origin(url, self.allowed))
         if use_p2p(request.method, url, request.headers, self.rules):
-            return await serve_p2p(request, self.tasks, url, None, {})
+            return await serve_p2p(request, self.tasks, url, None, {}, self._allowed_origins)
         return await self._pass(request, yarl.URL(url, encoded=True))
 
     async def _pass(self, request: web.Request, url: yarl.URL) -> web.StreamResponse:

@@ -44,7 +44,7 @@ MAX_REDIRECTS = 10
 READ_CHUNK_BYTES = 1024 * 1024  # one readinto at most; should_stop is checked between reads
 _CROSS_ORIGIN_DROPPED = ("authorization", "cookie")
 
-AllowedHosts = Callable[[str], bool]
+AllowedHosts = Callable[[str, str, int], bool]  # (scheme, host, port) of each hop -> may it be contacted?
 
 
 class PieceHandoff(Protocol):
@@ -296,7 +296,7 @@ def _open(
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as exc:
             raise SourceError(f"invalid port in source URL {redact_url(url)}") from exc
-        if allowed_hosts is not None and not allowed_hosts(host):
+        if allowed_hosts is not None and not allowed_hosts(parts.scheme, host, port):
             raise SourceError(f"source host {host} is not allowed ({redact_url(url)})")
         conn: http.client.HTTPConnection
         if parts.scheme == "https":

@@ -43,6 +43,7 @@ class DownloadSpec:
     disable_back_to_source: bool = False
     timeout_s: float = 0.0
     need_back_to_source: bool = False  # set on a seed trigger
+    allowed_origins: tuple[str, ...] = ()  # origins the seed's origin reader may contact (empty = any)
 
 
 @dataclass(frozen=True, slots=True)
