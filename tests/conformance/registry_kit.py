@@ -52,11 +52,19 @@ def free_port() -> int:
 
 class Registry:
     def __init__(
-        self, directory: Path, *, redirect_to: str = "", credentials: tuple[str, str] | None = None
+        self,
+        directory: Path,
+        *,
+        redirect_to: str = "",
+        credentials: tuple[str, str] | None = None,
+        token_auth: str = "",
     ) -> None:
         """`redirect_to`: a base URL serving this registry's storage dir: blob GETs and HEADs then answer 307
         to it (distribution's `redirect` storage middleware, as S3-backed registries do). `credentials`:
-        (user, password) required for every request (htpasswd auth: 401 + `WWW-Authenticate: Basic`)."""
+        (user, password) required for every request (htpasswd auth: 401 + `WWW-Authenticate: Basic`), or
+        what the token server wants when `token_auth` (an `auth:` config section, from
+        token_server.TokenServer) is given: then 401 + `WWW-Authenticate: Bearer realm=...`."""
+        self.token_auth = token_auth
         self.dir = directory
         self.redirect_to = redirect_to
         self.credentials = credentials
@@ -73,7 +81,9 @@ class Registry:
         if self.redirect_to:
             redirect = f"    - name: redirect\n      options:\n        baseurl: {self.redirect_to}\n"
             middleware = "middleware:\n  storage:\n" + redirect
-        if self.credentials:
+        if self.token_auth:
+            middleware += self.token_auth
+        elif self.credentials:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 import crypt  # bcrypt through libxcrypt; deprecated since 3.11, present until 3.13
@@ -100,7 +110,7 @@ class Registry:
                     if answer.status == 200:
                         return self
             except urllib.error.HTTPError as error:
-                if error.code == 401 and self.credentials:
+                if error.code == 401 and (self.credentials or self.token_auth):
                     return self  # up, and asking for credentials
             except OSError:
                 pass

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from registry_kit import MISSING, Registry, pulled_blobs, push_image, registries_conf
+from token_server import TokenServer
 
 from dfly.cluster import LocalCluster
 from dfly.devtools.origin import Origin
@@ -216,6 +217,57 @@ def test_a_private_registry_through_the_mirror(tmp_path: Path) -> None:
         assert checks  # a private registry: each client's credentials were checked upstream
         assert secret not in logs
         assert base64.b64encode(f"alice:{secret}".encode()).decode() not in logs
+
+
+def test_a_token_auth_registry_through_the_mirror(tmp_path: Path) -> None:
+    """A registry with token auth (Docker Hub's flow: 401 + `WWW-Authenticate: Bearer realm=...`, the
+    client fetches a JWT from the token server itself and retries): skopeo pulls through the mirror; the
+    seed reads the registry with the client's token; afterwards a client with no token gets the Bearer
+    challenge and not the bytes, one with a token for its own scope gets the blob; neither password nor
+    token is in any log."""
+    secret = "token-pass-91c2"
+    with (
+        TokenServer(tmp_path / "tokens", ("alice", secret)) as tokens,
+        Registry(
+            tmp_path / "registry", credentials=("alice", secret), token_auth=tokens.registry_config()
+        ) as registry,
+    ):
+        reference, digests = push_image(registry, tmp_path / "image", layers=1)
+        overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
+        with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
+            mirror_port = cluster.peers[0].ports["proxy"]
+            conf = registries_conf(tmp_path / "peer.conf", registry, mirror_port)
+            basic = base64.b64encode(f"alice:{secret}".encode()).decode()
+            auths = {host: {"auth": basic} for host in (registry.host, f"127.0.0.1:{mirror_port}")}
+            (tmp_path / "auth.json").write_text(json.dumps({"auths": auths}))
+            out = f"dir:{tmp_path / 'pulled'}"
+            argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy", "--src-authfile",
+                    str(tmp_path / "auth.json"), f"docker://{reference}", out]  # fmt: skip
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            got = pulled_blobs(tmp_path / "pulled")
+            assert all(got.get(d.removeprefix("sha256:")) == d.removeprefix("sha256:") for d in digests)
+            gets = registry.blob_gets()
+            assert not [ua for _, ua, _ in gets if "skopeo" in ua], "skopeo fetched a blob from the registry"
+            assert {d for d, ua, _ in gets if ua == ""} == set(digests)  # the seed's reader sends no UA
+            assert ("alice", "repository:demo/app:pull") in tokens.issued
+
+            blob = f"http://127.0.0.1:{mirror_port}/v2/demo/app/blobs/{digests[1]}"
+            status, headers, body = fetch(blob)
+            assert status == 401
+            assert headers["WWW-Authenticate"].startswith(f'Bearer realm="{tokens.url}/token"')
+            assert len(body) < 1000
+            other = tokens.token("alice", ["repository:other/app:pull"])  # valid, for another repository
+            assert fetch(blob, {"Authorization": f"Bearer {other}"})[0] == 401
+            token = tokens.token("alice", ["repository:demo/app:pull"])
+            status, _, body = fetch(blob, {"Authorization": f"Bearer {token}"})
+            assert status == 200
+            assert hashlib.sha256(body).hexdigest() == digests[1].removeprefix("sha256:")
+            logs = "".join(m.log_path.read_text() for m in cluster.members)
+        assert secret not in logs
+        assert basic not in logs
+        assert token not in logs
+        assert token.split(".")[2] not in logs
 
 
 def test_a_client_leaving_mid_blob_is_no_error_and_the_blob_stays_servable(
