@@ -148,8 +148,8 @@ def test_a_registry_redirecting_blobs_to_storage_is_followed_by_the_daemon(tmp_p
         Registry(tmp_path / "registry", redirect_to=storage.base_url) as registry,
     ):
         reference, digests = push_image(registry, tmp_path / "image")
-        overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
-        with LocalCluster(tmp_path / "refused", peers=1, daemon_overrides=overrides) as cluster:
+        proxy: dict[str, object] = {"registry_mirror": registry.url}
+        with LocalCluster(tmp_path / "refused", peers=1, daemon_overrides={"*": {"proxy": proxy}}) as cluster:
             port = cluster.peers[0].ports["proxy"]
             url = f"http://127.0.0.1:{port}/v2/demo/app/blobs/{digests[1]}"
             with pytest.raises(urllib.error.HTTPError) as refused:
@@ -157,8 +157,8 @@ def test_a_registry_redirecting_blobs_to_storage_is_followed_by_the_daemon(tmp_p
             assert refused.value.code == 502
             assert "is not allowed" in refused.value.read().decode()
         assert storage.requests == 0
-        overrides = {"*": {"proxy": {"registry_mirror": registry.url, "allowed_hosts": [storage.base_url]}}}
-        with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
+        proxy["allowed_hosts"] = [storage.base_url]
+        with LocalCluster(tmp_path / "c", peers=1, daemon_overrides={"*": {"proxy": proxy}}) as cluster:
             conf = registries_conf(tmp_path / "peer.conf", registry, cluster.peers[0].ports["proxy"])
             skopeo_pull(conf, reference, tmp_path / "pulled")
         got = pulled_blobs(tmp_path / "pulled")
