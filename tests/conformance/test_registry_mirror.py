@@ -208,6 +208,21 @@ def test_a_private_registry_through_the_mirror(tmp_path: Path) -> None:
             status, _, body = fetch(blob, {"Authorization": right})
             assert status == 200
             assert hashlib.sha256(body).hexdigest() == digests[1].removeprefix("sha256:")
+
+            # the same blob through the forward proxy (as inside an intercepted CONNECT): P2P after the
+            # same access check, so `Authorization` does not force it to the registry
+            direct = f"{registry.url}/v2/demo/app/blobs/{digests[1]}"
+            reads = len(registry.blob_gets())
+            for auth, expected in ((wrong, "401"), (right, "200")):
+                argv = ["curl", "-s", "-x", f"http://127.0.0.1:{mirror_port}", "-H", f"Authorization: {auth}",
+                        "-o", str(tmp_path / "fwd"), "-D", "-", direct]  # fmt: skip
+                head = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
+                assert head.split()[1] == expected, head
+            assert "X-Dragonfly-Task-ID" in head
+            assert hashlib.sha256((tmp_path / "fwd").read_bytes()).hexdigest() == digests[1].removeprefix(
+                "sha256:"
+            )
+            assert len(registry.blob_gets()) == reads  # served from the swarm
             logs = "".join(m.log_path.read_text() for m in cluster.members)
         checks = [
             line

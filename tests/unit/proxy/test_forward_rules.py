@@ -30,6 +30,13 @@ def test_use_p2p(method: str, url: str, headers: dict[str, str], p2p: bool) -> N
     assert use_p2p(method, url, headers, RULES) is p2p
 
 
+def test_registry_blobs_with_checked_credentials_may_go_through_p2p() -> None:
+    url = "http://127.0.0.1:8080/v2/a/blobs/sha256:ab"
+    assert use_p2p("GET", url, {"Authorization": "Bearer t"}, RULES, credentials_checked=True)
+    assert not use_p2p("GET", url, {"Cookie": "s=1"}, RULES, credentials_checked=True)
+    assert not use_p2p("HEAD", url, {}, RULES, credentials_checked=True)
+
+
 def test_targets_must_be_allowed() -> None:
     assert target_origin("http://127.0.0.1:8080/x?y=1", ALLOWED) == "http://127.0.0.1:8080"
     with pytest.raises(Forbidden):

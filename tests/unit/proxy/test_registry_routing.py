@@ -10,6 +10,7 @@ from dfly.daemon.proxy.registry import (
     blob_url,
     choose_upstream,
     normalize_upstream,
+    registry_blob,
     route,
 )
 
@@ -92,3 +93,11 @@ def test_upstreams_not_allowed_are_forbidden(hint: str) -> None:
 def test_no_upstream_at_all_is_a_bad_request() -> None:
     with pytest.raises(BadRequest, match="X-Dragonfly-Registry"):
         choose_upstream(None, None, "", ALLOWED)
+
+
+def test_registry_blob_of_an_absolute_urls_path() -> None:
+    blob = registry_blob("GET", f"/v2/demo/app/blobs/{DIGEST}")
+    assert blob is not None
+    assert (blob.name, blob.digest) == ("demo/app", DIGEST)
+    assert registry_blob("HEAD", f"/v2/demo/app/blobs/{DIGEST}") is None
+    assert registry_blob("GET", "/files/model.bin") is None  # not a registry path: no error either

@@ -5,7 +5,9 @@ Rules (issue 5):
   (403) before any connection.
 - A GET goes through P2P when its URL matches one of `rules` (regexes searched in the whole URL; the
   default `blobs/sha256.*` catches registry layers) or it carries `X-Dragonfly-Use-P2P: true`; requests
-  with credentials (`Authorization`, `Cookie`) never do: their content may be private.
+  with credentials (`Authorization`, `Cookie`) never do, their content may be private, except registry
+  blobs (`/v2/<name>/blobs/sha256:<hex>`) with `Authorization`, which the caller serves only after the
+  registry accepted the client's own credentials (as the mirror does).
 - Everything else is forwarded directly.
 - Whatever is allowed, an upstream whose name resolves to a link-local or cloud-metadata address is
   refused (`refuse_link_local`), for the forward proxy and the registry mirror alike.
@@ -46,8 +48,16 @@ def target_origin(url: str, allowed: frozenset[str]) -> str:
     return origin
 
 
-def use_p2p(method: str, url: str, headers: Mapping[str, str], rules: Sequence[re.Pattern[str]]) -> bool:
-    if method != "GET" or "Authorization" in headers or "Cookie" in headers:
+def use_p2p(
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    rules: Sequence[re.Pattern[str]],
+    credentials_checked: bool = False,
+) -> bool:
+    """Does this request go through P2P? With `credentials_checked` (a registry blob, whose
+    `Authorization` the caller checks upstream first) an `Authorization` header does not prevent it."""
+    if method != "GET" or "Cookie" in headers or ("Authorization" in headers and not credentials_checked):
         return False
     if headers.get(USE_P2P_HEADER, "").strip().lower() == "true":
         return True

@@ -42,6 +42,12 @@ class Route:
     digest: str = ""  # blobs: "sha256:<hex>"
 
 
+def registry_blob(method: str, path: str) -> Route | None:
+    """The blob a GET of an absolute URL's path names (forward proxy, interception), else None."""
+    blob = _BLOB.fullmatch(path) if method == "GET" else None
+    return Route("blob", blob["name"], blob["digest"]) if blob else None
+
+
 def route(method: str, path: str) -> Route:
     """Classify an origin-form request path (without its query)."""
     if path in ("/v2", "/v2/") and method in ("GET", "HEAD"):

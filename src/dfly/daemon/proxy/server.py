@@ -32,6 +32,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
 import yarl
@@ -55,6 +56,7 @@ from dfly.daemon.proxy.registry import (
     blob_url,
     choose_upstream,
     normalize_upstream,
+    registry_blob,
     route,
 )
 
@@ -211,20 +213,22 @@ class RegistryMirror:
         upstream = choose_upstream(hint, ns, self.default_upstream, self.allowed)
         await refuse_link_local(upstream)
         if what.kind == "blob":
-            url = blob_url(upstream, what.name, what.digest)
-            auth = request.headers.get("Authorization")
-            if upstream not in self.public and (refused := await self._check_access(url, auth)) is not None:
-                return refused
-            return await serve_p2p(
-                request,
-                self.tasks,
-                url,
-                what.digest,
-                {"Authorization": auth} if auth else {},
-                self._allowed_origins,
+            return await self._serve_blob(
+                request, upstream, blob_url(upstream, what.name, what.digest), what.digest
             )
         query = [(k, v) for k, v in request.query.items() if k != "ns"]
         return await self._pass(request, yarl.URL(upstream + request.path).with_query(query))
+
+    async def _serve_blob(
+        self, request: web.Request, upstream: str, url: str, digest: str
+    ) -> web.StreamResponse:
+        """A registry blob through P2P, checked against its digest; unless the registry is public, only
+        after the registry accepted the client's own credentials (or none) for it."""
+        auth = request.headers.get("Authorization")
+        if upstream not in self.public and (refused := await self._check_access(url, auth)) is not None:
+            return refused
+        headers = {"Authorization": auth} if auth else {}
+        return await serve_p2p(request, self.tasks, url, digest, headers, self._allowed_origins)
 
     def _proxy_auth_ok(self, given: str) -> bool:
         return self._proxy_auth is None or hmac.compare_digest(given.encode(), self._proxy_auth.encode())
@@ -312,7 +316,12 @@ class RegistryMirror:
             response = _error(407, "proxy_auth", "proxy authentication required")
             response.headers["Proxy-Authenticate"] = 'Basic realm="dfly"'
             return response
-        await refuse_link_local(target_origin(url, self.allowed))
+        origin = target_origin(url, self.allowed)
+        await refuse_link_local(origin)
+        parts = urlsplit(url)
+        blob = None if parts.query else registry_blob(request.method, parts.path)
+        if blob is not None and use_p2p(request.method, url, request.headers, self.rules, True):
+            return await self._serve_blob(request, origin, url, blob.digest)
         if use_p2p(request.method, url, request.headers, self.rules):
             return await serve_p2p(request, self.tasks, url, None, {}, self._allowed_origins)
         return await self._pass(request, yarl.URL(url, encoded=True))
