@@ -1,5 +1,5 @@
-"""The registry mirror on port 4001 (aiohttp): `/v2/` answered here, blob GETs through P2P, the rest
-passed on.
+"""Port 4001 (aiohttp): the registry mirror (blob GETs through P2P, the rest passed on), the forward
+proxy, and CONNECT.
 
 Rules (see registry.py for routing and upstream choice):
 - Blob GETs become P2P downloads of the blob's canonical upstream URL (blob.py). Unless the registry is
@@ -14,7 +14,8 @@ Rules (see registry.py for routing and upstream choice):
 - Errors answer with `X-Dragonfly-Error-Type` (and the origin's status for origin errors): 400 bad
   request, 403 upstream not allowed (no connection is made), 502 for an unreachable upstream or a failed
   download. Absolute-form requests (`http_proxy=` clients) are the forward proxy (forward.py): allowed
-  targets only, through P2P by the rules, else forwarded.
+  targets only, through P2P by the rules (a registry blob path as a mirror blob: digest and access
+  checked), else forwarded.
 - CONNECT (connect.py does the socket work): `https://host:port` must be allowed (so only port 443 unless
   a port is listed), with proxy auth when configured. A host matching `proxy.hijack_https.hosts` is
   intercepted: TLS is terminated with a certificate from certs.py and its requests are treated exactly
