@@ -14,8 +14,9 @@ Rules:
 - Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest` (blobs),
   `Accept-Ranges: bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range`, past the end → 416.
 - A client that disconnects mid-body ends the response quietly (debug log); the download goes on.
-- Reads from the task file go through a thread (a piece is up to 64 MiB); at most one piece is in
-  memory per response.
+- Reads from the task file, and the hashing, go through a thread (a piece is up to 64 MiB): the next
+  piece is read and hashed while the current one is sent, so at most two pieces are in memory per
+  response.
 """
 
 from __future__ import annotations
@@ -44,6 +45,23 @@ class Downloads(Protocol):
 
     def evict(self, task_id: str) -> None:
         """Forget a finished task and delete its file (a blob that failed its digest)."""
+
+
+def _read(fd: int, start: int, end: int, hasher: hashlib._Hash | None) -> asyncio.Future[bytes]:
+    """Bytes start..end of the task file, hashed in order into `hasher`, in a worker thread (hashing
+    releases the GIL: it overlaps sending the previous piece). Callers await one read before starting
+    the next, so the hash sees the bytes in order."""
+
+    def read() -> bytes:
+        data = os.pread(fd, end - start, start)
+        if hasher is not None and len(data) == end - start:
+            hasher.update(data)
+        return data
+
+    future = asyncio.get_running_loop().run_in_executor(None, read)
+    # a read still running when the response ends (client gone) is left to finish; its error is moot
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return future
 
 
 def _headers(digest: str | None, task_id: str, length: int) -> dict[str, str]:
@@ -93,30 +111,31 @@ async def serve_p2p(
         if span is not None:
             response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
         await response.prepare(request)
-        hasher = hashlib.sha256()
         ready: set[int] = set()
         # the response ends where the object does: with a digest to check, its end waits for it
         whole = last == size - 1 and digest is not None
+        hasher = hashlib.sha256() if whole else None
         # next byte to read: from 0 when the whole object is hashed, else from the piece holding `first`
         position = 0 if whole else first - first % piece_length
+        ahead: asyncio.Future[bytes] | None = None  # the next piece, read (and hashed) while one is sent
         while position < size and (whole or position <= last):  # hash what precedes a range, too
             event = await anext(events)
             if isinstance(event, PiecesReady):
                 ready.update(event.pieces)
             while position < size and position // piece_length in ready:
-                number = position // piece_length
-                end = min(size, (number + 1) * piece_length)
-                data = await asyncio.to_thread(os.pread, read_fd, end - position, position)
+                end = min(size, (position // piece_length + 1) * piece_length)
+                data = await (ahead or _read(read_fd, position, end, hasher))
+                ahead = None
                 if len(data) != end - position:
                     raise DflyError(f"task file of {url} ended early")
-                if whole:
-                    hasher.update(data)
-                send_from, send_to = max(first, position), min(last + 1, end)
-                if end == size and whole and f"sha256:{hasher.hexdigest()}" != digest:
+                if end < size and (whole or end <= last) and end // piece_length in ready:
+                    ahead = _read(read_fd, end, min(size, end + piece_length), hasher)
+                if end == size and hasher is not None and f"sha256:{hasher.hexdigest()}" != digest:
                     tasks.evict(started.task_id)
                     raise DigestMismatch(f"blob {digest} from {url} has sha256:{hasher.hexdigest()}")
+                send_from, send_to = max(first, position), min(last + 1, end)
                 if send_from < send_to:
-                    await response.write(data[send_from - position : send_to - position])
+                    await response.write(memoryview(data)[send_from - position : send_to - position])
                 position = end
             if isinstance(event, Finished):
                 break
