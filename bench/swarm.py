@@ -20,7 +20,8 @@ staggered hosts. `origin_copies` = bytes the origin sent ÷ F: nginx's body byte
 for bittorrent, whose origin is its seeder, the seeder's upload as counted by aria2c (piece payload;
 within 1 % of the seed veth's HTB wire counter × 1448/1514 when checked). `cpu_s` = CPU seconds of the
 system's own processes during the run (dfly: scheduler, seed, daemons and dfget clients; http: the curl
-clients; bittorrent: tracker, seeder and leechers; the nginx origin is not counted).
+clients; bittorrent: tracker, seeder and leechers; the nginx origin is not counted); `cpu_detail_s` splits
+it by role (scheduler, seed, daemons, clients; empty for bittorrent).
 Validity (issue 3): at exactly 8 hosts × 64 MiB × 100 Mbit/s, R_o = R, one file, no stagger, a run with
 bittorrent whose p95/T_min lies outside 1.5–2.6 or whose origin copies lie outside 1.2–1.7 is invalid:
 exit 3 and no figures for any system. Other scenarios are not checked (16 × 64 MiB × 50 Mbit/s gave
@@ -58,8 +59,9 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(system: str, args: argparse.Namespace) -> tuple[list[float], float, float, str]:
-    """Run one system in a fresh testbed: (per-host seconds, origin bytes ÷ F, cpu_s, client)."""
+def measure(system: str, args: argparse.Namespace) -> tuple[list[float], float, float, str, dict[str, float]]:
+    """Run one system in a fresh testbed: (per-host seconds, origin bytes ÷ F, cpu_s, client, cpu_s by
+    role: scheduler, seed, daemons, clients; empty for bittorrent)."""
     file_bytes, origin_rate = args.file_mib * MIB, args.origin_rate_mbit or args.rate_mbit
     t_min = t_min_s(file_bytes, args.hosts, args.rate_mbit, origin_rate)
     timeout_s = 60 + 3 * args.hosts * t_min  # plain HTTP needs ~N·T_min
@@ -69,9 +71,10 @@ def measure(system: str, args: argparse.Namespace) -> tuple[list[float], float, 
         if system == "bittorrent":
             names = [url.rsplit("/", 1)[-1] for url in urls]
             swarm = run_bittorrent(bed, names, stagger_s=args.stagger_s, timeout_s=timeout_s)
-            return swarm.times, swarm.seeder_upload_bytes / file_bytes, swarm.cpu_s, swarm.client
-        dfly_pids = bed.dfly_pids()
-        cpu_before = process_cpu_s(dfly_pids) + children_cpu_s()
+            return swarm.times, swarm.seeder_upload_bytes / file_bytes, swarm.cpu_s, swarm.client, {}
+        groups = bed.dfly_pids()
+        before = {role: process_cpu_s(pids) for role, pids in groups.items()}
+        before["clients"] = children_cpu_s()
         origin_before = bed.origin_bytes()
         each = f" ({args.files} per host at once)" if args.files > 1 else ""
         if system == "dfly":
@@ -81,12 +84,14 @@ def measure(system: str, args: argparse.Namespace) -> tuple[list[float], float, 
             times = bed.run_curl(None, urls, timeout_s, stagger_s=args.stagger_s)
             client = f"curl -sf -o OUT URL{each}"
         bed.check_alive()
-        cpu_s = process_cpu_s(dfly_pids) + children_cpu_s() - cpu_before
-        return times, (bed.origin_bytes() - origin_before) / file_bytes, cpu_s, client
+        detail = {role: process_cpu_s(pids) - before[role] for role, pids in groups.items()}
+        detail["clients"] = children_cpu_s() - before["clients"]
+        copies = (bed.origin_bytes() - origin_before) / file_bytes
+        return times, copies, sum(detail.values()), client, detail
 
 
 def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
-    times, copies, cpu_s, client = measure(system, args)
+    times, copies, cpu_s, client, detail = measure(system, args)
     file_bytes, origin_rate = args.file_mib * MIB, args.origin_rate_mbit or args.rate_mbit
     t_min = t_min_s(file_bytes, args.hosts, args.rate_mbit, origin_rate)
     return {
@@ -106,6 +111,7 @@ def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
         "max_over_tmin": round(max(times) / t_min, 3) if t_min > 0 else None,
         "origin_copies": round(copies, 4),
         "cpu_s": round(cpu_s, 2),
+        "cpu_detail_s": {role: round(seconds, 2) for role, seconds in detail.items()},
         "sha_ok": True,  # every output was checked; a mismatch raises before any figure exists
         "client": client,
     }

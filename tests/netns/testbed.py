@@ -367,10 +367,16 @@ class Testbed:
             if name in self.sha256 and (sha := file_digest(path).value) != self.sha256[name]:
                 raise TestbedError(f"{path}: sha256 {sha} != origin's {self.sha256[name]}")
 
-    def dfly_pids(self) -> list[int]:
-        """Scheduler, seed and daemons (the dfly side of `cpu_s`; clients are counted by the caller)."""
-        dfly = {self.scheduler.name, self.seed.name, *(host.name for host in self.hosts)}
-        return [proc.pid for name, proc in self.procs if name in dfly and proc.poll() is None]
+    def dfly_pids(self) -> dict[str, list[int]]:
+        """Scheduler, seed and daemons by role (the dfly side of `cpu_s`; clients are counted by the
+        caller): {"scheduler": [...], "seed": [...], "daemons": [...]}."""
+        roles = {self.scheduler.name: "scheduler", self.seed.name: "seed"}
+        roles.update((host.name, "daemons") for host in self.hosts)
+        groups: dict[str, list[int]] = {"scheduler": [], "seed": [], "daemons": []}
+        for name, proc in self.procs:
+            if name in roles and proc.poll() is None:
+                groups[roles[name]].append(proc.pid)
+        return groups
 
     def origin_bytes(self) -> int:
         """Body bytes the origin has sent (nginx's access log of $body_bytes_sent, or `GET /_stats`)."""
