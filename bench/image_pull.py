@@ -7,6 +7,9 @@ of 32 MiB of random data each) and pulls it three ways, one after the other:
 - `direct`: containerd → registry;
 - `cold`: containerd → peer-1's mirror, no daemon has the blobs (the seed reads the registry);
 - `warm`: containerd → peer-2's mirror, after the cold pull (peer-2 gets the blobs from the swarm).
+With `--registry-rate-mbit R` the registry runs in its own network namespace behind a veth pair shaped
+to R Mbit/s both ways (HTB, as the swarm testbed), as a registry across a network link would be; the
+daemons and containerd stay on this host's loopback, so only the registry is far.
 Prints ONE JSON line: median seconds per mode, `cold_over_direct` (target ≤ 1.3) and `warm_over_direct`
 (target < 1), the registry's full blob copies per round, and whether the targets were met. Exits 1 (no
 figures) if a pull fails or the registry served a blob to containerd itself.
@@ -15,17 +18,23 @@ figures) if a pull fails or the registry served a blob to containerd itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "conformance"))
 from registry_kit import MISSING, Containerd, Registry, hosts_dir, push_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from netns.netns import kill_namespace, sh, shape
 
 from dfly.cluster import LocalCluster
 
@@ -43,9 +52,42 @@ def timed_pull(work: Path, name: str, reference: str, hosts: Path) -> float:
     return seconds
 
 
+@contextlib.contextmanager
+def registry_link(rate_mbit: float) -> Iterator[tuple[str, list[str]]]:
+    """(registry address, command prefix): loopback, or a namespace behind a veth shaped to rate_mbit.
+    Names follow the netns testbed's `dfn<pid hex>x…` rule, so `cleanup_stale` also finds leftovers."""
+    if not rate_mbit:
+        yield "127.0.0.1", []
+        return
+    ns, outside, inside = (f"dfn{os.getpid():x}x{k}" for k in ("0reg", "1a", "1b"))
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+        sh("ip", "link", "set", inside, "netns", ns)
+        sh("ip", "addr", "add", "10.213.7.1/30", "dev", outside)
+        sh("ip", "link", "set", outside, "up")
+        in_ns = ["ip", "netns", "exec", ns]
+        sh(*in_ns, "ip", "addr", "add", "10.213.7.2/30", "dev", inside)
+        sh(*in_ns, "ip", "link", "set", inside, "up")
+        sh(*in_ns, "ip", "link", "set", "lo", "up")
+        shape(["tc"], outside, rate_mbit)
+        shape([*in_ns, "tc"], inside, rate_mbit)
+        yield "10.213.7.2", in_ns
+    finally:
+        kill_namespace(ns)
+        sh("ip", "link", "del", outside, check=False)
+        sh("ip", "netns", "del", ns, check=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--registry-rate-mbit",
+        type=float,
+        default=0.0,
+        help="registry behind a link shaped to this (0: loopback)",
+    )
     args = parser.parse_args(argv)
     if MISSING:
         print(f"image_pull: not installed: {', '.join(MISSING)}", file=sys.stderr)
@@ -54,11 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     copies: list[int] = []
     with tempfile.TemporaryDirectory(prefix="dfly-image-pull-") as tmp:
         base = Path(tmp)
-        with Registry(base / "registry") as registry:
+        with (
+            registry_link(args.registry_rate_mbit) as (address, prefix),
+            Registry(base / "registry", address=address, exec_prefix=prefix) as registry,
+        ):
             overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
             with LocalCluster(base / "cluster", peers=2, daemon_overrides=overrides) as cluster:
-                direct_hosts = base / "hosts-direct"  # no hosts.toml: containerd asks the registry
-                direct_hosts.mkdir()
+                direct_hosts = base / "hosts-direct"  # the registry itself, over plain HTTP
+                (direct_hosts / registry.host).mkdir(parents=True)
+                (direct_hosts / registry.host / "hosts.toml").write_text(
+                    f'server = "{registry.url}"\n[host."{registry.url}"]\n'
+                    '  capabilities = ["pull", "resolve"]\n'
+                )
                 mirrors = {
                     peer.name: hosts_dir(base / f"hosts-{peer.name}", registry, peer.ports["proxy"])
                     for peer in cluster.peers
@@ -89,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "bench": "image_pull",
         "image_mib": 3 * LAYER_MIB,
+        "registry_rate_mbit": args.registry_rate_mbit or None,
         "rounds": args.rounds,
         **{f"{mode}_s": round(value, 3) for mode, value in median.items()},
         "cold_over_direct": round(median["cold"] / median["direct"], 3),

@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 OCI = "application/vnd.oci.image"
@@ -58,19 +59,24 @@ class Registry:
         redirect_to: str = "",
         credentials: tuple[str, str] | None = None,
         token_auth: str = "",
+        address: str = "127.0.0.1",
+        exec_prefix: Sequence[str] = (),
     ) -> None:
         """`redirect_to`: a base URL serving this registry's storage dir: blob GETs and HEADs then answer 307
         to it (distribution's `redirect` storage middleware, as S3-backed registries do). `credentials`:
         (user, password) required for every request (htpasswd auth: 401 + `WWW-Authenticate: Basic`), or
         what the token server wants when `token_auth` (an `auth:` config section, from
-        token_server.TokenServer) is given: then 401 + `WWW-Authenticate: Bearer realm=...`."""
+        token_server.TokenServer) is given: then 401 + `WWW-Authenticate: Bearer realm=...`.
+        `address` / `exec_prefix`: where it listens and what runs it (`ip netns exec NS` for a registry
+        behind a shaped link, bench/image_pull.py)."""
+        self.exec_prefix = list(exec_prefix)
         self.token_auth = token_auth
         self.dir = directory
         self.redirect_to = redirect_to
         self.credentials = credentials
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{address}:{self.port}"
+        self.host = f"{address}:{self.port}"
         self.log_path = directory / "registry.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -97,11 +103,13 @@ class Registry:
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n    disabled: false\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.dir / 'data'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n" + middleware
+            f"http:\n  addr: {self.host}\n" + middleware
         )
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                ["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
+                [*self.exec_prefix, "docker-registry", "serve", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 20
         while True:

@@ -101,3 +101,11 @@ def test_registry_blob_of_an_absolute_urls_path() -> None:
     assert (blob.name, blob.digest) == ("demo/app", DIGEST)
     assert registry_blob("HEAD", f"/v2/demo/app/blobs/{DIGEST}") is None
     assert registry_blob("GET", "/files/model.bin") is None  # not a registry path: no error either
+
+
+def test_a_bare_ns_host_is_plain_http_when_only_that_is_allowed() -> None:
+    allowed = frozenset({"http://10.0.0.5:5000", "https://registry.example.com"})
+    assert choose_upstream(None, "10.0.0.5:5000", "", allowed) == "http://10.0.0.5:5000"
+    assert choose_upstream(None, "registry.example.com", "", allowed) == "https://registry.example.com"
+    with pytest.raises(Forbidden):  # a scheme given explicitly is taken as given
+        choose_upstream("https://10.0.0.5:5000", None, "", allowed)

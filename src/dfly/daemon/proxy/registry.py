@@ -89,6 +89,9 @@ def choose_upstream(header: str | None, ns: str | None, default: str, allowed: f
     if not given:
         raise BadRequest("no upstream registry: send X-Dragonfly-Registry or configure proxy.registry_mirror")
     upstream = normalize_upstream(given)
+    if upstream not in allowed and "://" not in given:  # a bare host[:port] (ns=): plain HTTP if so listed
+        plain = "http://" + upstream.split("://", 1)[1]
+        upstream = plain if plain in allowed else upstream
     if upstream not in allowed:
         raise Forbidden(f"registry {upstream} is not in proxy.allowed_hosts")
     return upstream
