@@ -4,9 +4,11 @@ host certificates it signs: a TLS handshake in-process proves a client trusting 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import stat
+import struct
 import threading
 from pathlib import Path
 
@@ -16,8 +18,9 @@ from pydantic import ValidationError
 from dfly.common.errors import ConfigError
 from dfly.daemon.config import ProxySection
 from dfly.daemon.proxy.certs import HostCertificates, load_or_create_ca
-from dfly.daemon.proxy.connect import parse_connect, read_head
-from dfly.daemon.proxy.registry import BadRequest
+from dfly.daemon.proxy.connect import accept_loop, open_upstream, parse_connect, read_head
+from dfly.daemon.proxy.forward import never_upstream
+from dfly.daemon.proxy.registry import BadRequest, Forbidden
 from dfly.devtools.pki import make_pki
 
 
@@ -125,3 +128,56 @@ def _handshake_quietly(context: ssl.SSLContext, sock: socket.socket) -> None:
             pass
     except (ssl.SSLError, OSError):
         pass
+
+
+def test_a_connect_target_resolving_only_to_link_local_is_forbidden() -> None:
+    with pytest.raises(Forbidden):
+        asyncio.run(open_upstream("169.254.169.254", 443, never_upstream, timeout_s=1))
+
+
+def test_accept_loop_dispatches_by_first_bytes_and_survives_resets(caplog: pytest.LogCaptureFixture) -> None:
+    """Plain requests and CONNECTs reach their handlers; a client resetting mid-head logs no error."""
+    seen: list[str] = []
+
+    async def run() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        done, reading = asyncio.Event(), asyncio.Event()
+
+        async def on_plain(conn: socket.socket) -> None:
+            seen.append("plain")
+            conn.close()
+            done.set()
+
+        async def on_connect(conn: socket.socket) -> None:
+            seen.append("connect")
+            reading.set()
+            try:
+                await read_head(conn)  # the client resets while we wait for the rest: OSError
+            except BadRequest:  # or the reset reads as an orderly close (as server.py handles it)
+                pass
+            finally:
+                done.set()
+
+        serving = asyncio.create_task(accept_loop(listener, on_plain, on_connect))
+        for first in (b"GET / HTTP/1.1\r\n\r\n", b"CONNECT a:443 HTTP/1.1\r\n"):
+            done.clear()
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(first)
+            await writer.drain()
+            if first.startswith(b"CONNECT"):
+                await reading.wait()
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+            writer.close()
+            async with asyncio.timeout(5):
+                await done.wait()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        listener.close()
+
+    with caplog.at_level(logging.DEBUG, logger="dfly.daemon.proxy.connect"):
+        asyncio.run(run())
+    assert seen == ["plain", "connect"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from dfly.daemon.proxy.registry import BadRequest
+from dfly.daemon.proxy.registry import BadRequest, Forbidden
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ async def accept_loop(
             return
         try:
             await (on_connect(conn) if is_connect else on_plain(conn))
+        except OSError as exc:  # the client reset or closed its side: nothing to answer
+            log.debug("proxy connection ended: %r", exc)
+            conn.close()
         except Exception:
             log.exception("proxy connection failed")
             conn.close()
@@ -180,14 +183,16 @@ async def open_upstream(
     host: str, port: int, refused: Callable[[str], bool], timeout_s: float
 ) -> socket.socket:
     """A connected non-blocking socket to host:port; OSError if none of its addresses answers within
-    timeout_s. Addresses for which `refused(address)` holds are skipped (checked on the very addresses
-    connected to, so a name cannot resolve differently between the check and the connection)."""
+    timeout_s, Forbidden if every address is one for which `refused(address)` holds (checked on the very
+    addresses connected to, so a name cannot resolve differently between the check and the
+    connection)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    error: OSError = OSError(f"{host} has no address this proxy may connect to")
-    for family, kind, proto, _, address in infos:
-        if refused(str(address[0])):
-            continue
+    allowed = [info for info in infos if not refused(str(info[4][0]))]
+    if not allowed:
+        raise Forbidden(f"{host} resolves only to link-local or metadata addresses")
+    error: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in allowed:
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
         try:

@@ -260,6 +260,11 @@ class RegistryMirror:
             return
         try:
             upstream = await connect.open_upstream(host, port, never_upstream, timeout_s=10.0)
+        except Forbidden as exc:
+            log.info("CONNECT refused: %s", exc)
+            await connect.reply(conn, 403, "forbidden", {"X-Dragonfly-Error-Type": "forbidden"})
+            conn.close()
+            return
         except OSError as exc:
             log.info("CONNECT %s failed: %s", authority, exc)
             await connect.reply(conn, 502, "Bad Gateway", {"X-Dragonfly-Error-Type": "origin"})
