@@ -37,6 +37,39 @@ CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
             ("next_count", 0.0, {"A": 1}),
         ],
     ),
+    "the depth is shared among parents, never below two each": (
+        {"piece_count": 40, "requests_per_parent": 6},
+        [
+            ("add", "A"),
+            ("has", "A", range(40)),
+            ("next_count", 0.0, {"A": 6}),  # a lone parent gets the whole budget
+            ("add", "B"),
+            ("add", "C"),
+            ("has", "B", range(40)),
+            ("has", "C", range(40)),
+            ("next_count", 0.0, {"B": 2, "C": 2}),  # ceil(6 / 3); A keeps its 6 until they drain
+            ("add", "D"),
+            ("add", "E"),
+            ("has", "D", range(40)),
+            ("has", "E", range(40)),
+            ("next_count", 0.0, {"D": 2, "E": 2}),  # ceil(6 / 5) = 2: the floor
+            ("remove", "A"),
+            ("remove", "B"),
+            ("remove", "C"),
+            ("remove", "D"),
+            ("next_count", 0.0, {"E": 4}),  # a lone parent again
+        ],
+    ),
+    "a shared depth never exceeds requests_per_parent": (
+        {"piece_count": 10, "requests_per_parent": 1},
+        [
+            ("add", "A"),
+            ("add", "B"),
+            ("has", "A", range(10)),
+            ("has", "B", range(10)),
+            ("next_count", 0.0, {"A": 1, "B": 1}),
+        ],
+    ),
     "rarest first: a parent serves the pieces only it holds": (
         {"piece_count": 4},
         [
