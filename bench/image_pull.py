@@ -10,9 +10,11 @@ of 32 MiB of random data each) and pulls it three ways, one after the other:
 With `--registry-rate-mbit R` the registry runs in its own network namespace behind a veth pair shaped
 to R Mbit/s both ways (HTB, as the swarm testbed), as a registry across a network link would be; the
 daemons and containerd stay on this host's loopback, so only the registry is far.
-Prints ONE JSON line: median seconds per mode, `cold_over_direct` (target ≤ 1.3) and `warm_over_direct`
-(target < 1), the registry's full blob copies per round, and whether the targets were met. Exits 1 (no
-figures) if a pull fails or the registry served a blob to containerd itself.
+Prints ONE JSON line: median seconds per mode, their ratios `cold_over_direct` and `warm_over_direct`,
+and the medians of the per-round ratios `*_over_direct_paired`, which the targets are judged on (cold
+≤ 1.3, warm < 1; the three pulls of a round run back to back while rounds drift), the registry's full
+blob copies per round, and whether the targets were met. Exits 1 (no figures) if a pull fails or the
+registry served a blob to containerd itself. Each containerd root is deleted after its pull.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,13 +46,21 @@ LAYER_MIB = 32
 
 
 def timed_pull(work: Path, name: str, reference: str, hosts: Path) -> float:
-    with Containerd(work / f"containerd-{name}") as containerd:
+    root = work / f"containerd-{name}"
+    with Containerd(root) as containerd:
         started = time.monotonic()
         done = containerd.pull(reference, hosts)
         seconds = time.monotonic() - started
+    shutil.rmtree(root, ignore_errors=True)  # later pulls do not pay for this one's page cache
     if done.returncode != 0:
         raise RuntimeError(f"{name} pull failed: {done.stderr.strip() or done.stdout.strip()}")
     return seconds
+
+
+def paired(mode: list[float], direct: list[float]) -> float:
+    """Median of the per-round ratios: a round's three pulls run back to back, so their ratio is not
+    moved by the machine drifting between rounds (this VM slows as its memory fills)."""
+    return round(statistics.median(m / d for m, d in zip(mode, direct, strict=True)), 3)
 
 
 @contextlib.contextmanager
@@ -143,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         **{f"{mode}_s": round(value, 3) for mode, value in median.items()},
         "cold_over_direct": round(median["cold"] / median["direct"], 3),
         "warm_over_direct": round(median["warm"] / median["direct"], 3),
+        **{f"{mode}_over_direct_paired": paired(times[mode], times["direct"]) for mode in ("cold", "warm")},
         "registry_blob_copies_per_round": copies,
     }
     result["targets_met"] = {
-        "cold_le_1.3x_direct": result["cold_over_direct"] <= 1.3,
-        "warm_faster_than_direct": result["warm_over_direct"] < 1.0,
+        "cold_le_1.3x_direct": result["cold_over_direct_paired"] <= 1.3,
+        "warm_faster_than_direct": result["warm_over_direct_paired"] < 1.0,
     }
     print(json.dumps(result))
     return 0
