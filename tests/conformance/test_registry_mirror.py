@@ -48,6 +48,27 @@ def skopeo_pull(conf: Path, reference: str, out: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def skopeo_pull_with_credentials(
+    tmp_path: Path, registry: Registry, mirror_port: int, reference: str, digests: list[str], secret: str
+) -> list[tuple[str, str, int]]:
+    """skopeo pulls through the mirror as alice (containers/image takes a mirror's credentials from the
+    auth file, by the mirror's own address); every blob is checked and none came from the registry to
+    skopeo. Returns the registry's blob GETs."""
+    conf = registries_conf(tmp_path / "peer.conf", registry, mirror_port)
+    basic = base64.b64encode(f"alice:{secret}".encode()).decode()
+    auths = {host: {"auth": basic} for host in (registry.host, f"127.0.0.1:{mirror_port}")}
+    (tmp_path / "auth.json").write_text(json.dumps({"auths": auths}))
+    argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy", "--src-authfile",
+            str(tmp_path / "auth.json"), f"docker://{reference}", f"dir:{tmp_path / 'pulled'}"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = pulled_blobs(tmp_path / "pulled")
+    assert all(got.get(d.removeprefix("sha256:")) == d.removeprefix("sha256:") for d in digests)
+    gets = registry.blob_gets()
+    assert not [ua for _, ua, _ in gets if "skopeo" in ua], "skopeo fetched a blob from the registry"
+    return gets
+
+
 def test_skopeo_pulls_through_the_mirror_and_the_registry_sends_each_blob_once(
     registry: Registry, tmp_path: Path
 ) -> None:
@@ -182,20 +203,7 @@ def test_a_private_registry_through_the_mirror(tmp_path: Path) -> None:
         overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
         with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
             mirror_port = cluster.peers[0].ports["proxy"]
-            conf = registries_conf(tmp_path / "peer.conf", registry, mirror_port)
-            # containers/image takes a mirror's credentials from the auth file, by the mirror's address
-            token = base64.b64encode(f"alice:{secret}".encode()).decode()
-            auths = {host: {"auth": token} for host in (registry.host, f"127.0.0.1:{mirror_port}")}
-            (tmp_path / "auth.json").write_text(json.dumps({"auths": auths}))
-            out = f"dir:{tmp_path / 'pulled'}"
-            argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy", "--src-authfile",
-                    str(tmp_path / "auth.json"), f"docker://{reference}", out]  # fmt: skip
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, done.stderr
-            got = pulled_blobs(tmp_path / "pulled")
-            assert all(got.get(d.removeprefix("sha256:")) == d.removeprefix("sha256:") for d in digests)
-            gets = registry.blob_gets()
-            assert not [ua for _, ua, _ in gets if "skopeo" in ua], "skopeo fetched a blob from the registry"
+            skopeo_pull_with_credentials(tmp_path, registry, mirror_port, reference, digests, secret)
 
             blob = f"http://127.0.0.1:{cluster.peers[0].ports['proxy']}/v2/demo/app/blobs/{digests[1]}"
             status, headers, body = fetch(blob)
@@ -251,19 +259,7 @@ def test_a_token_auth_registry_through_the_mirror(tmp_path: Path) -> None:
         overrides = {"*": {"proxy": {"registry_mirror": registry.url}}}
         with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
             mirror_port = cluster.peers[0].ports["proxy"]
-            conf = registries_conf(tmp_path / "peer.conf", registry, mirror_port)
-            basic = base64.b64encode(f"alice:{secret}".encode()).decode()
-            auths = {host: {"auth": basic} for host in (registry.host, f"127.0.0.1:{mirror_port}")}
-            (tmp_path / "auth.json").write_text(json.dumps({"auths": auths}))
-            out = f"dir:{tmp_path / 'pulled'}"
-            argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy", "--src-authfile",
-                    str(tmp_path / "auth.json"), f"docker://{reference}", out]  # fmt: skip
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, done.stderr
-            got = pulled_blobs(tmp_path / "pulled")
-            assert all(got.get(d.removeprefix("sha256:")) == d.removeprefix("sha256:") for d in digests)
-            gets = registry.blob_gets()
-            assert not [ua for _, ua, _ in gets if "skopeo" in ua], "skopeo fetched a blob from the registry"
+            gets = skopeo_pull_with_credentials(tmp_path, registry, mirror_port, reference, digests, secret)
             assert {d for d, ua, _ in gets if ua == ""} == set(digests)  # the seed's reader sends no UA
             assert ("alice", "repository:demo/app:pull") in tokens.issued
 
@@ -280,7 +276,7 @@ def test_a_token_auth_registry_through_the_mirror(tmp_path: Path) -> None:
             assert hashlib.sha256(body).hexdigest() == digests[1].removeprefix("sha256:")
             logs = "".join(m.log_path.read_text() for m in cluster.members)
         assert secret not in logs
-        assert basic not in logs
+        assert base64.b64encode(f"alice:{secret}".encode()).decode() not in logs
         assert token not in logs
         assert token.split(".")[2] not in logs
 
