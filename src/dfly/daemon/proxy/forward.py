@@ -89,7 +89,10 @@ def hop_guard(allowed_origins: Sequence[str]) -> Callable[[str, str, int], bool]
 
     def may_contact(scheme: str, host: str, port: int) -> bool:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if normalize_upstream(f"{scheme}://{netloc}") not in allowed:
+        try:
+            if normalize_upstream(f"{scheme}://{netloc}") not in allowed:
+                return False
+        except BadRequest:  # not a host this proxy could have allowed
             return False
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
