@@ -47,6 +47,9 @@ from netns.bittorrent import missing_tools, run_bittorrent
 from netns.netns import TestbedError, netem_missing, process_cpu_s
 from netns.testbed import Testbed, percentile, t_min_s
 
+from dfly.common.errors import UsageError
+from dfly.common.pieces import parse_size, validate_user_piece_length
+
 SYSTEMS = ("dfly", "http", "bittorrent")
 MIB = 1024 * 1024
 # (hosts, file MiB, R, R_o) -> bittorrent's valid (p95/T_min, origin copies) ranges (issue 3, testbed-notes)
@@ -78,8 +81,11 @@ def measure(system: str, args: argparse.Namespace) -> tuple[list[float], float, 
         origin_before = bed.origin_bytes()
         each = f" ({args.files} per host at once)" if args.files > 1 else ""
         if system == "dfly":
-            times = bed.run_dfget(None, urls, timeout_s, stagger_s=args.stagger_s)
-            client = f"python -m dfly.cli.dfget -e SOCKET --no-progress URL -O OUT{each}"
+            extra = ["--piece-length", args.piece_length] if args.piece_length else []
+            times = bed.run_dfget(None, urls, timeout_s, stagger_s=args.stagger_s, extra_args=extra)
+            client = (
+                f"python -m dfly.cli.dfget -e SOCKET --no-progress {' '.join([*extra, ''])}URL -O OUT{each}"
+            )
         else:
             times = bed.run_curl(None, urls, timeout_s, stagger_s=args.stagger_s)
             client = f"curl -sf -o OUT URL{each}"
@@ -100,6 +106,7 @@ def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
         "file_bytes": file_bytes,
         "files": args.files,
         "stagger_s": args.stagger_s,
+        "piece_length": args.piece_length if system == "dfly" and args.piece_length else None,
         "rate_mbit": args.rate_mbit,
         "origin_rate_mbit": origin_rate,
         "p50_s": round(percentile(times, 50), 3),
@@ -142,12 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="needs sch_netem (exit 4 without)")
     parser.add_argument("--stagger-s", type=float, default=0.0, help="host i starts at t0 + i·S")
     parser.add_argument("--files", type=int, default=1, help="K files of F/K MiB, all fetched at once")
+    parser.add_argument(
+        "--piece-length", default=None, help="dfly only: dfget --piece-length (default: the piece rule)"
+    )
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if unknown := [s for s in systems if s not in SYSTEMS]:
         parser.error(f"unknown systems {unknown} (available: {', '.join(SYSTEMS)})")
     if args.hosts < 1 or args.files < 1 or args.stagger_s < 0 or args.delay_ms < 0 or args.rate_mbit < 0:
         parser.error("--hosts and --files must be >= 1, --stagger-s, --delay-ms and --rate-mbit >= 0")
+    if args.piece_length is not None:
+        try:
+            validate_user_piece_length(parse_size(args.piece_length))
+        except UsageError as exc:
+            parser.error(f"--piece-length: {exc}")
     if args.file_mib * MIB % args.files:
         parser.error(f"{args.file_mib} MiB do not split into {args.files} equal files")
     if os.geteuid() != 0:

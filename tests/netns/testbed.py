@@ -307,12 +307,14 @@ class Testbed:
         timeout_s: float = 120.0,
         run: str = "run",
         stagger_s: float = 0.0,
+        extra_args: Sequence[str] = (),
     ) -> list[float]:
-        """dfget every URL on the hosts (indices; all if None), one dfget per URL, all at once per host."""
+        """dfget every URL on the hosts (indices; all if None), one dfget per URL, all at once per host;
+        `extra_args` go on every dfget command line (e.g. `--piece-length 512KiB`)."""
 
         def dfget(node: Node, url: str, out: Path) -> list[str]:
-            return [sys.executable, "-m", "dfly.cli.dfget", "-e", str(node.socket), "--no-progress", url,
-                    "-O", str(out)]  # fmt: skip
+            return [sys.executable, "-m", "dfly.cli.dfget", "-e", str(node.socket), "--no-progress",
+                    *extra_args, url, "-O", str(out)]  # fmt: skip
 
         return self.run_clients(hosts, urls, dfget, f"dfget-{run}", timeout_s, stagger_s)
 
