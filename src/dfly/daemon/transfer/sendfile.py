@@ -1,9 +1,11 @@
-"""Sending a piece's bytes from the task file with `os.sendfile`, in an upload thread.
+"""Sending a piece's bytes from the task file with `os.sendfile`.
 
-Rules: never on the event loop (the kernel copy of a large piece takes milliseconds: a seed's loop spent
-most of a 1 GiB upload inside sendfile); the socket stays non-blocking and the thread waits with poll();
-a cancelled caller shuts the socket down so the thread fails at once, and waits for the thread, so the
-socket is never closed under it.
+Rules: a range larger than INLINE_MAX goes to an upload thread (the kernel copy of a large piece takes
+milliseconds: a seed's loop spent most of a 1 GiB upload inside sendfile); a smaller one is sent from the
+event loop, waiting for writability between calls (a thread hand-off per small piece cost more CPU than
+the copy: submit, wake-up and the loop's self-pipe). The socket stays non-blocking; the thread waits with
+poll(). A cancelled caller shuts the socket down (the frame on the wire cannot be finished) and, on the
+thread path, waits for the thread, so the socket is never closed under it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import select
 import socket
 
 from dfly.common.errors import StorageError
+
+INLINE_MAX = 1024 * 1024  # ranges up to this are sent from the event loop
 
 
 def _sendfile_blocking(sock_fd: int, fd: int, offset: int, count: int, stall_s: float) -> None:
@@ -44,13 +48,21 @@ async def sendfile_range(
     stall_s: float,
     executor: concurrent.futures.Executor | None = None,
 ) -> None:
-    """Send `count` bytes of `fd` from `offset` with os.sendfile, off the event loop.
+    """Send `count` bytes of `fd` from `offset` with os.sendfile; a range over INLINE_MAX off the loop.
 
     The kernel copy of a large piece takes milliseconds; done on the loop it delayed everything else
     the daemon does (measured: a seed's loop spent most of a 1 GiB upload inside sendfile, stalling its
-    own back-to-source). If the caller is cancelled, the socket is shut down so the thread's sendfile
-    fails at once, and the thread is waited for: the socket is never closed under it.
+    own back-to-source). If the caller is cancelled, the socket is shut down (so a thread's sendfile
+    fails at once) and the thread is waited for: the socket is never closed under it.
     """
+    if count <= INLINE_MAX:
+        try:
+            await _sendfile_on_loop(loop, sock, fd, offset, count, stall_s)
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            raise
+        return
     future = loop.run_in_executor(executor, _sendfile_blocking, sock.fileno(), fd, offset, count, stall_s)
     try:
         await asyncio.shield(future)
@@ -61,3 +73,37 @@ async def sendfile_range(
         if not future.cancelled():
             future.exception()  # the thread's error (EPIPE after the shutdown) is expected: retrieve it
         raise
+
+
+async def _sendfile_on_loop(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, fd: int, offset: int, count: int, stall_s: float
+) -> None:
+    """os.sendfile on the non-blocking socket from the loop, awaiting writability when it is full."""
+    sock_fd = sock.fileno()
+    while count > 0:
+        try:
+            sent = os.sendfile(sock_fd, fd, offset, count)
+        except BlockingIOError:
+            await _writable(loop, sock_fd, stall_s)
+            continue
+        if sent == 0:
+            raise StorageError(f"task file ends before offset {offset} + {count}")
+        offset += sent
+        count -= sent
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock_fd: int, stall_s: float) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(sock_fd, _resolve, ready)
+    try:
+        async with asyncio.timeout(stall_s):
+            await ready
+    except TimeoutError:
+        raise TimeoutError(f"child took no data for {stall_s:g} s") from None
+    finally:
+        loop.remove_writer(sock_fd)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
