@@ -20,8 +20,9 @@ staggered hosts. `origin_copies` = bytes the origin sent ÷ F: nginx's body byte
 for bittorrent, whose origin is its seeder, the seeder's upload as counted by aria2c (piece payload;
 within 1 % of the seed veth's HTB wire counter × 1448/1514 when checked). `cpu_s` = CPU seconds of the
 system's own processes during the run (dfly: scheduler, seed, daemons and dfget clients; http: the curl
-clients; bittorrent: tracker, seeder and leechers; the nginx origin is not counted); `cpu_detail_s` splits
-it by role (scheduler, seed, daemons, clients; empty for bittorrent).
+clients; bittorrent: tracker, seeder and leechers; the nginx origin is not counted); `cpu_user_s` is its
+user-mode part (the rest is the kernel: copies, page-cache writes, the namespaced network stack);
+`cpu_detail_s` splits it by role (scheduler, seed, daemons, clients; empty for bittorrent).
 Validity (issue 3): at exactly 8 hosts × 64 MiB × 100 Mbit/s, R_o = R, one file, no stagger, a run with
 bittorrent whose p95/T_min lies outside 1.5–2.6 or whose origin copies lie outside 1.2–1.7 is invalid:
 exit 3 and no figures for any system. Other scenarios are not checked (16 × 64 MiB × 50 Mbit/s gave
@@ -39,12 +40,12 @@ import os
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netns.bittorrent import missing_tools, run_bittorrent
-from netns.netns import TestbedError, netem_missing, process_cpu_s
+from netns.netns import TestbedError, netem_missing, process_cpu_split_s
 from netns.testbed import Testbed, percentile, t_min_s
 
 from dfly.common.errors import UsageError
@@ -57,14 +58,22 @@ REFERENCE = {(8, 64, 100.0, 100.0): ((1.5, 2.6), (1.2, 1.7))}
 EXIT_FAILED, EXIT_USAGE, EXIT_INVALID, EXIT_SKIPPED = 1, 2, 3, 4
 
 
-def children_cpu_s() -> float:
+def children_cpu_split_s() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
 
 
-def measure(system: str, args: argparse.Namespace) -> tuple[list[float], float, float, str, dict[str, float]]:
-    """Run one system in a fresh testbed: (per-host seconds, origin bytes ÷ F, cpu_s, client, cpu_s by
-    role: scheduler, seed, daemons, clients; empty for bittorrent)."""
+class Measured(NamedTuple):
+    times: list[float]  # per host, seconds from its start
+    copies: float  # origin bytes ÷ F
+    cpu_s: float
+    cpu_user_s: float  # the user-mode part of cpu_s (the kernel's copies and network stack are the rest)
+    client: str
+    detail: dict[str, float]  # cpu_s by role: scheduler, seed, daemons, clients; empty for bittorrent
+
+
+def measure(system: str, args: argparse.Namespace) -> Measured:
+    """Run one system in a fresh testbed."""
     file_bytes, origin_rate = args.file_mib * MIB, args.origin_rate_mbit or args.rate_mbit
     t_min = t_min_s(file_bytes, args.hosts, args.rate_mbit, origin_rate)
     timeout_s = 60 + 3 * args.hosts * t_min  # plain HTTP needs ~N·T_min
@@ -74,10 +83,11 @@ def measure(system: str, args: argparse.Namespace) -> tuple[list[float], float, 
         if system == "bittorrent":
             names = [url.rsplit("/", 1)[-1] for url in urls]
             swarm = run_bittorrent(bed, names, stagger_s=args.stagger_s, timeout_s=timeout_s)
-            return swarm.times, swarm.seeder_upload_bytes / file_bytes, swarm.cpu_s, swarm.client, {}
+            copies = swarm.seeder_upload_bytes / file_bytes
+            return Measured(swarm.times, copies, swarm.cpu_s, swarm.cpu_user_s, swarm.client, {})
         groups = bed.dfly_pids()
-        before = {role: process_cpu_s(pids) for role, pids in groups.items()}
-        before["clients"] = children_cpu_s()
+        before = {role: process_cpu_split_s(pids) for role, pids in groups.items()}
+        before["clients"] = children_cpu_split_s()
         origin_before = bed.origin_bytes()
         each = f" ({args.files} per host at once)" if args.files > 1 else ""
         if system == "dfly":
@@ -90,14 +100,16 @@ def measure(system: str, args: argparse.Namespace) -> tuple[list[float], float, 
             times = bed.run_curl(None, urls, timeout_s, stagger_s=args.stagger_s)
             client = f"curl -sf -o OUT URL{each}"
         bed.check_alive()
-        detail = {role: process_cpu_s(pids) - before[role] for role, pids in groups.items()}
-        detail["clients"] = children_cpu_s() - before["clients"]
+        after = {role: process_cpu_split_s(pids) for role, pids in groups.items()}
+        after["clients"] = children_cpu_split_s()
+        detail = {role: sum(after[role]) - sum(before[role]) for role in after}
+        user = sum(after[role][0] - before[role][0] for role in after)
         copies = (bed.origin_bytes() - origin_before) / file_bytes
-        return times, copies, sum(detail.values()), client, detail
+        return Measured(times, copies, sum(detail.values()), user, client, detail)
 
 
 def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
-    times, copies, cpu_s, client, detail = measure(system, args)
+    times, copies, cpu_s, cpu_user_s, client, detail = measure(system, args)
     file_bytes, origin_rate = args.file_mib * MIB, args.origin_rate_mbit or args.rate_mbit
     t_min = t_min_s(file_bytes, args.hosts, args.rate_mbit, origin_rate)
     return {
@@ -118,6 +130,7 @@ def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
         "max_over_tmin": round(max(times) / t_min, 3) if t_min > 0 else None,
         "origin_copies": round(copies, 4),
         "cpu_s": round(cpu_s, 2),
+        "cpu_user_s": round(cpu_user_s, 2),
         "cpu_detail_s": {role: round(seconds, 2) for role, seconds in detail.items()},
         "sha_ok": True,  # every output was checked; a mismatch raises before any figure exists
         "client": client,

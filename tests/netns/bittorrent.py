@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .clients import Events, run_staggered
-from .netns import Node, TestbedError, process_cpu_s, signal_group
+from .netns import Node, TestbedError, process_cpu_split_s, signal_group
 from .testbed import Testbed
 
 ARIA2_FLAGS = (
@@ -63,6 +63,7 @@ class SwarmResult:
     seeder_upload_bytes: int
     cpu_s: float
     client: str
+    cpu_user_s: float = 0.0  # the user-mode part of cpu_s
 
 
 def missing_tools() -> list[str]:
@@ -192,9 +193,11 @@ def run_bittorrent(
             return f"aria2c on h{i}:\n{bed.tail(f'aria2c-h{i}')}"
 
         events = Events(fifo_fd, lambda line: outs.get(Path(line).parent), len(names))
-        cpu_before = process_cpu_s([p.pid for p in procs])
+        user_before, sys_before = process_cpu_split_s([p.pid for p in procs])
         times = run_staggered(len(bed.hosts), stagger_s, launch, timeout_s, events=events, describe=describe)
-        cpu_s = process_cpu_s([p.pid for p in procs]) - cpu_before
+        user_after, sys_after = process_cpu_split_s([p.pid for p in procs])
+        cpu_user_s = user_after - user_before
+        cpu_s = cpu_user_s + sys_after - sys_before
         uploaded = seeder_upload(bed, secret, len(names))
     finally:
         if fifo_fd >= 0:
@@ -205,4 +208,4 @@ def run_bittorrent(
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
     bed.verify([(out / name, name) for out in outs for name in names])
-    return SwarmResult(times, uploaded, cpu_s, client_flags(len(names)))
+    return SwarmResult(times, uploaded, cpu_s, client_flags(len(names)), cpu_user_s)

@@ -114,15 +114,21 @@ def netem_missing(prefix: str) -> str:
 
 def process_cpu_s(pids: Sequence[int]) -> float:
     """utime + stime of live processes (all their threads, not their children), from /proc/PID/stat."""
+    return sum(process_cpu_split_s(pids))
+
+
+def process_cpu_split_s(pids: Sequence[int]) -> tuple[float, float]:
+    """(utime, stime) of live processes (all their threads, not their children), from /proc/PID/stat."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    user = system = 0.0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+        user += int(fields[11]) / ticks
+        system += int(fields[12]) / ticks
+    return user, system
 
 
 def build_network(bridge: str, nodes: Sequence[Node], probe: Node) -> bool:
