@@ -21,7 +21,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -160,18 +159,18 @@ class Conductor:
             self._schedule_deadline = loop.time() + self.ctx.config.scheduler.schedule_timeout_s
         while not self._done:
             if self.events.empty():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._next_event(), TICK_S)
+                try:  # asyncio.timeout reuses this task; wait_for made a task and a future per wait
+                    async with asyncio.timeout(TICK_S):
+                        event = await self.events.get()
+                except TimeoutError:
+                    pass
+                else:
+                    await self._apply(event)
             # Everything queued is applied, then one step: a burst of HAVEs and stored pieces costs
-            # one planner pass, not one per event (and no wait_for timer per event).
+            # one planner pass, not one per event (and no timer per event).
             while not self.events.empty():
                 await self._apply(self.events.get_nowait())
             await self._step(loop.time())
-
-    async def _next_event(self) -> None:
-        """Wait until an event is queued, leaving it queued."""
-        event = await self.events.get()
-        self.events.put_nowait(event)  # the queue was empty: it is alone, so order is kept
 
     async def _apply(self, event: object) -> None:
         if isinstance(event, SchedulerReply):

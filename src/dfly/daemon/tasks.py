@@ -25,7 +25,7 @@ from dfly.common.errors import DflyError, StorageError
 from dfly.daemon.conductor import Conductor, PiecesLost
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.first_pass import FirstPassGate
-from dfly.daemon.core.task_state import TaskState
+from dfly.daemon.core.task_state import Announcer, TaskState
 from dfly.daemon.local_api import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.storage import StoredTask
 from dfly.daemon.task_request import TaskRequest
@@ -197,6 +197,7 @@ class TaskManager:
         )
         local_hit = live.state.complete and live.state.ended
         wake = asyncio.Event()
+        announcer = Announcer(live.state)
         unsubscribe = live.state.subscribe(lambda _n: wake.set())
         remove_end = live.state.on_end(lambda _err: wake.set())
         try:
@@ -219,19 +220,16 @@ class TaskManager:
                 task_path=str(self.ctx.storage.task_path(live.state.task_id)),
                 read_fd=self.ctx.storage.read_fd(live.state.task_id),
             )
-            sent: dict[int, int] = {}  # piece -> version announced (a re-fetched one is announced again)
-            state = live.state
+            announcer.start()
             while True:
                 wake.clear()
-                ended = state.ended
-                fresh = [n for n in state.available_pieces() if sent.get(n) != state.version(n)]
-                if fresh:
-                    sent.update((n, state.version(n)) for n in fresh)
+                ended = live.state.ended
+                if fresh := announcer.take():
                     yield PiecesReady(tuple(fresh))
                 if ended:
                     if live.state.error is not None:
                         raise live.state.error
-                    if len(sent) != layout.piece_count:
+                    if announcer.told_count != layout.piece_count:
                         raise StorageError("task ended without all its pieces")
                     if local_hit:
                         self.ctx.counters.downloaded("local", layout.content_length)
@@ -240,6 +238,7 @@ class TaskManager:
                 await wake.wait()
         finally:
             unsubscribe()
+            announcer.unsubscribe()
             remove_end()
 
     def trigger(self, request: TaskRequest) -> str:

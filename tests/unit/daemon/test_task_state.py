@@ -3,7 +3,7 @@
 import pytest
 
 from dfly.common.errors import DflyError, ProtocolError
-from dfly.daemon.core.task_state import TaskState
+from dfly.daemon.core.task_state import Announcer, TaskState
 
 
 def test_pieces_become_available_once_and_listeners_hear_each() -> None:
@@ -65,3 +65,45 @@ def test_forgotten_pieces_are_wanted_again() -> None:
     assert state.version(1) == 2
     state.forget_pieces([1])  # not held: nothing to invalidate
     assert state.version(1) == 2
+
+
+def test_announcer_tells_each_piece_once_and_a_refetched_one_again() -> None:
+    state = TaskState("t" * 64)
+    state.set_layout(6 * 64, 64)
+    state.mark_available(4, 40)
+    announcer = Announcer(state)
+    state.mark_available(1, 10)  # before start: covered by the first look
+    announcer.start()
+    assert announcer.take() == [1, 4]
+    assert announcer.take() == []
+    state.mark_available(3, 30)
+    state.mark_available(0, 0)
+    assert announcer.take() == [0, 3]
+    state.forget_pieces([3])  # wrong bytes: not told again until available again
+    assert announcer.take() == []
+    state.mark_available(3, 31)
+    assert announcer.take() == [3]
+    assert announcer.told_count == 4
+    announcer.unsubscribe()
+    state.mark_available(5, 50)
+    assert announcer.take() == []  # no longer listening
+
+
+def test_announcer_cost_follows_new_pieces_not_the_task() -> None:
+    state = TaskState("t" * 64)
+    state.set_layout(4096 * 64, 64)
+    announcer = Announcer(state)
+    announcer.start()
+    calls = 0
+    version = state.version
+
+    def counting_version(number: int) -> int:
+        nonlocal calls
+        calls += 1
+        return version(number)
+
+    state.version = counting_version  # type: ignore[method-assign]
+    for n in range(4096):
+        state.mark_available(n, n)
+        assert announcer.take() == [n]
+    assert calls <= 2 * 4096  # a scan of every available piece per look would be ~8.4 million

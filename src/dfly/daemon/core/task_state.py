@@ -10,6 +10,8 @@ Rules:
   bytes were found to be of the wrong object (the scheduler's cross-check, or the origin's validators
   changed); each forgetting bumps the piece's `version`, so attachers that copied it copy it again.
 - Listeners are told of each newly available piece, and once of the task's end (None = finished).
+- `Announcer` gives one attacher the pieces it has not copied yet (or copied in an older version),
+  costing O(new pieces) per look, never a scan of the whole task.
 """
 
 from __future__ import annotations
@@ -140,3 +142,29 @@ class TaskState:
         listeners, self._end_listeners = self._end_listeners, []
         for listener in listeners:
             listener(error)
+
+
+class Announcer:
+    """The pieces one attacher (a dfget) still has to be told of: each available piece once per version."""
+
+    def __init__(self, state: TaskState) -> None:
+        self._state = state
+        self._arrived: list[int] = []
+        self._told: dict[int, int] = {}  # piece -> version told
+        self.unsubscribe = state.subscribe(self._arrived.append)
+
+    def start(self) -> None:
+        """From now on: every piece already available, then those the subscription reports."""
+        self._arrived[:] = self._state.available_pieces()
+
+    def take(self) -> list[int]:
+        """Pieces to tell now, in order (a forgotten piece that is available again is told again)."""
+        state, told = self._state, self._told
+        fresh = [n for n in sorted(set(self._arrived)) if state.has(n) and told.get(n) != state.version(n)]
+        self._arrived.clear()
+        told.update((n, state.version(n)) for n in fresh)
+        return fresh
+
+    @property
+    def told_count(self) -> int:
+        return len(self._told)
