@@ -91,7 +91,7 @@ class BackToSource:
         try:
             await self._run()
         except SourceError as exc:
-            await self.c.report_source_error(exc)
+            await self.c.stream.source_error(exc)
             raise
         finally:
             self._stop.set()
@@ -127,7 +127,7 @@ class BackToSource:
             self.c.state.forget_pieces(held)
             self.c.state.response_headers = dict(stat.headers)
         await self.c.ensure_file(layout, stat.headers)
-        await self.c.report_back_to_source_started(layout, stat.headers)
+        await self.c.stream.back_to_source_started(layout, stat.headers)
         missing = [n for n in range(layout.piece_count) if not self.c.state.has(n)]
         if not missing:
             return

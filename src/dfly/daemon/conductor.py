@@ -286,7 +286,7 @@ class Conductor:
         if self._started_sent:
             await self._send(started=pb.PeerStarted())
         if self._back_to_source is not None and self.state.layout is not None:
-            await self.report_back_to_source_started(self.state.layout, self.state.response_headers)
+            await self.stream.back_to_source_started(self.state.layout, self.state.response_headers)
         self._report = []
         held = [
             pb.PieceDone(number=n, digest=digest, parent_id="")
@@ -390,23 +390,3 @@ class Conductor:
         self._schedule_deadline = None
         self.parents.close_all()
         self._back_to_source = self.tg.create_task(BackToSource(self, layout).run())
-
-    async def report_back_to_source_started(self, layout: Layout, headers: dict[str, str]) -> None:
-        await self._send(
-            back_to_source_started=pb.BackToSourceStarted(
-                content_length=layout.content_length,
-                piece_length=layout.piece_length,
-                response_headers=headers,
-            )
-        )
-
-    async def report_source_error(self, error: SourceError) -> None:
-        await self._send(
-            failed=pb.PeerFailed(
-                description=error.message,
-                back_to_source=True,
-                source_error=pb.SourceError(
-                    status_code=error.status_code, message=error.message, headers=error.headers
-                ),
-            )
-        )

@@ -28,7 +28,9 @@ from typing import Any
 import grpc
 
 from dfly.api import scheduler_pb2 as pb
+from dfly.common.errors import SourceError
 from dfly.daemon.context import DaemonContext
+from dfly.daemon.core.task_state import Layout
 from dfly.daemon.task_request import TaskRequest
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,27 @@ class PeerStream:
                 self.alive = False
                 reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "stream closed"
                 await self.events.put(SchedulerGone(reason, self._generation))
+
+    async def back_to_source_started(self, layout: Layout, headers: dict[str, str]) -> None:
+        await self.send(
+            back_to_source_started=pb.BackToSourceStarted(
+                content_length=layout.content_length,
+                piece_length=layout.piece_length,
+                response_headers=headers,
+            )
+        )
+
+    async def source_error(self, error: SourceError) -> None:
+        """The origin failed this peer's read: the scheduler fails the task with the origin's status."""
+        await self.send(
+            failed=pb.PeerFailed(
+                description=error.message,
+                back_to_source=True,
+                source_error=pb.SourceError(
+                    status_code=error.status_code, message=error.message, headers=error.headers
+                ),
+            )
+        )
 
     def _message(self, **oneof: object) -> pb.AnnouncePeerRequest:
         return pb.AnnouncePeerRequest(
