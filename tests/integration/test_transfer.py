@@ -51,10 +51,14 @@ class FileTask:
         self.available = set(range(self.piece_count) if available is None else available)
         self.subscribers: list[Callable[[int], None]] = []
         self.gate: FirstPassGate | None = None
+        self.child_holds: dict[str, set[int]] = {}  # what peer_has reports (the child is also our parent)
 
     @property
     def first_pass(self) -> FirstPassGate | None:
         return self.gate
+
+    def peer_has(self, peer_id: str, number: int) -> bool:
+        return number in self.child_holds.get(peer_id, set())
 
     @property
     def piece_count(self) -> int:
@@ -218,6 +222,27 @@ def test_have_pushed_and_not_available(tmp_path: Path) -> None:
         event = await rec.expect("closed")
         assert isinstance(event[1], RemoteError)
         assert event[1].code == "shutdown"
+
+    run(main())
+
+
+def test_no_have_for_a_piece_the_child_is_known_to_hold(tmp_path: Path) -> None:
+    """A child that is also this daemon's parent announced piece 1 to us: no HAVE 1 goes to it."""
+    make_file(tmp_path / "f", 1 * MiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB, available=[])
+    task.child_holds["child-peer"] = {1}
+
+    async def main() -> None:
+        server, port = await start(task)
+        rec = Recorder()
+        await connect(port, task, rec)
+        assert await rec.expect("have") == ("have", [])  # the BITFIELD
+        task.make_available(1)
+        task.make_available(3)
+        assert await rec.expect("have") == ("have", [3])  # 1 was skipped, 3 follows it on the wire
+        task.make_available(2)
+        assert await rec.expect("have") == ("have", [2])
+        await server.close()
 
     run(main())
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, DigestMismatch
 from dfly.daemon.core.planner import DownloadPlanner
+from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.client import ParentConnection, connect_parent
 
 if TYPE_CHECKING:
@@ -48,9 +49,15 @@ class ParentSet:
         self._new_unreachable: list[str] = []
         self._new_corrupt: list[str] = []
         self._progress: dict[str, tuple[int, float]] = {}  # parent -> (bytes received, when that changed)
+        conductor.state.parent_has = self.parent_has  # the piece server skips HAVEs these parents need not
 
     def __len__(self) -> int:
         return len(self._conns) + len(self._connecting)
+
+    def parent_has(self, peer_id: str, number: int) -> bool:
+        """Whether connected parent `peer_id` announced piece n."""
+        conn = self._conns.get(peer_id)
+        return conn is not None and p.has_bit(conn.parent_has, number)
 
     @property
     def connected(self) -> bool:

@@ -77,6 +77,10 @@ class ServedTaskView:
     def first_pass(self) -> FirstPassGate | None:
         return self._live.state.first_pass
 
+    def peer_has(self, peer_id: str, number: int) -> bool:
+        parent_has = self._live.state.parent_has
+        return parent_has is not None and parent_has(peer_id, number)
+
 
 class TaskManager:
     def __init__(self, ctx: DaemonContext) -> None:

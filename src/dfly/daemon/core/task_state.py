@@ -54,6 +54,8 @@ class TaskState:
         self.ended = False
         self.error: DflyError | None = None
         self.first_pass: FirstPassGate | None = None  # set while this daemon is the task's source
+        # set by the conductor while it downloads from parents: whether parent `peer_id` announced piece n
+        self.parent_has: Callable[[str, int], bool] | None = None
 
     # -- layout -----------------------------------------------------------------------------------
     def set_layout(self, content_length: int, piece_length: int) -> Layout:

@@ -34,6 +34,7 @@ class ChildConnection:
         self.loop = asyncio.get_running_loop()
         self.decoder = p.FrameDecoder("parent")
         self.task: ServedTask | None = None
+        self.child_id = ""  # the child's peer id, from its HELLO
         self.queue: deque[int] = deque()
         self.current = -1  # piece popped from the queue, not yet on the wire
         self.current_cancelled = False
@@ -92,7 +93,7 @@ class ChildConnection:
                 )
             )
             return
-        self.task = task
+        self.task, self.child_id = task, hello.peer_id
         unsubscribe = task.subscribe(self._on_available)
         try:
             self.known = p.make_bitfield(task.piece_count, task.available_pieces())
@@ -199,6 +200,8 @@ class ChildConnection:
     def _push_have(self, number: int) -> None:
         if self.closed or p.has_bit(self.known, number) or not 0 <= number < len(self.known) * 8:
             return
+        if self.task is not None and self.task.peer_has(self.child_id, number):
+            return  # the child announced it to us as our parent: it would never ask (not marked known)
         p.set_bit(self.known, len(self.known) * 8, number)
         self.out += p.encode_have(number)
         self.wake.set()

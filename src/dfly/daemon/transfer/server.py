@@ -74,6 +74,11 @@ class ServedTask(Protocol):
         """The source's first-pass gate while it applies; None = serve every piece to everyone."""
         ...
 
+    def peer_has(self, peer_id: str, number: int) -> bool:
+        """Whether `peer_id` is known to hold piece n (it is also a parent of this daemon and said so):
+        a HAVE for it would be wasted on that child."""
+        ...
+
 
 class PieceProvider(Protocol):
     def lookup(self, task_id: str) -> ServedTask | None: ...
