@@ -181,6 +181,8 @@ class ParentSet:
 
     def close_all(self) -> None:
         self.active = False
+        if self.c.state.parent_has == self.parent_has:  # the state outlives the attempt: let go of it
+            self.c.state.parent_has = None
         conns, self._conns = list(self._conns.values()), {}
         self._planner = None
         for conn in conns:
