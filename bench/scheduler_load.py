@@ -142,11 +142,11 @@ def start_scheduler(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     config = scheduler_config(log_level="warning") | {"scheduling": {"startup_grace_s": 0}}
     (work / "scheduler.yaml").write_text(yaml.safe_dump(config))
     ready = work / "scheduler.ready"
-    log = (work / "scheduler.log").open("wb")
-    proc = subprocess.Popen(
-        [*DEFAULT_SCHEDULER_CMD, "--config", str(work / "scheduler.yaml"), "--ready-file", str(ready)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    with (work / "scheduler.log").open("wb") as log:  # the child keeps its own copy of the fd
+        proc = subprocess.Popen(
+            [*DEFAULT_SCHEDULER_CMD, "--config", str(work / "scheduler.yaml"), "--ready-file", str(ready)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     deadline = time.monotonic() + READY_S
     while not ready.exists() or not ready.read_text().strip():
         if proc.poll() is not None or time.monotonic() > deadline:
