@@ -37,6 +37,9 @@ import grpc
 import yaml
 from grpc import aio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from netns.netns import process_cpu_s
+
 from dfly.api import scheduler_pb2 as pb
 from dfly.api import scheduler_pb2_grpc
 from dfly.cluster import DEFAULT_SCHEDULER_CMD, scheduler_config
@@ -133,11 +136,6 @@ def core_us_per_report(hosts: int, messages: list[pb.AnnouncePeerRequest], repor
     return (time.process_time() - started) * 1e6 / reports
 
 
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def start_scheduler(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     config = scheduler_config(log_level="warning") | {"scheduling": {"startup_grace_s": 0}}
     (work / "scheduler.yaml").write_text(yaml.safe_dump(config))
@@ -160,10 +158,10 @@ async def idle_cpu_s(pid: int, quiet_s: float = 0.25, limit_s: float = 60.0) -> 
     """The process's CPU seconds once it has gone quiet (< 10 ms of CPU in `quiet_s`): every message
     written has been processed, whatever order its streams were read in."""
     deadline = time.monotonic() + limit_s
-    last = process_cpu_s(pid)
+    last = process_cpu_s([pid])
     while time.monotonic() < deadline:
         await asyncio.sleep(quiet_s)
-        now = process_cpu_s(pid)
+        now = process_cpu_s([pid])
         if now - last < 0.01:
             return now
         last = now
