@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         try:
             cpu_s = asyncio.run(drive(port, proc.pid, args.hosts, messages, streams, args.reports))
-        except (grpc.aio.AioRpcError, BenchError, OSError) as exc:
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, BenchError, OSError) as exc:
             print(f"scheduler_load: {exc}", file=sys.stderr)
             return 1
         finally:
