@@ -92,6 +92,7 @@ def measure(system: str, args: argparse.Namespace) -> Measured:
         each = f" ({args.files} per host at once)" if args.files > 1 else ""
         if system == "dfly":
             extra = ["--piece-length", args.piece_length] if args.piece_length else []
+            extra += ["--force-hard-link"] if args.force_hard_link else []
             times = bed.run_dfget(None, urls, timeout_s, stagger_s=args.stagger_s, extra_args=extra)
             client = (
                 f"python -m dfly.cli.dfget -e SOCKET --no-progress {' '.join([*extra, ''])}URL -O OUT{each}"
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=1, help="K files of F/K MiB, all fetched at once")
     parser.add_argument(
         "--piece-length", default=None, help="dfly only: dfget --piece-length (default: the piece rule)"
+    )
+    parser.add_argument(
+        "--force-hard-link", action="store_true",
+        help="dfly only: dfget --force-hard-link (the output shares the cache's inode; no second copy)",
     )
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
