@@ -1,16 +1,19 @@
 """Swarm benchmark on namespaced hosts with capped links (issue 3): one JSON line per system.
 
 `bench/swarm.py --hosts N --file-mib F --rate-mbit R [--origin-rate-mbit R_o] [--delay-ms D]
-[--systems dfly,http,bittorrent] [--stagger-s S] [--files K]` builds a fresh `tests/netns` testbed per
-system (root), puts K random files of F/K MiB on the nginx origin (the dfly devtools origin when nginx
-is missing), starts every host's clients and prints, per system: `system, hosts, file_bytes, files,
-stagger_s, rate_mbit, origin_rate_mbit, p50_s, p95_s, max_s, t_min_s, t_min_wire_s, p95_over_tmin,
-max_over_tmin, origin_copies, cpu_s, sha_ok, client` (`client`: the exact client command lines).
+[--systems dfly,http,bittorrent] [--stagger-s S] [--files K] [--piece-length L] [--force-hard-link]`
+builds a fresh `tests/netns` testbed per system (root), puts K random files of F/K MiB on the nginx
+origin (the dfly devtools origin when nginx is missing), starts every host's clients and prints, per
+system: `system, hosts, file_bytes, files, stagger_s, rate_mbit, origin_rate_mbit, p50_s, p95_s, max_s,
+t_min_s, t_min_wire_s, p95_over_tmin, max_over_tmin, origin_copies, cpu_s, sha_ok, client` (`client`:
+the exact client command lines).
 
 Systems: dfly (scheduler, seed peer at R_o, one dfdaemon per host; one `dfget` per file per host, all
 at once), http (one `curl` per file per host from the origin) and bittorrent (tests/netns/bittorrent.py:
 opentracker, an aria2c seeder in the seed namespace at R_o, one aria2c per host with one torrent per
-file). The baselines' testbeds run no dfly processes.
+file). The baselines' testbeds run no dfly processes. `--piece-length` and `--force-hard-link` go on
+every dfget command line (with the latter the output is a hard link to the daemon's task file, one copy
+of the bytes per host as aria2c writes, instead of dfget's default second copy).
 Rules: host i starts its clients at t0 + i·S (t0 just before the first launch) and its time runs from
 that start to its last file's completion (dfly/http: the client's exit; bittorrent: aria2c's
 download-complete hook); p50/p95/max of these by linear interpolation. T_min = max(F/R_o, F/R,
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "--piece-length", default=None, help="dfly only: dfget --piece-length (default: the piece rule)"
     )
     parser.add_argument(
-        "--force-hard-link", action="store_true",
+        "--force-hard-link",
+        action="store_true",
         help="dfly only: dfget --force-hard-link (the output shares the cache's inode; no second copy)",
     )
     args = parser.parse_args(argv)
