@@ -122,3 +122,37 @@ def test_forward_proxy_with_basic_auth(origin: Origin, tmp_path: Path) -> None:
         assert sha(tmp_path / "yes") == digest
         logs = "".join(m.log_path.read_text() for m in cluster.members)
     assert secret not in logs
+
+
+def test_presigned_urls_of_one_object_are_one_task(origin: Origin, tmp_path: Path) -> None:
+    """Two hosts fetch one object through URLs signed differently (S3-style `X-Amz-*` parameters, as
+    presigned storage and hub CDN links are): the signing parameters are not part of the task, so it
+    is one task, read once from the origin; another query parameter still makes another task, unless
+    the client names it in `X-Dragonfly-Filtered-Query-Params`."""
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digest = make_file(origin.root / "weights.bin", 4 * MiB, seed=54)
+    proxy = {"proxy": {"allowed_hosts": [origin.base_url], "rules": [r"\.bin"]}}
+    with LocalCluster(tmp_path / "c", peers=2, daemon_overrides={"*": proxy}) as cluster:
+        first, second = (peer.ports["proxy"] for peer in cluster.peers)
+
+        def signed(signature: str, version: str = "1") -> str:
+            query = f"v={version}&X-Amz-Date=2026112{len(signature)}T000000Z&X-Amz-Signature={signature}"
+            return origin.url(f"/weights.bin?{query}")
+
+        a = curl(first, signed("aaaa"), tmp_path / "a.bin")
+        b = curl(second, signed("bbbbbbbb"), tmp_path / "b.bin")
+        assert sha(tmp_path / "a.bin") == sha(tmp_path / "b.bin") == digest
+        assert a["x-dragonfly-task-id"] == b["x-dragonfly-task-id"]
+        full_reads = [
+            r for r in origin.request_log() if r.method == "GET" and r.headers.get("Range") != "bytes=0-0"
+        ]
+        assert len(full_reads) == 1  # the seed's, for both hosts
+        c = curl(second, signed("cccc", version="2"), tmp_path / "c.bin")
+        assert c["x-dragonfly-task-id"] != a["x-dragonfly-task-id"]
+        # X-Dragonfly-Filtered-Query-Params adds names to the defaults: `v` no longer makes another task
+        extra = ("-H", "X-Dragonfly-Filtered-Query-Params: v, other")
+        d = curl(first, signed("dddd", version="3"), tmp_path / "d.bin", *extra)
+        e = curl(second, signed("eeee", version="4"), tmp_path / "e.bin", *extra)
+        assert d["x-dragonfly-task-id"] == e["x-dragonfly-task-id"] != a["x-dragonfly-task-id"]
+        assert sha(tmp_path / "e.bin") == digest

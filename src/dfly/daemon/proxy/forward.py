@@ -9,6 +9,8 @@ Rules (issue 5):
   blobs (`/v2/<name>/blobs/sha256:<hex>`) with `Authorization`, which the caller serves only after the
   registry accepted the client's own credentials (as the mirror does).
 - Everything else is forwarded directly.
+- A P2P download's task leaves out the URL's signing parameters (`ids.DEFAULT_FILTERED_QUERY_PARAMS`)
+  and those the client names in `X-Dragonfly-Filtered-Query-Params` (`query_filters`).
 - Whatever is allowed, an upstream whose name resolves to a link-local or cloud-metadata address is
   refused (`refuse_link_local`), for the forward proxy and the registry mirror alike.
 - Downloads the proxy starts carry its allowed origins to whichever daemon reads the origin; there
@@ -24,9 +26,11 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from dfly.common.ids import effective_filters
 from dfly.daemon.proxy.registry import BadRequest, Forbidden, normalize_upstream
 
 USE_P2P_HEADER = "X-Dragonfly-Use-P2P"
+FILTERS_HEADER = "X-Dragonfly-Filtered-Query-Params"
 DEFAULT_RULES = ("blobs/sha256.*",)
 
 
@@ -62,6 +66,13 @@ def use_p2p(
     if headers.get(USE_P2P_HEADER, "").strip().lower() == "true":
         return True
     return any(rule.search(url) for rule in rules)
+
+
+def query_filters(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The query parameters left out of a P2P download's task: the defaults (presigned-URL signing
+    parameters) plus the comma-separated names in `X-Dragonfly-Filtered-Query-Params`, which extend
+    them as dfget's `--filtered-query-param` does (DESIGN.md §3)."""
+    return effective_filters(headers.get(FILTERS_HEADER, "").split(","))
 
 
 # Link-local (IPv4 169.254/16 includes the 169.254.169.254 metadata service, IPv6 fe80::/10) and the

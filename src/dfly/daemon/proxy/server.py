@@ -47,6 +47,7 @@ from dfly.daemon.proxy.forward import (
     DEFAULT_RULES,
     compile_rules,
     never_upstream,
+    query_filters,
     refuse_link_local,
     target_origin,
     use_p2p,
@@ -329,7 +330,8 @@ class RegistryMirror:
         if blob is not None and use_p2p(request.method, url, request.headers, self.rules, True):
             return await self._serve_blob(request, origin, url, blob.digest)
         if use_p2p(request.method, url, request.headers, self.rules):
-            return await serve_p2p(request, self.tasks, url, None, {}, self._allowed_origins)
+            filters = query_filters(request.headers)
+            return await serve_p2p(request, self.tasks, url, None, {}, self._allowed_origins, filters)
         return await self._pass(request, yarl.URL(url, encoded=True))
 
     async def _pass(self, request: web.Request, url: yarl.URL) -> web.StreamResponse:
