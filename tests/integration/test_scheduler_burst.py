@@ -26,7 +26,7 @@ from dfly.cluster import LocalCluster
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 PEERS = 2500
-STREAMS_PER_CHANNEL = 100  # as many daemons' connections: one connection carrying thousands fails in gRPC
+STREAMS_PER_CHANNEL = 100  # channels stand for daemons' connections (thousands on one fail inside gRPC)
 TASK_ID = "b" * 64
 STEP_S = 30.0
 

@@ -76,7 +76,8 @@ def _stop_metrics(server: WSGIServer | None) -> None:
 # gRPC's core cancels incoming calls the server has not taken yet beyond 1,000 (at random, all beyond
 # 3,000). Thousands of hosts starting one download register within a moment, faster than this one
 # Python loop takes calls: measured 390 of 2,500 AnnouncePeer streams CANCELLED unseen
-# (tests/integration/test_scheduler_burst.py). A waiting call costs a few KiB; these bounds hold any fleet.
+# (tests/integration/test_scheduler_burst.py). A waiting call holds only its first message; these bounds
+# are far above any fleet one scheduler serves.
 BURST_LIMITS = [
     ("grpc.server.max_pending_requests", 100_000),
     ("grpc.server.max_pending_requests_hard_limit", 200_000),

@@ -72,8 +72,8 @@ def _read(fd: int, start: int, end: int, hasher: hashlib._Hash | None) -> asynci
 def chunk_end(position: int, size: int, stop: int, piece_length: int, ready: set[int]) -> int:
     """End of the next read from `position` (the start of a ready piece): the following ready pieces
     too, up to CHUNK_BYTES in all (at least that one piece) and never past the piece holding `stop - 1`.
-    One read, hash and write per chunk instead of per piece: measured a local hit of a 96 MiB blob
-    with 256 KiB pieces 0.09 s, with 1 MiB pieces 0.07 s."""
+    One read, hash and write per chunk instead of per piece: a local hit of a 96 MiB blob (256 KiB
+    pieces) measured 0.087–0.115 s piece by piece, 0.070–0.081 s in chunks."""
     end = min(size, (position // piece_length + 1) * piece_length)
     while end < stop and end // piece_length in ready and end + piece_length - position <= CHUNK_BYTES:
         end = min(size, end + piece_length)
