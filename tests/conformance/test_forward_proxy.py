@@ -84,9 +84,10 @@ def test_curl_and_wget_through_the_forward_proxy(origin: Origin, tmp_path: Path)
         assert headers["content-range"] == f"bytes 1000-1999/{8 * MiB}"
         assert (tmp_path / "part").read_bytes() == (tmp_path / "a.bin").read_bytes()[1000:2000]
 
-        headers = curl(first, origin.url("/notes.txt"), tmp_path / "notes")
+        headers = curl(first, origin.url("/notes.txt"), tmp_path / "notes", "-H", "X-Dragonfly-Tag: t")
         assert "x-dragonfly-task-id" not in headers  # forwarded directly
         assert origin.request_log()[-1].headers.get("User-Agent", "").startswith("curl/")
+        assert "X-Dragonfly-Tag" not in origin.request_log()[-1].headers  # the proxy's header stays here
         headers = curl(
             first, origin.url("/notes.txt"), tmp_path / "notes2", "-H", "X-Dragonfly-Use-P2P: true"
         )
@@ -128,7 +129,8 @@ def test_presigned_urls_of_one_object_are_one_task(origin: Origin, tmp_path: Pat
     """Two hosts fetch one object through URLs signed differently (S3-style `X-Amz-*` parameters, as
     presigned storage and hub CDN links are): the signing parameters are not part of the task, so it
     is one task, read once from the origin; another query parameter still makes another task, unless
-    the client names it in `X-Dragonfly-Filtered-Query-Params`."""
+    the client names it in `X-Dragonfly-Filtered-Query-Params`; `X-Dragonfly-Tag` and
+    `X-Dragonfly-Application` make their own task."""
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
     digest = make_file(origin.root / "weights.bin", 4 * MiB, seed=54)
@@ -156,3 +158,13 @@ def test_presigned_urls_of_one_object_are_one_task(origin: Origin, tmp_path: Pat
         e = curl(second, signed("eeee", version="4"), tmp_path / "e.bin", *extra)
         assert d["x-dragonfly-task-id"] == e["x-dragonfly-task-id"] != a["x-dragonfly-task-id"]
         assert sha(tmp_path / "e.bin") == digest
+        # X-Dragonfly-Tag / -Application are part of the task, as dfget's --tag / --application
+        tagged = ("-H", "X-Dragonfly-Tag: team-a", "-H", "X-Dragonfly-Application: trainer")
+        f = curl(first, signed("ffff"), tmp_path / "f.bin", *tagged)
+        g = curl(second, signed("gggg"), tmp_path / "g.bin", *tagged)
+        assert f["x-dragonfly-task-id"] == g["x-dragonfly-task-id"] != a["x-dragonfly-task-id"]
+        assert sha(tmp_path / "g.bin") == digest
+        sent = [
+            r for r in origin.request_log() if any(k.lower().startswith("x-dragonfly") for k in r.headers)
+        ]
+        assert not sent  # the proxy's own headers never reach the origin

@@ -11,8 +11,9 @@ Rules:
   (the next request downloads it again; other daemons' copies are left alone). A range that ends
   before the blob does is sent once its pieces verified their CRC (there is nothing to hold back).
   Without a digest (forward-proxy downloads) the pieces' CRCs are the check, as for dfget.
-- The task is the URL without its signing parameters (by default `ids.DEFAULT_FILTERED_QUERY_PARAMS`:
-  presigned S3, GCS, OSS, ... links), so hosts given differently signed links to one object share it.
+- The task is the URL with the client's `TaskKeys` (forward.task_keys): by default without its signing
+  parameters (`ids.DEFAULT_FILTERED_QUERY_PARAMS`: presigned S3, GCS, OSS, ... links), so hosts given
+  differently signed links to one object share it.
 - Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest` (blobs),
   `Accept-Ranges: bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range`, past the end → 416.
 - A client that disconnects mid-body ends the response quietly (debug log); the download goes on.
@@ -34,9 +35,9 @@ from typing import Protocol
 from aiohttp import web
 
 from dfly.common.errors import DflyError, DigestMismatch
-from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfly.common.ranges import Unsatisfiable, parse_range
 from dfly.daemon.local_api import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
+from dfly.daemon.proxy.forward import TaskKeys
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 2 * 3600.0
@@ -99,13 +100,13 @@ async def serve_p2p(
     digest: str | None,
     upstream_headers: dict[str, str],
     allowed_origins: tuple[str, ...],
-    filtered_query_params: tuple[str, ...] = DEFAULT_FILTERED_QUERY_PARAMS,
+    keys: TaskKeys,
 ) -> web.StreamResponse:
     """Serve `url` through P2P (checked against `digest` if given); DflyError before any byte is sent.
     Whoever reads the origin contacts only `allowed_origins` (redirect hops included); the task is
-    `url` without `filtered_query_params`."""
+    `url` with `keys` (tag, application, the query parameters left out)."""
     download = DownloadRequest(
-        url=url, tag="", application="", filtered_query_params=filtered_query_params,
+        url=url, tag=keys.tag, application=keys.application, filtered_query_params=keys.filtered_query_params,
         headers=upstream_headers, piece_length=None, timeout_s=DOWNLOAD_TIMEOUT_S,
         disable_back_to_source=False, allowed_origins=allowed_origins,
     )  # fmt: skip

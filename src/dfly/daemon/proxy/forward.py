@@ -10,7 +10,8 @@ Rules (issue 5):
   registry accepted the client's own credentials (as the mirror does).
 - Everything else is forwarded directly.
 - A P2P download's task leaves out the URL's signing parameters (`ids.DEFAULT_FILTERED_QUERY_PARAMS`)
-  and those the client names in `X-Dragonfly-Filtered-Query-Params` (`query_filters`).
+  and those the client names in `X-Dragonfly-Filtered-Query-Params`; `X-Dragonfly-Tag` and
+  `X-Dragonfly-Application` enter it (`task_keys`).
 - Whatever is allowed, an upstream whose name resolves to a link-local or cloud-metadata address is
   refused (`refuse_link_local`), for the forward proxy and the registry mirror alike.
 - Downloads the proxy starts carry its allowed origins to whichever daemon reads the origin; there
@@ -24,13 +25,16 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from dfly.common.ids import effective_filters
+from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, effective_filters
 from dfly.daemon.proxy.registry import BadRequest, Forbidden, normalize_upstream
 
 USE_P2P_HEADER = "X-Dragonfly-Use-P2P"
 FILTERS_HEADER = "X-Dragonfly-Filtered-Query-Params"
+TAG_HEADER = "X-Dragonfly-Tag"
+APPLICATION_HEADER = "X-Dragonfly-Application"
 DEFAULT_RULES = ("blobs/sha256.*",)
 
 
@@ -68,11 +72,24 @@ def use_p2p(
     return any(rule.search(url) for rule in rules)
 
 
-def query_filters(headers: Mapping[str, str]) -> tuple[str, ...]:
-    """The query parameters left out of a P2P download's task: the defaults (presigned-URL signing
-    parameters) plus the comma-separated names in `X-Dragonfly-Filtered-Query-Params`, which extend
-    them as dfget's `--filtered-query-param` does (DESIGN.md §3)."""
-    return effective_filters(headers.get(FILTERS_HEADER, "").split(","))
+class TaskKeys(NamedTuple):
+    """What besides its URL makes a P2P download's task (ids.task_id), as the client's headers set it."""
+
+    tag: str = ""
+    application: str = ""
+    filtered_query_params: tuple[str, ...] = DEFAULT_FILTERED_QUERY_PARAMS
+
+
+def task_keys(headers: Mapping[str, str]) -> TaskKeys:
+    """`X-Dragonfly-Tag` and `X-Dragonfly-Application` (as dfget's `--tag` and `--application`), and
+    the query parameters left out of the task: the defaults (presigned-URL signing parameters) plus the
+    comma-separated names in `X-Dragonfly-Filtered-Query-Params`, which extend them as dfget's
+    `--filtered-query-param` does (DESIGN.md §3)."""
+    return TaskKeys(
+        headers.get(TAG_HEADER, "").strip(),
+        headers.get(APPLICATION_HEADER, "").strip(),
+        effective_filters(headers.get(FILTERS_HEADER, "").split(",")),
+    )
 
 
 # Link-local (IPv4 169.254/16 includes the 169.254.169.254 metadata service, IPv6 fe80::/10) and the

@@ -47,9 +47,9 @@ from dfly.daemon.proxy.forward import (
     DEFAULT_RULES,
     compile_rules,
     never_upstream,
-    query_filters,
     refuse_link_local,
     target_origin,
+    task_keys,
     use_p2p,
 )
 from dfly.daemon.proxy.registry import (
@@ -100,7 +100,7 @@ def _basic(username: str, password: str) -> str:
 def _forwarded(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers:
-        if name.lower() not in HOP_BY_HOP and name.lower() != REGISTRY_HEADER.lower():
+        if name.lower() not in HOP_BY_HOP and not name.lower().startswith("x-dragonfly-"):  # ours, not theirs
             out.add(name, value)
     return out
 
@@ -230,7 +230,8 @@ class RegistryMirror:
         if upstream not in self.public and (refused := await self._check_access(url, auth)) is not None:
             return refused
         headers = {"Authorization": auth} if auth else {}
-        return await serve_p2p(request, self.tasks, url, digest, headers, self._allowed_origins)
+        keys = task_keys(request.headers)
+        return await serve_p2p(request, self.tasks, url, digest, headers, self._allowed_origins, keys)
 
     def _proxy_auth_ok(self, given: str) -> bool:
         return self._proxy_auth is None or hmac.compare_digest(given.encode(), self._proxy_auth.encode())
@@ -330,8 +331,8 @@ class RegistryMirror:
         if blob is not None and use_p2p(request.method, url, request.headers, self.rules, True):
             return await self._serve_blob(request, origin, url, blob.digest)
         if use_p2p(request.method, url, request.headers, self.rules):
-            filters = query_filters(request.headers)
-            return await serve_p2p(request, self.tasks, url, None, {}, self._allowed_origins, filters)
+            keys = task_keys(request.headers)
+            return await serve_p2p(request, self.tasks, url, None, {}, self._allowed_origins, keys)
         return await self._pass(request, yarl.URL(url, encoded=True))
 
     async def _pass(self, request: web.Request, url: yarl.URL) -> web.StreamResponse:
