@@ -10,8 +10,9 @@ never runs it. Rules (DESIGN.md §5 "Back-to-source"):
   caller's buffer, CRC-32 chained per read, `on_piece(number, view, crc)` once a piece is full.
 - Requests carry `Accept-Encoding: identity`; the caller's Range, `If-*`, Host and hop-by-hop headers are
   dropped. A response with another Content-Encoding is refused.
-- Redirects (301/302/303/307/308, at most 10) are followed here; every host contacted, the first included,
-  must pass `allowed_hosts` when given. Authorization and Cookie are not forwarded to another origin.
+- Redirects (301/302/303/307/308, at most 10) are followed (http_open.py); every host contacted, the
+  first included, must pass `allowed_hosts` when given. Authorization and Cookie are not forwarded to
+  another origin.
 - Only `ALLOWED_RESPONSE_HEADERS` are kept from a response (stored and replayed by the daemon).
 - Every failure is a `SourceError` with one line and the origin's status code (0 when no HTTP status was
   received: connection refused, DNS failure, timeout, TLS failure, dropped connection). Query strings are
@@ -21,30 +22,22 @@ never runs it. Rules (DESIGN.md §5 "Back-to-source"):
 
 from __future__ import annotations
 
-import base64
-import functools
 import http.client
-import socket
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import unquote, urljoin, urlsplit
 
 from dfly.common.digest import crc32
 from dfly.common.errors import SourceError
 from dfly.common.ids import redact_url
 from dfly.common.pieces import piece_count
+from dfly.daemon.source.http_open import MAX_REDIRECTS as MAX_REDIRECTS
+from dfly.daemon.source.http_open import AllowedHosts, open_get
 
 ALLOWED_RESPONSE_HEADERS = ("Content-Type", "Content-Length", "ETag", "Last-Modified",
                             "Docker-Content-Digest", "Cache-Control")  # fmt: skip
 HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"})
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-MAX_REDIRECTS = 10
 READ_CHUNK_BYTES = 1024 * 1024  # one readinto at most; should_stop is checked between reads
-_CROSS_ORIGIN_DROPPED = ("authorization", "cookie")
-
-AllowedHosts = Callable[[str, str, int], bool]  # (scheme, host, port) of each hop -> may it be contacted?
 
 
 class PieceHandoff(Protocol):
@@ -109,7 +102,7 @@ def stat(
     """Length, validators and allow-listed headers of the object at `url` (GET with Range 0-0)."""
     req = sanitize_request_headers(headers)
     req["Range"] = "bytes=0-0"
-    conn, resp, final_url = _open(url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify)
+    conn, resp, final_url = open_get(url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify)
     try:
         kept = _allowed(resp)
         if resp.status == 206:
@@ -179,7 +172,7 @@ def read_pieces(
     validator = _if_range_validator(stat)
     if validator:
         req["If-Range"] = validator
-    conn, resp, url = _open(stat.url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify)
+    conn, resp, url = open_get(stat.url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify)
     try:
         skip = _check_body_response(resp, stat, url, start, end, bool(validator))
         view = memoryview(buffer)
@@ -275,94 +268,6 @@ def _if_range_validator(stat: SourceStat) -> str:
     if stat.etag and not stat.etag.startswith("W/"):  # weak ETags are not allowed in If-Range
         return stat.etag
     return stat.last_modified
-
-
-def _open(
-    url: str,
-    headers: dict[str, str],
-    timeout_s: float,
-    allowed_hosts: AllowedHosts | None,
-    ca_file: str | None,
-    insecure: bool,
-) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
-    """Send the GET, following redirects; return the open connection, its response and the final URL."""
-    first_url = url
-    for hop in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SourceError(f"unsupported source URL {redact_url(url)}: expected http(s)://host/…")
-        host = parts.hostname
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as exc:
-            raise SourceError(f"invalid port in source URL {redact_url(url)}") from exc
-        if allowed_hosts is not None and not allowed_hosts(parts.scheme, host, port):
-            raise SourceError(f"source host {host} is not allowed ({redact_url(url)})")
-        conn: http.client.HTTPConnection
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                host, port, timeout=timeout_s, context=_tls_context(ca_file, insecure)
-            )
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
-        req = dict(headers)
-        if parts.username is not None and not any(k.lower() == "authorization" for k in req):
-            user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-            req["Authorization"] = "Basic " + base64.b64encode(user_pass).decode("ascii")
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        try:
-            conn.request("GET", target, headers=req)
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise _connect_error(host, port, timeout_s, exc) from exc
-        if resp.status not in REDIRECT_STATUSES:
-            return conn, resp, url
-        location = resp.getheader("Location")
-        resp.close()
-        conn.close()
-        if not location:
-            raise SourceError(
-                f"origin redirect {resp.status} without Location from {redact_url(url)}", resp.status
-            )
-        if hop == MAX_REDIRECTS:
-            raise SourceError(
-                f"too many redirects (more than {MAX_REDIRECTS}) from {redact_url(first_url)}", resp.status
-            )
-        new_url = urljoin(url, location)
-        new = urlsplit(new_url)
-        if (new.scheme, new.hostname, new.port) != (parts.scheme, parts.hostname, parts.port):
-            headers = {k: v for k, v in headers.items() if k.lower() not in _CROSS_ORIGIN_DROPPED}
-        url = new_url
-    raise AssertionError("unreachable")
-
-
-@functools.lru_cache(maxsize=8)
-def _tls_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_file)
-    if insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def _connect_error(host: str, port: int, timeout_s: float, exc: BaseException) -> SourceError:
-    where = f"{host}:{port}"
-    if isinstance(exc, socket.gaierror):
-        text = f"cannot resolve origin host {where}: {exc.strerror or exc}"
-    elif isinstance(exc, ConnectionRefusedError):
-        text = f"connection refused by origin {where}"
-    elif isinstance(exc, TimeoutError):
-        text = f"origin {where} did not answer within {timeout_s:g}s"
-    elif isinstance(exc, ssl.SSLCertVerificationError):
-        text = f"TLS certificate of origin {where} not trusted: {exc.verify_message or exc}"
-    elif isinstance(exc, ssl.SSLError):
-        text = f"TLS error with origin {where}: {exc.reason or exc}"
-    elif isinstance(exc, OSError):
-        text = f"cannot reach origin {where}: {exc.strerror or exc}"
-    else:
-        text = f"bad response from origin {where}: {type(exc).__name__} {exc}".rstrip()
-    return SourceError(text, 0)
 
 
 def _read_error(url: str, received: int, expected: int, exc: BaseException | None) -> SourceError:
