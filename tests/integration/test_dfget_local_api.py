@@ -29,14 +29,8 @@ import pytest
 
 from dfly.common.errors import ConfigError, SourceError
 from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS
-from dfly.daemon.local_api import (
-    DownloadEvent,
-    DownloadRequest,
-    Finished,
-    LocalApiServer,
-    PiecesReady,
-    Started,
-)
+from dfly.daemon.local_api import LocalApiServer
+from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from dfly.daemon.conductor import Conductor, PiecesLost
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.core.task_state import Announcer, TaskState
-from dfly.daemon.local_api import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
+from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.storage import StoredTask
 from dfly.daemon.task_request import TaskRequest
 

@@ -40,7 +40,7 @@ from aiohttp import web
 
 from dfly.common.errors import DflyError, DigestMismatch
 from dfly.common.ranges import Unsatisfiable, parse_range
-from dfly.daemon.local_api import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
+from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.proxy.forward import TaskKeys
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,126 @@
+"""The local API's messages (docs/local-api.md): the download request a client sends, the events a
+backend yields for it, and their JSON-line encodings.
+
+Rules: a request line is one JSON object with op `download` or `stats`; unknown fields, wrong types and
+bad values are a UsageError (never a traceback); absent fields take the documented defaults (the
+default filtered query parameters, a 2-hour timeout). Events go out as compact JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from dfly.common.errors import DflyError, UsageError
+from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS
+from dfly.common.pieces import validate_user_piece_length
+
+DEFAULT_TIMEOUT_S = 2 * 3600.0
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    url: str
+    tag: str
+    application: str
+    filtered_query_params: tuple[str, ...]
+    headers: dict[str, str]
+    piece_length: int | None
+    timeout_s: float
+    disable_back_to_source: bool
+    allowed_origins: tuple[str, ...] = ()  # set by the proxy: see TaskRequest
+
+
+@dataclass(frozen=True)
+class Started:
+    """The task's layout; `read_fd` stays owned by the daemon (a dup is sent, then closed)."""
+
+    task_id: str
+    content_length: int
+    piece_length: int
+    task_path: str
+    read_fd: int
+
+
+@dataclass(frozen=True)
+class PiecesReady:
+    pieces: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    pass
+
+
+DownloadEvent = Started | PiecesReady | Finished
+
+
+class LocalApiBackend(Protocol):
+    def download(self, request: DownloadRequest) -> AsyncIterator[DownloadEvent]:
+        """Events of one download: Started, PiecesReady batches, Finished; raises DflyError subclasses."""
+        ...
+
+    def stats(self) -> dict[str, object]: ...
+
+
+_REQUEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "op": (str,), "url": (str,), "tag": (str,), "application": (str,), "filtered_query_params": (list,),
+    "headers": (dict,), "piece_length": (int, type(None)), "timeout_s": (int, float),
+    "disable_back_to_source": (bool,),
+}  # fmt: skip
+
+
+def parse_request(line: bytes) -> DownloadRequest | None:
+    """The download request of one line (None for `stats`); absent fields take the documented defaults.
+
+    Raises UsageError for anything else: not JSON, unknown op or field, wrong types, bad values.
+    """
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"request is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("op") not in ("download", "stats"):
+        raise UsageError("request must be a JSON object with op 'download' or 'stats'")
+    if obj["op"] == "stats":
+        return None
+    unknown = set(obj) - set(_REQUEST_FIELDS)
+    if unknown:
+        raise UsageError(f"unknown request fields: {sorted(unknown)}")
+    for key, value in obj.items():
+        types = _REQUEST_FIELDS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise UsageError(f"request field {key!r} has the wrong type")
+    if not obj.get("url"):
+        raise UsageError("request field 'url' is required")
+    filters = obj.get("filtered_query_params", list(DEFAULT_FILTERED_QUERY_PARAMS))
+    headers = obj.get("headers", {})
+    if not all(isinstance(name, str) for name in filters) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise UsageError("request fields 'filtered_query_params' and 'headers' must hold strings")
+    if obj.get("piece_length") is not None:
+        validate_user_piece_length(obj["piece_length"])
+    timeout_s = float(obj.get("timeout_s", DEFAULT_TIMEOUT_S))
+    if not timeout_s > 0:
+        raise UsageError("request field 'timeout_s' must be positive")
+    return DownloadRequest(
+        url=obj["url"],
+        tag=obj.get("tag", ""),
+        application=obj.get("application", ""),
+        filtered_query_params=tuple(filters),
+        headers=dict(headers),
+        piece_length=obj.get("piece_length"),
+        timeout_s=timeout_s,
+        disable_back_to_source=obj.get("disable_back_to_source", False),
+    )
+
+
+def encode_event(event: dict[str, object]) -> bytes:
+    return json.dumps(event, separators=(",", ":")).encode() + b"\n"
+
+
+def error_event(exc: DflyError) -> dict[str, object]:
+    status_code = int(getattr(exc, "status_code", 0) or 0)
+    return {"event": "error", "kind": exc.kind, "message": exc.message, "status_code": status_code}
