@@ -168,9 +168,14 @@ def _layer(name: str, size: int) -> bytes:
 
 
 def push_image(
-    registry: Registry, directory: Path, *, layers: int = 2, layer_bytes: int = 4 << 20
+    registry: Registry,
+    directory: Path,
+    *,
+    layers: int = 2,
+    layer_bytes: int = 4 << 20,
+    name: str = "demo/app",
 ) -> tuple[str, list[str]]:
-    """Build and push `demo/app:1`; returns (reference, [config digest, layer digests...])."""
+    """Build and push `<name>:1`; returns (reference, [config digest, layer digests...])."""
     layout = directory / "oci"
     (layout / "blobs" / "sha256").mkdir(parents=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
@@ -198,7 +203,7 @@ def push_image(
     entry = {"mediaType": f"{OCI}.manifest.v1+json", "digest": manifest_digest, "size": manifest_size,
              "annotations": {"org.opencontainers.image.ref.name": "1"}}  # fmt: skip
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
-    reference = f"{registry.host}/demo/app:1"
+    reference = f"{registry.host}/{name}:1"
     creds = ["--dest-creds", ":".join(registry.credentials)] if registry.credentials else []
     subprocess.run(
         ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", *creds, f"oci:{layout}:1", f"docker://{reference}"],
