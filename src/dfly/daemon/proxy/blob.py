@@ -205,11 +205,13 @@ async def serve_p2p(
             request.transport.close()  # the client sees a short body, never a complete wrong blob
         return response
     finally:
-        if hashing is not None:
-            with contextlib.suppress(Exception):
-                await hashing  # its thread reads read_fd: let it end before the fd closes
-        if read_fd >= 0:
-            os.close(read_fd)
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            await close()
+        try:
+            if hashing is not None:
+                with contextlib.suppress(Exception):
+                    await hashing  # its thread reads read_fd: let it end before the fd closes
+        finally:  # also when cancelled while waiting for it
+            if read_fd >= 0:
+                os.close(read_fd)
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
