@@ -26,6 +26,7 @@ from registry_kit import MISSING, Registry, push_image, terminate
 
 from dfly.cluster import LocalCluster
 
+RUN_DIR = Path("/run/docker")
 NO_DOCKER = [tool for tool in ("dockerd", "docker") if shutil.which(tool) is None]
 pytestmark = [
     pytest.mark.integration,
@@ -43,6 +44,7 @@ class Dockerd:
         )  # containerd's socket paths are short
         self.socket = self.dir / "docker.sock"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.made_run_dir = False
 
     def __enter__(self) -> Dockerd:
         argv = ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "exec"),
@@ -50,7 +52,9 @@ class Dockerd:
                 "--config-file", str(self.dir / "daemon.json"), "--storage-driver", "vfs",
                 "--bridge", "none", "--iptables=false", "--ip6tables=false",
                 "--registry-mirror", self.mirror]  # fmt: skip
-        (self.dir / "daemon.json").write_text("{}\n")
+        # its trust key stays here too (by default dockerd writes /etc/docker/key.json)
+        (self.dir / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(self.dir / "key.json")}))
+        self.made_run_dir = not RUN_DIR.exists()
         with open(self.dir / "dockerd.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -64,6 +68,8 @@ class Dockerd:
     def __exit__(self, *exc: object) -> None:
         terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.made_run_dir:  # dockerd always makes /run/docker/plugins, whatever its exec root
+            shutil.rmtree(RUN_DIR, ignore_errors=True)
 
     def log(self) -> str:
         return (self.dir / "dockerd.log").read_text(errors="replace")
