@@ -3,7 +3,7 @@
 Real processes on 127.0.0.1: Debian's docker-registry, a dfly cluster (scheduler, seed, 2 peers with
 `proxy.registry_mirror` = the registry) and a fresh containerd root for every pull (`ctr images pull
 --hosts-dir`, native snapshotter: fetch, verify and unpack). Each round pushes a new image (three layers
-of 32 MiB of random data each) and pulls it three ways, one after the other:
+of 32 MiB of random data each) and pulls it four ways, one after the other:
 - `direct`: containerd → registry;
 - `cold`: containerd → peer-1's mirror, no daemon has the blobs (the seed reads the registry);
 - `warm`: containerd → peer-2's mirror, after the cold pull (peer-2 gets the blobs from the swarm);
