@@ -3,9 +3,10 @@
 Real processes and the real client: a stand-in Hub on 127.0.0.1 that answers a file's `resolve` URL as
 the Hub does for LFS files (302 to a CDN URL signed afresh for every request, `X-Repo-Commit`,
 `X-Linked-Etag`, `X-Linked-Size`), the dfly test origin as that CDN (`localhost`), a scheduler, a seed
-and two peers whose `proxy.rules` send the CDN's paths through P2P. huggingface_hub (`hf_hub_download`
-in a child process with `HF_ENDPOINT`, `HTTP(S)_PROXY`, `HF_HUB_DISABLE_XET` and its own `HF_HOME`) runs
-on each peer's proxy in turn, as docs/registry-mirror.md tells users to; over plain HTTP, and over
+and two peers whose `proxy.rules` send the CDN's paths through P2P. huggingface_hub runs on each
+peer's proxy in turn (`hf_hub_download` on the first, the `hf download` command on the second, each in
+a child process with `HF_ENDPOINT`, `HTTP(S)_PROXY`, `HF_HUB_DISABLE_XET` and its own `HF_HOME`), as
+docs/registry-mirror.md tells users to; over plain HTTP, and over
 HTTPS with the Hub tunnelled and the CDN intercepted (`proxy.hijack_https`; the client's
 `SSL_CERT_FILE` holds the Hub's CA and its daemon's proxy CA). Checks: both copies have the file's
 sha256; the stand-in Hub answered the client's metadata requests itself (not P2P); the CDN sent the
@@ -96,10 +97,16 @@ class StandInHub:
 
 
 def hf_download(
-    hub: str, proxy_port: int, home: Path, ca_bundle: Path | None
+    hub: str, proxy_port: int, home: Path, ca_bundle: Path | None, *, cli: bool
 ) -> subprocess.CompletedProcess[str]:
-    """The real client in a child process, configured only by the environment, as a user would."""
+    """The real client in a child process, configured only by the environment, as a user would: its
+    `hf download` command (last line `path: <file>`) or its Python API (prints the file's path)."""
     code = f"from huggingface_hub import hf_hub_download; print(hf_hub_download({REPO!r}, {FILENAME!r}))"
+    argv = (
+        [str(Path(sys.executable).parent / "hf"), "download", REPO, FILENAME]
+        if cli
+        else [sys.executable, "-c", code]
+    )
     env = {
         k: v
         for k, v in os.environ.items()
@@ -111,7 +118,7 @@ def hf_download(
             "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
     if ca_bundle is not None:
         env["SSL_CERT_FILE"] = str(ca_bundle)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -148,10 +155,11 @@ def test_huggingface_hub_downloads_a_model_file_through_p2p(
                         bundle.write_bytes(
                             tls["ca"].read_bytes() + (peer.data_dir / "proxy-ca.crt").read_bytes()
                         )
-                    done = hf_download(hub.url, peer.ports["proxy"], tmp_path / f"hf-home-{n}", bundle)
+                    home = tmp_path / f"hf-home-{n}"
+                    done = hf_download(hub.url, peer.ports["proxy"], home, bundle, cli=n == 1)
                     assert done.returncode == 0, done.stdout + done.stderr
-                    path = Path(done.stdout.strip().splitlines()[-1])
-                    assert path.is_relative_to(tmp_path / f"hf-home-{n}")
+                    path = Path(done.stdout.strip().splitlines()[-1].rpartition("path:")[2].strip())
+                    assert path.is_relative_to(home)
                     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
         metadata = [r for r in hub.requests if r[1].endswith(FILENAME)]
         assert len(metadata) >= 2
