@@ -2,21 +2,22 @@
 
 Real processes and the real client: a stand-in Hub on 127.0.0.1 that answers a file's `resolve` URL as
 the Hub does for LFS files (302 to a CDN URL signed afresh for every request, `X-Repo-Commit`,
-`X-Linked-Etag`, `X-Linked-Size`), the dfly test origin as that CDN (`localhost`), a scheduler, a seed
-and two peers whose `proxy.rules` send the CDN's paths through P2P. huggingface_hub runs on each
-peer's proxy in turn (`hf_hub_download` on the first, the `hf download` command on the second, each in
-a child process with `HF_ENDPOINT`, `HTTP(S)_PROXY`, `HF_HUB_DISABLE_XET` and its own `HF_HOME`), as
-docs/registry-mirror.md tells users to; over plain HTTP, and over
-HTTPS with the Hub tunnelled and the CDN intercepted (`proxy.hijack_https`; the client's
-`SSL_CERT_FILE` holds the Hub's CA and its daemon's proxy CA). Checks: both copies have the file's
-sha256; the stand-in Hub answered the client's metadata requests itself (not P2P); the CDN sent the
-file once in all (besides the seed's 1-byte probe) although the two clients were given differently
-signed links, and never to huggingface_hub itself.
+`X-Linked-Etag`, `X-Linked-Size`) and lists the repository (`/api/models/...`), the dfly test origin as
+that CDN (`localhost`), a scheduler, a seed and two peers whose `proxy.rules` send the CDN's paths
+through P2P. huggingface_hub runs on each peer's proxy in turn: `hf_hub_download` of the file on the
+first, `hf download REPO` (the whole repository) on the second, each in a child process with
+`HF_ENDPOINT`, `HTTP(S)_PROXY`, `HF_HUB_DISABLE_XET` and its own `HF_HOME`, as docs/registry-mirror.md
+tells users to; over plain HTTP, and over HTTPS with the Hub tunnelled and the CDN intercepted
+(`proxy.hijack_https`; the client's `SSL_CERT_FILE` holds the Hub's CA and its daemon's proxy CA).
+Checks: both copies have the file's sha256; the stand-in Hub answered the client's metadata requests
+itself (not P2P); the CDN sent the file once in all (besides the seed's 1-byte probe) although the two
+clients were given differently signed links, and never to huggingface_hub itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import ssl
@@ -63,7 +64,11 @@ class StandInHub:
 
             def _answer(self) -> None:
                 hub.requests.append((self.command, self.path, self.headers.get("User-Agent", "")))
-                if self.path != f"/{REPO}/resolve/main/{FILENAME}":
+                path = self.path.partition("?")[0]
+                if path in (f"/api/models/{REPO}/revision/main", f"/api/models/{REPO}/tree/{COMMIT}"):
+                    self._json(path.endswith("main"))
+                    return
+                if path not in (f"/{REPO}/resolve/main/{FILENAME}", f"/{REPO}/resolve/{COMMIT}/{FILENAME}"):
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
@@ -76,6 +81,19 @@ class StandInHub:
                 self.send_header("X-Linked-Size", str(size))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            def _json(self, info: bool) -> None:
+                """The repository's info, or its file tree: what `hf download REPO` lists first."""
+                lfs = {"oid": sha256, "size": size, "pointerSize": 134}
+                entry = {"type": "file", "oid": "b" * 40, "size": size, "path": FILENAME, "lfs": lfs}
+                body = {"id": REPO, "sha": COMMIT, "siblings": [{"rfilename": FILENAME}]} if info else [entry]
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         scheme = "http"
@@ -100,12 +118,11 @@ def hf_download(
     hub: str, proxy_port: int, home: Path, ca_bundle: Path | None, *, cli: bool
 ) -> subprocess.CompletedProcess[str]:
     """The real client in a child process, configured only by the environment, as a user would: its
-    `hf download` command (last line `path: <file>`) or its Python API (prints the file's path)."""
+    `hf download REPO` command (the whole repository; last line `path: <snapshot dir>`) or its Python
+    API for the one file (prints the file's path)."""
     code = f"from huggingface_hub import hf_hub_download; print(hf_hub_download({REPO!r}, {FILENAME!r}))"
     argv = (
-        [str(Path(sys.executable).parent / "hf"), "download", REPO, FILENAME]
-        if cli
-        else [sys.executable, "-c", code]
+        [str(Path(sys.executable).parent / "hf"), "download", REPO] if cli else [sys.executable, "-c", code]
     )
     env = {
         k: v
@@ -160,6 +177,8 @@ def test_huggingface_hub_downloads_a_model_file_through_p2p(
                     assert done.returncode == 0, done.stdout + done.stderr
                     path = Path(done.stdout.strip().splitlines()[-1].rpartition("path:")[2].strip())
                     assert path.is_relative_to(home)
+                    if path.is_dir():  # `hf download REPO` prints the snapshot's directory
+                        path = path / FILENAME
                     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
         metadata = [r for r in hub.requests if r[1].endswith(FILENAME)]
         assert len(metadata) >= 2
