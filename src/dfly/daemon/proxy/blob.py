@@ -59,7 +59,7 @@ class Downloads(Protocol):
 
 def _hash(fd: int, start: int, end: int, hasher: hashlib._Hash, buffer: bytearray) -> asyncio.Future[None]:
     """Hash bytes start..end of the task file into `hasher`, in a worker thread (hashing releases the
-    GIL: it overlaps sending the previous chunk), through `buffer` (reused: no fresh pages per chunk).
+    GIL: it overlaps sending the same chunk), through `buffer` (reused: no fresh pages per chunk).
     Callers await one hash before starting the next, so the hash sees the bytes in order."""
 
     def read_and_hash() -> None:
@@ -69,7 +69,7 @@ def _hash(fd: int, start: int, end: int, hasher: hashlib._Hash, buffer: bytearra
         hasher.update(view)
 
     future = asyncio.get_running_loop().run_in_executor(None, read_and_hash)
-    # a hash still running when the response ends (client gone) is left to finish; its error is moot
+    # its error is retrieved even when nobody awaits it any more (the response was cancelled)
     future.add_done_callback(lambda done: done.cancelled() or done.exception())
     return future
 
