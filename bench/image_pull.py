@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -40,9 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "conformance"))
 from registry_kit import MISSING, Containerd, Registry, hosts_dir, push_image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from netns.netns import kill_namespace, sh, shape
+from registry_netns import registry_namespace
 
 from dfly.cluster import LocalCluster
 from dfly.devtools.page_cache import PageCacheBallast, page_cache_write_s_per_gib
@@ -73,29 +70,12 @@ def paired(mode: list[float], direct: list[float]) -> float:
 
 @contextlib.contextmanager
 def registry_link(rate_mbit: float) -> Iterator[tuple[str, list[str]]]:
-    """(registry address, command prefix): loopback, or a namespace behind a veth shaped to rate_mbit.
-    Names follow the netns testbed's `dfn<pid hex>x…` rule, so `cleanup_stale` also finds leftovers."""
+    """(registry address, command prefix): loopback, or a namespace behind a veth shaped to rate_mbit."""
     if not rate_mbit:
         yield "127.0.0.1", []
         return
-    ns, outside, inside = (f"dfn{os.getpid():x}x{k}" for k in ("0reg", "1a", "1b"))
-    try:
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-        sh("ip", "link", "set", inside, "netns", ns)
-        sh("ip", "addr", "add", "10.213.7.1/30", "dev", outside)
-        sh("ip", "link", "set", outside, "up")
-        in_ns = ["ip", "netns", "exec", ns]
-        sh(*in_ns, "ip", "addr", "add", "10.213.7.2/30", "dev", inside)
-        sh(*in_ns, "ip", "link", "set", inside, "up")
-        sh(*in_ns, "ip", "link", "set", "lo", "up")
-        shape(["tc"], outside, rate_mbit)
-        shape([*in_ns, "tc"], inside, rate_mbit)
-        yield "10.213.7.2", in_ns
-    finally:
-        kill_namespace(ns)
-        sh("ip", "link", "del", outside, check=False)
-        sh("ip", "netns", "del", ns, check=False)
+    with registry_namespace(rate_mbit) as link:
+        yield link
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
 """A real registry for the conformance tests: Debian's `docker-registry` on 127.0.0.1, and an image.
 
-`Registry(dir)` starts distribution 2.8 with filesystem storage and an access log (combined format, so
-each line carries the request and the client's User-Agent); `blob_gets()` lists the blob GETs it
-served. `push_image(registry, dir)` builds an OCI image without network (a config and `layers` gzip
-tar layers of random, incompressible data) as an OCI layout and pushes it with skopeo; it returns the
-image reference and every blob digest. Everything it starts is stopped by `stop()` / the context exit.
+`Registry(dir)` starts distribution 2.8 (plain HTTP, or HTTPS with a test certificate; on 127.0.0.1
+unless given another address, e.g. in registry_netns.py's namespace) with filesystem storage and an
+access log (combined format, so each line carries the request and the client's User-Agent);
+`blob_gets()` lists the blob GETs it served. `push_image(registry, dir)` builds an OCI image without
+network (a config and `layers` gzip tar layers of random, incompressible data) as an OCI layout and
+pushes it with skopeo; it returns the image reference and every blob digest. Everything it starts is
+stopped by `stop()` / the context exit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import random
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import tarfile
 import time
@@ -61,6 +64,8 @@ class Registry:
         token_auth: str = "",
         address: str = "127.0.0.1",
         exec_prefix: Sequence[str] = (),
+        tls: tuple[Path, Path, Path] | None = None,
+        port: int = 0,
     ) -> None:
         """`redirect_to`: a base URL serving this registry's storage dir: blob GETs and HEADs then answer 307
         to it (distribution's `redirect` storage middleware, as S3-backed registries do). `credentials`:
@@ -68,14 +73,16 @@ class Registry:
         what the token server wants when `token_auth` (an `auth:` config section, from
         token_server.TokenServer) is given: then 401 + `WWW-Authenticate: Bearer realm=...`.
         `address` / `exec_prefix`: where it listens and what runs it (`ip netns exec NS` for a registry
-        behind a shaped link, bench/image_pull.py)."""
+        behind a shaped link, bench/image_pull.py). `tls`: (certificate, key, CA) to serve HTTPS with
+        (the CA checks the start-up probe); `port`: 0 = a free one."""
         self.exec_prefix = list(exec_prefix)
         self.token_auth = token_auth
         self.dir = directory
         self.redirect_to = redirect_to
         self.credentials = credentials
-        self.port = free_port()
-        self.url = f"http://{address}:{self.port}"
+        self.tls = tls
+        self.port = port or free_port()
+        self.url = f"{'https' if tls else 'http'}://{address}:{self.port}"
         self.host = f"{address}:{self.port}"
         self.log_path = directory / "registry.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -103,7 +110,9 @@ class Registry:
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n    disabled: false\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.dir / 'data'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n" + middleware
+            f"http:\n  addr: {self.host}\n"
+            + (f"  tls:\n    certificate: {self.tls[0]}\n    key: {self.tls[1]}\n" if self.tls else "")
+            + middleware
         )
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -111,10 +120,11 @@ class Registry:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        probe_tls = ssl.create_default_context(cafile=str(self.tls[2])) if self.tls else None
         deadline = time.monotonic() + 20
         while True:
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as answer:
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1, context=probe_tls) as answer:
                     if answer.status == 200:
                         return self
             except urllib.error.HTTPError as error:

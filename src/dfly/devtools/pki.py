@@ -1,17 +1,21 @@
 """A throw-away PKI for tests and local clusters: one CA, and certificates it signs for 127.0.0.1.
 
 `make_pki(dir, names)` writes `ca.pem`, and `<name>.pem` / `<name>.key` per name, each valid for
-127.0.0.1, ::1 and localhost, for client and server use. Never use these files outside tests.
+127.0.0.1, ::1 and localhost (plus any `ips` given: a server in a test's network namespace), for client
+and server use. Never use these files outside tests.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def make_pki(directory: Path, names: list[str], *, ca_name: str = "dfly test CA") -> dict[str, Path]:
+def make_pki(
+    directory: Path, names: list[str], *, ca_name: str = "dfly test CA", ips: Sequence[str] = ()
+) -> dict[str, Path]:
     """Write a CA and one certificate + key per name; returns {"ca": path, name: cert, name + ".key": key}."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -42,13 +46,8 @@ def make_pki(directory: Path, names: list[str], *, ca_name: str = "dfly test CA"
     )
     paths = {"ca": directory / "ca.pem"}
     paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    sans = x509.SubjectAlternativeName(
-        [
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-            x509.DNSName("localhost"),
-        ]
-    )
+    addresses = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1", *ips)]
+    sans = x509.SubjectAlternativeName([*addresses, x509.DNSName("localhost")])
     usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     for name in names:
         key = ec.generate_private_key(ec.SECP256R1())
