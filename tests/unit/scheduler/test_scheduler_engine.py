@@ -436,3 +436,20 @@ def test_a_parent_whose_last_piece_was_an_outlier_is_not_offered_until_a_normal_
     served("peer-c", "peer-b", 0.1, first=7)  # a normal piece again
     [answer] = of_type(harness.register("peer-f", "f"), SendCandidateParents)
     assert "peer-b" in {p.peer_id for p in answer.parents}
+
+
+def test_a_download_on_a_seed_host_reads_the_origin_itself_even_during_the_start_up_grace() -> None:
+    """Dragonfly's rule: a seed host's own download (e.g. through its proxy) triggers no other seed."""
+    harness = Harness(started_at=0.0)
+    harness.announce("seed-1", seed=True)
+    harness.announce("seed-2", seed=True)
+    harness.announce("a")
+    commands = harness.register("peer-s", "seed-1")  # a normal download on a seed host
+    assert not of_type(commands, TriggerSeedPeer)
+    assert [c.peer_id for c in of_type(commands, SendBackToSource)] == ["peer-s"]
+    harness.start_origin("peer-s")
+    harness.pieces("peer-s", 0)
+    commands = harness.register("peer-a", "a")  # it is the task's source: no seed triggered for others
+    assert not of_type(commands, TriggerSeedPeer)
+    [answer] = of_type(commands, SendCandidateParents)
+    assert [p.peer_id for p in answer.parents] == ["peer-s"]

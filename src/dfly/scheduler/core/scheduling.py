@@ -3,7 +3,8 @@
 One attempt: sample up to `filter_parent_limit` peers of the task's parent pool (O(sample)), drop what
 the filters reject, rank with the evaluator, hand out the best `candidate_parent_limit`. When nothing
 fits and nobody is bringing the task's data (no seed on its way, no origin reader), trigger a seed
-(consistent hash of the task id over healthy seeds) or, without one, send this peer to the origin now.
+(consistent hash of the task id over healthy seeds) or, without one, send this peer to the origin now;
+a peer on a seed host (a download through a seed's own proxy) goes to the origin itself, as in Dragonfly.
 Counted attempts (register, reschedule, fallback timer) move toward the origin after
 `retry_back_to_source_limit` and toward failure after `retry_limit`; attempts made because a parent just
 became usable are free, and so is waiting while a triggered seed or an origin reader has not yet fixed
@@ -188,6 +189,12 @@ class ParentScheduler:
             return [self._hand_out(peer, task, parents)]
         commands: list[Command] = []
         if not task.seed_trigger_pending and not task.origin_readers:
+            if self._on_seed_host(peer) and self.may_read_origin(peer, task):
+                # Dragonfly's rule: a download on a seed host (e.g. through its proxy) is the task's root
+                # itself; it neither triggers another seed nor waits for one after a restart.
+                return self.send_to_origin(
+                    peer, task, "the peer runs on a seed host: read the task from the origin", now
+                )
             trigger = self._trigger_seed(task, peer, now)
             if trigger is not None:
                 commands.append(trigger)
@@ -262,6 +269,10 @@ class ParentScheduler:
             task.seed_readers.add(peer.peer_id)
 
     # --- helpers --------------------------------------------------------------------------------------
+
+    def _on_seed_host(self, peer: Peer) -> bool:
+        host = self._cluster.hosts.get(peer.host_id)
+        return host is not None and host.info.seed
 
     def _is_leech(self, peer: Peer) -> bool:
         host = self._cluster.hosts.get(peer.host_id)
