@@ -231,7 +231,8 @@ class ParentSet:
         self._known.setdefault(parent_id, set()).update(pieces)
         if self._planner is not None and parent_id in self._conns:
             self._planner.parent_has(parent_id, pieces)
-            self.c.events.put_nowait(None)
+            if self._planner.has_room(parent_id):  # else no request can follow from it now: no step
+                self.c.events.put_nowait(None)
 
     def on_piece(self, parent_id: str, number: int, offset: int, data: memoryview, digest: int) -> None:
         cost_s = 0.0  # request handed out -> verified piece; the scheduler's bad-parent detection

@@ -445,3 +445,19 @@ def test_a_lost_piece_is_wanted_again_from_holders_announced_again() -> None:
     assert planner.next_requests(1.0) == [Request("A", 1)]  # never the piece still held
     planner.piece_done("A", 1)
     assert planner.complete
+
+
+def test_a_parent_without_room_gets_no_request_from_its_have() -> None:
+    """The daemon skips a planner step for a HAVE from a parent without room (parents.on_have)."""
+    planner = DownloadPlanner(8, rng=random.Random(1), requests_per_parent=2)
+    planner.add_parent("A")
+    assert planner.has_room("A")
+    assert not planner.has_room("unknown")
+    planner.parent_has("A", [0, 1])
+    assert len(planner.next_requests(0.0)) == 2
+    assert not planner.has_room("A")
+    planner.parent_has("A", [2, 3])
+    assert planner.next_requests(0.0) == []  # what skipping the step loses: nothing
+    planner.piece_done("A", 0)
+    assert planner.has_room("A")
+    assert len(planner.next_requests(0.0)) == 1

@@ -141,6 +141,11 @@ class DownloadPlanner:
     def parents(self) -> list[str]:
         return list(self._parents)
 
+    def has_room(self, parent_id: str) -> bool:
+        """Whether this parent may be sent another request now (fewer than its share in flight)."""
+        parent = self._parents.get(parent_id)
+        return parent is not None and len(parent.in_flight) < self.depth()
+
     def stalled(self) -> bool:
         """Pieces missing, nothing in flight, and no known parent holds any missing piece."""
         # With nothing in flight every missing piece is wanted, and a wanted piece with a holder is listed.
