@@ -209,10 +209,17 @@ def test_a_private_registry_through_the_mirror(tmp_path: Path) -> None:
             status, headers, body = fetch(blob)
             assert status == 401
             assert headers["WWW-Authenticate"].startswith("Basic")
+            assert (headers["X-Dragonfly-Error-Type"], headers["X-Dragonfly-Origin-Status"]) == (
+                "auth",
+                "401",
+            )
             assert len(body) < 1000  # an error text, not the layer
             wrong = "Basic " + base64.b64encode(b"alice:guess").decode()
             assert fetch(blob, {"Authorization": wrong})[0] == 401
             right = "Basic " + base64.b64encode(f"alice:{secret}".encode()).decode()
+            missing = blob.rsplit("/", 1)[0] + "/sha256:" + "0" * 64
+            status, headers, _ = fetch(missing, {"Authorization": right})
+            assert (status, headers["X-Dragonfly-Error-Type"]) == (404, "not_found")
             status, _, body = fetch(blob, {"Authorization": right})
             assert status == 200
             assert hashlib.sha256(body).hexdigest() == digests[1].removeprefix("sha256:")

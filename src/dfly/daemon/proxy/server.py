@@ -11,11 +11,12 @@ Rules (see registry.py for routing and upstream choice):
 - Pass-through requests go to the upstream with the client's method, path, query (without `ns`), body
   and headers (every value of repeated ones such as `Accept`; hop-by-hop headers dropped); the answer
   streams back unchanged (no decompression, no redirect following).
-- Errors answer with `X-Dragonfly-Error-Type` (and the origin's status for origin errors): 400 bad
-  request, 403 upstream not allowed (no connection is made), 502 for an unreachable upstream or a failed
-  download. Absolute-form requests (`http_proxy=` clients) are the forward proxy (forward.py): allowed
-  targets only, through P2P by the rules (a registry blob path as a mirror blob: digest and access
-  checked), else forwarded.
+- Errors answer with `X-Dragonfly-Error-Type` (and `X-Dragonfly-Origin-Status` for the origin's own
+  answers): 400 bad request, 403 upstream not allowed (no connection is made), 502 for an unreachable
+  upstream or a failed download; a blob the client may not read gets the registry's answer to its access
+  check (`auth` for 401 / 403, `not_found` for 404). Absolute-form requests (`http_proxy=` clients)
+  are the forward proxy (forward.py): allowed targets only, through P2P by the rules (a registry blob
+  path as a mirror blob: digest and access checked), else forwarded.
 - CONNECT (connect.py does the socket work): `https://host:port` must be allowed (so only port 443 unless
   a port is listed), with proxy auth when configured. A host matching `proxy.hijack_https.hosts` is
   intercepted: TLS is terminated with a certificate from certs.py and its requests are treated exactly
@@ -307,8 +308,12 @@ class RegistryMirror:
             async with self._session.head(url, headers=headers, allow_redirects=False) as answer:
                 if 200 <= answer.status < 400:
                     return None
+                kind = {401: "auth", 403: "auth", 404: "not_found"}.get(answer.status, "origin")
                 reply = _error(
-                    answer.status, "auth", f"the registry answered {answer.status} for this client"
+                    answer.status,
+                    kind,
+                    f"the registry answered {answer.status} for this client",
+                    origin_status=answer.status,
                 )
                 for name in ("WWW-Authenticate", "Docker-Distribution-Api-Version"):
                     if name in answer.headers:
