@@ -100,6 +100,32 @@ def test_skopeo_pulls_through_the_mirror_and_the_registry_sends_each_blob_once(
         assert all(m.alive() for m in cluster.members)
 
 
+def test_hosts_pulling_at_once_get_each_blob_from_the_registry_once(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A rollout: three hosts pull the same new image at the same moment, each through its own daemon
+    (skopeo, concurrently). Every blob is right on every host and the registry sends each blob once."""
+    reference, digests = push_image(registry, tmp_path / "image", layers=3, layer_bytes=6 << 20)
+    pushed_gets = len(registry.blob_gets())
+    overrides = {"*": {"proxy": {"registry_mirror": registry.url, "public_registries": [registry.url]}}}
+    with LocalCluster(tmp_path / "c", peers=3, daemon_overrides=overrides) as cluster:
+        pulls = []
+        for peer in cluster.peers:
+            conf = registries_conf(tmp_path / f"{peer.name}.conf", registry, peer.ports["proxy"])
+            argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy",
+                    f"docker://{reference}", f"dir:{tmp_path / peer.name}"]  # fmt: skip
+            pulls.append(subprocess.Popen(argv, stderr=subprocess.PIPE, text=True))
+        for pull in pulls:
+            _, stderr = pull.communicate(timeout=120)
+            assert pull.returncode == 0, stderr
+        for peer in cluster.peers:
+            got = pulled_blobs(tmp_path / peer.name)
+            assert all(got.get(d.removeprefix("sha256:")) == d.removeprefix("sha256:") for d in digests)
+    gets = registry.blob_gets()[pushed_gets:]
+    assert not [ua for _, ua, _ in gets if "skopeo" in ua]
+    assert Counter(digest for digest, _, size in gets if size > 1) == Counter(digests), gets
+
+
 def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
