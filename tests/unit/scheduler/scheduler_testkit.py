@@ -42,6 +42,13 @@ def of_type(commands: list[Command], kind: type[C]) -> list[C]:
     return [command for command in commands if isinstance(command, kind)]
 
 
+def swarm_with_seed(harness: Harness) -> None:
+    """A seed host and two normal hosts, announced."""
+    harness.announce("seed", seed=True)
+    harness.announce("a")
+    harness.announce("b")
+
+
 class Harness:
     """An engine on a virtual clock: `now` only moves when a test moves it."""
 
