@@ -1,0 +1,115 @@
+"""The source's first-pass gate over real sockets: each piece given out once, then released after its
+hold, one copy at a time, and claims handed back when a child leaves (transfer_kit.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from transfer_kit import FileTask, KiB, Recorder, connect, make_file, run, start, uploaded
+from transfer_kit import close_task_fds as close_task_fds  # autouse: closes the tasks' fds
+
+from dfly.daemon.core.first_pass import FirstPassGate
+
+pytestmark = pytest.mark.integration
+
+
+def test_first_pass_gate_gives_each_piece_once_then_releases_after_its_hold(tmp_path: Path) -> None:
+    make_file(tmp_path / "f", 768 * KiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
+
+    async def main() -> None:
+        held = asyncio.Event()
+        gate = task.gate = FirstPassGate(task.piece_count, on_given_out=held.set)  # the test releases it
+        server, port = await start(task)
+        first, second = Recorder(), Recorder()
+        conn1 = await connect(port, task, first)
+        conn2 = await connect(port, task, second)
+        await conn1.request(0)
+        assert await first.expect("piece") == ("piece", 0, task.digests[0])
+        await conn2.request(0)  # already given to the first child
+        assert await second.expect("failed") == ("failed", 0, "not_available")
+        await conn2.request(1)
+        assert await second.expect("piece") == ("piece", 1, task.digests[1])
+        await conn1.request(2)  # the last unclaimed piece: every piece is given out, the hold starts
+        assert await first.expect("piece") == ("piece", 2, task.digests[2])
+        assert gate.given_out
+        assert not gate.released
+        await held.wait()
+        await conn2.request(2)  # during the hold: still once only
+        assert await second.expect("failed") == ("failed", 2, "not_available")
+        gate.release()
+        told = [*(await second.expect("have"))[1], *(await second.expect("have"))[1]]
+        assert sorted(told) == [0, 2]  # told again at release, one HAVE per piece
+        assert gate.released
+        await conn2.request(0)
+        assert await second.expect("piece") == ("piece", 0, task.digests[0])
+        # the child can have every byte before the server's upload thread returns and counts it
+        await uploaded(server, "t1", 4 * 256 * KiB)  # one piece twice, after release
+        await server.close()
+        assert server.bytes_uploaded_by_task == {"t1": 4 * 256 * KiB}
+
+    run(main())
+
+
+def test_after_release_a_piece_goes_to_one_child_at_a_time(tmp_path: Path) -> None:
+    make_file(tmp_path / "f", 768 * KiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
+
+    async def main() -> None:
+        gate = task.gate = FirstPassGate(task.piece_count)
+        gate.release()  # as after the first pass and its hold
+        # rate 1 byte/s with a one-piece burst: after piece 0, a piece waits for tokens and is never sent
+        server, port = await start(task, rate=1, burst=256 * KiB)
+        first, second = Recorder(), Recorder()
+        conn1 = await connect(port, task, first)
+        conn2 = await connect(port, task, second)
+        await conn1.request(0)
+        assert await first.expect("piece") == ("piece", 0, task.digests[0])
+        await conn1.request(1)  # its copy waits for tokens
+        await conn2.request(1)  # one copy at a time: refused for now
+        assert await second.expect("failed") == ("failed", 1, "not_available")
+        conn1.close()  # the copy is handed back: the refused child hears of piece 1 again
+        assert await second.expect("have") == ("have", [1])
+        await server.close()
+        del conn2
+
+    run(main())
+
+
+def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -> None:
+    make_file(tmp_path / "f", 768 * KiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
+
+    class WatchedGate(FirstPassGate):
+        """Sets `handed_back` when a claim comes back (the server does it on its own loop)."""
+
+        def __init__(self, piece_count: int) -> None:
+            super().__init__(piece_count)
+            self.handed_back = asyncio.Event()
+
+        def unclaim(self, number: int) -> None:
+            super().unclaim(number)
+            self.handed_back.set()
+
+    async def main() -> None:
+        gate = task.gate = WatchedGate(task.piece_count)
+        # rate 1 byte/s with a one-piece burst: the second request waits for tokens and is never sent
+        server, port = await start(task, rate=1, burst=256 * KiB)
+        first, second = Recorder(), Recorder()
+        conn1 = await connect(port, task, first)
+        await conn1.request(0)
+        assert await first.expect("piece") == ("piece", 0, task.digests[0])
+        await conn1.request(1)  # claimed, waits for tokens
+        conn1.close()
+        assert await first.expect("failed") == ("failed", 1, "connection closed")
+        conn2 = await connect(port, task, second)
+        await gate.handed_back.wait()  # bounded by run()'s timeout
+        assert gate.unclaimed == 2  # piece 1 was never sent
+        await conn2.request(0)
+        assert await second.expect("failed") == ("failed", 0, "not_available")
+        await server.close()
+        del conn2
+
+    run(main())
