@@ -1,20 +1,23 @@
-"""The seed peer dies while it is still reading the origin (issue 4, service level).
+"""The seed peer dies while it is still reading the origin, or hangs (issue 4, service level).
 
 Real processes: scheduler, seed and two peers on 127.0.0.1; a real origin paced so that the seed's read
 takes seconds. Both peers download; the seed is SIGKILLed when they have a few MiB. The scheduler sees
 its peer gone, remembers the seed failed, and sends one waiting peer to the origin; the other gets the
 rest from it. Both finish with the right bytes, and the origin sends less than the three copies that
-"every host reads the origin" would cost.
+"every host reads the origin" would cost. A stopped (SIGSTOP) seed costs the first download one trigger
+timeout; later downloads of other files do not try it again.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import Downloads, stats, wait_until
+from clusterkit import Downloads, dfget_ok, stats, wait_until
 
 from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
@@ -65,3 +68,21 @@ def test_seed_killed_mid_origin_read_one_peer_takes_over(origin: Origin, tmp_pat
         assert len(readers) == 1, "exactly one peer should have taken over the origin read"
         assert origin.bytes_sent - seed_read <= 1.05 * FILE_BYTES
         assert origin.bytes_sent < 2 * FILE_BYTES
+
+
+def test_a_hung_seed_costs_one_trigger_timeout_not_one_per_task(origin: Origin, tmp_path: Path) -> None:
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digests = [make_file(origin.root / f"{n}.bin", MiB, seed=60 + n) for n in range(3)]
+    overrides = {"seed_trigger": {"timeout_s": 1.0}}
+    with LocalCluster(tmp_path / "c", peers=1, scheduler_overrides=overrides) as cluster:
+        peer = cluster.member("peer-1")
+        os.kill(cluster.seed.pid, signal.SIGSTOP)
+        try:
+            for n, digest in enumerate(digests):
+                dfget_ok(peer, origin.url(f"/{n}.bin"), tmp_path / f"{n}.out", timeout_s=DFGET_TIMEOUT_S)
+                assert file_digest(tmp_path / f"{n}.out").value == digest
+        finally:
+            os.kill(cluster.seed.pid, signal.SIGCONT)
+        log = cluster.scheduler.log_path.read_text()
+    assert log.count("failed DownloadTask") == 1, log[-3000:]  # the seed was tried for the first file only

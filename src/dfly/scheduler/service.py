@@ -341,16 +341,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             request = convert.download_task_request(command)
             response = await stub.DownloadTask(request, timeout=self._seed_trigger_timeout_s)
         except grpc.RpcError as exc:
-            code = exc.code().name if isinstance(exc, aio.AioRpcError) else "error"
+            code = exc.code() if isinstance(exc, aio.AioRpcError) else None
             details = exc.details() if isinstance(exc, aio.AioRpcError) else str(exc)
-            description = f"seed {command.seed_host_id} at {address} failed DownloadTask: {code}: {details}"
+            name = code.name if code is not None else "error"
+            description = f"seed {command.seed_host_id} at {address} failed DownloadTask: {name}: {details}"
+            unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         else:
             if response.accepted:
                 return
             description = f"seed {command.seed_host_id} refused task {command.task_id}"
+            unreachable = False
         log.warning("%s", description)
         if not self._stopping:
-            self._apply(SeedTriggerFailed(command.task_id, command.seed_host_id, description))
+            self._apply(SeedTriggerFailed(command.task_id, command.seed_host_id, description, unreachable))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -10,6 +10,7 @@ from dfly.scheduler.core.messages import (
     FinishedTask,
     HostAnnounced,
     PeerLeft,
+    SeedTriggerFailed,
     SendBackToSource,
     SendCandidateParents,
     TriggerSeedPeer,
@@ -101,3 +102,17 @@ def test_a_download_on_a_seed_host_reads_the_origin_itself_even_during_the_start
     assert not of_type(commands, TriggerSeedPeer)
     [answer] = of_type(commands, SendCandidateParents)
     assert [p.peer_id for p in answer.parents] == ["peer-s"]
+
+
+def test_an_unreachable_seed_is_suspended_for_every_task_a_refusing_one_only_for_its_task() -> None:
+    harness = Harness()
+    swarm_with_seed(harness)
+    [trigger] = of_type(harness.register("peer-a", "a"), TriggerSeedPeer)
+    harness.do(SeedTriggerFailed("task-1", trigger.seed_host_id, "refused"))
+    assert of_type(harness.register("peer-b", "b", task_id="task-2"), TriggerSeedPeer)  # still tried
+    harness.do(SeedTriggerFailed("task-2", trigger.seed_host_id, "DEADLINE_EXCEEDED", unreachable=True))
+    commands = harness.register("peer-c", "a", task_id="task-3")  # no other task waits for it now
+    assert not of_type(commands, TriggerSeedPeer)
+    assert [c.peer_id for c in of_type(commands, SendBackToSource)] == ["peer-c"]
+    harness.advance(EngineConfig().unreachable_suspend_s)
+    assert of_type(harness.register("peer-d", "b", task_id="task-4"), TriggerSeedPeer)  # suspension over

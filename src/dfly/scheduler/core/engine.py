@@ -6,7 +6,8 @@ return the commands to carry out, in order. The same events at the same times wi
 - waiting peers are scheduled on the event that makes a parent usable (an origin reader starting, a
   peer's first finished pieces, a host coming back with finished tasks); the retry timer is a fallback;
 - a seed that could not be triggered, or failed without an origin error, is not retried for the task
-  for `seed_failure_ttl_s`, and one waiting peer reads the origin instead;
+  for `seed_failure_ttl_s`, and one waiting peer reads the origin instead; a seed that could not be
+  reached (no answer in time) is also suspended for `unreachable_suspend_s`, for every task;
 - an origin error (PeerFailed with a source error from an origin reader) fails every active peer of the
   task with that error and marks the task FAILED (the next register starts it over);
 - a host whose keepalive stream drops, or that enough distinct children report unreachable, is
@@ -206,6 +207,11 @@ class SchedulerEngine:
         return self.scheduler.start_round(peer, task, now)
 
     def _seed_trigger_failed(self, event: SeedTriggerFailed, now: float) -> list[Command]:
+        seed = self.cluster.hosts.get(event.seed_host_id)
+        if event.unreachable and seed is not None:
+            # A hung or cut-off seed is tried for no other task (each would wait out the call's timeout)
+            # and offered as no parent until it announces again or the suspension ends.
+            seed.unreachable_until = now + self.config.unreachable_suspend_s
         task = self.cluster.tasks.get(event.task_id)
         if task is None or task.seed_readers:
             return []

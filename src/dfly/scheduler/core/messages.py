@@ -187,9 +187,13 @@ class PeerLeft:
 
 @dataclass(frozen=True, slots=True)
 class SeedTriggerFailed:
+    """The seed did not take the task: it refused it, or could not be reached (`unreachable`: no answer
+    in time, no connection), and then its host is suspended like an unreachable parent's."""
+
     task_id: str
     seed_host_id: str
     description: str
+    unreachable: bool = False
 
 
 Event = (
