@@ -9,6 +9,8 @@ given them as parents: both finish with the right bytes and the origin sends one
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,8 +101,9 @@ def test_without_a_scheduler_a_peer_keeps_its_parents_then_reads_only_what_is_mi
 def test_with_no_scheduler_at_all_a_download_reads_the_origin_unless_told_not_to(
     tmp_path: Path,
 ) -> None:
-    """No scheduler answers (it is gone before the download starts): dfget reads the origin at once;
-    with --disable-back-to-source it fails with a clear one-line error instead, and nothing is read."""
+    """No scheduler answers (it is gone before the download starts): dfget reads the origin (after at
+    most 3 s at the start of the outage, at once later); with --disable-back-to-source it fails with a
+    clear one-line error instead, and nothing is read."""
     with Origin(tmp_path / "www") as origin, LocalCluster(tmp_path / "c", peers=1) as cluster:
         assert origin.root is not None
         origin.root.mkdir(parents=True, exist_ok=True)
@@ -122,3 +125,30 @@ def test_with_no_scheduler_at_all_a_download_reads_the_origin_unless_told_not_to
         assert "Traceback" not in refused.stderr
         assert not (tmp_path / "no").exists()
         assert origin.bytes_sent == sent
+        log = p1.log_path.read_text()
+        # with no scheduler connected a registration fails at once (UNAVAILABLE), never after a wait
+        assert "with the scheduler: UNAVAILABLE" in log
+        assert "with the scheduler: TimeoutError" not in log
+
+
+@pytest.mark.timeout(180)
+def test_a_hung_scheduler_is_noticed_and_later_downloads_do_not_wait_for_it(tmp_path: Path) -> None:
+    """The scheduler stops answering (SIGSTOP: as a link that drops packets). The daemon's pings notice
+    it (~15 s), the download in flight reads the origin, and the next one goes there at once instead of
+    waiting out `scheduler.schedule_timeout_s` (30 s) for an answer that never comes."""
+    with Origin(tmp_path / "www") as origin, LocalCluster(tmp_path / "c", peers=1) as cluster:
+        assert origin.root is not None
+        origin.root.mkdir(parents=True, exist_ok=True)
+        digests = [make_file(origin.root / f"{n}.bin", 4 * MiB, seed=40 + n) for n in range(2)]
+        p1 = cluster.member("peer-1")
+        os.kill(cluster.scheduler.pid, signal.SIGSTOP)
+        try:
+            for n, digest in enumerate(digests):
+                dfget_ok(p1, origin.url(f"/{n}.bin"), tmp_path / f"{n}.out", timeout_s=DFGET_TIMEOUT_S)
+                assert file_digest(tmp_path / f"{n}.out").value == digest
+        finally:
+            os.kill(cluster.scheduler.pid, signal.SIGCONT)
+        log = p1.log_path.read_text()
+    assert "keepalive broke" in log
+    assert "the scheduler gave no parent in time" not in log  # nobody waited out schedule_timeout_s
+    assert "goes back to source: no scheduler reachable" in log  # the second download

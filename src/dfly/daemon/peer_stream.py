@@ -3,9 +3,12 @@
 Owned by a Conductor and used only from its loop.
 
 Rules:
-- `open()` registers; replies are queued for the conductor as `SchedulerReply`, the end of a stream as
-  `SchedulerGone` (for the current stream only: one from a stream already replaced is dropped).
-  Writes while no stream is up are dropped; the conductor decides what a missing scheduler means.
+- `open()` registers; with no scheduler connected it waits for one only within REGISTER_WAIT_S of the
+  last one going (then a channel that is down fails at once), so during an outage a new download
+  reaches the origin without a wait. Replies are queued for the conductor as `SchedulerReply`, the end
+  of a stream as `SchedulerGone` (for the current stream only: one from a stream already replaced is
+  dropped). Writes while no stream is up are dropped; the conductor decides what a missing scheduler
+  means.
 - Streams go to the task's scheduler on the ring (scheduler_ring.py). After a break `reregister()`
   opens a new stream under the same peer id (to the next scheduler on the ring if that one is gone),
   each try once some scheduler is connected, backing off from 0.2 s, doubling, to at most 5 s between
@@ -83,10 +86,13 @@ class PeerStream:
             return False
         self.close()
         self._generation += 1
-        if not scheduler.healthy():  # host not announced (yet again): give the keepalives a moment
+        # No scheduler connected: wait for one only at the start of an outage (a restart, the host not
+        # yet announced again), in all at most REGISTER_WAIT_S; later downloads go on at once.
+        if (left_s := REGISTER_WAIT_S - scheduler.unhealthy_for_s()) > 0 and not scheduler.healthy():
             with contextlib.suppress(TimeoutError):
-                await scheduler.wait_healthy(REGISTER_WAIT_S)
-        call = scheduler.pick(self.task_id).announce_peer()
+                await scheduler.wait_healthy(left_s)
+        # With none connected, a channel that is down fails the stream at once instead of waiting.
+        call = scheduler.pick(self.task_id).announce_peer(wait_for_ready=bool(scheduler.healthy()))
         register = self._message(register=pb.RegisterPeer(download=request.to_proto()))
         try:
             async with asyncio.timeout(REGISTER_WAIT_S), self._write_lock:

@@ -4,7 +4,8 @@ Rules:
 - The host is announced before the daemon reports ready; on every reconnect it is announced again
   with the tasks it holds completely, so the scheduler offers it as a parent again.
 - The keepalive stream sends the observed upload rate and slots in use at least every
-  `keepalive_interval_s`; when it breaks, the client reconnects with capped back-off.
+  `keepalive_interval_s`; when it breaks, the client reconnects with capped back-off. HTTP/2 pings
+  every 10 s, each answered within 5 s, tell a hung scheduler from a quiet one within ~15 s.
 - One client per scheduler; `scheduler_ring.py` spreads tasks over several and keeps them informed.
 """
 
@@ -63,6 +64,10 @@ class SchedulerClient:
             options=[
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
+                # gRPC core waits for a ping's ack for this long (default 60 s) whatever the keepalive
+                # timeout: a hung scheduler (SIGSTOP, a link that drops packets) was noticed after 70 s,
+                # and every new download waited out schedule_timeout_s meanwhile; now after 15 s.
+                ("grpc.http2.ping_timeout_ms", 5_000),
                 # gRPC's own reconnect backoff (1 s growing to 120 s by default) would keep a restarted
                 # scheduler unused for minutes: retry from 0.2 s, at most every 5 s.
                 ("grpc.initial_reconnect_backoff_ms", 200),
@@ -112,10 +117,13 @@ class SchedulerClient:
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
 
-    def announce_peer(self) -> grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse]:
+    def announce_peer(
+        self, wait_for_ready: bool = True
+    ) -> grpc.aio.StreamStreamCall[pb.AnnouncePeerRequest, pb.AnnouncePeerResponse]:
         # wait_for_ready: a channel between reconnect attempts waits instead of failing the stream at
-        # once; the caller bounds how long its first write may take.
-        return self.stub.AnnouncePeer(wait_for_ready=True)  # type: ignore[call-arg]  # aio: write() API
+        # once (the caller bounds how long its first write may take); without it a channel that is down
+        # fails the stream at once.
+        return self.stub.AnnouncePeer(wait_for_ready=wait_for_ready)  # type: ignore[call-arg]  # aio: write() API
 
     async def leave(self) -> None:
         try:

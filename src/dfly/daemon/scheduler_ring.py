@@ -8,6 +8,8 @@ Rules:
   its tasks move. With none healthy, the same rule over all of them (a first try can still succeed).
 - When a scheduler's stream breaks, the others are announced to again, so the tasks that move to them
   find the hosts that hold them completely (schedulers share no state).
+- `unhealthy_for_s()` says how long no scheduler has been connected (since the ring was made, at
+  first), so that a new download waits for one only at the start of an outage (peer_stream.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -34,15 +37,17 @@ def owner(task_id: str, addrs: list[str]) -> str:
 
 
 class SchedulerRing:
-    def __init__(self, clients: list[SchedulerClient]) -> None:
+    def __init__(self, clients: list[SchedulerClient], clock: Callable[[], float] | None = None) -> None:
         if not clients:
             raise ValueError("at least one scheduler is needed")
         self.clients = clients
         self._changed = asyncio.Event()  # set whenever some client connects
         self._pending: set[asyncio.Task[None]] = set()
+        self._clock = clock or asyncio.get_running_loop().time
+        self._unhealthy_since: float | None = self._clock()  # None while some scheduler is connected
         for client in clients:
-            client.on_connected = self._changed.set
-            client.on_disconnected = self._others_reannounce
+            client.on_connected = self._connected
+            client.on_disconnected = self._disconnected
 
     @property
     def addr(self) -> str:
@@ -50,6 +55,11 @@ class SchedulerRing:
 
     def healthy(self) -> list[SchedulerClient]:
         return [client for client in self.clients if client.connected.is_set()]
+
+    def unhealthy_for_s(self) -> float:
+        """Seconds since the last scheduler was connected (0 while one is)."""
+        since = self._unhealthy_since
+        return 0.0 if since is None or self.healthy() else self._clock() - since
 
     def pick(self, task_id: str) -> SchedulerClient:
         """The scheduler for `task_id` (see the module rules)."""
@@ -87,6 +97,15 @@ class SchedulerRing:
         for client in self.healthy():
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await client.announce()
+
+    def _connected(self) -> None:
+        self._unhealthy_since = None
+        self._changed.set()
+
+    def _disconnected(self) -> None:
+        if not self.healthy() and self._unhealthy_since is None:
+            self._unhealthy_since = self._clock()
+        self._others_reannounce()
 
     def _others_reannounce(self) -> None:
         task = asyncio.get_running_loop().create_task(self.reannounce())

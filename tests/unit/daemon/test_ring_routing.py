@@ -52,3 +52,25 @@ def test_when_a_scheduler_goes_only_its_tasks_move() -> None:
         assert {t: routing.pick(t).addr for t in TASKS} == before  # none healthy: the same rule over all
 
     asyncio.run(scenario())
+
+
+def test_the_ring_says_how_long_no_scheduler_has_been_connected() -> None:
+    async def scenario() -> None:
+        now = [100.0]
+        clients = [FakeClient(addr) for addr in ADDRS[:2]]
+        routing = SchedulerRing(cast(list[SchedulerClient], clients), clock=lambda: now[0])
+        assert routing.unhealthy_for_s() == 0.0
+        clients[0].connected.clear()
+        routing._disconnected()  # the hook each client calls when its keepalive breaks
+        assert routing.unhealthy_for_s() == 0.0  # the other one is still up
+        clients[1].connected.clear()
+        routing._disconnected()
+        now[0] += 4.0
+        assert routing.unhealthy_for_s() == 4.0  # a download now registers without waiting
+        routing._disconnected()  # a later break does not move the start of the outage
+        assert routing.unhealthy_for_s() == 4.0
+        clients[0].connected.set()
+        routing._connected()
+        assert routing.unhealthy_for_s() == 0.0
+
+    asyncio.run(scenario())
