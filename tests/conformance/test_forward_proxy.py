@@ -5,7 +5,7 @@ Real processes: the dfly test origin on 127.0.0.1, a scheduler, a seed and two p
 goes through P2P (`X-Dragonfly-Task-ID`, right bytes) and the second host's download costs the origin no
 more bytes; `Range` is served from the pieces (206); a non-matching GET is forwarded directly (the
 origin sees curl); `X-Dragonfly-Use-P2P: true` sends one through P2P anyway; a host that is not allowed
-gets 403 and no connection is made.
+gets 403 and no connection is made; the daemons' Prometheus proxy counters say the same.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from proxy_metrics import proxy_counts
 
 from dfly.cluster import LocalCluster
 from dfly.devtools.origin import Origin, make_file
@@ -99,6 +100,13 @@ def test_curl_and_wget_through_the_forward_proxy(origin: Origin, tmp_path: Path)
         assert headers[":status"] == "403"
         assert headers["x-dragonfly-error-type"] == "forbidden"
         assert len(origin.request_log()) == requests
+
+        # Prometheus: peer-1 answered 4 (2 through P2P, 1 refused), peer-2 2 (both through P2P)
+        one, two = (proxy_counts(peer) for peer in cluster.peers)
+        assert (one[("requests", "forward")], one[("requests_via_p2p", "forward")]) == (4, 2)
+        assert (one[("request_failures", "forward")], one[("requests", "mirror")]) == (1, 0)
+        assert (two[("requests", "forward")], two[("requests_via_p2p", "forward")]) == (2, 2)
+        assert two[("request_failures", "forward")] == 0
 
 
 def test_forward_proxy_with_basic_auth(origin: Origin, tmp_path: Path) -> None:

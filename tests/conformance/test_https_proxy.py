@@ -17,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from proxy_metrics import proxy_counts
 
 from dfly.cluster import LocalCluster
 from dfly.devtools.origin import Origin, make_file
@@ -128,6 +130,13 @@ def test_connect_is_intercepted_for_listed_hosts_and_tunnelled_for_others(
         rc, connect, _ = curl(p1, f"{by_name}/model.bin", tmp_path / "y")  # the daemon's CA not trusted
         assert (rc, connect) == (60, 200)
         assert len(origin.request_log()) == requests  # neither reached the origin
+        # Prometheus, peer-1: 6 CONNECTs (4 served, 1 refused, 1 whose client refused our certificate:
+        # counted once the daemon's side of that handshake ended), 2 requests inside its interceptions
+        deadline = time.monotonic() + 10
+        while (counts := proxy_counts(first))[("requests", "connect")] < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (counts[("requests", "connect")], counts[("request_failures", "connect")]) == (6, 2)
+        assert (counts[("requests", "forward")], counts[("requests_via_p2p", "forward")]) == (2, 1)
         logs = "".join(m.log_path.read_text() for m in cluster.members)
     assert "Traceback" not in logs
 

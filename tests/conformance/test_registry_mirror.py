@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from proxy_metrics import proxy_counts
 from registry_kit import MISSING, Registry, pulled_blobs, push_image, registries_conf
 from token_server import TokenServer
 
@@ -180,6 +181,9 @@ def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry,
         status, _, _ = fetch(f"{mirror}/v2/demo/../../etc/passwd")
         assert status == 400
         assert registry.log_path.read_text() == before  # nothing was asked of the registry
+        counts = proxy_counts(cluster.peers[0])  # Prometheus: 6 answered, 2 blobs from P2P, 2 refused
+        names = ("requests", "requests_via_p2p", "request_failures")
+        assert [counts[(name, "mirror")] for name in names] == [6, 2, 2]
 
 
 def test_a_registry_redirecting_blobs_to_storage_is_followed_by_the_daemon(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from dfly.common.errors import DflyError, SourceError
-from dfly.daemon.proxy import connect
+from dfly.daemon.proxy import connect, metrics
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
 from dfly.daemon.proxy.forward import (
     DEFAULT_RULES,
@@ -193,18 +193,26 @@ class RegistryMirror:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """A request on port 4001: absolute-form = forward proxy, origin-form = registry mirror."""
         if request.raw_path.startswith(("http://", "https://")):
-            return await _answer(self._forward(request, request.raw_path))
-        return await _answer(self._mirror(request))
+            response = await _answer(self._forward(request, request.raw_path))
+            metrics.count_response("forward", response)
+        else:
+            response = await _answer(self._mirror(request))
+            metrics.count_response("mirror", response)
+        return response
 
     async def handle_intercepted(self, request: web.Request) -> web.StreamResponse:
         """A request inside an intercepted CONNECT: the forward proxy for https://<that authority>/..."""
         assert self.certs is not None
         transport = request.transport
         authority = self.certs.authority_of(transport.get_extra_info("sslcontext") if transport else None)
+        response: web.StreamResponse
         if authority is None or not request.raw_path.startswith("/"):
-            return _error(400, "bad_request", "requests inside a tunnel must be origin-form")
-        url = f"https://{authority}{request.raw_path}"
-        return await _answer(self._forward(request, url, tunnelled=True))
+            response = _error(400, "bad_request", "requests inside a tunnel must be origin-form")
+        else:
+            url = f"https://{authority}{request.raw_path}"
+            response = await _answer(self._forward(request, url, tunnelled=True))
+        metrics.count_response("forward", response)
+        return response
 
     async def _mirror(self, request: web.Request) -> web.StreamResponse:
         what = route(request.method, request.path)
@@ -249,6 +257,7 @@ class RegistryMirror:
                 }
                 await connect.reply(conn, 407, "Proxy Authentication Required", challenge)
                 conn.close()
+                metrics.count_connect(failed=True)
                 return
             authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             target_origin(f"https://{authority}/", self.allowed)
@@ -257,9 +266,10 @@ class RegistryMirror:
             log.info("CONNECT refused: %s", exc)
             await connect.reply(conn, status, kind.replace("_", " "), {"X-Dragonfly-Error-Type": kind})
             conn.close()
+            metrics.count_connect(failed=True)
             return
         if self.certs is not None and any(rule.search(host) for rule in self.hijack_hosts):
-            await self._intercept(conn, intercepted, authority, host, early)
+            metrics.count_connect(failed=not await self._intercept(conn, intercepted, authority, host, early))
             return
         try:
             upstream = await connect.open_upstream(host, port, never_upstream, timeout_s=10.0)
@@ -267,24 +277,28 @@ class RegistryMirror:
             log.info("CONNECT refused: %s", exc)
             await connect.reply(conn, 403, "forbidden", {"X-Dragonfly-Error-Type": "forbidden"})
             conn.close()
+            metrics.count_connect(failed=True)
             return
         except OSError as exc:
             log.info("CONNECT %s failed: %s", authority, exc)
             await connect.reply(conn, 502, "Bad Gateway", {"X-Dragonfly-Error-Type": "origin"})
             conn.close()
+            metrics.count_connect(failed=True)
             return
         await connect.reply(conn, 200, "Connection Established")
+        metrics.count_connect(failed=False)
         await connect.tunnel(conn, upstream, early)
 
     async def _intercept(
         self, conn: socket.socket, intercepted: web.AppRunner, authority: str, host: str, early: bytes
-    ) -> None:
-        """Answer 200, terminate TLS with a certificate for `host`, and serve what comes through."""
+    ) -> bool:
+        """Answer 200, terminate TLS with a certificate for `host`, and serve what comes through; False
+        when the client's TLS did not come up (or it sent TLS before our answer)."""
         assert self.certs is not None
         if early:  # TLS bytes sent before our answer could not reach the TLS server below
             await connect.reply(conn, 400, "Bad Request", {"X-Dragonfly-Error-Type": "bad_request"})
             conn.close()
-            return
+            return False
         await connect.reply(conn, 200, "Connection Established")
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
@@ -296,6 +310,8 @@ class RegistryMirror:
         except (OSError, ssl.SSLError) as exc:  # e.g. a client that does not trust the CA
             log.info("TLS handshake for %s failed: %s", authority, exc)
             conn.close()
+            return False
+        return True
 
     async def _check_access(self, url: str, auth: str | None) -> web.Response | None:
         """HEAD the blob upstream with the client's own credentials: None if it may have it (2xx, or a
