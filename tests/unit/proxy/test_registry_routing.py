@@ -60,6 +60,9 @@ def test_blob_route_carries_name_and_digest() -> None:
         ("registry.example.com:443", "https://registry.example.com"),
         ("http://files.example.com:80/", "http://files.example.com"),
         ("https://files.example.com:80", "https://files.example.com:80"),
+        ("docker.io", "https://registry-1.docker.io"),  # Docker Hub's API host, as containerd uses
+        ("https://docker.io", "https://registry-1.docker.io"),
+        ("index.docker.io", "https://index.docker.io"),  # serves the API itself
     ],
 )
 def test_normalize_upstream(value: str, normal: str) -> None:
@@ -101,6 +104,15 @@ def test_registry_blob_of_an_absolute_urls_path() -> None:
     assert (blob.name, blob.digest) == ("demo/app", DIGEST)
     assert registry_blob("HEAD", f"/v2/demo/app/blobs/{DIGEST}") is None
     assert registry_blob("GET", "/files/model.bin") is None  # not a registry path: no error either
+
+
+def test_containerds_ns_for_docker_hub_is_its_api_host() -> None:
+    """containerd pulling `docker.io/library/x` through a mirror sends `ns=docker.io`."""
+    allowed = frozenset({normalize_upstream("https://registry-1.docker.io")})
+    assert choose_upstream(None, "docker.io", "", allowed) == "https://registry-1.docker.io"
+    assert blob_url(choose_upstream(None, "docker.io", "", allowed), "library/x", DIGEST) == (
+        f"https://registry-1.docker.io/v2/library/x/blobs/{DIGEST}"
+    )
 
 
 def test_a_bare_ns_host_is_plain_http_when_only_that_is_allowed() -> None:

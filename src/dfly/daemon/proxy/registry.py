@@ -10,7 +10,9 @@ Rules (issue 5, reference/container-clients.md):
 - The upstream comes from the `X-Dragonfly-Registry` header, else containerd's `ns=` query parameter
   (a host[:port], plain HTTP only when it is a loopback or listed as such), else the configured default
   (`proxy.registry_mirror`). It must be one of `allowed` (scheme://host[:port]); anything else is
-  refused before any connection is made.
+  refused before any connection is made. `docker.io` (what containerd sends as `ns` for Docker Hub
+  images) means `registry-1.docker.io`, the host that serves Docker Hub's API, as for containerd and
+  Docker themselves: so containerd's and dockerd's pulls of one layer are one task.
 - Repository names follow the distribution grammar (lower-case path components); anything that could
   leave `/v2/` (`..`, empty components, `%2f`) is refused.
 """
@@ -23,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from dfly.common.errors import DflyError
 
+DOCKER_HUB_API_HOSTS = {"docker.io": "registry-1.docker.io"}  # a reference's host -> its API host
 _NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
 _BLOB = re.compile(rf"/v2/(?P<name>{_NAME})/blobs/(?P<digest>sha256:[a-f0-9]{{64}})")
 
@@ -79,6 +82,7 @@ def normalize_upstream(value: str) -> str:
         raise BadRequest(f"invalid registry {value!r}") from None
     scheme = parts.scheme.lower()
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    host = DOCKER_HUB_API_HOSTS.get(host, host)
     default_port = 443 if scheme == "https" else 80
     return f"{scheme}://{host}{f':{port}' if port and port != default_port else ''}"
 
