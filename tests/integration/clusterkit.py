@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dfly.cluster import Member, query_stats
+from dfly.common.digest import file_digest
 
 PROBE_TIMEOUT_S = 20.0
 
@@ -47,6 +51,25 @@ def dfget_ok(member: Member, url: str, out: Path, timeout_s: float = 60.0) -> No
     """dfget to the end; the test fails with its stderr unless it succeeded."""
     result = subprocess.run(dfget_cmd(member, url, out), capture_output=True, text=True, timeout=timeout_s)
     assert result.returncode == 0, result.stderr
+
+
+@contextlib.contextmanager
+def hung(member: Member) -> Iterator[None]:
+    """The member stopped (SIGSTOP) inside the block, as a hung process or a link dropping packets: its
+    sockets stay open and nothing answers. SIGCONT on the way out."""
+    os.kill(member.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(member.pid, signal.SIGCONT)
+
+
+def dfget_each_ok(member: Member, files: list[tuple[str, str]], out_dir: Path, timeout_s: float) -> None:
+    """dfget each (url, sha256 digest) in turn through `member`; every one must succeed with its bytes."""
+    for n, (url, digest) in enumerate(files):
+        out = out_dir / f"each-{n}.out"
+        dfget_ok(member, url, out, timeout_s=timeout_s)
+        assert file_digest(out).value == digest, url
 
 
 class Downloads:

@@ -11,13 +11,11 @@ timeout; later downloads of other files do not try it again.
 from __future__ import annotations
 
 import functools
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import Downloads, dfget_ok, stats, wait_until
+from clusterkit import Downloads, dfget_each_ok, hung, stats, wait_until
 
 from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
@@ -73,16 +71,11 @@ def test_seed_killed_mid_origin_read_one_peer_takes_over(origin: Origin, tmp_pat
 def test_a_hung_seed_costs_one_trigger_timeout_not_one_per_task(origin: Origin, tmp_path: Path) -> None:
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
-    digests = [make_file(origin.root / f"{n}.bin", MiB, seed=60 + n) for n in range(3)]
+    files = [(origin.url(f"/{n}.bin"), make_file(origin.root / f"{n}.bin", MiB, seed=60 + n))
+             for n in range(3)]  # fmt: skip
     overrides = {"seed_trigger": {"timeout_s": 1.0}}
     with LocalCluster(tmp_path / "c", peers=1, scheduler_overrides=overrides) as cluster:
-        peer = cluster.member("peer-1")
-        os.kill(cluster.seed.pid, signal.SIGSTOP)
-        try:
-            for n, digest in enumerate(digests):
-                dfget_ok(peer, origin.url(f"/{n}.bin"), tmp_path / f"{n}.out", timeout_s=DFGET_TIMEOUT_S)
-                assert file_digest(tmp_path / f"{n}.out").value == digest
-        finally:
-            os.kill(cluster.seed.pid, signal.SIGCONT)
+        with hung(cluster.seed):
+            dfget_each_ok(cluster.member("peer-1"), files, tmp_path, DFGET_TIMEOUT_S)
         log = cluster.scheduler.log_path.read_text()
     assert log.count("failed DownloadTask") == 1, log[-3000:]  # the seed was tried for the first file only
