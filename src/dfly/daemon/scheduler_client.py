@@ -66,7 +66,9 @@ class SchedulerClient:
                 ("grpc.keepalive_timeout_ms", 5_000),
                 # gRPC core waits for a ping's ack for this long (default 60 s) whatever the keepalive
                 # timeout: a hung scheduler (SIGSTOP, a link that drops packets) was noticed after 70 s,
-                # and every new download waited out schedule_timeout_s meanwhile; now after 15 s.
+                # and every new download waited out schedule_timeout_s meanwhile; now after 15 s. Acks
+                # come from gRPC core, not the scheduler's event loop: a grpc.aio server whose loop was
+                # blocked for 12 s kept a client with 2 s pings connected.
                 ("grpc.http2.ping_timeout_ms", 5_000),
                 # gRPC's own reconnect backoff (1 s growing to 120 s by default) would keep a restarted
                 # scheduler unused for minutes: retry from 0.2 s, at most every 5 s.
