@@ -7,12 +7,13 @@ values parsed as YAML scalars), validates, and raises ConfigError with one line 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from dfly.common.errors import ConfigError
 
@@ -22,6 +23,21 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+
+def _ip_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    return value
+
+
+def _ip_address_or_empty(value: str) -> str:
+    return _ip_address(value) if value else value
+
+
+IpAddress = Annotated[str, AfterValidator(_ip_address)]  # listen and advertise addresses: no host names
+IpAddressOrEmpty = Annotated[str, AfterValidator(_ip_address_or_empty)]  # "" = chosen at start
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -8,11 +8,14 @@ storage's final group commit and clean-shutdown marker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
+import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,10 @@ from prometheus_client import start_http_server
 
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
+from dfly.common.errors import ConfigError
 from dfly.common.ids import host_id as make_host_id
 from dfly.common.tls import add_port, piece_client_context, piece_server_context
-from dfly.daemon.config import DaemonConfig
+from dfly.daemon.config import DaemonConfig, ListenerSection
 from dfly.daemon.context import Counters, DaemonContext
 from dfly.daemon.local_api import LocalApiServer
 from dfly.daemon.proxy.server import RegistryMirror
@@ -100,43 +104,68 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     )
     # A leech (upload.disable_shared) opens no piece port and announces 0: never offered as a parent.
     leech = config.upload.disable_shared
-    piece_port = 0 if leech else await pieces.start(config.piece.ip, config.piece.port)
+    # Until the main block below takes them over, a listener that cannot bind closes what is already up.
+    early = contextlib.AsyncExitStack()
+    early.push_async_callback(storage.close)
+    try:
+        with _binding("piece", config.piece):
+            piece_port = 0 if leech else await pieces.start(config.piece.ip, config.piece.port)
+        early.push_async_callback(pieces.close)
 
-    control = grpc.aio.server()
-    trusted = config.control.trusted_schedulers or [
-        a.rpartition(":")[0].strip("[]") for a in config.scheduler.addrs
-    ]
-    dpb_grpc.add_DfdaemonControlServicer_to_server(ControlService(trusted, tasks.trigger), control)
-    control_port = add_port(control, f"{config.control.ip}:{config.control.port}", config.security.tls)
-    await control.start()
-    health = await start_health_server(config.health.ip, config.health.port)
-    health_port = health.sockets[0].getsockname()[1]
-    metrics_server, metrics_thread = start_http_server(config.metrics.port, config.metrics.ip)
-    metrics_port = metrics_server.server_port
-    local_api = LocalApiServer(tasks, config.local_api.socket, config.local_api.mode, config.local_api.group)
-    await local_api.start()
-    proxy = config.proxy
-    auth = (proxy.basic_auth_username, proxy.basic_auth_password) if proxy.basic_auth_username else None
-    certs = None
-    if proxy.enable and proxy.hijack_https.hosts:
-        from dfly.daemon.proxy.certs import HostCertificates, load_or_create_ca  # cryptography: only if used
+        control = grpc.aio.server()
+        trusted = config.control.trusted_schedulers or [
+            a.rpartition(":")[0].strip("[]") for a in config.scheduler.addrs
+        ]
+        dpb_grpc.add_DfdaemonControlServicer_to_server(ControlService(trusted, tasks.trigger), control)
+        with _binding("control", config.control):
+            if config.control.port:  # grpc only says "Failed to bind": ask the OS for the reason first
+                family = socket.AF_INET6 if ":" in config.control.ip else socket.AF_INET
+                socket.create_server((config.control.ip, config.control.port), family=family).close()
+            address = f"{config.control.ip}:{config.control.port}"
+            control_port = add_port(control, address, config.security.tls)
+        await control.start()
+        early.push_async_callback(control.stop, 1.0)
+        with _binding("health", config.health):
+            health = await start_health_server(config.health.ip, config.health.port)
+        early.callback(health.close)
+        health_port = health.sockets[0].getsockname()[1]
+        with _binding("metrics", config.metrics):
+            metrics_server, metrics_thread = start_http_server(config.metrics.port, config.metrics.ip)
+        early.callback(metrics_server.shutdown)
+        metrics_port = metrics_server.server_port
+        api = config.local_api
+        local_api = LocalApiServer(tasks, api.socket, api.mode, api.group)
+        with _binding("local_api", None, str(config.local_api.socket)):
+            await local_api.start()
+        early.push_async_callback(local_api.close)
+        proxy = config.proxy
+        auth = (proxy.basic_auth_username, proxy.basic_auth_password) if proxy.basic_auth_username else None
+        certs = None
+        if proxy.enable and proxy.hijack_https.hosts:
+            # cryptography: imported only when interception is configured
+            from dfly.daemon.proxy.certs import HostCertificates, load_or_create_ca
 
-        ca_cert, ca_key, ca_path = load_or_create_ca(
-            proxy.hijack_https.cert, proxy.hijack_https.key, config.storage.dir
+            ca_cert, ca_key, ca_path = load_or_create_ca(
+                proxy.hijack_https.cert, proxy.hijack_https.key, config.storage.dir
+            )
+            certs = HostCertificates(ca_cert, ca_key, config.storage.dir)
+            log.info("intercepting HTTPS for %s; clients must trust %s", proxy.hijack_https.hosts, ca_path)
+        mirror = RegistryMirror(
+            tasks,
+            proxy.registry_mirror,
+            proxy.allowed_hosts,
+            proxy.rules,
+            auth,
+            proxy.public_registries,
+            proxy.hijack_https.hosts,
+            certs,
         )
-        certs = HostCertificates(ca_cert, ca_key, config.storage.dir)
-        log.info("intercepting HTTPS for %s; clients must trust %s", proxy.hijack_https.hosts, ca_path)
-    mirror = RegistryMirror(
-        tasks,
-        proxy.registry_mirror,
-        proxy.allowed_hosts,
-        proxy.rules,
-        auth,
-        proxy.public_registries,
-        proxy.hijack_https.hosts,
-        certs,
-    )
-    proxy_port = await mirror.start(config.proxy.ip, config.proxy.port) if config.proxy.enable else None
+        with _binding("proxy", config.proxy):
+            proxy_port = await mirror.start(proxy.ip, proxy.port) if proxy.enable else None
+    except BaseException:
+        await early.aclose()
+        raise
+    early.pop_all()  # from here the main block's `finally` closes them
 
     upload_rate = UploadRate(counters)
 
@@ -213,6 +242,19 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         await scheduler.close()
         await storage.close()
         log.info("dfdaemon %s stopped", host)
+
+
+@contextlib.contextmanager
+def _binding(key: str, section: ListenerSection | None, where: str = "") -> Iterator[None]:
+    """A listener that cannot bind (address in use or not on this host, no permission) is a config error
+    naming its key, not a traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # grpc's add_port raises RuntimeError("Failed to bind ...")
+        # asyncio's OSError messages repeat the address; grpc's RuntimeError adds advice after a ';'
+        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc).split(";")[0]
+        where = where or (f"{section.ip}:{section.port}" if section is not None else "")
+        raise ConfigError(f"{key}: cannot listen on {where}: {reason}") from None
 
 
 async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event) -> None:

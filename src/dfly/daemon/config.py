@@ -10,14 +10,14 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from dfly.common.config import StrictModel
+from dfly.common.config import IpAddress, IpAddressOrEmpty, StrictModel
 from dfly.common.pieces import MiB
 from dfly.common.tls import SecuritySection
 
 
 class HostSection(StrictModel):
     hostname: str = Field(default_factory=socket.gethostname)
-    advertise_ip: str = ""  # "" = the source address the kernel picks toward the first scheduler
+    advertise_ip: IpAddressOrEmpty = ""  # "" = the source address the kernel picks toward the first scheduler
     idc: str = ""
     location: str = ""
 
@@ -30,6 +30,8 @@ class SchedulerSection(StrictModel):
     @field_validator("addrs")
     @classmethod
     def _check_addrs(cls, addrs: list[str]) -> list[str]:
+        if not addrs:
+            raise ValueError("at least one scheduler address (host:port) is needed")
         for addr in addrs:
             host, sep, port = addr.rpartition(":")
             if not sep or not host or not port.isdigit():
@@ -66,14 +68,14 @@ class UploadSection(StrictModel):
 
 
 class ListenerSection(StrictModel):
-    ip: str = "0.0.0.0"
+    ip: IpAddress = "0.0.0.0"
     port: int = Field(ge=0, le=65535)
 
 
 class ControlSection(ListenerSection):
     port: int = Field(default=4000, ge=0, le=65535)
     # IPs allowed to call DownloadTask; empty = the IPs of scheduler.addrs
-    trusted_schedulers: list[str] = []
+    trusted_schedulers: list[IpAddress] = []
 
 
 class PieceSection(ListenerSection):
@@ -81,7 +83,7 @@ class PieceSection(ListenerSection):
 
 
 class LocalListenerSection(ListenerSection):
-    ip: str = "127.0.0.1"
+    ip: IpAddress = "127.0.0.1"
 
 
 class HijackHttpsSection(StrictModel):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from dfly.common.config import StrictModel, load_config
+from dfly.common.config import IpAddress, StrictModel, load_config
 from dfly.common.tls import SecuritySection
 from dfly.scheduler.core.config import EngineConfig
 
@@ -17,7 +17,7 @@ ENV_PREFIX = "DFLY_SCHEDULER"
 
 
 class MetricsSection(StrictModel):
-    ip: str = "127.0.0.1"
+    ip: IpAddress = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     enable: bool = True
 
@@ -27,7 +27,7 @@ class SeedTriggerSection(StrictModel):
 
 
 class SchedulerConfig(StrictModel):
-    listen_ip: str = "0.0.0.0"
+    listen_ip: IpAddress = "0.0.0.0"
     port: int = Field(default=8002, ge=0, le=65535)
     metrics: MetricsSection = MetricsSection()
     scheduling: EngineConfig = EngineConfig()

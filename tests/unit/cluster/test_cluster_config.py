@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from dfly.cluster import LOOPBACK, ClusterError, daemon_config, query_stats, scheduler_config
 from dfly.daemon.config import DaemonConfig
@@ -88,3 +89,10 @@ def test_a_seed_cannot_be_a_leech(tmp_path: Path) -> None:
         DaemonConfig.model_validate(cfg)
     cfg["seed_peer"]["enable"] = False
     assert DaemonConfig.model_validate(cfg).upload.disable_shared
+
+
+@pytest.mark.parametrize("addrs", [[], ["127.0.0.1"], [":8002"], ["host:port"]])
+def test_scheduler_addresses_are_checked_at_load(addrs: list[str]) -> None:
+    """An empty list or a malformed address is a config error (dfdaemon prints it in one line)."""
+    with pytest.raises(ValidationError, match="scheduler address"):
+        DaemonConfig.model_validate({"scheduler": {"addrs": addrs}})

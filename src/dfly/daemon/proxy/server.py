@@ -150,7 +150,11 @@ class RegistryMirror:
         self._accepting: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
-        """Listen on host:port (0 = any free port); returns the bound port."""
+        """Listen on host:port (0 = any free port); returns the bound port. Binds first: a port that is
+        taken raises OSError with nothing else left open."""
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setblocking(False)
+        self._listener = sock
         self._session = aiohttp.ClientSession(
             auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
         )
@@ -164,9 +168,6 @@ class RegistryMirror:
         async def on_connect(conn: socket.socket) -> None:
             await self._connect(conn, intercepted)
 
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setblocking(False)
-        self._listener = sock
         self._accepting = asyncio.create_task(connect.accept_loop(sock, on_plain, on_connect))
         return int(sock.getsockname()[1])
 

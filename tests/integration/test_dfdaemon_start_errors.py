@@ -1,0 +1,72 @@
+"""dfdaemon refuses a config it cannot run with in one line and exit 2, never a traceback.
+
+Real processes: `python -m dfly.cli.dfdaemon --config FILE` with every listener on 127.0.0.1 port 0
+except the one under test, whose port a socket of the test holds (address in use), and configs that
+fail validation (no scheduler, a host name where an IP address is needed). A daemon that could not bind
+leaves its storage closed cleanly (the clean-shutdown marker is written).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+
+def base_config(tmp_path: Path) -> dict[str, Any]:
+    listener = {"ip": "127.0.0.1", "port": 0}
+    return {
+        "scheduler": {"addrs": ["127.0.0.1:9"]},  # never reached: the daemon stops before announcing
+        "storage": {"dir": str(tmp_path / "data")},
+        "local_api": {"socket": str(tmp_path / "d.sock")},
+        **{key: dict(listener) for key in ("piece", "control", "health", "metrics", "proxy")},
+    }
+
+
+def run_daemon(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "dfdaemon.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "dfly.cli.dfdaemon", "--config", str(path)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("key", ["piece", "control", "health", "metrics", "proxy"])
+def test_a_listener_whose_port_is_taken_is_one_line_and_exit_2(tmp_path: Path, key: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = base_config(tmp_path)
+        config[key]["port"] = port
+        done = run_daemon(tmp_path, config)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"dfdaemon: {key}: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ), done.stderr
+    assert (tmp_path / "data" / "clean-shutdown").exists()  # what was up was closed in order
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        (
+            "scheduler",
+            {"addrs": []},
+            "scheduler.addrs: Value error, at least one scheduler address (host:port) is needed",
+        ),
+        ("host", {"advertise_ip": "node-7"}, "host.advertise_ip: Value error, 'node-7' is not an IP address"),
+        ("proxy", {"ip": "localhost", "port": 0}, "proxy.ip: Value error, 'localhost' is not an IP address"),
+    ],
+)
+def test_an_invalid_address_is_a_config_error(tmp_path: Path, section: str, value: Any, message: str) -> None:
+    config = base_config(tmp_path)
+    config[section] = value
+    done = run_daemon(tmp_path, config)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"dfdaemon: invalid config key {message}", done.stderr
