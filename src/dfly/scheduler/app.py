@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -59,7 +60,7 @@ def _start_metrics(config: SchedulerConfig, metrics: SchedulerMetrics) -> tuple[
         server, _thread = start_http_server(config.metrics.port, config.metrics.ip, registry=metrics.registry)
     except OSError as exc:
         raise BindError(
-            f"cannot listen for metrics on {config.metrics.ip}:{config.metrics.port}: {exc}"
+            f"cannot listen for metrics on {config.metrics.ip}:{config.metrics.port}: {exc.strerror or exc}"
         ) from None
     return server, int(server.server_port)
 
@@ -105,7 +106,13 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
         else f"{config.listen_ip}:{config.port}"
     )
     try:
+        if config.port:  # grpc only says "Failed to bind": ask the OS for the reason first
+            family = socket.AF_INET6 if ":" in config.listen_ip else socket.AF_INET
+            socket.create_server((config.listen_ip, config.port), family=family).close()
         grpc_port = add_port(server, address, tls)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise BindError(f"cannot listen for gRPC on {address}: {reason}") from None
     except RuntimeError:
         grpc_port = 0
     if grpc_port == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -125,3 +126,18 @@ def test_engine_reads_no_clock_and_no_global_randomness(monkeypatch: pytest.Monk
     harness.advance(5)
     harness.do(PeerFinished("seed-peer", (1, 2, 3, 4)))
     assert len(answers) == 2
+
+
+@pytest.mark.parametrize(("which", "name"), [("grpc", "gRPC"), ("metrics", "metrics")])
+def test_main_reports_a_taken_port_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str, name: str
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        grpc_port, metrics_port = (port, 0) if which == "grpc" else (0, port)
+        path = tmp_path / "scheduler.yaml"
+        metrics = f"metrics: {{ip: 127.0.0.1, port: {metrics_port}}}"
+        path.write_text(f"listen_ip: 127.0.0.1\nport: {grpc_port}\n{metrics}\n")
+        assert main(["--config", str(path)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"dfly scheduler: cannot listen for {name} on 127.0.0.1:{port}: Address already in use"
