@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 
@@ -74,7 +75,14 @@ def channel_credentials(tls: TlsSection) -> grpc.ChannelCredentials:
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: TlsSection) -> int:
-    """Bind `address` on `server`, with mTLS when configured; returns the port."""
+    """Bind `address` (`ip:port`, `[ip6]:port`) on `server`, with mTLS when configured; returns the
+    port. A fixed port that is taken, or an address not on this host, raises OSError with the OS's reason
+    (grpc itself only raises RuntimeError "Failed to bind")."""
+    host, _, port = address.rpartition(":")
+    if int(port):
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.create_server((host, int(port)), family=family).close()
     if tls.enabled:
         return server.add_secure_port(address, server_credentials(tls))
     return server.add_insecure_port(address)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,9 +117,6 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         ]
         dpb_grpc.add_DfdaemonControlServicer_to_server(ControlService(trusted, tasks.trigger), control)
         with _binding("control", config.control):
-            if config.control.port:  # grpc only says "Failed to bind": ask the OS for the reason first
-                family = socket.AF_INET6 if ":" in config.control.ip else socket.AF_INET
-                socket.create_server((config.control.ip, config.control.port), family=family).close()
             address = f"{config.control.ip}:{config.control.port}"
             control_port = add_port(control, address, config.security.tls)
         await control.start()

@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -106,9 +105,6 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
         else f"{config.listen_ip}:{config.port}"
     )
     try:
-        if config.port:  # grpc only says "Failed to bind": ask the OS for the reason first
-            family = socket.AF_INET6 if ":" in config.listen_ip else socket.AF_INET
-            socket.create_server((config.listen_ip, config.port), family=family).close()
         grpc_port = add_port(server, address, tls)
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
