@@ -107,7 +107,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     early = contextlib.AsyncExitStack()
     early.push_async_callback(storage.close)
     try:
-        with _binding("piece", config.piece):
+        with _binding("piece", _address(config.piece)):
             piece_port = 0 if leech else await pieces.start(config.piece.ip, config.piece.port)
         early.push_async_callback(pieces.close)
 
@@ -116,22 +116,21 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             a.rpartition(":")[0].strip("[]") for a in config.scheduler.addrs
         ]
         dpb_grpc.add_DfdaemonControlServicer_to_server(ControlService(trusted, tasks.trigger), control)
-        with _binding("control", config.control):
-            address = f"{config.control.ip}:{config.control.port}"
-            control_port = add_port(control, address, config.security.tls)
+        with _binding("control", _address(config.control)):
+            control_port = add_port(control, _address(config.control), config.security.tls)
         await control.start()
         early.push_async_callback(control.stop, 1.0)
-        with _binding("health", config.health):
+        with _binding("health", _address(config.health)):
             health = await start_health_server(config.health.ip, config.health.port)
         early.callback(health.close)
         health_port = health.sockets[0].getsockname()[1]
-        with _binding("metrics", config.metrics):
+        with _binding("metrics", _address(config.metrics)):
             metrics_server, metrics_thread = start_http_server(config.metrics.port, config.metrics.ip)
         early.callback(metrics_server.shutdown)
         metrics_port = metrics_server.server_port
         api = config.local_api
         local_api = LocalApiServer(tasks, api.socket, api.mode, api.group)
-        with _binding("local_api", None, str(config.local_api.socket)):
+        with _binding("local_api", str(api.socket)):
             await local_api.start()
         early.push_async_callback(local_api.close)
         proxy = config.proxy
@@ -156,7 +155,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             proxy.hijack_https.hosts,
             certs,
         )
-        with _binding("proxy", config.proxy):
+        with _binding("proxy", _address(config.proxy)):
             proxy_port = await mirror.start(proxy.ip, proxy.port) if proxy.enable else None
     except BaseException:
         await early.aclose()
@@ -241,7 +240,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
 
 
 @contextlib.contextmanager
-def _binding(key: str, section: ListenerSection | None, where: str = "") -> Iterator[None]:
+def _binding(key: str, where: str) -> Iterator[None]:
     """A listener that cannot bind (address in use or not on this host, no permission) is a config error
     naming its key, not a traceback."""
     try:
@@ -249,8 +248,11 @@ def _binding(key: str, section: ListenerSection | None, where: str = "") -> Iter
     except (OSError, RuntimeError) as exc:  # grpc's add_port raises RuntimeError("Failed to bind ...")
         # asyncio's OSError messages repeat the address; grpc's RuntimeError adds advice after a ';'
         reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc).split(";")[0]
-        where = where or (f"{section.ip}:{section.port}" if section is not None else "")
         raise ConfigError(f"{key}: cannot listen on {where}: {reason}") from None
+
+
+def _address(section: ListenerSection) -> str:
+    return f"[{section.ip}]:{section.port}" if ":" in section.ip else f"{section.ip}:{section.port}"
 
 
 async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event) -> None:
