@@ -15,7 +15,6 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from hashlib import sha256
 from typing import NewType
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -120,6 +119,8 @@ def task_id(
         str(piece_length) if piece_length else "",
         "STANDARD",
     ]
+    from hashlib import sha256  # here, not at the top: loading libcrypto is ~8 ms of every dfget start
+
     return TaskId(sha256("\0".join(fields).encode()).hexdigest())
 
 
