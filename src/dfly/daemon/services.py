@@ -20,6 +20,7 @@ import grpc
 from dfly.api import daemon_pb2 as dpb
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.common.errors import DflyError
+from dfly.common.net import listen_socket
 from dfly.daemon.task_request import TaskRequest
 
 log = logging.getLogger(__name__)
@@ -86,4 +87,4 @@ async def start_health_server(ip: str, port: int) -> asyncio.Server:
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, ip, port)
+    return await asyncio.start_server(handle, sock=listen_socket(ip, port))

@@ -42,6 +42,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from dfly.common.errors import DflyError, SourceError
+from dfly.common.net import listen_socket
 from dfly.daemon.proxy import connect, metrics
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
 from dfly.daemon.proxy.forward import (
@@ -152,8 +153,7 @@ class RegistryMirror:
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 = any free port); returns the bound port. Binds first: a port that is
         taken raises OSError with nothing else left open."""
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setblocking(False)
+        sock = listen_socket(host, port)
         self._listener = sock
         self._session = aiohttp.ClientSession(
             auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)

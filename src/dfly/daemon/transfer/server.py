@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from dfly.common.errors import ProtocolError, StorageError
+from dfly.common.net import listen_socket
 from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.connection import ChildConnection
@@ -127,10 +128,7 @@ class PieceServer:
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 = kernel's choice); returns the bound port."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.create_server(addr[:2], family=family, backlog=1024)
-        sock.setblocking(False)
+        sock = listen_socket(host, port)
         self._listener = sock
         self._accept_task = loop.create_task(self._accept_loop(sock), name="piece-server-accept")
         return int(sock.getsockname()[1])

@@ -1,0 +1,30 @@
+"""Listening sockets for dfly's own TCP servers (the daemon's piece, proxy and health listeners).
+
+Rules:
+- `::` means every interface, IPv4 included (one dual-stack socket), as it does for the gRPC listeners
+  and for Go servers such as Dragonfly's; any other IPv6 address listens on IPv6 only; an IPv4 address
+  on IPv4 only. `asyncio` and `socket.create_server` would make `::` IPv6-only, so IPv4 peers and
+  clients of a daemon configured with `::` were refused.
+- The socket is bound and listening, non-blocking, with SO_REUSEADDR; a bind failure is the OSError
+  of `bind` (the caller turns it into a config error naming its key).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+
+def listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A non-blocking listening TCP socket on host:port (port 0 = the kernel's choice)."""
+    host = host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    every_interface = family == socket.AF_INET6 and ipaddress.ip_address(host.split("%")[0]).is_unspecified
+    sock = socket.create_server(
+        (host, port),
+        family=family,
+        backlog=backlog,
+        dualstack_ipv6=every_interface and socket.has_dualstack_ipv6(),
+    )
+    sock.setblocking(False)
+    return sock
