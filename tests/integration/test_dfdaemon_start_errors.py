@@ -30,10 +30,10 @@ def base_config(tmp_path: Path) -> dict[str, Any]:
     }
 
 
-def run_daemon(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+def run_daemon(tmp_path: Path, config: dict[str, Any], *flags: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "dfdaemon.yaml"
     path.write_text(yaml.safe_dump(config))
-    argv = [sys.executable, "-m", "dfly.cli.dfdaemon", "--config", str(path)]
+    argv = [sys.executable, "-m", "dfly.cli.dfdaemon", "--config", str(path), *flags]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
@@ -70,3 +70,15 @@ def test_an_invalid_address_is_a_config_error(tmp_path: Path, section: str, valu
     done = run_daemon(tmp_path, config)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == f"dfdaemon: invalid config key {message}", done.stderr
+
+
+def test_seed_flag_is_checked_like_the_config_key(tmp_path: Path) -> None:
+    """`--seed` on a leech config is refused as `seed_peer.enable: true` in the file is."""
+    config = base_config(tmp_path)
+    config["upload"] = {"disable_shared": True}
+    done = run_daemon(tmp_path, config, "--seed")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "dfdaemon: invalid config key (top level): Value error, "
+        "a seed peer must upload: seed_peer.enable excludes upload.disable_shared"
+    ), done.stderr

@@ -29,9 +29,8 @@ async def _main(args: argparse.Namespace) -> int:
     from dfly.daemon.app import run
     from dfly.daemon.config import DaemonConfig
 
-    config = load_config(DaemonConfig, args.config, "DFLY_DFDAEMON")
-    if args.seed:
-        config.seed_peer.enable = True
+    flags = {"seed_peer.enable": True} if args.seed else {}
+    config = load_config(DaemonConfig, args.config, "DFLY_DFDAEMON", flags=flags)
     setup_logging("dfdaemon", config.log_level)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

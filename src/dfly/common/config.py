@@ -2,7 +2,8 @@
 
 `load_config(Model, path, env_prefix)` reads the file (empty or missing file = all defaults), applies
 variables such as `DFLY_DFDAEMON__UPLOAD__RATE_LIMIT_BYTES_PER_S=1000` (double underscore = nesting,
-values parsed as YAML scalars), validates, and raises ConfigError with one line naming the key.
+values parsed as YAML scalars), then command-line flags (`flags={"seed_peer.enable": True}`), validates
+the result once, and raises ConfigError with one line naming the key.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ IpAddressOrEmpty = Annotated[str, AfterValidator(_ip_address_or_empty)]  # "" = 
 M = TypeVar("M", bound=BaseModel)
 
 
+def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
 def _apply_env(data: dict[str, Any], env_prefix: str, environ: dict[str, str]) -> None:
     prefix = env_prefix.upper() + "__"
     for name, raw in environ.items():
@@ -50,22 +62,21 @@ def _apply_env(data: dict[str, Any], env_prefix: str, environ: dict[str, str]) -
         path = [p.lower() for p in name[len(prefix) :].split("__") if p]
         if not path:
             continue
-        node = data
-        for key in path[:-1]:
-            child = node.get(key)
-            if not isinstance(child, dict):
-                child = {}
-                node[key] = child
-            node = child
         try:
-            node[path[-1]] = yaml.safe_load(raw)
+            _set(data, path, yaml.safe_load(raw))
         except yaml.YAMLError:
-            node[path[-1]] = raw
+            _set(data, path, raw)
 
 
 def load_config(
-    model: type[M], path: str | Path | None, env_prefix: str, environ: dict[str, str] | None = None
+    model: type[M],
+    path: str | Path | None,
+    env_prefix: str,
+    environ: dict[str, str] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> M:
+    """The file, then environment variables over it, then command-line `flags` (dotted key -> value)
+    over both; validated once, so a flag is checked against the rest of the config like any key."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -80,6 +91,8 @@ def load_config(
             raise ConfigError(f"config {path} must be a mapping at the top level")
         data = loaded or {}
     _apply_env(data, env_prefix, dict(os.environ) if environ is None else environ)
+    for dotted, value in (flags or {}).items():
+        _set(data, dotted.split("."), value)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
