@@ -10,7 +10,7 @@ import pytest
 from dfly.api import daemon_pb2 as dpb
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
-from dfly.daemon.services import ControlService, peer_ip
+from dfly.daemon.services import ControlService, TrustedSchedulers, peer_ip
 from dfly.daemon.task_request import TaskRequest
 
 pytestmark = pytest.mark.integration
@@ -26,7 +26,9 @@ async def call_download_task(
         return "t" * 64
 
     server = grpc.aio.server()
-    dpb_grpc.add_DfdaemonControlServicer_to_server(ControlService(trusted, trigger), server)
+    dpb_grpc.add_DfdaemonControlServicer_to_server(
+        ControlService(TrustedSchedulers(trusted), trigger), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -51,8 +53,10 @@ def test_untrusted_caller_is_refused_and_nothing_is_fetched() -> None:
     assert triggered == []
 
 
-def test_trusted_scheduler_triggers_a_back_to_source_download() -> None:
-    code, triggered = asyncio.run(call_download_task(["127.0.0.1"]))
+@pytest.mark.parametrize("trusted", ["127.0.0.1", "localhost"])
+def test_trusted_scheduler_triggers_a_back_to_source_download(trusted: str) -> None:
+    """By IP, or by the host name `scheduler.addrs` gives (the default trust list), resolved."""
+    code, triggered = asyncio.run(call_download_task([trusted]))
     assert code is None
     [request] = triggered
     assert request.url == "http://origin.example/f"

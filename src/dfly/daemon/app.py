@@ -32,7 +32,7 @@ from dfly.daemon.local_api import LocalApiServer
 from dfly.daemon.proxy.server import RegistryMirror
 from dfly.daemon.scheduler_client import SchedulerClient, source_ip_toward
 from dfly.daemon.scheduler_ring import SchedulerRing
-from dfly.daemon.services import ControlService, start_health_server
+from dfly.daemon.services import ControlService, TrustedSchedulers, start_health_server
 from dfly.daemon.storage import Storage
 from dfly.daemon.tasks import TaskManager
 from dfly.daemon.transfer.buffers import BufferPool
@@ -115,7 +115,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         trusted = config.control.trusted_schedulers or [
             a.rpartition(":")[0].strip("[]") for a in config.scheduler.addrs
         ]
-        dpb_grpc.add_DfdaemonControlServicer_to_server(ControlService(trusted, tasks.trigger), control)
+        service = ControlService(TrustedSchedulers(trusted), tasks.trigger)
+        dpb_grpc.add_DfdaemonControlServicer_to_server(service, control)
         with _binding("control", _address(config.control)):
             control_port = add_port(control, _address(config.control), config.security.tls)
         await control.start()

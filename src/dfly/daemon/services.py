@@ -2,8 +2,10 @@
 
 Rules:
 - `DownloadTask` makes this daemon fetch from the origin, so it is accepted only from trusted
-  scheduler addresses (config `control.trusted_schedulers`, default the IPs of `scheduler.addrs`);
-  anyone else gets PERMISSION_DENIED.
+  scheduler addresses (config `control.trusted_schedulers`, default the hosts of `scheduler.addrs`);
+  anyone else gets PERMISSION_DENIED. A trusted entry that is a host name (`scheduler.addrs` may name
+  hosts) stands for every address it resolves to when a caller is checked, cached for
+  TRUST_RESOLVE_TTL_S (a scheduler behind DNS may move); a name that does not resolve trusts nobody.
 - The health endpoint answers 200 to `GET /healthy` and 404 to anything else; it reads at most one
   small request per connection and never blocks the loop.
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
+import socket
+import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -24,6 +28,8 @@ from dfly.common.net import listen_socket
 from dfly.daemon.task_request import TaskRequest
 
 log = logging.getLogger(__name__)
+
+TRUST_RESOLVE_TTL_S = 60.0
 
 
 def peer_ip(peer: str) -> str:
@@ -36,15 +42,64 @@ def peer_ip(peer: str) -> str:
     return ""
 
 
-def same_ip(a: str, b: str) -> bool:
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+        ip = ipaddress.ip_address(text.split("%")[0])
     except ValueError:
-        return a == b
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # a dual-stack listener sees IPv4 callers as ::ffff:a.b.c.d
+    return ip
+
+
+Resolve = Callable[[str], Awaitable[list[str]]]
+
+
+async def resolve_host(name: str) -> list[str]:
+    """Every address `name` resolves to (the system resolver, off the event loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+class TrustedSchedulers:
+    """The callers allowed to trigger downloads: IP addresses, and host names resolved on demand."""
+
+    def __init__(
+        self, entries: list[str], resolve: Resolve = resolve_host, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ips = {ip for ip in map(_ip, entries) if ip is not None}
+        self._names = [entry for entry in entries if _ip(entry) is None and entry]
+        self._resolve = resolve
+        self._clock = clock
+        self._resolved: dict[str, tuple[float, set[ipaddress.IPv4Address | ipaddress.IPv6Address]]] = {}
+
+    async def allows(self, caller: str) -> bool:
+        ip = _ip(caller)
+        if ip is None:
+            return False
+        if ip in self._ips:
+            return True
+        for name in self._names:
+            if ip in await self._addresses(name):
+                return True
+        return False
+
+    async def _addresses(self, name: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        now = self._clock()
+        cached = self._resolved.get(name)
+        if cached is not None and now - cached[0] < TRUST_RESOLVE_TTL_S:
+            return cached[1]
+        try:
+            found = {ip for ip in map(_ip, await self._resolve(name)) if ip is not None}
+        except OSError as exc:
+            log.warning("trusted scheduler %s does not resolve: %s", name, exc)
+            found = set()
+        self._resolved[name] = (now, found)
+        return found
 
 
 class ControlService(dpb_grpc.DfdaemonControlServicer):
-    def __init__(self, trusted: list[str], trigger: Callable[[TaskRequest], str]) -> None:
+    def __init__(self, trusted: TrustedSchedulers, trigger: Callable[[TaskRequest], str]) -> None:
         self._trusted = trusted
         self._trigger = trigger
 
@@ -52,7 +107,7 @@ class ControlService(dpb_grpc.DfdaemonControlServicer):
         self, request: dpb.DownloadTaskRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> dpb.DownloadTaskResponse:
         caller = peer_ip(context.peer())
-        if not any(same_ip(caller, ip) for ip in self._trusted):
+        if not await self._trusted.allows(caller):
             log.warning("refused DownloadTask from untrusted %s", context.peer())
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"{caller or 'caller'} is not a trusted scheduler"

@@ -1,0 +1,60 @@
+"""TrustedSchedulers: IPs match directly; host names match what they resolve to, cached for a while."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dfly.daemon.services import TRUST_RESOLVE_TTL_S, TrustedSchedulers
+
+
+class Resolver:
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.calls: list[str] = []
+
+    async def __call__(self, name: str) -> list[str]:
+        self.calls.append(name)
+        if name not in self.answers:
+            raise OSError(f"{name}: Name or service not known")
+        return self.answers[name]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def allows(trusted: TrustedSchedulers, caller: str) -> bool:
+    return asyncio.run(trusted.allows(caller))
+
+
+def test_ip_entries_match_without_resolving() -> None:
+    resolver = Resolver({})
+    trusted = TrustedSchedulers(["10.0.0.5", "fd00::7"], resolve=resolver)
+    assert allows(trusted, "10.0.0.5")
+    assert allows(trusted, "fd00:0::7")
+    assert allows(trusted, "::ffff:10.0.0.5")  # an IPv4 caller seen by a dual-stack listener
+    assert not allows(trusted, "10.0.0.6")
+    assert not allows(trusted, "")
+    assert resolver.calls == []
+
+
+def test_a_name_trusts_its_addresses_and_is_resolved_again_after_the_ttl() -> None:
+    resolver, clock = Resolver({"scheduler.svc": ["10.1.1.1", "10.1.1.2"]}), Clock()
+    trusted = TrustedSchedulers(["scheduler.svc"], resolve=resolver, clock=clock)
+    assert allows(trusted, "10.1.1.2")
+    assert not allows(trusted, "10.9.9.9")
+    assert resolver.calls == ["scheduler.svc"]  # cached
+    resolver.answers["scheduler.svc"] = ["10.9.9.9"]  # the scheduler moved
+    clock.now += TRUST_RESOLVE_TTL_S
+    assert allows(trusted, "10.9.9.9")
+    assert not allows(trusted, "10.1.1.2")
+    assert resolver.calls == ["scheduler.svc", "scheduler.svc"]
+
+
+def test_a_name_that_does_not_resolve_trusts_nobody() -> None:
+    trusted = TrustedSchedulers(["gone.example"], resolve=Resolver({}))
+    assert not allows(trusted, "127.0.0.1")
