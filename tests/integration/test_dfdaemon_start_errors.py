@@ -62,6 +62,16 @@ def test_a_listener_whose_port_is_taken_is_one_line_and_exit_2(tmp_path: Path, k
         ),
         ("host", {"advertise_ip": "node-7"}, "host.advertise_ip: Value error, 'node-7' is not an IP address"),
         ("proxy", {"ip": "localhost", "port": 0}, "proxy.ip: Value error, 'localhost' is not an IP address"),
+        (
+            "proxy",
+            {"ip": "127.0.0.1", "port": 0, "basic_auth_password": "s3cret"},
+            "proxy: Value error, basic_auth_username and basic_auth_password are set together or not at all",
+        ),
+        (
+            "log_level",
+            "verbose",
+            "log_level: Value error, 'verbose' is not a log level (debug, info, warning, error, critical)",
+        ),
     ],
 )
 def test_an_invalid_address_is_a_config_error(tmp_path: Path, section: str, value: Any, message: str) -> None:

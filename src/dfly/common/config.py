@@ -40,6 +40,17 @@ def _ip_address_or_empty(value: str) -> str:
 IpAddress = Annotated[str, AfterValidator(_ip_address)]  # listen and advertise addresses: no host names
 IpAddressOrEmpty = Annotated[str, AfterValidator(_ip_address_or_empty)]  # "" = chosen at start
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: str) -> str:
+    if value.lower() not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not a log level ({', '.join(LOG_LEVELS)})")
+    return value.lower()
+
+
+LogLevel = Annotated[str, AfterValidator(_log_level)]
+
 M = TypeVar("M", bound=BaseModel)
 
 

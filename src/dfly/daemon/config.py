@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from dfly.common.config import IpAddress, IpAddressOrEmpty, StrictModel
+from dfly.common.config import IpAddress, IpAddressOrEmpty, LogLevel, StrictModel
 from dfly.common.pieces import MiB
 from dfly.common.tls import SecuritySection
 
@@ -119,11 +119,18 @@ class ProxySection(LocalListenerSection):
     # For every other registry the client's own credentials are checked upstream (HEAD of the blob) before
     # a blob is served from the swarm.
     public_registries: list[str] = []
-    # Forward proxy: when both are set, absolute-form requests need `Proxy-Authorization: Basic` with
-    # them (else 407). Registry-mirror requests are not covered (their Authorization is the registry's).
+    # Forward proxy: when set (both or neither), absolute-form requests and CONNECT need
+    # `Proxy-Authorization: Basic` with them (else 407). Registry-mirror requests are not covered
+    # (their Authorization is the registry's).
     basic_auth_username: str = ""
     basic_auth_password: str = ""
     hijack_https: HijackHttpsSection = HijackHttpsSection()
+
+    @model_validator(mode="after")
+    def _basic_auth_pair(self) -> ProxySection:
+        if bool(self.basic_auth_username) != bool(self.basic_auth_password):
+            raise ValueError("basic_auth_username and basic_auth_password are set together or not at all")
+        return self
 
     @model_validator(mode="after")
     def _upstreams_parse(self) -> ProxySection:
@@ -173,7 +180,7 @@ class DaemonConfig(StrictModel):
     local_api: LocalApiSection = LocalApiSection()
     seed_peer: SeedPeerSection = SeedPeerSection()
     security: SecuritySection = SecuritySection()  # mTLS to schedulers and on the control port
-    log_level: str = "info"
+    log_level: LogLevel = "info"
 
     @model_validator(mode="after")
     def _seed_uploads(self) -> DaemonConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from dfly.common.config import IpAddress, StrictModel, load_config
+from dfly.common.config import IpAddress, LogLevel, StrictModel, load_config
 from dfly.common.tls import SecuritySection
 from dfly.scheduler.core.config import EngineConfig
 
@@ -36,7 +36,7 @@ class SchedulerConfig(StrictModel):
     # piece); larger ones are refused with RESOURCE_EXHAUSTED before they are parsed.
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     security: SecuritySection = SecuritySection()  # mTLS to daemons (common/tls.py)
-    log_level: str = "info"
+    log_level: LogLevel = "info"
 
 
 def load_scheduler_config(path: str | Path | None, environ: dict[str, str] | None = None) -> SchedulerConfig:

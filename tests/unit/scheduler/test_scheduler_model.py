@@ -86,6 +86,7 @@ def test_scheduler_config_from_yaml_and_environment(tmp_path: Path) -> None:
         ("port: 70000\n", "port"),
         ("scheduling: {topology: ring}\n", "scheduling.topology"),
         ("colour: red\n", "colour"),
+        ("log_level: verbose\n", "log_level"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
