@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from dfly.common.errors import ConfigError
 from dfly.daemon.config import ProxySection
 from dfly.daemon.proxy.certs import HostCertificates, load_or_create_ca
-from dfly.daemon.proxy.connect import accept_loop, open_upstream, parse_connect, read_head
+from dfly.daemon.proxy.connect import HEAD_LIMIT, accept_loop, open_upstream, parse_connect, read_head
 from dfly.daemon.proxy.forward import never_upstream
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 from dfly.devtools.pki import make_pki
@@ -49,20 +49,22 @@ def test_parse_connect_refuses_malformed_heads(head: bytes) -> None:
 
 
 def test_read_head_stops_at_the_limit() -> None:
+    async def head_of(data: bytes) -> tuple[bytes, bytes]:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.setblocking(False)
+            theirs.sendall(data)
+            return await read_head(ours)
+
     async def run() -> None:
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        theirs.sendall(b"CONNECT a:443 HTTP/1.1\r\n" + b"X: " + b"y" * 20000)
+        start = b"CONNECT a:443 HTTP/1.1\r\nX: "
         with pytest.raises(BadRequest, match="longer than"):
-            await read_head(ours)
-        ours.close()
-        theirs.close()
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        theirs.sendall(b"CONNECT a:443 HTTP/1.1\r\n\r\nearly")
-        assert await read_head(ours) == (b"CONNECT a:443 HTTP/1.1", b"early")
-        ours.close()
-        theirs.close()
+            await head_of(start + b"y" * 20000)  # no end in sight
+        exact = start + b"y" * (HEAD_LIMIT - len(start) - 4)
+        assert await head_of(exact + b"\r\n\r\n") == (exact, b"")
+        with pytest.raises(BadRequest, match="longer than"):
+            await head_of(exact + b"y\r\n\r\n")  # one byte over, though the end arrived
+        assert await head_of(b"CONNECT a:443 HTTP/1.1\r\n\r\nearly") == (b"CONNECT a:443 HTTP/1.1", b"early")
 
     asyncio.run(run())
 

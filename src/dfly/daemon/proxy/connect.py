@@ -105,19 +105,21 @@ async def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     """(head through the blank line, bytes after it); BadRequest if too long, closed or too slow."""
     loop = asyncio.get_running_loop()
     buffer = b""
+    too_long = BadRequest(f"CONNECT head longer than {HEAD_LIMIT} bytes")
     try:
         async with asyncio.timeout(HEAD_TIMEOUT_S):
-            while b"\r\n\r\n" not in buffer:
-                if len(buffer) > HEAD_LIMIT:
-                    raise BadRequest(f"CONNECT head longer than {HEAD_LIMIT} bytes")
+            while (end := buffer.find(b"\r\n\r\n")) < 0:
+                if len(buffer) >= HEAD_LIMIT:
+                    raise too_long
                 data = await loop.sock_recv(sock, 4096)
                 if not data:
                     raise BadRequest("connection closed inside the CONNECT head")
                 buffer += data
     except TimeoutError:
         raise BadRequest(f"no complete CONNECT head within {HEAD_TIMEOUT_S:.0f} s") from None
-    head, _, rest = buffer.partition(b"\r\n\r\n")
-    return head, rest
+    if end + 4 > HEAD_LIMIT:  # the blank line counts: at most HEAD_LIMIT bytes in all
+        raise too_long
+    return buffer[:end], buffer[end + 4 :]
 
 
 def parse_connect(head: bytes) -> tuple[str, int, dict[str, str]]:
