@@ -10,12 +10,16 @@ given them as parents: both finish with the right bytes and the origin sends one
 from __future__ import annotations
 
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from clusterkit import Downloads, dfget_cmd, dfget_each_ok, dfget_ok, hung, stats, wait_until
 
+from dfly.api import scheduler_pb2 as pb
+from dfly.api import scheduler_pb2_grpc
 from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
@@ -146,3 +150,33 @@ def test_a_hung_scheduler_is_noticed_and_later_downloads_do_not_wait_for_it(tmp_
     assert "keepalive broke" in log
     assert "the scheduler gave no parent in time" not in log  # nobody waited out schedule_timeout_s
     assert "goes back to source: no scheduler reachable" in log  # the second download
+
+
+def scheduler_hosts(cluster: LocalCluster) -> float:
+    port = cluster.member("scheduler").ports["metrics"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    [value] = [line.split()[-1] for line in text.splitlines() if line.startswith("dfly_scheduler_hosts ")]
+    return float(value)
+
+
+def test_a_host_the_scheduler_forgot_announces_again(origin: Origin, tmp_path: Path) -> None:
+    """A LeaveHost with peer-1's host id (e.g. from a second daemon started with the same id) while
+    peer-1's keepalive stream stays up: peer-1 is announced again, and downloads through it go on."""
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digest = make_file(origin.root / "small.bin", 1 * MiB, seed=29)
+    with LocalCluster(tmp_path / "c", peers=1) as cluster:
+        peer = cluster.member("peer-1")
+        assert scheduler_hosts(cluster) == 2
+        addr = f"127.0.0.1:{cluster.member('scheduler').ports['grpc']}"
+        with grpc.insecure_channel(addr) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            stub.LeaveHost(pb.LeaveHostRequest(host_id=peer.ready["host_id"]), timeout=5)
+        assert scheduler_hosts(cluster) == 1
+        wait_until("peer-1 announced again", lambda: scheduler_hosts(cluster) == 2, timeout_s=15)
+        dfget_ok(peer, origin.url("/small.bin"), tmp_path / "out")
+        assert file_digest(tmp_path / "out").value == digest
+        log = peer.log_path.read_text(errors="replace")
+        assert "keepalive broke: FAILED_PRECONDITION" in log
+        assert "has not announced" not in log

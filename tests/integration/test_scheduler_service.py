@@ -337,6 +337,29 @@ def test_dropped_keepalive_suspends_and_the_retry_timer_fails_the_child(
     run(scenario)
 
 
+def test_keepalive_of_a_host_that_left_ends_so_the_daemon_announces_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LeaveHost with this host's id (say, from a second daemon given the same id) made the scheduler
+    forget a host whose own keepalive stream went on: every later registration was refused."""
+
+    async def scenario() -> None:
+        async with scheduler(tmp_path, monkeypatch) as running:
+            stub = running.stub
+            await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("a")))
+            keepalive = stub.HostKeepAlive()
+            beat = pb.HostKeepAliveRequest(host_id="127.0.0.1-a", boot_id="boot-1")
+            await keepalive.write(beat)
+            await stub.LeaveHost(pb.LeaveHostRequest(host_id="127.0.0.1-a"))
+            await keepalive.write(beat)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(keepalive, STEP_S)
+            assert ended.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert "announce again" in (ended.value.details() or "")
+
+    run(scenario)
+
+
 def fetch_metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=STEP_S) as response:
         return response.read().decode()  # type: ignore[no-any-return]

@@ -6,7 +6,8 @@ Rules:
   from `engine.next_deadline()` after every call (loop.call_at);
 - each AnnouncePeer stream has one asyncio.Queue; commands for the peer are put there and the handler
   writes them in order; a stream that ends before the peer finished or failed is a PeerLeft;
-- a HostKeepAlive stream that ends (the last one of the host) is a HostDisconnected;
+- a HostKeepAlive stream that ends (the last one of the host) is a HostDisconnected; a keepalive of a
+  host the engine no longer knows ends its stream (FAILED_PRECONDITION), and the daemon announces again;
 - every task it starts (stream readers, seed triggers) is tracked and cancelled by `stop()`;
 - errors are converted here: bad requests get INVALID_ARGUMENT / FAILED_PRECONDITION / NOT_FOUND with a
   one-line message, never a traceback.
@@ -150,6 +151,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                     self._keepalive_streams[host_id] = self._keepalive_streams.get(host_id, 0) + 1
                 elif request.host_id != host_id:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host_id changed on the stream")
+                elif not self._engine.has_host(host_id):
+                    # Forgotten while its stream stayed up (a LeaveHost with its id, e.g. from a second
+                    # daemon with the same host id): end the stream, so the daemon announces again.
+                    forgotten = f"host {host_id!r} is no longer known; announce again"
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, forgotten)
                 event = HostKeepAlive(
                     host_id, request.boot_id, request.upload_rate_bytes_per_s, request.upload_slots_in_use
                 )
