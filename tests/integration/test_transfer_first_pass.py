@@ -4,6 +4,7 @@ hold, one copy at a time, and claims handed back when a child leaves (transfer_k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from transfer_kit import FileTask, KiB, Recorder, connect, make_file, run, start
 from transfer_kit import close_task_fds as close_task_fds  # autouse: closes the tasks' fds
 
 from dfly.daemon.core.first_pass import FirstPassGate
+from dfly.daemon.transfer import protocol as p
 
 pytestmark = pytest.mark.integration
 
@@ -111,5 +113,38 @@ def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -
         assert await second.expect("failed") == ("failed", 0, "not_available")
         await server.close()
         del conn2
+
+    run(main())
+
+
+def test_a_child_repeating_a_refused_request_without_reading_is_dropped(tmp_path: Path) -> None:
+    """Each refused REQUEST queues an ERROR answer; a child that keeps asking while it reads nothing
+    made those answers pile up without limit in the parent's memory. It is now cut off."""
+    make_file(tmp_path / "f", 768 * KiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)
+
+    async def main() -> None:
+        task.gate = FirstPassGate(task.piece_count, on_given_out=lambda: None)
+        server, port = await start(task)
+        first = Recorder()
+        conn = await connect(port, task, first)
+        await conn.request(0)
+        assert await first.expect("piece") == ("piece", 0, task.digests[0])  # piece 0 is given out
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(p.encode_hello(task.task_id, "greedy", task.piece_length, task.content_length))
+        ask = p.encode_request(0) * 10_000
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):  # up to a million refused requests, never reading an answer
+                writer.write(ask)
+                await writer.drain()
+                if server.connections_open == 1:
+                    break
+        for _ in range(200):
+            if server.connections_open == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert server.connections_open == 1  # the greedy child is gone, the first one stays
+        writer.transport.abort()
+        await server.close()
 
     run(main())

@@ -39,10 +39,12 @@ class ChildConnection:
         self.current = -1  # piece popped from the queue, not yet on the wire
         self.current_cancelled = False
         self.out = bytearray()  # control frames waiting for the writer
+        self.out_errors = 0  # ERROR answers in `out`: a child that asks without reading them is dropped
         self.wake = asyncio.Event()
         self.known = bytearray()  # pieces announced to the child
         self.claimed: set[int] = set()  # pieces the first-pass gate gave this child, not yet delivered
         self.refused: set[int] = set()  # pieces the gate refused this child: announced again at release
+        self.waiting_free: set[int] = set()  # refused after the release: told again once the copy is done
         self.stop_waiting_release: Callable[[], None] | None = None
         self.mid_frame = False
         self.closed = False
@@ -128,8 +130,11 @@ class ChildConnection:
         """Apply REQUEST / CANCEL; False when the child is gone."""
         for event in events:
             if isinstance(event, p.Request):
-                if len(self.queue) >= self.server.max_queued_requests:
-                    raise ProtocolError(f"more than {self.server.max_queued_requests} queued requests")
+                limit = self.server.max_queued_requests
+                if len(self.queue) >= limit:
+                    raise ProtocolError(f"more than {limit} queued requests")
+                if self.out_errors >= limit:  # refused requests repeated while our answers go unread
+                    raise ProtocolError(f"more than {limit} refused requests not yet read")
                 if self._refused_by_gate(event.number):
                     continue
                 self.queue.append(event.number)
@@ -159,14 +164,30 @@ class ChildConnection:
         if 0 <= number < len(self.known) * 8:
             self.known[number >> 3] &= ~(0x80 >> (number & 7)) & 0xFF
         if gate.released:  # a copy is being sent to another child: told again once it is done
-            gate.on_free(number, functools.partial(self._push_have, number))
+            if number not in self.waiting_free:  # once per piece, however often the child asks
+                self.waiting_free.add(number)
+                gate.on_free(number, functools.partial(self._freed, number))
         else:
             self.refused.add(number)
             if self.stop_waiting_release is None:
                 self.stop_waiting_release = gate.on_release(self._announce_refused)
-        self.out += p.encode_error("not_available", f"piece {number} is with another child", piece=number)
-        self.wake.set()
+        self._refuse(number, "is with another child")
         return True
+
+    def _refuse(self, number: int, why: str) -> None:
+        self.out += p.encode_error("not_available", f"piece {number} {why}", piece=number)
+        self.out_errors += 1
+        self.wake.set()
+
+    def _take_out(self) -> bytes:
+        data = bytes(self.out)
+        self.out.clear()
+        self.out_errors = 0
+        return data
+
+    def _freed(self, number: int) -> None:
+        self.waiting_free.discard(number)
+        self._push_have(number)
 
     def _announce_refused(self) -> None:
         refused, self.refused = self.refused, set()
@@ -211,9 +232,7 @@ class ChildConnection:
             if self.queue:
                 await self._serve_piece(self.queue.popleft())
             elif self.out:
-                data = bytes(self.out)
-                self.out.clear()
-                await self._send(data)
+                await self._send(self._take_out())
             else:
                 self.wake.clear()
                 await self.wake.wait()
@@ -224,7 +243,7 @@ class ChildConnection:
         digest = task.piece_digest(number)
         if digest is None:
             self._unclaim(number)
-            self.out += p.encode_error("not_available", f"piece {number} is not available", piece=number)
+            self._refuse(number, "is not available")
             return
         offset, length = p.piece_span(number, task.piece_length, task.content_length)
         server = self.server
@@ -237,8 +256,7 @@ class ChildConnection:
                 if self.current_cancelled:
                     self._unclaim(number)
                     return
-                header = bytes(self.out) + p.encode_piece_header(number, offset, length, digest)
-                self.out.clear()
+                header = self._take_out() + p.encode_piece_header(number, offset, length, digest)
                 await self._send(header)
                 self.mid_frame = True
                 await sendfile_range(
