@@ -28,6 +28,8 @@ def test_parse_connect_reads_target_and_headers() -> None:
     host, port, headers = parse_connect(b"CONNECT example.com:443 HTTP/1.1\r\nProxy-Authorization: Basic x")
     assert (host, port, headers) == ("example.com", 443, {"proxy-authorization": "Basic x"})
     assert parse_connect(b"CONNECT [::1]:8443 HTTP/1.0")[:2] == ("::1", 8443)
+    assert parse_connect(b"CONNECT 10.0.0.1:443 HTTP/1.1")[:2] == ("10.0.0.1", 443)
+    assert parse_connect(b"CONNECT my_host.internal-1:443 HTTP/1.1")[:2] == ("my_host.internal-1", 443)
 
 
 @pytest.mark.parametrize(
@@ -41,6 +43,14 @@ def test_parse_connect_reads_target_and_headers() -> None:
         b"GET example.com:443 HTTP/1.1",
         b"CONNECT example.com:443",
         b"CONNECT example.com:443 HTTP/1.1\r\nno colon here",
+        b"CONNECT [[]:443 HTTP/1.1",
+        b"CONNECT [::1:443 HTTP/1.1",
+        b"CONNECT ]:443 HTTP/1.1",
+        b"CONNECT [127.0.0.1]:443 HTTP/1.1",
+        b"CONNECT ::1:443 HTTP/1.1",
+        b"CONNECT a@example.com:443 HTTP/1.1",  # checked as example.com, dialled as a@example.com
+        b"CONNECT exa\tmple.com:443 HTTP/1.1",
+        b"CONNECT example.com:\xd9\xa3 HTTP/1.1",
     ],
 )
 def test_parse_connect_refuses_malformed_heads(head: bytes) -> None:

@@ -43,6 +43,9 @@ def test_targets_must_be_allowed() -> None:
         target_origin("http://127.0.0.1:8081/x", ALLOWED)
     with pytest.raises(BadRequest):
         target_origin("ftp://files.example.com/x", ALLOWED)
+    for broken in ("http://[/x", "https://[::1:443/", "http://]/", "http://\uff03x/"):
+        with pytest.raises(BadRequest):
+            target_origin(broken, ALLOWED)
 
 
 def test_invalid_rules_are_a_clear_error() -> None:

@@ -47,7 +47,10 @@ def compile_rules(rules: Sequence[str]) -> tuple[re.Pattern[str], ...]:
 
 def target_origin(url: str, allowed: frozenset[str]) -> str:
     """The scheme://host[:port] of an absolute-form target; Forbidden unless allowed."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unbalanced brackets, NFKC-invalid host names
+        raise BadRequest(f"not an absolute http(s) URL: {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise BadRequest(f"not an absolute http(s) URL: {url!r}")
     origin = normalize_upstream(f"{parts.scheme}://{parts.netloc}")
