@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -127,6 +128,20 @@ def test_hosts_pulling_at_once_get_each_blob_from_the_registry_once(
     assert Counter(digest for digest, _, size in gets if size > 1) == Counter(digests), gets
 
 
+def raw_request(port: int, request: bytes) -> tuple[int, str]:
+    """(status, X-Dragonfly-Error-Type) of one request sent as raw bytes (urllib cannot send non-ASCII)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed before the response head"
+            head += chunk
+    lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers.get("X-Dragonfly-Error-Type", "")
+
+
 def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -184,6 +199,22 @@ def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry,
         counts = proxy_counts(cluster.peers[0])  # Prometheus: 6 answered, 2 blobs from P2P, 2 refused
         names = ("requests", "requests_via_p2p", "request_failures")
         assert [counts[(name, "mirror")] for name in names] == [6, 2, 2]
+
+        # Bytes no download can be made from: a clean 4xx, never a 500 and a traceback in the log.
+        port = cluster.peers[0].ports["proxy"]
+        path = f"/v2/demo/app/blobs/{layer}".encode()
+        for header, answer in (
+            (b"X-Dragonfly-Tag: \xff\xfe", (400, "bad_request")),
+            (b"X-Dragonfly-Registry: http://[", (400, "bad_request")),
+            (b"X-Dragonfly-Registry: \xff", (403, "forbidden")),  # a host name that is not allowed
+        ):
+            got = raw_request(port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
+            assert got == answer, header
+        status, _ = raw_request(
+            port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nRange: bytes=\xc2\xb2-\r\n\r\n"
+        )
+        assert status == 200  # not a byte range: the whole blob
+        assert "Traceback" not in cluster.peers[0].log_path.read_text(errors="replace")
 
 
 def test_a_registry_redirecting_blobs_to_storage_is_followed_by_the_daemon(tmp_path: Path) -> None:

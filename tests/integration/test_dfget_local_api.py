@@ -327,6 +327,9 @@ def raw_exchange(path: Path, payload: bytes) -> list[dict[str, object]]:
         (b'{"op": "download", "url": "http://a/", "piece_length": 1000}\n', "power of two"),
         (b'{"op": "download", "url": "http://a/", "headers": {"a": 1}}\n', "must hold strings"),
         (b'{"op": "stats"', "not terminated"),
+        (b'{"op": "download", "url": "http://a/", "timeout_s": ' + b"9" * 400 + b"}\n", "finite"),
+        (b'{"op": "download", "url": "http://a/", "timeout_s": 1e999}\n', "finite"),
+        (b'{"op": "download", "url": "http://a/", "headers": ' + b"[" * 100_000 + b"\n", "nested too deeply"),
     ],
 )
 def test_bad_requests_get_usage_errors(harness: Harness, payload: bytes, fragment: str) -> None:

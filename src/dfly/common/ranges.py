@@ -11,10 +11,12 @@ class Unsatisfiable(Exception):
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """(first, last) of one `bytes=` range; None to serve the whole body; raises Unsatisfiable for a 416."""
+    """(first, last) of one `bytes=` range; None to serve the whole body; raises Unsatisfiable for a 416.
+    Only ASCII digits count (`str.isdigit` also takes `²` and other scripts' digits)."""
     unit, _, spec = header.strip().partition("=")
     first_text, dash, last_text = (part.strip() for part in spec.partition("-"))
-    if unit.strip().lower() != "bytes" or not dash or not (first_text + last_text).isdigit():
+    digits = first_text + last_text
+    if unit.strip().lower() != "bytes" or not dash or not (digits.isascii() and digits.isdigit()):
         return None  # not a single byte range (several ranges included): ignore it
     if not first_text:  # suffix: the last n bytes
         if int(last_text) == 0 or size == 0:

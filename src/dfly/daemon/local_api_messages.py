@@ -9,6 +9,7 @@ default filtered query parameters, a 2-hour timeout). Events go out as compact J
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -81,6 +82,8 @@ def parse_request(line: bytes) -> DownloadRequest | None:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError("request is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict) or obj.get("op") not in ("download", "stats"):
         raise UsageError("request must be a JSON object with op 'download' or 'stats'")
     if obj["op"] == "stats":
@@ -102,9 +105,12 @@ def parse_request(line: bytes) -> DownloadRequest | None:
         raise UsageError("request fields 'filtered_query_params' and 'headers' must hold strings")
     if obj.get("piece_length") is not None:
         validate_user_piece_length(obj["piece_length"])
-    timeout_s = float(obj.get("timeout_s", DEFAULT_TIMEOUT_S))
-    if not timeout_s > 0:
-        raise UsageError("request field 'timeout_s' must be positive")
+    try:
+        timeout_s = float(obj.get("timeout_s", DEFAULT_TIMEOUT_S))
+    except OverflowError:
+        timeout_s = math.inf
+    if not 0 < timeout_s < math.inf:
+        raise UsageError("request field 'timeout_s' must be a positive, finite number of seconds")
     return DownloadRequest(
         url=obj["url"],
         tag=obj.get("tag", ""),

@@ -2,13 +2,20 @@
 
 The task id is computed here and nowhere else in the daemon (`dfly.common.ids.task_id`), from the
 same fields the scheduler's `Download` message carries.
+
+Every request is checked when it is made, whoever made it (local API, proxy, seed trigger): its text
+must be UTF-8 (protobuf and the task id need it; a proxy header can carry undecodable bytes), the URL
+must hold no control characters or spaces, and header names must be HTTP tokens with values free of
+line breaks and NUL. Anything else is a UsageError, never a failure deep inside the download.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from dfly.api import scheduler_pb2 as pb
+from dfly.common.errors import UsageError
 from dfly.common.ids import (
     DEFAULT_FILTERED_QUERY_PARAMS,
     TaskId,
@@ -20,6 +27,16 @@ from dfly.common.pieces import validate_layout, validate_user_piece_length
 from dfly.daemon.core.task_state import Layout
 
 SEED_TIMEOUT_S = 10 * 3600.0  # a seed trigger without a timeout (Dragonfly's: 10 h)
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
+_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
+
+
+def _check_text(what: str, value: str) -> None:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 text: {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,21 @@ class TaskRequest:
     # From the proxy: the origins (scheme://host[:port]) the origin reader may contact, redirect hops
     # included; empty = any. Travels in the seed trigger; not part of the task id.
     allowed_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_text("url", self.url)
+        if _URL_FORBIDDEN.search(self.url):
+            raise UsageError(f"url holds a space or a control character: {self.url!r}")
+        _check_text("tag", self.tag)
+        _check_text("application", self.application)
+        for name in self.filtered_query_params:
+            _check_text("filtered query parameter", name)
+        for name, value in self.headers.items():
+            if not _TOKEN.fullmatch(name):
+                raise UsageError(f"invalid header name {name!r}")
+            _check_text(f"header {name}", value)
+            if _VALUE_FORBIDDEN.search(value):
+                raise UsageError(f"header {name}: value holds a line break or NUL")
 
     @property
     def task_id(self) -> TaskId:

@@ -57,6 +57,8 @@ DATA = bytes(range(256)) * 40
         ("bytes=9-3", None),
         ("items=0-1", None),
         ("bytes=x-1", None),
+        ("bytes=\u00b2-", None),  # '²' passes str.isdigit but is no number
+        ("bytes=0-\u0663", None),  # an Arabic-Indic digit
     ],
 )
 def test_parse_range(header: str, want: tuple[int, int] | None) -> None:

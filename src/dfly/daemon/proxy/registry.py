@@ -72,14 +72,14 @@ def normalize_upstream(value: str) -> str:
         host = text.rstrip("/").rsplit(":", 1)[0].strip("[]")
         loopback = host in ("localhost", "::1") or host.startswith("127.")
         text = f"{'http' if loopback else 'https'}://{text}"
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:  # "[" / "http://[::1" (brackets), NFKC-invalid netlocs, bad ports
+        raise BadRequest(f"invalid registry {value!r}") from None
     scheme_ok = parts.scheme.lower() in ("http", "https")
     if not scheme_ok or not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise BadRequest(f"invalid registry {value!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise BadRequest(f"invalid registry {value!r}") from None
     scheme = parts.scheme.lower()
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     host = DOCKER_HUB_API_HOSTS.get(host, host)

@@ -41,7 +41,7 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
-from dfly.common.errors import DflyError, SourceError
+from dfly.common.errors import DflyError, SourceError, UsageError
 from dfly.common.net import listen_socket
 from dfly.daemon.proxy import connect, metrics
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
@@ -92,7 +92,9 @@ def _error(status: int, kind: str, message: str, origin_status: int = 0) -> web.
     headers = {"X-Dragonfly-Error-Type": kind}
     if origin_status:
         headers["X-Dragonfly-Origin-Status"] = str(origin_status)
-    return web.Response(status=status, text=message + "\n", headers=headers)
+    # The message may quote request bytes that are no text (aiohttp keeps them as surrogate escapes).
+    text = (message + "\n").encode("utf-8", "backslashreplace")
+    return web.Response(status=status, body=text, content_type="text/plain", charset="utf-8", headers=headers)
 
 
 def _basic(username: str, password: str) -> str:
@@ -115,6 +117,8 @@ async def _answer(handling: Awaitable[web.StreamResponse]) -> web.StreamResponse
         return _error(400, "bad_request", str(exc))
     except Forbidden as exc:
         return _error(403, "forbidden", str(exc))
+    except UsageError as exc:  # a request the download cannot be made from (bad header bytes, say)
+        return _error(400, "bad_request", str(exc))
     except SourceError as exc:
         status = exc.status_code if 400 <= exc.status_code < 500 else 502
         return _error(status, "origin", str(exc), exc.status_code)
