@@ -18,7 +18,14 @@ from pydantic import ValidationError
 from dfly.common.errors import ConfigError
 from dfly.daemon.config import ProxySection
 from dfly.daemon.proxy.certs import HostCertificates, load_or_create_ca
-from dfly.daemon.proxy.connect import HEAD_LIMIT, accept_loop, open_upstream, parse_connect, read_head
+from dfly.daemon.proxy.connect import (
+    HEAD_LIMIT,
+    _starts_with_connect,
+    accept_loop,
+    open_upstream,
+    parse_connect,
+    read_head,
+)
 from dfly.daemon.proxy.forward import never_upstream
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 from dfly.devtools.pki import make_pki
@@ -193,3 +200,49 @@ def test_accept_loop_dispatches_by_first_bytes_and_survives_resets(caplog: pytes
         asyncio.run(run())
     assert seen == ["plain", "connect"]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+class CountingSocket(socket.socket):
+    peeks = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if flags & socket.MSG_PEEK:
+            self.peeks += 1
+        return super().recv(bufsize, flags)
+
+
+def test_a_stalled_partial_connect_is_peeked_with_backoff() -> None:
+    """A client that sent "C" and stopped (or closed) kept the dispatcher peeking every 10 ms."""
+
+    async def run() -> None:
+        ours, theirs = socket.socketpair()
+        counted = CountingSocket(fileno=ours.detach())
+        counted.setblocking(False)
+        with counted, theirs:
+            theirs.sendall(b"C")
+            theirs.shutdown(socket.SHUT_WR)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await _starts_with_connect(counted)
+            assert counted.peeks <= 12  # 10 ms doubling to 200 ms; every 10 ms it was ~100
+
+    asyncio.run(run())
+
+
+def test_a_connect_sent_a_byte_at_a_time_is_recognised() -> None:
+    async def run() -> None:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        with ours, theirs:
+
+            async def trickle() -> None:
+                for byte in b"CONNECT ":
+                    theirs.sendall(bytes([byte]))
+                    await asyncio.sleep(0.005)
+
+            sender = asyncio.create_task(trickle())
+            async with asyncio.timeout(5.0):
+                assert await _starts_with_connect(ours)
+            await sender
+
+    asyncio.run(run())
