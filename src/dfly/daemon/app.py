@@ -155,6 +155,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             proxy.public_registries,
             proxy.hijack_https.hosts,
             certs,
+            proxy.idle_timeout_s,
         )
         with _binding("proxy", _address(config.proxy)):
             proxy_port = await mirror.start(proxy.ip, proxy.port) if proxy.enable else None

@@ -125,6 +125,9 @@ class ProxySection(LocalListenerSection):
     basic_auth_username: str = ""
     basic_auth_password: str = ""
     hijack_https: HijackHttpsSection = HijackHttpsSection()
+    # An HTTP connection with no request in progress (idle keep-alive, or a request head that never
+    # completes) is closed after this many seconds.
+    idle_timeout_s: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _basic_auth_pair(self) -> ProxySection:

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import yarl
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from dfly.common.errors import DflyError, SourceError, UsageError
@@ -85,7 +86,28 @@ HOP_BY_HOP = frozenset(
     ]
 )
 REGISTRY_HEADER = "X-Dragonfly-Registry"
+# An HTTP connection with no request in progress (idle keep-alive, or a request head that never
+# completes) is closed after this long (config proxy.idle_timeout_s); aiohttp's default is an hour.
+IDLE_TIMEOUT_S = 60.0
 PING_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0", "Content-Type": "application/json"}
+
+
+class _BadRequestsInOneLine(logging.Filter):
+    """aiohttp logs every request it cannot parse at ERROR with a traceback, so any client could fill
+    the log: those become one INFO line. Anything else (an exception in a handler) stays as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: {exc.message}"
+            record.args = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_HTTP_LOG = logging.getLogger("dfly.daemon.proxy.http")
+_HTTP_LOG.addFilter(_BadRequestsInOneLine())
 
 
 def _error(status: int, kind: str, message: str, origin_status: int = 0) -> web.Response:
@@ -137,8 +159,10 @@ class RegistryMirror:
         public_registries: Iterable[str] = (),
         hijack_hosts: Iterable[str] = (),
         certs: HostCertificates | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.tasks = tasks
+        self.idle_timeout_s = idle_timeout_s
         self.hijack_hosts = compile_rules(list(hijack_hosts)) if certs is not None else ()
         self.certs = certs
         self.public = frozenset(normalize_upstream(r) for r in public_registries)
@@ -178,7 +202,13 @@ class RegistryMirror:
     async def _runner(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.AppRunner:
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self.idle_timeout_s,
+            logger=_HTTP_LOG,
+        )
         await runner.setup()
         self._runners.append(runner)
         return runner
