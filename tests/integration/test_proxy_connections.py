@@ -7,6 +7,7 @@ Real daemon (LocalCluster, one peer) with `proxy.idle_timeout_s` at 1 s; raw soc
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -19,9 +20,40 @@ pytestmark = pytest.mark.integration
 IDLE_TIMEOUT_S = 1.0
 
 
+class BodyReader:
+    """An upstream that reads a request's whole body before it answers (as a registry does an upload)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/upload"
+        self.connected = threading.Event()
+        self.ended = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            self.connected.set()
+            data = b""
+            while not data.endswith(b"\r\n0\r\n\r\n") and (chunk := conn.recv(65536)):
+                data += chunk
+            if data.endswith(b"\r\n0\r\n\r\n"):
+                conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+        self.ended.set()
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    overrides = {"*": {"proxy": {"idle_timeout_s": IDLE_TIMEOUT_S}}}
+def body_reader() -> Iterator[BodyReader]:
+    reader = BodyReader()
+    yield reader
+    reader.listener.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, body_reader: BodyReader) -> Iterator[LocalCluster]:
+    allowed = [body_reader.url.removesuffix("/upload")]
+    overrides = {"*": {"proxy": {"idle_timeout_s": IDLE_TIMEOUT_S, "allowed_hosts": allowed}}}
     with LocalCluster(tmp_path_factory.mktemp("c"), peers=1, daemon_overrides=overrides) as running:
         yield running
 
@@ -60,3 +92,23 @@ def test_unparsable_requests_are_one_info_line_each(cluster: LocalCluster) -> No
     [line] = [line for line in log.splitlines() if "Error handling request" in line]
     assert " INFO " in line
     assert "Traceback" not in log
+
+
+def test_a_malformed_chunked_body_does_not_hang(cluster: LocalCluster, body_reader: BodyReader) -> None:
+    """The body goes bad after forwarding began: aiohttp drops it without ending the stream, and the
+    forwarded request (to an upstream that answers only after the whole body) waited forever. Now it
+    ends once the body has been idle for the idle timeout: 502, the upstream's connection closed."""
+    port = cluster.peers[0].ports["proxy"]
+    with socket.create_connection(("127.0.0.1", port), timeout=IDLE_TIMEOUT_S + 10) as sock:
+        sock.sendall(
+            b"POST "
+            + body_reader.url.encode()
+            + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        assert body_reader.connected.wait(10)  # forwarding has begun: the bad chunk comes separately
+        sock.sendall(b"5\r\nhello\r\nzz\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.split(b" ", 2)[1] == b"502"
+    assert body_reader.ended.wait(10)  # the upstream saw its connection end, not a body that never ends

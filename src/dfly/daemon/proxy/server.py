@@ -32,7 +32,7 @@ import hmac
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -90,6 +90,18 @@ REGISTRY_HEADER = "X-Dragonfly-Registry"
 # completes) is closed after this long (config proxy.idle_timeout_s); aiohttp's default is an hour.
 IDLE_TIMEOUT_S = 60.0
 PING_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0", "Content-Type": "application/json"}
+
+
+async def _client_body(content: aiohttp.StreamReader, idle_s: float) -> AsyncIterator[bytes]:
+    """A client's request body on its way upstream. A client that sends nothing for `idle_s` ends the
+    request: so does a chunked body that turns malformed mid-way, which aiohttp's parser drops without
+    ending the stream (the request then waited forever)."""
+    while True:
+        async with asyncio.timeout(idle_s):
+            chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk
 
 
 class _BadRequestsInOneLine(logging.Filter):
@@ -395,7 +407,7 @@ class RegistryMirror:
         """Send the request on to `url` and stream the answer back unchanged. Once the answer has started,
         a failure on either side ends it by closing the connection (a short body, never a wrong one)."""
         assert self._session is not None
-        body = request.content if request.body_exists else None
+        body = _client_body(request.content, self.idle_timeout_s) if request.body_exists else None
         response: web.StreamResponse | None = None
         try:
             headers = _forwarded(request.headers.items())
