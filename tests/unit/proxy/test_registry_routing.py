@@ -71,7 +71,17 @@ def test_normalize_upstream(value: str, normal: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["ftp://h", "http://h/path", "http://", "http://h:99999", "[", "http://[", "http://[::1", "http://]", "\uff03x"],
+    [
+        "ftp://h",
+        "http://h/path",
+        "http://",
+        "http://h:99999",
+        "[",
+        "http://[",
+        "http://[::1",
+        "http://]",
+        "\uff03x",
+    ],
 )
 def test_bad_upstreams(value: str) -> None:
     with pytest.raises(BadRequest):

@@ -32,17 +32,15 @@ import hmac
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
 import yarl
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
 
-from dfly.common.errors import DflyError, SourceError, UsageError
+from dfly.common.errors import SourceError
 from dfly.common.net import listen_socket
 from dfly.daemon.proxy import connect, metrics
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
@@ -54,6 +52,15 @@ from dfly.daemon.proxy.forward import (
     target_origin,
     task_keys,
     use_p2p,
+)
+from dfly.daemon.proxy.http_edge import (
+    HOP_BY_HOP,
+    HTTP_LOG,
+    IDLE_TIMEOUT_S,
+    answer,
+    client_body,
+    error_response,
+    forwarded_headers,
 )
 from dfly.daemon.proxy.registry import (
     BadRequest,
@@ -70,94 +77,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HOP_BY_HOP = frozenset(
-    [
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-connection",
-        "host",
-        "content-length",
-    ]
-)
 REGISTRY_HEADER = "X-Dragonfly-Registry"
-# An HTTP connection with no request in progress (idle keep-alive, or a request head that never
-# completes) is closed after this long (config proxy.idle_timeout_s); aiohttp's default is an hour.
-IDLE_TIMEOUT_S = 60.0
 PING_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0", "Content-Type": "application/json"}
-
-
-async def _client_body(content: aiohttp.StreamReader, idle_s: float) -> AsyncIterator[bytes]:
-    """A client's request body on its way upstream. A client that sends nothing for `idle_s` ends the
-    request: so does a chunked body that turns malformed mid-way, which aiohttp's parser drops without
-    ending the stream (the request then waited forever)."""
-    while True:
-        async with asyncio.timeout(idle_s):
-            chunk = await content.readany()
-        if not chunk:
-            return
-        yield chunk
-
-
-class _BadRequestsInOneLine(logging.Filter):
-    """aiohttp logs every request it cannot parse at ERROR with a traceback, so any client could fill
-    the log: those become one INFO line. Anything else (an exception in a handler) stays as it is."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.msg = f"{record.getMessage()}: {exc.message}"
-            record.args = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-_HTTP_LOG = logging.getLogger("dfly.daemon.proxy.http")
-_HTTP_LOG.addFilter(_BadRequestsInOneLine())
-
-
-def _error(status: int, kind: str, message: str, origin_status: int = 0) -> web.Response:
-    headers = {"X-Dragonfly-Error-Type": kind}
-    if origin_status:
-        headers["X-Dragonfly-Origin-Status"] = str(origin_status)
-    # The message may quote request bytes that are no text (aiohttp keeps them as surrogate escapes).
-    text = (message + "\n").encode("utf-8", "backslashreplace")
-    return web.Response(status=status, body=text, content_type="text/plain", charset="utf-8", headers=headers)
 
 
 def _basic(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-
-
-def _forwarded(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers:
-        if name.lower() not in HOP_BY_HOP and not name.lower().startswith("x-dragonfly-"):  # ours, not theirs
-            out.add(name, value)
-    return out
-
-
-async def _answer(handling: Awaitable[web.StreamResponse]) -> web.StreamResponse:
-    """The handler's response, or the error response for what it raised."""
-    try:
-        return await handling
-    except BadRequest as exc:
-        return _error(400, "bad_request", str(exc))
-    except Forbidden as exc:
-        return _error(403, "forbidden", str(exc))
-    except UsageError as exc:  # a request the download cannot be made from (bad header bytes, say)
-        return _error(400, "bad_request", str(exc))
-    except SourceError as exc:
-        status = exc.status_code if 400 <= exc.status_code < 500 else 502
-        return _error(status, "origin", str(exc), exc.status_code)
-    except DflyError as exc:
-        return _error(502, exc.kind if hasattr(exc, "kind") else "download", str(exc))
 
 
 class RegistryMirror:
@@ -219,7 +144,7 @@ class RegistryMirror:
             access_log=None,
             handle_signals=False,
             keepalive_timeout=self.idle_timeout_s,
-            logger=_HTTP_LOG,
+            logger=HTTP_LOG,
         )
         await runner.setup()
         self._runners.append(runner)
@@ -240,10 +165,10 @@ class RegistryMirror:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """A request on port 4001: absolute-form = forward proxy, origin-form = registry mirror."""
         if request.raw_path.startswith(("http://", "https://")):
-            response = await _answer(self._forward(request, request.raw_path))
+            response = await answer(self._forward(request, request.raw_path))
             metrics.count_response("forward", response)
         else:
-            response = await _answer(self._mirror(request))
+            response = await answer(self._mirror(request))
             metrics.count_response("mirror", response)
         return response
 
@@ -254,10 +179,10 @@ class RegistryMirror:
         authority = self.certs.authority_of(transport.get_extra_info("sslcontext") if transport else None)
         response: web.StreamResponse
         if authority is None or not request.raw_path.startswith("/"):
-            response = _error(400, "bad_request", "requests inside a tunnel must be origin-form")
+            response = error_response(400, "bad_request", "requests inside a tunnel must be origin-form")
         else:
             url = f"https://{authority}{request.raw_path}"
-            response = await _answer(self._forward(request, url, tunnelled=True))
+            response = await answer(self._forward(request, url, tunnelled=True))
         metrics.count_response("forward", response)
         return response
 
@@ -372,7 +297,7 @@ class RegistryMirror:
                 if 200 <= answer.status < 400:
                     return None
                 kind = {401: "auth", 403: "auth", 404: "not_found"}.get(answer.status, "origin")
-                reply = _error(
+                reply = error_response(
                     answer.status,
                     kind,
                     f"the registry answered {answer.status} for this client",
@@ -389,7 +314,7 @@ class RegistryMirror:
         """An absolute-form request (`http_proxy=` clients) or one inside an intercepted tunnel (whose
         CONNECT was authenticated): through P2P by the rules, else directly."""
         if not tunnelled and not self._proxy_auth_ok(request.headers.get("Proxy-Authorization", "")):
-            response = _error(407, "proxy_auth", "proxy authentication required")
+            response = error_response(407, "proxy_auth", "proxy authentication required")
             response.headers["Proxy-Authenticate"] = 'Basic realm="dfly"'
             return response
         origin = target_origin(url, self.allowed)
@@ -407,10 +332,10 @@ class RegistryMirror:
         """Send the request on to `url` and stream the answer back unchanged. Once the answer has started,
         a failure on either side ends it by closing the connection (a short body, never a wrong one)."""
         assert self._session is not None
-        body = _client_body(request.content, self.idle_timeout_s) if request.body_exists else None
+        body = client_body(request.content, self.idle_timeout_s) if request.body_exists else None
         response: web.StreamResponse | None = None
         try:
-            headers = _forwarded(request.headers.items())
+            headers = forwarded_headers(request.headers.items())
             async with self._session.request(
                 request.method, url, headers=headers, data=body, allow_redirects=False
             ) as upstream_response:

@@ -1,0 +1,107 @@
+"""The proxy's HTTP plumbing around its handlers (server.py): error answers, headers passed on, the
+client's body on its way upstream, and aiohttp's own logging.
+
+Rules:
+- An error is answered with `X-Dragonfly-Error-Type` (and `X-Dragonfly-Origin-Status` for an origin's
+  own answer) and a one-line text body; request bytes quoted in it are escaped, never an encoding error.
+- Hop-by-hop headers, `Host`, `Content-Length` and our own `X-Dragonfly-*` headers are never passed on.
+- A connection with no request in progress, or a request body, idle for `proxy.idle_timeout_s` ends.
+- A request aiohttp cannot parse is one INFO line in the log (no traceback per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Iterable
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
+
+from dfly.common.errors import DflyError, SourceError, UsageError
+from dfly.daemon.proxy.registry import BadRequest, Forbidden
+
+HOP_BY_HOP = frozenset(
+    [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "host",
+        "content-length",
+    ]
+)
+# An HTTP connection with no request in progress (idle keep-alive, or a request head that never
+# completes) is closed after this long (config proxy.idle_timeout_s); aiohttp's default is an hour.
+IDLE_TIMEOUT_S = 60.0
+
+
+async def client_body(content: aiohttp.StreamReader, idle_s: float) -> AsyncIterator[bytes]:
+    """A client's request body on its way upstream. A client that sends nothing for `idle_s` ends the
+    request: so does a chunked body that turns malformed mid-way, which aiohttp's parser drops without
+    ending the stream (the request then waited forever)."""
+    while True:
+        async with asyncio.timeout(idle_s):
+            chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk
+
+
+class BadRequestsInOneLine(logging.Filter):
+    """aiohttp logs every request it cannot parse at ERROR with a traceback, so any client could fill
+    the log: those become one INFO line. Anything else (an exception in a handler) stays as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: {exc.message}"
+            record.args = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+HTTP_LOG = logging.getLogger("dfly.daemon.proxy.http")
+HTTP_LOG.addFilter(BadRequestsInOneLine())
+
+
+def error_response(status: int, kind: str, message: str, origin_status: int = 0) -> web.Response:
+    headers = {"X-Dragonfly-Error-Type": kind}
+    if origin_status:
+        headers["X-Dragonfly-Origin-Status"] = str(origin_status)
+    # The message may quote request bytes that are no text (aiohttp keeps them as surrogate escapes).
+    text = (message + "\n").encode("utf-8", "backslashreplace")
+    return web.Response(status=status, body=text, content_type="text/plain", charset="utf-8", headers=headers)
+
+
+def forwarded_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers:
+        if name.lower() not in HOP_BY_HOP and not name.lower().startswith("x-dragonfly-"):  # ours, not theirs
+            out.add(name, value)
+    return out
+
+
+async def answer(handling: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+    """The handler's response, or the error response for what it raised."""
+    try:
+        return await handling
+    except BadRequest as exc:
+        return error_response(400, "bad_request", str(exc))
+    except Forbidden as exc:
+        return error_response(403, "forbidden", str(exc))
+    except UsageError as exc:  # a request the download cannot be made from (bad header bytes, say)
+        return error_response(400, "bad_request", str(exc))
+    except SourceError as exc:
+        status = exc.status_code if 400 <= exc.status_code < 500 else 502
+        return error_response(status, "origin", str(exc), exc.status_code)
+    except DflyError as exc:
+        return error_response(502, exc.kind if hasattr(exc, "kind") else "download", str(exc))
