@@ -214,6 +214,8 @@ def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry,
             port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nRange: bytes=\xc2\xb2-\r\n\r\n"
         )
         assert status == 200  # not a byte range: the whole blob
+        encoded = f"/v2/demo%2fapp/blobs/{layer}".encode()  # `%2f` would let a name smuggle a slash
+        assert raw_request(port, b"GET " + encoded + b" HTTP/1.1\r\nHost: x\r\n\r\n") == (400, "bad_request")
         assert "Traceback" not in cluster.peers[0].log_path.read_text(errors="replace")
 
 

@@ -187,7 +187,7 @@ class RegistryMirror:
         return response
 
     async def _mirror(self, request: web.Request) -> web.StreamResponse:
-        what = route(request.method, request.path)
+        what = route(request.method, request.raw_path.partition("?")[0])  # undecoded: `%2f` is refused
         hint, ns = request.headers.get(REGISTRY_HEADER), request.query.get("ns")
         if what.kind == "ping" and not (hint or ns or self.default_upstream):
             return web.Response(
