@@ -6,6 +6,7 @@ Real daemon (LocalCluster, one peer) with `proxy.idle_timeout_s` at 1 s; raw soc
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -14,10 +15,13 @@ from collections.abc import Iterator
 import pytest
 
 from dfly.cluster import LocalCluster
+from dfly.common.pieces import MiB
+from dfly.devtools.origin import Origin, make_file
 
 pytestmark = pytest.mark.integration
 
 IDLE_TIMEOUT_S = 1.0
+BIG_BYTES = 64 * MiB
 
 
 class BodyReader:
@@ -51,9 +55,20 @@ def body_reader() -> Iterator[BodyReader]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, body_reader: BodyReader) -> Iterator[LocalCluster]:
-    allowed = [body_reader.url.removesuffix("/upload")]
-    overrides = {"*": {"proxy": {"idle_timeout_s": IDLE_TIMEOUT_S, "allowed_hosts": allowed}}}
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
+    with Origin(tmp_path_factory.mktemp("www")) as server:
+        assert server.root is not None
+        make_file(server.root / "big.bin", BIG_BYTES, seed=5)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, body_reader: BodyReader, origin: Origin
+) -> Iterator[LocalCluster]:
+    allowed = [body_reader.url.removesuffix("/upload"), origin.url("/").rstrip("/")]
+    proxy = {"idle_timeout_s": IDLE_TIMEOUT_S, "allowed_hosts": allowed, "rules": [r"\.bin$"]}
+    overrides = {"*": {"proxy": proxy}}
     with LocalCluster(tmp_path_factory.mktemp("c"), peers=1, daemon_overrides=overrides) as running:
         yield running
 
@@ -112,3 +127,22 @@ def test_a_malformed_chunked_body_does_not_hang(cluster: LocalCluster, body_read
             received += chunk
     assert received.split(b" ", 2)[1] == b"502"
     assert body_reader.ended.wait(10)  # the upstream saw its connection end, not a body that never ends
+
+
+def test_a_client_that_stops_reading_a_p2p_download_is_dropped(cluster: LocalCluster, origin: Origin) -> None:
+    """The daemon waited forever for a client that stopped reading (an fd and a task held per such
+    client). A chunk not taken within idle_timeout_s per MiB now ends the response: a short body."""
+    port = cluster.peers[0].ports["proxy"]
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # fills at once
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET " + origin.url("/big.bin").encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = sock.recv(65536)
+        assert received.split(b" ", 2)[1] == b"200"
+        # The condition under test is time without reading: at most 4 s for a 4 MiB chunk, then margin.
+        time.sleep(IDLE_TIMEOUT_S * 4 + 2)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += chunk
+    assert len(received) < BIG_BYTES  # cut off, not the whole body

@@ -16,7 +16,9 @@ Rules:
   differently signed links to one object share it.
 - Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest` (blobs),
   `Accept-Ranges: bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range`, past the end → 416.
-- A client that disconnects mid-body ends the response quietly (debug log); the download goes on.
+- A client that disconnects mid-body ends the response quietly (debug log); the download goes on. So
+  does one that stops reading: a chunk it has not taken within `stall_s` per MiB (at least `stall_s`;
+  the proxy's `idle_timeout_s`) closes the connection, a short body.
 - Bytes go out in chunks: a ready piece and the ready pieces after it, up to CHUNK_BYTES (4 MiB) or one
   piece if larger, with sendfile from the task file: directly when nothing is queued on the
   connection, else through asyncio's loop.sendfile (it waits for room); through TLS, read in a worker
@@ -45,7 +47,8 @@ from dfly.daemon.proxy.forward import TaskKeys
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 2 * 3600.0
-CHUNK_BYTES = 4 * 1024 * 1024
+MiB = 1024 * 1024
+CHUNK_BYTES = 4 * MiB
 
 
 class Downloads(Protocol):
@@ -74,8 +77,19 @@ def _hash(fd: int, start: int, end: int, hasher: hashlib._Hash, buffer: bytearra
     return future
 
 
+@contextlib.asynccontextmanager
+async def _taken_within(transport: asyncio.Transport, seconds: float) -> AsyncIterator[None]:
+    """A client that does not take the bytes within `seconds` is dropped (ConnectionResetError)."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        transport.abort()
+        raise ConnectionResetError(f"the client took no bytes for {seconds:.0f} s") from None
+
+
 async def _send(
-    request: web.Request, response: web.StreamResponse, file: BinaryIO, start: int, end: int
+    request: web.Request, response: web.StreamResponse, file: BinaryIO, start: int, end: int, stall_s: float
 ) -> None:
     """Bytes start..end of the task file to the client: with sendfile on a plain connection; through
     TLS (an intercepted HTTPS download) read in a worker thread and written (asyncio's own fallback
@@ -92,10 +106,12 @@ async def _send(
                     transport.get_extra_info("socket").fileno(), file.fileno(), start, end - start
                 )
         if start + sent < end:  # the socket is full: asyncio waits for room (pausing reads meanwhile)
-            sent += await loop.sendfile(transport, file, start + sent, end - start - sent)
+            async with _taken_within(transport, stall_s * max(1.0, (end - start - sent) / MiB)):
+                sent += await loop.sendfile(transport, file, start + sent, end - start - sent)
     else:
         data = await loop.run_in_executor(None, os.pread, file.fileno(), end - start, start)
-        await response.write(data)
+        async with _taken_within(transport, stall_s * max(1.0, len(data) / MiB)):
+            await response.write(data)
         sent = len(data)
     if sent != end - start:  # the connection is closed: the client must not take the short body as whole
         raise DflyError("task file ended early")
@@ -132,6 +148,7 @@ async def serve_p2p(
     upstream_headers: dict[str, str],
     allowed_origins: tuple[str, ...],
     keys: TaskKeys,
+    stall_s: float,
 ) -> web.StreamResponse:
     """Serve `url` through P2P (checked against `digest` if given); DflyError before any byte is sent.
     Whoever reads the origin contacts only `allowed_origins` (redirect hops included); the task is
@@ -188,7 +205,7 @@ async def serve_p2p(
                             raise DigestMismatch(f"blob {digest} from {url} has sha256:{hasher.hexdigest()}")
                 send_from, send_to = max(first, position), min(last + 1, end)
                 if send_from < send_to:
-                    await _send(request, response, file, send_from, send_to)  # while the chunk is hashed
+                    await _send(request, response, file, send_from, send_to, stall_s)  # while it is hashed
                 position = end
             if isinstance(event, Finished):
                 break

@@ -212,7 +212,9 @@ class RegistryMirror:
             return refused
         headers = {"Authorization": auth} if auth else {}
         keys = task_keys(request.headers)
-        return await serve_p2p(request, self.tasks, url, digest, headers, self._allowed_origins, keys)
+        return await serve_p2p(
+            request, self.tasks, url, digest, headers, self._allowed_origins, keys, self.idle_timeout_s
+        )
 
     def _proxy_auth_ok(self, given: str) -> bool:
         return self._proxy_auth is None or hmac.compare_digest(given.encode(), self._proxy_auth.encode())
@@ -325,7 +327,9 @@ class RegistryMirror:
             return await self._serve_blob(request, origin, url, blob.digest)
         if use_p2p(request.method, url, request.headers, self.rules):
             keys = task_keys(request.headers)
-            return await serve_p2p(request, self.tasks, url, None, {}, self._allowed_origins, keys)
+            return await serve_p2p(
+                request, self.tasks, url, None, {}, self._allowed_origins, keys, self.idle_timeout_s
+            )
         return await self._pass(request, yarl.URL(url, encoded=True))
 
     async def _pass(self, request: web.Request, url: yarl.URL) -> web.StreamResponse:
