@@ -79,13 +79,13 @@ def _hash(fd: int, start: int, end: int, hasher: hashlib._Hash, buffer: bytearra
 
 @contextlib.asynccontextmanager
 async def _taken_within(transport: asyncio.Transport, seconds: float) -> AsyncIterator[None]:
-    """A client that does not take the bytes within `seconds` is dropped (ConnectionResetError)."""
+    """A client that does not take a chunk within `seconds` is dropped (ConnectionResetError)."""
     try:
         async with asyncio.timeout(seconds):
             yield
     except TimeoutError:
         transport.abort()
-        raise ConnectionResetError(f"the client took no bytes for {seconds:.0f} s") from None
+        raise ConnectionResetError(f"the client did not take a chunk within {seconds:.0f} s") from None
 
 
 async def _send(
