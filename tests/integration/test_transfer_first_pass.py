@@ -117,6 +117,36 @@ def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -
     run(main())
 
 
+def test_during_the_first_pass_a_child_refused_a_piece_hears_of_it_when_its_claim_is_handed_back(
+    tmp_path: Path,
+) -> None:
+    """Without it: the children refused a piece wait for the release, which waits for that piece to be
+    given out again, which needs one of them to ask: the swarm stalls (a host killed mid-download)."""
+    make_file(tmp_path / "f", 768 * KiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
+
+    async def main() -> None:
+        gate = task.gate = FirstPassGate(task.piece_count)  # never released by the test
+        # rate 1 byte/s with a one-piece burst: the second request waits for tokens and is never sent
+        server, port = await start(task, rate=1, burst=256 * KiB)
+        first, second = Recorder(), Recorder()
+        conn1 = await connect(port, task, first)
+        conn2 = await connect(port, task, second)
+        await conn1.request(0)
+        assert await first.expect("piece") == ("piece", 0, task.digests[0])
+        await conn1.request(1)  # claimed by the first child, waits for tokens
+        await conn2.request(1)
+        assert await second.expect("failed") == ("failed", 1, "not_available")
+        conn1.close()  # the claim comes back: the refused child is told the source has piece 1 again
+        assert await second.expect("have") == ("have", [1])
+        assert not gate.released
+        assert gate.unclaimed == 2
+        await server.close()
+        del conn2
+
+    run(main())
+
+
 def test_a_child_repeating_a_refused_request_without_reading_is_dropped(tmp_path: Path) -> None:
     """Each refused REQUEST queues an ERROR answer; a child that keeps asking while it reads nothing
     made those answers pile up without limit in the parent's memory. It is now cut off."""

@@ -5,17 +5,17 @@ a slot, never a piece being sent; HAVE frames wait behind the piece being sent (
 piece's wait for a slot) and go out before its header, or at its end when nothing else is queued;
 ERROR not_available for a piece the parent does not hold. A parent reading the origin applies the
 real first-pass gate (dfly.daemon.core.first_pass) exactly where the piece server does: a REQUEST for a
-piece given to another child is refused with ERROR not_available and announced again (HAVE) when the gate
-releases, and after the release a piece with a copy on its way to another child is refused and announced
-again once that copy is done; a claimed piece not delivered (cancelled in the queue or while waiting for
-a slot, connection closed) is handed back. Every frame takes the hosts' one-way delay.
+piece given to another child is refused with ERROR not_available and announced again (HAVE) when its
+claim is handed back or the gate releases, and after the release a piece with a copy on its way to another
+child is refused and announced again once that copy is done; a claimed piece not delivered (cancelled in
+the queue or while waiting for a slot, connection closed) is handed back. Every frame takes the hosts'
+one-way delay.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dfly.sim.flows import Flow
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class Conn:
     __slots__ = (
         "cancelled", "child", "claimed", "current", "delay", "error_out", "flow", "have_out", "open",
-        "parent", "queue", "refused", "stop_waiting_release", "waiting", "world",
+        "parent", "queue", "waiting", "waiting_free", "world",
     )  # fmt: skip
 
     def __init__(self, world: World, child: SimPeer, parent: SimPeer) -> None:
@@ -44,8 +44,7 @@ class Conn:
         self.have_out: list[int] = []  # HAVEs waiting behind the piece being sent
         self.error_out: list[int] = []  # ERROR not_available frames waiting the same way
         self.claimed: set[int] = set()  # pieces the first-pass gate gave this child, not yet delivered
-        self.refused: set[int] = set()  # pieces the gate refused this child: announced again at release
-        self.stop_waiting_release: Callable[[], None] | None = None
+        self.waiting_free: set[int] = set()  # refused by the gate: announced again once it may be claimed
         self.open = True
 
     # --- frames from the child (they arrive after `delay`) ---------------------------------------------
@@ -81,19 +80,15 @@ class Conn:
         if gate.claim(piece):
             self.claimed.add(piece)
             return False
-        if gate.released:
-            gate.on_free(piece, functools.partial(self.push_have, piece))
-        else:
-            self.refused.add(piece)
-            if self.stop_waiting_release is None:
-                self.stop_waiting_release = gate.on_release(self._announce_refused)
         self._error(piece)
+        if piece not in self.waiting_free:  # once per piece, however often the child asks
+            self.waiting_free.add(piece)
+            gate.on_free(piece, functools.partial(self._freed, piece))
         return True
 
-    def _announce_refused(self) -> None:
-        refused, self.refused = self.refused, set()
-        for piece in sorted(refused):
-            self.push_have(piece)
+    def _freed(self, piece: int) -> None:
+        self.waiting_free.discard(piece)
+        self.push_have(piece)
 
     def _unclaim(self, piece: int) -> None:
         if piece in self.claimed:
@@ -197,8 +192,6 @@ class Conn:
         self.queue.clear()
         self.have_out = []
         self.error_out = []
-        if self.stop_waiting_release is not None:
-            self.stop_waiting_release()
         for piece in list(self.claimed):
             self._unclaim(piece)
         host = self.parent.host

@@ -129,3 +129,23 @@ def test_after_release_one_copy_of_a_piece_at_a_time() -> None:
     assert told == ["b", "c", "free at once"]
     gate.on_free(1, lambda: told.append("not sending"))  # nothing in flight: runs now
     assert told[-1] == "not sending"
+
+
+def test_during_the_first_pass_a_refused_child_is_told_when_the_claim_comes_back_or_at_release() -> None:
+    gate = FirstPassGate(3)
+    told: list[str] = []
+    assert gate.claim(0)
+    assert not gate.claim(0)  # refused: another child got it
+    gate.on_free(0, lambda: told.append("handed back"))
+    gate.on_free(2, lambda: told.append("nobody has 2"))  # not given out: may be claimed now
+    assert told == ["nobody has 2"]
+    gate.unclaim(0)  # the child it was given to left before receiving it
+    assert told == ["nobody has 2", "handed back"]
+    assert gate.claim(0)  # the refused child asks again and gets it
+    gate.delivered(0)  # during the first pass it stays given out
+    gate.on_free(0, lambda: told.append("released"))
+    assert told[-1] == "handed back"
+    gate.release()
+    assert told[-1] == "released"  # told at the release instead
+    gate.unclaim(0)  # nothing more to tell
+    assert told.count("released") == 1

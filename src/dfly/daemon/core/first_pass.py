@@ -10,8 +10,11 @@ anyone, so children that could not reach a piece through the mesh (a dead relay,
 children) get it in the end game. The hold lets the last pieces given out cross the mesh first: released
 at once, every child still missing them queues requests at the source, whose uplink then splits among
 hundreds of children (simulated, 500 hosts × 3 GB: p50 1.53 × the bound released at once, 1.36 with a 1 s
-hold; docs/simulation.md). Children refused a piece are told again that the source has it at release
-(the piece server re-sends HAVE).
+hold; docs/simulation.md). Children refused a piece are told again that the source has it (the piece
+server re-sends HAVE) when its claim is handed back (the child it was given to left before receiving
+it) or at the release, whichever comes first. Without the first, a piece handed back that every
+remaining child had been refused was asked for by nobody, so it was never given out again and the
+release never came: the swarm stalled.
 
 After the release the source still sends **one copy of a piece at a time**: a REQUEST for a piece it is
 sending to another child is refused (not_available) and that child hears HAVE again when the copy is
@@ -24,9 +27,11 @@ Rules:
 - `claim(n)` when a REQUEST arrives: True (serve it; it is now given out) or False (refuse it).
 - `unclaim(n)` when a claimed piece was not delivered after all (CANCEL before its header went out, the
   connection lost): it may be given to someone else. `delivered(n)` when it was sent.
-- After the release, `claim(n)` is True only while no copy of n is being sent; `on_free(n, listener)`
-  runs the listener once when the copy being sent is delivered or handed back. (A first-pass claim
+- After the release, `claim(n)` is True only while no copy of n is being sent. (A first-pass claim
   delivered after the release frees the piece too, so two copies may overlap once.)
+- `on_free(n, listener)` runs the listener once when n may be claimed again: during the first pass when
+  its claim is handed back, or at the release; after the release when the copy being sent is
+  delivered or handed back. At once if n may be claimed now.
 - When the last piece is claimed (in flight counts) `on_given_out` runs once; the owner then calls
   `release()` (at once or after its hold). Released for good; release listeners run once, then.
 - Pure and single-threaded: no clock (the owner times the hold); the event loop is the only caller.
@@ -94,8 +99,9 @@ class FirstPassGate:
             self._free(number)
 
     def on_free(self, number: int, listener: ReleaseListener) -> None:
-        """After the release: run `listener` once when the copy of `number` being sent is done."""
-        if self._released and number in self._sending:
+        """Run `listener` once when `number` may be claimed again (see the rules above)."""
+        taken = number in self._sending if self._released else bool(self._claimed[number])
+        if taken:
             self._free_listeners.setdefault(number, []).append(listener)
         else:
             listener()
@@ -113,8 +119,12 @@ class FirstPassGate:
             return
         self._released = True
         listeners, self._listeners = list(self._listeners.values()), {}
+        waiting, self._free_listeners = self._free_listeners, {}  # nothing is being sent yet: all free
         for listener in listeners:
             listener()
+        for number in sorted(waiting):
+            for listener in waiting[number]:
+                listener()
 
     def unclaim(self, number: int) -> None:
         """A claimed piece was not delivered: give it to the next child that asks."""
@@ -125,6 +135,8 @@ class FirstPassGate:
             return
         self._claimed[number] = 0
         self._open += 1
+        for listener in self._free_listeners.pop(number, ()):
+            listener()
 
     def on_release(self, listener: ReleaseListener) -> Callable[[], None]:
         """Run `listener` once at release (never, if already released); returns a remover."""

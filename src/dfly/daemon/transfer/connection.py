@@ -12,7 +12,6 @@ import functools
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dfly.common.errors import ProtocolError
@@ -43,9 +42,7 @@ class ChildConnection:
         self.wake = asyncio.Event()
         self.known = bytearray()  # pieces announced to the child
         self.claimed: set[int] = set()  # pieces the first-pass gate gave this child, not yet delivered
-        self.refused: set[int] = set()  # pieces the gate refused this child: announced again at release
-        self.waiting_free: set[int] = set()  # refused after the release: told again once the copy is done
-        self.stop_waiting_release: Callable[[], None] | None = None
+        self.waiting_free: set[int] = set()  # refused by the gate: told again once it may be claimed
         self.mid_frame = False
         self.closed = False
 
@@ -163,15 +160,11 @@ class ChildConnection:
             return False
         if 0 <= number < len(self.known) * 8:
             self.known[number >> 3] &= ~(0x80 >> (number & 7)) & 0xFF
-        if gate.released:  # a copy is being sent to another child: told again once it is done
-            if number not in self.waiting_free:  # once per piece, however often the child asks
-                self.waiting_free.add(number)
-                gate.on_free(number, functools.partial(self._freed, number))
-        else:
-            self.refused.add(number)
-            if self.stop_waiting_release is None:
-                self.stop_waiting_release = gate.on_release(self._announce_refused)
         self._refuse(number, "is with another child")
+        # told again (HAVE) when its claim comes back, at the release, or when the copy being sent is done
+        if number not in self.waiting_free:  # once per piece, however often the child asks
+            self.waiting_free.add(number)
+            gate.on_free(number, functools.partial(self._freed, number))
         return True
 
     def _refuse(self, number: int, why: str) -> None:
@@ -189,11 +182,6 @@ class ChildConnection:
         self.waiting_free.discard(number)
         self._push_have(number)
 
-    def _announce_refused(self) -> None:
-        refused, self.refused = self.refused, set()
-        for number in sorted(refused):
-            self._push_have(number)
-
     def _unclaim(self, number: int) -> None:
         if number in self.claimed:
             self.claimed.discard(number)
@@ -202,8 +190,6 @@ class ChildConnection:
                 gate.unclaim(number)
 
     def _hand_back_claims(self) -> None:
-        if self.stop_waiting_release is not None:
-            self.stop_waiting_release()
         for number in list(self.claimed):
             self._unclaim(number)
 
