@@ -206,6 +206,30 @@ class LeaveHostRequest(_message.Message):
 Global___LeaveHostRequest: _TypeAlias = LeaveHostRequest  # noqa: Y015
 
 @_typing.final
+class DeleteTaskRequest(_message.Message):
+    """The host no longer holds the task (storage GC, or its copy failed a digest): not offered as its parent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTaskRequest: _TypeAlias = DeleteTaskRequest  # noqa: Y015
+
+@_typing.final
 class Download(_message.Message):
     """What a peer wants to download; the same fields make the task id (common.ids)."""
 

@@ -59,6 +59,11 @@ class SchedulerStub:
                 request_serializer=dfly_dot_api_dot_scheduler__pb2.LeaveHostRequest.SerializeToString,
                 response_deserializer=dfly_dot_api_dot_scheduler__pb2.Empty.FromString,
                 _registered_method=True)
+        self.DeleteTask = channel.unary_unary(
+                '/dfly.scheduler.v1.Scheduler/DeleteTask',
+                request_serializer=dfly_dot_api_dot_scheduler__pb2.DeleteTaskRequest.SerializeToString,
+                response_deserializer=dfly_dot_api_dot_scheduler__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -94,6 +99,12 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +131,11 @@ def add_SchedulerServicer_to_server(servicer, server):
             'LeaveHost': grpc.unary_unary_rpc_method_handler(
                     servicer.LeaveHost,
                     request_deserializer=dfly_dot_api_dot_scheduler__pb2.LeaveHostRequest.FromString,
+                    response_serializer=dfly_dot_api_dot_scheduler__pb2.Empty.SerializeToString,
+            ),
+            'DeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTask,
+                    request_deserializer=dfly_dot_api_dot_scheduler__pb2.DeleteTaskRequest.FromString,
                     response_serializer=dfly_dot_api_dot_scheduler__pb2.Empty.SerializeToString,
             ),
     }
@@ -257,6 +273,33 @@ class Scheduler:
             target,
             '/dfly.scheduler.v1.Scheduler/LeaveHost',
             dfly_dot_api_dot_scheduler__pb2.LeaveHostRequest.SerializeToString,
+            dfly_dot_api_dot_scheduler__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfly.scheduler.v1.Scheduler/DeleteTask',
+            dfly_dot_api_dot_scheduler__pb2.DeleteTaskRequest.SerializeToString,
             dfly_dot_api_dot_scheduler__pb2.Empty.FromString,
             options,
             channel_credentials,

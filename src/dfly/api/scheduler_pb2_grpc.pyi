@@ -39,6 +39,7 @@ class SchedulerStub:
     AnnouncePeer: _grpc.StreamStreamMultiCallable[_scheduler_pb2.AnnouncePeerRequest, _scheduler_pb2.AnnouncePeerResponse]
     StatTask: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StatTaskRequest, _scheduler_pb2.TaskStat]
     LeaveHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.LeaveHostRequest, _scheduler_pb2.Empty]
+    DeleteTask: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteTaskRequest, _scheduler_pb2.Empty]
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -48,6 +49,7 @@ class SchedulerAsyncStub(SchedulerStub):
     AnnouncePeer: _aio.StreamStreamMultiCallable[_scheduler_pb2.AnnouncePeerRequest, _scheduler_pb2.AnnouncePeerResponse]  # type: ignore[assignment]
     StatTask: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StatTaskRequest, _scheduler_pb2.TaskStat]  # type: ignore[assignment]
     LeaveHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.LeaveHostRequest, _scheduler_pb2.Empty]  # type: ignore[assignment]
+    DeleteTask: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteTaskRequest, _scheduler_pb2.Empty]  # type: ignore[assignment]
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -82,6 +84,13 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     def LeaveHost(
         self,
         request: _scheduler_pb2.LeaveHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Empty, _abc.Awaitable[_scheduler_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteTask(
+        self,
+        request: _scheduler_pb2.DeleteTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.Empty, _abc.Awaitable[_scheduler_pb2.Empty]]: ...
 

@@ -6,8 +6,9 @@ the planner at once; `pump()` turns the planner's choices into REQUEST/CANCEL fr
 Rules:
 - At most `download.max_parents` parents, never one that failed this download before.
 - A parent that closes, breaks the protocol or sends a corrupt piece is dropped and reported to the
-  scheduler on the next reschedule (unreachable when it could not be connected at all; corrupt when a
-  piece failed its CRC, which the scheduler counts against the parent's host).
+  scheduler on the next reschedule (unreachable when it could not be connected at all, not when it
+  answered with an ERROR such as unknown_task; corrupt when a piece failed its CRC, which the scheduler
+  counts against the parent's host).
 - A request older than `download.piece_timeout_s` is cancelled and that piece asked of another holder;
   if the parent sent not one byte in that time (stopped, hung, its link dead) it is dropped and
   reported too: a stalled parent must not cost one timeout per piece (a slow one is kept).
@@ -113,10 +114,15 @@ class ParentSet:
                 connect_timeout_s=CONNECT_TIMEOUT_S,
                 ssl_context=self.c.ctx.piece_tls,
             )
-        except (OSError, DflyError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             log.info("parent %s unreachable: %s", cand.peer_id, exc)
             self._connecting.discard(cand.peer_id)
             self._fail(cand.peer_id, unreachable=True)
+            return
+        except DflyError as exc:  # it answered (e.g. unknown_task: evicted by its GC): not unreachable
+            log.info("parent %s refused: %s", cand.peer_id, exc)
+            self._connecting.discard(cand.peer_id)
+            self._fail(cand.peer_id)
             return
         self._connecting.discard(cand.peer_id)
         if not self.active or cand.peer_id in self._blocked:

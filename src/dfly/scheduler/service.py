@@ -41,6 +41,7 @@ from dfly.scheduler.core.messages import (
     SeedTriggerFailed,
     SendFinishVerdict,
     SendTaskFailed,
+    TaskDeleted,
     TriggerSeedPeer,
 )
 from dfly.scheduler.metrics import SchedulerMetrics
@@ -128,6 +129,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def LeaveHost(self, request: pb.LeaveHostRequest, context: Any) -> pb.Empty:
         self._apply(HostLeft(request.host_id))
+        return pb.Empty()
+
+    async def DeleteTask(self, request: pb.DeleteTaskRequest, context: Any) -> pb.Empty:
+        if not request.host_id or not request.task_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host_id and task_id are required")
+        self._apply(TaskDeleted(request.host_id, request.task_id))
         return pb.Empty()
 
     async def StatTask(self, request: pb.StatTaskRequest, context: Any) -> pb.TaskStat:

@@ -19,6 +19,7 @@ from dfly.scheduler.core.messages import (
     PeerFinished,
     RescheduleRequested,
     SendCandidateParents,
+    TaskDeleted,
 )
 
 
@@ -103,6 +104,27 @@ def test_reconnect_with_finished_tasks_reoffers_the_host() -> None:
     assert view is not None
     assert view.state == "SUCCEEDED"
     assert view.piece_digests == (100, 101)
+
+
+def test_a_deleted_task_is_no_longer_offered_from_that_host() -> None:
+    harness = Harness()
+    for name in ("a", "b", "c", "d"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
+    harness.pieces("peer-a", 0, 1)
+    harness.do(PeerFinished("peer-a", (100, 101)))
+    harness.register("peer-b", "b")  # running: it reports for itself, a TaskDeleted does not touch it
+    harness.pieces("peer-b", 0, parent="peer-a")
+    assert parents_of(harness.register("peer-c", "c"), "peer-c") == {"peer-a", "peer-b"}
+
+    harness.do(TaskDeleted(harness.host_id("a"), "task-1"))
+    harness.do(TaskDeleted(harness.host_id("b"), "task-1"))
+    assert "peer-a" not in harness.engine.cluster.peers
+    assert "peer-b" in harness.engine.cluster.peers
+    assert parents_of(harness.register("peer-d", "d"), "peer-d") == {"peer-b"}
+    assert harness.do(TaskDeleted(harness.host_id("a"), "no-such-task")) == []
+    assert harness.do(TaskDeleted("10.9.9.9-gone", "task-1")) == []
 
 
 def test_finished_task_with_another_layout_is_not_offered() -> None:

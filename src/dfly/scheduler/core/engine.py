@@ -46,6 +46,7 @@ from dfly.scheduler.core.messages import (
     SeedTriggerFailed,
     SendFinishVerdict,
     SendTaskFailed,
+    TaskDeleted,
     TaskLayout,
 )
 from dfly.scheduler.core.model import Peer, PeerState, Task, TaskState
@@ -75,6 +76,8 @@ class SchedulerEngine:
                 return self._hosts.disconnected(event)
             case HostLeft():
                 return self._hosts.left(event, now)
+            case TaskDeleted():
+                return self._hosts.task_deleted(event, now)
             case PeerRegistered():
                 return self._registered(event, now)
             case SeedTriggerFailed():

@@ -23,6 +23,7 @@ from dfly.scheduler.core.messages import (
     HostDisconnected,
     HostKeepAlive,
     HostLeft,
+    TaskDeleted,
     TaskLayout,
 )
 from dfly.scheduler.core.model import Host, Peer, PeerState, Task, TaskState
@@ -105,6 +106,22 @@ class HostHandlers:
         commands = self._drop_peers(host, f"host {event.host_id} left", now)
         del self._cluster.hosts[event.host_id]
         self._cluster.seed_host_ids.discard(event.host_id)
+        return commands
+
+    def task_deleted(self, event: TaskDeleted, now: float) -> list[Command]:
+        """Forget the host's peers of the task that are done (a running download reports for itself):
+        the host is no longer offered as a parent for it."""
+        host = self._cluster.hosts.get(event.host_id)
+        if host is None:
+            return []
+        removals: list[RemovedPeer] = []
+        for peer_id in sorted(host.peer_ids):
+            peer = self._cluster.peers[peer_id]
+            if peer.task_id == event.task_id and not peer.active:
+                removals.append(self._cluster.remove_peer(peer, PeerState.LEAVE))
+        commands: list[Command] = []
+        for removed in removals:
+            commands.extend(self._after_removal(removed, now))
         return commands
 
     def report_unreachable(self, parent_id: str, child: Peer, now: float) -> None:

@@ -124,6 +124,14 @@ class HostLeft:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskDeleted:
+    """The host no longer holds the task (its storage GC or a failed digest removed it)."""
+
+    host_id: str
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class PeerRegistered:
     peer_id: str
     host_id: str
@@ -201,6 +209,7 @@ Event = (
     | HostKeepAlive
     | HostDisconnected
     | HostLeft
+    | TaskDeleted
     | PeerRegistered
     | PeerStarted
     | BackToSourceStarted
