@@ -51,6 +51,7 @@ class FileTask:
         self.subscribers: list[Callable[[int], None]] = []
         self.gate: FirstPassGate | None = None
         self.child_holds: dict[str, set[int]] = {}  # what peer_has reports (the child is also our parent)
+        self.holders = 0  # child connections holding the task (ServedTask.hold)
 
     @property
     def first_pass(self) -> FirstPassGate | None:
@@ -75,6 +76,14 @@ class FileTask:
     def subscribe(self, on_available: Callable[[int], None]) -> Callable[[], None]:
         self.subscribers.append(on_available)
         return lambda: self.subscribers.remove(on_available)
+
+    def hold(self) -> Callable[[], None]:
+        self.holders += 1
+
+        def release() -> None:
+            self.holders -= 1
+
+        return release
 
     def make_available(self, number: int) -> None:
         self.available.add(number)

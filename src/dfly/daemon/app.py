@@ -1,8 +1,9 @@
 """Composition root of dfdaemon: builds storage, tasks, listeners and the scheduler link, then runs.
 
 Start order: storage opened (crash recovery) → piece server, control, health, metrics, local API bound
-→ host announced to the scheduler → ready file written. Stop order is the reverse, ending with the
-storage's final group commit and clean-shutdown marker.
+→ host announced to the scheduler → storage GC started (first pass after gc.interval_s) → ready file
+written. Stop order is the reverse, ending with the storage's final group commit and clean-shutdown
+marker.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dfly.common.ids import host_id as make_host_id
 from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig, ListenerSection
 from dfly.daemon.context import Counters, DaemonContext
+from dfly.daemon.gc import StorageGC
 from dfly.daemon.local_api import LocalApiServer
 from dfly.daemon.proxy.server import RegistryMirror
 from dfly.daemon.scheduler_client import SchedulerClient, source_ip_toward
@@ -90,6 +92,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     )
     tasks = TaskManager(ctx)
     tasks.load(stored)
+    gc = StorageGC(config.gc, storage, tasks, counters)
+    ctx.make_room = gc.make_room
     storage.on_pieces_lost = tasks.pieces_lost
     limit = config.upload.rate_limit_bytes_per_s
     limiter = TokenBucket(limit, max(limit // 10, 4 << 20) if limit else 0)
@@ -197,7 +201,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     ctx.scheduler = scheduler
     try:
         async with asyncio.TaskGroup() as tg:
-            background = [tg.create_task(upload_rate.run())]
+            background = [tg.create_task(upload_rate.run()), tg.create_task(gc.run())]
             await _announce_until_done(scheduler, stop)
             background.append(tg.create_task(scheduler.run_keepalive()))
             if ready_file is not None and not stop.is_set():

@@ -342,6 +342,8 @@ class Conductor:
                 piece_length=layout.piece_length,
                 response_headers=response_headers,
             )
+            if self.ctx.storage.task_meta(meta.task_id) is None:
+                await self.ctx.make_room(layout.content_length)
             await self.ctx.storage.create_task(meta)
             self.file_ready.set()
 

@@ -44,6 +44,25 @@ class StorageSection(StrictModel):
     commit_interval_s: float = Field(default=1.0, gt=0)
 
 
+class GcSection(StrictModel):
+    """Storage GC (daemon/gc.py; Dragonfly's `gc` section): evict tasks unused for `task_ttl_s`, and the
+    least recently used ones while disk usage is at or above the high mark, down to the low mark."""
+
+    interval_s: float = Field(default=900.0, gt=0)
+    task_ttl_s: float = Field(default=30 * 86400.0, gt=0)  # Dragonfly's taskTTL: 30 days
+    disk_high_threshold_percent: float = Field(default=80.0, gt=0, le=100)
+    disk_low_threshold_percent: float = Field(default=60.0, ge=0, lt=100)
+    # 0 = usage of the filesystem holding storage.dir (other files on it count); N = usage is dfly's own
+    # task bytes out of N bytes (a quota: other files neither trigger nor block eviction).
+    disk_quota_bytes: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _marks(self) -> GcSection:
+        if self.disk_low_threshold_percent >= self.disk_high_threshold_percent:
+            raise ValueError("gc.disk_low_threshold_percent must be below gc.disk_high_threshold_percent")
+        return self
+
+
 class DownloadSection(StrictModel):
     buffer_bytes: int = Field(default=32 * MiB, ge=1 * MiB)  # budget of receive buffers
     max_parents: int = Field(default=8, ge=1, le=20)
@@ -173,6 +192,7 @@ class DaemonConfig(StrictModel):
     host: HostSection = HostSection()
     scheduler: SchedulerSection = SchedulerSection()
     storage: StorageSection = StorageSection()
+    gc: GcSection = GcSection()
     download: DownloadSection = DownloadSection()
     upload: UploadSection = UploadSection()
     control: ControlSection = ControlSection()

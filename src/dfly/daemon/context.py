@@ -6,8 +6,10 @@ numbers for the local API's `stats` reply, which the demo and tests read.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -24,6 +26,8 @@ _DOWNLOAD_BYTES = Counter(
 )
 _UPLOAD_BYTES = Counter("dfly_daemon_upload_bytes", "Bytes uploaded to other peers")
 _TASKS = Counter("dfly_daemon_download_tasks", "Downloads attached, by result", ["result"])
+_GC_TASKS = Counter("dfly_daemon_gc_evicted_tasks", "Tasks the storage GC evicted, by reason", ["reason"])
+_GC_BYTES = Counter("dfly_daemon_gc_evicted_bytes", "Bytes of task files the storage GC evicted", ["reason"])
 
 
 @dataclass
@@ -32,6 +36,9 @@ class Counters:
     upload_bytes: int = 0
     tasks_succeeded: int = 0
     tasks_failed: int = 0
+    gc_passes: int = 0
+    gc_evicted_tasks: int = 0
+    gc_evicted_bytes: int = 0
 
     def downloaded(self, source: str, nbytes: int) -> None:
         self.download_bytes[source] += nbytes
@@ -48,6 +55,12 @@ class Counters:
             self.tasks_failed += 1
         _TASKS.labels(result="succeeded" if ok else "failed").inc()
 
+    def evicted(self, reason: str, nbytes: int) -> None:
+        self.gc_evicted_tasks += 1
+        self.gc_evicted_bytes += nbytes
+        _GC_TASKS.labels(reason=reason).inc()
+        _GC_BYTES.labels(reason=reason).inc(nbytes)
+
 
 @dataclass
 class DaemonContext:
@@ -62,3 +75,5 @@ class DaemonContext:
     counters: Counters
     rng: random.Random
     piece_tls: ssl.SSLContext | None = None  # client side of `security.tls.pieces` (None = plain TCP)
+    # Before a new task file of n bytes is created: let the storage GC evict for room (daemon/gc.py).
+    make_room: Callable[[int], Awaitable[None]] = field(default=lambda nbytes: asyncio.sleep(0))

@@ -133,5 +133,13 @@ class SchedulerClient:
         except grpc.aio.AioRpcError:
             pass
 
+    async def delete_task(self, task_id: str) -> None:
+        """Tell this scheduler the host no longer holds `task_id` (best effort)."""
+        request = pb.DeleteTaskRequest(host_id=self._host_info().host_id, task_id=task_id)
+        try:
+            await self.stub.DeleteTask(request, timeout=2.0)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("DeleteTask %s at %s: %s", task_id[:12], self.addr, exc.code())
+
     async def close(self) -> None:
         await self._channel.close(None)

@@ -118,6 +118,10 @@ class SchedulerRing:
     async def leave(self) -> None:
         await asyncio.gather(*(client.leave() for client in self.clients))
 
+    async def delete_task(self, task_id: str) -> None:
+        """Tell every connected scheduler (each was told of the task at announce) it is gone here."""
+        await asyncio.gather(*(client.delete_task(task_id) for client in self.healthy()))
+
     async def close(self) -> None:
         for task in list(self._pending):
             task.cancel()

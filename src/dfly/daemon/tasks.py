@@ -11,20 +11,29 @@ Rules:
 - Downloads started by a request end with the task, not with the request: a dfget that goes away does
   not cancel a download other requests (or the swarm) may still need.
 - Every asyncio task created here is owned by `_tasks` and cancelled at close.
+- A task is *in use* while an attempt runs, a local download (dfget, proxy response) reads it or a child
+  is connected to it (`hold`); the storage GC removes only tasks not in use. `last_used` (wall clock) is
+  set by each request, trigger and end of use; after a restart it starts from the task file's mtime.
+- A removed task (GC, failed digest) is forgotten here first, so nothing new attaches to it, then its
+  file is deleted and every connected scheduler is told (DeleteTask).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, StorageError
 from dfly.daemon.conductor import Conductor, PiecesLost
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.first_pass import FirstPassGate
+from dfly.daemon.core.gc_policy import CachedTask
 from dfly.daemon.core.task_state import Announcer, TaskState
 from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.storage import StoredTask
@@ -34,15 +43,43 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Usage:
+    """Who reads a task and when it was last used; shared by the LiveTasks that replace one another."""
+
+    last_used: float = field(default_factory=time.time)
+    users: int = 0  # local downloads reading it and child connections to it
+
+    def hold(self) -> Callable[[], None]:
+        """Mark the task in use until the returned callable is called (idempotent)."""
+        self.users += 1
+        self.last_used = time.time()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.users -= 1
+                self.last_used = time.time()
+
+        return release
+
+
+@dataclass
 class LiveTask:
     state: TaskState
     file_ready: asyncio.Event = field(default_factory=asyncio.Event)
     attempt: asyncio.Task[None] | None = None
     conductor: Conductor | None = None  # of the current or last attempt
+    usage: Usage = field(default_factory=Usage)
 
     @property
     def running(self) -> bool:
         return self.attempt is not None and not self.attempt.done()
+
+    @property
+    def in_use(self) -> bool:
+        return self.running or self.usage.users > 0
 
 
 class ServedTaskView:
@@ -81,6 +118,9 @@ class ServedTaskView:
         parent_has = self._live.state.parent_has
         return parent_has is not None and parent_has(peer_id, number)
 
+    def hold(self) -> Callable[[], None]:
+        return self._live.usage.hold()
+
 
 class TaskManager:
     def __init__(self, ctx: DaemonContext) -> None:
@@ -96,7 +136,7 @@ class TaskManager:
             state.set_layout(task.meta.content_length, task.meta.piece_length)
             state.response_headers = dict(task.meta.response_headers)
             state.load_pieces(task.pieces)
-            live = LiveTask(state)
+            live = LiveTask(state, usage=Usage(self._file_mtime(state.task_id)))
             live.file_ready.set()
             if task.finished and state.complete:
                 state.end(None)
@@ -142,8 +182,9 @@ class TaskManager:
                 fresh.load_pieces(
                     {n: d for n in old.available_pieces() if (d := old.piece_digest(n)) is not None}
                 )
-            live = LiveTask(fresh, live.file_ready)
+            live = LiveTask(fresh, live.file_ready, usage=live.usage)
             self._live[tid] = live
+        live.usage.last_used = time.time()
         if live.state.complete and live.state.ended:
             return live
         if not live.running:
@@ -158,15 +199,48 @@ class TaskManager:
     def evict(self, task_id: str) -> None:
         """Forget a task whose bytes proved wrong as a whole (a registry blob failing its digest): no longer
         served, its file deleted, and the next request downloads it afresh."""
+        if task_id in self._live:
+            log.error("task %s evicted: its content does not match the digest it was asked for", task_id[:12])
+            self.remove(task_id)
+
+    def remove(self, task_id: str) -> asyncio.Task[None] | None:
+        """Forget the task and cancel its attempt; its file is deleted (the returned asyncio task, None
+        if the task was unknown), then the schedulers are told."""
         live = self._live.pop(task_id, None)
         if live is None:
-            return
-        log.error("task %s evicted: its content does not match the digest it was asked for", task_id[:12])
+            return None
         if live.attempt is not None and not live.attempt.done():
             live.attempt.cancel()
-        deletion = asyncio.get_running_loop().create_task(self.ctx.storage.delete_task(task_id))
-        self._tasks.add(deletion)
-        deletion.add_done_callback(self._tasks.discard)
+        return self._spawn(self._delete(task_id))
+
+    async def _delete(self, task_id: str) -> None:
+        try:
+            await self.ctx.storage.delete_task(task_id)
+        except StorageError as exc:
+            log.error("task %s: %s", task_id[:12], exc)
+        if self.ctx.scheduler is not None:
+            self._spawn(self.ctx.scheduler.delete_task(task_id))  # not waited for: it may take seconds
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def cached_tasks(self) -> list[CachedTask]:
+        """What the storage GC decides on: every task with its size, last use and whether it is in use."""
+        out = []
+        for task_id, live in self._live.items():
+            meta = self.ctx.storage.task_meta(task_id)
+            size = meta.content_length if meta is not None else 0
+            out.append(CachedTask(task_id, size, live.usage.last_used, live.in_use))
+        return out
+
+    def _file_mtime(self, task_id: str) -> float:
+        try:
+            return os.stat(self.ctx.storage.task_path(task_id)).st_mtime
+        except OSError:
+            return time.time()
 
     def pieces_lost(self, task_id: str, pieces: list[int]) -> None:
         """Storage dropped these written pieces (failed fdatasync): never serve or use them again."""
@@ -204,6 +278,7 @@ class TaskManager:
         announcer = Announcer(live.state)
         unsubscribe = live.state.subscribe(lambda _n: wake.set())
         remove_end = live.state.on_end(lambda _err: wake.set())
+        release = live.usage.hold()
         try:
             while not live.file_ready.is_set() and not live.state.ended:
                 wake.clear()
@@ -241,6 +316,7 @@ class TaskManager:
                     return
                 await wake.wait()
         finally:
+            release()
             unsubscribe()
             announcer.unsubscribe()
             remove_end()
@@ -250,9 +326,7 @@ class TaskManager:
         completely already, the schedulers are told again (one that never heard of it may be asking)."""
         live = self.start(request)
         if live.state.complete and live.state.ended and self.ctx.scheduler is not None:
-            announce = asyncio.get_running_loop().create_task(self.ctx.scheduler.reannounce())
-            self._tasks.add(announce)
-            announce.add_done_callback(self._tasks.discard)
+            self._spawn(self.ctx.scheduler.reannounce())
         return live.state.task_id
 
     # -- stats and the piece server's view --------------------------------------------------------
@@ -266,6 +340,11 @@ class TaskManager:
             "tasks_succeeded": counters.tasks_succeeded,
             "tasks_failed": counters.tasks_failed,
             "running": sum(1 for live in self._live.values() if live.running),
+            "gc": {
+                "passes": counters.gc_passes,
+                "evicted_tasks": counters.gc_evicted_tasks,
+                "evicted_bytes": counters.gc_evicted_bytes,
+            },
         }
 
     def lookup(self, task_id: str) -> ServedTaskView | None:

@@ -93,6 +93,7 @@ class ChildConnection:
             )
             return
         self.task, self.child_id = task, hello.peer_id
+        release = task.hold()
         unsubscribe = task.subscribe(self._on_available)
         try:
             self.known = p.make_bitfield(task.piece_count, task.available_pieces())
@@ -105,6 +106,7 @@ class ChildConnection:
         finally:
             self.closed = True
             unsubscribe()
+            release()
             self._hand_back_claims()
 
     async def _run_loops(self) -> None:

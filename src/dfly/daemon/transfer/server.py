@@ -80,6 +80,10 @@ class ServedTask(Protocol):
         a HAVE for it would be wasted on that child."""
         ...
 
+    def hold(self) -> Callable[[], None]:
+        """Keep the task (and its file) from the storage GC while a child is connected; returns release."""
+        ...
+
 
 class PieceProvider(Protocol):
     def lookup(self, task_id: str) -> ServedTask | None: ...

@@ -1,0 +1,134 @@
+"""The daemon's storage GC: evicts cached tasks by TTL and disk pressure (decisions in core/gc_policy.py).
+
+Rules:
+- A pass runs every `gc.interval_s`, and `make_room(n)` runs one before a new task file of n bytes is
+  created, counting those bytes as used, and returns once the evicted files are deleted (so a download
+  evicts old tasks instead of failing for space).
+- Usage is the filesystem's of `storage.dir` (used = size - available), or with `gc.disk_quota_bytes`
+  the task files' bytes out of that quota.
+- Evicting goes through `TaskManager.remove`: forgotten first (nothing new attaches), file deleted,
+  every connected scheduler told. Tasks in use are never chosen (see tasks.py).
+- The last use survives restarts as the task file's mtime: each pass stamps the files of tasks used
+  since the last stamp (`os.utime`), so the TTL counts from the last use, not from the last restart.
+- A pass that fails is logged and the next one runs; the loop never ends on an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from dfly.daemon.config import GcSection
+from dfly.daemon.context import Counters
+from dfly.daemon.core.gc_policy import CachedTask, DiskUsage, Eviction, GcPolicy, plan_evictions
+
+log = logging.getLogger(__name__)
+
+
+class GcTasks(Protocol):
+    """What the GC needs of the TaskManager."""
+
+    def cached_tasks(self) -> list[CachedTask]: ...
+
+    def remove(self, task_id: str) -> asyncio.Task[None] | None:
+        """Forget the task; the returned asyncio task deletes its file (None: unknown task)."""
+
+
+class GcStorage(Protocol):
+    """What the GC needs of Storage."""
+
+    @property
+    def root(self) -> Path: ...
+
+    def task_path(self, task_id: str) -> Path: ...
+
+
+class StorageGC:
+    def __init__(
+        self,
+        config: GcSection,
+        storage: GcStorage,
+        tasks: GcTasks,
+        counters: Counters,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.storage = storage
+        self.tasks = tasks
+        self.counters = counters
+        self.clock = clock
+        self.policy = GcPolicy(
+            task_ttl_s=config.task_ttl_s,
+            high_percent=config.disk_high_threshold_percent,
+            low_percent=config.disk_low_threshold_percent,
+        )
+        self._stamped: dict[str, float] = {}  # task id -> last use written as its file's mtime
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)  # the GC's period, not a wait for an event
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("storage GC pass failed")
+
+    async def run_once(self, incoming_bytes: int = 0) -> list[Eviction]:
+        """One pass: stamp last uses, evict what the policy picks (`incoming_bytes` count as used); returns
+        once the evicted tasks' files are deleted."""
+        self.counters.gc_passes += 1
+        cached = self.tasks.cached_tasks()
+        self._stamp(cached)
+        usage = self.usage(cached)
+        if incoming_bytes:
+            usage = DiskUsage(usage.capacity_bytes, usage.used_bytes + incoming_bytes)
+        evictions = plan_evictions(cached, usage, self.clock(), self.policy)
+        deletions = []
+        for eviction in evictions:
+            deletion = self.tasks.remove(eviction.task_id)
+            if deletion is not None:
+                deletions.append(deletion)
+                self._stamped.pop(eviction.task_id, None)
+                self.counters.evicted(eviction.reason, eviction.size_bytes)
+        if evictions:
+            after = usage.used_bytes - sum(e.size_bytes for e in evictions)
+            log.info(
+                "storage GC evicted %d tasks (%d bytes: %s); usage %.1f%% -> %.1f%% of %d bytes",
+                len(evictions),
+                sum(e.size_bytes for e in evictions),
+                ", ".join(sorted({e.reason for e in evictions})),
+                usage.percent,
+                100.0 * after / usage.capacity_bytes if usage.capacity_bytes else 0.0,
+                usage.capacity_bytes,
+            )
+        await asyncio.gather(*deletions, return_exceptions=True)
+        return evictions
+
+    async def make_room(self, nbytes: int) -> None:
+        """Before a task file of `nbytes` is created: evict if those bytes would reach the high mark."""
+        try:
+            await self.run_once(incoming_bytes=nbytes)
+        except Exception:
+            log.exception("storage GC pass before admitting %d bytes failed", nbytes)
+
+    def usage(self, cached: list[CachedTask]) -> DiskUsage:
+        quota = self.config.disk_quota_bytes
+        if quota:
+            return DiskUsage(quota, sum(task.size_bytes for task in cached))
+        st = os.statvfs(self.storage.root)
+        capacity = st.f_blocks * st.f_frsize
+        return DiskUsage(capacity, capacity - st.f_bavail * st.f_frsize)
+
+    def _stamp(self, cached: list[CachedTask]) -> None:
+        for task in cached:
+            if task.in_use or self._stamped.get(task.task_id) == task.last_used:
+                continue
+            try:
+                os.utime(self.storage.task_path(task.task_id), (task.last_used, task.last_used))
+            except OSError:
+                continue  # no file (a task that never started): nothing to stamp
+            self._stamped[task.task_id] = task.last_used

@@ -1,0 +1,113 @@
+"""StorageGC's pass over a real directory: last uses stamped as mtimes, quota usage, eviction counters.
+
+The task manager is a stand-in at the GC's edge (GcTasks); files, mtimes and statvfs are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from dfly.daemon.config import GcSection
+from dfly.daemon.context import Counters
+from dfly.daemon.core.gc_policy import CachedTask
+from dfly.daemon.gc import StorageGC
+
+MB = 1_000_000
+
+
+class Files:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def task_path(self, task_id: str) -> Path:
+        return self.root / task_id
+
+
+class Tasks:
+    def __init__(self, cached: list[CachedTask], root: Path) -> None:
+        self.cached = cached
+        self.root = root
+        self.removed: list[str] = []
+
+    def cached_tasks(self) -> list[CachedTask]:
+        return list(self.cached)
+
+    def remove(self, task_id: str) -> asyncio.Task[None] | None:
+        if task_id not in {t.task_id for t in self.cached}:
+            return None
+        self.cached = [t for t in self.cached if t.task_id != task_id]
+        self.removed.append(task_id)
+
+        async def delete() -> None:
+            (self.root / task_id).unlink()
+
+        return asyncio.get_running_loop().create_task(delete())
+
+
+def make_gc(
+    tmp_path: Path, cached: list[CachedTask], now: float, **gc: float
+) -> tuple[StorageGC, Tasks, Counters]:
+    for task in cached:
+        (tmp_path / task.task_id).write_bytes(b"x")
+    tasks, counters = Tasks(cached, tmp_path), Counters()
+    config = GcSection.model_validate(gc)
+    return StorageGC(config, Files(tmp_path), tasks, counters, clock=lambda: now), tasks, counters
+
+
+def test_last_uses_are_stamped_as_mtimes_except_for_tasks_in_use(tmp_path: Path) -> None:
+    cached = [CachedTask("idle", MB, 1_000_000.0, False), CachedTask("busy", MB, 1_000_500.0, True)]
+    gc, tasks, counters = make_gc(tmp_path, cached, now=1_000_600.0)
+    busy_mtime = os.stat(tmp_path / "busy").st_mtime
+    assert asyncio.run(gc.run_once()) == []
+    assert os.stat(tmp_path / "idle").st_mtime == 1_000_000.0  # survives a restart: TTL from last use
+    assert os.stat(tmp_path / "busy").st_mtime == busy_mtime  # being written: left alone
+    assert counters.gc_passes == 1
+    assert tasks.removed == []
+
+
+def test_a_quota_counts_only_task_bytes_and_evicts_least_recently_used(tmp_path: Path) -> None:
+    cached = [
+        CachedTask("old", 40 * MB, 10.0, False),
+        CachedTask("mid", 30 * MB, 20.0, False),
+        CachedTask("new", 20 * MB, 30.0, False),
+    ]
+    gc, tasks, counters = make_gc(tmp_path, cached, now=40.0, disk_quota_bytes=100 * MB)
+    assert gc.usage(tasks.cached_tasks()).percent == pytest.approx(90.0)
+    evicted = asyncio.run(gc.run_once())
+    assert [e.task_id for e in evicted] == ["old"]  # 90 % -> 50 %, under the 60 % mark
+    assert not (tmp_path / "old").exists()  # deleted before the pass returned
+    assert (counters.gc_evicted_tasks, counters.gc_evicted_bytes) == (1, 40 * MB)
+
+
+def test_make_room_counts_the_incoming_bytes(tmp_path: Path) -> None:
+    cached = [CachedTask("a", 30 * MB, 10.0, False), CachedTask("b", 30 * MB, 20.0, False)]
+    gc, tasks, _ = make_gc(tmp_path, cached, now=30.0, disk_quota_bytes=100 * MB)
+    asyncio.run(gc.make_room(10 * MB))  # 70 %: below the high mark
+    assert tasks.removed == []
+    asyncio.run(gc.make_room(30 * MB))  # 90 %: down to 60 % needs 30 MB gone
+    assert tasks.removed == ["a"]
+
+
+def test_without_a_quota_the_filesystem_is_measured(tmp_path: Path) -> None:
+    gc, tasks, _ = make_gc(tmp_path, [], now=0.0)
+    usage = gc.usage(tasks.cached_tasks())
+    st = os.statvfs(tmp_path)
+    assert usage.capacity_bytes == st.f_blocks * st.f_frsize
+    assert 0 < usage.used_bytes <= usage.capacity_bytes
+
+
+def test_a_failing_pass_before_admission_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gc, tasks, _ = make_gc(tmp_path, [], now=0.0)
+
+    def broken() -> list[CachedTask]:
+        raise RuntimeError("boom")
+
+    tasks.cached_tasks = broken  # type: ignore[method-assign]
+    asyncio.run(gc.make_room(MB))
+    assert "storage GC pass before admitting" in caplog.text
