@@ -4,8 +4,9 @@ Rules:
 - A pass runs every `gc.interval_s`, and `make_room(n)` runs one before a new task file of n bytes is
   created, counting those bytes as used, and returns once the evicted files are deleted (so a download
   evicts old tasks instead of failing for space).
-- Usage is the filesystem's of `storage.dir` (used = size - available), or with `gc.disk_quota_bytes`
-  the task files' bytes out of that quota.
+- Usage is the filesystem's of `storage.dir` as `df` shows it (used / (used + available to users);
+  blocks reserved for root count as neither, as in Dragonfly's Go client), or with
+  `gc.disk_quota_bytes` the task files' bytes out of that quota.
 - Evicting goes through `TaskManager.remove`: forgotten first (nothing new attaches), file deleted,
   every connected scheduler told. Tasks in use are never chosen (see tasks.py).
 - The last use survives restarts as the task file's mtime: each pass stamps the files of tasks used
@@ -120,8 +121,8 @@ class StorageGC:
         if quota:
             return DiskUsage(quota, sum(task.size_bytes for task in cached))
         st = os.statvfs(self.storage.root)
-        capacity = st.f_blocks * st.f_frsize
-        return DiskUsage(capacity, capacity - st.f_bavail * st.f_frsize)
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        return DiskUsage(used + st.f_bavail * st.f_frsize, used)
 
     def _stamp(self, cached: list[CachedTask]) -> None:
         for task in cached:
