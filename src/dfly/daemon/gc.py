@@ -48,6 +48,9 @@ class GcStorage(Protocol):
 
     def task_path(self, task_id: str) -> Path: ...
 
+    def stored_bytes(self) -> int:
+        """The task files' bytes (their content lengths: files are preallocated)."""
+
 
 class StorageGC:
     def __init__(
@@ -112,6 +115,9 @@ class StorageGC:
     async def make_room(self, nbytes: int) -> None:
         """Before a task file of `nbytes` is created: evict if those bytes would reach the high mark."""
         try:
+            usage = self._usage_now()
+            if 100.0 * (usage.used_bytes + nbytes) < self.policy.high_percent * usage.capacity_bytes:
+                return  # the usual case: no pass over every task for each new one
             await self.run_once(incoming_bytes=nbytes)
         except Exception:
             log.exception("storage GC pass before admitting %d bytes failed", nbytes)
@@ -120,6 +126,15 @@ class StorageGC:
         quota = self.config.disk_quota_bytes
         if quota:
             return DiskUsage(quota, sum(task.size_bytes for task in cached))
+        return self._filesystem_usage()
+
+    def _usage_now(self) -> DiskUsage:
+        quota = self.config.disk_quota_bytes
+        if quota:
+            return DiskUsage(quota, self.storage.stored_bytes())
+        return self._filesystem_usage()
+
+    def _filesystem_usage(self) -> DiskUsage:
         st = os.statvfs(self.storage.root)
         used = (st.f_blocks - st.f_bfree) * st.f_frsize
         return DiskUsage(used + st.f_bavail * st.f_frsize, used)

@@ -21,11 +21,15 @@ MB = 1_000_000
 
 
 class Files:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tasks: Tasks) -> None:
         self.root = root
+        self.tasks = tasks
 
     def task_path(self, task_id: str) -> Path:
         return self.root / task_id
+
+    def stored_bytes(self) -> int:
+        return sum(task.size_bytes for task in self.tasks.cached)
 
 
 class Tasks:
@@ -56,7 +60,7 @@ def make_gc(
         (tmp_path / task.task_id).write_bytes(b"x")
     tasks, counters = Tasks(cached, tmp_path), Counters()
     config = GcSection.model_validate(gc)
-    return StorageGC(config, Files(tmp_path), tasks, counters, clock=lambda: now), tasks, counters
+    return StorageGC(config, Files(tmp_path, tasks), tasks, counters, clock=lambda: now), tasks, counters
 
 
 def test_last_uses_are_stamped_as_mtimes_except_for_tasks_in_use(tmp_path: Path) -> None:
@@ -89,6 +93,7 @@ def test_make_room_counts_the_incoming_bytes(tmp_path: Path) -> None:
     gc, tasks, _ = make_gc(tmp_path, cached, now=30.0, disk_quota_bytes=100 * MB)
     asyncio.run(gc.make_room(10 * MB))  # 70 %: below the high mark
     assert tasks.removed == []
+    assert gc.counters.gc_passes == 0  # not even a pass over the tasks
     asyncio.run(gc.make_room(30 * MB))  # 90 %: down to 60 % needs 30 MB gone
     assert tasks.removed == ["a"]
 
@@ -106,7 +111,7 @@ def test_without_a_quota_the_filesystem_is_measured_as_df_does(tmp_path: Path) -
 def test_a_failing_pass_before_admission_is_logged_not_raised(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gc, tasks, _ = make_gc(tmp_path, [], now=0.0)
+    gc, tasks, _ = make_gc(tmp_path, [], now=0.0, disk_quota_bytes=MB)  # MB more is 100 %: a pass runs
 
     def broken() -> list[CachedTask]:
         raise RuntimeError("boom")

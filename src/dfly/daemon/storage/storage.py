@@ -115,6 +115,10 @@ class Storage:
     def task_meta(self, task_id: str) -> TaskMeta | None:
         return self._tasks.get(task_id)
 
+    def stored_bytes(self) -> int:
+        """The task files' bytes (their content lengths: files are preallocated)."""
+        return sum(meta.content_length for meta in self._tasks.values())
+
     def read_fd(self, task_id: str) -> int:
         """A cached O_RDONLY fd of the task file; closed by delete_task and close (don't close it)."""
         fd = self._read_fds.get(task_id)
@@ -186,7 +190,7 @@ class Storage:
         counters = self._writer.counters if self._writer is not None else None
         stats = {
             "tasks": len(self._tasks),
-            "bytes": sum(meta.content_length for meta in self._tasks.values()),
+            "bytes": self.stored_bytes(),
             "open_read_fds": len(self._read_fds),
         }
         if counters is not None:
