@@ -1,12 +1,12 @@
 """The daemon's storage GC: evicts cached tasks by TTL and disk pressure (decisions in core/gc_policy.py).
 
 Rules:
-- A pass runs every `gc.interval_s`, and `make_room(n)` runs one before a new task file of n bytes is
-  created, counting those bytes as used, and returns once the evicted files are deleted (so a download
-  evicts old tasks instead of failing for space).
+- A pass runs every `gc.interval_s`. Before a new task file of n bytes is created, `make_room(n)` runs
+  one if those bytes would bring usage to the high mark (counting them as used), and returns once the
+  evicted files are deleted: a download evicts old tasks instead of failing for space.
 - Usage is the filesystem's of `storage.dir` as `df` shows it (used / (used + available to users);
-  blocks reserved for root count as neither, as in Dragonfly's Go client), or with
-  `gc.disk_quota_bytes` the task files' bytes out of that quota.
+  blocks reserved for root count as neither), or with `gc.disk_quota_bytes` the task files' bytes out
+  of that quota.
 - Evicting goes through `TaskManager.remove`: forgotten first (nothing new attaches), file deleted,
   every connected scheduler told. Tasks in use are never chosen (see tasks.py).
 - The last use survives restarts as the task file's mtime: each pass stamps the files of tasks used
