@@ -16,6 +16,8 @@ import pytest
 
 from dfly.cluster import Member, query_stats
 from dfly.common.digest import file_digest
+from dfly.daemon.storage.model import task_relpath
+from dfly.daemon.task_request import TaskRequest
 
 PROBE_TIMEOUT_S = 20.0
 
@@ -24,6 +26,11 @@ def stats(member: Member) -> dict[str, Any]:
     """The daemon's counters (download_bytes by source, upload_bytes, tasks)."""
     assert member.socket is not None
     return query_stats(member.socket)
+
+
+def task_file(data_dir: Path, url: str) -> Path:
+    """Where a daemon with storage in `data_dir` keeps the task of a plain download of `url`."""
+    return data_dir / task_relpath(TaskRequest(url=url).task_id)
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout_s: float = PROBE_TIMEOUT_S) -> None:

@@ -1,8 +1,13 @@
-"""A full disk: a download that does not fit fails with a clear error, and the daemon goes on serving.
+"""A full disk: the storage GC makes room for a new download, and one that still does not fit fails
+with a clear error while the daemon goes on serving.
 
-peer-1's storage is a 6 MiB tmpfs mounted for the test (root only; skipped otherwise). An 8 MiB file
-cannot be admitted (preallocation fails with ENOSPC): dfget exits 1 with one line naming the cause and
-leaves no output; a 1 MiB file then downloads with the right bytes, and the daemon stays up.
+peer-1's storage is a 6 MiB tmpfs mounted for each test (root only; skipped otherwise).
+- An 8 MiB file cannot be admitted (preallocation fails with ENOSPC): dfget exits 1 with one line naming
+  the cause and leaves no output; a 1 MiB file then downloads with the right bytes, and the daemon stays up.
+- Four 1 MiB files fill it to ~70 %; the first is used again. A fifth file of 2 MiB does not fit (without
+  the GC its download fails with ENOSPC); before its file is created, the least recently used tasks (the
+  second, third and fourth file) are evicted down to the 60 % mark: the download succeeds and the re-used
+  first file stays.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import dfget_cmd, dfget_ok
+from clusterkit import dfget_cmd, dfget_ok, stats, task_file
 
 from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
@@ -60,4 +65,38 @@ def test_a_download_that_does_not_fit_fails_clearly_and_the_daemon_goes_on(
         assert not (tmp_path / "big.out").exists()
         dfget_ok(peer, origin.url("/small.bin"), tmp_path / "small.out")
         assert file_digest(tmp_path / "small.out").value == small
+        assert peer.alive()
+
+
+def test_a_full_disk_evicts_the_least_recently_used_tasks_for_a_new_download(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    data = small_disk / "data"
+    overrides = {"peer-1": {"storage": {"dir": str(data)}}}  # gc defaults: 80 % -> 60 % of the filesystem
+    with (
+        Origin(tmp_path / "www") as origin,
+        LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster,
+    ):
+        assert origin.root is not None
+        origin.root.mkdir(parents=True, exist_ok=True)
+        names = ["a", "b", "c", "d", "e"]
+        sizes = {"a": 1 * MiB, "b": 1 * MiB, "c": 1 * MiB, "d": 1 * MiB, "e": 2 * MiB}
+        digests = {n: make_file(origin.root / f"{n}.bin", sizes[n], seed=60 + i) for i, n in enumerate(names)}
+        urls = {n: origin.url(f"/{n}.bin") for n in names}
+        peer = cluster.peers[0]
+        for name in ["a", "b", "c", "d"]:
+            dfget_ok(peer, urls[name], tmp_path / f"out-{name}")
+        local_before = stats(peer)["download_bytes"]["local"]
+        dfget_ok(peer, urls["a"], tmp_path / "a-again")  # "a" is now the most recently used
+        assert stats(peer)["download_bytes"]["local"] == local_before + 1 * MiB
+        assert stats(peer)["gc"]["evicted_tasks"] == 0
+        dfget_ok(peer, urls["e"], tmp_path / "out-e")  # does not fit: b, c and d go
+        assert file_digest(tmp_path / "out-e").value == digests["e"]
+        held = {n for n in names if task_file(data, urls[n]).exists()}
+        assert held == {"a", "e"}
+        assert stats(peer)["gc"]["evicted_tasks"] == 3
+        usage = os.statvfs(small_disk)
+        assert usage.f_bavail / usage.f_blocks > 0.2  # below the high mark again
+        dfget_ok(peer, urls["b"], tmp_path / "b-again")  # an evicted task downloads again, correct
+        assert file_digest(tmp_path / "b-again").value == digests["b"]
         assert peer.alive()

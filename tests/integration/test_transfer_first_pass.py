@@ -55,31 +55,6 @@ def test_first_pass_gate_gives_each_piece_once_then_releases_after_its_hold(tmp_
     run(main())
 
 
-def test_after_release_a_piece_goes_to_one_child_at_a_time(tmp_path: Path) -> None:
-    make_file(tmp_path / "f", 768 * KiB)
-    task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
-
-    async def main() -> None:
-        gate = task.gate = FirstPassGate(task.piece_count)
-        gate.release()  # as after the first pass and its hold
-        # rate 1 byte/s with a one-piece burst: after piece 0, a piece waits for tokens and is never sent
-        server, port = await start(task, rate=1, burst=256 * KiB)
-        first, second = Recorder(), Recorder()
-        conn1 = await connect(port, task, first)
-        conn2 = await connect(port, task, second)
-        await conn1.request(0)
-        assert await first.expect("piece") == ("piece", 0, task.digests[0])
-        await conn1.request(1)  # its copy waits for tokens
-        await conn2.request(1)  # one copy at a time: refused for now
-        assert await second.expect("failed") == ("failed", 1, "not_available")
-        conn1.close()  # the copy is handed back: the refused child hears of piece 1 again
-        assert await second.expect("have") == ("have", [1])
-        await server.close()
-        del conn2
-
-    run(main())
-
-
 def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -> None:
     make_file(tmp_path / "f", 768 * KiB)
     task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
@@ -117,30 +92,35 @@ def test_first_pass_claim_is_handed_back_when_the_child_leaves(tmp_path: Path) -
     run(main())
 
 
-def test_during_the_first_pass_a_child_refused_a_piece_hears_of_it_when_its_claim_is_handed_back(
-    tmp_path: Path,
+@pytest.mark.parametrize("released", [True, False], ids=["after the release", "during the first pass"])
+def test_a_refused_child_hears_of_the_piece_again_when_the_copy_or_claim_is_handed_back(
+    tmp_path: Path, released: bool
 ) -> None:
-    """Without it: the children refused a piece wait for the release, which waits for that piece to be
-    given out again, which needs one of them to ask: the swarm stalls (a host killed mid-download)."""
+    """After the release one copy of a piece goes out at a time; during the first pass a piece goes to one
+    child. Either way a child refused it is told again (HAVE) when the other child's copy or claim comes
+    back. Without it during the first pass: the children refused a piece wait for the release, which waits
+    for that piece to be given out again, which needs one of them to ask: the swarm stalls (a host killed
+    mid-download)."""
     make_file(tmp_path / "f", 768 * KiB)
     task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 3 pieces
 
     async def main() -> None:
-        gate = task.gate = FirstPassGate(task.piece_count)  # never released by the test
-        # rate 1 byte/s with a one-piece burst: the second request waits for tokens and is never sent
+        gate = task.gate = FirstPassGate(task.piece_count)  # released only by the test
+        if released:
+            gate.release()  # as after the first pass and its hold
+        # rate 1 byte/s with a one-piece burst: after piece 0, a piece waits for tokens and is never sent
         server, port = await start(task, rate=1, burst=256 * KiB)
         first, second = Recorder(), Recorder()
         conn1 = await connect(port, task, first)
         conn2 = await connect(port, task, second)
         await conn1.request(0)
         assert await first.expect("piece") == ("piece", 0, task.digests[0])
-        await conn1.request(1)  # claimed by the first child, waits for tokens
-        await conn2.request(1)
+        await conn1.request(1)  # its copy (its claim) waits for tokens
+        await conn2.request(1)  # refused for now
         assert await second.expect("failed") == ("failed", 1, "not_available")
-        conn1.close()  # the claim comes back: the refused child is told the source has piece 1 again
+        conn1.close()  # handed back: the refused child hears of piece 1 again
         assert await second.expect("have") == ("have", [1])
-        assert not gate.released
-        assert gate.unclaimed == 2
+        assert gate.released == released
         await server.close()
         del conn2
 
