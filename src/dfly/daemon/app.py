@@ -234,6 +234,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         await mirror.close()
         await local_api.close()
         await tasks.close()
+        with contextlib.suppress(OSError):
+            gc.stamp()
         await pieces.close()
         await control.stop(1.0)
         health.close()

@@ -3,14 +3,19 @@
 Rules:
 - A pass runs every `gc.interval_s`. Before a new task file of n bytes is created, `make_room(n)` runs
   one if those bytes would bring usage to the high mark (counting them as used), and returns once the
-  evicted files are deleted: a download evicts old tasks instead of failing for space.
+  evicted files are deleted: a download evicts old tasks instead of failing for space. Passes run one
+  at a time, and `make_room` looks again once it has the turn (several admissions at once, e.g. the
+  layers of one image, would otherwise each evict down to the low mark from the same stale usage).
+- A caller cancelled while a pass waits for its deletions does not cancel them.
 - Usage is the filesystem's of `storage.dir` as `df` shows it (used / (used + available to users);
   blocks reserved for root count as neither), or with `gc.disk_quota_bytes` the task files' bytes out
   of that quota.
 - Evicting goes through `TaskManager.remove`: forgotten first (nothing new attaches), file deleted,
   every connected scheduler told. Tasks in use are never chosen (see tasks.py).
-- The last use survives restarts as the task file's mtime: each pass stamps the files of tasks used
-  since the last stamp (`os.utime`), so the TTL counts from the last use, not from the last restart.
+- The last use survives restarts as the task file's mtime: each pass, and `stamp()` at a clean stop,
+  sets the mtime of tasks used since their last stamp (`os.utime`), so the TTL counts from the last use,
+  not from the last restart. A task file with other hard links (`dfget --force-hard-link`: the user's
+  output shares it) is left alone.
 - A pass that fails is logged and the next one runs; the loop never ends on an error.
 """
 
@@ -60,18 +65,21 @@ class StorageGC:
         tasks: GcTasks,
         counters: Counters,
         clock: Callable[[], float] = time.time,
+        filesystem_usage: Callable[[Path], DiskUsage] | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
         self.tasks = tasks
         self.counters = counters
         self.clock = clock
+        self._filesystem_usage = filesystem_usage or filesystem_usage_of
         self.policy = GcPolicy(
             task_ttl_s=config.task_ttl_s,
             high_percent=config.disk_high_threshold_percent,
             low_percent=config.disk_low_threshold_percent,
         )
         self._stamped: dict[str, float] = {}  # task id -> last use written as its file's mtime
+        self._turn = asyncio.Lock()  # one pass at a time
 
     async def run(self) -> None:
         while True:
@@ -84,6 +92,29 @@ class StorageGC:
     async def run_once(self, incoming_bytes: int = 0) -> list[Eviction]:
         """One pass: stamp last uses, evict what the policy picks (`incoming_bytes` count as used); returns
         once the evicted tasks' files are deleted."""
+        async with self._turn:
+            return await self._pass(incoming_bytes)
+
+    async def make_room(self, nbytes: int) -> None:
+        """Before a task file of `nbytes` is created: evict if those bytes would reach the high mark."""
+        try:
+            if self._fits(nbytes):
+                return  # the usual case: no pass over every task for each new one
+            async with self._turn:
+                if not self._fits(nbytes):  # a pass that ran meanwhile may have made the room
+                    await self._pass(nbytes)
+        except Exception:
+            log.exception("storage GC pass before admitting %d bytes failed", nbytes)
+
+    def stamp(self) -> None:
+        """Write every task's last use as its file's mtime (at a clean stop)."""
+        self._stamp(self.tasks.cached_tasks())
+
+    def _fits(self, nbytes: int) -> bool:
+        usage = self._usage_now()
+        return 100.0 * (usage.used_bytes + nbytes) < self.policy.high_percent * usage.capacity_bytes
+
+    async def _pass(self, incoming_bytes: int) -> list[Eviction]:
         self.counters.gc_passes += 1
         cached = self.tasks.cached_tasks()
         self._stamp(cached)
@@ -109,42 +140,37 @@ class StorageGC:
                 100.0 * after / usage.capacity_bytes if usage.capacity_bytes else 0.0,
                 usage.capacity_bytes,
             )
-        await asyncio.gather(*deletions, return_exceptions=True)
+        if deletions:
+            await asyncio.wait(deletions)  # unlike gather, a cancelled caller leaves them running
         return evictions
-
-    async def make_room(self, nbytes: int) -> None:
-        """Before a task file of `nbytes` is created: evict if those bytes would reach the high mark."""
-        try:
-            usage = self._usage_now()
-            if 100.0 * (usage.used_bytes + nbytes) < self.policy.high_percent * usage.capacity_bytes:
-                return  # the usual case: no pass over every task for each new one
-            await self.run_once(incoming_bytes=nbytes)
-        except Exception:
-            log.exception("storage GC pass before admitting %d bytes failed", nbytes)
 
     def usage(self, cached: list[CachedTask]) -> DiskUsage:
         quota = self.config.disk_quota_bytes
         if quota:
             return DiskUsage(quota, sum(task.size_bytes for task in cached))
-        return self._filesystem_usage()
+        return self._filesystem_usage(self.storage.root)
 
     def _usage_now(self) -> DiskUsage:
         quota = self.config.disk_quota_bytes
         if quota:
             return DiskUsage(quota, self.storage.stored_bytes())
-        return self._filesystem_usage()
-
-    def _filesystem_usage(self) -> DiskUsage:
-        st = os.statvfs(self.storage.root)
-        used = (st.f_blocks - st.f_bfree) * st.f_frsize
-        return DiskUsage(used + st.f_bavail * st.f_frsize, used)
+        return self._filesystem_usage(self.storage.root)
 
     def _stamp(self, cached: list[CachedTask]) -> None:
         for task in cached:
-            if task.in_use or self._stamped.get(task.task_id) == task.last_used:
+            if self._stamped.get(task.task_id) == task.last_used:
                 continue
+            path = self.storage.task_path(task.task_id)
             try:
-                os.utime(self.storage.task_path(task.task_id), (task.last_used, task.last_used))
+                if os.stat(path).st_nlink == 1:
+                    os.utime(path, (task.last_used, task.last_used))
             except OSError:
                 continue  # no file (a task that never started): nothing to stamp
             self._stamped[task.task_id] = task.last_used
+
+
+def filesystem_usage_of(path: Path) -> DiskUsage:
+    """Usage of the filesystem holding `path`, as `df` shows it."""
+    st = os.statvfs(path)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    return DiskUsage(used + st.f_bavail * st.f_frsize, used)

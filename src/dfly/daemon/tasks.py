@@ -218,7 +218,7 @@ class TaskManager:
             await self.ctx.storage.delete_task(task_id)
         except StorageError as exc:
             log.error("task %s: %s", task_id[:12], exc)
-        if self.ctx.scheduler is not None:
+        if self.ctx.scheduler is not None and task_id not in self._live:  # not downloaded again meanwhile
             self._spawn(self.ctx.scheduler.delete_task(task_id))  # not waited for: it may take seconds
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dfly.sim.flows import Flow
@@ -44,7 +45,8 @@ class Conn:
         self.have_out: list[int] = []  # HAVEs waiting behind the piece being sent
         self.error_out: list[int] = []  # ERROR not_available frames waiting the same way
         self.claimed: set[int] = set()  # pieces the first-pass gate gave this child, not yet delivered
-        self.waiting_free: set[int] = set()  # refused by the gate: announced again once it may be claimed
+        # refused by the gate, announced again once it may be claimed: piece -> remover of the listener
+        self.waiting_free: dict[int, Callable[[], None]] = {}
         self.open = True
 
     # --- frames from the child (they arrive after `delay`) ---------------------------------------------
@@ -82,12 +84,11 @@ class Conn:
             return False
         self._error(piece)
         if piece not in self.waiting_free:  # once per piece, however often the child asks
-            self.waiting_free.add(piece)
-            gate.on_free(piece, functools.partial(self._freed, piece))
+            self.waiting_free[piece] = gate.on_free(piece, functools.partial(self._freed, piece))
         return True
 
     def _freed(self, piece: int) -> None:
-        self.waiting_free.discard(piece)
+        self.waiting_free.pop(piece, None)
         self.push_have(piece)
 
     def _unclaim(self, piece: int) -> None:
@@ -192,6 +193,9 @@ class Conn:
         self.queue.clear()
         self.have_out = []
         self.error_out = []
+        removers, self.waiting_free = list(self.waiting_free.values()), {}
+        for remove in removers:
+            remove()
         for piece in list(self.claimed):
             self._unclaim(piece)
         host = self.parent.host

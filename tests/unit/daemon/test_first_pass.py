@@ -149,3 +149,18 @@ def test_during_the_first_pass_a_refused_child_is_told_when_the_claim_comes_back
     assert told[-1] == "released"  # told at the release instead
     gate.unclaim(0)  # nothing more to tell
     assert told.count("released") == 1
+
+
+def test_a_removed_free_listener_is_not_run_and_not_kept() -> None:
+    gate = FirstPassGate(2)
+    told: list[str] = []
+    assert gate.claim(0)
+    remove = gate.on_free(0, lambda: told.append("closed connection"))
+    keep = gate.on_free(0, lambda: told.append("open connection"))
+    remove()
+    remove()  # idempotent
+    gate.unclaim(0)
+    assert told == ["open connection"]
+    keep()  # after it ran: nothing to remove
+    assert gate.on_free(1, lambda: told.append("free now")) is not None
+    assert told[-1] == "free now"

@@ -6,6 +6,7 @@ The task manager is a stand-in at the GC's edge (GcTasks); files, mtimes and sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from dfly.daemon.config import GcSection
 from dfly.daemon.context import Counters
-from dfly.daemon.core.gc_policy import CachedTask
+from dfly.daemon.core.gc_policy import CachedTask, DiskUsage
 from dfly.daemon.gc import StorageGC
 
 MB = 1_000_000
@@ -29,12 +30,14 @@ class Files:
         return self.root / task_id
 
     def stored_bytes(self) -> int:
-        return sum(task.size_bytes for task in self.tasks.cached)
+        """As the real storage: a task's bytes count until its file is deleted, after remove()."""
+        return sum(size for task_id, size in self.tasks.sizes.items() if (self.root / task_id).exists())
 
 
 class Tasks:
     def __init__(self, cached: list[CachedTask], root: Path) -> None:
         self.cached = cached
+        self.sizes = {task.task_id: task.size_bytes for task in cached}
         self.root = root
         self.removed: list[str] = []
 
@@ -48,6 +51,7 @@ class Tasks:
         self.removed.append(task_id)
 
         async def delete() -> None:
+            await asyncio.sleep(0)  # the writer thread takes its turn: the file goes a moment later
             (self.root / task_id).unlink()
 
         return asyncio.get_running_loop().create_task(delete())
@@ -63,15 +67,24 @@ def make_gc(
     return StorageGC(config, Files(tmp_path, tasks), tasks, counters, clock=lambda: now), tasks, counters
 
 
-def test_last_uses_are_stamped_as_mtimes_except_for_tasks_in_use(tmp_path: Path) -> None:
-    cached = [CachedTask("idle", MB, 1_000_000.0, False), CachedTask("busy", MB, 1_000_500.0, True)]
+def test_last_uses_are_stamped_as_mtimes_except_on_hard_linked_files(tmp_path: Path) -> None:
+    cached = [
+        CachedTask("idle", MB, 1_000_000.0, False),
+        CachedTask("busy", MB, 1_000_500.0, True),
+        CachedTask("linked", MB, 1_000_300.0, False),
+    ]
     gc, tasks, counters = make_gc(tmp_path, cached, now=1_000_600.0)
-    busy_mtime = os.stat(tmp_path / "busy").st_mtime
+    os.link(tmp_path / "linked", tmp_path / "users-output")  # dfget --force-hard-link
+    linked_mtime = os.stat(tmp_path / "linked").st_mtime
     assert asyncio.run(gc.run_once()) == []
     assert os.stat(tmp_path / "idle").st_mtime == 1_000_000.0  # survives a restart: TTL from last use
-    assert os.stat(tmp_path / "busy").st_mtime == busy_mtime  # being written: left alone
+    assert os.stat(tmp_path / "busy").st_mtime == 1_000_500.0
+    assert os.stat(tmp_path / "users-output").st_mtime == linked_mtime  # the user's file is not touched
     assert counters.gc_passes == 1
     assert tasks.removed == []
+    tasks.cached = [CachedTask("idle", MB, 1_000_700.0, False)]  # used again; stamped at a clean stop
+    gc.stamp()
+    assert os.stat(tmp_path / "idle").st_mtime == 1_000_700.0
 
 
 def test_a_quota_counts_only_task_bytes_and_evicts_least_recently_used(tmp_path: Path) -> None:
@@ -96,6 +109,39 @@ def test_make_room_counts_the_incoming_bytes(tmp_path: Path) -> None:
     assert gc.counters.gc_passes == 0  # not even a pass over the tasks
     asyncio.run(gc.make_room(30 * MB))  # 90 %: down to 60 % needs 30 MB gone
     assert tasks.removed == ["a"]
+
+
+def test_admissions_at_once_evict_once_not_each_down_to_the_low_mark(tmp_path: Path) -> None:
+    cached = [
+        CachedTask("a", 30 * MB, 10.0, False),
+        CachedTask("b", 30 * MB, 20.0, False),
+        CachedTask("c", 30 * MB, 30.0, False),
+    ]
+    gc, tasks, _ = make_gc(tmp_path, cached, now=40.0)  # the filesystem's usage: it lags behind remove()
+    gc._filesystem_usage = lambda _root: DiskUsage(100 * MB, Files(tmp_path, tasks).stored_bytes())
+
+    async def three_layers() -> None:
+        await asyncio.gather(gc.make_room(5 * MB), gc.make_room(5 * MB), gc.make_room(5 * MB))
+
+    asyncio.run(three_layers())  # 95 %: a and b go; the others then find room
+    assert tasks.removed == ["a", "b"]
+
+
+def test_a_cancelled_admission_leaves_its_deletions_running(tmp_path: Path) -> None:
+    cached = [CachedTask("a", 90 * MB, 10.0, False)]
+    gc, tasks, _ = make_gc(tmp_path, cached, now=40.0, disk_quota_bytes=100 * MB)
+
+    async def cancelled() -> None:
+        admission = asyncio.ensure_future(gc.make_room(5 * MB))
+        await asyncio.sleep(0)  # the pass has removed "a" and waits for its file's deletion
+        admission.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await admission
+        await asyncio.sleep(0.01)
+
+    asyncio.run(cancelled())
+    assert tasks.removed == ["a"]
+    assert not (tmp_path / "a").exists()
 
 
 def test_without_a_quota_the_filesystem_is_measured_as_df_does(tmp_path: Path) -> None:

@@ -46,6 +46,10 @@ HOLD_SHARE = 0.1
 """The hold is this share of the first pass's duration, at most `upload.first_pass_hold_s`."""
 
 
+def _nothing() -> None:
+    pass
+
+
 def hold_s(first_pass_s: float, max_hold_s: float) -> float:
     """Seconds to keep the gate shut after the last piece was given out."""
     return max(0.0, min(max_hold_s, HOLD_SHARE * first_pass_s))
@@ -98,13 +102,22 @@ class FirstPassGate:
         if self._released:
             self._free(number)
 
-    def on_free(self, number: int, listener: ReleaseListener) -> None:
-        """Run `listener` once when `number` may be claimed again (see the rules above)."""
+    def on_free(self, number: int, listener: ReleaseListener) -> Callable[[], None]:
+        """Run `listener` once when `number` may be claimed again (see the rules above); returns a remover
+        (a closed connection drops its listeners)."""
         taken = number in self._sending if self._released else bool(self._claimed[number])
-        if taken:
-            self._free_listeners.setdefault(number, []).append(listener)
-        else:
+        if not taken:
             listener()
+            return _nothing
+        listeners = self._free_listeners.setdefault(number, [])
+        listeners.append(listener)
+
+        def remove() -> None:
+            current = self._free_listeners.get(number)
+            if current is listeners and listener in listeners:
+                listeners.remove(listener)
+
+        return remove
 
     def _free(self, number: int) -> None:
         if number not in self._sending:

@@ -12,6 +12,7 @@ import functools
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dfly.common.errors import ProtocolError
@@ -42,7 +43,8 @@ class ChildConnection:
         self.wake = asyncio.Event()
         self.known = bytearray()  # pieces announced to the child
         self.claimed: set[int] = set()  # pieces the first-pass gate gave this child, not yet delivered
-        self.waiting_free: set[int] = set()  # refused by the gate: told again once it may be claimed
+        # refused by the gate, told again once it may be claimed: piece -> remover of the gate's listener
+        self.waiting_free: dict[int, Callable[[], None]] = {}
         self.mid_frame = False
         self.closed = False
 
@@ -165,8 +167,7 @@ class ChildConnection:
         self._refuse(number, "is with another child")
         # told again (HAVE) when its claim comes back, at the release, or when the copy being sent is done
         if number not in self.waiting_free:  # once per piece, however often the child asks
-            self.waiting_free.add(number)
-            gate.on_free(number, functools.partial(self._freed, number))
+            self.waiting_free[number] = gate.on_free(number, functools.partial(self._freed, number))
         return True
 
     def _refuse(self, number: int, why: str) -> None:
@@ -181,7 +182,7 @@ class ChildConnection:
         return data
 
     def _freed(self, number: int) -> None:
-        self.waiting_free.discard(number)
+        self.waiting_free.pop(number, None)
         self._push_have(number)
 
     def _unclaim(self, number: int) -> None:
@@ -192,6 +193,9 @@ class ChildConnection:
                 gate.unclaim(number)
 
     def _hand_back_claims(self) -> None:
+        removers, self.waiting_free = list(self.waiting_free.values()), {}
+        for remove in removers:
+            remove()
         for number in list(self.claimed):
             self._unclaim(number)
 
