@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -289,5 +290,26 @@ def test_child_disconnecting_mid_piece_leaves_the_server_serving(tmp_path: Path)
         conn = await connect(port, task, rec)
         await fetch_all(conn, rec, 2)
         await server.close()
+
+    run(main())
+
+
+def test_the_server_keeps_child_connections_alive_with_tcp_keepalive(tmp_path: Path) -> None:
+    """A child that vanishes without a FIN (power loss) must not hold its task forever: the server's side
+    of every connection probes after 60 s idle (iproute2's `ss` shows the keepalive timer)."""
+    make_file(tmp_path / "f", 256 * KiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)
+
+    async def main() -> None:
+        server, port = await start(task)
+        conn = await connect(port, task, Recorder())
+        assert task.holders == 1  # the connected child holds the task
+        argv = ["ss", "-Htno", "state", "established", f"( sport = :{port} )"]
+        shown = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, check=True)
+        assert "timer:(keepalive," in shown.stdout, shown.stdout
+        conn.close()
+        await conn.wait_closed()
+        await server.close()
+        assert task.holders == 0
 
     run(main())

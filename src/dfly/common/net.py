@@ -7,6 +7,8 @@ Rules:
   clients of a daemon configured with `::` were refused.
 - The socket is bound and listening, non-blocking, with SO_REUSEADDR; a bind failure is the OSError
   of `bind` (the caller turns it into a config error naming its key).
+- `enable_keepalive`: TCP keepalive on a long-lived connection, so one whose peer vanished (power loss,
+  a partition) is closed after `idle + interval · count` seconds instead of never when nothing is sent.
 """
 
 from __future__ import annotations
@@ -28,3 +30,21 @@ def listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
     )
     sock.setblocking(False)
     return sock
+
+
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_COUNT = 3
+
+
+def enable_keepalive(
+    sock: socket.socket,
+    idle_s: int = KEEPALIVE_IDLE_S,
+    interval_s: int = KEEPALIVE_INTERVAL_S,
+    count: int = KEEPALIVE_COUNT,
+) -> None:
+    """Probe an idle connection after `idle_s`, every `interval_s`; drop it after `count` unanswered."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)

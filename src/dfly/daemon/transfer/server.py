@@ -14,9 +14,12 @@ Rules:
 - The digest sent is the stored one (`piece_digest`); bytes are never re-read to compute it.
 - A task with a first-pass gate (this daemon is the swarm's source, core/first_pass.py) serves each piece
   to one child before any piece twice: a REQUEST for a piece given to another child is answered at once
-  with ERROR not_available, and that child gets HAVE for it again when the gate releases; after the
-  release one copy of a piece is sent at a time, and a child refused one hears HAVE again when that copy
-  is done. A claimed piece not delivered (cancelled before its header, connection lost) is handed back.
+  with ERROR not_available, and that child gets HAVE for it again when the claim is handed back or the
+  gate releases; after the release one copy of a piece is sent at a time, and a child refused one hears
+  HAVE again when that copy is done. A claimed piece not delivered (cancelled before its header,
+  connection lost) is handed back.
+- A connected child holds its task (`ServedTask.hold`: the storage GC leaves it alone); TCP keepalive
+  (60 s idle, 3 probes 10 s apart) closes the connection of a child that vanished without a FIN.
 - With a TLS context (`security.tls.pieces`) each accepted connection first completes an mTLS handshake
   (`tls_relay.serve_tls`) and is then served exactly like a plain one, through a socketpair.
 - A bad client never crashes the server: protocol errors get ERROR bad_frame (unless we are in the middle
@@ -36,7 +39,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from dfly.common.errors import ProtocolError, StorageError
-from dfly.common.net import listen_socket
+from dfly.common.net import enable_keepalive, listen_socket
 from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.connection import ChildConnection
@@ -169,6 +172,7 @@ class PieceServer:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            enable_keepalive(sock)  # a vanished child must not hold its task (and the GC) forever
             if self.connections_open >= self.max_connections:
                 log.debug("piece server busy, refusing %s", addr)
                 with contextlib.suppress(OSError):
