@@ -92,8 +92,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     )
     tasks = TaskManager(ctx)
     tasks.load(stored)
-    gc = StorageGC(config.gc, storage, tasks, counters)
-    ctx.make_room = gc.make_room
+    storage_gc = StorageGC(config.gc, storage, tasks, counters)
+    ctx.make_room = storage_gc.make_room
     storage.on_pieces_lost = tasks.pieces_lost
     limit = config.upload.rate_limit_bytes_per_s
     limiter = TokenBucket(limit, max(limit // 10, 4 << 20) if limit else 0)
@@ -201,7 +201,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     ctx.scheduler = scheduler
     try:
         async with asyncio.TaskGroup() as tg:
-            background = [tg.create_task(upload_rate.run()), tg.create_task(gc.run())]
+            background = [tg.create_task(upload_rate.run()), tg.create_task(storage_gc.run())]
             await _announce_until_done(scheduler, stop)
             background.append(tg.create_task(scheduler.run_keepalive()))
             if ready_file is not None and not stop.is_set():
@@ -235,7 +235,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         await local_api.close()
         await tasks.close()
         with contextlib.suppress(OSError):
-            gc.stamp()
+            storage_gc.stamp()
         await pieces.close()
         await control.stop(1.0)
         health.close()
