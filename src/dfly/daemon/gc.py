@@ -111,14 +111,14 @@ class StorageGC:
         self._stamp(self.tasks.cached_tasks())
 
     def _fits(self, nbytes: int) -> bool:
-        usage = self._usage_now()
+        usage = self.usage()
         return 100.0 * (usage.used_bytes + nbytes) < self.policy.high_percent * usage.capacity_bytes
 
     async def _pass(self, incoming_bytes: int) -> list[Eviction]:
         self.counters.gc_passes += 1
         cached = self.tasks.cached_tasks()
         self._stamp(cached)
-        usage = self.usage(cached)
+        usage = self.usage()
         if incoming_bytes:
             usage = DiskUsage(usage.capacity_bytes, usage.used_bytes + incoming_bytes)
         evictions = plan_evictions(cached, usage, self.clock(), self.policy)
@@ -144,13 +144,8 @@ class StorageGC:
             await asyncio.wait(deletions)  # unlike gather, a cancelled caller leaves them running
         return evictions
 
-    def usage(self, cached: list[CachedTask]) -> DiskUsage:
-        quota = self.config.disk_quota_bytes
-        if quota:
-            return DiskUsage(quota, sum(task.size_bytes for task in cached))
-        return self._filesystem_usage(self.storage.root)
-
-    def _usage_now(self) -> DiskUsage:
+    def usage(self) -> DiskUsage:
+        """The filesystem's usage, or the task files' bytes against the quota."""
         quota = self.config.disk_quota_bytes
         if quota:
             return DiskUsage(quota, self.storage.stored_bytes())

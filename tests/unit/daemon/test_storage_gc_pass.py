@@ -93,8 +93,8 @@ def test_a_quota_counts_only_task_bytes_and_evicts_least_recently_used(tmp_path:
         CachedTask("mid", 30 * MB, 20.0, False),
         CachedTask("new", 20 * MB, 30.0, False),
     ]
-    gc, tasks, counters = make_gc(tmp_path, cached, now=40.0, disk_quota_bytes=100 * MB)
-    assert gc.usage(tasks.cached_tasks()).percent == pytest.approx(90.0)
+    gc, _tasks, counters = make_gc(tmp_path, cached, now=40.0, disk_quota_bytes=100 * MB)
+    assert gc.usage().percent == pytest.approx(90.0)
     evicted = asyncio.run(gc.run_once())
     assert [e.task_id for e in evicted] == ["old"]  # 90 % -> 50 %, under the 60 % mark
     assert not (tmp_path / "old").exists()  # deleted before the pass returned
@@ -117,8 +117,10 @@ def test_admissions_at_once_evict_once_not_each_down_to_the_low_mark(tmp_path: P
         CachedTask("b", 30 * MB, 20.0, False),
         CachedTask("c", 30 * MB, 30.0, False),
     ]
-    gc, tasks, _ = make_gc(tmp_path, cached, now=40.0)  # the filesystem's usage: it lags behind remove()
-    gc._filesystem_usage = lambda _root: DiskUsage(100 * MB, Files(tmp_path, tasks).stored_bytes())
+    _, tasks, counters = make_gc(tmp_path, cached, now=40.0)
+    files = Files(tmp_path, tasks)
+    lagging = lambda _root: DiskUsage(100 * MB, files.stored_bytes())  # noqa: E731 - statvfs lags behind remove()
+    gc = StorageGC(GcSection(), files, tasks, counters, clock=lambda: 40.0, filesystem_usage=lagging)
 
     async def three_layers() -> None:
         await asyncio.gather(gc.make_room(5 * MB), gc.make_room(5 * MB), gc.make_room(5 * MB))
@@ -137,7 +139,9 @@ def test_a_cancelled_admission_leaves_its_deletions_running(tmp_path: Path) -> N
         admission.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await admission
-        await asyncio.sleep(0.01)
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:  # the deletions, if they survived the cancellation and are still running
+            await asyncio.wait(others)
 
     asyncio.run(cancelled())
     assert tasks.removed == ["a"]
@@ -145,8 +149,8 @@ def test_a_cancelled_admission_leaves_its_deletions_running(tmp_path: Path) -> N
 
 
 def test_without_a_quota_the_filesystem_is_measured_as_df_does(tmp_path: Path) -> None:
-    gc, tasks, _ = make_gc(tmp_path, [], now=0.0)
-    usage = gc.usage(tasks.cached_tasks())
+    gc, _tasks, _ = make_gc(tmp_path, [], now=0.0)
+    usage = gc.usage()
     df = subprocess.run(["df", "--output=used,avail", "-B1", str(tmp_path)], capture_output=True, text=True)
     used, avail = (int(field) for field in df.stdout.split()[-2:])
     # df's Use% (blocks reserved for root are neither used nor available); files may come and go meanwhile
