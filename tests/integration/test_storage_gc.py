@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from clusterkit import dfget_ok, stats, task_file, wait_until
+from clusterkit import dfget_ok, hung, stats, task_file, wait_until
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.api import scheduler_pb2_grpc
@@ -57,3 +57,31 @@ def test_an_expired_task_is_removed_and_the_scheduler_stops_offering_it(tmp_path
         assert file_digest(tmp_path / "two").value == digest
         assert stats(p1)["upload_bytes"] == uploaded_before  # nobody was sent to the evicted copy
         assert stats(p2)["gc"]["evicted_tasks"] == 0  # default TTL: 30 days
+
+
+def test_a_scheduler_that_missed_the_deletion_is_told_once_it_answers(tmp_path: Path) -> None:
+    """The scheduler hangs (SIGSTOP) while peer-1's GC evicts a task: the DeleteTask cannot be taken then,
+    so peer-1 keeps it and sends it again when the scheduler answers, which then forgets peer-1's copy."""
+    overrides = {
+        "peer-1": {"gc": {"interval_s": 0.1, "task_ttl_s": 3.0}, "scheduler": {"keepalive_interval_s": 0.5}}
+    }
+    with (
+        Origin(tmp_path / "www") as origin,
+        LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster,
+    ):
+        assert origin.root is not None
+        origin.root.mkdir(parents=True, exist_ok=True)
+        make_file(origin.root / "f.bin", 2 * MiB, seed=52)
+        url = origin.url("/f.bin")
+        p1 = cluster.member("peer-1")
+        assert p1.data_dir is not None
+        dfget_ok(p1, url, tmp_path / "one")
+        task_id = TaskRequest(url=url).task_id
+        addr = cluster.scheduler_addr
+        assert peers_on(addr, task_id) == 2  # the seed's and peer-1's (well within the TTL)
+        with hung(cluster.scheduler):
+            wait_until("peer-1 deleted the task file", lambda: not task_file(p1.data_dir, url).exists())
+            wait_until("peer-1 kept the DeleteTask", lambda: stats(p1)["scheduler_deletes_pending"] == 1)
+        wait_until("the DeleteTask was taken", lambda: stats(p1)["scheduler_deletes_pending"] == 0)
+        wait_until("the scheduler forgot peer-1's copy", lambda: peers_on(addr, task_id) == 1)
+        assert "not told yet that task" in p1.log_path.read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -311,5 +312,44 @@ def test_the_server_keeps_child_connections_alive_with_tcp_keepalive(tmp_path: P
         await conn.wait_closed()
         await server.close()
         assert task.holders == 0
+
+    run(main())
+
+
+def test_a_piece_keeps_its_file_when_the_tasks_fd_is_replaced_mid_piece(tmp_path: Path) -> None:
+    """A task removed mid-piece closes its cached fd, and the kernel may give that number to another file
+    at once: the piece being sent must still carry the task's own bytes (dup2 makes the reuse certain)."""
+    data = make_file(tmp_path / "f", 32 * MiB)
+    make_file(tmp_path / "other", 32 * MiB)
+    task = FileTask(tmp_path / "f", "t1", 16 * MiB)
+
+    async def main() -> None:
+        server, port = await start(task)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)  # no autotuning: little in flight
+        sock.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(p.encode_hello(task.task_id, "child", task.piece_length, task.content_length))
+        writer.write(p.encode_request(1))
+        dec = p.FrameDecoder("child", piece_length=task.piece_length, content_length=task.content_length)
+        body = bytearray()
+        header_seen = False
+        while len(body) < task.piece_length:
+            event = dec.next_event()
+            if isinstance(event, p.NeedData):
+                chunk = await reader.read(64 * KiB)
+                assert chunk, "the parent closed the connection mid-piece"
+                dec.receive_data(chunk)
+            elif isinstance(event, p.PieceHeader) and not header_seen:  # its fd was taken before its header
+                header_seen = True
+                assert server.active_uploads == 1  # 16 MiB do not fit the socket buffers: most is unsent
+                other = os.open(tmp_path / "other", os.O_RDONLY)
+                os.dup2(other, task.fd)  # the task's fd number now names another file
+                os.close(other)
+            elif isinstance(event, p.BodyChunk):
+                body += event.data
+        assert body == data[16 * MiB :]
+        writer.close()
+        await server.close()
 
     run(main())

@@ -194,6 +194,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
                 load=lambda: (upload_rate.rate, pieces.active_uploads),
                 keepalive_interval_s=config.scheduler.keepalive_interval_s,
                 tls=config.security.tls,
+                holds_task=tasks.holds,
             )
             for addr in config.scheduler.addrs
         ]

@@ -7,6 +7,9 @@ Rules:
   `keepalive_interval_s`; when it breaks, the client reconnects with capped back-off. HTTP/2 pings
   every 10 s, each answered within 5 s, tell a hung scheduler from a quiet one within ~15 s.
 - One client per scheduler; `scheduler_ring.py` spreads tasks over several and keeps them informed.
+- A DeleteTask this scheduler could not take (not connected, timed out, unavailable) is remembered and
+  sent again after the next announce and on each keepalive tick until it is taken, unless the host holds
+  the task again by then (`holds_task`: the announce speaks for it). At most MAX_UNDELIVERED are kept.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ log = logging.getLogger(__name__)
 HostInfoSource = Callable[[], pb.HostInfo]
 FinishedTasksSource = Callable[[], list[pb.FinishedTask]]
 LoadSource = Callable[[], tuple[float, int]]  # (upload bytes/s EWMA, upload slots in use)
+MAX_UNDELIVERED = 4096  # DeleteTasks kept for a scheduler that cannot take them; the oldest go first
+# answers that say the scheduler will never take this DeleteTask: not sent again
+_FINAL_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED)
 
 
 def source_ip_toward(addr: str) -> str:
@@ -52,11 +58,15 @@ class SchedulerClient:
         load: LoadSource,
         keepalive_interval_s: float,
         tls: TlsSection | None = None,
+        holds_task: Callable[[str], bool] = lambda task_id: False,
     ) -> None:
         self.addr = addr
         self._host_info = host_info
         self._finished_tasks = finished_tasks
         self._load = load
+        self._holds_task = holds_task
+        self.undelivered: dict[str, None] = {}  # task ids of DeleteTasks not taken yet, oldest first
+        self._flushing: asyncio.Task[None] | None = None
         self._interval_s = keepalive_interval_s
         self._channel = aio_channel(
             addr,
@@ -88,6 +98,7 @@ class SchedulerClient:
         self.connected.set()
         if self.on_connected is not None:
             self.on_connected()
+        self._flush_soon()
 
     async def _keepalive_messages(self) -> AsyncIterator[pb.HostKeepAliveRequest]:
         info = self._host_info()
@@ -99,6 +110,7 @@ class SchedulerClient:
                 upload_rate_bytes_per_s=rate,
                 upload_slots_in_use=slots,
             )
+            self._flush_soon()
             await asyncio.sleep(self._interval_s)  # a period, not a wait for an event
 
     async def run_keepalive(self) -> None:
@@ -134,12 +146,48 @@ class SchedulerClient:
             pass
 
     async def delete_task(self, task_id: str) -> None:
-        """Tell this scheduler the host no longer holds `task_id` (best effort)."""
+        """Tell this scheduler the host no longer holds `task_id`; if it cannot take it now, it is told
+        later (module rules)."""
+        if not self.connected.is_set():
+            self._remember(task_id, "not connected")
+            return
         request = pb.DeleteTaskRequest(host_id=self._host_info().host_id, task_id=task_id)
         try:
             await self.stub.DeleteTask(request, timeout=2.0)
         except grpc.aio.AioRpcError as exc:
-            log.debug("DeleteTask %s at %s: %s", task_id[:12], self.addr, exc.code())
+            if exc.code() in _FINAL_CODES:
+                log.warning(
+                    "scheduler %s refused DeleteTask of %s: %s", self.addr, task_id[:12], exc.code().name
+                )
+                self.undelivered.pop(task_id, None)
+            else:
+                self._remember(task_id, exc.code().name)
+        else:
+            self.undelivered.pop(task_id, None)
+
+    def _remember(self, task_id: str, why: str) -> None:
+        if task_id not in self.undelivered:
+            log.info("scheduler %s not told yet that task %s is gone here (%s): it is told once it answers",
+                     self.addr, task_id[:12], why)  # fmt: skip
+        self.undelivered.pop(task_id, None)
+        self.undelivered[task_id] = None
+        while len(self.undelivered) > MAX_UNDELIVERED:
+            del self.undelivered[next(iter(self.undelivered))]
+
+    def _flush_soon(self) -> None:
+        """Send the remembered DeleteTasks again, in one background task at a time."""
+        if self.undelivered and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        for task_id in list(self.undelivered):
+            if self._holds_task(task_id):  # downloaded again: the announce reports what the host holds
+                self.undelivered.pop(task_id, None)
+            elif self.connected.is_set():
+                await self.delete_task(task_id)
 
     async def close(self) -> None:
+        if self._flushing is not None:
+            self._flushing.cancel()
+            await asyncio.gather(self._flushing, return_exceptions=True)
         await self._channel.close(None)

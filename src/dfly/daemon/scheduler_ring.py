@@ -119,8 +119,13 @@ class SchedulerRing:
         await asyncio.gather(*(client.leave() for client in self.clients))
 
     async def delete_task(self, task_id: str) -> None:
-        """Tell every connected scheduler (each was told of the task at announce) it is gone here."""
-        await asyncio.gather(*(client.delete_task(task_id) for client in self.healthy()))
+        """Tell every scheduler (each may have been told of the task at announce) it is gone here; one
+        not connected is told after it reconnects."""
+        await asyncio.gather(*(client.delete_task(task_id) for client in self.clients))
+
+    def undelivered_deletes(self) -> int:
+        """DeleteTasks some scheduler has not taken yet (scheduler_client.py rules)."""
+        return sum(len(client.undelivered) for client in self.clients)
 
     async def close(self) -> None:
         for task in list(self._pending):

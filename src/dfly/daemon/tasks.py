@@ -15,7 +15,7 @@ Rules:
   is connected to it (`hold`); the storage GC removes only tasks not in use. `last_used` (wall clock) is
   set by each request, trigger and end of use; after a restart it starts from the task file's mtime.
 - A removed task (GC, failed digest) is forgotten here first, so nothing new attaches to it, then its
-  file is deleted and every connected scheduler is told (DeleteTask).
+  file is deleted and every scheduler is told (DeleteTask; one that cannot take it now is told later).
 """
 
 from __future__ import annotations
@@ -340,12 +340,19 @@ class TaskManager:
             "tasks_succeeded": counters.tasks_succeeded,
             "tasks_failed": counters.tasks_failed,
             "running": sum(1 for live in self._live.values() if live.running),
+            "scheduler_deletes_pending": 0
+            if self.ctx.scheduler is None
+            else self.ctx.scheduler.undelivered_deletes(),
             "gc": {
                 "passes": counters.gc_passes,
                 "evicted_tasks": counters.gc_evicted_tasks,
                 "evicted_bytes": counters.gc_evicted_bytes,
             },
         }
+
+    def holds(self, task_id: str) -> bool:
+        """Whether the task is known here (stored, downloading or downloaded), i.e. not removed."""
+        return task_id in self._live
 
     def lookup(self, task_id: str) -> ServedTaskView | None:
         live = self._live.get(task_id)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -248,18 +249,24 @@ class ChildConnection:
                 if self.current_cancelled:
                     self._unclaim(number)
                     return
-                header = self._take_out() + p.encode_piece_header(number, offset, length, digest)
-                await self._send(header)
-                self.mid_frame = True
-                await sendfile_range(
-                    self.loop,
-                    self.sock,
-                    task.read_fd(),
-                    offset,
-                    length,
-                    server.stall_timeout_s,
-                    server.upload_threads,
-                )
+                # our own fd for this piece: the task's cached fd is closed (and its number may be reused)
+                # if the task is removed meanwhile, while a sendfile may still be reading it
+                fd = os.dup(task.read_fd())
+                try:
+                    header = self._take_out() + p.encode_piece_header(number, offset, length, digest)
+                    await self._send(header)
+                    self.mid_frame = True
+                    await sendfile_range(
+                        self.loop,
+                        self.sock,
+                        fd,
+                        offset,
+                        length,
+                        server.stall_timeout_s,
+                        server.upload_threads,
+                    )
+                finally:
+                    os.close(fd)  # sendfile_range has waited for its thread, also when cancelled
                 self.mid_frame = False
                 if number in self.claimed:  # delivered: during the first pass it stays given out
                     self.claimed.discard(number)

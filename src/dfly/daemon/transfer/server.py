@@ -12,6 +12,8 @@ Rules:
   with `call_soon_threadsafe` (directly when already on it). A HAVE waits at most for the piece being
   sent at that moment.
 - The digest sent is the stored one (`piece_digest`); bytes are never re-read to compute it.
+- Each piece is sent from its own dup of the task's fd, taken before its header: a task removed
+  mid-piece (a failed registry digest) closes only its own fd, whose number the kernel may hand out again.
 - A task with a first-pass gate (this daemon is the swarm's source, core/first_pass.py) serves each piece
   to one child before any piece twice: a REQUEST for a piece given to another child is answered at once
   with ERROR not_available, and that child gets HAVE for it again when the claim is handed back or the
@@ -66,7 +68,8 @@ class ServedTask(Protocol):
         ...
 
     def read_fd(self) -> int:
-        """An O_RDONLY fd of the task file, owned (and closed) by the task."""
+        """An O_RDONLY fd of the task file, owned (and closed) by the task; a piece is sent from a dup of it,
+        so a task removed mid-piece cannot close (or reuse) the fd under that piece's sendfile."""
         ...
 
     def subscribe(self, on_available: Callable[[int], None]) -> Callable[[], None]:
