@@ -21,6 +21,7 @@ import pytest
 from proxy_metrics import proxy_counts
 
 from dfly.cluster import LocalCluster
+from dfly.daemon.task_request import TaskRequest
 from dfly.devtools.origin import Origin, make_file
 
 pytestmark = [
@@ -137,8 +138,8 @@ def test_presigned_urls_of_one_object_are_one_task(origin: Origin, tmp_path: Pat
     """Two hosts fetch one object through URLs signed differently (S3-style `X-Amz-*` parameters, as
     presigned storage and hub CDN links are): the signing parameters are not part of the task, so it
     is one task, read once from the origin; another query parameter still makes another task, unless
-    the client names it in `X-Dragonfly-Filtered-Query-Params`; `X-Dragonfly-Tag` and
-    `X-Dragonfly-Application` make their own task."""
+    the client names it in `X-Dragonfly-Filtered-Query-Params`; `X-Dragonfly-Tag`,
+    `X-Dragonfly-Application` and `X-Dragonfly-Piece-Length` make their own task."""
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
     digest = make_file(origin.root / "weights.bin", 4 * MiB, seed=54)
@@ -172,6 +173,15 @@ def test_presigned_urls_of_one_object_are_one_task(origin: Origin, tmp_path: Pat
         g = curl(second, signed("gggg"), tmp_path / "g.bin", *tagged)
         assert f["x-dragonfly-task-id"] == g["x-dragonfly-task-id"] != a["x-dragonfly-task-id"]
         assert sha(tmp_path / "g.bin") == digest
+        # X-Dragonfly-Piece-Length fixes the piece length and is part of the task, as dfget's --piece-length
+        h = curl(first, signed("hhhh"), tmp_path / "h.bin", "-H", "X-Dragonfly-Piece-Length: 1MiB")
+        assert h["x-dragonfly-task-id"] == TaskRequest(url=signed("hhhh"), piece_length=MiB).task_id
+        assert h["x-dragonfly-task-id"] != a["x-dragonfly-task-id"]
+        assert sha(tmp_path / "h.bin") == digest
+        bad = curl(first, signed("iiii"), tmp_path / "i.txt", "-H", "X-Dragonfly-Piece-Length: 3MiB")
+        assert bad[":status"] == "400"
+        assert bad["x-dragonfly-error-type"] == "bad_request"
+        assert "X-Dragonfly-Piece-Length" in (tmp_path / "i.txt").read_text()
         sent = [
             r for r in origin.request_log() if any(k.lower().startswith("x-dragonfly") for k in r.headers)
         ]

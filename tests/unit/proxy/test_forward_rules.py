@@ -6,7 +6,14 @@ import asyncio
 
 import pytest
 
-from dfly.daemon.proxy.forward import compile_rules, hop_guard, refuse_link_local, target_origin, use_p2p
+from dfly.daemon.proxy.forward import (
+    compile_rules,
+    hop_guard,
+    refuse_link_local,
+    target_origin,
+    task_keys,
+    use_p2p,
+)
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 
 RULES = compile_rules([r"blobs/sha256.*", r"\.safetensors$"])
@@ -80,3 +87,17 @@ def test_hop_guard_checks_origin_and_resolved_address() -> None:
     assert not guard("http", "127.0.0.1", 8081)  # another port
     assert not guard("https", "storage.example.com", 443)  # a redirect to a host nobody allowed
     assert not guard("http", "169.254.169.254", 80)  # allowed, but a metadata address
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", None), ("4MiB", 4 << 20), ("64k", 64 << 10), (" 1048576 ", 1 << 20)],
+)
+def test_the_piece_length_header_is_a_user_fixed_length(value: str, expected: int | None) -> None:
+    assert task_keys({"X-Dragonfly-Piece-Length": value}).piece_length == expected
+
+
+@pytest.mark.parametrize("value", ["3MiB", "32k", "128MiB", "lots", "-1"])
+def test_an_invalid_piece_length_header_is_a_bad_request(value: str) -> None:
+    with pytest.raises(BadRequest, match="X-Dragonfly-Piece-Length"):
+        task_keys({"X-Dragonfly-Piece-Length": value})

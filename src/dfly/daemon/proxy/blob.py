@@ -155,7 +155,7 @@ async def serve_p2p(
     `url` with `keys` (tag, application, the query parameters left out)."""
     download = DownloadRequest(
         url=url, tag=keys.tag, application=keys.application, filtered_query_params=keys.filtered_query_params,
-        headers=upstream_headers, piece_length=None, timeout_s=DOWNLOAD_TIMEOUT_S,
+        headers=upstream_headers, piece_length=keys.piece_length, timeout_s=DOWNLOAD_TIMEOUT_S,
         disable_back_to_source=False, allowed_origins=allowed_origins,
     )  # fmt: skip
     events = aiter(tasks.download(download))

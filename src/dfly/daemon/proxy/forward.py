@@ -10,8 +10,9 @@ Rules (issue 5):
   registry accepted the client's own credentials (as the mirror does).
 - Everything else is forwarded directly.
 - A P2P download's task leaves out the URL's signing parameters (`ids.DEFAULT_FILTERED_QUERY_PARAMS`)
-  and those the client names in `X-Dragonfly-Filtered-Query-Params`; `X-Dragonfly-Tag` and
-  `X-Dragonfly-Application` enter it (`task_keys`).
+  and those the client names in `X-Dragonfly-Filtered-Query-Params`; `X-Dragonfly-Tag`,
+  `X-Dragonfly-Application` and `X-Dragonfly-Piece-Length` (a size such as `4MiB`, a power of two in
+  64 KiB–64 MiB, as dfget's `--piece-length`; anything else is a 400) enter it (`task_keys`).
 - Whatever is allowed, an upstream whose name resolves to a link-local or cloud-metadata address is
   refused (`refuse_link_local`), for the forward proxy and the registry mirror alike.
 - Downloads the proxy starts carry its allowed origins to whichever daemon reads the origin; there
@@ -28,13 +29,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from dfly.common.errors import UsageError
 from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, effective_filters
+from dfly.common.pieces import parse_size, validate_user_piece_length
 from dfly.daemon.proxy.registry import BadRequest, Forbidden, normalize_upstream
 
 USE_P2P_HEADER = "X-Dragonfly-Use-P2P"
 FILTERS_HEADER = "X-Dragonfly-Filtered-Query-Params"
 TAG_HEADER = "X-Dragonfly-Tag"
 APPLICATION_HEADER = "X-Dragonfly-Application"
+PIECE_LENGTH_HEADER = "X-Dragonfly-Piece-Length"
 DEFAULT_RULES = ("blobs/sha256.*",)
 
 
@@ -81,17 +85,26 @@ class TaskKeys(NamedTuple):
     tag: str = ""
     application: str = ""
     filtered_query_params: tuple[str, ...] = DEFAULT_FILTERED_QUERY_PARAMS
+    piece_length: int | None = None  # user-fixed; None = the daemon's rule
 
 
 def task_keys(headers: Mapping[str, str]) -> TaskKeys:
-    """`X-Dragonfly-Tag` and `X-Dragonfly-Application` (as dfget's `--tag` and `--application`), and
-    the query parameters left out of the task: the defaults (presigned-URL signing parameters) plus the
-    comma-separated names in `X-Dragonfly-Filtered-Query-Params`, which extend them as dfget's
-    `--filtered-query-param` does (DESIGN.md §3)."""
+    """`X-Dragonfly-Tag`, `X-Dragonfly-Application` and `X-Dragonfly-Piece-Length` (as dfget's `--tag`,
+    `--application` and `--piece-length`; BadRequest for an invalid length), and the query parameters
+    left out of the task: the defaults (presigned-URL signing parameters) plus the comma-separated names
+    in `X-Dragonfly-Filtered-Query-Params`, which extend them as dfget's `--filtered-query-param` does
+    (DESIGN.md §3)."""
+    piece_length = None
+    if (text := headers.get(PIECE_LENGTH_HEADER, "").strip()) != "":
+        try:
+            piece_length = validate_user_piece_length(parse_size(text))
+        except UsageError as exc:
+            raise BadRequest(f"{PIECE_LENGTH_HEADER}: {exc}") from None
     return TaskKeys(
         headers.get(TAG_HEADER, "").strip(),
         headers.get(APPLICATION_HEADER, "").strip(),
         effective_filters(headers.get(FILTERS_HEADER, "").split(",")),
+        piece_length,
     )
 
 

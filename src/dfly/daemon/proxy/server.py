@@ -4,10 +4,10 @@ proxy, and CONNECT.
 Rules (see registry.py for routing and upstream choice):
 - Blob GETs become P2P downloads of the blob's canonical upstream URL (blob.py). Unless the registry is
   in `proxy.public_registries`, the client's own credentials (or none) are first checked upstream with a
-  HEAD of the blob: only a 2xx lets the swarm's copy be served, anything else is the registry's answer
-  (401 with `WWW-Authenticate`, so clients run their token flow). The client's `Authorization` travels
-  with the download request (and so in the seed trigger) for the origin reader; it is never stored
-  with the task nor logged.
+  HEAD of the blob: only a 2xx (or a redirect to its storage) lets the swarm's copy be served, anything
+  else is the registry's answer (401 with `WWW-Authenticate`, so clients run their token flow). The
+  client's `Authorization` travels with the download request (and so in the seed trigger) for the
+  origin reader; it is never stored with the task nor logged.
 - Pass-through requests go to the upstream with the client's method, path, query (without `ns`), body
   and headers (every value of repeated ones such as `Accept`; hop-by-hop headers dropped); the answer
   streams back unchanged (no decompression, no redirect following).
