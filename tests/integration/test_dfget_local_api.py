@@ -322,6 +322,7 @@ def raw_exchange(path: Path, payload: bytes) -> list[dict[str, object]]:
         (b'{"op": "delete"}\n', "op 'download' or 'stats'"),
         (b'{"op": "download"}\n', "'url' is required"),
         (b'{"op": "download", "url": "http://a/", "colour": 1}\n', "unknown request fields"),
+        (b'{"op": "stats", "colour": 1}\n', "unknown request fields"),
         (b'{"op": "download", "url": "http://a/", "timeout_s": "soon"}\n', "'timeout_s'"),
         (b'{"op": "download", "url": "http://a/", "disable_back_to_source": 1}\n', "wrong type"),
         (b'{"op": "download", "url": "http://a/", "piece_length": 1000}\n', "power of two"),

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="upstream registry of every daemon's mirror (proxy.registry_mirror), e.g. http://127.0.0.1:5000",
     )
-    up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     up.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for each stage")
     return parser
 

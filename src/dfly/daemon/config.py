@@ -180,7 +180,7 @@ class HealthSection(ListenerSection):
 
 class LocalApiSection(StrictModel):
     socket: Path = Path("/run/dfly/dfdaemon.sock")
-    mode: int = 0o660
+    mode: int = Field(default=0o660, ge=0, le=0o777)  # permission bits only
     group: str = ""  # "" = the daemon's own group
 
 

@@ -87,6 +87,8 @@ def parse_request(line: bytes) -> DownloadRequest | None:
     if not isinstance(obj, dict) or obj.get("op") not in ("download", "stats"):
         raise UsageError("request must be a JSON object with op 'download' or 'stats'")
     if obj["op"] == "stats":
+        if len(obj) > 1:
+            raise UsageError(f"unknown request fields: {sorted(set(obj) - {'op'})}")
         return None
     unknown = set(obj) - set(_REQUEST_FIELDS)
     if unknown:

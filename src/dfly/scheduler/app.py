@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 1.0
 
 
-class BindError(DflyError):
-    kind = "bind"
+class BindError(ConfigError):
+    """A listener that cannot bind: a config error naming its key (exit 2), as the daemon's."""
 
 
 def write_ready_file(path: Path, grpc_port: int, metrics_port: int) -> None:
@@ -59,7 +59,8 @@ def _start_metrics(config: SchedulerConfig, metrics: SchedulerMetrics) -> tuple[
         server, _thread = start_http_server(config.metrics.port, config.metrics.ip, registry=metrics.registry)
     except OSError as exc:
         raise BindError(
-            f"cannot listen for metrics on {config.metrics.ip}:{config.metrics.port}: {exc.strerror or exc}"
+            f"metrics.ip / metrics.port: cannot listen on {config.metrics.ip}:{config.metrics.port}: "
+            f"{exc.strerror or exc}"
         ) from None
     return server, int(server.server_port)
 
@@ -108,11 +109,11 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
         grpc_port = add_port(server, address, tls)
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise BindError(f"cannot listen for gRPC on {address}: {reason}") from None
+        raise BindError(f"listen_ip / port: cannot listen on {address}: {reason}") from None
     except RuntimeError:
         grpc_port = 0
     if grpc_port == 0:
-        raise BindError(f"cannot listen for gRPC on {address}")
+        raise BindError(f"listen_ip / port: cannot listen on {address}")
     metrics_server, metrics_port = _start_metrics(config, metrics)
     try:
         await server.start()

@@ -96,3 +96,9 @@ def test_scheduler_addresses_are_checked_at_load(addrs: list[str]) -> None:
     """An empty list or a malformed address is a config error (dfdaemon prints it in one line)."""
     with pytest.raises(ValidationError, match="scheduler address"):
         DaemonConfig.model_validate({"scheduler": {"addrs": addrs}})
+
+
+@pytest.mark.parametrize("mode", [-5, 0o1000])
+def test_the_local_api_socket_mode_is_permission_bits(mode: int) -> None:
+    with pytest.raises(ValidationError, match=r"local_api\.mode"):
+        DaemonConfig.model_validate({"local_api": {"mode": mode}})

@@ -129,9 +129,11 @@ def test_engine_reads_no_clock_and_no_global_randomness(monkeypatch: pytest.Monk
     assert len(answers) == 2
 
 
-@pytest.mark.parametrize(("which", "name"), [("grpc", "gRPC"), ("metrics", "metrics")])
-def test_main_reports_a_taken_port_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str, name: str
+@pytest.mark.parametrize(
+    ("which", "key"), [("grpc", "listen_ip / port"), ("metrics", "metrics.ip / metrics.port")]
+)
+def test_main_reports_a_taken_port_in_one_line_naming_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str, key: str
 ) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
@@ -139,6 +141,6 @@ def test_main_reports_a_taken_port_in_one_line(
         path = tmp_path / "scheduler.yaml"
         metrics = f"metrics: {{ip: 127.0.0.1, port: {metrics_port}}}"
         path.write_text(f"listen_ip: 127.0.0.1\nport: {grpc_port}\n{metrics}\n")
-        assert main(["--config", str(path)]) == 1
+        assert main(["--config", str(path)]) == 2  # a config error, as the daemon's
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == f"dfly scheduler: cannot listen for {name} on 127.0.0.1:{port}: Address already in use"
+    assert last == f"dfly scheduler: {key}: cannot listen on 127.0.0.1:{port}: Address already in use"
