@@ -1,6 +1,7 @@
 """Loading server config: one YAML file validated by a pydantic model, plus environment overrides.
 
-`load_config(Model, path, env_prefix)` reads the file (empty or missing file = all defaults), applies
+`load_config(Model, path, env_prefix)` reads the file (an empty file or no path = all defaults; a path
+that cannot be read is a ConfigError), applies
 variables such as `DFLY_DFDAEMON__UPLOAD__RATE_LIMIT_BYTES_PER_S=1000` (double underscore = nesting,
 values parsed as YAML scalars), then command-line flags (`flags={"seed_peer.enable": True}`), validates
 the result once, and raises ConfigError with one line naming the key.

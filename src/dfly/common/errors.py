@@ -2,7 +2,7 @@
 
     DflyError                 (exit 1)
     ├── UsageError            bad flags or arguments (exit 2)
-    ├── ConfigError           invalid config file or environment override
+    ├── ConfigError           bad config file or env override; a listener that cannot bind (exit 2)
     ├── SourceError           the origin refused or could not be read (carries status_code)
     ├── DigestMismatch        bytes do not match an expected digest
     ├── NoParents             no parent could serve and back-to-source is disabled

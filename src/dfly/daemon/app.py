@@ -1,8 +1,8 @@
 """Composition root of dfdaemon: builds storage, tasks, listeners and the scheduler link, then runs.
 
-Start order: storage opened (crash recovery) → piece server, control, health, metrics, local API bound
-→ host announced to the scheduler → storage GC started (first pass after gc.interval_s) → ready file
-written. Stop order is the reverse, ending with the storage's final group commit and clean-shutdown
+Start order: storage opened (crash recovery) → piece server, control, proxy, health, metrics, local
+API bound → storage GC started (first pass after gc.interval_s) → host announced to the scheduler →
+ready file written. Stop order is the reverse, ending with the storage's final group commit and clean-shutdown
 marker.
 """
 
