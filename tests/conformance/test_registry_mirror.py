@@ -301,6 +301,13 @@ def test_a_private_registry_through_the_mirror(tmp_path: Path) -> None:
                 "sha256:"
             )
             assert len(registry.blob_gets()) == reads  # served from the swarm
+            # a query string leaves the task the same (empty and filtered parameters are not part of
+            # it), so it must not skip the access check either
+            for query in ("?", "?&", "?X-Amz-Signature=x"):
+                argv = ["curl", "-s", "-x", f"http://127.0.0.1:{mirror_port}", "-o", str(tmp_path / "anon"),
+                        "-D", "-", direct + query]  # fmt: skip
+                head = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
+                assert head.split()[1] == "401", (query, head)
             logs = "".join(m.log_path.read_text() for m in cluster.members)
         checks = [
             line

@@ -9,6 +9,7 @@ import pytest
 from dfly.daemon.proxy.forward import (
     compile_rules,
     hop_guard,
+    never_upstream,
     refuse_link_local,
     target_origin,
     task_keys,
@@ -70,6 +71,25 @@ def test_link_local_and_metadata_addresses_are_refused_even_when_allowed(origin:
 
 def test_ordinary_addresses_pass() -> None:
     asyncio.run(refuse_link_local("http://127.0.0.1:8080"))
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("169.254.169.254", True),
+        ("::ffff:169.254.169.254", True),  # IPv4-mapped: the kernel connects to the IPv4 address
+        ("::169.254.169.254", True),  # IPv4-compatible
+        ("64:ff9b::a9fe:a9fe", True),  # NAT64 well-known prefix
+        ("::ffff:100.100.100.200", True),
+        ("fe80::1%eth0", True),
+        ("::ffff:127.0.0.1", False),
+        ("64:ff9b::808:808", False),
+        ("2001:db8::a9fe:a9fe", False),  # another prefix: its last 32 bits are not an IPv4 destination
+        ("127.0.0.1", False),
+    ],
+)
+def test_metadata_addresses_are_recognised_in_every_spelling(address: str, refused: bool) -> None:
+    assert never_upstream(address) is refused
 
 
 def test_a_connect_target_on_the_default_port_matches_the_allowed_origin() -> None:

@@ -116,9 +116,19 @@ NEVER_UPSTREAM = tuple(
 )
 
 
+# IPv6 forms that carry an IPv4 address in their last 32 bits and reach it: IPv4-mapped (the kernel
+# connects to the IPv4 address), IPv4-compatible (deprecated) and the NAT64 well-known prefix.
+_EMBEDS_IPV4 = tuple(ipaddress.ip_network(net) for net in ("::ffff:0:0/96", "::/96", "64:ff9b::/96"))
+
+
 def never_upstream(address: str) -> bool:
-    """Is this IP address (text, IPv6 zone allowed) link-local or a metadata address?"""
+    """Is this IP address (text, IPv6 zone allowed) link-local or a metadata address, also when written
+    as an IPv6 address carrying it (`::ffff:169.254.169.254`, `64:ff9b::a9fe:a9fe`)?"""
     ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and any(ip in net for net in _EMBEDS_IPV4):
+        embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if any(embedded in net for net in NEVER_UPSTREAM):
+            return True
     return any(ip in net for net in NEVER_UPSTREAM)
 
 

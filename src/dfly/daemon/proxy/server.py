@@ -322,7 +322,9 @@ class RegistryMirror:
         origin = target_origin(url, self.allowed)
         await refuse_link_local(origin)
         parts = urlsplit(url)
-        blob = None if parts.query else registry_blob(request.method, parts.path)
+        # a registry blob's path, whatever its query: the task leaves filtered and empty parameters
+        # out, so with a query it could be the very task an authorized client fetched
+        blob = registry_blob(request.method, parts.path)
         if blob is not None and use_p2p(request.method, url, request.headers, self.rules, True):
             return await self._serve_blob(request, origin, url, blob.digest)
         if use_p2p(request.method, url, request.headers, self.rules):
