@@ -407,3 +407,23 @@ def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_completed(tmp_path:
             log = peer.log_path.read_text()
             assert log.count("does not match the digest") == 2  # evicted after each attempt
             assert "Traceback" not in log
+
+
+def test_an_empty_blob_is_checked_against_its_digest_too(tmp_path: Path) -> None:
+    """A blob of 0 bytes has no last chunk to hold back: its digest is checked before the answer starts,
+    so a wrong empty blob is a 502, never a complete 200, and it is not kept."""
+    digest = "sha256:" + hashlib.sha256(b"not empty").hexdigest()
+    empty = "sha256:" + hashlib.sha256(b"").hexdigest()
+    with Origin(tmp_path / "www") as upstream:
+        upstream.add_bytes(f"v2/demo/app/blobs/{digest}", b"")
+        upstream.add_bytes(f"v2/demo/app/blobs/{empty}", b"")
+        proxy = {"proxy": {"registry_mirror": upstream.base_url, "public_registries": [upstream.base_url]}}
+        with LocalCluster(tmp_path / "c", peers=1, daemon_overrides={"*": proxy}) as cluster:
+            peer = cluster.peers[0]
+            mirror = f"http://127.0.0.1:{peer.ports['proxy']}/v2/demo/app/blobs/"
+            for _ in range(2):  # not kept: the second request ends the same way
+                status, headers, body = fetch(mirror + digest)
+                assert (status, headers["X-Dragonfly-Error-Type"]) == (502, "digest")
+            status, headers, body = fetch(mirror + empty)  # the real empty blob is served
+            assert (status, body, headers["Docker-Content-Digest"]) == (200, b"", empty)
+            assert "Traceback" not in peer.log_path.read_text()

@@ -9,6 +9,8 @@ daemon's side of a connection observed with iproute2's `ss` (installed by .ci/ru
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
 import socket
 import subprocess
 import threading
@@ -50,6 +52,43 @@ class BodyReader:
         self.ended.set()
 
 
+class HeadRecorder:
+    """An upstream that keeps each request's head, reads a Content-Length body and answers 201."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.heads: queue.Queue[dict[str, str]] = queue.Queue()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                with conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                        data += chunk
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    lines = head.decode("latin-1").split("\r\n")
+                    headers = {
+                        k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
+                    }
+                    headers[":request"] = lines[0]
+                    while len(body) < int(headers.get("content-length", "0")) and (chunk := conn.recv(65536)):
+                        body += chunk
+                    headers[":body-bytes"] = str(len(body))
+                    self.heads.put(headers)
+                    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+@pytest.fixture(scope="module")
+def head_recorder() -> Iterator[HeadRecorder]:
+    recorder = HeadRecorder()
+    yield recorder
+    recorder.listener.close()
+
+
 @pytest.fixture(scope="module")
 def body_reader() -> Iterator[BodyReader]:
     reader = BodyReader()
@@ -67,9 +106,12 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
 
 @pytest.fixture(scope="module")
 def cluster(
-    tmp_path_factory: pytest.TempPathFactory, body_reader: BodyReader, origin: Origin
+    tmp_path_factory: pytest.TempPathFactory,
+    body_reader: BodyReader,
+    origin: Origin,
+    head_recorder: HeadRecorder,
 ) -> Iterator[LocalCluster]:
-    allowed = [body_reader.url.removesuffix("/upload"), origin.url("/").rstrip("/")]
+    allowed = [body_reader.url.removesuffix("/upload"), origin.url("/").rstrip("/"), head_recorder.url]
     proxy = {"idle_timeout_s": IDLE_TIMEOUT_S, "allowed_hosts": allowed, "rules": [r"\.bin$"]}
     overrides = {"*": {"proxy": proxy}}
     with LocalCluster(tmp_path_factory.mktemp("c"), peers=1, daemon_overrides=overrides) as running:
@@ -159,3 +201,42 @@ def test_a_client_that_stops_reading_a_p2p_download_is_dropped(cluster: LocalClu
             while chunk := sock.recv(1 << 20):
                 received += chunk
     assert len(received) < BIG_BYTES  # cut off, not the whole body
+
+
+def test_a_forwarded_request_keeps_its_length_and_gains_no_headers(
+    cluster: LocalCluster, head_recorder: HeadRecorder
+) -> None:
+    """An upload with Content-Length reaches the upstream with it, not re-chunked (S3-style presigned PUTs
+    answer 411 to chunked bodies); the proxy adds no Accept-Encoding (the client would get a compressed
+    body it never asked for) and no User-Agent of its own."""
+    port = cluster.peers[0].ports["proxy"]
+    body = os.urandom(100_000)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = (
+            f"PUT {head_recorder.url}/bucket/key HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        assert sock.recv(65536).split(b" ", 2)[1] == b"201"
+    seen = head_recorder.heads.get(timeout=10)
+    assert seen[":request"].startswith("PUT /bucket/key ")
+    assert seen.get("content-length") == str(len(body))
+    assert "transfer-encoding" not in seen
+    assert seen[":body-bytes"] == str(len(body))
+    assert "accept-encoding" not in seen
+    assert "user-agent" not in seen
+
+
+def test_credentials_in_a_proxied_url_are_refused(cluster: LocalCluster, origin: Origin) -> None:
+    """RFC 9110 has no userinfo in http URLs; kept, it would be stored with a P2P task (and aiohttp failed
+    on some forms with a 500 and a traceback)."""
+    port = cluster.peers[0].ports["proxy"]
+    target = origin.url("/big.bin").replace("http://", "http://user:secret@")
+    for url in (target, origin.url("/x").replace("http://", "http://127.0.0.2%3a1@")):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.split(b" ", 2)[1] == b"400", received[:200]
+        assert b"Authorization header" in received
+    assert "Traceback" not in cluster.peers[0].log_path.read_text(errors="replace")

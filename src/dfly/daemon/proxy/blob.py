@@ -168,6 +168,10 @@ async def serve_p2p(
             raise DflyError("the download ended before it started")
         size, piece_length = started.content_length, started.piece_length
         read_fd = os.dup(started.read_fd)  # ours: the task's own fd closes if it is evicted meanwhile
+        empty = f"sha256:{hashlib.sha256(b'').hexdigest()}"
+        if size == 0 and digest is not None and digest != empty:  # no last chunk to hold back: check now
+            tasks.evict(started.task_id)
+            raise DigestMismatch(f"blob {digest} from {url} is empty ({empty})")
         try:
             span = parse_range(request.headers.get("Range", ""), size) if "Range" in request.headers else None
         except Unsatisfiable:

@@ -57,6 +57,8 @@ def target_origin(url: str, allowed: frozenset[str]) -> str:
         raise BadRequest(f"not an absolute http(s) URL: {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise BadRequest(f"not an absolute http(s) URL: {url!r}")
+    if "@" in parts.netloc:  # RFC 9110 §4.2.4: no userinfo in http(s) URLs; it would be stored with the task
+        raise BadRequest("credentials in the URL are not accepted: send them in an Authorization header")
     origin = normalize_upstream(f"{parts.scheme}://{parts.netloc}")
     if origin not in allowed:
         raise Forbidden(f"{origin} is not in proxy.allowed_hosts")

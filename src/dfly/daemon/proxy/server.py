@@ -121,7 +121,11 @@ class RegistryMirror:
         sock = listen_socket(host, port)
         self._listener = sock
         self._session = aiohttp.ClientSession(
-            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+            # only the client's own headers go upstream: an added Accept-Encoding got clients a gzip
+            # body they never asked for (nothing here decompresses)
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
         )
         plain = await self._runner(self.handle)
         intercepted = await self._runner(self.handle_intercepted)
@@ -217,7 +221,12 @@ class RegistryMirror:
         )
 
     def _proxy_auth_ok(self, given: str) -> bool:
-        return self._proxy_auth is None or hmac.compare_digest(given.encode(), self._proxy_auth.encode())
+        if self._proxy_auth is None:
+            return True
+        scheme, _, credentials = given.strip().partition(" ")  # the scheme is case-insensitive (RFC 9110)
+        return scheme.lower() == "basic" and hmac.compare_digest(
+            credentials.strip().encode(), self._proxy_auth.removeprefix("Basic ").encode()
+        )
 
     async def _connect(self, conn: socket.socket, intercepted: web.AppRunner) -> None:
         """A CONNECT: refused (400/403/407/502, then closed), intercepted, or tunnelled."""
@@ -342,6 +351,8 @@ class RegistryMirror:
         response: web.StreamResponse | None = None
         try:
             headers = forwarded_headers(request.headers.items())
+            if body is not None and request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)  # not re-chunked: some need it
             async with self._session.request(
                 request.method, url, headers=headers, data=body, allow_redirects=False
             ) as upstream_response:
