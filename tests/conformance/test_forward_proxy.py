@@ -10,6 +10,7 @@ gets 403 and no connection is made; the daemons' Prometheus proxy counters say t
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import shutil
@@ -130,6 +131,9 @@ def test_forward_proxy_with_basic_auth(origin: Origin, tmp_path: Path) -> None:
         headers = curl(port, origin.url("/model.bin"), tmp_path / "yes", "--proxy-user", f"ops:{secret}")
         assert headers[":status"] == "200"
         assert sha(tmp_path / "yes") == digest
+        token = base64.b64encode(f"ops:{secret}".encode()).decode()
+        lower = ("-H", f"Proxy-Authorization: basic {token}")  # the scheme is case-insensitive
+        assert curl(port, origin.url("/model.bin"), tmp_path / "lower", *lower)[":status"] == "200"
         logs = "".join(m.log_path.read_text() for m in cluster.members)
     assert secret not in logs
 
