@@ -96,7 +96,7 @@ def test_skopeo_pulls_through_the_mirror_and_the_registry_sends_each_blob_once(
         checks = [
             line
             for line in registry.log_path.read_text().splitlines()
-            if '"HEAD ' in line and "aiohttp" in line
+            if '"HEAD ' in line and "dfly-daemon" in line
         ]
         assert checks == []  # a public registry: the mirror asks it nothing before serving from the swarm
         assert all(m.alive() for m in cluster.members)
@@ -312,7 +312,7 @@ def test_a_private_registry_through_the_mirror(tmp_path: Path) -> None:
         checks = [
             line
             for line in registry.log_path.read_text().splitlines()
-            if '"HEAD ' in line and "aiohttp" in line
+            if '"HEAD ' in line and "dfly-daemon" in line
         ]
         assert checks  # a private registry: each client's credentials were checked upstream
         assert secret not in logs

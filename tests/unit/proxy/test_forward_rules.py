@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 
 from dfly.daemon.proxy.forward import (
+    UpstreamResolver,
     compile_rules,
     hop_guard,
     never_upstream,
@@ -102,11 +104,13 @@ def test_hop_guard_checks_origin_and_resolved_address() -> None:
     assert hop_guard(()) is None  # downloads not started by the proxy are not restricted
     guard = hop_guard(sorted(ALLOWED | {"http://169.254.169.254"}))
     assert guard is not None
-    assert guard("http", "127.0.0.1", 8080)
-    assert guard("https", "files.example.com", 443)  # unresolvable here: left to the connection
-    assert not guard("http", "127.0.0.1", 8081)  # another port
-    assert not guard("https", "storage.example.com", 443)  # a redirect to a host nobody allowed
-    assert not guard("http", "169.254.169.254", 80)  # allowed, but a metadata address
+    assert guard.allowed("http", "127.0.0.1", 8080)
+    assert guard.allowed("https", "files.example.com", 443)  # unresolvable here: left to the connection
+    assert not guard.allowed("http", "127.0.0.1", 8081)  # another port
+    assert not guard.allowed("https", "storage.example.com", 443)  # a redirect to a host nobody allowed
+    assert not guard.allowed("http", "169.254.169.254", 80)  # allowed, but a metadata address
+    assert guard.address_refused("::ffff:169.254.169.254")  # and each connection's own address
+    assert not guard.address_refused("127.0.0.1")
 
 
 @pytest.mark.parametrize(
@@ -121,3 +125,28 @@ def test_the_piece_length_header_is_a_user_fixed_length(value: str, expected: in
 def test_an_invalid_piece_length_header_is_a_bad_request(value: str) -> None:
     with pytest.raises(BadRequest, match="X-Dragonfly-Piece-Length"):
         task_keys({"X-Dragonfly-Piece-Length": value})
+
+
+def test_the_proxy_client_refuses_a_name_that_resolves_to_a_metadata_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection's own resolution is checked (a second DNS answer can differ from the first)."""
+    answers = {"registry.example": "169.254.169.254", "mapped.example": "::ffff:169.254.169.254"}
+
+    async def fake_resolve(
+        self: object, host: str, port: int = 0, family: int = 0
+    ) -> list[dict[str, object]]:
+        return [{"hostname": host, "host": answers.get(host, "127.0.0.1"), "port": port, "family": family,
+                 "proto": 0, "flags": 0}]  # fmt: skip
+
+    monkeypatch.setattr(aiohttp.ThreadedResolver, "resolve", fake_resolve)
+
+    async def scenario() -> None:
+        resolver = UpstreamResolver()
+        for host in answers:
+            with pytest.raises(OSError, match="link-local or metadata"):
+                await resolver.resolve(host, 80)
+        assert (await resolver.resolve("ok.example", 80))[0]["host"] == "127.0.0.1"
+        await resolver.close()
+
+    asyncio.run(scenario())

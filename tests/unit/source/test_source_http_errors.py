@@ -13,6 +13,7 @@ import pytest
 
 from dfly.common.errors import SourceError
 from dfly.daemon.source.http import MAX_REDIRECTS, SourceStat, read_pieces, stat
+from dfly.daemon.source.http_open import HostGuard
 from dfly.devtools.origin import Origin, make_file, pseudo_random_bytes
 
 KiB = 1024
@@ -83,10 +84,23 @@ def test_each_redirect_hop_is_checked_against_allowed_hosts(origin: Origin) -> N
     origin.add_bytes("real.bin", b"a")
     url = origin.add_redirect("start", f"http://localhost:{origin.port}/real.bin")
     with pytest.raises(SourceError, match="localhost is not allowed"):
-        stat(url, {}, timeout_s=5, allowed_hosts=lambda _s, host, _p: host == "127.0.0.1")
+        stat(url, {}, timeout_s=5, allowed_hosts=HostGuard(lambda _s, host, _p: host == "127.0.0.1"))
     assert origin.requests == 1
     with pytest.raises(SourceError, match=r"127\.0\.0\.1 is not allowed"):
-        stat(url, {}, timeout_s=5, allowed_hosts=lambda _s, host, _p: host == "localhost")
+        stat(url, {}, timeout_s=5, allowed_hosts=HostGuard(lambda _s, host, _p: host == "localhost"))
+
+
+def test_each_connection_is_checked_on_the_address_it_is_made_to(origin: Origin) -> None:
+    """A name that passed the hop check can resolve differently when the connection is made (DNS
+    rebinding): the address actually connected to is checked too, and nothing is sent to a refused one."""
+    origin.add_bytes("real.bin", b"a")
+    guard = HostGuard(lambda _s, _h, _p: True, lambda address: address == "127.0.0.1")
+    with pytest.raises(SourceError, match=r"localhost resolves to 127\.0\.0\.1"):
+        stat(f"http://localhost:{origin.port}/real.bin", {}, timeout_s=5, allowed_hosts=guard)
+    assert origin.requests == 0
+    assert stat(
+        f"http://localhost:{origin.port}/real.bin", {}, timeout_s=5, allowed_hosts=HostGuard(guard.allowed)
+    )
 
 
 def test_cross_origin_redirect_drops_credentials(origin: Origin) -> None:

@@ -14,7 +14,8 @@ Rules (issue 5):
   `X-Dragonfly-Application` and `X-Dragonfly-Piece-Length` (a size such as `4MiB`, a power of two in
   64 KiB–64 MiB, as dfget's `--piece-length`; anything else is a 400) enter it (`task_keys`).
 - Whatever is allowed, an upstream whose name resolves to a link-local or cloud-metadata address is
-  refused (`refuse_link_local`), for the forward proxy and the registry mirror alike.
+  refused (`refuse_link_local`), for the forward proxy and the registry mirror alike, and again on the
+  addresses the connection is made to (`UpstreamResolver`; the origin reader: `hop_guard`).
 - Downloads the proxy starts carry its allowed origins to whichever daemon reads the origin; there
   `hop_guard` applies both rules to the first URL and to every redirect hop.
 """
@@ -25,14 +26,18 @@ import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 from urllib.parse import urlsplit
+
+import aiohttp
+import aiohttp.abc
 
 from dfly.common.errors import UsageError
 from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, effective_filters
 from dfly.common.pieces import parse_size, validate_user_piece_length
 from dfly.daemon.proxy.registry import BadRequest, Forbidden, normalize_upstream
+from dfly.daemon.source.http_open import HostGuard
 
 USE_P2P_HEADER = "X-Dragonfly-Use-P2P"
 FILTERS_HEADER = "X-Dragonfly-Filtered-Query-Params"
@@ -134,10 +139,11 @@ def never_upstream(address: str) -> bool:
     return any(ip in net for net in NEVER_UPSTREAM)
 
 
-def hop_guard(allowed_origins: Sequence[str]) -> Callable[[str, str, int], bool] | None:
+def hop_guard(allowed_origins: Sequence[str]) -> HostGuard | None:
     """The origin reader's check of each hop (first URL and every redirect) of a download the proxy
     started: its scheme://host[:port] must be allowed and its name must not resolve to a link-local or
-    metadata address. None (no check) for downloads that carry no allowed origins (dfget, preheat).
+    metadata address, checked again on the very address each connection is made to (DNS answers may
+    change in between). None (no check) for downloads that carry no allowed origins (dfget, preheat).
     Blocking (it resolves the name): the origin reader runs in a worker thread."""
     if not allowed_origins:
         return None
@@ -156,7 +162,29 @@ def hop_guard(allowed_origins: Sequence[str]) -> Callable[[str, str, int], bool]
             return True  # unresolvable: the connection fails on its own, with the resolver's message
         return not any(never_upstream(str(info[4][0])) for info in infos)
 
-    return may_contact
+    return HostGuard(may_contact, never_upstream)
+
+
+class UpstreamResolver(aiohttp.abc.AbstractResolver):
+    """The proxy's own HTTP client resolves names through this: a name resolving to a link-local or
+    metadata address fails the connection, so the address `refuse_link_local` checked cannot be swapped
+    for another between the check and the connection (DNS rebinding). IP literals are not resolved;
+    `refuse_link_local` has checked them."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            if never_upstream(result["host"]):
+                raise OSError(f"{host} resolves to {result['host']}, a link-local or metadata address")
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 async def refuse_link_local(origin: str) -> None:

@@ -46,6 +46,7 @@ from dfly.daemon.proxy import connect, metrics
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
 from dfly.daemon.proxy.forward import (
     DEFAULT_RULES,
+    UpstreamResolver,
     compile_rules,
     never_upstream,
     refuse_link_local,
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REGISTRY_HEADER = "X-Dragonfly-Registry"
+OWN_USER_AGENT = "dfly-daemon"  # requests the proxy makes itself; forwarded ones carry only the client's
 PING_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0", "Content-Type": "application/json"}
 
 
@@ -126,6 +128,7 @@ class RegistryMirror:
             # only the client's own headers go upstream: an added Accept-Encoding got clients a gzip
             # body they never asked for (nothing here decompresses)
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            connector=aiohttp.TCPConnector(resolver=UpstreamResolver()),
         )
         plain = await self._runner(self.handle)
         intercepted = await self._runner(self.handle_intercepted)
@@ -302,7 +305,7 @@ class RegistryMirror:
         followed), else the registry's answer (401 with its WWW-Authenticate, so the client can fetch a
         token; 403; 404)."""
         assert self._session is not None
-        headers = {"Authorization": auth} if auth else {}
+        headers = {"User-Agent": OWN_USER_AGENT} | ({"Authorization": auth} if auth else {})
         try:
             async with self._session.head(url, headers=headers, allow_redirects=False) as answer:
                 if 200 <= answer.status < 400:

@@ -1,9 +1,11 @@
 """One GET to an origin for source/http.py: connect (TLS with the given trust), send, follow redirects.
 
 Rules: at most MAX_REDIRECTS redirects (301/302/303/307/308); every host contacted, the first included,
-must pass `allowed_hosts` when given; Authorization and Cookie are dropped once a redirect leaves the
-origin (scheme, host, port); user info in the URL becomes Basic auth unless Authorization is set.
-Failures are `SourceError`s (status 0 when no HTTP status was received), without query strings.
+must pass `allowed_hosts` when given (a `HostGuard`: its name, and then every address a connection is
+actually made to, so a name that resolves differently the second time cannot slip through);
+Authorization and Cookie are dropped once a redirect leaves the origin (scheme, host, port); user info
+in the URL becomes Basic auth unless Authorization is set. Failures are `SourceError`s (status 0 when
+no HTTP status was received), without query strings.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import http.client
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlsplit
 
 from dfly.common.errors import SourceError
@@ -23,7 +26,48 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 _CROSS_ORIGIN_DROPPED = ("authorization", "cookie")
 
-AllowedHosts = Callable[[str, str, int], bool]  # (scheme, host, port) of each hop -> may it be contacted?
+
+def _no_address_refused(address: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class HostGuard:
+    """What an origin read may contact: `allowed(scheme, host, port)` for each hop's host, and no address
+    for which `address_refused(ip)` holds, checked on the address each connection is made to."""
+
+    allowed: Callable[[str, str, int], bool]
+    address_refused: Callable[[str], bool] = _no_address_refused
+
+
+AllowedHosts = HostGuard
+
+
+def _connect_checked(
+    address_refused: Callable[[str], bool],
+    address: tuple[str, int],
+    timeout: float | None = None,
+    source_address: tuple[str, int] | None = None,
+) -> socket.socket:
+    """socket.create_connection, refusing the name if any address it resolves to is refused."""
+    host, port = address
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for *_, sockaddr in infos:
+        if address_refused(str(sockaddr[0])):
+            raise PermissionError(f"{host} resolves to {sockaddr[0]}, an address this download may not reach")
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            if source_address is not None:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error if error is not None else OSError(f"{host} resolves to no address")
 
 
 def open_get(
@@ -45,7 +89,7 @@ def open_get(
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as exc:
             raise SourceError(f"invalid port in source URL {redact_url(url)}") from exc
-        if allowed_hosts is not None and not allowed_hosts(parts.scheme, host, port):
+        if allowed_hosts is not None and not allowed_hosts.allowed(parts.scheme, host, port):
             raise SourceError(f"source host {host} is not allowed ({redact_url(url)})")
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
@@ -54,6 +98,8 @@ def open_get(
             )
         else:
             conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+        if allowed_hosts is not None:  # http.client's own hook for making the socket (HTTPS wraps it after)
+            conn._create_connection = functools.partial(_connect_checked, allowed_hosts.address_refused)  # type: ignore[attr-defined]
         req = dict(headers)
         if parts.username is not None and not any(k.lower() == "authorization" for k in req):
             user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
@@ -107,6 +153,8 @@ def connect_error(host: str, port: int, timeout_s: float, exc: BaseException) ->
         text = f"TLS certificate of origin {where} not trusted: {exc.verify_message or exc}"
     elif isinstance(exc, ssl.SSLError):
         text = f"TLS error with origin {where}: {exc.reason or exc}"
+    elif isinstance(exc, PermissionError) and exc.errno is None:  # _connect_checked's refusal
+        text = f"origin {where} refused: {exc}"
     elif isinstance(exc, OSError):
         text = f"cannot reach origin {where}: {exc.strerror or exc}"
     else:
