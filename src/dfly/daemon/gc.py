@@ -31,7 +31,14 @@ from typing import Protocol
 
 from dfly.daemon.config import GcSection
 from dfly.daemon.context import Counters
-from dfly.daemon.core.gc_policy import CachedTask, DiskUsage, Eviction, GcPolicy, plan_evictions
+from dfly.daemon.core.gc_policy import (
+    CachedTask,
+    DiskUsage,
+    Eviction,
+    GcPolicy,
+    can_make_room,
+    plan_evictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +126,15 @@ class StorageGC:
         cached = self.tasks.cached_tasks()
         self._stamp(cached)
         usage = self.usage()
+        if incoming_bytes and not can_make_room(cached, usage, incoming_bytes):
+            log.warning(
+                "storage GC: a new task of %d bytes cannot fit in %d bytes (%d used) even with every task "
+                "not in use evicted; nothing evicted",
+                incoming_bytes,
+                usage.capacity_bytes,
+                usage.used_bytes,
+            )
+            return []
         if incoming_bytes:
             usage = DiskUsage(usage.capacity_bytes, usage.used_bytes + incoming_bytes)
         evictions = plan_evictions(cached, usage, self.clock(), self.policy)

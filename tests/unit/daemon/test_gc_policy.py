@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dfly.daemon.core.gc_policy import CachedTask, DiskUsage, Eviction, GcPolicy, plan_evictions
+from dfly.daemon.core.gc_policy import (
+    CachedTask,
+    DiskUsage,
+    Eviction,
+    GcPolicy,
+    can_make_room,
+    plan_evictions,
+)
 
 POLICY = GcPolicy(task_ttl_s=100.0, high_percent=80.0, low_percent=60.0)
 MB = 1_000_000
@@ -25,6 +32,14 @@ def test_a_task_unused_for_the_ttl_expires_even_without_pressure() -> None:
     tasks = [task("old", 5, 19.0), task("edge", 5, 20.0), task("recent", 5, 21.0)]
     got = plan_evictions(tasks, DiskUsage(100 * MB, 15 * MB), now=120.0, policy=POLICY)
     assert got == [Eviction("old", 5 * MB, "expired"), Eviction("edge", 5 * MB, "expired")]
+
+
+def test_room_can_be_made_only_from_tasks_not_in_use() -> None:
+    tasks = [task("a", 30, 10.0), task("b", 30, 20.0, in_use=True)]
+    disk = DiskUsage(100 * MB, 80 * MB)  # 20 MB of other files
+    assert can_make_room(tasks, disk, 50 * MB)  # 80 - 30 + 50 = 100: just fits
+    assert not can_make_room(tasks, disk, 50 * MB + 1)
+    assert not can_make_room([], DiskUsage(100 * MB, 0), 10**15)  # a Content-Length no disk holds
 
 
 def test_pressure_evicts_least_recently_used_until_the_low_mark() -> None:

@@ -111,6 +111,18 @@ def test_make_room_counts_the_incoming_bytes(tmp_path: Path) -> None:
     assert tasks.removed == ["a"]
 
 
+def test_an_admission_that_cannot_fit_evicts_nothing(tmp_path: Path) -> None:
+    """A Content-Length beyond what the disk could ever hold (a lying origin) fails on its own instead
+    of first wiping the cache."""
+    cached = [CachedTask("a", 30 * MB, 10.0, False), CachedTask("b", 30 * MB, 20.0, True)]
+    gc, tasks, counters = make_gc(tmp_path, cached, now=30.0, disk_quota_bytes=100 * MB)
+    asyncio.run(gc.make_room(71 * MB))  # 30 MB stay in use: 71 MB can never fit in 100 MB
+    assert tasks.removed == []
+    assert counters.gc_evicted_tasks == 0
+    asyncio.run(gc.make_room(70 * MB))  # fits once "a" is gone
+    assert tasks.removed == ["a"]
+
+
 def test_admissions_at_once_evict_once_not_each_down_to_the_low_mark(tmp_path: Path) -> None:
     cached = [
         CachedTask("a", 30 * MB, 10.0, False),

@@ -10,6 +10,9 @@ Semantics follow Dragonfly's client GC (shared/reference/dragonfly.md §4.4):
 - A task in use (a download running, a dfget or proxy response reading it, a child connected to it)
   is never evicted; partial tasks not in use are evictable like finished ones.
 - Ties in last use are broken by task id, so a decision is a function of its inputs alone.
+- Before a new task file is admitted, eviction happens only if it can make room: when the file would
+  not fit even with every task not in use gone (a Content-Length larger than the disk, or a lying
+  one), nothing is evicted (`can_make_room`) and the admission fails on its own.
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ class Eviction:
     task_id: str
     size_bytes: int
     reason: str  # "expired" | "disk_pressure"
+
+
+def can_make_room(tasks: list[CachedTask], disk: DiskUsage, incoming_bytes: int) -> bool:
+    """Would `incoming_bytes` fit within the capacity once every task not in use is gone?"""
+    evictable = sum(t.size_bytes for t in tasks if not t.in_use)
+    return disk.used_bytes - evictable + incoming_bytes <= disk.capacity_bytes
 
 
 def plan_evictions(tasks: list[CachedTask], disk: DiskUsage, now: float, policy: GcPolicy) -> list[Eviction]:
