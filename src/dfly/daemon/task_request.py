@@ -6,7 +6,9 @@ same fields the scheduler's `Download` message carries.
 Every request is checked when it is made, whoever made it (local API, proxy, seed trigger): its text
 must be UTF-8 (protobuf and the task id need it; a proxy header can carry undecodable bytes), the URL
 must hold no control characters or spaces, and header names must be HTTP tokens with values free of
-line breaks and NUL. Anything else is a UsageError, never a failure deep inside the download.
+line breaks and NUL, in ISO-8859-1 (what HTTP/1.1 can carry; the origin reader sends them so).
+Non-ASCII characters in a URL are sent percent-encoded as UTF-8 (source/http_open.py). Anything else
+is a UsageError, never a failure deep inside the download.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class TaskRequest:
             _check_text(f"header {name}", value)
             if _VALUE_FORBIDDEN.search(value):
                 raise UsageError(f"header {name}: value holds a line break or NUL")
+            try:
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise UsageError(f"header {name}: value is not ISO-8859-1 text, as HTTP needs") from None
 
     @property
     def task_id(self) -> TaskId:

@@ -26,6 +26,10 @@ URL = "http://origin.example/f.bin"
         ({"headers": {"X-A": "b\r\nX-Injected: y"}}, "line break or NUL"),
         ({"headers": {"X-A": "\x00"}}, "line break or NUL"),
         ({"headers": {"Authorization": "Basic \udcff"}}, "header Authorization is not valid UTF-8"),
+        (
+            {"headers": {"X-Name": "中文"}},
+            "not ISO-8859-1",
+        ),  # dfget -H 'X-Name: 中文' crashed the origin read
     ],
 )
 def test_a_request_no_download_comes_from_is_a_usage_error(fields: dict[str, Any], fragment: str) -> None:

@@ -252,3 +252,13 @@ def test_oversized_response_headers_are_a_clear_source_error(
         stat(url, {}, timeout_s=5)
     assert fragment in str(info.value).lower()
     assert url.rsplit("/", 1)[0].split("//")[1] in str(info.value)  # names the origin
+
+
+def test_non_ascii_urls_are_sent_percent_encoded(origin: Origin) -> None:
+    """An internationalized path (and host name) is sent as HTTP needs it, not a crash in the reader."""
+    origin.add_bytes("café/é.bin", b"bonjour")
+    got = stat(origin.url("/café/é.bin"), {}, timeout_s=5)
+    assert got.content_length == len(b"bonjour")
+    assert origin.request_log()[-1].target == "/caf%C3%A9/%C3%A9.bin"
+    with pytest.raises(SourceError, match="cannot resolve"):
+        stat("http://bücher.invalid/x", {}, timeout_s=5)

@@ -17,7 +17,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from dfly.common.errors import SourceError
 from dfly.common.ids import redact_url
@@ -25,6 +25,7 @@ from dfly.common.ids import redact_url
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 _CROSS_ORIGIN_DROPPED = ("authorization", "cookie")
+_TARGET_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))  # printable ASCII stays as the user wrote it
 
 
 def _no_address_refused(address: str) -> bool:
@@ -86,6 +87,13 @@ def open_get(
             raise SourceError(f"unsupported source URL {redact_url(url)}: expected http(s)://host/…")
         host = parts.hostname
         try:
+            host.encode("ascii")
+        except UnicodeEncodeError:  # an internationalized name: its ASCII (IDNA) form is what resolves
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise SourceError(f"invalid host name in source URL {redact_url(url)}") from None
+        try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as exc:
             raise SourceError(f"invalid port in source URL {redact_url(url)}") from exc
@@ -105,6 +113,7 @@ def open_get(
             user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             req["Authorization"] = "Basic " + base64.b64encode(user_pass).decode("ascii")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        target = quote(target, safe=_TARGET_SAFE)  # only non-ASCII bytes change: %-encoded UTF-8
         try:
             conn.request("GET", target, headers=req)
             resp = conn.getresponse()
