@@ -92,3 +92,16 @@ def test_seed_flag_is_checked_like_the_config_key(tmp_path: Path) -> None:
         "dfdaemon: invalid config key (top level): Value error, "
         "a seed peer must upload: seed_peer.enable excludes upload.disable_shared"
     ), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "message"), [("missing/ready.json", "does not exist"), (".", "is a directory")]
+)
+def test_a_ready_file_that_could_never_be_written_is_refused_at_start(
+    tmp_path: Path, where: str, message: str
+) -> None:
+    done = run_daemon(tmp_path, base_config(tmp_path), "--ready-file", str(tmp_path / where))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("dfdaemon: --ready-file"), done.stderr
+    assert message in done.stderr

@@ -269,7 +269,11 @@ def test_timeout_cancels_the_download(harness: Harness, out_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     ("signum", "code", "message"),
-    [(signal.SIGINT, 130, "dfget: interrupted"), (signal.SIGTERM, 143, "dfget: terminated")],
+    [
+        (signal.SIGINT, 130, "dfget: interrupted"),
+        (signal.SIGTERM, 143, "dfget: terminated"),
+        (signal.SIGHUP, 129, "dfget: hung up"),  # the terminal or SSH session went away
+    ],
 )
 def test_signals_remove_the_temporary_file(
     harness: Harness, out_dir: Path, signum: int, code: int, message: str

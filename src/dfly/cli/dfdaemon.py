@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from dfly.common.config import load_config
-from dfly.common.errors import DflyError
+from dfly.common.errors import DflyError, UsageError
 from dfly.common.logging import setup_logging
 
 
@@ -25,9 +25,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_ready_file(path: Path | None) -> None:
+    """Fail at start, not after every listener is up, when the ready file could never be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"--ready-file {path} is a directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"--ready-file {path}: directory {path.parent} does not exist")
+
+
 async def _main(args: argparse.Namespace) -> int:
     from dfly.daemon.app import run
     from dfly.daemon.config import DaemonConfig
+
+    check_ready_file(args.ready_file)
 
     flags = {"seed_peer.enable": True} if args.seed else {}
     config = load_config(DaemonConfig, args.config, "DFLY_DFDAEMON", flags=flags)
@@ -47,8 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     except DflyError as exc:
         print(f"dfdaemon: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BaseExceptionGroup as group:  # a DflyError raised inside a TaskGroup arrives wrapped
+        errors, rest = group.split(DflyError)
+        if errors is None or rest is not None:
+            raise
+        first = _leaves(errors)[0]
+        print(f"dfdaemon: {first}", file=sys.stderr)
+        return first.exit_code
     except KeyboardInterrupt:
         return 0
+
+
+def _leaves(group: BaseExceptionGroup[DflyError]) -> list[DflyError]:
+    out: list[DflyError] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 if __name__ == "__main__":

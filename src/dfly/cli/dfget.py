@@ -3,7 +3,7 @@
 Job: parse and validate flags (exit 2 on usage errors), ask the daemon over its unix socket
 (docs/local-api.md), copy pieces from the passed task fd into a temporary file as they become available,
 verify the digest, and place the file atomically (see `_dfget_output`). Exit 0 on success, 1 on failure
-with one line on stderr, 2 on usage errors, 130 on Ctrl-C, 143 on SIGTERM.
+with one line on stderr, 2 on usage errors, 130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP.
 
 Rules: standard library only at start (hundreds start at once on busy hosts): `dfly.common.*` stdlib-only
 modules are fine; rich is imported only for a progress bar on a terminal; never pydantic, grpc or yaml.
@@ -36,6 +36,7 @@ DEFAULT_TIMEOUT = "2h"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
+MAX_DURATION_S = 365 * 86400.0
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -50,6 +51,8 @@ def parse_duration(text: str) -> float:
         raise UsageError(f"invalid duration {text!r} (e.g. 30s, 10m, 2h, 1h30m)")
     if seconds <= 0:
         raise UsageError(f"duration {text!r} must be positive")
+    if seconds > MAX_DURATION_S:  # also keeps socket timeouts within what the platform takes
+        raise UsageError(f"duration {text!r} is longer than a year")
     return seconds
 
 
@@ -303,11 +306,16 @@ def download(opts: Options) -> None:
 
 
 class _Terminated(BaseException):
-    """SIGTERM arrived: unwind so the temporary file is removed."""
+    """SIGTERM or SIGHUP (the terminal or SSH session went away) arrived: unwind so the temporary file
+    is removed; the exit status is 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated
+    raise _Terminated(signum)
 
 
 def _fail(message: str) -> None:
@@ -323,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
         return exc.exit_code
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
     try:
         download(opts)
     except DflyError as exc:
@@ -334,9 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted")
         return 130
-    except _Terminated:
-        _fail("terminated")
-        return 143
+    except _Terminated as exc:
+        _fail("terminated" if exc.signum == signal.SIGTERM else "hung up")
+        return 128 + exc.signum
     return 0
 
 

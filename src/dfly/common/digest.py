@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 
 from dfly.common.errors import UsageError
@@ -40,7 +41,7 @@ def parse_digest(text: str) -> Digest:
     if not sep or algorithm not in ALGORITHMS:
         raise UsageError(f"invalid digest {text!r}: expected sha256:<hex>, sha512:<hex> or crc32:<decimal>")
     if algorithm == "crc32":
-        if not value.isdigit() or int(value) > 0xFFFFFFFF:
+        if not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > 0xFFFFFFFF:  # isdigit() takes "²"
             raise UsageError(f"invalid crc32 digest {value!r}: expected a decimal u32")
         return Digest(algorithm, str(int(value)))
     want = 64 if algorithm == "sha256" else 128

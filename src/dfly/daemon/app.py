@@ -24,7 +24,7 @@ from prometheus_client import start_http_server
 
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import ConfigError
+from dfly.common.errors import ConfigError, DflyError
 from dfly.common.ids import host_id as make_host_id
 from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig, ListenerSection
@@ -49,8 +49,11 @@ ANNOUNCE_RETRY_S = 0.5
 
 def write_ready_file(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DflyError(f"cannot write ready file {path}: {exc.strerror or exc}") from None
 
 
 class UploadRate:

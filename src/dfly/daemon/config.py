@@ -5,6 +5,7 @@ Every listener accepts port 0 (the kernel picks; the real port goes to --ready-f
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -34,14 +35,31 @@ class SchedulerSection(StrictModel):
             raise ValueError("at least one scheduler address (host:port) is needed")
         for addr in addrs:
             host, sep, port = addr.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"scheduler address {addr!r} must be host:port")
+            bracketed = host.startswith("[") and host.endswith("]")
+            if (
+                not sep
+                or not host
+                or not re.fullmatch(r"[0-9]{1,5}", port)
+                or not 1 <= int(port) <= 65535
+                or "/" in host
+                or (":" in host and not bracketed)  # an IPv6 address goes in brackets: [::1]:8002
+                or (bracketed and ":" not in host[1:-1])
+            ):
+                raise ValueError(f"scheduler address {addr!r} must be host:port (IPv6: [address]:port)")
         return addrs
+
+
+def _not_empty(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")
+    return value
 
 
 class StorageSection(StrictModel):
     dir: Path = Path("/var/lib/dfly/daemon")
     commit_interval_s: float = Field(default=1.0, gt=0)
+
+    _dir_not_empty = field_validator("dir", mode="before")(_not_empty)  # "" would be the working directory
 
 
 class GcSection(StrictModel):
@@ -74,8 +92,10 @@ class DownloadSection(StrictModel):
 
 
 class UploadSection(StrictModel):
-    rate_limit_bytes_per_s: int = Field(default=0, ge=0)  # 0 = unlimited
-    slots: int = Field(default=200, ge=1)
+    rate_limit_bytes_per_s: int = Field(
+        default=0, ge=0, le=2**53
+    )  # 0 = unlimited; bounded as sent to schedulers
+    slots: int = Field(default=200, ge=1, le=1_000_000)
     # A task this daemon reads from the origin: give each piece to one child before any piece twice
     # (daemon/core/first_pass.py); the swarm's source uplink then carries about one copy.
     first_pass: bool = True
@@ -182,6 +202,8 @@ class LocalApiSection(StrictModel):
     socket: Path = Path("/run/dfly/dfdaemon.sock")
     mode: int = Field(default=0o660, ge=0, le=0o777)  # permission bits only
     group: str = ""  # "" = the daemon's own group
+
+    _socket_not_empty = field_validator("socket", mode="before")(_not_empty)
 
 
 class SeedPeerSection(StrictModel):

@@ -34,7 +34,7 @@ class SchedulerConfig(StrictModel):
     seed_trigger: SeedTriggerSection = SeedTriggerSection()
     # Largest gRPC message accepted (a host announce carries every task it holds whole, with a CRC per
     # piece); larger ones are refused with RESOURCE_EXHAUSTED before they are parsed.
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024, le=2**31 - 1)  # gRPC's int
     security: SecuritySection = SecuritySection()  # mTLS to daemons (common/tls.py)
     log_level: LogLevel = "info"
 

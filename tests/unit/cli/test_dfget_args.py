@@ -25,11 +25,15 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
         (["--digest", "md5:abc"], "invalid digest"),
         (["--digest", "sha256:abc"], "expected 64 hex characters"),
         (["--digest", "crc32:-1"], "invalid crc32 digest"),
+        (["--digest", "crc32:²"], "invalid crc32 digest"),  # str.isdigit() takes it; int() does not
+        (["--digest", "crc32:١٢٣"], "invalid crc32 digest"),  # other scripts' digits
         (["--piece-length", "3MiB"], "must be a power of two"),
         (["--piece-length", "32KiB"], "must be a power of two"),
         (["--piece-length", "big"], "invalid size"),
         (["--timeout", "10x"], "invalid duration"),
         (["--timeout", "0s"], "must be positive"),
+        (["--timeout", "1000000d"], "longer than a year"),  # overflowed time_t with a traceback
+        (["--timeout", "99999999999999999999999"], "longer than a year"),
         (["-H", "NoColon"], "invalid header"),
         (["-H", ": empty-name"], "invalid header"),
         (["--overwrite", "--force-hard-link"], "--overwrite cannot be combined with --force-hard-link"),

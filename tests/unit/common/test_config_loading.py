@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from dfly.common.config import load_config
 from dfly.common.errors import ConfigError
 from dfly.daemon.config import DaemonConfig
+from dfly.scheduler.config import SchedulerConfig
 
 PREFIX = "DFLY_DFDAEMON"
 
@@ -28,3 +30,41 @@ def test_a_flag_is_validated_with_the_rest_of_the_config(tmp_path: Path) -> None
     path.write_text("upload:\n  disable_shared: true\n")
     with pytest.raises(ConfigError, match="a seed peer must upload"):
         load_config(DaemonConfig, path, PREFIX, {}, flags={"seed_peer.enable": True})
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\xff\xfe\x00x: 1\n", "is not UTF-8 text (byte 0)"),
+        (b"upload:\n\tslots: 1\n", "not valid YAML at line 2, column 1"),
+        (b"upload: {slots: 99999999999}\n", "upload.slots"),
+        (b"upload: {rate_limit_bytes_per_s: 99999999999999999999999}\n", "upload.rate_limit_bytes_per_s"),
+        (b'storage: {dir: ""}\n', "storage.dir"),
+        (b'local_api: {socket: " "}\n', "local_api.socket"),
+        (b'scheduler: {addrs: ["127.0.0.1:99999"]}\n', "must be host:port"),
+        (b'scheduler: {addrs: ["[::1:8002"]}\n', "must be host:port"),
+        (b'scheduler: {addrs: ["::1:8002"]}\n', "must be host:port"),
+        (b'scheduler: {addrs: ["http://127.0.0.1:8002"]}\n', "must be host:port"),
+    ],
+)
+def test_bad_config_files_are_one_line_naming_the_problem(
+    tmp_path: Path, content: bytes, fragment: str
+) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as info:
+        load_config(DaemonConfig, path, PREFIX, {})
+    assert "\n" not in str(info.value)
+
+
+def test_good_scheduler_addresses_pass(tmp_path: Path) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text('scheduler: {addrs: ["127.0.0.1:8002", "[::1]:8002", "scheduler.example:65535"]}\n')
+    assert len(load_config(DaemonConfig, path, PREFIX, {}).scheduler.addrs) == 3
+
+
+def test_the_schedulers_message_limit_is_what_grpc_takes(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("max_message_bytes: 99999999999\n")
+    with pytest.raises(ConfigError, match="max_message_bytes"):
+        load_config(SchedulerConfig, path, "DFLY_SCHEDULER", {})
