@@ -60,7 +60,10 @@ class OutputFile:
         self.path = os.path.abspath(path)
         directory, name = os.path.split(self.path)
         self.directory = directory
-        self.tmp_path = os.path.join(directory, f".{name}.dfget-{os.urandom(6).hex()}")
+        tmp_name = f".{name}.dfget-{os.urandom(6).hex()}"
+        if len(os.fsencode(tmp_name)) > 255:  # NAME_MAX: a long output name leaves no room for the suffix
+            tmp_name = f".dfget-{os.urandom(6).hex()}"
+        self.tmp_path = os.path.join(directory, tmp_name)
         self._fd: int | None = None
         self._use_copy_file_range = True
         self._writeback: Callable[[int, int, int, int], int] | None = None

@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -167,13 +168,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if ns.overwrite and ns.force_hard_link:
         raise UsageError("--overwrite cannot be combined with --force-hard-link")
     output = os.path.abspath(ns.output)
-    if os.path.isdir(output):
-        raise UsageError(f"output {output} is a directory")
+    if os.path.isdir(output) or ns.output.endswith(os.sep):
+        raise UsageError(f"output {ns.output} is a directory")
     directory = os.path.dirname(output)
     if not os.path.isdir(directory):
         raise UsageError(f"output directory {directory} does not exist")
     if os.path.lexists(output) and not ns.overwrite:
         raise UsageError(f"output {output} already exists (use --overwrite to replace it)")
+    if os.path.lexists(output) and not stat.S_ISREG(os.lstat(output).st_mode) and not os.path.islink(output):
+        # --overwrite renames a new file over it: a device node (/dev/null) or FIFO would be replaced
+        raise UsageError(f"output {output} is not a regular file; dfget writes regular files only")
     return Options(
         url=ns.url,
         output=output,

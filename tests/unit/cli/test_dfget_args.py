@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from dfly.cli import dfget
+from dfly.cli._dfget_output import OutputFile
 from dfly.common.errors import UsageError
 from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS
 
@@ -84,6 +87,23 @@ def test_output_checks(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     code, err = run(capsys, URL, "-O", str(dangling))
     assert code == 2
     assert "already exists" in err
+    code, err = run(capsys, URL, "-O", str(tmp_path / "newdir") + "/")  # a trailing slash names a directory
+    assert code == 2
+    assert "is a directory" in err
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # as /dev/null would be: --overwrite must not rename a regular file over it
+    code, err = run(capsys, URL, "-O", str(fifo), "--overwrite")
+    assert code == 2
+    assert "is not a regular file" in err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_long_output_name_still_gets_a_temporary_file(tmp_path: Path) -> None:
+    out = OutputFile(str(tmp_path / ("n" * 250)))  # NAME_MAX 255: ".<name>.dfget-<hex>" would not fit
+    try:
+        assert os.path.exists(out.tmp_path)
+    finally:
+        out.discard()
 
 
 def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
