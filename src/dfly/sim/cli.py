@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -41,15 +42,15 @@ def parser() -> argparse.ArgumentParser:
         "Rates are wire rates; the model runs at TCP payload rate (x --wire-efficiency).",
     )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--file-mib", type=float, help="total size to distribute, MiB (2^20 bytes)")
-    size.add_argument("--file-mb", type=float, help="total size to distribute, MB (10^6 bytes)")
+    size.add_argument("--file-mib", type=finite, help="total size to distribute, MiB (2^20 bytes)")
+    size.add_argument("--file-mb", type=finite, help="total size to distribute, MB (10^6 bytes)")
     p.add_argument("--hosts", type=int, help="downloading hosts (the seed host comes on top)")
     p.add_argument("--layers", type=int, default=1, help="files (tasks) the size is split into (default 1)")
     for name, what in (("host", "every host, up and down"), ("seed", "the seed host"), ("origin", "origin")):
         group = p.add_mutually_exclusive_group()
         default = "" if name == "host" else f" (default: the {'host' if name == 'seed' else 'seed'} rate)"
-        group.add_argument(f"--{name}-rate-mbit", type=float, help=f"{what}: Mbit/s{default}")
-        group.add_argument(f"--{name}-rate-mbyte", type=float, help=f"{what}: MB/s (10^6 bytes){default}")
+        group.add_argument(f"--{name}-rate-mbit", type=finite, help=f"{what}: Mbit/s{default}")
+        group.add_argument(f"--{name}-rate-mbyte", type=finite, help=f"{what}: MB/s (10^6 bytes){default}")
     p.add_argument("--piece-length", help="user-fixed piece length, e.g. 4MiB (default: the daemon's rule)")
     p.add_argument(
         "--candidate-parents",
@@ -60,12 +61,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--filter-parents", type=int, help="scheduler filter_parent_limit (candidates sampled)")
     p.add_argument("--requests-per-parent", type=int, help="daemon download.requests_per_parent")
     p.add_argument("--topology", choices=["mesh", "dag"], help="scheduler topology (default: its config's)")
-    p.add_argument("--churn", type=float, default=0.0, help="fraction of hosts leaving mid-download")
-    p.add_argument("--latency-ms", type=float, default=0.1, help="one-way delay host-host/origin (0.1)")
-    p.add_argument("--scheduler-latency-ms", type=float, help="one-way delay host-scheduler (= latency)")
+    p.add_argument("--churn", type=finite, default=0.0, help="fraction of hosts leaving mid-download")
+    p.add_argument("--latency-ms", type=finite, default=0.1, help="one-way delay host-host/origin (0.1)")
+    p.add_argument("--scheduler-latency-ms", type=finite, help="one-way delay host-scheduler (= latency)")
     p.add_argument("--idcs", type=int, default=1, help="IDC labels hosts are spread over (default 1)")
-    p.add_argument("--idc-latency-ms", type=float, default=0.0, help="extra one-way delay across IDCs")
-    p.add_argument("--start-spread-s", type=float, default=0.0, help="hosts start uniformly within this")
+    p.add_argument("--idc-latency-ms", type=finite, default=0.0, help="extra one-way delay across IDCs")
+    p.add_argument("--start-spread-s", type=finite, default=0.0, help="hosts start uniformly within this")
     p.add_argument(
         "--fairness",
         choices=["equal", "maxmin"],
@@ -79,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--first-pass-hold-s",
-        type=float,
+        type=finite,
         help="seconds from the last piece given out to the first pass's release (upload.first_pass_hold_s)",
     )
     p.add_argument(
@@ -89,23 +90,31 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wire-efficiency",
-        type=float,
+        type=finite,
         default=TCP_PAYLOAD_FACTOR,
         help="payload bytes per wire byte (default 1448/1514)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
     p.add_argument(
-        "--max-sim-s", type=float, default=0.0, help="virtual-time limit (default 50 x bound + 120)"
+        "--max-sim-s", type=finite, default=0.0, help="virtual-time limit (default 50 x bound + 120)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--calibration", type=Path, help=f"calibration record to honour (or ${CALIBRATION_ENV})")
     cal = p.add_argument_group("calibration (--calibrate)")
     cal.add_argument("--calibrate", action="store_true", help="run the 8- and 16-host netns cases")
-    cal.add_argument("--measured-8", type=float, help="measured p95/T_min, 8 hosts x 64 MiB x 100 Mbit/s")
-    cal.add_argument("--measured-16", type=float, help="measured p95/T_min, 16 hosts x 64 MiB x 50 Mbit/s")
+    cal.add_argument("--measured-8", type=finite, help="measured p95/T_min, 8 hosts x 64 MiB x 100 Mbit/s")
+    cal.add_argument("--measured-16", type=finite, help="measured p95/T_min, 16 hosts x 64 MiB x 50 Mbit/s")
     cal.add_argument("--runs", type=int, default=3, help="seeds per calibration case (median taken)")
     cal.add_argument("--save-calibration", type=Path, help="write the calibration record here")
     return p
+
+
+def finite(text: str) -> float:
+    """A float flag: nan and inf are no sizes, rates or delays (argparse turns the error into exit 2)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _rate(args: argparse.Namespace, name: str, fallback: float | None) -> float:
@@ -235,7 +244,10 @@ def _calibrate(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     out["calibrated"] = passed
     out["code_digest"] = code_digest()
     if args.save_calibration is not None:
-        args.save_calibration.write_text(json.dumps(out, indent=2) + "\n")
+        try:
+            args.save_calibration.write_text(json.dumps(out, indent=2) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.save_calibration}: {exc.strerror or exc}") from None
     return out, 0
 
 
@@ -248,6 +260,10 @@ def run(argv: Sequence[str]) -> int:
         record = args.calibration or (
             Path(os.environ[CALIBRATION_ENV]) if CALIBRATION_ENV in os.environ else None
         )
+        if (
+            args.calibration is not None and not args.calibration.is_file()
+        ):  # a typo: not silently uncalibrated
+            raise UsageError(f"calibration record {args.calibration} does not exist")
         result = run_swarm(config)
         out = summarize(result, calibrated=record is not None and calibration_valid(record))
         code = 1 if result.failed or result.engine_errors else 0
