@@ -12,10 +12,13 @@ Rules it keeps:
   last lines of its log (`DIR/<name>.log`, stdout and stderr together).
 - Stopping: SIGTERM to the daemons, then the scheduler, a bounded wait, then SIGKILL. Nothing under DIR
   is removed; `cluster.json` (temp file + rename) describes the running cluster.
+- One cluster per DIR: `DIR/.lock` is held (flock) from start to stop, so a second `dfly up --dir DIR`
+  fails before it writes anything instead of overwriting a running cluster's configs and ready files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -92,6 +95,7 @@ class LocalCluster:
         self.daemon_overrides = {name: dict(sections) for name, sections in (daemon_overrides or {}).items()}
         self.members: list[Member] = []
         self.cluster_json = self.base_dir / "cluster.json"
+        self._lock_fd: int | None = None
 
     # -- access -----------------------------------------------------------------------------------
     def member(self, name: str) -> Member:
@@ -140,7 +144,11 @@ class LocalCluster:
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         """Start every member, in order, each once the previous is ready; stop all on failure."""
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ClusterError(f"cluster dir {self.base_dir} is not a directory") from None
+        self._lock()
         try:
             sched_names = ["scheduler"] + [f"scheduler-{i}" for i in range(2, self.n_schedulers + 1)]
             sched_config = {**scheduler_config(self.log_level), **self.scheduler_overrides}
@@ -279,6 +287,18 @@ class LocalCluster:
         """Stop the daemons, then the scheduler. Leaves every file under the base dir in place."""
         self._terminate(self.daemons)
         self._terminate([m for m in self.members if m.role == "scheduler"])
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # drops the flock
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        fd = os.open(self.base_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ClusterError(f"cluster dir {self.base_dir} is in use by another running cluster") from None
+        self._lock_fd = fd
 
     def _terminate(self, members: Sequence[Member]) -> None:
         running = [m for m in members if m.alive()]

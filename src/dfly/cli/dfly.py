@@ -10,6 +10,7 @@ Rules: parse, call, print. `dfly scheduler` and `dfly sim` hand their arguments 
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -19,6 +20,13 @@ from types import FrameType
 from dfly.cluster import ClusterError, LocalCluster
 from dfly.common.errors import DflyError
 from dfly.daemon.proxy.registry import BadRequest, normalize_upstream
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         help="upstream registry of every daemon's mirror (proxy.registry_mirror), e.g. http://127.0.0.1:5000",
     )
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
-    up.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for each stage")
+    up.add_argument("--ready-timeout", type=_seconds, default=60.0, help="seconds to wait for each stage")
     return parser
 
 
@@ -133,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "up":
             if args.peers < 0:
                 print("dfly: --peers must be >= 0", file=sys.stderr)
+                return 2
+            if args.seed_upload_limit < 0:
+                print("dfly: --seed-upload-limit must be >= 0", file=sys.stderr)
                 return 2
             return _run_up(args)
     except ClusterError as exc:

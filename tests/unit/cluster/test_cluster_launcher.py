@@ -52,6 +52,23 @@ def test_start_writes_cluster_json_and_stop_ends_all(tmp_path: Path) -> None:
     assert cluster.cluster_json.exists()  # nothing of the user's is removed
 
 
+def test_a_second_cluster_in_a_running_clusters_dir_fails_and_touches_nothing(tmp_path: Path) -> None:
+    with _cluster(tmp_path, "ok", "ok") as first:
+        before = {p: p.read_bytes() for p in first.base_dir.glob("*.*") if p.is_file()}
+        with pytest.raises(ClusterError, match="in use by another running cluster"):
+            _cluster(tmp_path, "ok", "ok").start()
+        assert {p: p.read_bytes() for p in first.base_dir.glob("*.*") if p.is_file()} == before
+        assert all(m.alive() for m in first.members)
+    with _cluster(tmp_path, "ok", "ok") as again:  # free again once the first one stopped
+        assert all(m.alive() for m in again.members)
+
+
+def test_a_cluster_dir_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "c").write_text("")
+    with pytest.raises(ClusterError, match="is not a directory"):
+        _cluster(tmp_path, "ok", "ok").start()
+
+
 def test_child_exiting_early_fails_with_its_log(tmp_path: Path) -> None:
     cluster = _cluster(tmp_path, "ok", "exit-early")
     with pytest.raises(ClusterError, match=r"exited with code 3.*\n(.*\n)*.*cannot bind the control port"):

@@ -75,6 +75,11 @@ def test_a_member_dying_stops_the_rest_with_exit_1(tmp_path: Path) -> None:
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["up", "--peers", "-1"]) == 2
+    assert main(["up", "--seed-upload-limit", "-5"]) == 2
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit) as info:
+            main(["up", "--ready-timeout", bad])
+        assert info.value.code == 2
     with pytest.raises(SystemExit) as info:
         main(["nope"])
     assert info.value.code == 2
