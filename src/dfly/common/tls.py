@@ -9,7 +9,9 @@ Rules:
   the piece server asks every child for a certificate from the same CA and each child checks its
   parent's against the address it dials. It costs sendfile: bytes pass through the TLS layer in user
   space (measured in bench/piece_tls.py, docs/benchmarks.md).
-- Files are read once at start; a missing or unreadable file is a ConfigError naming it.
+- Files are read once at start; a missing or unreadable file, or one that is not what its key says (a
+  PEM CA bundle, a certificate, its unencrypted private key), is a ConfigError naming it (gRPC itself
+  only failed to bind, with its own log lines).
 """
 
 from __future__ import annotations
@@ -57,8 +59,29 @@ def _read(path: Path | None, what: str) -> bytes:
         raise ConfigError(f"cannot read security.tls.{what} {path}: {exc.strerror or exc}") from None
 
 
+def check_files(tls: TlsSection) -> None:
+    """ConfigError naming the key whose file is not a usable PEM (checked with the ssl module)."""
+    for path, what in ((tls.key, "key"), (tls.cert, "cert"), (tls.ca_cert, "ca_cert")):
+        _read(path, what)  # readable at all (names the file)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(tls.ca_cert))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            f"security.tls.ca_cert {tls.ca_cert} holds no usable PEM certificate: {exc}"
+        ) from None
+    try:
+        context.load_cert_chain(str(tls.cert), str(tls.key), password=lambda: b"")
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            f"security.tls.cert {tls.cert} / key {tls.key}: not a PEM certificate with its unencrypted "
+            f"private key: {exc}"
+        ) from None
+
+
 def server_credentials(tls: TlsSection) -> grpc.ServerCredentials:
     """Server side: our certificate, and a client certificate from the CA required."""
+    check_files(tls)
     pair = (_read(tls.key, "key"), _read(tls.cert, "cert"))
     return grpc.ssl_server_credentials(
         [pair], root_certificates=_read(tls.ca_cert, "ca_cert"), require_client_auth=True
@@ -67,6 +90,7 @@ def server_credentials(tls: TlsSection) -> grpc.ServerCredentials:
 
 def channel_credentials(tls: TlsSection) -> grpc.ChannelCredentials:
     """Client side: trust only the cluster's CA, and present our certificate."""
+    check_files(tls)
     return grpc.ssl_channel_credentials(
         root_certificates=_read(tls.ca_cert, "ca_cert"),
         private_key=_read(tls.key, "key"),
