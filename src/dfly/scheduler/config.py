@@ -23,7 +23,7 @@ class MetricsSection(StrictModel):
 
 
 class SeedTriggerSection(StrictModel):
-    timeout_s: float = Field(default=10.0, gt=0)  # DownloadTask call on a seed peer's control port
+    timeout_s: float = Field(default=10.0, gt=0, le=3600)  # DownloadTask call on a seed peer's control port
 
 
 class SchedulerConfig(StrictModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,6 +154,40 @@ def test_dropped_connection_names_bytes_received_and_expected(origin: Origin) ->
                     timeout_s=5)  # fmt: skip
     assert info.value.status_code == 0
     assert got == [0]  # the piece in flight is not delivered
+
+
+def test_an_origin_that_stalls_mid_body_is_named_in_words(tmp_path: Path) -> None:
+    """Headers and a few bytes, then nothing: the read timeout ends it with a sentence, not a class name."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                head = conn.recv(65536)
+                if b"bytes=0-0" in head:
+                    conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-0/131072\r\n"
+                                 b"Content-Length: 1\r\n\r\nx")  # fmt: skip
+                    continue
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 131072\r\n\r\n" + bytes(1000))
+                stop.wait(10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        st = stat(f"http://127.0.0.1:{port}/slow", {}, timeout_s=5)
+        with pytest.raises(SourceError, match="the origin sent nothing for the read timeout after"):
+            read_pieces(st, {}, piece_length=64 * KiB, buffer=bytearray(64 * KiB), on_piece=lambda *_: None,
+                        should_stop=lambda: False, timeout_s=0.5)  # fmt: skip
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
 
 
 def test_should_stop_ends_between_reads(origin: Origin) -> None:

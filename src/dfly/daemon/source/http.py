@@ -271,9 +271,12 @@ def _if_range_validator(stat: SourceStat) -> str:
 
 
 def _read_error(url: str, received: int, expected: int, exc: BaseException | None) -> SourceError:
+    # bytes taken in whole read chunks: a chunk a timeout cut short is not counted
     where = f"after {received} of {expected} bytes from {redact_url(url)}"
     if exc is None:
         return SourceError(f"origin closed the connection {where}", 0)
+    if isinstance(exc, TimeoutError):
+        return SourceError(f"the origin sent nothing for the read timeout {where}", 0)
     reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return SourceError(f"reading the origin failed {where}: {reason}", 0)
 
