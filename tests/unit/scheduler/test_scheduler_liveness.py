@@ -106,6 +106,25 @@ def test_reconnect_with_finished_tasks_reoffers_the_host() -> None:
     assert view.piece_digests == (100, 101)
 
 
+def test_a_reconnect_does_not_add_a_second_finished_peer_for_a_task_seen_finishing() -> None:
+    """The host's own download finished here; when it announces again (its keepalive broke) it lists the
+    task as held: that is the same copy, not a second parent on the same host."""
+    harness = Harness()
+    for name in ("a", "b"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
+    harness.pieces("peer-a", 0, 1)
+    harness.do(PeerFinished("peer-a", (100, 101)))
+    harness.do(HostDisconnected(harness.host_id("a")))
+    stored = FinishedTask("task-1", f"{harness.host_id('a')}-stored", 2048, 1024, (100, 101))
+    harness.do(HostAnnounced(host_info("a"), (stored,)))
+    view = harness.engine.stat_task("task-1")
+    assert view is not None
+    assert view.peer_count == 1
+    assert parents_of(harness.register("peer-b", "b"), "peer-b") == {"peer-a"}
+
+
 def test_a_deleted_task_is_no_longer_offered_from_that_host() -> None:
     harness = Harness()
     for name in ("a", "b", "c", "d"):

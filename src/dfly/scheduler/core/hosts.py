@@ -69,7 +69,14 @@ class HostHandlers:
         else:
             self._cluster.seed_host_ids.discard(info.host_id)
         touched = self._tasks_offered_by(host)
+        held = {  # the tasks a finished peer of this host stands for already: one parent per host and task
+            peer.task_id: peer.peer_id
+            for peer_id in host.peer_ids
+            if (peer := self._cluster.peers[peer_id]).state is PeerState.SUCCEEDED
+        }
         for finished in event.finished_tasks:
+            if held.get(finished.task_id, finished.peer_id) != finished.peer_id:
+                continue  # e.g. a reconnect after a download this scheduler saw finish
             task = self._register_finished(host, finished)
             if task is not None:
                 touched[task.task_id] = task
