@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -79,7 +80,23 @@ class HeadRecorder:
                         body += chunk
                     headers[":body-bytes"] = str(len(body))
                     self.heads.put(headers)
-                    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    conn.sendall(self.answer(lines[0].split(" ")[1]))
+
+    @staticmethod
+    def answer(path: str) -> bytes:
+        if path.endswith("/chunked.bin"):  # no Content-Length: cannot be a P2P task
+            return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                    b"5\r\nhello\r\n0\r\n\r\n")  # fmt: skip
+        if path.endswith("/private.bin"):
+            return (b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="files"\r\n'
+                    b"Content-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
+        return b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    def head_of(self, method: str) -> dict[str, str]:
+        """The next request head with this method (others, such as a seed's reads, are skipped)."""
+        while not (seen := self.heads.get(timeout=10))[":request"].startswith(f"{method} "):
+            pass
+        return seen
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +234,7 @@ def test_a_forwarded_request_keeps_its_length_and_gains_no_headers(
         )
         sock.sendall(head.encode() + body)
         assert sock.recv(65536).split(b" ", 2)[1] == b"201"
-    seen = head_recorder.heads.get(timeout=10)
+    seen = head_recorder.head_of("PUT")
     assert seen[":request"].startswith("PUT /bucket/key ")
     assert seen.get("content-length") == str(len(body))
     assert "transfer-encoding" not in seen
@@ -240,3 +257,40 @@ def test_credentials_in_a_proxied_url_are_refused(cluster: LocalCluster, origin:
         assert received.split(b" ", 2)[1] == b"400", received[:200]
         assert b"Authorization header" in received
     assert "Traceback" not in cluster.peers[0].log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "body", "header"),
+    [
+        ("/chunked.bin", "200", b"hello", ""),
+        ("/private.bin", "401", b"", 'www-authenticate: basic realm="files"'),
+    ],
+)
+def test_what_cannot_go_through_p2p_is_forwarded_directly(
+    cluster: LocalCluster,
+    head_recorder: HeadRecorder,
+    tmp_path: Path,
+    path: str,
+    status: str,
+    body: bytes,
+    header: str,
+) -> None:
+    """A rule-matching GET whose origin answers without a length (chunked) or with an error such as 401:
+    the client gets the origin's own answer (with its WWW-Authenticate), not a 502 from the swarm."""
+    port = cluster.peers[0].ports["proxy"]
+    out = tmp_path / "out"
+    argv = [
+        "curl",
+        "-s",
+        "-x",
+        f"http://127.0.0.1:{port}",
+        "-o",
+        str(out),
+        "-D",
+        "-",
+        head_recorder.url + path,
+    ]
+    head = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
+    assert head.split()[1] == status, head
+    assert out.read_bytes() == body
+    assert header in head.lower()

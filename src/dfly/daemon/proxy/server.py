@@ -41,6 +41,7 @@ import yarl
 from aiohttp import web
 
 from dfly.common.errors import SourceError
+from dfly.common.ids import redact_url
 from dfly.common.net import listen_socket
 from dfly.daemon.proxy import connect, metrics
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
@@ -341,9 +342,15 @@ class RegistryMirror:
             return await self._serve_blob(request, origin, url, blob.digest)
         if use_p2p(request.method, url, request.headers, self.rules):
             keys = task_keys(request.headers)
-            return await serve_p2p(
-                request, self.tasks, url, None, {}, self._allowed_origins, keys, self.idle_timeout_s
-            )
+            try:
+                return await serve_p2p(
+                    request, self.tasks, url, None, {}, self._allowed_origins, keys, self.idle_timeout_s
+                )
+            except SourceError as exc:  # raised only before the answer started
+                # The origin's answer could not be a P2P task (no Content-Length, an encoded body) or was
+                # an error (401 with its WWW-Authenticate, 404, ...): the client gets it first-hand.
+                log.info("%s not through P2P (%s): forwarded directly", redact_url(url), exc)
+                return await self._pass(request, yarl.URL(url, encoded=True))
         return await self._pass(request, yarl.URL(url, encoded=True))
 
     async def _pass(self, request: web.Request, url: yarl.URL) -> web.StreamResponse:
