@@ -179,6 +179,9 @@ def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry,
         assert status == 206
         assert headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
         assert body == data[1000:]
+        status, headers, _ = fetch(blob, {"Range": f"bytes={len(data)}-"})  # past the end
+        assert (status, headers["Content-Range"]) == (416, f"bytes */{len(data)}")
+        assert headers["X-Dragonfly-Error-Type"] == "range"
         status, headers, body = fetch(blob)
         assert (status, body) == (200, data)
         assert headers["Docker-Content-Digest"] == layer
@@ -196,9 +199,9 @@ def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry,
         status, _, _ = fetch(f"{mirror}/v2/demo/../../etc/passwd")
         assert status == 400
         assert registry.log_path.read_text() == before  # nothing was asked of the registry
-        counts = proxy_counts(cluster.peers[0])  # Prometheus: 6 answered, 2 blobs from P2P, 2 refused
+        counts = proxy_counts(cluster.peers[0])  # Prometheus: 7 answered, 2 blobs from P2P, 3 refused (416)
         names = ("requests", "requests_via_p2p", "request_failures")
-        assert [counts[(name, "mirror")] for name in names] == [6, 2, 2]
+        assert [counts[(name, "mirror")] for name in names] == [7, 2, 3]
 
         # Bytes no download can be made from: a clean 4xx, never a 500 and a traceback in the log.
         port = cluster.peers[0].ports["proxy"]

@@ -44,6 +44,7 @@ from dfly.common.errors import DflyError, DigestMismatch
 from dfly.common.ranges import Unsatisfiable, parse_range
 from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.proxy.forward import TaskKeys
+from dfly.daemon.proxy.http_edge import error_response
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 2 * 3600.0
@@ -175,7 +176,9 @@ async def serve_p2p(
         try:
             span = parse_range(request.headers.get("Range", ""), size) if "Range" in request.headers else None
         except Unsatisfiable:
-            raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"}) from None
+            unsatisfiable = error_response(416, "range", f"range outside the {size} bytes of the object")
+            unsatisfiable.headers["Content-Range"] = f"bytes */{size}"
+            return unsatisfiable
         first, last = span if span is not None else (0, size - 1)
         status = 206 if span is not None else 200
         headers = _headers(digest, started.task_id, last - first + 1)
