@@ -163,6 +163,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             proxy.hijack_https.hosts,
             certs,
             proxy.idle_timeout_s,
+            tunnel_idle_timeout_s=proxy.tunnel_idle_timeout_s,
+            max_connections=proxy.max_connections,
         )
         with _binding("proxy", _address(config.proxy)):
             proxy_port = await mirror.start(proxy.ip, proxy.port) if proxy.enable else None

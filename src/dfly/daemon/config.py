@@ -167,6 +167,10 @@ class ProxySection(LocalListenerSection):
     # An HTTP connection with no request in progress (idle keep-alive, or a request head that never
     # completes) is closed after this many seconds.
     idle_timeout_s: float = Field(default=60.0, gt=0)
+    # A CONNECT tunnel in which no byte moved either way for this long is closed.
+    tunnel_idle_timeout_s: float = Field(default=600.0, gt=0)
+    # Connections open at once; one more is closed at accept (a client cannot take every descriptor).
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _basic_auth_pair(self) -> ProxySection:

@@ -25,6 +25,7 @@ from dfly.daemon.proxy.connect import (
     open_upstream,
     parse_connect,
     read_head,
+    tunnel,
 )
 from dfly.daemon.proxy.forward import never_upstream
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
@@ -246,3 +247,62 @@ def test_a_connect_sent_a_byte_at_a_time_is_recognised() -> None:
             await sender
 
     asyncio.run(run())
+
+
+def test_a_tunnel_with_traffic_stays_and_an_idle_one_is_closed() -> None:
+    """The deadline moves with every chunk either way: bytes every 0.1 s keep a 0.3 s tunnel open for
+    longer than 0.3 s; then silence closes both sides."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        client_near, client_far = socket.socketpair()
+        upstream_near, upstream_far = socket.socketpair()
+        for sock in (client_near, upstream_near, client_far, upstream_far):
+            sock.setblocking(False)
+        relay = asyncio.create_task(tunnel(client_near, upstream_near, b"", idle_s=0.3))
+        started = loop.time()
+        for _ in range(6):  # 0.6 s of traffic, upstream to client
+            await loop.sock_sendall(upstream_far, b"x")
+            assert await loop.sock_recv(client_far, 16) == b"x"
+            await asyncio.sleep(0.1)
+        assert not relay.done()
+        async with asyncio.timeout(5):
+            await relay  # then idle: closed after 0.3 s
+        assert loop.time() - started >= 0.6
+        assert await loop.sock_recv(client_far, 16) == b""  # the client sees the close
+        for sock in (client_far, upstream_far):
+            sock.close()
+
+    asyncio.run(run())
+
+
+def test_connections_beyond_the_cap_are_closed_at_accept(caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        release, held = asyncio.Event(), asyncio.Event()
+
+        async def hold(conn: socket.socket) -> None:
+            held.set()
+            await release.wait()
+            conn.close()
+
+        serving = asyncio.create_task(accept_loop(listener, hold, hold, max_connections=1))
+        _, first = await asyncio.open_connection("127.0.0.1", port)
+        first.write(b"GET / HTTP/1.1\r\n\r\n")
+        async with asyncio.timeout(5):
+            await held.wait()
+        second_reader, second = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(5):
+            assert await second_reader.read() == b""  # closed at once
+        release.set()
+        for writer in (first, second):
+            writer.close()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        listener.close()
+
+    with caplog.at_level(logging.WARNING, logger="dfly.daemon.proxy.connect"):
+        asyncio.run(run())
+    assert any("proxy.max_connections" in r.getMessage() for r in caplog.records)

@@ -72,10 +72,13 @@ async def accept_loop(
     listener: socket.socket,
     on_plain: Callable[[socket.socket], Awaitable[None]],
     on_connect: Callable[[socket.socket], Awaitable[None]],
+    max_connections: int = 4096,
 ) -> None:
-    """Accept forever; each connection is dispatched in its own task (kept in `tasks` until done)."""
+    """Accept forever; each connection is dispatched in its own task (kept in `tasks` until done). With
+    `max_connections` open, one more is closed at once (logged once per burst)."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
+    refusing = False
 
     async def dispatch(conn: socket.socket) -> None:
         try:
@@ -101,6 +104,15 @@ async def accept_loop(
                 log.warning("proxy accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            if len(tasks) >= max_connections:
+                conn.close()
+                if not refusing:
+                    log.warning(
+                        "proxy: %d connections open (proxy.max_connections); closing new ones", len(tasks)
+                    )
+                refusing = True
+                continue
+            refusing = False
             conn.setblocking(False)
             task = asyncio.create_task(dispatch(conn))
             tasks.add(task)
@@ -177,27 +189,37 @@ async def reply(sock: socket.socket, status: int, reason: str, headers: dict[str
         await asyncio.get_running_loop().sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode())
 
 
-async def tunnel(client: socket.socket, upstream: socket.socket, early: bytes) -> None:
-    """Relay both ways until both halves are closed (or either side fails); closes both sockets."""
+async def tunnel(client: socket.socket, upstream: socket.socket, early: bytes, idle_s: float = 600.0) -> None:
+    """Relay both ways until both halves are closed, either side fails, or no byte moved either way for
+    `idle_s` (one deadline, moved on by every chunk); closes both sockets."""
     loop = asyncio.get_running_loop()
+    deadline: asyncio.Timeout | None = None
 
     async def pump(src: socket.socket, dst: socket.socket, first: bytes) -> None:
         if first:
             await loop.sock_sendall(dst, first)
         while data := await loop.sock_recv(src, RELAY_CHUNK):
+            if deadline is not None:
+                deadline.reschedule(loop.time() + idle_s)
             await loop.sock_sendall(dst, data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
 
-    pumps = [
+    pumps = {
         asyncio.create_task(pump(client, upstream, early)),
         asyncio.create_task(pump(upstream, client, b"")),
-    ]
+    }
     try:
-        done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                log.info("tunnel ended early: %r", task.exception())
+        async with asyncio.timeout(idle_s) as deadline:
+            pending = set(pumps)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                failed = [task for task in done if task.exception() is not None]
+                if failed:
+                    log.info("tunnel ended early: %r", failed[0].exception())
+                    break
+    except TimeoutError:
+        log.info("tunnel closed: no byte either way for %g s", idle_s)
     finally:
         for task in pumps:
             task.cancel()

@@ -100,9 +100,14 @@ class RegistryMirror:
         hijack_hosts: Iterable[str] = (),
         certs: HostCertificates | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        *,
+        tunnel_idle_timeout_s: float = 600.0,
+        max_connections: int = 4096,
     ) -> None:
         self.tasks = tasks
         self.idle_timeout_s = idle_timeout_s
+        self.tunnel_idle_timeout_s = tunnel_idle_timeout_s
+        self.max_connections = max_connections
         self.hijack_hosts = compile_rules(list(hijack_hosts)) if certs is not None else ()
         self.certs = certs
         self.public = frozenset(normalize_upstream(r) for r in public_registries)
@@ -141,7 +146,9 @@ class RegistryMirror:
         async def on_connect(conn: socket.socket) -> None:
             await self._connect(conn, intercepted)
 
-        self._accepting = asyncio.create_task(connect.accept_loop(sock, on_plain, on_connect))
+        self._accepting = asyncio.create_task(
+            connect.accept_loop(sock, on_plain, on_connect, self.max_connections)
+        )
         return int(sock.getsockname()[1])
 
     async def _runner(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.AppRunner:
@@ -274,7 +281,7 @@ class RegistryMirror:
             return
         await connect.reply(conn, 200, "Connection Established")
         metrics.count_connect(failed=False)
-        await connect.tunnel(conn, upstream, early)
+        await connect.tunnel(conn, upstream, early, self.tunnel_idle_timeout_s)
 
     async def _intercept(
         self, conn: socket.socket, intercepted: web.AppRunner, authority: str, host: str, early: bytes
