@@ -82,10 +82,24 @@ def error_response(status: int, kind: str, message: str, origin_status: int = 0)
     return web.Response(status=status, body=text, content_type="text/plain", charset="utf-8", headers=headers)
 
 
+def hop_by_hop(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """The fixed hop-by-hop names plus those a message lists in its own `Connection` header (RFC 9110
+    §7.6.1), lower-case: none of them goes past a proxy."""
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return HOP_BY_HOP | listed
+
+
 def forwarded_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    pairs = list(headers)
+    dropped = hop_by_hop(pairs)
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers:
-        if name.lower() not in HOP_BY_HOP and not name.lower().startswith("x-dragonfly-"):  # ours, not theirs
+    for name, value in pairs:
+        if name.lower() not in dropped and not name.lower().startswith("x-dragonfly-"):  # ours, not theirs
             out.add(name, value)
     return out
 

@@ -56,13 +56,13 @@ from dfly.daemon.proxy.forward import (
     use_p2p,
 )
 from dfly.daemon.proxy.http_edge import (
-    HOP_BY_HOP,
     HTTP_LOG,
     IDLE_TIMEOUT_S,
     answer,
     client_body,
     error_response,
     forwarded_headers,
+    hop_by_hop,
 )
 from dfly.daemon.proxy.registry import (
     BadRequest,
@@ -376,8 +376,9 @@ class RegistryMirror:
                 response = web.StreamResponse(
                     status=upstream_response.status, reason=upstream_response.reason
                 )
+                dropped = hop_by_hop(upstream_response.headers.items())
                 for name, value in upstream_response.headers.items():
-                    if name.lower() not in HOP_BY_HOP:
+                    if name.lower() not in dropped:
                         response.headers.add(name, value)
                 if "Content-Length" in upstream_response.headers:
                     response.content_length = int(upstream_response.headers["Content-Length"])
