@@ -236,6 +236,8 @@ def test_unreachable_daemon_names_the_socket(harness: Harness, out_dir: Path) ->
     out = out_dir / "x"
     line = failed(harness.dfget(harness.url("file"), out, "-e", str(sock)), out)
     assert line == f"dfget: cannot reach the daemon at {sock}: No such file or directory"
+    line = failed(harness.dfget(harness.url("file"), out, "-e", str(out_dir)), out)  # a directory
+    assert line.startswith(f"dfget: cannot reach the daemon at {out_dir}: not a socket")
 
 
 def test_force_hard_link_shares_the_task_inode(harness: Harness, out_dir: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +45,8 @@ class LocalApiClient:
         except OSError as exc:
             self._sock.close()
             reason = exc.strerror or str(exc)
+            if os.path.exists(endpoint) and not stat.S_ISSOCK(os.stat(endpoint).st_mode):
+                reason = "not a socket (-e names the daemon's local API socket, local_api.socket)"
             raise DaemonUnreachable(f"cannot reach the daemon at {endpoint}: {reason}") from None
 
     def __enter__(self) -> LocalApiClient:

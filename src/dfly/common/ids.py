@@ -78,6 +78,9 @@ def canonical_url(url: str, filtered_query_params: Iterable[str] = DEFAULT_FILTE
     except ValueError as exc:
         raise UsageError(f"invalid URL {redact_url(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
+    if not scheme:  # "host/file", "notaurl": shown as typed, without a query (it may hold a token)
+        shown = url.partition("?")[0] + ("?…" if "?" in url else "")
+        raise UsageError(f"{shown!r} is not a URL: expected http(s)://host/…")
     if scheme not in _DEFAULT_PORTS:
         shown = redact_url(url)
         raise UsageError(f"unsupported URL scheme {parts.scheme!r} in {shown!r} (use http or https)")

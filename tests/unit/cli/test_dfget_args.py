@@ -58,7 +58,8 @@ def test_invalid_flags_exit_2(
         ("ftp://origin.test/f", "unsupported URL scheme"),
         ("http:///no-host", "URL has no host"),
         ("http://origin.test:99999/f", "invalid URL"),
-        ("origin.test/f", "unsupported URL scheme"),
+        ("origin.test/f", "is not a URL: expected http(s)://host/"),
+        ("notaurl?token=s3cret", "'notaurl?…' is not a URL"),
     ],
 )
 def test_invalid_urls_exit_2(
