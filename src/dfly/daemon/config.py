@@ -183,14 +183,22 @@ class ProxySection(LocalListenerSection):
         from dfly.daemon.proxy.forward import compile_rules
         from dfly.daemon.proxy.registry import BadRequest, normalize_upstream
 
-        try:
-            upstreams = [self.registry_mirror] if self.registry_mirror else []
-            for value in upstreams + self.allowed_hosts + self.public_registries:
-                normalize_upstream(value)
-            compile_rules(self.rules)
-            compile_rules(self.hijack_https.hosts)
-        except BadRequest as exc:
-            raise ValueError(str(exc)) from None
+        checks: list[tuple[str, list[str]]] = [
+            ("registry_mirror", [self.registry_mirror] if self.registry_mirror else []),
+            ("allowed_hosts", self.allowed_hosts),
+            ("public_registries", self.public_registries),
+        ]
+        for key, values in checks:  # the message names the key (the error is the section's)
+            for value in values:
+                try:
+                    normalize_upstream(value)
+                except BadRequest as exc:
+                    raise ValueError(f"{key}: {exc}") from None
+        for key, rules in (("rules", self.rules), ("hijack_https.hosts", self.hijack_https.hosts)):
+            try:
+                compile_rules(rules)
+            except BadRequest as exc:
+                raise ValueError(f"{key}: {exc}") from None
         return self
 
 

@@ -108,8 +108,10 @@ def test_configured_ca_must_be_a_ca_with_its_own_key(tmp_path: Path) -> None:
 def test_config_wants_cert_and_key_together_and_valid_host_patterns() -> None:
     with pytest.raises(ValidationError, match="both cert and key"):
         ProxySection.model_validate({"hijack_https": {"cert": "/etc/ca.pem"}})
-    with pytest.raises(ValidationError, match="invalid proxy rule"):
+    with pytest.raises(ValidationError, match=r"hijack_https\.hosts: invalid proxy rule"):
         ProxySection.model_validate({"hijack_https": {"hosts": ["("]}})
+    with pytest.raises(ValidationError, match="allowed_hosts: invalid registry"):  # named, not just "proxy"
+        ProxySection.model_validate({"allowed_hosts": ["::::"]})
 
 
 @pytest.mark.parametrize("host", ["registry.example.com", "127.0.0.1"])
