@@ -294,3 +294,32 @@ def test_what_cannot_go_through_p2p_is_forwarded_directly(
     assert head.split()[1] == status, head
     assert out.read_bytes() == body
     assert header in head.lower()
+
+
+def test_keep_alive_connections_count_toward_the_cap(tmp_path: Path) -> None:
+    """proxy.max_connections counts the HTTP connections aiohttp keeps alive, not only those being
+    accepted: with two open, a third is closed at once; once one closes, a new one is served."""
+    overrides = {"*": {"proxy": {"max_connections": 2}}}
+    with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as capped:
+        port = capped.peers[0].ports["proxy"]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        for sock in held:  # a complete request each, then kept alive
+            sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+            third.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert third.recv(65536) == b""  # closed at accept
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # the daemon notices the close, then takes a new connection
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
+                again.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                with contextlib.suppress(ConnectionResetError):
+                    if again.recv(65536).startswith(b"HTTP/1.1 200"):
+                        break
+            assert time.monotonic() < deadline, "a freed slot was never taken again"
+            time.sleep(0.05)
+        for sock in held:
+            sock.close()
+        assert "proxy.max_connections" in capped.peers[0].log_path.read_text()

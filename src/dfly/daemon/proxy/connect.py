@@ -73,9 +73,11 @@ async def accept_loop(
     on_plain: Callable[[socket.socket], Awaitable[None]],
     on_connect: Callable[[socket.socket], Awaitable[None]],
     max_connections: int = 4096,
+    handed_off: Callable[[], int] = lambda: 0,
 ) -> None:
     """Accept forever; each connection is dispatched in its own task (kept in `tasks` until done). With
-    `max_connections` open, one more is closed at once (logged once per burst)."""
+    `max_connections` open (those tasks plus `handed_off()`, the connections HTTP servers took over),
+    one more is closed at once (logged once per burst)."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
     refusing = False
@@ -104,11 +106,11 @@ async def accept_loop(
                 log.warning("proxy accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            if len(tasks) >= max_connections:
+            if (open_now := len(tasks) + handed_off()) >= max_connections:
                 conn.close()
                 if not refusing:
                     log.warning(
-                        "proxy: %d connections open (proxy.max_connections); closing new ones", len(tasks)
+                        "proxy: %d connections open (proxy.max_connections); closing new ones", open_now
                     )
                 refusing = True
                 continue

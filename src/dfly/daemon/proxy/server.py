@@ -146,8 +146,11 @@ class RegistryMirror:
         async def on_connect(conn: socket.socket) -> None:
             await self._connect(conn, intercepted)
 
+        def handed_off() -> int:  # the HTTP connections aiohttp serves (keep-alive ones included)
+            return sum(len(runner.server.connections) for runner in (plain, intercepted) if runner.server)
+
         self._accepting = asyncio.create_task(
-            connect.accept_loop(sock, on_plain, on_connect, self.max_connections)
+            connect.accept_loop(sock, on_plain, on_connect, self.max_connections, handed_off)
         )
         return int(sock.getsockname()[1])
 
