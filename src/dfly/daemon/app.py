@@ -96,7 +96,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     tasks = TaskManager(ctx)
     tasks.load(stored)
     storage_gc = StorageGC(config.gc, storage, tasks, counters)
-    ctx.make_room = storage_gc.make_room
+    ctx.admit = storage_gc.admit
     storage.on_pieces_lost = tasks.pieces_lost
     limit = config.upload.rate_limit_bytes_per_s
     limiter = TokenBucket(limit, max(limit // 10, 4 << 20) if limit else 0)

@@ -343,8 +343,10 @@ class Conductor:
                 response_headers=response_headers,
             )
             if self.ctx.storage.task_meta(meta.task_id) is None:
-                await self.ctx.make_room(layout.content_length)
-            await self.ctx.storage.create_task(meta)
+                async with self.ctx.admit(layout.content_length):
+                    await self.ctx.storage.create_task(meta)
+            else:
+                await self.ctx.storage.create_task(meta)
             self.file_ready.set()
 
     async def store_piece(

@@ -6,10 +6,11 @@ numbers for the local API's `stats` reply, which the demo and tests read.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -18,6 +19,12 @@ from dfly.daemon.config import DaemonConfig
 from dfly.daemon.scheduler_ring import SchedulerRing
 from dfly.daemon.storage import Storage
 from dfly.daemon.transfer.buffers import BufferPool
+
+
+@contextlib.asynccontextmanager
+async def _no_gc() -> AsyncIterator[None]:
+    yield
+
 
 SOURCES = ("back_to_source", "remote_seed", "remote_peer", "local")
 
@@ -76,4 +83,5 @@ class DaemonContext:
     rng: random.Random
     piece_tls: ssl.SSLContext | None = None  # client side of `security.tls.pieces` (None = plain TCP)
     # Before a new task file of n bytes is created: let the storage GC evict for room (daemon/gc.py).
-    make_room: Callable[[int], Awaitable[None]] = field(default=lambda nbytes: asyncio.sleep(0))
+    # around creating a task file of n bytes (the storage GC's admit): room made, bytes reserved
+    admit: Callable[[int], AbstractAsyncContextManager[None]] = field(default=lambda nbytes: _no_gc())

@@ -1,11 +1,12 @@
 """The daemon's storage GC: evicts cached tasks by TTL and disk pressure (decisions in core/gc_policy.py).
 
 Rules:
-- A pass runs every `gc.interval_s`. Before a new task file of n bytes is created, `make_room(n)` runs
-  one if those bytes would bring usage to the high mark (counting them as used), and returns once the
-  evicted files are deleted: a download evicts old tasks instead of failing for space. Passes run one
-  at a time, and `make_room` looks again once it has the turn (several admissions at once, e.g. the
-  layers of one image, would otherwise each evict down to the low mark from the same stale usage).
+- A pass runs every `gc.interval_s`. A new task file of n bytes is created inside `admit(n)`: its
+  bytes count as used from then until the file exists (so do those of every other admission still
+  creating its file: the layers of one image arrive at once), and a pass runs first if they would
+  bring usage to the high mark; it returns once the evicted files are deleted, so a download evicts
+  old tasks instead of failing for space. Passes run one at a time, and an admission looks again once
+  it has the turn (several would otherwise each evict down to the low mark from the same stale usage).
 - A caller cancelled while a pass waits for its deletions does not cancel them.
 - Usage is the filesystem's of `storage.dir` as `df` shows it (used / (used + available to users);
   blocks reserved for root count as neither), or with `gc.disk_quota_bytes` the task files' bytes out
@@ -22,10 +23,11 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -87,6 +89,7 @@ class StorageGC:
         )
         self._stamped: dict[str, float] = {}  # task id -> last use written as its file's mtime
         self._turn = asyncio.Lock()  # one pass at a time
+        self._reserved = 0  # bytes of task files being created (admit)
 
     async def run(self) -> None:
         while True:
@@ -102,14 +105,25 @@ class StorageGC:
         async with self._turn:
             return await self._pass(incoming_bytes)
 
+    @contextlib.asynccontextmanager
+    async def admit(self, nbytes: int) -> AsyncIterator[None]:
+        """Around creating a task file of `nbytes`: room is made first, and its bytes count as used until
+        the block ends (by then the preallocated file counts itself)."""
+        self._reserved += nbytes
+        try:
+            await self.make_room(0)  # this admission's bytes are among the reserved ones
+            yield
+        finally:
+            self._reserved -= nbytes
+
     async def make_room(self, nbytes: int) -> None:
-        """Before a task file of `nbytes` is created: evict if those bytes would reach the high mark."""
+        """Evict if `nbytes` more (besides the admissions' reserved bytes) would reach the high mark."""
         try:
             if self._fits(nbytes):
                 return  # the usual case: no pass over every task for each new one
             async with self._turn:
                 if not self._fits(nbytes):  # a pass that ran meanwhile may have made the room
-                    await self._pass(nbytes)
+                    await self._pass(nbytes + self._reserved)
         except Exception:
             log.exception("storage GC pass before admitting %d bytes failed", nbytes)
 
@@ -119,7 +133,8 @@ class StorageGC:
 
     def _fits(self, nbytes: int) -> bool:
         usage = self.usage()
-        return 100.0 * (usage.used_bytes + nbytes) < self.policy.high_percent * usage.capacity_bytes
+        used = usage.used_bytes + self._reserved + nbytes
+        return 100.0 * used < self.policy.high_percent * usage.capacity_bytes
 
     async def _pass(self, incoming_bytes: int) -> list[Eviction]:
         self.counters.gc_passes += 1
@@ -128,8 +143,8 @@ class StorageGC:
         usage = self.usage()
         if incoming_bytes and not can_make_room(cached, usage, incoming_bytes):
             log.warning(
-                "storage GC: a new task of %d bytes cannot fit in %d bytes (%d used) even with every task "
-                "not in use evicted; nothing evicted",
+                "storage GC: new task files of %d bytes cannot fit in %d bytes (%d used) even with every "
+                "task not in use evicted; nothing evicted",
                 incoming_bytes,
                 usage.capacity_bytes,
                 usage.used_bytes,

@@ -141,6 +141,39 @@ def test_admissions_at_once_evict_once_not_each_down_to_the_low_mark(tmp_path: P
     assert tasks.removed == ["a", "b"]
 
 
+def test_admissions_count_each_other_until_their_files_exist(tmp_path: Path) -> None:
+    """Two 15 MB task files created at once next to 60 MB: each alone fits under the 80 % mark, both
+    together do not, so the second admission evicts (before, both saw 75 % and the disk reached 90 %)."""
+    cached = [CachedTask("old", 60 * MB, 10.0, False)]
+    gc, tasks, counters = make_gc(tmp_path, cached, now=40.0, disk_quota_bytes=100 * MB)
+
+    async def two_layers() -> None:
+        created = asyncio.Event()
+
+        async def layer() -> None:
+            async with gc.admit(15 * MB):
+                await created.wait()  # the file is still being created
+
+        first = asyncio.ensure_future(layer())
+        await asyncio.sleep(0)  # the first admission holds its 15 MB
+        assert tasks.removed == []
+        second = asyncio.ensure_future(layer())
+        await asyncio.sleep(0)
+        created.set()
+        await asyncio.gather(first, second)
+
+    asyncio.run(two_layers())
+    assert tasks.removed == ["old"]
+    passes = counters.gc_passes
+
+    async def after() -> None:
+        async with gc.admit(70 * MB):  # 70 % of the now empty quota: fits, if nothing is still reserved
+            pass
+
+    asyncio.run(after())
+    assert counters.gc_passes == passes
+
+
 def test_a_cancelled_admission_leaves_its_deletions_running(tmp_path: Path) -> None:
     cached = [CachedTask("a", 90 * MB, 10.0, False)]
     gc, tasks, _ = make_gc(tmp_path, cached, now=40.0, disk_quota_bytes=100 * MB)
