@@ -105,3 +105,24 @@ def test_a_ready_file_that_could_never_be_written_is_refused_at_start(
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("dfdaemon: --ready-file"), done.stderr
     assert message in done.stderr
+
+
+def test_a_scheduler_host_that_does_not_resolve_is_named(tmp_path: Path) -> None:
+    """gRPC reports an unresolvable scheduler host only as DEADLINE_EXCEEDED; the retry line says why."""
+    config = base_config(tmp_path)
+    config["scheduler"] = {"addrs": ["scheduler.invalid:8002"]}
+    path = tmp_path / "dfdaemon.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "dfly.cli.dfdaemon", "--config", str(path)]
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # the daemon retries until stopped: read until the first retry line
+                if "cannot announce to scheduler" in line:
+                    assert "scheduler.invalid: no such host" in line, line
+                    break
+            else:
+                raise AssertionError("the daemon ended without a retry line")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)

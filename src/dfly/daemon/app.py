@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,6 +270,19 @@ def _address(section: ListenerSection) -> str:
     return f"[{section.ip}]:{section.port}" if ":" in section.ip else f"{section.ip}:{section.port}"
 
 
+async def _unresolvable(addrs: list[str]) -> list[str]:
+    """The scheduler host names that do not resolve (gRPC reports them only as DEADLINE_EXCEEDED)."""
+    loop = asyncio.get_running_loop()
+    out = []
+    for addr in addrs:
+        host = addr.rpartition(":")[0].strip("[]")
+        try:
+            await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            out.append(host)
+    return out
+
+
 async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event) -> None:
     """Ready means announced: retry until a scheduler answers or the daemon is told to stop."""
     while not stop.is_set():
@@ -276,7 +290,11 @@ async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event) ->
             await scheduler.announce_any()
             return
         except grpc.aio.AioRpcError as exc:
-            log.warning("cannot announce to scheduler %s: %s; retrying", scheduler.addr, exc.code().name)
+            unresolved = await _unresolvable([client.addr for client in scheduler.clients])
+            hint = f" ({', '.join(unresolved)}: no such host)" if unresolved else ""
+            log.warning(
+                "cannot announce to scheduler %s: %s%s; retrying", scheduler.addr, exc.code().name, hint
+            )
         try:
             await asyncio.wait_for(stop.wait(), ANNOUNCE_RETRY_S)
         except TimeoutError:
