@@ -92,9 +92,10 @@ class HeadRecorder:
                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
         return b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
-    def head_of(self, method: str) -> dict[str, str]:
-        """The next request head with this method (others, such as a seed's reads, are skipped)."""
-        while not (seen := self.heads.get(timeout=10))[":request"].startswith(f"{method} "):
+    def head_of(self, start: str) -> dict[str, str]:
+        """The next request head whose request line starts so (others, e.g. earlier tests' or a seed's
+        reads, are skipped)."""
+        while not (seen := self.heads.get(timeout=10))[":request"].startswith(start):
             pass
         return seen
 
@@ -234,7 +235,7 @@ def test_a_forwarded_request_keeps_its_length_and_gains_no_headers(
         )
         sock.sendall(head.encode() + body)
         assert sock.recv(65536).split(b" ", 2)[1] == b"201"
-    seen = head_recorder.head_of("PUT")
+    seen = head_recorder.head_of("PUT ")
     assert seen[":request"].startswith("PUT /bucket/key ")
     assert seen.get("content-length") == str(len(body))
     assert "transfer-encoding" not in seen
@@ -323,3 +324,17 @@ def test_keep_alive_connections_count_toward_the_cap(tmp_path: Path) -> None:
         for sock in held:
             sock.close()
         assert "proxy.max_connections" in capped.peers[0].log_path.read_text()
+
+
+def test_a_passed_through_request_keeps_its_query_as_sent(
+    cluster: LocalCluster, head_recorder: HeadRecorder
+) -> None:
+    """Only containerd's `ns` is taken out; a bare key stays bare and the order is the client's."""
+    port = cluster.peers[0].ports["proxy"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = (f"GET /v2/demo/tags/list?b&ns=docker.io&n=10&last=a%2Fb HTTP/1.1\r\nHost: x\r\n"
+                f"X-Dragonfly-Registry: {head_recorder.url}\r\nConnection: close\r\n\r\n")  # fmt: skip
+        sock.sendall(head.encode())
+        assert sock.recv(65536).split(b" ", 2)[1] == b"201"
+    seen = head_recorder.head_of("GET /v2/demo/tags/list")
+    assert seen[":request"] == "GET /v2/demo/tags/list?b&n=10&last=a%2Fb HTTP/1.1"

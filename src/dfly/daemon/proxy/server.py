@@ -217,8 +217,11 @@ class RegistryMirror:
             return await self._serve_blob(
                 request, upstream, blob_url(upstream, what.name, what.digest), what.digest
             )
-        query = [(k, v) for k, v in request.query.items() if k != "ns"]
-        return await self._pass(request, yarl.URL(upstream + request.path).with_query(query))
+        # the client's path and query as sent (a bare `?b` stays `?b`), without containerd's `ns`
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        kept = "&".join(p for p in raw_query.split("&") if p and p.partition("=")[0] != "ns")
+        target = upstream + raw_path + (f"?{kept}" if kept else "")
+        return await self._pass(request, yarl.URL(target, encoded=True))
 
     async def _serve_blob(
         self, request: web.Request, upstream: str, url: str, digest: str
