@@ -141,10 +141,10 @@ def never_upstream(address: str) -> bool:
 
 def hop_guard(allowed_origins: Sequence[str]) -> HostGuard | None:
     """The origin reader's check of each hop (first URL and every redirect) of a download the proxy
-    started: its scheme://host[:port] must be allowed and its name must not resolve to a link-local or
-    metadata address, checked again on the very address each connection is made to (DNS answers may
-    change in between). None (no check) for downloads that carry no allowed origins (dfget, preheat).
-    Blocking (it resolves the name): the origin reader runs in a worker thread."""
+    started: its scheme://host[:port] must be allowed, and no address a connection is made to may be
+    link-local or metadata (an IP literal is refused here already; a name is resolved once, by the
+    connection, whose addresses `HostGuard.address_refused` checks). None (no check) for downloads that
+    carry no allowed origins (dfget, preheat)."""
     if not allowed_origins:
         return None
     allowed = frozenset(allowed_origins)
@@ -157,10 +157,9 @@ def hop_guard(allowed_origins: Sequence[str]) -> HostGuard | None:
         except BadRequest:  # not a host this proxy could have allowed
             return False
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
-            return True  # unresolvable: the connection fails on its own, with the resolver's message
-        return not any(never_upstream(str(info[4][0])) for info in infos)
+            return not never_upstream(host)  # an IP literal
+        except ValueError:
+            return True  # a name: its addresses are checked when the connection is made
 
     return HostGuard(may_contact, never_upstream)
 
