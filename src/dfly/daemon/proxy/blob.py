@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 2 * 3600.0
 MiB = 1024 * 1024
 CHUNK_BYTES = 4 * MiB
+EMPTY_SHA256 = f"sha256:{hashlib.sha256(b'').hexdigest()}"
 
 
 class Downloads(Protocol):
@@ -169,10 +170,9 @@ async def serve_p2p(
             raise DflyError("the download ended before it started")
         size, piece_length = started.content_length, started.piece_length
         read_fd = os.dup(started.read_fd)  # ours: the task's own fd closes if it is evicted meanwhile
-        empty = f"sha256:{hashlib.sha256(b'').hexdigest()}"
-        if size == 0 and digest is not None and digest != empty:  # no last chunk to hold back: check now
+        if size == 0 and digest is not None and digest != EMPTY_SHA256:  # no last chunk to hold back
             tasks.evict(started.task_id)
-            raise DigestMismatch(f"blob {digest} from {url} is empty ({empty})")
+            raise DigestMismatch(f"blob {digest} from {url} is empty ({EMPTY_SHA256})")
         try:
             span = parse_range(request.headers.get("Range", ""), size) if "Range" in request.headers else None
         except Unsatisfiable:
