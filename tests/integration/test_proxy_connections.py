@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusterkit import wait_until
 
 from dfly.cluster import LocalCluster
 from dfly.common.pieces import MiB
@@ -303,24 +304,24 @@ def test_keep_alive_connections_count_toward_the_cap(tmp_path: Path) -> None:
     overrides = {"*": {"proxy": {"max_connections": 2}}}
     with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as capped:
         port = capped.peers[0].ports["proxy"]
+
+        def ping(sock: socket.socket) -> bytes:
+            sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                return sock.recv(65536)
+            return b""
+
+        def served_anew() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
+                return ping(again).startswith(b"HTTP/1.1 200")
+
         held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
         for sock in held:  # a complete request each, then kept alive
-            sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            assert ping(sock).startswith(b"HTTP/1.1 200")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
-            third.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
-            with contextlib.suppress(ConnectionResetError):
-                assert third.recv(65536) == b""  # closed at accept
+            assert ping(third) == b""  # closed at accept
         held.pop().close()
-        deadline = time.monotonic() + 10
-        while True:  # the daemon notices the close, then takes a new connection
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
-                again.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
-                with contextlib.suppress(ConnectionResetError):
-                    if again.recv(65536).startswith(b"HTTP/1.1 200"):
-                        break
-            assert time.monotonic() < deadline, "a freed slot was never taken again"
-            time.sleep(0.05)
+        wait_until("a freed slot is taken again", served_anew, timeout_s=10)  # once the daemon saw the close
         for sock in held:
             sock.close()
         assert "proxy.max_connections" in capped.peers[0].log_path.read_text()

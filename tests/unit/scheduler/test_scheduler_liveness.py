@@ -33,6 +33,18 @@ def two_parents(harness: Harness) -> None:
     harness.pieces("peer-b", 0, parent="peer-a")
 
 
+def finished_on_a(*hosts: str) -> Harness:
+    """Hosts announced; peer-a on host a read task-1 (2 pieces of 1 KiB, digests 100 and 101) and finished."""
+    harness = Harness()
+    for name in hosts:
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
+    harness.pieces("peer-a", 0, 1)
+    harness.do(PeerFinished("peer-a", (100, 101)))
+    return harness
+
+
 def parents_of(commands: Sequence[Command], child: str) -> set[str]:
     return {
         parent.peer_id
@@ -87,13 +99,7 @@ def test_new_boot_id_drops_the_hosts_old_peers() -> None:
 
 
 def test_reconnect_with_finished_tasks_reoffers_the_host() -> None:
-    harness = Harness()
-    for name in ("a", "b", "c"):
-        harness.announce(name)
-    harness.register("peer-a", "a")
-    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
-    harness.pieces("peer-a", 0, 1)
-    harness.do(PeerFinished("peer-a", (100, 101)))
+    harness = finished_on_a(*("a", "b", "c"))
     harness.do(HostLeft(harness.host_id("a")))
     assert not harness.register("peer-c", "c", disable_back_to_source=True)  # nobody holds it
 
@@ -109,13 +115,7 @@ def test_reconnect_with_finished_tasks_reoffers_the_host() -> None:
 def test_a_reconnect_does_not_add_a_second_finished_peer_for_a_task_seen_finishing() -> None:
     """The host's own download finished here; when it announces again (its keepalive broke) it lists the
     task as held: that is the same copy, not a second parent on the same host."""
-    harness = Harness()
-    for name in ("a", "b"):
-        harness.announce(name)
-    harness.register("peer-a", "a")
-    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
-    harness.pieces("peer-a", 0, 1)
-    harness.do(PeerFinished("peer-a", (100, 101)))
+    harness = finished_on_a(*("a", "b"))
     harness.do(HostDisconnected(harness.host_id("a")))
     stored = FinishedTask("task-1", f"{harness.host_id('a')}-stored", 2048, 1024, (100, 101))
     harness.do(HostAnnounced(host_info("a"), (stored,)))
@@ -126,13 +126,7 @@ def test_a_reconnect_does_not_add_a_second_finished_peer_for_a_task_seen_finishi
 
 
 def test_a_deleted_task_is_no_longer_offered_from_that_host() -> None:
-    harness = Harness()
-    for name in ("a", "b", "c", "d"):
-        harness.announce(name)
-    harness.register("peer-a", "a")
-    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
-    harness.pieces("peer-a", 0, 1)
-    harness.do(PeerFinished("peer-a", (100, 101)))
+    harness = finished_on_a(*("a", "b", "c", "d"))
     harness.register("peer-b", "b")  # running: it reports for itself, a TaskDeleted does not touch it
     harness.pieces("peer-b", 0, parent="peer-a")
     assert parents_of(harness.register("peer-c", "c"), "peer-c") == {"peer-a", "peer-b"}
