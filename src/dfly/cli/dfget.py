@@ -334,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         _fail(str(exc))
         return exc.exit_code
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
     try:
