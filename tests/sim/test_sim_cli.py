@@ -55,6 +55,10 @@ def test_json_line_has_the_figures(capsys: pytest.CaptureFixture[str]) -> None:
         ["--file-mib", "nan"],
         ["--latency-ms", "nan"],  # was taken as 0
         ["--calibration", "/nonexistent/calibration.json"],  # was silently "calibrated: false"
+        ["--hosts", "100001"],  # 10^8 hosts grew memory without end
+        ["--layers", "1001"],  # 100,000 layers: 4.5 GB of memory after a minute
+        ["--hosts", "1000", "--layers", "1000"],
+        ["--hosts", "10000", "--file-mib", "100000"],  # 62.5 M piece downloads: many hours
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:

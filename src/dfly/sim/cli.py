@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from dfly.common.errors import UsageError
-from dfly.common.pieces import parse_size, validate_user_piece_length
+from dfly.common.pieces import default_piece_length, parse_size, piece_count, validate_user_piece_length
 from dfly.scheduler.core.config import EngineConfig
 from dfly.sim.model import DaemonSettings
 from dfly.sim.report import CALIBRATION_TOLERANCE, calibration_valid, code_digest, percentile, summarize
@@ -132,6 +132,13 @@ def _rate(args: argparse.Namespace, name: str, fallback: float | None) -> float:
     return float(wire * args.wire_efficiency)
 
 
+# Bounds that keep a run within this machine's memory and an hour (10,000 hosts x 2 layers: ~1 GiB).
+MAX_HOSTS = 100_000
+MAX_LAYERS = 1_000
+MAX_PEERS = 200_000
+MAX_PIECE_DOWNLOADS = 10_000_000  # Kraken's case at 10,000 hosts is 7.2 M (~30 min)
+
+
 def _positive(value: int | float | None, flag: str, *, allow_zero: bool = False) -> None:
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise UsageError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
@@ -143,6 +150,14 @@ def build_config(args: argparse.Namespace, *, seed: int | None = None) -> SwarmC
     _positive(args.hosts, "--hosts")
     _positive(args.file_mib if args.file_mib is not None else args.file_mb, "--file-mib/--file-mb")
     _positive(args.layers, "--layers")
+    if args.hosts > MAX_HOSTS:
+        raise UsageError(f"--hosts is at most {MAX_HOSTS:,}, got {args.hosts:,}")
+    if args.layers > MAX_LAYERS:
+        raise UsageError(f"--layers is at most {MAX_LAYERS:,}, got {args.layers:,}")
+    if args.hosts * args.layers > MAX_PEERS:
+        raise UsageError(
+            f"--hosts x --layers is at most {MAX_PEERS:,} downloads, got {args.hosts * args.layers:,}"
+        )
     for flag in ("latency_ms", "idc_latency_ms", "start_spread_s", "max_sim_s", "scheduler_latency_ms"):
         _positive(getattr(args, flag), f"--{flag.replace('_', '-')}", allow_zero=True)
     if not 0 < args.wire_efficiency <= 1:
@@ -156,6 +171,13 @@ def build_config(args: argparse.Namespace, *, seed: int | None = None) -> SwarmC
     piece_length = 0
     if args.piece_length is not None:
         piece_length = validate_user_piece_length(parse_size(args.piece_length))
+    layer_bytes = file_bytes // args.layers
+    pieces = args.layers * piece_count(layer_bytes, piece_length or default_piece_length(layer_bytes))
+    if args.hosts * pieces > MAX_PIECE_DOWNLOADS:
+        raise UsageError(
+            f"{args.hosts:,} hosts x {pieces:,} pieces each is more than {MAX_PIECE_DOWNLOADS:,} piece "
+            "downloads (about an hour here): use fewer hosts, a smaller file or a larger --piece-length"
+        )
     host = _rate(args, "host", None)
     seed_rate = _rate(args, "seed", host)
     origin = _rate(args, "origin", seed_rate)
