@@ -339,3 +339,18 @@ def test_a_passed_through_request_keeps_its_query_as_sent(
         assert sock.recv(65536).split(b" ", 2)[1] == b"201"
     seen = head_recorder.head_of("GET /v2/demo/tags/list")
     assert seen[":request"] == "GET /v2/demo/tags/list?b&n=10&last=a%2Fb HTTP/1.1"
+
+
+def test_an_absolute_url_without_a_path_is_forwarded(
+    cluster: LocalCluster, head_recorder: HeadRecorder
+) -> None:
+    """`GET http://host HTTP/1.1` is a valid absolute-form target (RFC 9112 §3.2.2: the path is "/"); it
+    got aiohttp's 404 because its router matches only targets starting with "/"."""
+    port = cluster.peers[0].ports["proxy"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET {head_recorder.url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.split(b" ", 2)[1] == b"201", received[:200]
+    assert head_recorder.head_of("GET ")[":request"] == "GET / HTTP/1.1"

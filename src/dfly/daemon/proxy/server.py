@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from dfly.daemon.proxy.certs import HostCertificates
 
 log = logging.getLogger(__name__)
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REGISTRY_HEADER = "X-Dragonfly-Registry"
 OWN_USER_AGENT = "dfly-daemon"  # requests the proxy makes itself; forwarded ones carry only the client's
@@ -154,9 +155,15 @@ class RegistryMirror:
         )
         return int(sock.getsockname()[1])
 
-    async def _runner(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.AppRunner:
-        app = web.Application(client_max_size=0)
-        app.router.add_route("*", "/{tail:.*}", handler)
+    async def _runner(self, serve: RequestHandler) -> web.AppRunner:
+        # aiohttp's router matches only targets that start with "/", but `GET http://host HTTP/1.1` (an
+        # absolute-form target with an empty path) is valid too: every request reaches `serve` through a
+        # middleware, which aiohttp runs around the router's "not found" as well (`handler` is that).
+        @web.middleware
+        async def every_target(request: web.Request, handler: RequestHandler) -> web.StreamResponse:
+            return await serve(request)
+
+        app = web.Application(client_max_size=0, middlewares=[every_target])
         runner = web.AppRunner(
             app,
             access_log=None,
