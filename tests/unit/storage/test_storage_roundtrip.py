@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sqlite3
 import zlib
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from dfly.common.errors import StorageError
 from dfly.daemon.storage import Storage, TaskMeta
+from dfly.daemon.storage.db import MetadataDB
 
 PIECE = 64 * 1024
 
@@ -161,6 +163,47 @@ def test_delete_removes_file_records_and_read_fd(tmp_path: Path) -> None:
         assert [t.meta.task_id for t in tasks] == [keep.task_id]
         assert again.recovery is not None
         assert again.recovery.removed_files == 0
+        await again.close()
+
+    asyncio.run(run())
+
+
+def test_a_deletion_whose_records_stay_never_lends_them_to_a_new_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full or locked db fails the deletion's transaction: the file still goes, and a task created
+    again under the id does not inherit the old records (they claimed pieces over zeroed bytes, and a
+    dfget got a file of zeros with exit 0). A file left behind is replaced, never truncated, so an
+    output hard-linked to it keeps its bytes."""
+    meta = make_meta("task-stale")
+
+    def db_full(conn: object, task_ids: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    async def run() -> None:
+        storage = Storage(tmp_path)
+        await storage.open()
+        await storage.create_task(meta)
+        await write_all(storage, meta)
+        await storage.finish_task(meta.task_id)
+        linked = tmp_path / "user-output"
+        os.link(storage.task_path(meta.task_id), linked)
+        with monkeypatch.context() as patched:
+            patched.setattr(MetadataDB, "delete_tasks", staticmethod(db_full))
+            with pytest.raises(StorageError, match="disk is full"):
+                await storage.delete_task(meta.task_id)
+        assert not storage.task_path(meta.task_id).exists()
+        storage.task_path(meta.task_id).parent.mkdir(exist_ok=True)
+        os.link(linked, storage.task_path(meta.task_id))  # as if the unlink had failed too
+        await storage.create_task(meta)
+        await write_all(storage, meta, [0])
+        assert linked.read_bytes()[:PIECE] == piece_bytes(meta.task_id, 0, PIECE)
+        assert os.stat(linked).st_size == meta.content_length
+        await storage.close()
+        again = Storage(tmp_path)
+        (task,) = await again.open()
+        assert sorted(task.pieces) == [0]
+        assert not task.finished
         await again.close()
 
     asyncio.run(run())

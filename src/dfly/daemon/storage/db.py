@@ -136,6 +136,14 @@ class MetadataDB:
             "UPDATE tasks SET finished = ? WHERE task_id = ?", [(int(finished), t) for t in task_ids]
         )
 
+    def holds(self, task_id: str) -> bool:
+        """Whether any record of the task is in the database."""
+        query = "SELECT 1 FROM tasks WHERE task_id = ? UNION ALL SELECT 1 FROM pieces WHERE task_id = ? LIMIT 1"
+        try:
+            return self._conn.execute(query, (task_id, task_id)).fetchone() is not None
+        except sqlite3.Error as exc:
+            raise StorageError(f"metadata db {self.path}: {exc}") from exc
+
     @staticmethod
     def delete_tasks(conn: sqlite3.Connection, task_ids: Iterable[str]) -> None:
         ids = [(t,) for t in task_ids]

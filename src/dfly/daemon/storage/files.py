@@ -92,7 +92,10 @@ def create_task_file(root: Path, meta: TaskMeta) -> tuple[int, list[Path]]:
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)
             new_dirs.append(path.parent.parent)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, TASK_FILE_MODE)
+        # A file left at the path (a deletion that failed half-way) is unlinked, never truncated: an
+        # output hard-linked to it (`--force-hard-link`) keeps its bytes.
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, TASK_FILE_MODE)
     except OSError as exc:
         raise StorageError(f"cannot create task file {path}: {exc.strerror or exc}") from exc
     try:

@@ -261,6 +261,10 @@ class WriterThread:
             if existing.meta != meta:
                 raise StorageError(f"task {short(meta.task_id)} already exists with another layout or URL")
             return
+        assert self._db is not None
+        if self._db.holds(meta.task_id):  # left by a deletion whose transaction failed: never reused
+            with self._db.transaction() as conn:
+                MetadataDB.delete_tasks(conn, [meta.task_id])
         fd, new_dirs = create_task_file(self.root, meta)
         self._fds[meta.task_id] = fd
         self._dirs_to_sync.update(new_dirs)
@@ -289,13 +293,17 @@ class WriterThread:
             for fut in task.finish_waiters:
                 self._resolve(fut, exc=gone)
         assert self._db is not None
-        # Records first: a crash in between leaves a file without a record, which recovery removes.
-        with self._db.transaction() as conn:
-            MetadataDB.delete_tasks(conn, [task_id])
-        fd = self._fds.pop(task_id, None)
-        if fd is not None:
-            os.close(fd)
-        remove_task_file(self.root, task_id)
+        # Records first: a crash in between leaves a file without a record, which recovery removes. The
+        # file goes even when the records cannot (a full or locked db): records without a file are
+        # dropped at the next start, and a new task of this id deletes them before it is created.
+        try:
+            with self._db.transaction() as conn:
+                MetadataDB.delete_tasks(conn, [task_id])
+        finally:
+            fd = self._fds.pop(task_id, None)
+            if fd is not None:
+                os.close(fd)
+            remove_task_file(self.root, task_id)
 
     def _commit(self) -> None:
         """Group commit: fdatasync dirty task files, then record their pieces in one transaction."""
