@@ -236,6 +236,26 @@ class TaskManager:
             out.append(CachedTask(task_id, size, live.usage.last_used, live.in_use))
         return out
 
+    def _file_intact(self, live: LiveTask) -> bool:
+        """Whether a complete task's file is still there and whole (someone may have deleted or truncated
+        it under the daemon); if not, it is logged, and the caller downloads the task again."""
+        task_id, layout = live.state.task_id, live.state.layout
+        assert layout is not None
+        try:
+            size = os.fstat(self.ctx.storage.read_fd(task_id)).st_size
+        except (StorageError, OSError) as exc:
+            log.warning("task %s: its file is gone (%s); downloading it again", task_id[:12], exc)
+            return False
+        if size < layout.content_length:
+            log.warning(
+                "task %s: its file has %d of %d bytes; downloading it again",
+                task_id[:12],
+                size,
+                layout.content_length,
+            )
+            return False
+        return True
+
     def _file_mtime(self, task_id: str) -> float:
         try:
             return os.stat(self.ctx.storage.task_path(task_id)).st_mtime
@@ -260,19 +280,23 @@ class TaskManager:
             log.error("download attempt crashed", exc_info=attempt.exception())
 
     async def download(self, request: DownloadRequest) -> AsyncIterator[DownloadEvent]:
-        live = self.start(
-            TaskRequest(
-                url=request.url,
-                tag=request.tag,
-                application=request.application,
-                filtered_query_params=request.filtered_query_params,
-                headers=request.headers,
-                piece_length=request.piece_length,
-                timeout_s=request.timeout_s,
-                disable_back_to_source=request.disable_back_to_source,
-                allowed_origins=request.allowed_origins,
-            )
+        task_request = TaskRequest(
+            url=request.url,
+            tag=request.tag,
+            application=request.application,
+            filtered_query_params=request.filtered_query_params,
+            headers=request.headers,
+            piece_length=request.piece_length,
+            timeout_s=request.timeout_s,
+            disable_back_to_source=request.disable_back_to_source,
+            allowed_origins=request.allowed_origins,
         )
+        live = self.start(task_request)
+        if live.state.complete and live.state.ended and not self._file_intact(live):
+            removal = self.remove(live.state.task_id)
+            if removal is not None:
+                await removal
+            live = self.start(task_request)
         local_hit = live.state.complete and live.state.ended
         wake = asyncio.Event()
         announcer = Announcer(live.state)
