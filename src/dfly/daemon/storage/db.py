@@ -138,7 +138,9 @@ class MetadataDB:
 
     def holds(self, task_id: str) -> bool:
         """Whether any record of the task is in the database."""
-        query = "SELECT 1 FROM tasks WHERE task_id = ? UNION ALL SELECT 1 FROM pieces WHERE task_id = ? LIMIT 1"
+        query = (
+            "SELECT 1 FROM tasks WHERE task_id = ? UNION ALL SELECT 1 FROM pieces WHERE task_id = ? LIMIT 1"
+        )
         try:
             return self._conn.execute(query, (task_id, task_id)).fetchone() is not None
         except sqlite3.Error as exc:
