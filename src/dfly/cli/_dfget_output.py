@@ -49,6 +49,10 @@ _LINK_UNSUPPORTED_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
 _READ_CHUNK = 1024 * 1024
 
 
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -83,22 +87,37 @@ class OutputFile:
             raise StorageError(f"cannot size {self.tmp_path}: {_reason(exc)}") from None
 
     def link_task_file(self, task_fd: int, task_path: str) -> None:
-        """Make the temporary name a hard link to the task file (via the passed fd, else its path)."""
+        """Make the temporary name a hard link to the task file: through the passed fd (the very inode
+        the daemon opened), else through its path if that still names the same inode."""
         self._close_fd()
         os.unlink(self.tmp_path)
-        reasons = []
-        for source in (f"/proc/self/fd/{task_fd}", task_path):
-            try:
-                os.link(source, self.tmp_path, follow_symlinks=True)
-            except OSError as exc:
-                reasons.append(exc)
-                continue
-            self.linked = True
-            return
-        if any(exc.errno == errno.EXDEV for exc in reasons):
+        name = os.path.basename(self.tmp_path)
+        reasons: list[OSError] = []
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # With a dir fd, CPython calls linkat(2), which follows the /proc magic link with
+            # AT_SYMLINK_FOLLOW; a plain link(2) would try to link the symlink itself and always fail.
+            for source in (f"/proc/self/fd/{task_fd}", task_path):
+                try:
+                    os.link(source, name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                except OSError as exc:
+                    reasons.append(exc)
+                    continue
+                if _same_inode(os.stat(name, dir_fd=dir_fd), os.fstat(task_fd)):
+                    self.linked = True
+                    return
+                os.unlink(name, dir_fd=dir_fd)  # the path names another file now (replaced meanwhile)
+                reasons.append(OSError(errno.ESTALE, f"{task_path} is no longer the task's file"))
+        finally:
+            os.close(dir_fd)
+        first = reasons[0].errno  # the fd's attempt decides: it names the exact file
+        if first == errno.EXDEV:
             why = f"the daemon's cache ({task_path}) is on another filesystem than {self.directory}"
-        elif any(exc.errno in _LINK_UNSUPPORTED_ERRNOS | {errno.EACCES} for exc in reasons):
-            why = f"not permitted to link {task_path} (owned by the daemon, or links unsupported here)"
+        elif first in _LINK_UNSUPPORTED_ERRNOS | {errno.EACCES}:
+            why = (
+                f"not permitted to link {task_path} (owned by the daemon and not writable by you, see "
+                "fs.protected_hardlinks, or links unsupported here)"
+            )
         else:
             why = "; ".join(_reason(exc) for exc in reasons)
         raise StorageError(f"--force-hard-link: cannot hard-link the task file: {why}")

@@ -115,6 +115,18 @@ def test_hard_link_shares_the_inode(tmp_path: Path, task_fd: int) -> None:
     assert temps(tmp_path) == []
 
 
+def test_hard_link_goes_through_the_passed_fd(tmp_path: Path, task_fd: int) -> None:
+    """The daemon passes an open fd of the task file: the link is made to that inode, even when its path
+    now names another file (os.link without a dir fd called link(2), which never follows /proc/self/fd)."""
+    (tmp_path / "task").rename(tmp_path / "moved")
+    (tmp_path / "task").write_bytes(b"another file")
+    out = OutputFile(str(tmp_path / "f"))
+    out.link_task_file(task_fd, str(tmp_path / "task"))
+    out.place(overwrite=False)
+    assert (tmp_path / "f").stat().st_ino == (tmp_path / "moved").stat().st_ino
+    assert (tmp_path / "f").read_bytes() == DATA
+
+
 def test_hard_link_cross_device_is_explained(
     tmp_path: Path, task_fd: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
