@@ -2,7 +2,11 @@
 
 Rules: every peer is in exactly one task and one host; a peer that fails or leaves is removed from every
 index at once (it is never offered again and costs no memory); `remove_peer` reports whether the peer
-was reading the origin or was the task's seed, so the engine can react. No policy lives here.
+was reading the origin or was the task's seed, so the engine can react. A task whose last peer is gone
+is forgotten with its layout and digests (as Dragonfly's task GC does): the object behind its URL may
+have changed by the time someone asks for it again. Only a seed's failure for it is kept, in an idle
+task (no peers, nothing else known) that `forget_idle_tasks` drops once that failure no longer counts.
+No policy lives here.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Cluster:
     tasks: dict[str, Task] = field(default_factory=dict)
     peers: dict[str, Peer] = field(default_factory=dict)
     seed_host_ids: set[str] = field(default_factory=set)
+    idle_task_ids: dict[str, None] = field(default_factory=dict)  # tasks kept only for a seed failure
 
     def task(self, task_id: str, download: DownloadSpec | None) -> Task:
         """The task, created on first use; a FAILED task starts over (layout and digests forgotten)."""
@@ -50,18 +55,13 @@ class Cluster:
             task = Task(task_id=task_id, download=download)
             self.tasks[task_id] = task
         elif task.state is TaskState.FAILED:
-            task.state = TaskState.PENDING
-            task.layout = None
-            task.publisher_id = None
-            task.published_digests.clear()
-            task.seed_trigger_pending = False
-            if download is not None:
-                task.download = download
+            _start_over(task)
         if task.download is None and download is not None:
             task.download = download
         return task
 
     def add_peer(self, peer: Peer, task: Task, host: Host) -> None:
+        self.idle_task_ids.pop(task.task_id, None)
         self.peers[peer.peer_id] = peer
         task.peers[peer.peer_id] = peer
         host.peer_ids.add(peer.peer_id)
@@ -86,10 +86,24 @@ class Cluster:
         peer.retry_at = None
         task.peers.pop(peer.peer_id, None)
         self.peers.pop(peer.peer_id, None)
+        if not task.peers and self.tasks.get(task.task_id) is task:
+            if task.seed_failed_at is None:
+                del self.tasks[task.task_id]
+            else:
+                _start_over(task)
+                self.idle_task_ids[task.task_id] = None
         host = self.hosts.get(peer.host_id)
         if host is not None:
             host.peer_ids.discard(peer.peer_id)
         return RemovedPeer(peer, task, was_origin_reader, was_unfinished_seed)
+
+    def forget_idle_tasks(self, failed_before: float) -> None:
+        """Drop the idle tasks whose seed failure happened before `failed_before`."""
+        for task_id in list(self.idle_task_ids):
+            failed_at = self.tasks[task_id].seed_failed_at
+            if failed_at is None or failed_at < failed_before:
+                del self.idle_task_ids[task_id]
+                del self.tasks[task_id]
 
     def set_layout(self, task: Task, layout: TaskLayout) -> bool:
         """Fix the task's layout if unknown; False when it is already fixed to another one."""
@@ -120,6 +134,20 @@ class Cluster:
         )
 
 
+def _start_over(task: Task) -> None:
+    """Forget what the task's last download learned (layout, digests, who read the origin, the spec)."""
+    task.state = TaskState.PENDING
+    task.download = None
+    task.layout = None
+    task.publisher_id = None
+    task.published_digests.clear()
+    task.seed_trigger_pending = False
+    task.source_requested_at = None
+
+
 def seed_download(download: DownloadSpec) -> DownloadSpec:
-    """The spec a seed peer is asked to fetch: same task, straight from the origin."""
-    return dataclasses.replace(download, need_back_to_source=True, disable_back_to_source=False)
+    """The spec a seed peer is asked to fetch: same task, straight from the origin, under the seed's own
+    time limit (not the first requester's `--timeout`, which would bound the whole swarm's source)."""
+    return dataclasses.replace(
+        download, need_back_to_source=True, disable_back_to_source=False, timeout_s=0.0
+    )

@@ -96,7 +96,7 @@ class SchedulerEngine:
             case PiecesFinished():
                 return self._pieces_finished(peer, task, event, now)
             case PeerFinished():
-                return self._finished(peer, task, event)
+                return self._finished(peer, task, event, now)
             case PeerFailed():
                 return self._failed(peer, task, event, now)
             case RescheduleRequested():
@@ -179,8 +179,17 @@ class SchedulerEngine:
             commands.extend(self.scheduler.push_new_parent(peer, task, now))
         return commands
 
-    def _finished(self, peer: Peer, task: Task, event: PeerFinished) -> list[Command]:
-        if peer.reads_origin or peer.state is PeerState.BACK_TO_SOURCE:
+    def _finished(self, peer: Peer, task: Task, event: PeerFinished, now: float) -> list[Command]:
+        count, reported = task.expected_piece_count(), len(event.piece_digests)
+        reads_origin = peer.reads_origin or peer.state is PeerState.BACK_TO_SOURCE
+        if count is None or reported > count or (reads_origin and reported != count):
+            # An origin reader lists every piece; nobody lists more than the layout has (and one message
+            # of zeros must not grow the task by millions of digests).
+            task_size = "no layout" if count is None else f"{count} pieces"
+            return self._fail_peer(
+                peer, f"finished with {reported} piece digests; the task has {task_size}", now
+            )
+        if reads_origin:
             publish_all(task, event.piece_digests)
             self._succeed(peer, task, len(event.piece_digests))
             return [SendFinishVerdict(peer.peer_id, accepted=True), *self._recheck_verdicts(task)]
@@ -196,12 +205,15 @@ class SchedulerEngine:
         return self.after_removal(removed, now)
 
     def _reschedule(self, peer: Peer, task: Task, event: RescheduleRequested, now: float) -> list[Command]:
-        peer.blocked.update(event.blocked)
-        peer.blocked.update(event.unreachable)
-        peer.blocked.update(event.corrupt)
-        for parent_id in event.unreachable:
+        # Only parents of this task count: a report cannot grow without bound or suspend unrelated hosts.
+        unreachable = [p for p in event.unreachable if p in task.peers]
+        corrupt = [p for p in event.corrupt if p in task.peers]
+        peer.blocked.update(p for p in event.blocked if p in task.peers)
+        peer.blocked.update(unreachable)
+        peer.blocked.update(corrupt)
+        for parent_id in unreachable:
             self._hosts.report_unreachable(parent_id, peer, now)
-        for parent_id in event.corrupt:
+        for parent_id in corrupt:
             self._hosts.report_corrupt(parent_id, peer, now)
         if event.more_parents:
             return self.scheduler.offer_more(peer, task, now)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from dfly.common.pieces import piece_count
 from dfly.scheduler.core.cluster import Cluster, RemovedPeer
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.messages import (
@@ -200,6 +201,9 @@ class HostHandlers:
             if existing.active:
                 return None  # a live download reports for itself on its stream
             self._cluster.remove_peer(existing, PeerState.LEAVE)
+        digests = len(finished.piece_digests)
+        if digests and digests != piece_count(finished.content_length, finished.piece_length):
+            return None  # not a list of this layout's pieces
         task = self._cluster.task(finished.task_id, None)
         if task.download is None and finished.url:
             task.download = DownloadSpec(url=finished.url)

@@ -7,7 +7,7 @@ still running, the verdict waits (`None`); once no reader is left it is decided 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dfly.scheduler.core.messages import FinishedPiece
@@ -21,17 +21,24 @@ class Verdict:
 
 
 def publish(task: Task, pieces: Iterable[FinishedPiece]) -> bool:
-    """Record digests of pieces read from the origin (first one wins); True if any was new."""
+    """Record digests of pieces read from the origin (first one wins); True if any was new. Only pieces
+    of the task's layout count: none before it is known, none numbered past its end."""
+    count = task.expected_piece_count()
+    if count is None:
+        return False
     added = False
     for piece in pieces:
-        if piece.parent_id == "" and piece.number not in task.published_digests:
+        if piece.parent_id == "" and 0 <= piece.number < count and piece.number not in task.published_digests:
             task.published_digests[piece.number] = piece.digest
             added = True
     return added
 
 
-def publish_all(task: Task, digests: Iterable[int]) -> bool:
-    """Record a complete digest list (an origin reader's finish, or a host's finished task)."""
+def publish_all(task: Task, digests: Sequence[int]) -> bool:
+    """Record a complete digest list (an origin reader's finish, or a host's finished task); a list of
+    another length than the layout's piece count is not one, and is ignored."""
+    if len(digests) != task.expected_piece_count():
+        return False
     return publish(task, (FinishedPiece(number, digest) for number, digest in enumerate(digests)))
 
 
