@@ -35,6 +35,10 @@ class SchedulerConfig(StrictModel):
     # Largest gRPC message accepted (a host announce carries every task it holds whole, with a CRC per
     # piece); larger ones are refused with RESOURCE_EXHAUSTED before they are parsed.
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024, le=2**31 - 1)  # gRPC's int
+    # An HTTP/2 ping after this long without a frame from a daemon, answered within half of it: a daemon
+    # gone without closing its connection (node lost, link cut, process stopped) has its streams ended,
+    # so its downloads leave and its host is suspended, instead of after TCP's ~2 h.
+    grpc_keepalive_s: float = Field(default=20.0, ge=1, le=3600)
     security: SecuritySection = SecuritySection()  # mTLS to daemons (common/tls.py)
     log_level: LogLevel = "info"
 

@@ -74,3 +74,17 @@ def test_a_seed_is_asked_without_the_first_requesters_timeout() -> None:
     swarm_with_seed(harness)
     (trigger,) = of_type(harness.register("peer-a", "a", timeout_s=30.0), TriggerSeedPeer)
     assert trigger.download.timeout_s == 0.0
+
+
+def test_a_seed_that_accepted_but_never_registered_counts_as_failed() -> None:
+    """It crashed, or registered with another scheduler: the task was left 'seed on its way' for ever
+    (no seed again, no replacement of a lost source, every child waiting out its attempts)."""
+    harness = Harness()
+    swarm_with_seed(harness)
+    assert of_type(harness.register("peer-a", "a"), TriggerSeedPeer)
+    harness.advance(19)
+    task = harness.engine.cluster.tasks["task-1"]
+    assert task.seed_trigger_pending
+    harness.advance(2)
+    assert not task.seed_trigger_pending
+    assert task.seed_failed_at == 20.0

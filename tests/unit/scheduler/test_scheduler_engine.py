@@ -49,7 +49,7 @@ def test_waiting_peers_get_the_seed_on_its_back_to_source_started_without_a_time
         assert [parent.peer_id for parent in answer.parents] == ["seed-peer"]
         assert answer.parents[0].seed
         assert (answer.layout.content_length, answer.layout.piece_length) == (4 * 1024 * 1024, 1024 * 1024)
-    assert harness.engine.next_deadline() is None
+    assert harness.engine.scheduler.next_deadline() is None  # no retry armed
 
 
 def test_first_pieces_of_a_peer_make_it_a_parent(harness: Harness) -> None:
@@ -158,7 +158,9 @@ def test_seed_failure_is_remembered_and_one_waiting_peer_reads_the_origin(harnes
     assert of_type(commands, SendBackToSource)
 
     harness.do(PeerLeft("peer-c"))
+    assert "task-1" in harness.engine.cluster.tasks  # no peer, kept only for the seed's failure
     harness.advance(1800)
+    assert "task-1" not in harness.engine.cluster.tasks  # the sweep forgot it with the failure
     assert of_type(harness.register("peer-d", "a"), TriggerSeedPeer)  # remembered 30 min only
 
 
@@ -215,7 +217,7 @@ def test_origin_error_is_forwarded_to_every_active_peer_and_the_task_fails(harne
     assert {command.peer_id for command in failed} == {"peer-a", "peer-b"}
     assert all(command.source_error == error for command in failed)
     assert harness.engine.stat_task("task-1") is None  # no peer left: forgotten; a register starts it over
-    assert harness.engine.next_deadline() is None
+    assert harness.engine.scheduler.next_deadline() is None  # no retry armed
 
     commands = harness.register("peer-c", "b")  # a later register starts the task over
     assert of_type(commands, TriggerSeedPeer)
@@ -272,7 +274,7 @@ def test_more_parents_offers_only_new_parents_and_never_gives_up() -> None:
 
     for _ in range(10):  # nothing new: no answer, no retry timer, no origin, no failure
         assert harness.do(RescheduleRequested("peer-c", more_parents=True)) == []
-    assert harness.engine.next_deadline() is None
+    assert harness.engine.scheduler.next_deadline() is None  # no retry armed
     assert harness.advance(60) == []
 
     harness.register("peer-b", "b")

@@ -175,3 +175,41 @@ def test_two_children_reporting_corrupt_pieces_suspend_the_host_longer() -> None
     assert host_b.is_suspended(harness.now)
     harness.advance(2)
     assert not host_b.is_suspended(harness.now)
+
+
+def test_a_host_whose_keepalives_stop_is_not_offered_until_they_resume() -> None:
+    """A hung daemon keeps its gRPC streams open: its silence, not a dropped stream, must suspend it."""
+    harness = finished_on_a("a", "b", "c")
+    keepalive = HostKeepAlive(harness.host_id("a"), "boot-1", 0.0, 0)
+    harness.do(keepalive)
+    harness.advance(20)
+    assert parents_of(harness.register("peer-b", "b"), "peer-b") == {"peer-a"}  # 20 s: still alive
+    harness.advance(15)
+    assert parents_of(harness.register("peer-c", "c", disable_back_to_source=True), "peer-c") == set()
+    assert parents_of(harness.do(keepalive), "peer-c") == {"peer-a"}  # back: waiting children get it
+
+
+def test_disconnected_hosts_do_not_crowd_live_parents_out_of_the_sample() -> None:
+    """Crashed hosts send no LeaveHost; their finished peers had filled the candidate samples (15 per
+    attempt), and children of a task with one live holder among 50 dead ones went to the origin."""
+    harness = Harness()
+    layout = {"content_length": 2048, "piece_length": 1024, "piece_digests": (100, 101)}
+    for n in range(50):
+        harness.announce(f"dead-{n}", finished=(FinishedTask("task-1", f"old-{n}", **layout),))
+        harness.do(HostDisconnected(harness.host_id(f"dead-{n}")))
+    harness.announce("live", finished=(FinishedTask("task-1", "holder", **layout),))
+    for n in range(20):
+        harness.announce(f"child-{n}")
+        assert parents_of(harness.register(f"peer-{n}", f"child-{n}"), f"peer-{n}") == {"holder"}
+
+
+def test_a_host_disconnected_for_host_ttl_is_forgotten_with_its_peers() -> None:
+    harness = finished_on_a("a", "b")
+    harness.register("peer-b", "b")
+    harness.do(HostDisconnected(harness.host_id("a")))
+    harness.advance(3590)
+    assert harness.engine.has_host(harness.host_id("a"))
+    harness.advance(20)
+    assert not harness.engine.has_host(harness.host_id("a"))
+    assert "peer-a" not in harness.engine.cluster.peers
+    assert harness.engine.has_host(harness.host_id("b"))  # announced, never disconnected

@@ -45,6 +45,15 @@ class EngineConfig(StrictModel):
     # A task's origin reader that is gone is replaced by a running peer only after this long: a reader
     # whose stream merely broke registers again within it and goes on reading (no second origin copy).
     source_return_s: float = Field(default=3.0, ge=0)
+    # A host whose keepalive stream stays open but sends nothing this long (daemons send every 5 s) is
+    # handled as disconnected until its next keepalive: a hung daemon is not offered as a parent.
+    host_silence_s: float = Field(default=30.0, gt=0)
+    # A host disconnected this long is forgotten with its peers (Dragonfly's hostTTL): a node that is gone
+    # for good (a crash sends no LeaveHost) leaves no state behind.
+    host_ttl_s: float = Field(default=3600.0, gt=0)
+    # A triggered seed that accepted the task but has not registered for it within this (it crashed, or
+    # registered with another scheduler) counts as failed for the task; above seed_trigger.timeout_s.
+    seed_register_timeout_s: float = Field(default=20.0, gt=0)
     unreachable_reports: int = Field(default=2, ge=1)  # distinct children reporting a host unreachable
     unreachable_suspend_s: float = Field(default=60.0, gt=0)  # how long such a host is not offered
     corrupt_reports: int = Field(default=2, ge=1)  # distinct children that got a bad piece from a host

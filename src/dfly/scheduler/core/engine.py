@@ -10,8 +10,10 @@ return the commands to carry out, in order. The same events at the same times wi
   reached (no answer in time) is also suspended for `unreachable_suspend_s`, for every task;
 - an origin error (PeerFailed with a source error from an origin reader) fails every active peer of the
   task with that error and marks the task FAILED (the next register starts it over);
-- a host whose keepalive stream drops, or that enough distinct children report unreachable, is
-  suspended at once; a new boot id drops the host's old peers; finished tasks make it a parent again;
+- a host whose keepalive stream drops or stays silent for `host_silence_s`, or that enough distinct
+  children report unreachable, is suspended; a new boot id drops the host's old peers; finished tasks
+  make it a parent again; a host disconnected for `host_ttl_s` is forgotten (a periodic sweep, every
+  third of the shorter of the two, which also drops idle tasks whose seed failure has expired);
 - a child's finish is checked against the digests the origin readers published (verdicts.py);
 - a reschedule with `more_parents` (the child still has working parents) is answered with new parents
   only when there are some: never with back-to-source or failure, and it arms no retry.
@@ -63,17 +65,21 @@ class SchedulerEngine:
         self._hosts = HostHandlers(
             config, self.cluster, self.scheduler, self.after_removal, self._recheck_verdicts
         )
+        self._sweep_every = min(config.host_silence_s, config.host_ttl_s) / 3
+        self._next_sweep: float | None = None  # armed by the first host announce
 
     # --- public API -----------------------------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Command]:
         match event:
             case HostAnnounced():
+                if self._next_sweep is None:
+                    self._next_sweep = now + self._sweep_every
                 return self._hosts.announced(event, now)
             case HostKeepAlive():
                 return self._hosts.keepalive(event, now)
             case HostDisconnected():
-                return self._hosts.disconnected(event)
+                return self._hosts.disconnected(event, now)
             case HostLeft():
                 return self._hosts.left(event, now)
             case TaskDeleted():
@@ -106,10 +112,16 @@ class SchedulerEngine:
         return []
 
     def next_deadline(self) -> float | None:
-        return self.scheduler.next_deadline()
+        deadlines = [at for at in (self.scheduler.next_deadline(), self._next_sweep) if at is not None]
+        return min(deadlines, default=None)
 
     def on_timer(self, now: float) -> list[Command]:
-        return self.scheduler.on_timer(now)
+        commands = self.scheduler.on_timer(now)
+        if self._next_sweep is not None and now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_every
+            commands.extend(self._hosts.sweep(now))
+            self.cluster.forget_idle_tasks(failed_before=now - self.config.seed_failure_ttl_s)
+        return commands
 
     def stat_task(self, task_id: str) -> TaskView | None:
         return self.cluster.stat(task_id)

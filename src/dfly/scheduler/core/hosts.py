@@ -1,7 +1,9 @@
 """Host events of the engine: announce (new boot, finished tasks), keepalive, disconnect, leave, and
-children's unreachable reports.
+children's unreachable reports; the periodic sweep for silent and long-gone hosts.
 
-Rules: a dropped keepalive stream suspends the host at once, a keepalive or announce lifts that; enough
+Rules: a dropped keepalive stream suspends the host at once, and so does one silent for
+`host_silence_s`; its peers leave the parent pools (so samples are not wasted on them) until a keepalive
+or announce lifts that. A host disconnected for `host_ttl_s` is forgotten with its peers. Enough
 distinct child hosts reporting a host unreachable suspend it for `unreachable_suspend_s` (an announce
 lifts it). A new boot id drops every peer of the old boot. A finished task in an announce becomes a
 SUCCEEDED peer (layout and digests only), and waiting peers of that task are scheduled at once.
@@ -62,7 +64,7 @@ class HostHandlers:
             host = Host(info)
             self._cluster.hosts[info.host_id] = host
         host.info = info
-        host.disconnected = False
+        self._reconnected(host)
         host.unreachable_until = -math.inf
         host.unreachable_reporters.clear()
         if info.seed:
@@ -90,21 +92,37 @@ class HostHandlers:
         host = self._current_host(event.host_id, event.boot_id)
         if host is None:
             return []
+        host.last_keepalive_at = now
         host.upload_rate_bytes_per_s = max(0.0, event.upload_rate_bytes_per_s)
         host.upload_slots_in_use = max(0, event.upload_slots_in_use)
         if not host.disconnected:
             return []
-        host.disconnected = False
+        self._reconnected(host)
         commands: list[Command] = []
         for task in self._tasks_offered_by(host).values():
             commands.extend(self._scheduler.schedule_waiting(task, now))
         return commands
 
-    def disconnected(self, event: HostDisconnected) -> list[Command]:
+    def disconnected(self, event: HostDisconnected, now: float) -> list[Command]:
         host = self._current_host(event.host_id, event.boot_id)
         if host is not None:
-            host.disconnected = True
+            self._disconnect(host, now)
         return []
+
+    def sweep(self, now: float) -> list[Command]:
+        """Suspend hosts whose keepalive stream went silent; forget hosts disconnected for host_ttl_s."""
+        commands: list[Command] = []
+        for host in list(self._cluster.hosts.values()):
+            if host.disconnected:
+                gone_since = host.disconnected_at
+                if gone_since is not None and now - gone_since >= self._config.host_ttl_s:
+                    commands.extend(self.left(HostLeft(host.host_id), now))
+            elif (
+                host.last_keepalive_at is not None
+                and now - host.last_keepalive_at >= self._config.host_silence_s
+            ):
+                self._disconnect(host, now)
+        return commands
 
     def left(self, event: HostLeft, now: float) -> list[Command]:
         host = self._cluster.hosts.get(event.host_id)
@@ -167,6 +185,30 @@ class HostHandlers:
         return host
 
     # --- helpers --------------------------------------------------------------------------------------
+
+    def _disconnect(self, host: Host, now: float) -> None:
+        """Offer nothing of the host until it is back (its peers leave the parent pools)."""
+        if host.disconnected:
+            return
+        host.disconnected = True
+        host.disconnected_at = now
+        for peer_id in host.peer_ids:
+            peer = self._cluster.peers[peer_id]
+            self._cluster.tasks[peer.task_id].parent_pool.discard(peer_id)
+
+    def _reconnected(self, host: Host) -> None:
+        """The host is back: its peers that can serve pieces are offered again."""
+        if not host.disconnected:
+            return
+        host.disconnected = False
+        host.disconnected_at = None
+        for peer_id in sorted(host.peer_ids):
+            peer = self._cluster.peers[peer_id]
+            serves = peer.state in (PeerState.SUCCEEDED, PeerState.BACK_TO_SOURCE) or (
+                peer.active and peer.finished_piece_count > 0
+            )
+            if serves:
+                self._cluster.tasks[peer.task_id].parent_pool.add(peer_id)
 
     def _current_host(self, host_id: str, boot_id: str) -> Host | None:
         host = self._cluster.hosts.get(host_id)

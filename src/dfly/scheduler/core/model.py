@@ -103,7 +103,9 @@ class Host:
     upload_rate_bytes_per_s: float = 0.0  # observed (EWMA), from the keepalive
     upload_slots_in_use: int = 0  # from the keepalive
     child_edges: int = 0  # children the scheduler currently points at this host's peers
-    disconnected: bool = False  # keepalive stream dropped; lifted by a keepalive or an announce
+    disconnected: bool = False  # keepalive stream dropped or silent; lifted by a keepalive or an announce
+    disconnected_at: float | None = None  # since when (forgotten after host_ttl_s)
+    last_keepalive_at: float | None = None  # None until its first keepalive: silence is judged after that
     unreachable_until: float = -math.inf  # reported unreachable by enough children
     unreachable_reporters: set[str] = field(default_factory=set)
     corrupt_reporters: set[str] = field(default_factory=set)  # hosts that got a bad piece from it

@@ -9,7 +9,9 @@ Counted attempts (register, reschedule, fallback timer) move toward the origin a
 `retry_back_to_source_limit` and toward failure after `retry_limit`; attempts made because a parent just
 became usable are free, and so is waiting while a triggered seed or an origin reader has not yet fixed
 the task's layout (a slow origin must not send every child to it).
-The only timer is each waiting peer's retry deadline, kept in a heap.
+Timers, each in a heap: a waiting peer's retry; the check, `source_return_s` after a task's origin reader
+went, whether it must be replaced; and the check whether a triggered seed registered within
+`seed_register_timeout_s` (if not, it counts as failed for the task and a waiting peer reads the origin).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class ParentScheduler:
         self._grace_until = -math.inf if started_at is None else started_at + config.startup_grace_s
         self._retries: list[tuple[float, int, str]] = []
         self._source_checks: list[tuple[float, int, str]] = []  # (when, seq, task id): replace_lost_source
+        self._seed_checks: list[tuple[float, int, str, float]] = []  # (when, seq, task id, triggered at)
         self._sequence = itertools.count()
 
     # --- entry points ---------------------------------------------------------------------------------
@@ -146,11 +149,18 @@ class ParentScheduler:
             task.hungry.discard(child.peer_id)
 
     def next_deadline(self) -> float | None:
-        deadlines = [at for at in (self._next_retry(), self._next_source_check()) if at is not None]
+        checks = (self._next_retry(), self._next_source_check(), self._next_seed_check())
+        deadlines = [at for at in checks if at is not None]
         return min(deadlines, default=None)
 
     def on_timer(self, now: float) -> list[Command]:
         commands: list[Command] = []
+        while (at := self._next_seed_check()) is not None and at <= now:
+            _, _, task_id, _ = heapq.heappop(self._seed_checks)
+            unanswered = self._cluster.tasks[task_id]
+            unanswered.seed_trigger_pending = False  # accepted, never registered: as if the trigger failed
+            unanswered.seed_failed_at = now
+            commands.extend(self.schedule_waiting(unanswered, now))
         while (at := self._next_source_check()) is not None and at <= now:
             _, _, task_id = heapq.heappop(self._source_checks)
             task = self._cluster.tasks.get(task_id)
@@ -171,6 +181,16 @@ class ParentScheduler:
             if peer is not None and peer.waiting and peer.retry_at == at:
                 return at
             heapq.heappop(self._retries)
+        return None
+
+    def _next_seed_check(self) -> float | None:
+        """When the earliest trigger still waiting for its seed times out (answered ones are dropped)."""
+        while self._seed_checks:
+            at, _, task_id, triggered_at = self._seed_checks[0]
+            task = self._cluster.tasks.get(task_id)
+            if task is not None and task.seed_trigger_pending and task.source_requested_at == triggered_at:
+                return at
+            heapq.heappop(self._seed_checks)
         return None
 
     def _next_source_check(self) -> float | None:
@@ -317,6 +337,8 @@ class ParentScheduler:
         task.seed_trigger_pending = True
         task.seed_failed_at = None
         task.source_requested_at = now
+        check = (now + self._config.seed_register_timeout_s, next(self._sequence), task.task_id, now)
+        heapq.heappush(self._seed_checks, check)
         return TriggerSeedPeer(
             task.task_id, seed.host_id, seed.info.ip, seed.info.control_port, seed_download(task.download)
         )

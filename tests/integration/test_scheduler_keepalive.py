@@ -1,0 +1,62 @@
+"""A daemon that stops answering without closing its connections (SIGSTOP here: a hung process, a lost
+node, a cut link) has its scheduler streams ended by the scheduler's HTTP/2 pings (`grpc_keepalive_s`),
+so its running download leaves the task instead of holding its place (and an origin reader's slot) for
+TCP's ~2 hours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from clusterkit import dfget_popen, hung, wait_until
+
+from dfly.api import scheduler_pb2 as pb
+from dfly.api import scheduler_pb2_grpc
+from dfly.cluster import LocalCluster
+from dfly.common.pieces import MiB
+from dfly.daemon.task_request import TaskRequest
+from dfly.devtools.origin import Origin, make_file
+
+pytestmark = pytest.mark.integration
+
+
+def peer_count(addr: str, task_id: str) -> int:
+    with grpc.insecure_channel(addr) as channel:
+        try:
+            stat = scheduler_pb2_grpc.SchedulerStub(channel).StatTask(
+                pb.StatTaskRequest(task_id=task_id), timeout=5
+            )
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise
+    return int(stat.peer_count)
+
+
+def test_a_stopped_daemons_download_leaves_the_task(tmp_path: Path) -> None:
+    scheduler = {"grpc_keepalive_s": 1, "scheduling": {"host_silence_s": 3600}}  # pings alone decide here
+    with (
+        Origin(tmp_path / "www", rate_limit_bytes_per_s=2 * MiB) as origin,
+        LocalCluster(tmp_path / "c", peers=1, scheduler_overrides=scheduler) as cluster,
+    ):
+        assert origin.root is not None
+        origin.root.mkdir(parents=True, exist_ok=True)
+        make_file(origin.root / "slow.bin", 64 * MiB, seed=71)
+        url = origin.url("/slow.bin")
+        task_id = TaskRequest(url=url).task_id
+        peer = cluster.member("peer-1")
+        download = dfget_popen(peer, url, tmp_path / "out")
+        try:
+            wait_until(
+                "the seed and peer-1 registered", lambda: peer_count(cluster.scheduler_addr, task_id) == 2
+            )
+            with hung(peer):
+                wait_until(
+                    "peer-1's download left the task",
+                    lambda: peer_count(cluster.scheduler_addr, task_id) == 1,
+                    timeout_s=15,
+                )
+        finally:
+            download.kill()
+            download.wait()
