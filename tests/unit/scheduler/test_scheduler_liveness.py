@@ -193,11 +193,16 @@ def test_disconnected_hosts_do_not_crowd_live_parents_out_of_the_sample() -> Non
     """Crashed hosts send no LeaveHost; their finished peers had filled the candidate samples (15 per
     attempt), and children of a task with one live holder among 50 dead ones went to the origin."""
     harness = Harness()
-    layout = {"content_length": 2048, "piece_length": 1024, "piece_digests": (100, 101)}
+
+    def held(peer_id: str) -> tuple[FinishedTask, ...]:
+        return (
+            FinishedTask("task-1", peer_id, content_length=2048, piece_length=1024, piece_digests=(100, 101)),
+        )
+
     for n in range(50):
-        harness.announce(f"dead-{n}", finished=(FinishedTask("task-1", f"old-{n}", **layout),))
+        harness.announce(f"dead-{n}", finished=held(f"old-{n}"))
         harness.do(HostDisconnected(harness.host_id(f"dead-{n}")))
-    harness.announce("live", finished=(FinishedTask("task-1", "holder", **layout),))
+    harness.announce("live", finished=held("holder"))
     for n in range(20):
         harness.announce(f"child-{n}")
         assert parents_of(harness.register(f"peer-{n}", f"child-{n}"), f"peer-{n}") == {"holder"}
