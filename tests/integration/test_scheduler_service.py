@@ -331,8 +331,9 @@ def test_dropped_keepalive_suspends_and_the_retry_timer_fails_the_child(
 
             await origin_reader.done_writing()  # leaves without finishing
             assert await asyncio.wait_for(origin_reader.read(), STEP_S) is END_OF_STREAM
-            stat = await stub.StatTask(pb.StatTaskRequest(task_id="task-1"))
-            assert stat.peer_count == 0
+            with pytest.raises(aio.AioRpcError) as missing:  # no peer left: the task is forgotten
+                await stub.StatTask(pb.StatTaskRequest(task_id="task-1"))
+            assert missing.value.code() is grpc.StatusCode.NOT_FOUND
 
     run(scenario)
 
