@@ -47,6 +47,16 @@ def test_an_origin_reader_cannot_publish_more_digests_than_the_layout_has() -> N
     assert "100000 piece digests; the task has 2 pieces" in of_type(commands, SendTaskFailed)[0].description
 
 
+def test_a_child_finishing_where_no_layout_is_known_yet_is_judged_as_before() -> None:
+    """A scheduler that restarted while the child downloaded knows no layout for the task: the child's
+    finish is not a protocol error (its download must not fail at the very end)."""
+    harness = Harness()
+    harness.announce("c")
+    harness.register("peer-c", "c", disable_back_to_source=True)
+    (verdict,) = of_type(harness.do(PeerFinished("peer-c", (200, 201))), SendFinishVerdict)
+    assert verdict.accepted
+
+
 def test_a_finished_task_with_a_digest_list_of_another_length_is_not_taken() -> None:
     harness = Harness()
     wrong = FinishedTask("task-1", "peer-x", content_length=2048, piece_length=1024, piece_digests=(0,) * 9)

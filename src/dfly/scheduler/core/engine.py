@@ -194,9 +194,14 @@ class SchedulerEngine:
     def _finished(self, peer: Peer, task: Task, event: PeerFinished, now: float) -> list[Command]:
         count, reported = task.expected_piece_count(), len(event.piece_digests)
         reads_origin = peer.reads_origin or peer.state is PeerState.BACK_TO_SOURCE
-        if count is None or reported > count or (reads_origin and reported != count):
-            # An origin reader lists every piece; nobody lists more than the layout has (and one message
-            # of zeros must not grow the task by millions of digests).
+        # An origin reader lists every piece of the layout it reported; nobody lists more than the layout
+        # has (one message of zeros must not grow the task by millions of digests). A child may finish
+        # before any layout is known here (this scheduler restarted): it is judged as usual.
+        if reads_origin:
+            malformed = count is None or reported != count
+        else:
+            malformed = count is not None and reported > count
+        if malformed:
             task_size = "no layout" if count is None else f"{count} pieces"
             return self._fail_peer(
                 peer, f"finished with {reported} piece digests; the task has {task_size}", now
