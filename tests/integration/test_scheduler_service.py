@@ -21,6 +21,7 @@ from grpc import aio
 from dfly.api import daemon_pb2, daemon_pb2_grpc, scheduler_pb2_grpc
 from dfly.api import scheduler_pb2 as pb
 from dfly.scheduler import app
+from dfly.scheduler import service as service_module
 from dfly.scheduler.config import MetricsSection, SchedulerConfig
 from dfly.scheduler.core.config import EngineConfig
 
@@ -364,3 +365,20 @@ def test_keepalive_of_a_host_that_left_ends_so_the_daemon_announces_again(
 def fetch_metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=STEP_S) as response:
         return response.read().decode()  # type: ignore[no-any-return]
+
+
+def test_an_announce_stream_that_never_registers_is_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It held a stream slot and a reader task for as long as the client kept its connection."""
+    monkeypatch.setattr(service_module, "REGISTER_TIMEOUT_S", 0.2)
+
+    async def scenario() -> None:
+        async with scheduler(tmp_path, monkeypatch) as running:
+            silent = running.stub.AnnouncePeer()
+            with pytest.raises(aio.AioRpcError) as ended:
+                await asyncio.wait_for(silent.read(), STEP_S)
+            assert ended.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "no register within 0.2 s" in (ended.value.details() or "")
+
+    run(scenario)

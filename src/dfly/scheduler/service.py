@@ -71,6 +71,9 @@ class _PeerStream:
         self.queue.put_nowait(_EndStream(code, details))
 
 
+REGISTER_TIMEOUT_S = 30.0  # an AnnouncePeer stream's first message (register) must come within this
+
+
 def _address(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
@@ -200,10 +203,20 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     # --- peer stream internals ------------------------------------------------------------------------
 
     async def _read_peer_requests(self, requests: Any, stream: _PeerStream) -> None:
+        iterator = aiter(requests)
         try:
-            async for request in requests:
-                if self._on_peer_request(request, stream):
+            try:
+                async with asyncio.timeout(REGISTER_TIMEOUT_S):
+                    first = await anext(iterator, None)
+            except TimeoutError:  # a stream that never registers holds nothing of the engine, but a slot
+                stream.end(grpc.StatusCode.DEADLINE_EXCEEDED, f"no register within {REGISTER_TIMEOUT_S:g} s")
+                return
+            if first is not None:
+                if self._on_peer_request(first, stream):
                     return
+                async for request in iterator:
+                    if self._on_peer_request(request, stream):
+                        return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the client went away mid-read; the stream just ends
