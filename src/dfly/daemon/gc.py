@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
+from dfly.common.errors import StorageError
 from dfly.daemon.config import GcSection
 from dfly.daemon.context import Counters
 from dfly.daemon.core.gc_policy import (
@@ -108,7 +109,15 @@ class StorageGC:
     @contextlib.asynccontextmanager
     async def admit(self, nbytes: int) -> AsyncIterator[None]:
         """Around creating a task file of `nbytes`: room is made first, and its bytes count as used until
-        the block ends (by then the preallocated file counts itself)."""
+        the block ends (by then the preallocated file counts itself). With a quota, a task that could not
+        fit in it even with every task not in use evicted is refused (StorageError): the disk itself
+        would take it, so nothing else stops it, and the next pass would evict it and the whole cache."""
+        quota = self.config.disk_quota_bytes
+        if quota and not self._could_fit(nbytes):
+            raise StorageError(
+                f"a task of {nbytes} bytes cannot fit in gc.disk_quota_bytes ({quota}) even with every "
+                "task not in use evicted"
+            )
         self._reserved += nbytes
         try:
             await self.make_room(0)  # this admission's bytes are among the reserved ones
@@ -130,6 +139,13 @@ class StorageGC:
     def stamp(self) -> None:
         """Write every task's last use as its file's mtime (at a clean stop)."""
         self._stamp(self.tasks.cached_tasks())
+
+    def _could_fit(self, nbytes: int) -> bool:
+        try:
+            return can_make_room(self.tasks.cached_tasks(), self.usage(), self._reserved + nbytes)
+        except Exception:
+            log.exception("storage GC could not check an admission of %d bytes", nbytes)
+            return True
 
     def _fits(self, nbytes: int) -> bool:
         usage = self.usage()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dfly.common.errors import StorageError
 from dfly.daemon.config import GcSection
 from dfly.daemon.context import Counters
 from dfly.daemon.core.gc_policy import CachedTask, DiskUsage
@@ -120,6 +121,23 @@ def test_an_admission_that_cannot_fit_evicts_nothing(tmp_path: Path) -> None:
     assert tasks.removed == []
     assert counters.gc_evicted_tasks == 0
     asyncio.run(gc.make_room(70 * MB))  # fits once "a" is gone
+    assert tasks.removed == ["a"]
+
+
+def test_with_a_quota_a_task_that_can_never_fit_is_refused(tmp_path: Path) -> None:
+    """The disk takes it, so nothing else stopped it: a 60 MB task under a 50 MB quota was stored, and
+    the next pass evicted it along with the rest of the cache."""
+    cached = [CachedTask("a", 20 * MB, 10.0, False), CachedTask("b", 20 * MB, 20.0, True)]
+    gc, tasks, _ = make_gc(tmp_path, cached, now=30.0, disk_quota_bytes=100 * MB)
+
+    async def admit(nbytes: int) -> None:
+        async with gc.admit(nbytes):
+            pass
+
+    with pytest.raises(StorageError, match=r"cannot fit in gc\.disk_quota_bytes"):
+        asyncio.run(admit(81 * MB))  # b stays in use: 81 MB can never fit
+    assert tasks.removed == []
+    asyncio.run(admit(80 * MB))
     assert tasks.removed == ["a"]
 
 
