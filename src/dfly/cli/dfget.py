@@ -28,6 +28,7 @@ from dfly.cli._dfget_progress import Progress, make_progress
 from dfly.common.errors import DflyError, DownloadTimeout, ProtocolError, UsageError
 from dfly.common.ids import canonical_url, effective_filters
 from dfly.common.pieces import parse_size, piece_count, piece_range, validate_user_piece_length
+from dfly.common.request_headers import set_by_daemon
 
 if TYPE_CHECKING:
     from dfly.common.digest import Digest
@@ -66,6 +67,11 @@ def parse_headers(values: Sequence[str]) -> dict[str, str]:
         name = name.strip()
         if not sep or not name or any(c.isspace() for c in name):
             raise UsageError(f"invalid header {text!r} (expected 'Name: value')")
+        if set_by_daemon(name):
+            raise UsageError(
+                f"header {name!r} cannot be set: dfget fetches the whole object from the URL's host, and the "
+                "daemon sets ranges, conditional, encoding and connection headers itself"
+            )
         value = value.strip()
         key = names.setdefault(name.lower(), name)
         headers[key] = f"{headers[key]}, {value}" if key in headers else value

@@ -31,12 +31,12 @@ from dfly.common.digest import crc32
 from dfly.common.errors import SourceError
 from dfly.common.ids import redact_url
 from dfly.common.pieces import piece_count
+from dfly.common.request_headers import set_by_daemon
 from dfly.daemon.source.http_open import MAX_REDIRECTS as MAX_REDIRECTS
 from dfly.daemon.source.http_open import AllowedHosts, open_get
 
 ALLOWED_RESPONSE_HEADERS = ("Content-Type", "Content-Length", "ETag", "Last-Modified",
                             "Docker-Content-Digest", "Cache-Control")  # fmt: skip
-HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"})
 READ_CHUNK_BYTES = 1024 * 1024  # one readinto at most; should_stop is checked between reads
 
 
@@ -77,13 +77,7 @@ def sanitize_request_headers(headers: Mapping[str, str]) -> dict[str, str]:
                            for t in v.split(",")}  # fmt: skip
     out: dict[str, str] = {}
     for name, value in headers.items():
-        low = name.lower()
-        if (
-            low in HOP_BY_HOP_HEADERS
-            or low in named_by_connection
-            or low.startswith(("proxy-", "if-"))  # Proxy-Connection, Proxy-Authorization, If-Range, …
-            or low in ("range", "host", "accept-encoding", "content-length")
-        ):
+        if set_by_daemon(name) or name.lower() in named_by_connection:
             continue
         out[name] = value
     out["Accept-Encoding"] = "identity"
