@@ -112,6 +112,11 @@ def test_config_wants_cert_and_key_together_and_valid_host_patterns() -> None:
         ProxySection.model_validate({"hijack_https": {"hosts": ["("]}})
     with pytest.raises(ValidationError, match="allowed_hosts: invalid registry"):  # named, not just "proxy"
         ProxySection.model_validate({"allowed_hosts": ["::::"]})
+    # Taken before, then every request failed: a 502 connecting to "not a url", a 403 for "*"
+    with pytest.raises(ValidationError, match="registry_mirror: invalid registry 'not a url'"):
+        ProxySection.model_validate({"registry_mirror": "not a url"})
+    with pytest.raises(ValidationError, match=r"allowed_hosts: invalid registry '\*': '\*' is not a host"):
+        ProxySection.model_validate({"allowed_hosts": ["*"]})
 
 
 @pytest.mark.parametrize("host", ["registry.example.com", "127.0.0.1"])

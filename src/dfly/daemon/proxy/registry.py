@@ -19,6 +19,7 @@ Rules (issue 5, reference/container-clients.md):
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -64,6 +65,25 @@ def route(method: str, path: str) -> Route:
     raise BadRequest(f"not a registry API path: {path!r}")
 
 
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\.?$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", re.ASCII
+)
+
+
+def _valid_host(hostname: str) -> bool:
+    """An IP address, or a DNS name (IDNA names in their ASCII form) of letters, digits, '-' and '_'."""
+    try:
+        ipaddress.ip_address(hostname)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_name = hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return _HOST_NAME.fullmatch(ascii_name.lower()) is not None
+
+
 def normalize_upstream(value: str) -> str:
     """'http://h:p', 'https://h', 'h:p' -> 'scheme://host[:port]' (no path, no default port); BadRequest
     if not one."""
@@ -80,6 +100,8 @@ def normalize_upstream(value: str) -> str:
     scheme_ok = parts.scheme.lower() in ("http", "https")
     if not scheme_ok or not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise BadRequest(f"invalid registry {value!r}")
+    if not _valid_host(parts.hostname):  # "not a url", "*": a name no connection could reach
+        raise BadRequest(f"invalid registry {value!r}: {parts.hostname!r} is not a host name or address")
     scheme = parts.scheme.lower()
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     host = DOCKER_HUB_API_HOSTS.get(host, host)
