@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from dfly.cluster import ClusterError, LocalCluster
@@ -85,13 +86,21 @@ def _run_up(args: argparse.Namespace) -> int:
             stop_requested.set()
             raise _Stop()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     if args.registry_mirror:
         try:
             normalize_upstream(args.registry_mirror)
         except BadRequest as exc:
             print(f"dfly up: --registry-mirror: {exc}", file=sys.stderr)
             return 2
+    try:  # a bad --dir is the caller's to fix: exit 2 before anything starts
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        print(f"dfly up: --dir {args.dir} is not a directory", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"dfly up: --dir {args.dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     mirror = {"proxy": {"registry_mirror": args.registry_mirror}} if args.registry_mirror else {}
     cluster = LocalCluster(
         args.dir,

@@ -73,8 +73,13 @@ def test_a_member_dying_stops_the_rest_with_exit_1(tmp_path: Path) -> None:
     assert all(_gone(p["pid"]) for p in procs)
 
 
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["up", "--peers", "-1"]) == 2
+    a_file = tmp_path / "a-file"
+    a_file.touch()
+    for not_a_dir in (a_file, a_file / "sub"):  # was exit 1, after "starting" and "stopping"
+        assert main(["up", "--dir", str(not_a_dir)]) == 2
+        assert capsys.readouterr().err == f"dfly up: --dir {not_a_dir} is not a directory\n"
     assert main(["up", "--seed-upload-limit", "-5"]) == 2
     for bad in ("0", "-1", "nan"):
         with pytest.raises(SystemExit) as info:
