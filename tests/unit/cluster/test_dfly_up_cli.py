@@ -75,6 +75,7 @@ def test_a_member_dying_stops_the_rest_with_exit_1(tmp_path: Path) -> None:
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["up", "--peers", "-1"]) == 2
+    capsys.readouterr()
     a_file = tmp_path / "a-file"
     a_file.touch()
     for not_a_dir in (a_file, a_file / "sub"):  # was exit 1, after "starting" and "stopping"
