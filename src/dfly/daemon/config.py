@@ -217,6 +217,17 @@ class LocalApiSection(StrictModel):
 
     _socket_not_empty = field_validator("socket", mode="before")(_not_empty)
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal_text(cls, value: object) -> object:
+        """A quoted mode ('0660', as in a shell's chmod) is read as octal; YAML reads an unquoted 0660 so."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if re.fullmatch(r"0[oO]?[0-7]{1,4}", text):
+            return int(text[2:] if text[1:2] in ("o", "O") else text, 8)
+        raise ValueError(f"{value!r} is not an octal mode: write it with a leading 0, e.g. 0660")
+
 
 class SeedPeerSection(StrictModel):
     enable: bool = False

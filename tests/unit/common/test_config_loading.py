@@ -41,6 +41,7 @@ def test_a_flag_is_validated_with_the_rest_of_the_config(tmp_path: Path) -> None
         (b"upload: {rate_limit_bytes_per_s: 99999999999999999999999}\n", "upload.rate_limit_bytes_per_s"),
         (b'storage: {dir: ""}\n', "storage.dir"),
         (b'local_api: {socket: " "}\n', "local_api.socket"),
+        (b'local_api: {mode: "660"}\n', "'660' is not an octal mode: write it with a leading 0, e.g. 0660"),
         (b'scheduler: {addrs: ["127.0.0.1:99999"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["[::1:8002"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["::1:8002"]}\n', "must be host:port"),
@@ -55,6 +56,14 @@ def test_bad_config_files_are_one_line_naming_the_problem(
     with pytest.raises(ConfigError, match=re.escape(fragment)) as info:
         load_config(DaemonConfig, path, PREFIX, {})
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["0660", '"0660"', '"0o660"'])
+def test_a_socket_mode_is_octal_quoted_or_not(tmp_path: Path, text: str) -> None:
+    """A quoted "0660" (as chmod takes it) was read as decimal 660 and refused as above 511."""
+    path = tmp_path / "d.yaml"
+    path.write_text(f"local_api: {{mode: {text}}}\n")
+    assert load_config(DaemonConfig, path, PREFIX, {}).local_api.mode == 0o660
 
 
 def test_good_scheduler_addresses_pass(tmp_path: Path) -> None:
