@@ -332,7 +332,7 @@ def raw_exchange(path: Path, payload: bytes) -> list[dict[str, object]]:
         (b'{"op": "download", "url": "http://a/", "timeout_s": "soon"}\n', "'timeout_s'"),
         (b'{"op": "download", "url": "http://a/", "disable_back_to_source": 1}\n', "wrong type"),
         (b'{"op": "download", "url": "http://a/", "piece_length": 1000}\n', "power of two"),
-        (b'{"op": "download", "url": "http://a/", "headers": {"a": 1}}\n', "must hold strings"),
+        (b'{"op": "download", "url": "http://a/", "headers": {"a": 1}}\n', "'headers' must map strings"),
         (b'{"op": "stats"', "not terminated"),
         (b'{"op": "download", "url": "http://a/", "timeout_s": ' + b"9" * 400 + b"}\n", "finite"),
         (b'{"op": "download", "url": "http://a/", "timeout_s": 1e999}\n', "finite"),

@@ -101,10 +101,10 @@ def parse_request(line: bytes) -> DownloadRequest | None:
         raise UsageError("request field 'url' is required")
     filters = obj.get("filtered_query_params", list(DEFAULT_FILTERED_QUERY_PARAMS))
     headers = obj.get("headers", {})
-    if not all(isinstance(name, str) for name in filters) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        raise UsageError("request fields 'filtered_query_params' and 'headers' must hold strings")
+    if not all(isinstance(name, str) for name in filters):
+        raise UsageError("request field 'filtered_query_params' must hold strings")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise UsageError("request field 'headers' must map strings to strings")
     if obj.get("piece_length") is not None:
         validate_user_piece_length(obj["piece_length"])
     try:
