@@ -91,6 +91,9 @@ class BackToSource:
         try:
             await self._run()
         except SourceError as exc:
+            # Said here too: on a seed, the peers that asked see the error, but this host's setup (trust
+            # store, DNS, routes) is what to look at.
+            log.warning("task %s: reading the origin failed: %s", self.c.state.task_id[:12], exc)
             await self.c.stream.source_error(exc)
             raise
         finally:

@@ -22,6 +22,7 @@ Host events live in hosts.py; parent choice and retries in scheduling.py.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from dfly.scheduler.core.cluster import Cluster, RemovedPeer, TaskView
@@ -271,11 +272,17 @@ class SchedulerEngine:
 
     def _origin_failed(self, reporter: Peer, task: Task, event: PeerFailed) -> list[Command]:
         self.cluster.remove_peer(reporter, PeerState.FAILED)
+        error = event.source_error
+        reader = self.cluster.hosts.get(reporter.host_id)
+        if error is not None and reader is not None:  # whose trust store, DNS and routes decided it
+            kind = "seed peer" if reader.info.seed else "peer"
+            where = f"{kind} {reader.info.hostname or reader.host_id}"
+            error = dataclasses.replace(error, message=f"{error.message} (the origin was read by {where})")
         commands: list[Command] = []
         for peer in list(task.peers.values()):
             if peer.active:
                 self.cluster.remove_peer(peer, PeerState.FAILED)
-                commands.append(SendTaskFailed(peer.peer_id, event.description, event.source_error))
+                commands.append(SendTaskFailed(peer.peer_id, event.description, error))
         task.state = TaskState.FAILED
         task.seed_trigger_pending = False
         return commands
