@@ -209,7 +209,8 @@ def test_mirror_answers_ping_ranges_and_refuses_what_it_must(registry: Registry,
         for header, answer in (
             (b"X-Dragonfly-Tag: \xff\xfe", (400, "bad_request")),
             (b"X-Dragonfly-Registry: http://[", (400, "bad_request")),
-            (b"X-Dragonfly-Registry: \xff", (403, "forbidden")),  # a host name that is not allowed
+            (b"X-Dragonfly-Registry: \xff", (400, "bad_request")),  # not a host name at all
+            (b"X-Dragonfly-Registry: other.example", (403, "forbidden")),  # a host that is not allowed
         ):
             got = raw_request(port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
             assert got == answer, header
