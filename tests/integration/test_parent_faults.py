@@ -53,9 +53,15 @@ def flip_task_file(member: Member) -> None:
 
 
 def run_fault(
-    origin: Origin, tmp_path: Path, fault: Callable[[LocalCluster, Member], None], logged: str
+    origin: Origin,
+    tmp_path: Path,
+    fault: Callable[[LocalCluster, Member], None],
+    logged: str,
+    child_download: dict[str, Any] | None = None,
+    dfget_extra: tuple[str, ...] = (),
 ) -> None:
-    """Break peer-1 with `fault` mid-download; peer-3's log must show `logged` on a line naming peer-1."""
+    """Break peer-1 with `fault` mid-download; peer-3's log must show `logged` on a line naming peer-1.
+    `child_download`: more of peer-3's `download` section; `dfget_extra`: flags of every dfget."""
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
     digest = make_file(origin.root / "f.bin", FILE_BYTES, seed=91)
@@ -64,18 +70,20 @@ def run_fault(
     overrides = {
         "peer-1": capped,
         "peer-2": capped,
-        "peer-3": {"download": {"piece_timeout_s": PIECE_TIMEOUT_S}},
+        "peer-3": {"download": {"piece_timeout_s": PIECE_TIMEOUT_S, **(child_download or {})}},
     }
     with LocalCluster(tmp_path / "c", peers=3, daemon_overrides=overrides) as cluster:
         p1, p2, p3 = (cluster.member(f"peer-{i}") for i in (1, 2, 3))
         for holder in (p1, p2):
             done = subprocess.run(
-                dfget_cmd(holder, url, tmp_path / f"{holder.name}.out"), timeout=DFGET_TIMEOUT_S
+                dfget_cmd(holder, url, tmp_path / f"{holder.name}.out", *dfget_extra), timeout=DFGET_TIMEOUT_S
             )
             assert done.returncode == 0
         cluster.kill_member("seed")
         origin_before, p2_before, p1_before = origin.bytes_sent, uploaded(p2), uploaded(p1)
-        child = subprocess.Popen(dfget_cmd(p3, url, tmp_path / "out"), stderr=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            dfget_cmd(p3, url, tmp_path / "out", *dfget_extra), stderr=subprocess.PIPE, text=True
+        )
         try:
             wait_until("peer-1 sends peer-3 2 MiB", lambda: uploaded(p1) - p1_before >= 2 * MiB)
             assert child.poll() is None, "peer-3 finished before the fault"
@@ -113,3 +121,18 @@ def test_parent_serving_corrupt_bytes_is_dropped_and_nothing_bad_is_kept(
     origin: Origin, tmp_path: Path
 ) -> None:
     run_fault(origin, tmp_path, lambda _cluster, parent: flip_task_file(parent), "for a corrupt piece")
+
+
+def test_parent_that_stalls_holding_every_buffer_is_dropped(origin: Origin, tmp_path: Path) -> None:
+    """peer-3's receive buffers (1 MiB: one piece of 1 MiB) wait on the stopped peer-1. The request loop
+    used to wait for a buffer before it checked for expired requests, so it waited for ever: no piece
+    timeout, no other parent, the download (and every other one on the host) stuck. (The default 32 MiB
+    holds two 16 MiB pieces: every file of 4 GiB or more.)"""
+    run_fault(
+        origin,
+        tmp_path,
+        lambda _cluster, parent: os.kill(parent.pid, signal.SIGSTOP),
+        "sent no piece for",
+        child_download={"buffer_bytes": MiB},
+        dfget_extra=("--piece-length", "1MiB"),
+    )

@@ -223,7 +223,11 @@ class ParentSet:
                 silent_s,
             )
             self._fail(parent_id)
-        for request in planner.next_requests(now):
+        # Only as many requests as the shared buffer pool can take now: a request that waited for a
+        # buffer held this loop (and the expiry check above) until a stalled parent's buffers came back,
+        # which was never (the expiry that frees them runs here). The rest follow on the next step.
+        room = self.c.ctx.pool.room_for(layout.piece_length)
+        for request in planner.next_requests(now, limit=room):
             conn = self._conns.get(request.parent_id)
             if conn is None:
                 continue

@@ -79,3 +79,19 @@ def test_a_parent_without_room_gets_no_request_from_its_have() -> None:
     planner.piece_done("A", 0)
     assert planner.has_room("A")
     assert len(planner.next_requests(0.0)) == 1
+
+
+def test_a_limit_caps_the_requests_and_the_parents_take_turns() -> None:
+    """The daemon asks for no more requests than its buffer pool can take now; the scarce ones go round
+    the parents instead of always to the first."""
+    planner = DownloadPlanner(8, requests_per_parent=4, rng=random.Random(0))
+    for parent in ("A", "B"):
+        planner.add_parent(parent)
+        planner.parent_has(parent, range(8))
+    assert planner.next_requests(0.0, limit=0) == []
+    firsts = []
+    for _ in range(4):
+        (request,) = planner.next_requests(0.0, limit=1)
+        firsts.append(request.parent_id)
+    assert firsts == ["A", "B", "A", "B"]
+    assert len(planner.next_requests(0.0)) == 0  # each parent now holds its share (2 of 4)

@@ -113,3 +113,20 @@ def test_release_checks_ownership() -> None:
             BufferPool(0)
 
     run(main())
+
+
+def test_room_for_counts_what_can_be_taken_without_waiting() -> None:
+    async def main() -> None:
+        pool = BufferPool(100)
+        assert pool.room_for(30) == 3
+        assert pool.room_for(250) == 1  # one oversize buffer is granted while nothing is out
+        a = await pool.acquire(60)
+        assert pool.room_for(30) == 1
+        assert pool.room_for(50) == 0
+        waiter = asyncio.ensure_future(pool.acquire(50))
+        await asyncio.sleep(0)
+        assert pool.room_for(10) == 0  # others wait: first come, first served
+        pool.release(a)
+        pool.release(await waiter)
+
+    run(main())

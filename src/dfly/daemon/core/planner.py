@@ -126,6 +126,7 @@ class DownloadPlanner:
         self._copies: dict[int, dict[str, float]] = {}  # in-flight piece -> parent -> time requested
         # wanted (missing, not in flight, held) piece -> (holder count, parents whose bucket holds it)
         self._listed: dict[int, tuple[int, tuple[str, ...]]] = {}
+        self._turn = 0  # which parent is served first in the next limited call
 
     # --- state -------------------------------------------------------------------------------------
 
@@ -245,14 +246,25 @@ class DownloadPlanner:
 
     # --- decisions ---------------------------------------------------------------------------------
 
-    def next_requests(self, now: float) -> list[Request]:
-        """Fill every parent up to its share of ``requests_per_parent``, one slot per parent per round."""
+    def next_requests(self, now: float, limit: int | None = None) -> list[Request]:
+        """Fill every parent up to its share of ``requests_per_parent``, one slot per parent per round;
+        at most ``limit`` requests (what the caller can give buffers to now). With a limit, each call
+        starts with the next parent in turn, so scarce buffers go round the parents."""
         out: list[Request] = []
+        if limit == 0:
+            return out
         depth = self.depth()
+        parents = list(self._parents.items())
+        if parents and limit is not None:
+            start = self._turn % len(parents)
+            self._turn += 1
+            parents = parents[start:] + parents[:start]
         progress = True
         while progress:
             progress = False
-            for parent_id, parent in self._parents.items():
+            for parent_id, parent in parents:
+                if limit is not None and len(out) >= limit:
+                    return out
                 if len(parent.in_flight) >= depth:
                     continue
                 piece = self._pick(parent)

@@ -73,6 +73,14 @@ class BufferPool:
         self._out_bytes += size
         return buf
 
+    def room_for(self, size: int) -> int:
+        """How many buffers of `size` could be taken now without waiting (none while others wait)."""
+        if self._waiters:
+            return 0
+        if self._out_bytes == 0:
+            return max(1, self.budget_bytes // size)  # one buffer over the budget is granted alone
+        return max(0, (self.budget_bytes - self._out_bytes) // size)
+
     def try_acquire(self, size: int) -> bytearray | None:
         """A buffer now if it fits and nobody is waiting, else None."""
         if size <= 0:
