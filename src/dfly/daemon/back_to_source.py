@@ -35,13 +35,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAT_TIMEOUT_S = 30.0
-# Read ahead of the pieces being written: at least 2 piece-sized slots and up to READ_AHEAD_BYTES (but
-# at most 1/READ_AHEAD_SHARE of the daemon's buffer budget, so concurrent origin reads of a seed never
-# wait for each other's buffers), so a busy event loop does not stall the origin stream between pieces.
+# Read ahead of the pieces being written, so a busy event loop does not stall the origin stream between
+# pieces: up to READ_AHEAD_BYTES, at most 1/READ_AHEAD_SHARE of the daemon's buffer budget (concurrent
+# origin reads of a seed and the children's receive buffers share it), and never more than is left to
+# read. Pieces larger than that share get MIN_BUFFER_SLOTS slots while those take at most half the
+# budget, else one (16 MiB pieces, the default from 4 GiB, took the whole 32 MiB before).
 MIN_BUFFER_SLOTS = 2
 READ_AHEAD_BYTES = 8 * 1024 * 1024
 READ_AHEAD_SHARE = 8
 READ_TIMEOUT_S = 60.0
+
+
+def read_buffer_bytes(budget_bytes: int, layout: Layout, *, first_piece: int) -> int:
+    """The origin read's buffer: piece-sized slots (see READ_AHEAD_BYTES), no larger than what is left."""
+    piece = layout.piece_length
+    slots = max(1, min(READ_AHEAD_BYTES, budget_bytes // READ_AHEAD_SHARE) // piece)
+    if slots < MIN_BUFFER_SLOTS and MIN_BUFFER_SLOTS * piece <= budget_bytes // 2:
+        slots = MIN_BUFFER_SLOTS
+    left = layout.content_length - first_piece * piece
+    return max(1, min(slots * piece, left))
 
 
 class StoreHandoff:
@@ -143,9 +155,9 @@ class BackToSource:
             return StoreHandoff(asyncio.run_coroutine_threadsafe(store, loop), self._stop)
 
         # From the daemon's pool: a fresh bytearray per task cost ~0.2 s of page faults per GiB.
-        read_ahead = min(READ_AHEAD_BYTES, self.c.ctx.pool.budget_bytes // READ_AHEAD_SHARE)
-        slots = max(MIN_BUFFER_SLOTS, read_ahead // layout.piece_length)
-        buffer = await self.c.ctx.pool.acquire(slots * layout.piece_length)
+        buffer = await self.c.ctx.pool.acquire(
+            read_buffer_bytes(self.c.ctx.pool.budget_bytes, layout, first_piece=missing[0])
+        )
         reader = asyncio.ensure_future(
             asyncio.to_thread(
                 http.read_pieces,

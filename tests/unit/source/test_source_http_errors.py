@@ -231,9 +231,9 @@ def test_origin_without_range_support(origin: Origin) -> None:
 
 
 def test_buffer_smaller_than_a_piece_is_refused(origin: Origin) -> None:
-    st = stat(origin.add_bytes("b", b"b" * 10), {}, timeout_s=5)
+    st = stat(origin.add_bytes("b", b"b" * 10), {}, timeout_s=5)  # one piece of 10 bytes: 10 would do
     with pytest.raises(ValueError, match="cannot hold"):
-        read_pieces(st, {}, piece_length=64 * KiB, buffer=bytearray(10), on_piece=lambda *_: None,
+        read_pieces(st, {}, piece_length=64 * KiB, buffer=bytearray(9), on_piece=lambda *_: None,
                     should_stop=lambda: False, timeout_s=5)  # fmt: skip
 
 

@@ -152,8 +152,10 @@ def read_pieces(
     total = stat.content_length
     count = piece_count(total, piece_length) if piece_length > 0 else 0
     last = count - 1 if last_piece is None else last_piece
-    if piece_length <= 0 or len(buffer) < piece_length:
-        raise ValueError(f"buffer of {len(buffer)} bytes cannot hold a piece of {piece_length} bytes")
+    # A piece-sized slot; an object of one piece from here on needs only its own bytes.
+    largest = min(piece_length, max(0, total - first_piece * piece_length))
+    if piece_length <= 0 or len(buffer) < largest or not buffer:
+        raise ValueError(f"buffer of {len(buffer)} bytes cannot hold a piece of {largest} bytes")
     if total == 0 or first_piece > last:
         return 0
     if not 0 <= first_piece <= last < count:
@@ -198,7 +200,7 @@ def read_pieces(
                 return 0
             skip -= step
         delivered = 0
-        slots = len(view) // piece_length
+        slots = max(1, len(view) // piece_length)
         pending: list[PieceHandoff | None] = [None] * slots
         try:
             for number in range(first_piece, last + 1):
