@@ -353,3 +353,37 @@ def test_a_piece_keeps_its_file_when_the_tasks_fd_is_replaced_mid_piece(tmp_path
         await server.close()
 
     run(main())
+
+
+def test_a_cancel_while_the_piece_waits_for_tokens_charges_nothing(tmp_path: Path) -> None:
+    """Piece 1 is the one the parent is about to send, waiting for upload tokens, when the child cancels
+    it: the wait ends and the tokens go back, so piece 2 comes as soon as it would have without piece 1
+    (it used to wait out piece 1's tokens too: an endgame CANCEL cost every child that bandwidth)."""
+    make_file(tmp_path / "f", 4 * MiB)
+    task = FileTask(tmp_path / "f", "t1", 1 * MiB)
+
+    async def time_to_piece_2(cancel_piece_1: bool) -> float:
+        server, port = await start(task, rate=2 * MiB, burst=64 * KiB)
+        rec = Recorder()
+        conn = await connect(port, task, rec, BufferPool(8 * MiB))
+        started = time.perf_counter()
+        await conn.request(0)
+        if cancel_piece_1:
+            await conn.request(1)
+        assert (await rec.expect("piece"))[1] == 0
+        if cancel_piece_1:
+            conn.cancel(1)  # by now the parent's writer holds it, waiting for piece 0's debt to clear
+        await conn.request(2)
+        assert (await rec.expect("piece"))[1] == 2
+        elapsed = time.perf_counter() - started
+        conn.close()
+        await server.close()
+        return elapsed
+
+    async def main() -> None:
+        alone = await time_to_piece_2(cancel_piece_1=False)
+        cancelled = await time_to_piece_2(cancel_piece_1=True)
+        print(f"piece 2 after {alone:.2f} s alone, {cancelled:.2f} s with piece 1 cancelled")
+        assert cancelled < 1.3 * alone  # 2 MiB/s: ~1 s either way; charged for piece 1 it was ~1.5 s
+
+    run(main())

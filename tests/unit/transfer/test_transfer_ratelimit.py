@@ -79,3 +79,21 @@ def test_async_wrapper() -> None:
         assert bucket.rate == 0
 
     asyncio.run(main())
+
+
+def test_a_wait_ends_without_a_charge_when_its_unless_event_is_set() -> None:
+    """A child's CANCEL of the piece waiting for tokens: the tokens go back to the other children."""
+
+    async def main() -> None:
+        bucket = TokenBucket(100 * MiB, burst_bytes=MiB)
+        assert await bucket.acquire(MiB)
+        cancel = asyncio.Event()
+        waiter = asyncio.ensure_future(bucket.acquire(100 * MiB, unless=cancel))  # would wait ~1 s
+        await asyncio.sleep(0)
+        cancel.set()
+        assert await waiter is False
+        assert bucket._core.tokens > -MiB  # refunded
+        assert await bucket.acquire(MiB, unless=cancel) is False  # already set: nothing reserved
+        assert bucket._core.tokens > -MiB
+
+    asyncio.run(main())

@@ -39,6 +39,7 @@ class ChildConnection:
         self.queue: deque[int] = deque()
         self.current = -1  # piece popped from the queue, not yet on the wire
         self.current_cancelled = False
+        self.current_cancel = asyncio.Event()  # set with current_cancelled: ends a wait for upload tokens
         self.out = bytearray()  # control frames waiting for the writer
         self.out_errors = 0  # ERROR answers in `out`: a child that asks without reading them is dropped
         self.wake = asyncio.Event()
@@ -144,6 +145,7 @@ class ChildConnection:
             elif isinstance(event, p.Cancel):
                 if event.number == self.current:
                     self.current_cancelled = True
+                    self.current_cancel.set()
                 with contextlib.suppress(ValueError):
                     self.queue.remove(event.number)
                     self._unclaim(event.number)
@@ -241,12 +243,15 @@ class ChildConnection:
         offset, length = p.piece_span(number, task.piece_length, task.content_length)
         server = self.server
         self.current, self.current_cancelled = number, False
+        self.current_cancel.clear()
         async with server.slots if server.slots is not None else contextlib.nullcontext():
             server.active_uploads += 1
             try:
-                await server.limiter.acquire(length)
+                # A CANCEL while this waited for its slot or its tokens: nothing is charged (or the
+                # tokens go back), so the other children's share of the upload limit is not spent on it.
+                sendable = await server.limiter.acquire(length, unless=self.current_cancel)
                 self.current = -1
-                if self.current_cancelled:
+                if not sendable or self.current_cancelled:
                     self._unclaim(number)
                     return
                 # our own fd for this piece: the task's cached fd is closed (and its number may be reused)

@@ -11,7 +11,8 @@ Rules:
   only bounds how much idle credit accumulates; it does not need to cover a whole piece.
 - Rate 0 means unlimited: `acquire` returns at once without touching the clock. Burst None or 0 means
   the default.
-- A waiter cancelled while waiting gets its bytes refunded.
+- A waiter cancelled while waiting gets its bytes refunded; so does one whose `unless` event is set while
+  it waits (`acquire` then returns False: the bytes are not to be sent).
 """
 
 from __future__ import annotations
@@ -93,14 +94,26 @@ class TokenBucket:
         """Change the rate at run time (call on the loop's thread)."""
         self._core.configure(rate_bytes_per_s, burst_bytes, self._now())
 
-    async def acquire(self, nbytes: int) -> None:
+    async def acquire(self, nbytes: int, unless: asyncio.Event | None = None) -> bool:
+        """Wait until `nbytes` may be sent: True; False (bytes refunded) if `unless` is set meanwhile."""
+        if unless is not None and unless.is_set():
+            return False
         if self._core.rate == 0:
-            return
+            return True
         wait_s = self._core.reserve(nbytes, self._now())
         if wait_s <= 0:
-            return
+            return True
         try:
-            await asyncio.sleep(wait_s)
+            if unless is None:
+                await asyncio.sleep(wait_s)
+                return True
+            try:
+                async with asyncio.timeout(wait_s):
+                    await unless.wait()
+            except TimeoutError:
+                return True
         except asyncio.CancelledError:
             self._core.refund(nbytes, self._now())
             raise
+        self._core.refund(nbytes, self._now())
+        return False
