@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from pathlib import Path
 
 import pytest
-from transfer_kit import FileTask, KiB, Recorder, connect, make_file, run, start, uploaded
+from transfer_kit import FileTask, KiB, MiB, Recorder, connect, make_file, run, start, uploaded
 from transfer_kit import close_task_fds as close_task_fds  # autouse: closes the tasks' fds
 
 from dfly.daemon.core.first_pass import FirstPassGate
@@ -155,6 +156,34 @@ def test_a_child_repeating_a_refused_request_without_reading_is_dropped(tmp_path
             await asyncio.sleep(0.05)
         assert server.connections_open == 1  # the greedy child is gone, the first one stays
         writer.transport.abort()
+        await server.close()
+
+    run(main())
+
+
+def test_after_the_release_a_queued_request_holds_no_piece_back(tmp_path: Path) -> None:
+    """One copy at a time means the copy on the wire: a child that queued many requests (and reads
+    slowly, or not at all) held every queued piece back from every other child until its connection
+    ended (60 s for one that never reads)."""
+    make_file(tmp_path / "f", 16 * MiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)  # 64 pieces
+
+    async def main() -> None:
+        task.gate = FirstPassGate(task.piece_count)
+        task.gate.release()
+        server, port = await start(task)
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+        hog.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(hog, ("127.0.0.1", port))
+        hello = p.encode_hello(task.task_id, "hog", task.piece_length, task.content_length)
+        await asyncio.get_running_loop().sock_sendall(hog, hello + b"".join(map(p.encode_request, range(64))))
+        honest = Recorder()
+        conn = await connect(port, task, honest)
+        await conn.request(63)  # far down the hog's queue: its buffers fill long before
+        assert await honest.expect("piece") == ("piece", 63, task.digests[63])
+        conn.close()
+        hog.close()
         await server.close()
 
     run(main())

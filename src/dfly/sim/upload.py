@@ -7,7 +7,8 @@ ERROR not_available for a piece the parent does not hold. A parent reading the o
 real first-pass gate (dfly.daemon.core.first_pass) exactly where the piece server does: a REQUEST for a
 piece given to another child is refused with ERROR not_available and announced again (HAVE) when its
 claim is handed back or the gate releases, and after the release a piece with a copy on its way to another
-child is refused and announced again once that copy is done; a claimed piece not delivered (cancelled in
+child (claimed when it is the next to be sent, not when its REQUEST is queued) is refused and announced
+again once that copy is done; a claimed piece not delivered (cancelled in
 the queue or while waiting for a slot, connection closed) is handed back. Every frame takes the hosts'
 one-way delay.
 """
@@ -19,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.sim.flows import Flow
 from dfly.sim.model import SimHost, World, piece_size
 
@@ -79,13 +81,19 @@ class Conn:
         gate = self.parent.gate
         if gate is None or not self.parent.holds(piece):
             return False
-        if gate.claim(piece):
+        if gate.released:  # one copy at a time: claimed when its turn to be sent comes (_send_next)
+            if not gate.taken(piece):
+                return False
+        elif gate.claim(piece):
             self.claimed.add(piece)
             return False
+        self._refuse_taken(piece, gate)
+        return True
+
+    def _refuse_taken(self, piece: int, gate: FirstPassGate) -> None:
         self._error(piece)
         if piece not in self.waiting_free:  # once per piece, however often the child asks
             self.waiting_free[piece] = gate.on_free(piece, functools.partial(self._freed, piece))
-        return True
 
     def _freed(self, piece: int) -> None:
         self.waiting_free.pop(piece, None)
@@ -108,6 +116,12 @@ class Conn:
                 self._unclaim(piece)
                 self._error(piece)
                 continue
+            gate = parent.gate
+            if gate is not None and gate.released and piece not in self.claimed:
+                if not gate.claim(piece):  # another child's copy of it is on the wire
+                    self._refuse_taken(piece, gate)
+                    continue
+                self.claimed.add(piece)
             self.current, self.cancelled = piece, False
             host = parent.host
             if host.slots_free > 0:

@@ -24,7 +24,9 @@ once and the source's uplink splits over its 200 upload slots, ~3 s per copy (si
 3 GB with 12 parents: 4.4 × the bound without the rule, 1.5 × with it; docs/simulation.md).
 
 Rules:
-- `claim(n)` when a REQUEST arrives: True (serve it; it is now given out) or False (refuse it).
+- `claim(n)` when a REQUEST arrives during the first pass (True: serve it, it is now given out; False:
+  refuse it), and after the release when its copy is about to be sent (a request queued behind others
+  must not hold a piece back from every other child); `taken(n)` says what `claim` would.
 - `unclaim(n)` when a claimed piece was not delivered after all (CANCEL before its header went out, the
   connection lost): it may be given to someone else. `delivered(n)` when it was sent.
 - After the release, `claim(n)` is True only while no copy of n is being sent. (A first-pass claim
@@ -102,11 +104,14 @@ class FirstPassGate:
         if self._released:
             self._free(number)
 
+    def taken(self, number: int) -> bool:
+        """Whether `claim(number)` would be refused now."""
+        return number in self._sending if self._released else bool(self._claimed[number])
+
     def on_free(self, number: int, listener: ReleaseListener) -> Callable[[], None]:
         """Run `listener` once when `number` may be claimed again (see the rules above); returns a remover
         (a closed connection drops its listeners)."""
-        taken = number in self._sending if self._released else bool(self._claimed[number])
-        if not taken:
+        if not self.taken(number):
             listener()
             return _nothing
         listeners = self._free_listeners.setdefault(number, [])

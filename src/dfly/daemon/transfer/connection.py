@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dfly.common.errors import ProtocolError
+from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.sendfile import sendfile_range
 
@@ -162,16 +163,23 @@ class ChildConnection:
         gate = task.first_pass if task is not None else None
         if gate is None or task is None or task.piece_digest(number) is None:
             return False
-        if gate.claim(number):
+        if gate.released:  # one copy at a time: claimed when its turn to be sent comes (_serve_piece)
+            if not gate.taken(number):
+                return False
+        elif gate.claim(number):
             self.claimed.add(number)
             return False
+        self._refuse_taken(number, gate)
+        return True
+
+    def _refuse_taken(self, number: int, gate: FirstPassGate) -> None:
+        """Refuse a piece another child has (or is being sent); HAVE again once it is free."""
         if 0 <= number < len(self.known) * 8:
             self.known[number >> 3] &= ~(0x80 >> (number & 7)) & 0xFF
         self._refuse(number, "is with another child")
         # told again (HAVE) when its claim comes back, at the release, or when the copy being sent is done
         if number not in self.waiting_free:  # once per piece, however often the child asks
             self.waiting_free[number] = gate.on_free(number, functools.partial(self._freed, number))
-        return True
 
     def _refuse(self, number: int, why: str) -> None:
         self.out += p.encode_error("not_available", f"piece {number} {why}", piece=number)
@@ -240,6 +248,12 @@ class ChildConnection:
             self._unclaim(number)
             self._refuse(number, "is not available")
             return
+        gate = task.first_pass
+        if gate is not None and gate.released and number not in self.claimed:
+            if not gate.claim(number):  # another child's copy of it is on the wire
+                self._refuse_taken(number, gate)
+                return
+            self.claimed.add(number)
         offset, length = p.piece_span(number, task.piece_length, task.content_length)
         server = self.server
         self.current, self.current_cancelled = number, False
