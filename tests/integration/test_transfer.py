@@ -387,3 +387,34 @@ def test_a_cancel_while_the_piece_waits_for_tokens_charges_nothing(tmp_path: Pat
         assert cancelled < 1.3 * alone  # 2 MiB/s: ~1 s either way; charged for piece 1 it was ~1.5 s
 
     run(main())
+
+
+def test_children_that_do_not_read_leave_the_upload_threads_to_the_others(tmp_path: Path) -> None:
+    """Pieces over 1 MiB are copied by the server's four upload threads. A thread used to wait on its
+    child's full socket for as long as the child took a little every minute: four such children stopped
+    every other child's large pieces (the honest child below waited 59 s for its piece)."""
+    make_file(tmp_path / "f", 32 * MiB)
+    task = FileTask(tmp_path / "f", "t1", 4 * MiB)
+
+    async def main() -> None:
+        server, port = await start(task)
+        loop = asyncio.get_running_loop()
+        hogs = []
+        for n in range(4):  # as many as the server has upload threads
+            hog = socket.socket()
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+            hog.setblocking(False)
+            await loop.sock_connect(hog, ("127.0.0.1", port))
+            hello = p.encode_hello(task.task_id, f"hog-{n}", task.piece_length, task.content_length)
+            await loop.sock_sendall(hog, hello + p.encode_request(n))
+            hogs.append(hog)
+        honest = Recorder()
+        conn = await connect(port, task, honest)
+        await conn.request(5)
+        assert await honest.expect("piece") == ("piece", 5, task.digests[5])
+        conn.close()
+        for hog in hogs:
+            hog.close()
+        await server.close()
+
+    run(main())

@@ -1,11 +1,13 @@
 """Sending a piece's bytes from the task file with `os.sendfile`.
 
-Rules: a range larger than INLINE_MAX goes to an upload thread (the kernel copy of a large piece takes
-milliseconds: a seed's loop spent most of a 1 GiB upload inside sendfile); a smaller one is sent from the
-event loop, waiting for writability between calls (a thread hand-off per small piece cost more CPU than
-the copy: submit, wake-up and the loop's self-pipe). The socket stays non-blocking; the thread waits with
-poll(). A cancelled caller shuts the socket down (the frame on the wire cannot be finished) and, on the
-thread path, waits for the thread, so the socket is never closed under it.
+Rules: a range larger than INLINE_MAX is copied by an upload thread (the kernel copy of a large piece
+takes milliseconds: a seed's loop spent most of a 1 GiB upload inside sendfile); a smaller one is sent
+from the event loop (a thread hand-off per small piece cost more CPU than the copy: submit, wake-up and
+the loop's self-pipe). The socket stays non-blocking, and a thread only copies while the socket takes
+data: when it is full the thread is given back and the event loop waits for writability (a thread
+waiting on a slow child's socket kept it from every other child: four slow children stopped a daemon's
+uploads of large pieces). A cancelled caller shuts the socket down (the frame on the wire cannot be
+finished) and waits for a running thread, so the socket is never closed under it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import select
 import socket
 
 from dfly.common.errors import StorageError
@@ -22,21 +23,18 @@ from dfly.common.errors import StorageError
 INLINE_MAX = 1024 * 1024  # ranges up to this are sent from the event loop
 
 
-def _sendfile_blocking(sock_fd: int, fd: int, offset: int, count: int, stall_s: float) -> None:
-    """os.sendfile on a non-blocking socket, waiting with poll(); runs in an upload thread."""
-    poller = select.poll()
-    poller.register(sock_fd, select.POLLOUT)
-    while count > 0:
+def _sendfile_until_full(sock_fd: int, fd: int, offset: int, count: int) -> int:
+    """os.sendfile on a non-blocking socket until done or full; the bytes sent. Runs in an upload thread."""
+    done = 0
+    while done < count:
         try:
-            sent = os.sendfile(sock_fd, fd, offset, count)
+            sent = os.sendfile(sock_fd, fd, offset + done, count - done)
         except BlockingIOError:
-            if not poller.poll(stall_s * 1000):
-                raise TimeoutError(f"child took no data for {stall_s:g} s") from None
-            continue
+            return done
         if sent == 0:
-            raise StorageError(f"task file ends before offset {offset} + {count}")
-        offset += sent
-        count -= sent
+            raise StorageError(f"task file ends before offset {offset + done} + {count - done}")
+        done += sent
+    return done
 
 
 async def sendfile_range(
@@ -55,24 +53,43 @@ async def sendfile_range(
     own back-to-source). If the caller is cancelled, the socket is shut down (so a thread's sendfile
     fails at once) and the thread is waited for: the socket is never closed under it.
     """
-    if count <= INLINE_MAX:
-        try:
-            await _sendfile_on_loop(loop, sock, fd, offset, count, stall_s)
-        except asyncio.CancelledError:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            raise
-        return
-    future = loop.run_in_executor(executor, _sendfile_blocking, sock.fileno(), fd, offset, count, stall_s)
     try:
-        await asyncio.shield(future)
+        if count <= INLINE_MAX:
+            await _sendfile_on_loop(loop, sock, fd, offset, count, stall_s)
+        else:
+            await _sendfile_in_threads(loop, sock, fd, offset, count, stall_s, executor)
     except asyncio.CancelledError:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        await asyncio.wait([future])
-        if not future.cancelled():
-            future.exception()  # the thread's error (EPIPE after the shutdown) is expected: retrieve it
         raise
+
+
+async def _sendfile_in_threads(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    fd: int,
+    offset: int,
+    count: int,
+    stall_s: float,
+    executor: concurrent.futures.Executor | None,
+) -> None:
+    """Copies in an upload thread while the socket takes data; the loop waits while it is full."""
+    sock_fd = sock.fileno()
+    while count > 0:
+        future = loop.run_in_executor(executor, _sendfile_until_full, sock_fd, fd, offset, count)
+        try:
+            sent = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the thread's sendfile fails at once
+            await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # the thread's error (EPIPE after the shutdown) is expected: retrieve it
+            raise
+        offset += sent
+        count -= sent
+        if count > 0:
+            await _writable(loop, sock_fd, stall_s)
 
 
 async def _sendfile_on_loop(
