@@ -12,8 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from dfly.api import scheduler_pb2 as pb
+from dfly.api import scheduler_pb2_grpc
 from dfly.cluster import Member, query_stats
 from dfly.common.digest import file_digest
 from dfly.daemon.storage.model import task_relpath
@@ -31,6 +34,21 @@ def stats(member: Member) -> dict[str, Any]:
 def task_file(data_dir: Path, url: str) -> Path:
     """Where a daemon with storage in `data_dir` keeps the task of a plain download of `url`."""
     return data_dir / task_relpath(TaskRequest(url=url).task_id)
+
+
+def peers_on(addr: str, task_id: str) -> int:
+    """How many peers of the task the scheduler at `addr` knows (0 when it never heard of the task, or
+    forgot it with its last peer)."""
+    with grpc.insecure_channel(addr) as channel:
+        try:
+            stat = scheduler_pb2_grpc.SchedulerStub(channel).StatTask(
+                pb.StatTaskRequest(task_id=task_id), timeout=5
+            )
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise
+    return int(stat.peer_count)
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout_s: float = PROBE_TIMEOUT_S) -> None:

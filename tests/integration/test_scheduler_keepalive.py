@@ -7,31 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import pytest
-from clusterkit import dfget_popen, hung, wait_until
+from clusterkit import dfget_popen, hung, peers_on, wait_until
 
-from dfly.api import scheduler_pb2 as pb
-from dfly.api import scheduler_pb2_grpc
 from dfly.cluster import LocalCluster
 from dfly.common.pieces import MiB
 from dfly.daemon.task_request import TaskRequest
 from dfly.devtools.origin import Origin, make_file
 
 pytestmark = pytest.mark.integration
-
-
-def peer_count(addr: str, task_id: str) -> int:
-    with grpc.insecure_channel(addr) as channel:
-        try:
-            stat = scheduler_pb2_grpc.SchedulerStub(channel).StatTask(
-                pb.StatTaskRequest(task_id=task_id), timeout=5
-            )
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.NOT_FOUND:
-                return 0
-            raise
-    return int(stat.peer_count)
 
 
 def test_a_stopped_daemons_download_leaves_the_task(tmp_path: Path) -> None:
@@ -49,12 +33,12 @@ def test_a_stopped_daemons_download_leaves_the_task(tmp_path: Path) -> None:
         download = dfget_popen(peer, url, tmp_path / "out")
         try:
             wait_until(
-                "the seed and peer-1 registered", lambda: peer_count(cluster.scheduler_addr, task_id) == 2
+                "the seed and peer-1 registered", lambda: peers_on(cluster.scheduler_addr, task_id) == 2
             )
             with hung(peer):
                 wait_until(
                     "peer-1's download left the task",
-                    lambda: peer_count(cluster.scheduler_addr, task_id) == 1,
+                    lambda: peers_on(cluster.scheduler_addr, task_id) == 1,
                     timeout_s=15,
                 )
         finally:

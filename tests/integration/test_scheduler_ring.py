@@ -12,12 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from clusterkit import Downloads, stats, wait_until
+from clusterkit import Downloads, peers_on, stats, wait_until
 
-from dfly.api import scheduler_pb2 as pb
-from dfly.api import scheduler_pb2_grpc
 from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
@@ -36,20 +33,6 @@ DFGET_TIMEOUT_S = 60.0
 def origin(tmp_path: Path) -> Iterator[Origin]:
     with Origin(tmp_path / "www", rate_limit_bytes_per_s=ORIGIN_RATE) as server:
         yield server
-
-
-def peers_on(addr: str, task_id: str) -> int:
-    """How many peers of the task the scheduler at `addr` knows (0 when it never heard of the task)."""
-    with grpc.insecure_channel(addr) as channel:
-        try:
-            stat = scheduler_pb2_grpc.SchedulerStub(channel).StatTask(
-                pb.StatTaskRequest(task_id=task_id), timeout=5
-            )
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.NOT_FOUND:
-                return 0
-            raise
-    return int(stat.peer_count)
 
 
 def test_the_owning_scheduler_dies_and_its_task_moves_to_the_other(origin: Origin, tmp_path: Path) -> None:

@@ -14,12 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from clusterkit import dfget_ok, hung, stats, task_file, wait_until
+from clusterkit import dfget_ok, hung, peers_on, stats, task_file, wait_until
 
-from dfly.api import scheduler_pb2 as pb
-from dfly.api import scheduler_pb2_grpc
 from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
@@ -27,14 +24,6 @@ from dfly.daemon.task_request import TaskRequest
 from dfly.devtools.origin import Origin, make_file
 
 pytestmark = pytest.mark.integration
-
-
-def peers_on(addr: str, task_id: str) -> int:
-    """How many peers of the task the scheduler at `addr` knows."""
-    request = pb.StatTaskRequest(task_id=task_id)
-    with grpc.insecure_channel(addr) as channel:
-        stat = scheduler_pb2_grpc.SchedulerStub(channel).StatTask(request, timeout=5)
-    return int(stat.peer_count)
 
 
 @dataclass
