@@ -12,13 +12,27 @@ import time
 from pathlib import Path
 
 import pytest
-from transfer_kit import FileTask, KiB, MiB, Recorder, connect, fetch_all, make_file, run, start, uploaded
+from transfer_kit import (
+    FileTask,
+    KiB,
+    MiB,
+    Provider,
+    Recorder,
+    connect,
+    fetch_all,
+    make_file,
+    run,
+    start,
+    uploaded,
+)
 from transfer_kit import close_task_fds as close_task_fds  # autouse: closes the tasks' fds
 
 from dfly.common.errors import DigestMismatch, ProtocolError
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.buffers import BufferPool
-from dfly.daemon.transfer.client import RemoteError, connect_parent
+from dfly.daemon.transfer.client import ParentConnection, RemoteError, connect_parent
+from dfly.daemon.transfer.ratelimit import TokenBucket
+from dfly.daemon.transfer.server import PieceServer
 
 pytestmark = pytest.mark.integration
 
@@ -416,5 +430,45 @@ def test_children_that_do_not_read_leave_the_upload_threads_to_the_others(tmp_pa
         for hog in hogs:
             hog.close()
         await server.close()
+
+    run(main())
+
+
+def test_one_address_cannot_take_every_piece_connection(tmp_path: Path) -> None:
+    """Idle but polite connections (HELLO, then nothing) from one address used to be able to fill all
+    1,024 connections, so every real child got `busy`; one address now gets at most its share."""
+    make_file(tmp_path / "f", 1 * MiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)
+
+    async def main() -> None:
+        server = PieceServer(Provider(task), "parent-peer", TokenBucket(0), max_connections_per_address=2)
+        port = await server.start("127.0.0.1", 0)
+        hello = p.encode_hello(task.task_id, "idle", task.piece_length, task.content_length)
+        idle = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(hello)
+            idle.append(writer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        refused = await asyncio.wait_for(reader.read(), 10)  # answered and closed
+        assert b"too many connections" in refused
+        writer.close()
+        idle.pop().close()  # its slot comes back
+        rec = Recorder()
+        conn = await wait_for_room(port, task, rec)
+        await conn.request(0)
+        assert await rec.expect("piece") == ("piece", 0, task.digests[0])
+        conn.close()
+        for other in idle:
+            other.close()
+        await server.close()
+
+    async def wait_for_room(port: int, task: FileTask, rec: Recorder) -> ParentConnection:
+        for _ in range(200):  # the server learns of the closed connection on its next read
+            try:
+                return await connect(port, task, rec)
+            except RemoteError:
+                await asyncio.sleep(0.02)
+        raise AssertionError("no room for a new connection")
 
     run(main())

@@ -106,6 +106,7 @@ class PieceServer:
         limiter: TokenBucket,
         *,
         max_connections: int = 1024,
+        max_connections_per_address: int = 256,
         upload_slots: int = 200,
         max_queued_requests: int = 64,
         hello_timeout_s: float = 10.0,
@@ -119,6 +120,9 @@ class PieceServer:
         self.peer_id = peer_id
         self.limiter = limiter
         self.max_connections = max_connections
+        # one host (one address) cannot take every connection: it needs one per task it downloads
+        self.max_connections_per_address = max_connections_per_address
+        self._open_by_address: dict[str, int] = {}
         self.max_queued_requests = max_queued_requests
         self.hello_timeout_s = hello_timeout_s
         self.stall_timeout_s = stall_timeout_s
@@ -176,7 +180,12 @@ class PieceServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             enable_keepalive(sock)  # a vanished child must not hold its task (and the GC) forever
-            if self.connections_open >= self.max_connections:
+            address = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+            from_address = self._open_by_address.get(address, 0)
+            if (
+                self.connections_open >= self.max_connections
+                or from_address >= self.max_connections_per_address
+            ):
                 log.debug("piece server busy, refusing %s", addr)
                 with contextlib.suppress(OSError):
                     if self.tls_context is None:  # a TLS child could not read a plain frame
@@ -194,9 +203,18 @@ class PieceServer:
                     flush_timeout_s=self.stall_timeout_s,
                 )
             )
+            self._open_by_address[address] = from_address + 1
             task = loop.create_task(serving, name=f"piece-conn-{addr}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._closed_from, address))
+
+    def _closed_from(self, address: str, _task: asyncio.Task[None]) -> None:
+        left = self._open_by_address.get(address, 1) - 1
+        if left > 0:
+            self._open_by_address[address] = left
+        else:
+            self._open_by_address.pop(address, None)
 
     async def _serve(self, sock: socket.socket, addr: object) -> None:
         self.connections_open += 1
