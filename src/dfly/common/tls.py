@@ -9,18 +9,22 @@ Rules:
   the piece server asks every child for a certificate from the same CA and each child checks its
   parent's against the address it dials. It costs sendfile: bytes pass through the TLS layer in user
   space (measured in bench/piece_tls.py, docs/benchmarks.md).
-- Files are read once at start; a missing or unreadable file, or one that is not what its key says (a
-  PEM CA bundle, a certificate, its unencrypted private key), is a ConfigError naming it (gRPC itself
-  only failed to bind, with its own log lines).
+- Files are read once at start (a new certificate needs a restart); a missing or unreadable file, or
+  one that is not what its key says (a PEM bundle with a CA certificate, a certificate issued by it and
+  valid now, its unencrypted private key), is a ConfigError naming it: gRPC itself only failed to bind,
+  or retried handshakes for ever with its own log lines.
 """
 
 from __future__ import annotations
 
+import datetime
 import socket
 import ssl
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from pydantic import model_validator
 
 from dfly.common.config import StrictModel
@@ -77,6 +81,49 @@ def check_files(tls: TlsSection) -> None:
             f"security.tls.cert {tls.cert} / key {tls.key}: not a PEM certificate with its unencrypted "
             f"private key: {exc}"
         ) from None
+    _check_certificates(tls)
+
+
+def _check_certificates(tls: TlsSection) -> None:
+    """The certificate is valid now and chains (through any intermediates in its file) to a CA
+    certificate of `ca_cert`: otherwise every handshake fails later, and only gRPC's log says why."""
+    try:
+        chain = x509.load_pem_x509_certificates(_read(tls.cert, "cert"))
+        authorities = x509.load_pem_x509_certificates(_read(tls.ca_cert, "ca_cert"))
+    except ValueError as exc:
+        raise ConfigError(f"security.tls: cannot parse a certificate: {exc}") from None
+    leaf, now = chain[0], datetime.datetime.now(datetime.UTC)
+    if now < leaf.not_valid_before_utc:
+        raise ConfigError(f"security.tls.cert {tls.cert} is not valid before {leaf.not_valid_before_utc}")
+    if now > leaf.not_valid_after_utc:
+        raise ConfigError(f"security.tls.cert {tls.cert} expired on {leaf.not_valid_after_utc}")
+    roots = [cert for cert in authorities if _is_ca(cert)]
+    if not roots:
+        raise ConfigError(f"security.tls.ca_cert {tls.ca_cert} holds no CA certificate")
+    current = leaf
+    for _ in range(len(chain)):  # leaf, then each intermediate of its file that issued the previous one
+        if any(_issued_by(current, root) for root in roots):
+            return
+        issuer = next((c for c in chain[1:] if _issued_by(current, c)), None)
+        if issuer is None:
+            break
+        current = issuer
+    raise ConfigError(f"security.tls.cert {tls.cert} was not issued by security.tls.ca_cert {tls.ca_cert}")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def server_credentials(tls: TlsSection) -> grpc.ServerCredentials:
@@ -122,12 +169,13 @@ def aio_channel(
 
 
 def _ssl_context(tls: TlsSection, purpose: ssl.Purpose) -> ssl.SSLContext:
+    check_files(tls)  # first: names the key of a bad file (and an encrypted key never prompts below)
     context = ssl.create_default_context(purpose)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
     try:
         context.load_verify_locations(cadata=_read(tls.ca_cert, "ca_cert").decode("ascii", "replace"))
-        context.load_cert_chain(str(tls.cert), str(tls.key))
+        context.load_cert_chain(str(tls.cert), str(tls.key), password=lambda: b"")
     except (ssl.SSLError, ValueError) as exc:
         raise ConfigError(f"security.tls: cannot use {tls.cert} / {tls.key} / {tls.ca_cert}: {exc}") from None
     except OSError as exc:

@@ -14,9 +14,15 @@ from pathlib import Path
 
 
 def make_pki(
-    directory: Path, names: list[str], *, ca_name: str = "dfly test CA", ips: Sequence[str] = ()
+    directory: Path,
+    names: list[str],
+    *,
+    ca_name: str = "dfly test CA",
+    ips: Sequence[str] = (),
+    leaf_valid: tuple[datetime.datetime, datetime.datetime] | None = None,
 ) -> dict[str, Path]:
-    """Write a CA and one certificate + key per name; returns {"ca": path, name: cert, name + ".key": key}."""
+    """Write a CA and one certificate + key per name; returns {"ca": path, name: cert, name + ".key": key}.
+    `leaf_valid`: the named certificates' validity window (default: from 5 minutes ago for 2 days)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -57,8 +63,8 @@ def make_pki(
             .issuer_name(ca_subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(valid[0])
-            .not_valid_after(valid[1])
+            .not_valid_before((leaf_valid or valid)[0])
+            .not_valid_after((leaf_valid or valid)[1])
             .add_extension(sans, critical=False)
             .add_extension(usage, critical=False)
             .sign(ca_key, hashes.SHA256())

@@ -27,7 +27,7 @@ from prometheus_client import start_http_server
 from dfly.api import scheduler_pb2_grpc
 from dfly.common.errors import ConfigError, DflyError
 from dfly.common.logging import setup_logging
-from dfly.common.tls import add_port, aio_channel
+from dfly.common.tls import add_port, channel_credentials
 from dfly.scheduler.config import SchedulerConfig, load_scheduler_config
 from dfly.scheduler.core.engine import SchedulerEngine
 from dfly.scheduler.metrics import SchedulerMetrics
@@ -103,11 +103,17 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
     engine = SchedulerEngine(config.scheduling, rng, started_at=asyncio.get_running_loop().time())
     metrics = SchedulerMetrics()
     tls = config.security.tls
+    # Read once at start, as every other TLS file: a certificate rotated (or half-written) meanwhile must
+    # not break each later seed trigger; new files take effect at a restart.
+    credentials = channel_credentials(tls) if tls.enabled else None
+
+    def seed_channel(address: str) -> aio.Channel:
+        if credentials is None:
+            return aio.insecure_channel(address)
+        return aio.secure_channel(address, credentials)
+
     service = SchedulerService(
-        engine,
-        metrics,
-        seed_trigger_timeout_s=config.seed_trigger.timeout_s,
-        channel_factory=lambda address: aio_channel(address, tls),
+        engine, metrics, seed_trigger_timeout_s=config.seed_trigger.timeout_s, channel_factory=seed_channel
     )
     await service.start()
     limits = [("grpc.max_receive_message_length", config.max_message_bytes), *BURST_LIMITS]

@@ -366,6 +366,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             stub = daemon_pb2_grpc.DfdaemonControlStub(channel)
             request = convert.download_task_request(command)
             response = await stub.DownloadTask(request, timeout=self._seed_trigger_timeout_s)
+        except DflyError as exc:  # e.g. a channel that could not be built: the trigger failed, say so
+            description = f"seed {command.seed_host_id} at {address}: cannot call DownloadTask: {exc}"
+            unreachable = True
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, aio.AioRpcError) else None
             details = exc.details() if isinstance(exc, aio.AioRpcError) else str(exc)
