@@ -322,6 +322,9 @@ def test_dropped_keepalive_suspends_and_the_retry_timer_fails_the_child(
             await keepalive.write(pb.HostKeepAliveRequest(host_id="127.0.0.1-a", boot_id="boot-1"))
             await keepalive.done_writing()
             await asyncio.wait_for(keepalive, STEP_S)  # the stream is gone: host a is suspended
+            metrics = await asyncio.to_thread(fetch_metrics, running.ports["metrics"])
+            assert "dfly_scheduler_hosts 2.0" in metrics  # a is still known (until host_ttl_s) ...
+            assert "dfly_scheduler_hosts_connected 1.0" in metrics  # ... but not offered: an alert sees it
 
             child = stub.AnnouncePeer()
             await child.write(register("c", "peer-c", disable_back_to_source=True))

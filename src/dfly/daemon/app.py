@@ -130,7 +130,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         await control.start()
         early.push_async_callback(control.stop, 1.0)
         with _binding("health", _address(config.health)):
-            health = await start_health_server(config.health.ip, config.health.port)
+            health = await start_health_server(config.health.ip, config.health.port, lambda: _not_ready(ctx))
         early.callback(health.close)
         health_port = health.sockets[0].getsockname()[1]
         with _binding("metrics", _address(config.metrics)):
@@ -281,6 +281,17 @@ async def _unresolvable(addrs: list[str]) -> list[str]:
         except socket.gaierror:
             out.append(host)
     return out
+
+
+def _not_ready(ctx: DaemonContext) -> str | None:
+    """Why the daemon does not serve the swarm yet (None: it does): no scheduler connected (before the
+    first announce, or while every keepalive stream is down: downloads then read the origin)."""
+    ring = ctx.scheduler
+    if ring is None:
+        return "starting"
+    if ring.clients and not any(client.connected.is_set() for client in ring.clients):
+        return "no scheduler connected"
+    return None
 
 
 async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event) -> None:

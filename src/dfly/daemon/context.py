@@ -32,9 +32,23 @@ _DOWNLOAD_BYTES = Counter(
     "dfly_daemon_download_bytes", "Bytes downloaded, by where they came from", ["source"]
 )
 _UPLOAD_BYTES = Counter("dfly_daemon_upload_bytes", "Bytes uploaded to other peers")
-_TASKS = Counter("dfly_daemon_download_tasks", "Downloads attached, by result", ["result"])
+_TASKS = Counter(
+    "dfly_daemon_download_tasks",
+    "Download attempts of a task (from parents or the origin) that ended, by result; a request served "
+    "from a task held complete (a cache hit) is none",
+    ["result"],
+)
 _GC_TASKS = Counter("dfly_daemon_gc_evicted_tasks", "Tasks the storage GC evicted, by reason", ["reason"])
 _GC_BYTES = Counter("dfly_daemon_gc_evicted_bytes", "Bytes of task files the storage GC evicted", ["reason"])
+# Every series exists from the start at 0: rate() of a series that does not exist yet is empty, so a
+# ratio such as back_to_source / total would show nothing instead of 0.
+for _source in SOURCES:
+    _DOWNLOAD_BYTES.labels(source=_source)
+for _result in ("succeeded", "failed"):
+    _TASKS.labels(result=_result)
+for _reason in ("expired", "disk_pressure"):
+    _GC_TASKS.labels(reason=_reason)
+    _GC_BYTES.labels(reason=_reason)
 
 
 @dataclass

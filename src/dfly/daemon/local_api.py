@@ -29,7 +29,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from dfly.common.errors import ConfigError, DflyError, UsageError
+from dfly.common.errors import ConfigError, DflyError, StorageError, UsageError
 from dfly.common.ids import redact_url
 from dfly.daemon.local_api_messages import (
     DownloadRequest,
@@ -244,8 +244,9 @@ class LocalApiServer:
             raise DflyError("internal error: download ended without Finished")
         except _ClientGone:
             log.info("local API client went away during %s", redact_url(request.url))
-        except DflyError as exc:
-            log.info("local API download %s failed: %s", redact_url(request.url), exc)
+        except DflyError as exc:  # a storage failure is this host's problem (disk, quota): not the client's
+            level = logging.WARNING if isinstance(exc, StorageError) else logging.INFO
+            log.log(level, "local API download %s failed: %s", redact_url(request.url), exc)
             await self._send_quietly(conn, error_event(exc))
         except Exception as exc:
             log.exception("local API download %s crashed", redact_url(request.url))

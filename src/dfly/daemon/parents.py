@@ -284,5 +284,5 @@ class ParentSet:
 
     def on_closed(self, parent_id: str, error: Exception | None) -> None:
         if parent_id in self._conns:
-            log.info("parent %s closed: %s", parent_id, error)
+            log.info("parent %s closed: %s", parent_id, error or "by the parent, cleanly")
             self._fail(parent_id, corrupt=isinstance(error, DigestMismatch))

@@ -116,14 +116,19 @@ class SchedulerClient:
     async def run_keepalive(self) -> None:
         """Runs until cancelled: keepalive stream, and announce again after any break."""
         backoff_s = 0.2
+        broken = False  # the stream broke before: say when it is back (operators alert on the break)
         while True:
             try:
                 if not self.connected.is_set():
                     await self.announce()
+                    if broken:
+                        log.info("scheduler %s announced to again; keepalive resumed", self.addr)
+                        broken = False
                 backoff_s = 0.2
                 await self.stub.HostKeepAlive(self._keepalive_messages())
             except grpc.aio.AioRpcError as exc:
                 log.warning("scheduler %s keepalive broke: %s", self.addr, exc.code().name)
+                broken = True
             if self.connected.is_set():
                 self.connected.clear()
                 if self.on_disconnected is not None:

@@ -121,13 +121,24 @@ class ControlService(dpb_grpc.DfdaemonControlServicer):
         return dpb.DownloadTaskResponse(task_id=task_id, accepted=True)
 
 
-async def start_health_server(ip: str, port: int) -> asyncio.Server:
+async def start_health_server(
+    ip: str, port: int, not_ready: Callable[[], str | None] = lambda: None
+) -> asyncio.Server:
+    """`GET /healthy`: 200 while the event loop answers (liveness). `GET /ready`: 200 once the daemon
+    serves the swarm (`not_ready()` is None), else 503 with the reason (readiness)."""
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5.0)
-            ok = line.startswith(b"GET /healthy ")
-            body = b"OK" if ok else b"not found"
-            status = b"200 OK" if ok else b"404 Not Found"
+            if line.startswith(b"GET /healthy "):
+                status, body = b"200 OK", b"OK"
+            elif line.startswith(b"GET /ready "):
+                why = not_ready()
+                status, body = (
+                    (b"200 OK", b"OK") if why is None else (b"503 Service Unavailable", why.encode())
+                )
+            else:
+                status, body = b"404 Not Found", b"not found"
             writer.write(
                 b"HTTP/1.1 "
                 + status

@@ -54,11 +54,23 @@ class SchedulerMetrics:
             registry=r,
         )
         self.peer_streams = Gauge("dfly_scheduler_peer_streams", "Open AnnouncePeer streams.", registry=r)
-        self.hosts = Gauge("dfly_scheduler_hosts", "Hosts known to the scheduler.", registry=r)
+        self.hosts = Gauge(
+            "dfly_scheduler_hosts",
+            "Hosts known to the scheduler (disconnected ones too, until scheduling.host_ttl_s).",
+            registry=r,
+        )
+        self.hosts_connected = Gauge(
+            "dfly_scheduler_hosts_connected",
+            "Hosts whose keepalive stream is up and not silent: the ones offered as parents.",
+            registry=r,
+        )
         self.tasks = Gauge("dfly_scheduler_tasks", "Tasks known to the scheduler.", registry=r)
 
-    def track_sizes(self, hosts: Callable[[], int], tasks: Callable[[], int]) -> None:
+    def track_sizes(
+        self, hosts: Callable[[], int], tasks: Callable[[], int], connected: Callable[[], int] = lambda: 0
+    ) -> None:
         self.hosts.set_function(lambda: float(hosts()))
+        self.hosts_connected.set_function(lambda: float(connected()))
         self.tasks.set_function(lambda: float(tasks()))
 
     def observe_event(self, event: Event) -> None:

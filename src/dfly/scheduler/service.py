@@ -89,7 +89,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     ) -> None:
         self._engine = engine
         self._metrics = metrics if metrics is not None else SchedulerMetrics()
-        self._metrics.track_sizes(lambda: len(engine.cluster.hosts), lambda: len(engine.cluster.tasks))
+        self._metrics.track_sizes(
+            lambda: len(engine.cluster.hosts),
+            lambda: len(engine.cluster.tasks),
+            # list() copies under the GIL: the metrics thread never iterates a dict the loop changes
+            lambda: sum(1 for host in list(engine.cluster.hosts.values()) if not host.disconnected),
+        )
         self._seed_trigger_timeout_s = seed_trigger_timeout_s
         self._channel_factory = channel_factory
         self._loop: asyncio.AbstractEventLoop | None = None
