@@ -107,10 +107,10 @@ def test_a_ready_file_that_could_never_be_written_is_refused_at_start(
     assert message in done.stderr
 
 
-def test_a_scheduler_host_that_does_not_resolve_is_named(tmp_path: Path) -> None:
-    """gRPC reports an unresolvable scheduler host only as DEADLINE_EXCEEDED; the retry line says why."""
+def first_retry_line(tmp_path: Path, scheduler_addr: str) -> str:
+    """The daemon's first `cannot announce to scheduler` line with `scheduler_addr` as its scheduler."""
     config = base_config(tmp_path)
-    config["scheduler"] = {"addrs": ["scheduler.invalid:8002"]}
+    config["scheduler"] = {"addrs": [scheduler_addr]}
     path = tmp_path / "dfdaemon.yaml"
     path.write_text(yaml.safe_dump(config))
     argv = [sys.executable, "-m", "dfly.cli.dfdaemon", "--config", str(path)]
@@ -119,10 +119,21 @@ def test_a_scheduler_host_that_does_not_resolve_is_named(tmp_path: Path) -> None
             assert proc.stderr is not None
             for line in proc.stderr:  # the daemon retries until stopped: read until the first retry line
                 if "cannot announce to scheduler" in line:
-                    assert "scheduler.invalid: no such host" in line, line
-                    break
-            else:
-                raise AssertionError("the daemon ended without a retry line")
+                    return line
+            raise AssertionError("the daemon ended without a retry line")
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def test_a_scheduler_host_that_does_not_resolve_is_named(tmp_path: Path) -> None:
+    """gRPC reports an unresolvable scheduler host only as DEADLINE_EXCEEDED; the retry line says why."""
+    line = first_retry_line(tmp_path, "scheduler.invalid:8002")
+    assert "scheduler.invalid: no such host" in line, line
+
+
+def test_an_unreachable_scheduler_gets_a_hint_at_tls_too(tmp_path: Path) -> None:
+    """A failed TLS handshake (one side with security.tls, the other without) looks like any scheduler
+    that does not answer: DEADLINE_EXCEEDED, with the reason only in gRPC's own log lines."""
+    line = first_retry_line(tmp_path, "127.0.0.1:1")  # nothing listens there
+    assert "its security.tls differs: it is off here" in line, line

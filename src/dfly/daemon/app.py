@@ -209,7 +209,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     try:
         async with asyncio.TaskGroup() as tg:
             background = [tg.create_task(upload_rate.run()), tg.create_task(storage_gc.run())]
-            await _announce_until_done(scheduler, stop)
+            await _announce_until_done(scheduler, stop, scheduler_tls=config.security.tls.enabled)
             background.append(tg.create_task(scheduler.run_keepalive()))
             if ready_file is not None and not stop.is_set():
                 write_ready_file(
@@ -294,7 +294,7 @@ def _not_ready(ctx: DaemonContext) -> str | None:
     return None
 
 
-async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event) -> None:
+async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event, *, scheduler_tls: bool) -> None:
     """Ready means announced: retry until a scheduler answers or the daemon is told to stop."""
     while not stop.is_set():
         try:
@@ -302,7 +302,14 @@ async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event) ->
             return
         except grpc.aio.AioRpcError as exc:
             unresolved = await _unresolvable([client.addr for client in scheduler.clients])
-            hint = f" ({', '.join(unresolved)}: no such host)" if unresolved else ""
+            if unresolved:
+                hint = f" ({', '.join(unresolved)}: no such host)"
+            elif exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                # gRPC reports a failed TLS handshake so too; its reason is only in gRPC's own log lines
+                mine = "on" if scheduler_tls else "off"
+                hint = f" (not running or not reachable, or its security.tls differs: it is {mine} here)"
+            else:
+                hint = ""
             log.warning(
                 "cannot announce to scheduler %s: %s%s; retrying", scheduler.addr, exc.code().name, hint
             )
