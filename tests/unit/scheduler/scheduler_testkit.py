@@ -16,6 +16,7 @@ from dfly.scheduler.core.messages import (
     FinishedTask,
     HostAnnounced,
     HostInfo,
+    PeerFinished,
     PeerRegistered,
     PiecesFinished,
 )
@@ -97,3 +98,15 @@ class Harness:
     def pieces(self, peer_id: str, *numbers: int, parent: str = "", digest_base: int = 100) -> list[Command]:
         pieces = tuple(FinishedPiece(n, digest_base + n, parent) for n in numbers)
         return self.do(PiecesFinished(peer_id, pieces))
+
+
+def finished_on_a(*hosts: str) -> Harness:
+    """Hosts announced; peer-a on host a read task-1 (2 pieces of 1 KiB, digests 100 and 101) and finished."""
+    harness = Harness()
+    for name in hosts:
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
+    harness.pieces("peer-a", 0, 1)
+    harness.do(PeerFinished("peer-a", (100, 101)))
+    return harness

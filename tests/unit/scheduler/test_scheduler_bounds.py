@@ -4,8 +4,7 @@ task's own parents, and a seed is asked under its own time limit."""
 
 from __future__ import annotations
 
-from scheduler_testkit import Harness, of_type, swarm_with_seed
-from test_scheduler_liveness import finished_on_a
+from scheduler_testkit import Harness, finished_on_a, of_type, swarm_with_seed
 
 from dfly.scheduler.core.messages import (
     FinishedTask,

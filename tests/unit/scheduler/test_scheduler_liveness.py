@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from scheduler_testkit import Harness, host_info, of_type
+from scheduler_testkit import Harness, finished_on_a, host_info, of_type
 
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.messages import (
@@ -16,7 +16,6 @@ from dfly.scheduler.core.messages import (
     HostDisconnected,
     HostKeepAlive,
     HostLeft,
-    PeerFinished,
     RescheduleRequested,
     SendCandidateParents,
     TaskDeleted,
@@ -31,18 +30,6 @@ def two_parents(harness: Harness) -> None:
     harness.start_origin("peer-a")
     harness.register("peer-b", "b")
     harness.pieces("peer-b", 0, parent="peer-a")
-
-
-def finished_on_a(*hosts: str) -> Harness:
-    """Hosts announced; peer-a on host a read task-1 (2 pieces of 1 KiB, digests 100 and 101) and finished."""
-    harness = Harness()
-    for name in hosts:
-        harness.announce(name)
-    harness.register("peer-a", "a")
-    harness.start_origin("peer-a", content_length=2048, piece_length=1024)
-    harness.pieces("peer-a", 0, 1)
-    harness.do(PeerFinished("peer-a", (100, 101)))
-    return harness
 
 
 def parents_of(commands: Sequence[Command], child: str) -> set[str]:
