@@ -23,9 +23,11 @@ from typing import Any
 import grpc
 from prometheus_client import start_http_server
 
+from dfly.api import daemon_pb2
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import ConfigError, DflyError
+from dfly.common.grpc_health import GrpcHealth
 from dfly.common.ids import host_id as make_host_id
 from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig, ListenerSection
@@ -125,9 +127,13 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         ]
         service = ControlService(TrustedSchedulers(trusted), tasks.trigger)
         dpb_grpc.add_DfdaemonControlServicer_to_server(service, control)
+        control_health = GrpcHealth(
+            control, [daemon_pb2.DESCRIPTOR.services_by_name["DfdaemonControl"].full_name]
+        )
         with _binding("control", _address(config.control)):
             control_port = add_port(control, _address(config.control), config.security.tls)
         await control.start()
+        await control_health.start()
         early.push_async_callback(control.stop, 1.0)
         with _binding("health", _address(config.health)):
             health = await start_health_server(config.health.ip, config.health.port, lambda: _not_ready(ctx))
@@ -238,6 +244,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             for task in background:
                 task.cancel()
     finally:
+        await control_health.shutdown()
         await mirror.close()
         await local_api.close()
         await tasks.close()

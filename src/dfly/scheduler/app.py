@@ -24,8 +24,9 @@ from wsgiref.simple_server import WSGIServer
 from grpc import aio
 from prometheus_client import start_http_server
 
-from dfly.api import scheduler_pb2_grpc
+from dfly.api import scheduler_pb2, scheduler_pb2_grpc
 from dfly.common.errors import ConfigError, DflyError
+from dfly.common.grpc_health import GrpcHealth
 from dfly.common.logging import setup_logging
 from dfly.common.tls import add_port, channel_credentials
 from dfly.scheduler.config import SchedulerConfig, load_scheduler_config
@@ -119,6 +120,7 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
     limits = [("grpc.max_receive_message_length", config.max_message_bytes), *BURST_LIMITS]
     server = aio.server(options=[*limits, *keepalive_options(config.grpc_keepalive_s)])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    health = GrpcHealth(server, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
     address = (
         f"[{config.listen_ip}]:{config.port}"
         if ":" in config.listen_ip
@@ -136,6 +138,7 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
     metrics_server, metrics_port = _start_metrics(config, metrics)
     try:
         await server.start()
+        await health.start()
         log.info(
             "scheduler serving gRPC on %s:%d, metrics on port %d", config.listen_ip, grpc_port, metrics_port
         )
@@ -144,6 +147,7 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
         await stop.wait()
         log.info("scheduler stopping")
     finally:
+        await health.shutdown()
         await service.stop()
         await server.stop(SHUTDOWN_GRACE_S)
         _stop_metrics(metrics_server)
