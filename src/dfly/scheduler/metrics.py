@@ -65,6 +65,13 @@ class SchedulerMetrics:
             registry=r,
         )
         self.tasks = Gauge("dfly_scheduler_tasks", "Tasks known to the scheduler.", registry=r)
+        # Every labelled series exists from the start at 0, so rate() and ratios show 0, not nothing.
+        for result in ("sent", "failed"):
+            self.seed_triggers.labels(result=result)
+        for cause in ("origin", "scheduling"):
+            self.task_failures.labels(cause=cause)
+        for accepted in ("true", "false"):
+            self.finish_verdicts.labels(accepted=accepted)
 
     def track_sizes(
         self, hosts: Callable[[], int], tasks: Callable[[], int], connected: Callable[[], int] = lambda: 0
