@@ -14,6 +14,9 @@ Rules:
   cancelled (a cancelled write the thread has already started is waited for).
 - `open` removes the clean-shutdown marker; `close` writes it after the final group commit.
   `close(clean=False)` is a test hook that stops like a crash: no final commit, no marker.
+- Open task fds are bounded whatever the number of tasks: at most MAX_READ_FDS read-only ones here
+  and the writer's MAX_OPEN_FILES, least recently used closed first. So an fd from `read_fd` is valid
+  only until the caller's next await; whoever keeps it longer `os.dup`s it at once.
 - Errors are `StorageError` with one line; a failed write fails only its own piece.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,8 @@ from dfly.daemon.storage.model import StoredTask, TaskMeta, check_meta, short, t
 from dfly.daemon.storage.ops import CreateOp, DeleteOp, FinishOp, Op, OpenOp, StopOp, WriteOp
 from dfly.daemon.storage.recovery import RecoveryReport
 from dfly.daemon.storage.writer import WriterThread
+
+MAX_READ_FDS = 256  # read-only task fds kept open (the writer keeps up to as many for writing)
 
 
 class Storage:
@@ -42,7 +48,7 @@ class Storage:
         self._writer: WriterThread | None = None
         self._closed = False
         self._tasks: dict[str, TaskMeta] = {}
-        self._read_fds: dict[str, int] = {}
+        self._read_fds: OrderedDict[str, int] = OrderedDict()
         self._commits = 0
         self._commit_waiters: list[asyncio.Future[None]] = []
         # Called on the loop with (task_id, pieces) when a failed fdatasync dropped written pieces.
@@ -120,9 +126,12 @@ class Storage:
         return sum(meta.content_length for meta in self._tasks.values())
 
     def read_fd(self, task_id: str) -> int:
-        """A cached O_RDONLY fd of the task file; closed by delete_task and close (don't close it)."""
+        """A cached O_RDONLY fd of the task file (don't close it). It stays valid only until the caller's
+        next await: a later call may close it (at most MAX_READ_FDS are kept, least recently used go
+        first), so use it at once or `os.dup` it."""
         fd = self._read_fds.get(task_id)
         if fd is not None:
+            self._read_fds.move_to_end(task_id)
             return fd
         self._check_open()
         if task_id not in self._tasks:
@@ -132,6 +141,8 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"cannot open task file of {short(task_id)}: {exc.strerror or exc}") from exc
         self._read_fds[task_id] = fd
+        while len(self._read_fds) > MAX_READ_FDS:
+            os.close(self._read_fds.popitem(last=False)[1])
         return fd
 
     async def write_piece(

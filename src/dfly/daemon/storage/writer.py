@@ -211,12 +211,16 @@ class WriterThread:
             return fd
         fd = open_task_file(self.root, task_id)
         self._fds[task_id] = fd
+        self._trim_fds()
+        return fd
+
+    def _trim_fds(self) -> None:
+        """Close the least recently used fds beyond MAX_OPEN_FILES, but never one with pending records."""
         if len(self._fds) > MAX_OPEN_FILES:
             for old in list(self._fds)[: len(self._fds) - MAX_OPEN_FILES]:
                 state = self._tasks.get(old)
                 if state is None or not state.pending:
                     os.close(self._fds.pop(old))
-        return fd
 
     def _dirty(self, task_id: str) -> None:
         self._dirty_tasks.add(task_id)
@@ -267,6 +271,7 @@ class WriterThread:
                 MetadataDB.delete_tasks(conn, [meta.task_id])
         fd, new_dirs = create_task_file(self.root, meta)
         self._fds[meta.task_id] = fd
+        self._trim_fds()
         self._dirs_to_sync.update(new_dirs)
         self._tasks[meta.task_id] = _TaskState(meta, set(), in_db=False)
         self._dirty(meta.task_id)
