@@ -115,7 +115,7 @@ class Conductor:
             await self._close()
         finally:
             self.ctx.counters.task_ended(error is None)
-            self.state.end(error)
+            self.state.end(None if error is None else _without_frames(error))
         await self._await_durable()
 
     async def _await_durable(self) -> None:
@@ -394,3 +394,19 @@ class Conductor:
         self._schedule_deadline = None
         self.parents.close_all()
         self._back_to_source = self.tg.create_task(BackToSource(self, layout).run())
+
+
+def _without_frames(error: DflyError) -> DflyError:
+    """The error with no tracebacks along its cause and context chain: it outlives the attempt in the
+    task's state, and a traceback would keep every frame of the attempt (its conductor, parents and
+    buffers) alive with it."""
+    pending: list[BaseException] = [error]
+    seen: set[int] = set()
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        pending.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+    return error

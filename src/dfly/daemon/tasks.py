@@ -21,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -70,7 +71,7 @@ class LiveTask:
     state: TaskState
     file_ready: asyncio.Event = field(default_factory=asyncio.Event)
     attempt: asyncio.Task[None] | None = None
-    conductor: Conductor | None = None  # of the current or last attempt
+    conductor: Conductor | None = None  # of the running attempt
     usage: Usage = field(default_factory=Usage)
 
     @property
@@ -193,7 +194,7 @@ class TaskManager:
             attempt = asyncio.create_task(conductor.run(), name=f"download-{tid[:12]}")
             live.attempt = attempt
             self._tasks.add(attempt)
-            attempt.add_done_callback(self._attempt_done)
+            attempt.add_done_callback(functools.partial(self._attempt_done, live))
         return live
 
     def evict(self, task_id: str) -> None:
@@ -274,10 +275,26 @@ class TaskManager:
         if live.running and live.conductor is not None:
             live.conductor.events.put_nowait(PiecesLost(pieces))
 
-    def _attempt_done(self, attempt: asyncio.Task[None]) -> None:
+    def _attempt_done(self, live: LiveTask, attempt: asyncio.Task[None]) -> None:
         self._tasks.discard(attempt)
         if not attempt.cancelled() and attempt.exception() is not None:
             log.error("download attempt crashed", exc_info=attempt.exception())
+        if live.attempt is attempt:  # the ended attempt's conductor (its parents, buffers) is let go
+            live.attempt = live.conductor = None
+        self._forget_if_failed(live)
+
+    def _forget_if_failed(self, live: LiveTask) -> None:
+        """A failed task that stored nothing (an origin 404, a refused request) is forgotten once nobody
+        reads its outcome: kept, each would hold memory until the GC's TTL, which only counts files."""
+        state = live.state
+        if (
+            self._live.get(state.task_id) is live
+            and state.ended
+            and state.error is not None
+            and not live.in_use
+            and self.ctx.storage.task_meta(state.task_id) is None
+        ):
+            del self._live[state.task_id]
 
     async def download(self, request: DownloadRequest) -> AsyncIterator[DownloadEvent]:
         task_request = TaskRequest(
@@ -344,6 +361,7 @@ class TaskManager:
             unsubscribe()
             announcer.unsubscribe()
             remove_end()
+            self._forget_if_failed(live)
 
     def trigger(self, request: TaskRequest) -> str:
         """A download requested by the scheduler (seed trigger): runs in the background. For a task held
