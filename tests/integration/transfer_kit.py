@@ -136,7 +136,7 @@ class Recorder:
             assert event[0] == "have", f"expected {kind}, got {event}"
 
 
-async def uploaded(server: PieceServer, task_id: str, nbytes: int, timeout_s: float = 10.0) -> None:
+async def uploaded(server: CountingPieceServer, task_id: str, nbytes: int, timeout_s: float = 10.0) -> None:
     """Wait until the server has counted `nbytes` uploaded for the task (bounded)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while server.bytes_uploaded_by_task.get(task_id, 0) < nbytes:
@@ -154,8 +154,19 @@ def make_file(path: Path, size: int) -> bytes:
     return data
 
 
-async def start(task: FileTask, rate: int = 0, burst: int | None = None) -> tuple[PieceServer, int]:
-    server = PieceServer(Provider(task), "parent-peer", TokenBucket(rate, burst))
+class CountingPieceServer(PieceServer):
+    """The piece server with its uploads counted per task, for the tests to wait on."""
+
+    def __init__(self, provider: Provider, peer_id: str, limiter: TokenBucket) -> None:
+        super().__init__(provider, peer_id, limiter, on_uploaded=self._count)
+        self.bytes_uploaded_by_task: dict[str, int] = {}
+
+    def _count(self, task_id: str, nbytes: int) -> None:
+        self.bytes_uploaded_by_task[task_id] = self.bytes_uploaded_by_task.get(task_id, 0) + nbytes
+
+
+async def start(task: FileTask, rate: int = 0, burst: int | None = None) -> tuple[CountingPieceServer, int]:
+    server = CountingPieceServer(Provider(task), "parent-peer", TokenBucket(rate, burst))
     return server, await server.start("127.0.0.1", 0)
 
 

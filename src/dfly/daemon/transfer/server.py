@@ -129,7 +129,6 @@ class PieceServer:
         self.on_uploaded = on_uploaded
         self.slots = asyncio.Semaphore(upload_slots) if upload_slots > 0 else None
         self.bytes_uploaded = 0
-        self.bytes_uploaded_by_task: dict[str, int] = {}
         self.connections_open = 0
         self.active_uploads = 0
         self._listener: socket.socket | None = None
@@ -164,7 +163,6 @@ class PieceServer:
 
     def count_upload(self, task_id: str, nbytes: int) -> None:
         self.bytes_uploaded += nbytes
-        self.bytes_uploaded_by_task[task_id] = self.bytes_uploaded_by_task.get(task_id, 0) + nbytes
         if self.on_uploaded is not None:
             self.on_uploaded(task_id, nbytes)
 
