@@ -199,8 +199,10 @@ class StorageGC:
         return self._filesystem_usage(self.storage.root)
 
     def _stamp(self, cached: list[CachedTask]) -> None:
+        stamped: dict[str, float] = {}  # only tasks still cached: removed ones (any way) drop out
         for task in cached:
             if self._stamped.get(task.task_id) == task.last_used:
+                stamped[task.task_id] = task.last_used
                 continue
             path = self.storage.task_path(task.task_id)
             try:
@@ -208,7 +210,8 @@ class StorageGC:
                     os.utime(path, (task.last_used, task.last_used))
             except OSError:
                 continue  # no file (a task that never started): nothing to stamp
-            self._stamped[task.task_id] = task.last_used
+            stamped[task.task_id] = task.last_used
+        self._stamped = stamped
 
 
 def filesystem_usage_of(path: Path) -> DiskUsage:

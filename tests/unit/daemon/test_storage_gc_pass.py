@@ -86,6 +86,8 @@ def test_last_uses_are_stamped_as_mtimes_except_on_hard_linked_files(tmp_path: P
     tasks.cached = [CachedTask("idle", MB, 1_000_700.0, False)]  # used again; stamped at a clean stop
     gc.stamp()
     assert os.stat(tmp_path / "idle").st_mtime == 1_000_700.0
+    # "busy" and "linked" left without an eviction (a failed digest, a lost file): not remembered
+    assert set(gc._stamped) == {"idle"}
 
 
 def test_a_quota_counts_only_task_bytes_and_evicts_least_recently_used(tmp_path: Path) -> None:
