@@ -181,3 +181,5 @@ class BackToSource:
         finally:
             if reader.done():
                 self.c.ctx.pool.release(buffer)
+            else:  # cancelled again while waiting: the buffer goes back once the thread lets go of it
+                reader.add_done_callback(lambda _reader: self.c.ctx.pool.release(buffer))
