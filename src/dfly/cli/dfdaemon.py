@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dfly.common.config import load_config
 from dfly.common.errors import DflyError, UsageError
+from dfly.common.limits import check_open_files_limit
 from dfly.common.logging import setup_logging
 
 
@@ -36,7 +37,7 @@ def check_ready_file(path: Path | None) -> None:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from dfly.daemon.app import run
+    from dfly.daemon.app import descriptors_needed, run
     from dfly.daemon.config import DaemonConfig
 
     check_ready_file(args.ready_file)
@@ -44,6 +45,7 @@ async def _main(args: argparse.Namespace) -> int:
     flags = {"seed_peer.enable": True} if args.seed else {}
     config = load_config(DaemonConfig, args.config, "DFLY_DFDAEMON", flags=flags)
     setup_logging("dfdaemon", config.log_level)
+    check_open_files_limit(*descriptors_needed(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

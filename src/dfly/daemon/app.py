@@ -38,16 +38,19 @@ from dfly.daemon.proxy.server import RegistryMirror
 from dfly.daemon.scheduler_client import SchedulerClient, source_ip_toward
 from dfly.daemon.scheduler_ring import SchedulerRing
 from dfly.daemon.services import ControlService, TrustedSchedulers, start_health_server
-from dfly.daemon.storage import Storage
+from dfly.daemon.storage import Storage, writer
+from dfly.daemon.storage import storage as storage_module
 from dfly.daemon.tasks import TaskManager
 from dfly.daemon.transfer.buffers import BufferPool
 from dfly.daemon.transfer.ratelimit import TokenBucket
+from dfly.daemon.transfer.server import MAX_CONNECTIONS as PIECE_CONNECTIONS
 from dfly.daemon.transfer.server import PieceServer
 
 log = logging.getLogger(__name__)
 
 RATE_SAMPLE_S = 1.0
 ANNOUNCE_RETRY_S = 0.5
+DESCRIPTOR_SLACK = 64  # listeners, the metadata db, scheduler channels, logs, the origin reads
 
 
 def write_ready_file(path: Path, payload: dict[str, Any]) -> None:
@@ -288,6 +291,17 @@ async def _unresolvable(addrs: list[str]) -> list[str]:
         except socket.gaierror:
             out.append(host)
     return out
+
+
+def descriptors_needed(config: DaemonConfig) -> tuple[int, str]:
+    """What `config` may hold open at once, and how that adds up (for the open-files limit check)."""
+    proxy = config.proxy.max_connections if config.proxy.enable else 0
+    tasks = writer.MAX_OPEN_FILES + storage_module.MAX_READ_FDS
+    needed = proxy + PIECE_CONNECTIONS + tasks + DESCRIPTOR_SLACK
+    return needed, (
+        f"proxy.max_connections {proxy} + {PIECE_CONNECTIONS} piece connections + {tasks} task files "
+        f"+ {DESCRIPTOR_SLACK} others"
+    )
 
 
 def _not_ready(ctx: DaemonContext) -> str | None:

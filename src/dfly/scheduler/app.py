@@ -27,6 +27,7 @@ from prometheus_client import start_http_server
 from dfly.api import scheduler_pb2, scheduler_pb2_grpc
 from dfly.common.errors import ConfigError, DflyError
 from dfly.common.grpc_health import GrpcHealth
+from dfly.common.limits import check_open_files_limit
 from dfly.common.logging import setup_logging
 from dfly.common.tls import add_port, channel_credentials
 from dfly.scheduler.config import SchedulerConfig, load_scheduler_config
@@ -37,6 +38,7 @@ from dfly.scheduler.service import SchedulerService
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 1.0
+SCHEDULER_DESCRIPTORS = 8192  # one connection per host: a few thousand hosts per scheduler, and room
 
 
 class BindError(ConfigError):
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"invalid --port {args.port}: must be 0..65535")
             config = config.model_copy(update={"port": args.port})
         setup_logging("scheduler", config.log_level)
+        check_open_files_limit(SCHEDULER_DESCRIPTORS, "a stream per connected host, and some more")
         asyncio.run(_serve(config, args.ready_file))
     except DflyError as exc:
         print(f"dfly scheduler: {exc}", file=sys.stderr)

@@ -50,6 +50,8 @@ from dfly.daemon.transfer.tls_relay import serve_tls
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 1024  # child connections at once (one per task a child downloads from here)
+
 
 class ServedTask(Protocol):
     """A task this daemon can upload; implemented by the daemon on top of storage."""
@@ -105,7 +107,7 @@ class PieceServer:
         peer_id: str,
         limiter: TokenBucket,
         *,
-        max_connections: int = 1024,
+        max_connections: int = MAX_CONNECTIONS,
         max_connections_per_address: int = 256,
         upload_slots: int = 200,
         max_queued_requests: int = 64,
