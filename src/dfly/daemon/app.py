@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -139,7 +140,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         await control_health.start()
         early.push_async_callback(control.stop, 1.0)
         with _binding("health", _address(config.health)):
-            health = await start_health_server(config.health.ip, config.health.port, lambda: _not_ready(ctx))
+            why_not_ready = functools.partial(_not_ready, ctx, stop)
+            health = await start_health_server(config.health.ip, config.health.port, why_not_ready)
         early.callback(health.close)
         health_port = health.sockets[0].getsockname()[1]
         with _binding("metrics", _address(config.metrics)):
@@ -244,6 +246,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
                 where = "no piece server: upload.disable_shared"
             log.info("dfdaemon %s ready (seed=%s, %s)", host, seed, where)
             await stop.wait()
+            log.info("dfdaemon %s stopping", host)
             for task in background:
                 task.cancel()
     finally:
@@ -304,9 +307,12 @@ def descriptors_needed(config: DaemonConfig) -> tuple[int, str]:
     )
 
 
-def _not_ready(ctx: DaemonContext) -> str | None:
+def _not_ready(ctx: DaemonContext, stop: asyncio.Event) -> str | None:
     """Why the daemon does not serve the swarm yet (None: it does): no scheduler connected (before the
-    first announce, or while every keepalive stream is down: downloads then read the origin)."""
+    first announce, or while every keepalive stream is down: downloads then read the origin), or it is
+    stopping (a balancer should send no new work while in-flight requests end)."""
+    if stop.is_set():
+        return "stopping"
     ring = ctx.scheduler
     if ring is None:
         return "starting"

@@ -83,6 +83,7 @@ RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REGISTRY_HEADER = "X-Dragonfly-Registry"
 OWN_USER_AGENT = "dfly-daemon"  # requests the proxy makes itself; forwarded ones carry only the client's
 PING_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0", "Content-Type": "application/json"}
+SHUTDOWN_GRACE_S = 2.0  # a stop waits at most ~2 × this for proxy requests in flight
 
 
 def _basic(username: str, password: str) -> str:
@@ -170,6 +171,9 @@ class RegistryMirror:
             handle_signals=False,
             keepalive_timeout=self.idle_timeout_s,
             logger=HTTP_LOG,
+            # At a stop, requests in flight get this long to end, then as long again once told to
+            # (aiohttp's two phases), then are cut: its default, 60 s, held a stop for two minutes.
+            shutdown_timeout=SHUTDOWN_GRACE_S,
         )
         await runner.setup()
         self._runners.append(runner)
