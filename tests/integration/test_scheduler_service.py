@@ -113,16 +113,21 @@ def host(name: str, *, seed: bool = False, control_port: int = 4000) -> pb.HostI
 
 
 def register(
-    host_name: str, peer_id: str, *, need_back_to_source: bool = False, disable_back_to_source: bool = False
+    host_name: str,
+    peer_id: str,
+    *,
+    need_back_to_source: bool = False,
+    disable_back_to_source: bool = False,
+    task_id: str = "task-1",
 ) -> pb.AnnouncePeerRequest:
     download = pb.Download(
-        url="http://origin.test/file",
+        url=f"http://origin.test/{task_id}",
         need_back_to_source=need_back_to_source,
         disable_back_to_source=disable_back_to_source,
     )
     return pb.AnnouncePeerRequest(
         host_id=f"127.0.0.1-{host_name}",
-        task_id="task-1",
+        task_id=task_id,
         peer_id=peer_id,
         register=pb.RegisterPeer(download=download),
     )
@@ -209,6 +214,49 @@ def test_unreachable_seed_sends_the_child_to_the_origin(
             answer = await read(child)
             assert answer.WhichOneof("response") == "need_back_to_source"
             await child.done_writing()
+
+    run(scenario)
+
+
+class OutOfDescriptorsOnce(FakeSeedControl):
+    """The first trigger fails as a scheduler out of descriptors sees it (grpc's UNAVAILABLE, its socket
+    error in the details); the seed itself is fine."""
+
+    async def DownloadTask(self, request: daemon_pb2.DownloadTaskRequest, context: Any) -> Any:
+        if self.requests.empty():
+            self.requests.put_nowait(request)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "socket: Too many open files")
+        return await super().DownloadTask(request, context)
+
+
+def test_a_trigger_failing_for_the_schedulers_own_descriptors_does_not_suspend_the_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        server = aio.server()
+        control = OutOfDescriptorsOnce()
+        daemon_pb2_grpc.add_DfdaemonControlServicer_to_server(control, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with scheduler(tmp_path, monkeypatch) as running:
+                stub = running.stub
+                await stub.AnnounceHost(
+                    pb.AnnounceHostRequest(host=host("seed", seed=True, control_port=port))
+                )
+                await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("child")))
+                first = stub.AnnouncePeer()
+                await first.write(register("child", "child-peer-1", task_id="task-1"))
+                assert (await read(first)).WhichOneof("response") == "need_back_to_source"
+                second = stub.AnnouncePeer()
+                await second.write(register("child", "child-peer-2", task_id="task-2"))
+                await asyncio.wait_for(control.requests.get(), STEP_S)  # the failed one
+                trigger = await asyncio.wait_for(control.requests.get(), STEP_S)
+                assert trigger.task_id == "task-2"  # the seed was asked again, not suspended
+                for call in (first, second):
+                    await call.done_writing()
+        finally:
+            await server.stop(None)
 
     run(scenario)
 

@@ -9,12 +9,16 @@
     ├── ProtocolError         a peer broke the piece protocol
     ├── DaemonUnreachable     dfget could not reach the daemon's socket
     ├── StorageError          the local cache could not be read or written
-    └── DownloadTimeout       the download did not finish within its timeout
+    ├── DownloadTimeout       the download did not finish within its timeout
+    └── OutOfDescriptors      this process has no file descriptor left (EMFILE/ENFILE): not the peer's
+                              or the origin's fault, and gone once load drops
 
 Messages are one line and name the thing that failed; no traceback reaches a user.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class DflyError(Exception):
@@ -74,6 +78,30 @@ class DownloadTimeout(DflyError):
     kind = "timeout"
 
 
+class OutOfDescriptors(DflyError):
+    kind = "out-of-descriptors"
+
+
+def out_of_descriptors(doing: str) -> OutOfDescriptors:
+    """The error for EMFILE/ENFILE met while `doing` something (a gerund phrase)."""
+    return OutOfDescriptors(f"the daemon is out of file descriptors ({doing}); try again when its load drops")
+
+
+def is_out_of_descriptors(exc: BaseException) -> bool:
+    """Whether `exc` (or the OS error it wraps, as aiohttp's connector errors do) is EMFILE or ENFILE."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, OSError) and current.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        wrapped = getattr(current, "os_error", None)
+        if isinstance(wrapped, OSError) and wrapped.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
 ERROR_KINDS: dict[str, type[DflyError]] = {
     cls.kind: cls
     for cls in (
@@ -87,6 +115,7 @@ ERROR_KINDS: dict[str, type[DflyError]] = {
         DaemonUnreachable,
         StorageError,
         DownloadTimeout,
+        OutOfDescriptors,
     )
 }
 

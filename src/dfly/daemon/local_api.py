@@ -271,7 +271,7 @@ class LocalApiServer:
         fields = ("task_id", "content_length", "piece_length", "task_path")
         data = encode_event({"event": "started"} | {name: getattr(started, name) for name in fields})
         loop = asyncio.get_running_loop()
-        fd = os.dup(started.read_fd)
+        fd = started.own_read_fd()
         try:
             while True:
                 try:

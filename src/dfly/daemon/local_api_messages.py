@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from dfly.common.errors import DflyError, UsageError
+from dfly.common.errors import DflyError, StorageError, UsageError, is_out_of_descriptors, out_of_descriptors
 from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfly.common.pieces import validate_user_piece_length
 
@@ -36,13 +37,25 @@ class DownloadRequest:
 
 @dataclass(frozen=True)
 class Started:
-    """The task's layout; `read_fd` stays owned by the daemon (a dup is sent, then closed)."""
+    """The task's layout; `read_fd` stays owned by the daemon and is valid only until the receiver's next
+    await: the receiver takes its own copy at once (`own_read_fd`)."""
 
     task_id: str
     content_length: int
     piece_length: int
     task_path: str
     read_fd: int
+
+    def own_read_fd(self) -> int:
+        """A dup of `read_fd` the caller closes; no descriptor left is OutOfDescriptors, not a crash."""
+        try:
+            return os.dup(self.read_fd)
+        except OSError as exc:
+            if is_out_of_descriptors(exc):
+                raise out_of_descriptors("opening the task file for this reader") from None
+            raise StorageError(
+                f"cannot open the file of task {self.task_id[:12]}: {exc.strerror or exc}"
+            ) from None
 
 
 @dataclass(frozen=True)

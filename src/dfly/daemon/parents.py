@@ -22,7 +22,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import DflyError, DigestMismatch
+from dfly.common.errors import DflyError, DigestMismatch, is_out_of_descriptors
 from dfly.daemon.core.planner import DownloadPlanner
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.client import ParentConnection, connect_parent
@@ -115,8 +115,12 @@ class ParentSet:
                 ssl_context=self.c.ctx.piece_tls,
             )
         except (OSError, TimeoutError) as exc:
-            log.info("parent %s unreachable: %s", cand.peer_id, exc)
             self._connecting.discard(cand.peer_id)
+            if is_out_of_descriptors(exc):  # this host's load: the parent is not to blame
+                log.warning("cannot connect to parent %s: out of file descriptors", cand.peer_id)
+                self._fail(cand.peer_id)
+                return
+            log.info("parent %s unreachable: %s", cand.peer_id, exc)
             self._fail(cand.peer_id, unreachable=True)
             return
         except DflyError as exc:  # it answered (e.g. unknown_task: evicted by its GC): not unreachable

@@ -380,6 +380,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             name = code.name if code is not None else "error"
             description = f"seed {command.seed_host_id} at {address} failed DownloadTask: {name}: {details}"
             unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            if "Too many open files" in (details or ""):  # this scheduler had no socket: not the seed's fault
+                description = f"{description} (this scheduler is out of file descriptors)"
+                unreachable = False
         else:
             if response.accepted:
                 return

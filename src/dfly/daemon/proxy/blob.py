@@ -169,7 +169,7 @@ async def serve_p2p(
         if not isinstance(started, Started):
             raise DflyError("the download ended before it started")
         size, piece_length = started.content_length, started.piece_length
-        read_fd = os.dup(started.read_fd)  # ours: the task's own fd closes if it is evicted meanwhile
+        read_fd = started.own_read_fd()  # ours: the task's fd may close if it is evicted
         if size == 0 and digest is not None and digest != EMPTY_SHA256:  # no last chunk to hold back
             tasks.evict(started.task_id)
             raise DigestMismatch(f"blob {digest} from {url} is empty ({EMPTY_SHA256})")

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
-from dfly.common.errors import DflyError, SourceError, UsageError
+from dfly.common.errors import DflyError, OutOfDescriptors, SourceError, UsageError
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 
 HOP_BY_HOP = frozenset(
@@ -114,6 +114,10 @@ async def answer(handling: Awaitable[web.StreamResponse]) -> web.StreamResponse:
         return error_response(403, "forbidden", str(exc))
     except UsageError as exc:  # a request the download cannot be made from (bad header bytes, say)
         return error_response(400, "bad_request", str(exc))
+    except OutOfDescriptors as exc:  # this host's load, not the origin's fault: the client may retry
+        busy = error_response(503, exc.kind, str(exc))
+        busy.headers["Retry-After"] = "1"
+        return busy
     except SourceError as exc:
         status = exc.status_code if 400 <= exc.status_code < 500 else 502
         return error_response(status, "origin", str(exc), exc.status_code)

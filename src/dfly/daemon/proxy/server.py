@@ -40,7 +40,7 @@ import aiohttp
 import yarl
 from aiohttp import web
 
-from dfly.common.errors import SourceError
+from dfly.common.errors import SourceError, is_out_of_descriptors, out_of_descriptors
 from dfly.common.ids import redact_url
 from dfly.common.net import listen_socket
 from dfly.daemon.proxy import connect, metrics
@@ -347,6 +347,8 @@ class RegistryMirror:
                         reply.headers[name] = answer.headers[name]
                 return reply
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if is_out_of_descriptors(exc):
+                raise out_of_descriptors("checking the client's access upstream") from None
             raise SourceError(f"{yarl.URL(url).origin()} unreachable: {exc}") from None
 
     async def _forward(self, request: web.Request, url: str, tunnelled: bool = False) -> web.StreamResponse:
@@ -411,4 +413,6 @@ class RegistryMirror:
                 if request.transport is not None:
                     request.transport.close()
                 return response
+            if is_out_of_descriptors(exc):
+                raise out_of_descriptors("connecting upstream") from None
             raise SourceError(f"{url.origin()} unreachable: {exc}") from None
