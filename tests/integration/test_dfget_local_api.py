@@ -292,10 +292,7 @@ def test_signals_remove_the_temporary_file(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.monotonic() + 10
-        while not leftovers(out_dir) or url not in harness.backend.task_paths:
-            assert time.monotonic() < deadline, "dfget never started"
-            time.sleep(0.02)
+        wait_for_request(harness, url)  # its temporary file exists before it asks the daemon
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=10)
     finally:
@@ -304,6 +301,36 @@ def test_signals_remove_the_temporary_file(
     assert one_line(stderr) == message
     assert not out.exists()
     assert leftovers(out_dir) == []
+    assert harness.backend.closed[url].wait(5)
+
+
+def wait_for_request(harness: Harness, url: str) -> None:
+    deadline = time.monotonic() + 10
+    while url not in harness.backend.task_paths:
+        assert time.monotonic() < deadline, "dfget never started"
+        time.sleep(0.02)
+
+
+def test_a_dfget_killed_outright_leaves_no_file(harness: Harness, out_dir: Path) -> None:
+    """SIGKILL (the OOM killer, kill -9) runs no clean-up: the temporary file has no name to leave."""
+    url = harness.url("stall")
+    cmd = [
+        sys.executable,
+        "-m",
+        "dfly.cli.dfget",
+        url,
+        "-O",
+        str(out_dir / "killed"),
+        "-e",
+        str(harness.socket),
+    ]
+    proc = subprocess.Popen([*cmd, "--no-progress"], stderr=subprocess.DEVNULL)
+    try:
+        wait_for_request(harness, url)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert list(out_dir.iterdir()) == []
     assert harness.backend.closed[url].wait(5)
 
 

@@ -1,11 +1,13 @@
 """dfget's output file: a temporary file next to the output, filled piece by piece, placed atomically.
 
 Rules (DESIGN.md §3 "Output"):
-- The temporary file `.{name}.dfget-{random}` is created by dfget, as the user, in the output's directory
-  (mode 0644 minus umask); pieces are copied from the daemon's read-only task fd with copy_file_range,
-  falling back to pread/pwrite where the kernel or filesystem cannot.
+- The temporary file is created by dfget, as the user, in the output's directory (mode 0644 minus umask):
+  nameless (`O_TMPFILE`) where the filesystem allows, so a dfget killed outright (SIGKILL, OOM) leaves
+  nothing behind; else named `.{name}.dfget-{random}`. Pieces are copied from the daemon's read-only task
+  fd with copy_file_range, falling back to pread/pwrite where the kernel or filesystem cannot.
 - Placing: whole-file digest check (reading the temporary file), fsync, then `link` (fails if the path
-  appeared meanwhile) or, with --overwrite, `rename`; then the directory is fsynced.
+  appeared meanwhile) or, with --overwrite, `rename` (a nameless file is linked to the temporary name
+  first); then the directory is fsynced.
 - `discard()` (any failure, Ctrl-C) removes the temporary file; nothing is ever left at the path.
 - `--force-hard-link`: the temporary name is a hard link to the task file itself (same inode as the
   cache); refused with a clear message when the kernel will not link it.
@@ -45,8 +47,22 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+# A nameless file is given its name through /proc/self/fd (linkat with AT_SYMLINK_FOLLOW); without
+# /proc it could never be placed, so it is not used.
+_CAN_LINK_FDS = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+_NO_TMPFILE_ERRNOS = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
 _LINK_UNSUPPORTED_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
 _READ_CHUNK = 1024 * 1024
+
+
+def _open_nameless(directory: str) -> int | None:
+    """An O_TMPFILE in `directory`, or None where its filesystem has none (other errors raise)."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno in _NO_TMPFILE_ERRNOS:
+            return None
+        raise
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
@@ -60,7 +76,7 @@ def _reason(exc: OSError) -> str:
 class OutputFile:
     """The temporary file behind one output path."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, nameless: bool = True) -> None:
         self.path = os.path.abspath(path)
         directory, name = os.path.split(self.path)
         self.directory = directory
@@ -73,10 +89,20 @@ class OutputFile:
         self._writeback: Callable[[int, int, int, int], int] | None = None
         self.linked = False
         self._placed = False
+        self.nameless = False
         try:
-            self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            if nameless and _CAN_LINK_FDS:
+                self._fd = _open_nameless(directory)
+                self.nameless = self._fd is not None
+            if self._fd is None:
+                self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StorageError(f"cannot create a temporary file in {directory}: {_reason(exc)}") from None
+
+    @property
+    def _shown(self) -> str:
+        """The temporary file as messages name it."""
+        return f"the temporary file in {self.directory}" if self.nameless else self.tmp_path
 
     def allocate(self, content_length: int) -> None:
         if content_length >= _EARLY_WRITEBACK_MIN_BYTES:
@@ -84,13 +110,16 @@ class OutputFile:
         try:
             os.ftruncate(self._require_fd(), content_length)
         except OSError as exc:
-            raise StorageError(f"cannot size {self.tmp_path}: {_reason(exc)}") from None
+            raise StorageError(f"cannot size {self._shown}: {_reason(exc)}") from None
 
     def link_task_file(self, task_fd: int, task_path: str) -> None:
         """Make the temporary name a hard link to the task file: through the passed fd (the very inode
         the daemon opened), else through its path if that still names the same inode."""
         self._close_fd()
-        os.unlink(self.tmp_path)
+        if self.nameless:
+            self.nameless = False  # the name below is the task file's: no bytes of ours to lose
+        else:
+            os.unlink(self.tmp_path)
         name = os.path.basename(self.tmp_path)
         reasons: list[OSError] = []
         dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -139,7 +168,7 @@ class OutputFile:
                 if self._use_copy_file_range and exc.errno in _COPY_FALLBACK_ERRNOS:
                     self._use_copy_file_range = False
                     continue
-                raise StorageError(f"cannot copy into {self.tmp_path}: {_reason(exc)}") from None
+                raise StorageError(f"cannot copy into {self._shown}: {_reason(exc)}") from None
             if n == 0:
                 raise StorageError(f"the task file ended at byte {pos}, expected {offset + length}")
             done += n
@@ -150,10 +179,13 @@ class OutputFile:
         """Raise DigestMismatch unless the temporary file's bytes have the expected digest."""
         from dfly.common.digest import file_digest
 
+        source = f"/proc/self/fd/{self._require_fd()}" if self.nameless else self.tmp_path
         try:
-            got = file_digest(self.tmp_path, expected.algorithm)
+            got = file_digest(source, expected.algorithm)
         except OSError as exc:
-            raise StorageError(f"cannot read {self.tmp_path}: {_reason(exc)}") from None
+            raise StorageError(
+                f"cannot read the temporary file in {self.directory}: {_reason(exc)}"
+            ) from None
         if got.value != expected.value:
             raise DigestMismatch(f"digest mismatch: expected {expected} got {got}")
 
@@ -162,6 +194,11 @@ class OutputFile:
         try:
             if self._fd is not None:
                 os.fsync(self._fd)
+            if self.nameless:
+                self._name_it(overwrite)
+                self._placed = True
+                self._fsync_directory()
+                return
             self._close_fd()
             if overwrite:
                 os.replace(self.tmp_path, self.path)
@@ -173,6 +210,25 @@ class OutputFile:
             raise StorageError(f"{self.path} appeared during the download; not overwritten") from None
         except OSError as exc:
             raise StorageError(f"cannot place {self.path}: {_reason(exc)}") from None
+
+    def _name_it(self, overwrite: bool) -> None:
+        """Give the nameless file its output name (through the temporary name when overwriting)."""
+        source = f"/proc/self/fd/{self._require_fd()}"
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if not overwrite:  # linkat fails if the path appeared meanwhile: never clobbered
+                os.link(source, os.path.basename(self.path), dst_dir_fd=dir_fd, follow_symlinks=True)
+            else:
+                tmp = os.path.basename(self.tmp_path)
+                os.link(source, tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
+                try:
+                    os.replace(tmp, os.path.basename(self.path), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except OSError:
+                    os.unlink(tmp, dir_fd=dir_fd)
+                    raise
+        finally:
+            os.close(dir_fd)
+            self._close_fd()
 
     def _link_no_clobber(self) -> None:
         try:
@@ -197,7 +253,7 @@ class OutputFile:
     def discard(self) -> None:
         """Remove the temporary file (idempotent; errors ignored: this runs on the failure path)."""
         self._close_fd()
-        if self._placed:
+        if self._placed or self.nameless:  # a nameless file goes with its last descriptor
             return
         try:
             os.unlink(self.tmp_path)
@@ -206,7 +262,7 @@ class OutputFile:
 
     def _require_fd(self) -> int:
         if self._fd is None:
-            raise StorageError(f"{self.tmp_path} is not open for writing")
+            raise StorageError(f"{self._shown} is not open for writing")
         return self._fd
 
     def _close_fd(self) -> None:

@@ -279,7 +279,7 @@ class _Download:
 def download(opts: Options) -> None:
     """Run one download to its placed output; raises DflyError (the temporary file is always removed)."""
     deadline = time.monotonic() + opts.timeout_s
-    out = OutputFile(opts.output)
+    out = OutputFile(opts.output, nameless=not opts.force_hard_link)
     progress: Progress = make_progress(opts.progress)
     state = _Download(opts, out, progress)
     try:

@@ -103,7 +103,7 @@ def test_output_checks(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
 
 
 def test_a_long_output_name_still_gets_a_temporary_file(tmp_path: Path) -> None:
-    out = OutputFile(str(tmp_path / ("n" * 250)))  # NAME_MAX 255: ".<name>.dfget-<hex>" would not fit
+    out = OutputFile(str(tmp_path / ("n" * 250)), nameless=False)  # NAME_MAX 255: ".<name>.dfget-<hex>" …
     try:
         assert os.path.exists(out.tmp_path)
     finally:

@@ -37,10 +37,14 @@ def fill(out: OutputFile, fd: int, piece: int = 100_000) -> None:
         out.copy(fd, offset, min(piece, len(DATA) - offset))
 
 
-def test_temporary_name_and_placing(tmp_path: Path, task_fd: int) -> None:
-    out = OutputFile(str(tmp_path / "f.bin"))
+@pytest.mark.parametrize("nameless", [True, False])
+def test_temporary_name_and_placing(tmp_path: Path, task_fd: int, nameless: bool) -> None:
+    out = OutputFile(str(tmp_path / "f.bin"), nameless=nameless)
+    assert out.nameless is nameless  # this machine's filesystems all have O_TMPFILE
     assert Path(out.tmp_path).name.startswith(".f.bin.dfget-")
     fill(out, task_fd)
+    # nameless: nothing in the directory while it downloads, so a dfget killed outright leaves nothing
+    assert temps(tmp_path) == ([] if nameless else [Path(out.tmp_path).name])
     out.verify(parse_digest("sha256:" + hashlib.sha256(DATA).hexdigest()))
     out.place(overwrite=False)
     out.discard()  # after placing: a no-op
@@ -83,8 +87,9 @@ def test_digest_mismatch_message(tmp_path: Path, task_fd: int) -> None:
     assert list(tmp_path.iterdir()) == [Path(tmp_path / "task")]
 
 
-def test_path_that_appears_meanwhile_is_not_clobbered(tmp_path: Path, task_fd: int) -> None:
-    out = OutputFile(str(tmp_path / "f"))
+@pytest.mark.parametrize("nameless", [True, False])
+def test_path_that_appears_meanwhile_is_not_clobbered(tmp_path: Path, task_fd: int, nameless: bool) -> None:
+    out = OutputFile(str(tmp_path / "f"), nameless=nameless)
     fill(out, task_fd)
     (tmp_path / "f").write_bytes(b"theirs")
     with pytest.raises(StorageError, match="appeared during the download"):
@@ -94,12 +99,14 @@ def test_path_that_appears_meanwhile_is_not_clobbered(tmp_path: Path, task_fd: i
     assert temps(tmp_path) == []
 
 
-def test_overwrite_replaces(tmp_path: Path, task_fd: int) -> None:
+@pytest.mark.parametrize("nameless", [True, False])
+def test_overwrite_replaces(tmp_path: Path, task_fd: int, nameless: bool) -> None:
     (tmp_path / "f").write_bytes(b"old")
-    out = OutputFile(str(tmp_path / "f"))
+    out = OutputFile(str(tmp_path / "f"), nameless=nameless)
     fill(out, task_fd)
     out.place(overwrite=True)
     assert (tmp_path / "f").read_bytes() == DATA
+    assert temps(tmp_path) == []
 
 
 def test_temporary_file_needs_the_directory(tmp_path: Path) -> None:
