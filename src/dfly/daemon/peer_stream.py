@@ -99,7 +99,12 @@ class PeerStream:
                 await call.write(register)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
             call.cancel()
-            reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                reason = f"it took no registration within {REGISTER_WAIT_S:g} s (overloaded or unreachable)"
+            elif isinstance(exc, grpc.aio.AioRpcError):
+                reason = exc.code().name
+            else:
+                reason = type(exc).__name__
             log.warning("cannot register %s with the scheduler: %s", self.task_id[:12], reason)
             return False
         self._call = call
