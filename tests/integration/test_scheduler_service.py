@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from grpc import aio
 
 from dfly.api import daemon_pb2, daemon_pb2_grpc, scheduler_pb2_grpc
 from dfly.api import scheduler_pb2 as pb
+from dfly.daemon.scheduler_client import SchedulerClient
 from dfly.scheduler import app
 from dfly.scheduler import service as service_module
 from dfly.scheduler.config import MetricsSection, SchedulerConfig
@@ -347,6 +348,48 @@ def test_oversized_and_malformed_messages_are_refused_and_the_scheduler_goes_on(
             await stub.AnnounceHost(
                 pb.AnnounceHostRequest(host=host("fine")), timeout=STEP_S
             )  # still serving
+
+    run(scenario)
+
+
+def test_a_host_holding_more_than_one_message_of_tasks_announces_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed with a big cache lists more piece digests than one message may carry (here 4 MiB of them
+    against a 2 MiB max_message_bytes): the daemon's announce goes in chunks, every task arrives."""
+
+    def finished(only: Collection[str] | None = None) -> list[pb.FinishedTask]:
+        tasks = [
+            pb.FinishedTask(
+                task_id=f"task-{n:04}",
+                peer_id=f"127.0.0.1-big-stored-{n}",
+                content_length=256 * 65536,
+                piece_length=65536,
+                piece_digests=[2**31 + n * 256 + i for i in range(256)],  # ~1.3 KB each
+                url=f"http://origin.test/{n}",
+            )
+            for n in range(4000)
+        ]
+        return tasks if only is None else [t for t in tasks if t.task_id in only]
+
+    async def scenario() -> None:
+        async with scheduler(tmp_path, monkeypatch, max_message_bytes=2 * 1024 * 1024) as running:
+            client = SchedulerClient(
+                f"127.0.0.1:{running.ports['grpc']}",
+                host_info=lambda: host("big"),
+                finished_tasks=finished,
+                load=lambda: (0.0, 0),
+                keepalive_interval_s=5.0,
+            )
+            try:
+                assert sum(t.ByteSize() for t in finished(None)) > 2 * (2 * 1024 * 1024)
+                await client.announce(timeout_s=STEP_S)
+                for task_id in ("task-0000", "task-2000", "task-3999"):
+                    stat = await running.stub.StatTask(pb.StatTaskRequest(task_id=task_id), timeout=STEP_S)
+                    assert stat.peer_count == 1
+                await client.announce(timeout_s=STEP_S, only=["task-0042"])  # one task: one small message
+            finally:
+                await client.close()
 
     run(scenario)
 

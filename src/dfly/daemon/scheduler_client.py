@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 
 import grpc
 
@@ -28,11 +28,30 @@ from dfly.common.tls import TlsSection, aio_channel
 log = logging.getLogger(__name__)
 
 HostInfoSource = Callable[[], pb.HostInfo]
-FinishedTasksSource = Callable[[], list[pb.FinishedTask]]
+FinishedTasksSource = Callable[[Collection[str] | None], list[pb.FinishedTask]]  # only these ids, or all
 LoadSource = Callable[[], tuple[float, int]]  # (upload bytes/s EWMA, upload slots in use)
+# A seed with terabytes of small layers holds ~100,000 tasks: tens of MiB of piece digests, over a
+# scheduler's max_message_bytes in one message and seconds of its loop in one call.
+ANNOUNCE_CHUNK_BYTES = 1 << 20
 MAX_UNDELIVERED = 4096  # DeleteTasks kept for a scheduler that cannot take them; the oldest go first
 # answers that say the scheduler will never take this DeleteTask: not sent again
 _FINAL_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED)
+
+
+def announce_chunks(finished: list[pb.FinishedTask]) -> Iterator[list[pb.FinishedTask]]:
+    """The finished tasks in runs of at most ANNOUNCE_CHUNK_BYTES serialized (one task larger than that
+    goes alone); one empty run when there are none, so the host itself is announced."""
+    chunk: list[pb.FinishedTask] = []
+    size = 0
+    for task in finished:
+        task_bytes = task.ByteSize() + 8  # the field's tag and length
+        if chunk and size + task_bytes > ANNOUNCE_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(task)
+        size += task_bytes
+    if chunk or not finished:
+        yield chunk
 
 
 def source_ip_toward(addr: str) -> str:
@@ -92,9 +111,13 @@ class SchedulerClient:
         self.on_connected: Callable[[], None] | None = None  # the ring's hooks
         self.on_disconnected: Callable[[], None] | None = None
 
-    async def announce(self, timeout_s: float = 10.0) -> None:
-        request = pb.AnnounceHostRequest(host=self._host_info(), finished_tasks=self._finished_tasks())
-        await self.stub.AnnounceHost(request, timeout=timeout_s, wait_for_ready=True)
+    async def announce(self, timeout_s: float = 10.0, only: Collection[str] | None = None) -> None:
+        """AnnounceHost: this host and the tasks it holds complete (all, or `only` these), in as many
+        calls as it takes to keep each under ANNOUNCE_CHUNK_BYTES (a scheduler adds what each lists)."""
+        host = self._host_info()
+        for chunk in announce_chunks(self._finished_tasks(only)):
+            request = pb.AnnounceHostRequest(host=host, finished_tasks=chunk)
+            await self.stub.AnnounceHost(request, timeout=timeout_s, wait_for_ready=True)
         self.connected.set()
         if self.on_connected is not None:
             self.on_connected()

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import grpc
 
@@ -92,11 +92,12 @@ class SchedulerRing:
         assert error is not None
         raise error
 
-    async def reannounce(self) -> None:
-        """Tell every connected scheduler again what this host holds (best effort)."""
+    async def reannounce(self, only: Collection[str] | None = None) -> None:
+        """Tell every connected scheduler again what this host holds, or that it holds tasks `only`
+        (best effort)."""
         for client in self.healthy():
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await client.announce()
+                await client.announce(only=only)
 
     def _connected(self) -> None:
         self._unhealthy_since = None

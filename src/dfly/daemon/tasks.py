@@ -25,7 +25,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,9 +149,11 @@ class TaskManager:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def finished_tasks(self) -> list[pb.FinishedTask]:
+    def finished_tasks(self, only: Collection[str] | None = None) -> list[pb.FinishedTask]:
+        """The tasks held complete (all of them, or those of `only` held), as AnnounceHost lists them."""
+        lives = self._live.values() if only is None else [live for t in only if (live := self._live.get(t))]
         out = []
-        for live in self._live.values():
+        for live in lives:
             state = live.state
             if state.complete and state.ended and state.error is None and state.layout is not None:
                 out.append(
@@ -368,7 +370,7 @@ class TaskManager:
         completely already, the schedulers are told again (one that never heard of it may be asking)."""
         live = self.start(request)
         if live.state.complete and live.state.ended and self.ctx.scheduler is not None:
-            self._spawn(self.ctx.scheduler.reannounce())
+            self._spawn(self.ctx.scheduler.reannounce(only=[live.state.task_id]))
         return live.state.task_id
 
     # -- stats and the piece server's view --------------------------------------------------------

@@ -34,7 +34,7 @@ def client(holds: Callable[[str], bool] = lambda task_id: False) -> tuple[Schedu
     made = SchedulerClient(
         "127.0.0.1:1",
         host_info=lambda: pb.HostInfo(host_id="h1"),
-        finished_tasks=list,
+        finished_tasks=lambda only: [],
         load=lambda: (0.0, 0),
         keepalive_interval_s=5.0,
         holds_task=holds,
