@@ -183,9 +183,7 @@ class OutputFile:
         try:
             got = file_digest(source, expected.algorithm)
         except OSError as exc:
-            raise StorageError(
-                f"cannot read the temporary file in {self.directory}: {_reason(exc)}"
-            ) from None
+            raise StorageError(f"cannot read {self._shown}: {_reason(exc)}") from None
         if got.value != expected.value:
             raise DigestMismatch(f"digest mismatch: expected {expected} got {got}")
 
