@@ -101,9 +101,13 @@ def test_a_connect_target_on_the_default_port_matches_the_allowed_origin() -> No
 
 
 def test_hop_guard_checks_origin_and_resolved_address() -> None:
-    assert hop_guard(()) is None  # downloads not started by the proxy are not restricted
+    anyone = hop_guard(())  # downloads not started by the proxy (dfget, seed triggers): any host...
+    assert anyone.allowed("https", "files.example.com", 443)
+    assert anyone.allowed("http", "10.1.2.3", 8080)
+    assert not anyone.allowed("http", "169.254.169.254", 80)  # ...but no link-local or metadata address
+    assert not anyone.allowed("http", "fe80::1", 80)
+    assert anyone.address_refused("169.254.169.254")
     guard = hop_guard(sorted(ALLOWED | {"http://169.254.169.254"}))
-    assert guard is not None
     assert guard.allowed("http", "127.0.0.1", 8080)
     assert guard.allowed("https", "files.example.com", 443)  # unresolvable here: left to the connection
     assert not guard.allowed("http", "127.0.0.1", 8081)  # another port

@@ -139,20 +139,19 @@ def never_upstream(address: str) -> bool:
     return any(ip in net for net in NEVER_UPSTREAM)
 
 
-def hop_guard(allowed_origins: Sequence[str]) -> HostGuard | None:
-    """The origin reader's check of each hop (first URL and every redirect) of a download the proxy
-    started: its scheme://host[:port] must be allowed, and no address a connection is made to may be
-    link-local or metadata (an IP literal is refused here already; a name is resolved once, by the
-    connection, whose addresses `HostGuard.address_refused` checks). None (no check) for downloads that
-    carry no allowed origins (dfget, preheat)."""
-    if not allowed_origins:
-        return None
+def hop_guard(allowed_origins: Sequence[str]) -> HostGuard:
+    """The origin reader's check of each hop (first URL and every redirect) of every download: no address
+    a connection is made to may be link-local or metadata (an IP literal is refused here already; a name
+    is resolved once, by the connection, whose addresses `HostGuard.address_refused` checks), and for a
+    download the proxy started, scheme://host[:port] must be one of its allowed origins. Downloads with
+    none (dfget, seed triggers) may reach any other host. (A seed reading a metadata URL for anyone
+    who asked would hand its own cloud credentials to the whole swarm.)"""
     allowed = frozenset(allowed_origins)
 
     def may_contact(scheme: str, host: str, port: int) -> bool:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            if normalize_upstream(f"{scheme}://{netloc}") not in allowed:
+            if allowed and normalize_upstream(f"{scheme}://{netloc}") not in allowed:
                 return False
         except BadRequest:  # not a host this proxy could have allowed
             return False

@@ -44,6 +44,13 @@ class HostGuard:
 AllowedHosts = HostGuard
 
 
+def _refused_literal(guard: HostGuard, host: str) -> bool:
+    try:
+        return guard.address_refused(host)
+    except ValueError:  # a name, not an address
+        return False
+
+
 def _connect_checked(
     address_refused: Callable[[str], bool],
     address: tuple[str, int],
@@ -98,7 +105,8 @@ def open_get(
         except ValueError as exc:
             raise SourceError(f"invalid port in source URL {redact_url(url)}") from exc
         if allowed_hosts is not None and not allowed_hosts.allowed(parts.scheme, host, port):
-            raise SourceError(f"source host {host} is not allowed ({redact_url(url)})")
+            why = ", a link-local or metadata address," if _refused_literal(allowed_hosts, host) else ""
+            raise SourceError(f"source host {host}{why} is not allowed ({redact_url(url)})")
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
             conn = http.client.HTTPSConnection(
