@@ -71,6 +71,8 @@ def host_announced(request: pb.AnnounceHostRequest) -> HostAnnounced:
         )
         for task in request.finished_tasks
         if _valid_layout(task.content_length, task.piece_length)
+        # a host speaks for its own peers only: another host's peer id would move that peer here
+        and task.peer_id.startswith(f"{host.host_id}-")
     )
     return HostAnnounced(info, finished)
 

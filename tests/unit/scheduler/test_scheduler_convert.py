@@ -10,9 +10,12 @@ from dfly.scheduler import convert
 from dfly.scheduler.core.messages import FinishedPiece, PiecesFinished
 
 
-def finished(task_id: str, content_length: int, piece_length: int) -> pb.FinishedTask:
+def finished(task_id: str, content_length: int, piece_length: int, host_id: str = "h") -> pb.FinishedTask:
     return pb.FinishedTask(
-        task_id=task_id, peer_id=f"p-{task_id}", content_length=content_length, piece_length=piece_length
+        task_id=task_id,
+        peer_id=f"{host_id}-{task_id}",
+        content_length=content_length,
+        piece_length=piece_length,
     )
 
 
@@ -23,6 +26,19 @@ def test_host_announce_drops_only_the_finished_tasks_with_impossible_layouts() -
     )
     event = convert.host_announced(request)
     assert [task.task_id for task in event.finished_tasks] == ["good"]
+
+
+def test_host_announce_drops_the_finished_tasks_of_other_hosts_peers() -> None:
+    """A host may not list another host's peer: the scheduler would move that peer (a parent children
+    trust) to the announcing host."""
+    request = pb.AnnounceHostRequest(
+        host=pb.HostInfo(host_id="h", ip="127.0.0.1"),
+        finished_tasks=[
+            finished("mine", 1 << 20, 1 << 18),
+            finished("theirs", 1 << 20, 1 << 18, host_id="other"),
+        ],
+    )
+    assert [task.task_id for task in convert.host_announced(request).finished_tasks] == ["mine"]
 
 
 def test_register_with_a_piece_length_that_is_not_a_power_of_two_is_refused() -> None:
