@@ -394,6 +394,44 @@ def test_a_host_holding_more_than_one_message_of_tasks_announces_them_all(
     run(scenario)
 
 
+def test_a_host_that_never_opens_its_keepalive_stream_is_not_offered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An announce alone (no keepalive stream: no daemon behaves so) does not keep a host, and the tasks
+    it claims, offered as parents for good."""
+    monkeypatch.setattr(service_module, "KEEPALIVE_EXPECTED_S", 0.3)
+
+    async def scenario() -> None:
+        async with scheduler(tmp_path, monkeypatch) as running:
+            ghost = pb.FinishedTask(
+                task_id="task-1",
+                peer_id="127.0.0.1-ghost-stored",
+                content_length=65536,
+                piece_length=65536,
+                piece_digests=[7],
+                url="http://origin.test/task-1",
+            )
+            await running.stub.AnnounceHost(
+                pb.AnnounceHostRequest(host=host("ghost"), finished_tasks=[ghost])
+            )
+            await running.stub.AnnounceHost(pb.AnnounceHostRequest(host=host("child")))
+            keepalive = running.stub.HostKeepAlive()
+            await keepalive.write(pb.HostKeepAliveRequest(host_id="127.0.0.1-child", boot_id="boot-1"))
+            deadline = asyncio.get_running_loop().time() + STEP_S
+            while (await asyncio.to_thread(fetch_metrics, running.ports["metrics"])).count(
+                "dfly_scheduler_hosts_connected 1.0"
+            ) == 0:  # the child alone
+                assert asyncio.get_running_loop().time() < deadline, "the ghost stayed connected"
+                await asyncio.sleep(0.05)
+            child = running.stub.AnnouncePeer()
+            await child.write(register("child", "127.0.0.1-child-p1"))
+            assert (await read(child)).WhichOneof("response") == "need_back_to_source"  # not the ghost
+            await child.done_writing()
+            await keepalive.done_writing()
+
+    run(scenario)
+
+
 def test_dropped_keepalive_suspends_and_the_retry_timer_fails_the_child(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,6 +71,7 @@ class _PeerStream:
         self.queue.put_nowait(_EndStream(code, details))
 
 
+KEEPALIVE_EXPECTED_S = 60.0  # an announced host's keepalive stream must open within this
 REGISTER_TIMEOUT_S = 30.0  # an AnnouncePeer stream's first message (register) must come within this
 
 
@@ -100,6 +101,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, _PeerStream] = {}
         self._keepalive_streams: dict[str, int] = {}
+        self._awaiting_keepalive: dict[str, asyncio.TimerHandle] = {}  # announced, no keepalive stream yet
         self._channels: dict[str, aio.Channel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -116,6 +118,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for handle in self._awaiting_keepalive.values():
+            handle.cancel()
+        self._awaiting_keepalive.clear()
         for stream in list(self._streams.values()):
             stream.end(grpc.StatusCode.UNAVAILABLE, "scheduler is stopping")
         tasks = list(self._tasks)
@@ -133,7 +138,22 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if not host.host_id or not host.ip:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host_id and ip are required")
         self._apply(convert.host_announced(request))
+        if host.host_id not in self._keepalive_streams and self._loop is not None:
+            if (earlier := self._awaiting_keepalive.pop(host.host_id, None)) is not None:
+                earlier.cancel()
+            self._awaiting_keepalive[host.host_id] = self._loop.call_later(
+                KEEPALIVE_EXPECTED_S, self._no_keepalive, host.host_id, host.boot_id
+            )
         return pb.Empty()
+
+    def _no_keepalive(self, host_id: str, boot_id: str) -> None:
+        """A host announced but never opened its keepalive stream (a daemon does at once): it is not
+        offered as a parent, and it is forgotten after host_ttl_s like any host gone. Else an announce
+        alone would keep its host, its tasks and their digests here for good."""
+        self._awaiting_keepalive.pop(host_id, None)
+        if not self._stopping and host_id not in self._keepalive_streams and self._engine.has_host(host_id):
+            log.warning("host %s announced but opened no keepalive stream; treated as gone", host_id)
+            self._apply(HostDisconnected(host_id, boot_id))
 
     async def LeaveHost(self, request: pb.LeaveHostRequest, context: Any) -> pb.Empty:
         self._apply(HostLeft(request.host_id))
@@ -164,6 +184,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                         )
                     host_id, boot_id = request.host_id, request.boot_id
                     self._keepalive_streams[host_id] = self._keepalive_streams.get(host_id, 0) + 1
+                    if (awaiting := self._awaiting_keepalive.pop(host_id, None)) is not None:
+                        awaiting.cancel()
                 elif request.host_id != host_id:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host_id changed on the stream")
                 elif not self._engine.has_host(host_id):
