@@ -159,7 +159,7 @@ class TaskManager:
                 out.append(
                     pb.FinishedTask(
                         task_id=state.task_id,
-                        peer_id=f"{self.ctx.host_id}-stored",
+                        peer_id=f"{self.ctx.host_id}-stored-{state.task_id}",  # a peer per task
                         content_length=state.layout.content_length,
                         piece_length=state.layout.piece_length,
                         piece_digests=state.digests_in_order(),
