@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -102,7 +103,11 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     )
     tasks = TaskManager(ctx)
     tasks.load(stored)
+    # What start-up built (the cached tasks' state, imports) lives as long as the process: out of the
+    # collector's sight, so a full collection does not walk it (237 ms at 50,000 cached tasks).
+    gc.freeze()
     storage_gc = StorageGC(config.gc, storage, tasks, counters)
+    storage_gc.loaded_from_mtimes()
     ctx.admit = storage_gc.admit
     storage.on_pieces_lost = tasks.pieces_lost
     limit = config.upload.rate_limit_bytes_per_s

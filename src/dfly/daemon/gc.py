@@ -92,6 +92,11 @@ class StorageGC:
         self._turn = asyncio.Lock()  # one pass at a time
         self._reserved = 0  # bytes of task files being created (admit)
 
+    def loaded_from_mtimes(self) -> None:
+        """The tasks held now took their last use from their files' mtimes (at start): nothing to stamp
+        until they are used (else the first pass stats and stamps every file: 0.7 s at 50,000 tasks)."""
+        self._stamped = {task.task_id: task.last_used for task in self.tasks.cached_tasks()}
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.config.interval_s)  # the GC's period, not a wait for an event

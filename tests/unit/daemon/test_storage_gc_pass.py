@@ -90,6 +90,23 @@ def test_last_uses_are_stamped_as_mtimes_except_on_hard_linked_files(tmp_path: P
     assert set(gc._stamped) == {"idle"}
 
 
+def test_tasks_loaded_from_their_mtimes_are_not_stamped_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached = [CachedTask(f"t{n}", MB, 1_000_000.0 + n, False) for n in range(3)]
+    gc, tasks, _ = make_gc(tmp_path, cached, now=1_000_600.0)
+    for task in cached:  # as after a restart: last use read from each file's mtime
+        os.utime(tmp_path / task.task_id, (task.last_used, task.last_used))
+    gc.loaded_from_mtimes()
+    touched: list[str] = []
+    monkeypatch.setattr(os, "utime", lambda path, times: touched.append(str(path)))
+    asyncio.run(gc.run_once())
+    assert touched == []  # no file stamped: nothing was used since
+    tasks.cached = [CachedTask("t1", MB, 1_000_550.0, False), *cached[::2]]  # t1 used again
+    asyncio.run(gc.run_once())
+    assert touched == [str(tmp_path / "t1")]
+
+
 def test_a_quota_counts_only_task_bytes_and_evicts_least_recently_used(tmp_path: Path) -> None:
     cached = [
         CachedTask("old", 40 * MB, 10.0, False),
