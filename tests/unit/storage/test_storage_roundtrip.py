@@ -163,6 +163,7 @@ def test_delete_removes_file_records_and_read_fd(tmp_path: Path) -> None:
         assert [t.meta.task_id for t in tasks] == [keep.task_id]
         assert again.recovery is not None
         assert again.recovery.removed_files == 0
+        assert again.recovery.tasks == []  # the tasks (every piece digest) went to the caller, not kept
         await again.close()
 
     asyncio.run(run())

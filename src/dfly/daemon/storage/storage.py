@@ -23,6 +23,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -44,7 +45,7 @@ class Storage:
             raise ValueError("commit_interval_s must be positive")
         self.root = Path(root)
         self.commit_interval_s = commit_interval_s
-        self.recovery: RecoveryReport | None = None  # what open() found
+        self.recovery: RecoveryReport | None = None  # what open() found (counts only)
         self._writer: WriterThread | None = None
         self._closed = False
         self._tasks: dict[str, TaskMeta] = {}
@@ -71,7 +72,7 @@ class Storage:
             self._closed = True
             await asyncio.to_thread(writer.join)
             raise
-        self.recovery = report
+        self.recovery = dataclasses.replace(report, tasks=[])  # its counts: the tasks go to the caller
         self._tasks = {task.meta.task_id: task.meta for task in report.tasks}
         return report.tasks
 
