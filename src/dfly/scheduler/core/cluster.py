@@ -65,6 +65,7 @@ class Cluster:
         self.peers[peer.peer_id] = peer
         task.peers[peer.peer_id] = peer
         host.peer_ids.add(peer.peer_id)
+        host.peers_by_task.setdefault(task.task_id, set()).add(peer.peer_id)
 
     def remove_peer(self, peer: Peer, state: PeerState) -> RemovedPeer:
         """Move the peer to FAILED (LEAVE if it had succeeded) or LEAVE and forget it everywhere
@@ -95,6 +96,11 @@ class Cluster:
         host = self.hosts.get(peer.host_id)
         if host is not None:
             host.peer_ids.discard(peer.peer_id)
+            of_task = host.peers_by_task.get(peer.task_id)
+            if of_task is not None:
+                of_task.discard(peer.peer_id)
+                if not of_task:
+                    del host.peers_by_task[peer.task_id]
         return RemovedPeer(peer, task, was_origin_reader, was_unfinished_seed)
 
     def forget_idle_tasks(self, failed_before: float) -> None:

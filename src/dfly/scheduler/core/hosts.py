@@ -55,6 +55,10 @@ class HostHandlers:
     def announced(self, event: HostAnnounced, now: float) -> list[Command]:
         info = event.host
         host = self._cluster.hosts.get(info.host_id)
+        # Only a host coming back (new, disconnected, suspended) makes its peers' tasks worth a new look:
+        # a connected host announcing again (its next chunk of tasks, a seed trigger's) changes nothing
+        # for them, and looking would cost O(all its peers) per announce.
+        coming_back = host is None or host.is_suspended(now)
         commands: list[Command] = []
         if host is not None and info.boot_id and host.info.boot_id and info.boot_id != host.info.boot_id:
             commands.extend(self._drop_peers(host, f"host {info.host_id} restarted", now))
@@ -71,15 +75,11 @@ class HostHandlers:
             self._cluster.seed_host_ids.add(info.host_id)
         else:
             self._cluster.seed_host_ids.discard(info.host_id)
-        touched = self._tasks_offered_by(host)
-        held = {  # the tasks a finished peer of this host stands for already: one parent per host and task
-            peer.task_id: peer.peer_id
-            for peer_id in host.peer_ids
-            if (peer := self._cluster.peers[peer_id]).state is PeerState.SUCCEEDED
-        }
+        touched = self._tasks_offered_by(host) if coming_back else {}
         for finished in event.finished_tasks:
-            if held.get(finished.task_id, finished.peer_id) != finished.peer_id:
-                continue  # e.g. a reconnect after a download this scheduler saw finish
+            held = self._finished_peer(host, finished.task_id)
+            if held is not None and held != finished.peer_id:
+                continue  # one parent per host and task: e.g. a reconnect after a download seen to finish
             task = self._register_finished(host, finished)
             if task is not None:
                 touched[task.task_id] = task
@@ -141,9 +141,9 @@ class HostHandlers:
         if host is None:
             return []
         removals: list[RemovedPeer] = []
-        for peer_id in sorted(host.peer_ids):
+        for peer_id in sorted(host.peers_by_task.get(event.task_id, ())):
             peer = self._cluster.peers[peer_id]
-            if peer.task_id == event.task_id and not peer.active:
+            if not peer.active:
                 removals.append(self._cluster.remove_peer(peer, PeerState.LEAVE))
         commands: list[Command] = []
         for removed in removals:
@@ -215,6 +215,13 @@ class HostHandlers:
         if host is None or (boot_id and host.info.boot_id and boot_id != host.info.boot_id):
             return None
         return host
+
+    def _finished_peer(self, host: Host, task_id: str) -> str | None:
+        """The id of this host's finished peer of the task, if it has one (the lowest, if several)."""
+        for peer_id in sorted(host.peers_by_task.get(task_id, ())):
+            if self._cluster.peers[peer_id].state is PeerState.SUCCEEDED:
+                return peer_id
+        return None
 
     def _tasks_offered_by(self, host: Host) -> dict[str, Task]:
         tasks: dict[str, Task] = {}

@@ -111,6 +111,7 @@ class Host:
     corrupt_reporters: set[str] = field(default_factory=set)  # hosts that got a bad piece from it
     corrupt_until: float = -math.inf  # suspended for serving corrupt pieces; an announce does not lift it
     peer_ids: set[str] = field(default_factory=set)
+    peers_by_task: dict[str, set[str]] = field(default_factory=dict)  # the same peers, by their task
 
     @property
     def host_id(self) -> str:
