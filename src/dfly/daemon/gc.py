@@ -118,7 +118,8 @@ class StorageGC:
         fit in it even with every task not in use evicted is refused (StorageError): the disk itself
         would take it, so nothing else stops it, and the next pass would evict it and the whole cache."""
         quota = self.config.disk_quota_bytes
-        if quota and not self._could_fit(nbytes):
+        # O(1) first; the check over every task only near the high mark
+        if quota and not self._fits(nbytes) and not self._could_fit(nbytes):
             raise StorageError(
                 f"a task of {nbytes} bytes cannot fit in gc.disk_quota_bytes ({quota}) even with every "
                 "task not in use evicted"

@@ -160,6 +160,31 @@ def test_with_a_quota_a_task_that_can_never_fit_is_refused(tmp_path: Path) -> No
     assert tasks.removed == ["a"]
 
 
+def test_an_admission_far_from_the_mark_looks_at_no_task(tmp_path: Path) -> None:
+    """Each new download is admitted: with tens of thousands of cached tasks, a look at every one of them
+    per admission held the loop ~60 ms. Below the high mark there is nothing to look for."""
+    cached = [CachedTask(f"t{n}", MB, float(n), False) for n in range(10)]
+    gc, tasks, _ = make_gc(tmp_path, cached, now=30.0, disk_quota_bytes=100 * MB)
+    looked: list[int] = []
+    listed = tasks.cached_tasks
+
+    def counting() -> list[CachedTask]:
+        looked.append(1)
+        return listed()
+
+    tasks.cached_tasks = counting  # type: ignore[method-assign]
+
+    async def admit(nbytes: int) -> None:
+        async with gc.admit(nbytes):
+            pass
+
+    asyncio.run(admit(5 * MB))  # 15 % of the quota: far below the 80 % mark
+    assert looked == []
+    asyncio.run(admit(75 * MB))  # 85 %: near the mark, now it looks (and evicts)
+    assert looked
+    assert tasks.removed
+
+
 def test_admissions_at_once_evict_once_not_each_down_to_the_low_mark(tmp_path: Path) -> None:
     cached = [
         CachedTask("a", 30 * MB, 10.0, False),

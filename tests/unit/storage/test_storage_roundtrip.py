@@ -164,6 +164,7 @@ def test_delete_removes_file_records_and_read_fd(tmp_path: Path) -> None:
         assert again.recovery is not None
         assert again.recovery.removed_files == 0
         assert again.recovery.tasks == []  # the tasks (every piece digest) went to the caller, not kept
+        assert again.stored_bytes() == sum(t.meta.content_length for t in tasks)  # a running total
         await again.close()
 
     asyncio.run(run())

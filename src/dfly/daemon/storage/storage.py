@@ -49,6 +49,7 @@ class Storage:
         self._writer: WriterThread | None = None
         self._closed = False
         self._tasks: dict[str, TaskMeta] = {}
+        self._stored_bytes = 0  # the content lengths of _tasks, kept as they come and go
         self._read_fds: OrderedDict[str, int] = OrderedDict()
         self._commits = 0
         self._commit_waiters: list[asyncio.Future[None]] = []
@@ -74,6 +75,7 @@ class Storage:
             raise
         self.recovery = dataclasses.replace(report, tasks=[])  # its counts: the tasks go to the caller
         self._tasks = {task.meta.task_id: task.meta for task in report.tasks}
+        self._stored_bytes = sum(meta.content_length for meta in self._tasks.values())
         return report.tasks
 
     async def close(self, *, clean: bool = True) -> None:
@@ -114,7 +116,10 @@ class Storage:
         """Create and preallocate the task file; idempotent for the same meta."""
         check_meta(meta)
         await self._call(CreateOp(self._loop_future(), meta))
+        if (old := self._tasks.get(meta.task_id)) is not None:
+            self._stored_bytes -= old.content_length
         self._tasks[meta.task_id] = meta
+        self._stored_bytes += meta.content_length
 
     def task_path(self, task_id: str) -> Path:
         return self.root / task_relpath(task_id)
@@ -124,7 +129,7 @@ class Storage:
 
     def stored_bytes(self) -> int:
         """The task files' bytes (their content lengths: files are preallocated)."""
-        return sum(meta.content_length for meta in self._tasks.values())
+        return self._stored_bytes
 
     def read_fd(self, task_id: str) -> int:
         """A cached O_RDONLY fd of the task file (don't close it). It stays valid only until the caller's
@@ -175,7 +180,8 @@ class Storage:
 
     async def delete_task(self, task_id: str) -> None:
         """Remove the task's records, then its file; idempotent."""
-        self._tasks.pop(task_id, None)
+        if (gone := self._tasks.pop(task_id, None)) is not None:
+            self._stored_bytes -= gone.content_length
         fd = self._read_fds.pop(task_id, None)
         if fd is not None:
             os.close(fd)
