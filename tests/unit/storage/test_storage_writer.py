@@ -19,6 +19,7 @@ import dfly.daemon.storage.files as files
 import dfly.daemon.storage.writer as writer_module
 from dfly.common.errors import StorageError
 from dfly.daemon.storage import Storage, TaskMeta
+from dfly.daemon.storage.model import PieceSet
 
 PIECE = 64 * 1024
 
@@ -288,3 +289,16 @@ def test_commit_failing_with_enospc_records_nothing_and_other_tasks_go_on(
         await reopened.close()
 
     asyncio.run(run())
+
+
+def test_a_piece_set_counts_each_piece_once() -> None:
+    recorded = PieceSet(8, [0, 3, 3])
+    assert len(recorded) == 2
+    recorded.add(3)
+    recorded.add(7)
+    assert len(recorded) == 3
+    assert 7 in recorded
+    assert 8 not in recorded
+    recorded.difference_update([3, 5])
+    assert len(recorded) == 2
+    assert 3 not in recorded

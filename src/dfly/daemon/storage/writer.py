@@ -46,7 +46,7 @@ from dfly.daemon.storage.files import (
     take_marker,
     write_marker,
 )
-from dfly.daemon.storage.model import DB_NAME, Counters, TaskMeta, short
+from dfly.daemon.storage.model import DB_NAME, Counters, PieceSet, TaskMeta, short
 from dfly.daemon.storage.ops import CreateOp, DeleteOp, FinishOp, Op, OpenOp, StopOp, WriteOp
 from dfly.daemon.storage.recovery import RecoveryReport, recover
 
@@ -58,7 +58,7 @@ MAX_OPEN_FILES = 256  # write fds kept open; a task with pending records always 
 @dataclass
 class _TaskState:
     meta: TaskMeta
-    recorded: set[int]  # durable or pending records
+    recorded: PieceSet  # durable or pending records
     pending: dict[int, int] = field(default_factory=dict)  # number -> digest, not yet committed
     in_db: bool = True  # the task record is in SQLite
     finish_waiters: list[asyncio.Future[Any]] = field(default_factory=list)
@@ -201,7 +201,9 @@ class WriterThread:
             raise StorageError(f"storage dir {self.root}: {exc.strerror or exc}") from exc
         self._db = MetadataDB(self.root / DB_NAME)
         report = recover(self.root, self._db, clean=clean)
-        self._tasks = {t.meta.task_id: _TaskState(t.meta, set(t.pieces)) for t in report.tasks}
+        self._tasks = {
+            t.meta.task_id: _TaskState(t.meta, PieceSet(t.meta.piece_count, t.pieces)) for t in report.tasks
+        }
         return report
 
     def _fd(self, task_id: str) -> int:
@@ -273,7 +275,7 @@ class WriterThread:
         self._fds[meta.task_id] = fd
         self._trim_fds()
         self._dirs_to_sync.update(new_dirs)
-        self._tasks[meta.task_id] = _TaskState(meta, set(), in_db=False)
+        self._tasks[meta.task_id] = _TaskState(meta, PieceSet(meta.piece_count), in_db=False)
         self._dirty(meta.task_id)
 
     def _finish(self, op: FinishOp) -> None:
