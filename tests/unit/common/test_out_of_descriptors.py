@@ -17,7 +17,9 @@ from aiohttp.client_reqrep import ConnectionKey
 
 from dfly.common.errors import OutOfDescriptors, is_out_of_descriptors, out_of_descriptors
 from dfly.daemon.local_api_messages import Started
+from dfly.daemon.proxy.forward import hop_guard
 from dfly.daemon.proxy.http_edge import answer
+from dfly.daemon.source.http_open import open_get
 
 
 @contextlib.contextmanager
@@ -60,6 +62,12 @@ def test_a_readers_copy_of_the_task_fd_fails_as_out_of_descriptors() -> None:
         os.close(own)
     finally:
         os.close(fd)
+
+
+def test_an_origin_read_out_of_descriptors_is_not_the_origins_failure() -> None:
+    """As a SourceError it would fail the task for every peer of the swarm ("the origin was read by …")."""
+    with no_descriptor_left(), pytest.raises(OutOfDescriptors, match="connecting to the origin"):
+        open_get("http://127.0.0.1:9/f", {}, 5.0, hop_guard(()), None, False)
 
 
 def test_the_proxy_answers_503_with_retry_after() -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from dfly.common.errors import SourceError
+from dfly.common.errors import SourceError, is_out_of_descriptors, out_of_descriptors
 from dfly.common.ids import redact_url
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -127,6 +127,8 @@ def open_get(
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
+            if is_out_of_descriptors(exc):  # this host's load: not the origin's failure, not the task's
+                raise out_of_descriptors("connecting to the origin") from None
             raise connect_error(host, port, timeout_s, exc) from exc
         if resp.status not in REDIRECT_STATUSES:
             return conn, resp, url
