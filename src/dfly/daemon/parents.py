@@ -116,9 +116,9 @@ class ParentSet:
             )
         except (OSError, TimeoutError) as exc:
             self._connecting.discard(cand.peer_id)
-            if is_out_of_descriptors(exc):  # this host's load: the parent is not to blame
+            if is_out_of_descriptors(exc):  # this host's load: the parent is neither blamed nor blocked
                 log.warning("cannot connect to parent %s: out of file descriptors", cand.peer_id)
-                self._fail(cand.peer_id)
+                self.c.events.put_nowait(None)  # the conductor looks again (other parents, a reschedule)
                 return
             log.info("parent %s unreachable: %s", cand.peer_id, exc)
             self._fail(cand.peer_id, unreachable=True)
