@@ -21,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import logging
 import os
@@ -156,6 +157,8 @@ class TaskManager:
         lives = list(self._live.values()) if only is None else [v for t in only if (v := self._live.get(t))]
         for live in lives:
             state = live.state
+            if self._live.get(state.task_id) is not live:
+                continue  # removed (or replaced) while earlier chunks went out: not held any more
             if state.complete and state.ended and state.error is None and state.layout is not None:
                 yield (
                     pb.FinishedTask(
@@ -332,7 +335,7 @@ class TaskManager:
                     for waiter in waiters:
                         waiter.cancel()
             if not live.file_ready.is_set():
-                raise live.state.error or DflyError("download ended before it started")
+                raise _fresh(live.state.error) or DflyError("download ended before it started")
             layout = live.state.layout
             assert layout is not None
             yield Started(
@@ -349,8 +352,8 @@ class TaskManager:
                 if fresh := announcer.take():
                     yield PiecesReady(tuple(fresh))
                 if ended:
-                    if live.state.error is not None:
-                        raise live.state.error
+                    if (error := _fresh(live.state.error)) is not None:
+                        raise error
                     if announcer.told_count != layout.piece_count:
                         raise StorageError("task ended without all its pieces")
                     if local_hit:
@@ -403,3 +406,9 @@ class TaskManager:
         if live is None or live.state.layout is None or not live.file_ready.is_set():
             return None
         return ServedTaskView(live, lambda: self.ctx.storage.read_fd(task_id))
+
+
+def _fresh(error: DflyError | None) -> DflyError | None:
+    """A copy of the task's stored error to raise: raising the stored one would attach the frames it
+    passes through (a proxy response's buffers among them) to the task's state until it is used again."""
+    return None if error is None else copy.copy(error)
