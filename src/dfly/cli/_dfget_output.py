@@ -221,7 +221,7 @@ class OutputFile:
                 os.link(source, tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
                 try:
                     os.replace(tmp, os.path.basename(self.path), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                except OSError:
+                except BaseException:  # a signal or Ctrl-C between the two calls too: no name left behind
                     os.unlink(tmp, dir_fd=dir_fd)
                     raise
         finally:
