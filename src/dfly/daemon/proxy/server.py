@@ -186,8 +186,7 @@ class RegistryMirror:
                 await self._accepting
         if self._listener is not None:
             self._listener.close()
-        for runner in self._runners:
-            await runner.cleanup()
+        await asyncio.gather(*(runner.cleanup() for runner in self._runners))  # their graces at once
         if self._session is not None:
             await self._session.close()
 
