@@ -321,9 +321,9 @@ def test_oversized_and_malformed_messages_are_refused_and_the_scheduler_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def scenario() -> None:
-        async with scheduler(tmp_path, monkeypatch, max_message_bytes=64 * 1024) as running:
+        async with scheduler(tmp_path, monkeypatch, max_message_bytes=2 * 1024 * 1024) as running:
             stub = running.stub
-            digests = [2**31 + i for i in range(40_000)]  # ~200 KB of piece CRCs: over the 64 KiB limit
+            digests = [2**31 + i for i in range(600_000)]  # ~3 MB of piece CRCs: over the 2 MiB limit
             big = pb.AnnounceHostRequest(
                 host=host("big"),
                 finished_tasks=[

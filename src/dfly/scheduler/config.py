@@ -34,7 +34,8 @@ class SchedulerConfig(StrictModel):
     seed_trigger: SeedTriggerSection = SeedTriggerSection()
     # Largest gRPC message accepted (a host announce carries every task it holds whole, with a CRC per
     # piece); larger ones are refused with RESOURCE_EXHAUSTED before they are parsed.
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024, le=2**31 - 1)  # gRPC's int
+    # gRPC's int at most; at least twice the daemons' 1 MiB announce chunks
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=2 * 1024 * 1024, le=2**31 - 1)
     # An HTTP/2 ping after this long without a frame from a daemon, answered within half of it: a daemon
     # gone without closing its connection (node lost, link cut, process stopped) has its streams ended,
     # so its downloads leave and its host is suspended, instead of after TCP's ~2 h.

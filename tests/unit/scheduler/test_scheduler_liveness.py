@@ -241,3 +241,13 @@ def test_a_connected_hosts_announce_and_deletion_cost_what_they_name_not_what_it
     assert view.peer_count == 1
     assert harness.engine.stat_task("t7") is None
     assert harness.engine.stat_task("t8") is not None
+
+
+def test_a_host_cannot_take_over_another_hosts_peer_by_naming_it() -> None:
+    """Host ids contain dashes, so a peer id's prefix does not tell its host apart for sure ("n-1" and
+    "n-1-2"): a finished task naming a peer another host holds is not taken, whatever its name."""
+    harness = finished_on_a(*("a", "b"))
+    victim = harness.engine.cluster.peers["peer-a"]
+    harness.do(HostAnnounced(host_info("b"), (FinishedTask("task-1", "peer-a", 2048, 1024, (100, 101)),)))
+    assert harness.engine.cluster.peers["peer-a"] is victim
+    assert victim.host_id == harness.host_id("a")

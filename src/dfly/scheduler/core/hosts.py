@@ -247,6 +247,8 @@ class HostHandlers:
     def _register_finished(self, host: Host, finished: FinishedTask) -> Task | None:
         existing = self._cluster.peers.get(finished.peer_id)
         if existing is not None:
+            if existing.host_id != host.host_id:
+                return None  # another host's peer: never moved to the host that names it
             if existing.active:
                 return None  # a live download reports for itself on its stream
             self._cluster.remove_peer(existing, PeerState.LEAVE)
