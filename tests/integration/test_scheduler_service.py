@@ -88,9 +88,11 @@ async def scheduler(
 
 
 @asynccontextmanager
-async def seed_control() -> AsyncIterator[tuple[FakeSeedControl, int]]:
+async def seed_control(
+    control: FakeSeedControl | None = None,
+) -> AsyncIterator[tuple[FakeSeedControl, int]]:
     server = aio.server()
-    control = FakeSeedControl()
+    control = control or FakeSeedControl()
     daemon_pb2_grpc.add_DfdaemonControlServicer_to_server(control, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -234,30 +236,21 @@ def test_a_trigger_failing_for_the_schedulers_own_descriptors_does_not_suspend_t
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def scenario() -> None:
-        server = aio.server()
         control = OutOfDescriptorsOnce()
-        daemon_pb2_grpc.add_DfdaemonControlServicer_to_server(control, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with scheduler(tmp_path, monkeypatch) as running:
-                stub = running.stub
-                await stub.AnnounceHost(
-                    pb.AnnounceHostRequest(host=host("seed", seed=True, control_port=port))
-                )
-                await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("child")))
-                first = stub.AnnouncePeer()
-                await first.write(register("child", "child-peer-1", task_id="task-1"))
-                assert (await read(first)).WhichOneof("response") == "need_back_to_source"
-                second = stub.AnnouncePeer()
-                await second.write(register("child", "child-peer-2", task_id="task-2"))
-                await asyncio.wait_for(control.requests.get(), STEP_S)  # the failed one
-                trigger = await asyncio.wait_for(control.requests.get(), STEP_S)
-                assert trigger.task_id == "task-2"  # the seed was asked again, not suspended
-                for call in (first, second):
-                    await call.done_writing()
-        finally:
-            await server.stop(None)
+        async with seed_control(control) as (_, port), scheduler(tmp_path, monkeypatch) as running:
+            stub = running.stub
+            await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("seed", seed=True, control_port=port)))
+            await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("child")))
+            first = stub.AnnouncePeer()
+            await first.write(register("child", "child-peer-1", task_id="task-1"))
+            assert (await read(first)).WhichOneof("response") == "need_back_to_source"
+            second = stub.AnnouncePeer()
+            await second.write(register("child", "child-peer-2", task_id="task-2"))
+            await asyncio.wait_for(control.requests.get(), STEP_S)  # the failed one
+            trigger = await asyncio.wait_for(control.requests.get(), STEP_S)
+            assert trigger.task_id == "task-2"  # the seed was asked again, not suspended
+            for call in (first, second):
+                await call.done_writing()
 
     run(scenario)
 
