@@ -137,7 +137,9 @@ def core_us_per_report(hosts: int, messages: list[pb.AnnouncePeerRequest], repor
 
 
 def start_scheduler(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    config = scheduler_config(log_level="warning") | {"scheduling": {"startup_grace_s": 0}}
+    # Its hosts open no keepalive stream: keep them for the whole run.
+    extra = {"scheduling": {"startup_grace_s": 0}, "keepalive_wait_s": 86400}
+    config = scheduler_config(log_level="warning") | extra
     (work / "scheduler.yaml").write_text(yaml.safe_dump(config))
     ready = work / "scheduler.ready"
     with (work / "scheduler.log").open("wb") as log:  # the child keeps its own copy of the fd

@@ -53,6 +53,7 @@ async def scheduler(
     monkeypatch: pytest.MonkeyPatch,
     scheduling: EngineConfig | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
+    keepalive_wait_s: float = 60.0,
 ) -> AsyncIterator[Running]:
     ready = asyncio.Event()
     original = app.write_ready_file
@@ -71,6 +72,7 @@ async def scheduler(
         metrics=MetricsSection(port=0),
         scheduling=engine,
         max_message_bytes=max_message_bytes,
+        keepalive_wait_s=keepalive_wait_s,
     )
     ready_file = tmp_path / "scheduler.json"
     stop = asyncio.Event()
@@ -392,10 +394,9 @@ def test_a_host_that_never_opens_its_keepalive_stream_is_not_offered(
 ) -> None:
     """An announce alone (no keepalive stream: no daemon behaves so) does not keep a host, and the tasks
     it claims, offered as parents for good."""
-    monkeypatch.setattr(service_module, "KEEPALIVE_EXPECTED_S", 0.3)
 
     async def scenario() -> None:
-        async with scheduler(tmp_path, monkeypatch) as running:
+        async with scheduler(tmp_path, monkeypatch, keepalive_wait_s=0.3) as running:
             ghost = pb.FinishedTask(
                 task_id="task-1",
                 peer_id="127.0.0.1-ghost-stored",

@@ -116,7 +116,11 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
         return aio.secure_channel(address, credentials)
 
     service = SchedulerService(
-        engine, metrics, seed_trigger_timeout_s=config.seed_trigger.timeout_s, channel_factory=seed_channel
+        engine,
+        metrics,
+        seed_trigger_timeout_s=config.seed_trigger.timeout_s,
+        channel_factory=seed_channel,
+        keepalive_wait_s=config.keepalive_wait_s,
     )
     await service.start()
     limits = [("grpc.max_receive_message_length", config.max_message_bytes), *BURST_LIMITS]

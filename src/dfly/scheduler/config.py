@@ -32,10 +32,13 @@ class SchedulerConfig(StrictModel):
     metrics: MetricsSection = MetricsSection()
     scheduling: EngineConfig = EngineConfig()
     seed_trigger: SeedTriggerSection = SeedTriggerSection()
-    # Largest gRPC message accepted (a host announce carries every task it holds whole, with a CRC per
-    # piece); larger ones are refused with RESOURCE_EXHAUSTED before they are parsed.
-    # gRPC's int at most; at least twice the daemons' 1 MiB announce chunks
+    # Largest gRPC message accepted (a host announce carries up to 1 MiB of the tasks it holds, with a
+    # CRC per piece); larger ones are refused with RESOURCE_EXHAUSTED before they are parsed. gRPC's int
+    # at most; at least twice the daemons' 1 MiB announce chunks.
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=2 * 1024 * 1024, le=2**31 - 1)
+    # A host that announced but opened no keepalive stream within this is treated as gone (a daemon opens
+    # it at once): an announce alone does not keep a host and the tasks it claims offered.
+    keepalive_wait_s: float = Field(default=60.0, gt=0, le=86400)
     # An HTTP/2 ping after this long without a frame from a daemon, answered within half of it: a daemon
     # gone without closing its connection (node lost, link cut, process stopped) has its streams ended,
     # so its downloads leave and its host is suspended, instead of after TCP's ~2 h.

@@ -71,7 +71,6 @@ class _PeerStream:
         self.queue.put_nowait(_EndStream(code, details))
 
 
-KEEPALIVE_EXPECTED_S = 60.0  # an announced host's keepalive stream must open within this
 REGISTER_TIMEOUT_S = 30.0  # an AnnouncePeer stream's first message (register) must come within this
 
 
@@ -87,8 +86,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         *,
         seed_trigger_timeout_s: float = 10.0,
         channel_factory: ChannelFactory = aio.insecure_channel,
+        keepalive_wait_s: float = 60.0,
     ) -> None:
         self._engine = engine
+        self._keepalive_wait_s = keepalive_wait_s
         self._metrics = metrics if metrics is not None else SchedulerMetrics()
         self._metrics.track_sizes(
             lambda: len(engine.cluster.hosts),
@@ -142,7 +143,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             if (earlier := self._awaiting_keepalive.pop(host.host_id, None)) is not None:
                 earlier.cancel()
             self._awaiting_keepalive[host.host_id] = self._loop.call_later(
-                KEEPALIVE_EXPECTED_S, self._no_keepalive, host.host_id, host.boot_id
+                self._keepalive_wait_s, self._no_keepalive, host.host_id, host.boot_id
             )
         return pb.Empty()
 
