@@ -107,3 +107,22 @@ def test_announcer_cost_follows_new_pieces_not_the_task() -> None:
         state.mark_available(n, n)
         assert announcer.take() == [n]
     assert calls <= 2 * 4096  # a scan of every available piece per look would be ~8.4 million
+
+
+def test_a_held_task_costs_about_eight_bytes_a_piece() -> None:
+    """A seed holds 10^5 tasks of hundreds of pieces for months: a dict of digests per task cost ~75
+    bytes a piece (gigabytes in all)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        state = TaskState("t", "http://o/f")
+        state.set_layout(10_000 * 1024, 1024)
+        state.load_pieces({n: 2**31 + n for n in range(10_000)})
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert state.complete
+    assert state.digests_in_order()[-1] == 2**31 + 9_999
+    assert held < 20 * 10_000  # the array's 8 bytes a piece, and the object around it
