@@ -20,7 +20,8 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from dfly.common.errors import SourceError
 from dfly.common.pieces import default_piece_length
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from dfly.daemon.conductor import Conductor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STAT_TIMEOUT_S = 30.0
 # Read ahead of the pieces being written, so a busy event loop does not stall the origin stream between
@@ -172,14 +174,27 @@ class BackToSource:
                 allowed_hosts=guard,
             )
         )
-        try:
-            await asyncio.shield(reader)
-        except asyncio.CancelledError:
-            self._stop.set()
-            await asyncio.wait([reader])  # the thread still fills `buffer`: it goes back only after
-            raise
-        finally:
-            if reader.done():
-                self.c.ctx.pool.release(buffer)
-            else:  # cancelled again while waiting: the buffer goes back once the thread lets go of it
-                reader.add_done_callback(lambda _reader: self.c.ctx.pool.release(buffer))
+        pool = self.c.ctx.pool
+        await await_thread_holding(reader, self._stop.set, lambda: pool.release(buffer))
+
+
+async def await_thread_holding(
+    thread: asyncio.Future[T], stop: Callable[[], None], release: Callable[[], None]
+) -> T:
+    """Await a worker thread that fills a borrowed buffer (its result), then `release` the buffer once.
+
+    Cancelled, it asks the thread to `stop` and waits for it (the thread still writes into the buffer
+    until it returns). Cancelled again while waiting, it leaves at once and the buffer goes back when
+    the thread ends: never into the pool while the thread uses it, never lost from the pool's budget.
+    """
+    try:
+        return await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        stop()
+        await asyncio.wait([thread])
+        raise
+    finally:
+        if thread.done():
+            release()
+        else:
+            thread.add_done_callback(lambda _thread: release())
