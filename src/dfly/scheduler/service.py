@@ -9,6 +9,8 @@ Rules:
 - a HostKeepAlive stream that ends (the last one of the host) is a HostDisconnected; a keepalive of a
   host the engine no longer knows ends its stream (FAILED_PRECONDITION), and the daemon announces again;
 - every task it starts (stream readers, seed triggers) is tracked and cancelled by `stop()`;
+- seed triggers and their channels live in seed_triggers.py; the channels are pruned after every host
+  event and timer, so they follow the connected seeds;
 - errors are converted here: bad requests get INVALID_ARGUMENT / FAILED_PRECONDITION / NOT_FOUND with a
   one-line message, never a traceback.
 """
@@ -17,15 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from dfly.api import daemon_pb2_grpc, scheduler_pb2_grpc
 from dfly.api import scheduler_pb2 as pb
+from dfly.api import scheduler_pb2_grpc
 from dfly.common.errors import DflyError, UsageError
 from dfly.scheduler import convert
 from dfly.scheduler.core.engine import SchedulerEngine
@@ -33,22 +35,23 @@ from dfly.scheduler.core.messages import (
     ClosePeer,
     Command,
     Event,
+    HostAnnounced,
     HostDisconnected,
     HostKeepAlive,
     HostLeft,
     PeerLeft,
     PeerRegistered,
-    SeedTriggerFailed,
     SendFinishVerdict,
     SendTaskFailed,
     TaskDeleted,
     TriggerSeedPeer,
 )
 from dfly.scheduler.metrics import SchedulerMetrics
+from dfly.scheduler.seed_triggers import ChannelFactory, SeedTriggers, address
 
 log = logging.getLogger(__name__)
 
-ChannelFactory = Callable[[str], aio.Channel]
+SEED_EVENTS = (HostAnnounced, HostDisconnected, HostLeft)  # events that may end or move a seed
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +77,6 @@ class _PeerStream:
 REGISTER_TIMEOUT_S = 30.0  # an AnnouncePeer stream's first message (register) must come within this
 
 
-def _address(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
         self,
@@ -97,13 +96,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             # list() copies under the GIL: the metrics thread never iterates a dict the loop changes
             lambda: sum(1 for host in list(engine.cluster.hosts.values()) if not host.disconnected),
         )
-        self._seed_trigger_timeout_s = seed_trigger_timeout_s
-        self._channel_factory = channel_factory
+        self._seeds = SeedTriggers(channel_factory, self._seed_address, seed_trigger_timeout_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, _PeerStream] = {}
         self._keepalive_streams: dict[str, int] = {}
         self._awaiting_keepalive: dict[str, asyncio.TimerHandle] = {}  # announced, no keepalive stream yet
-        self._channels: dict[str, aio.Channel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -128,9 +125,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+        await self._seeds.close()
 
     # --- RPCs -----------------------------------------------------------------------------------------
 
@@ -328,6 +323,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         except Exception:  # a bug in the engine must not take the scheduler down
             log.exception("engine failed on %s", type(event).__name__)
             commands = []
+        if isinstance(event, SEED_EVENTS):
+            self._seeds.prune()
         self._carry_out(commands)
 
     def _on_timer(self) -> None:
@@ -340,6 +337,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         except Exception:
             log.exception("engine timer failed")
             commands = []
+        self._seeds.prune()  # the sweep may have disconnected or forgotten seeds
         self._carry_out(commands)
 
     def _carry_out(self, commands: list[Command]) -> None:
@@ -386,34 +384,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 stream.end()
 
     async def _trigger_seed(self, command: TriggerSeedPeer) -> None:
-        address = _address(command.seed_ip, command.seed_control_port)
-        try:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._channels[address] = self._channel_factory(address)
-            stub = daemon_pb2_grpc.DfdaemonControlStub(channel)
-            request = convert.download_task_request(command)
-            response = await stub.DownloadTask(request, timeout=self._seed_trigger_timeout_s)
-        except DflyError as exc:  # e.g. a channel that could not be built: the trigger failed, say so
-            description = f"seed {command.seed_host_id} at {address}: cannot call DownloadTask: {exc}"
-            unreachable = True
-        except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, aio.AioRpcError) else None
-            details = exc.details() if isinstance(exc, aio.AioRpcError) else str(exc)
-            name = code.name if code is not None else "error"
-            description = f"seed {command.seed_host_id} at {address} failed DownloadTask: {name}: {details}"
-            unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            if "Too many open files" in (details or ""):  # this scheduler had no socket: not the seed's fault
-                description = f"{description} (this scheduler is out of file descriptors)"
-                unreachable = False
-        else:
-            if response.accepted:
-                return
-            description = f"seed {command.seed_host_id} refused task {command.task_id}"
-            unreachable = False
-        log.warning("%s", description)
-        if not self._stopping:
-            self._apply(SeedTriggerFailed(command.task_id, command.seed_host_id, description, unreachable))
+        failure = await self._seeds.trigger(command)
+        if failure is not None and not self._stopping:
+            self._apply(failure)
+
+    def _seed_address(self, host_id: str) -> str | None:
+        endpoint = self._engine.seed_control_endpoint(host_id)
+        return address(*endpoint) if endpoint is not None else None
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -130,6 +130,13 @@ class SchedulerEngine:
     def has_host(self, host_id: str) -> bool:
         return host_id in self.cluster.hosts
 
+    def seed_control_endpoint(self, host_id: str) -> tuple[str, int] | None:
+        """(ip, control port) of the host while it is a connected seed (one it may trigger), else None."""
+        host = self.cluster.hosts.get(host_id)
+        if host is None or not host.info.seed or host.disconnected:
+            return None
+        return host.info.ip, host.info.control_port
+
     # --- peer events ----------------------------------------------------------------------------------
 
     def _registered(self, event: PeerRegistered, now: float) -> list[Command]:
