@@ -129,16 +129,17 @@ class TaskManager:
         self.ctx = ctx
         self._live: dict[str, LiveTask] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._forget_records = ctx.storage.forget_pieces
 
     # -- start-up / shutdown ----------------------------------------------------------------------
     def load(self, stored: list[StoredTask]) -> None:
         """Tasks that survived in storage: finished ones are served, partial ones resumed on demand."""
         for task in stored:
-            state = TaskState(task.meta.task_id, task.meta.url)
+            state = self._new_state(task.meta.task_id, task.meta.url)
             state.set_layout(task.meta.content_length, task.meta.piece_length)
             state.response_headers = dict(task.meta.response_headers)
-            state.load_pieces(task.pieces)
-            live = LiveTask(state, usage=Usage(self._file_mtime(state.task_id)))
+            state.load_digests(task.digests)
+            live = LiveTask(state, usage=Usage(task.mtime))
             live.file_ready.set()
             if task.finished and state.complete:
                 state.end(None)
@@ -177,11 +178,11 @@ class TaskManager:
         tid = request.task_id
         live = self._live.get(tid)
         if live is None:
-            live = LiveTask(TaskState(tid, request.url))
+            live = LiveTask(self._new_state(tid, request.url))
             self._live[tid] = live
         elif live.state.ended and (live.state.error is not None or not live.state.complete):
             old = live.state
-            fresh = TaskState(tid, request.url)
+            fresh = self._new_state(tid, request.url)
             fresh.response_headers = dict(old.response_headers)  # the validators of the pieces kept
             if old.layout is not None:
                 fresh.set_layout(old.layout.content_length, old.layout.piece_length)
@@ -201,6 +202,11 @@ class TaskManager:
             self._tasks.add(attempt)
             attempt.add_done_callback(functools.partial(self._attempt_done, live))
         return live
+
+    def _new_state(self, task_id: str, url: str) -> TaskState:
+        state = TaskState(task_id, url)
+        state.on_forget = self._forget_records  # a forgotten piece's storage record goes too
+        return state
 
     def evict(self, task_id: str) -> None:
         """Forget a task whose bytes proved wrong as a whole (a registry blob failing its digest): no longer
@@ -261,12 +267,6 @@ class TaskManager:
             )
             return False
         return True
-
-    def _file_mtime(self, task_id: str) -> float:
-        try:
-            return os.stat(self.ctx.storage.task_path(task_id)).st_mtime
-        except OSError:
-            return time.time()
 
     def pieces_lost(self, task_id: str, pieces: list[int]) -> None:
         """Storage dropped these written pieces (failed fdatasync): never serve or use them again."""

@@ -1,5 +1,7 @@
 """TaskState: one live task's layout, pieces and listeners."""
 
+from array import array
+
 import pytest
 
 from dfly.common.errors import DflyError, ProtocolError
@@ -126,3 +128,20 @@ def test_a_held_task_costs_about_eight_bytes_a_piece() -> None:
     assert state.complete
     assert state.digests_in_order()[-1] == 2**31 + 9_999
     assert held < 20 * 10_000  # the array's 8 bytes a piece, and the object around it
+
+
+def test_recovered_digests_are_taken_over_and_forgets_are_told() -> None:
+    state = TaskState("t" * 64)
+    state.set_layout(4 * 1024, 1024)
+    state.load_digests(array("q", [7, -1, 9, 10]))
+    assert state.available_pieces() == [0, 2, 3]
+    assert not state.complete
+    told: list[tuple[str, list[int]]] = []
+    state.on_forget = lambda task_id, numbers: told.append((task_id, numbers))
+    state.forget_pieces([1, 2, 3])  # 1 was not held: not told
+    assert told == [("t" * 64, [2, 3])]
+    assert state.available_pieces() == [0]
+    other = TaskState("u" * 64)
+    other.set_layout(4 * 1024, 1024)
+    with pytest.raises(ProtocolError):
+        other.load_digests(array("q", [1, 2]))  # not the layout's piece count

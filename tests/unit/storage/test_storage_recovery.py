@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
 import zlib
+from array import array
 from pathlib import Path
 
 from dfly.daemon.storage import Storage, StoredTask, TaskMeta
+from dfly.daemon.storage.model import MISSING
 
 PIECE = 64 * 1024
 
@@ -150,5 +153,29 @@ def test_marker_is_removed_at_open_and_written_at_clean_close(tmp_path: Path) ->
         await third.open()
         assert not third.was_clean
         await third.close()
+
+    asyncio.run(run())
+
+
+def test_recovered_tasks_carry_their_digests_by_number_and_their_files_mtime(tmp_path: Path) -> None:
+    """Start-up reads each task's pieces grouped in one row and its file's mtime from the one stat that
+    checks its size (the daemon's last use of a task survives a restart as that mtime)."""
+    meta = make_meta("task-partial")
+
+    async def run() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        await storage.create_task(meta)
+        await write(storage, meta, [3, 1])
+        await storage.close()
+        os.utime(storage.task_path(meta.task_id), (1_000_000.0, 1_000_000.0))
+        again, tasks = await reopen(tmp_path)
+        task = tasks[meta.task_id]
+        digests = [zlib.crc32(piece_bytes(meta.task_id, n, PIECE)) for n in (1, 3)]
+        assert task.digests == array("q", [MISSING, digests[0], MISSING, digests[1]])
+        assert task.held == 2
+        assert task.mtime == 1_000_000.0
+        assert not task.finished
+        await again.close()
 
     asyncio.run(run())

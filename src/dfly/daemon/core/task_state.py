@@ -8,7 +8,8 @@ Rules:
 - The layout (content length, piece length) is set once; a different layout later is an error.
 - A piece becomes available with the digest it was verified against. It is forgotten only when its
   bytes were found to be of the wrong object (the scheduler's cross-check, or the origin's validators
-  changed); each forgetting bumps the piece's `version`, so attachers that copied it copy it again.
+  changed); each forgetting bumps the piece's `version`, so attachers that copied it copy it again, and
+  is passed to `on_forget` (the storage drops the pieces' records: no restart trusts them).
 - Listeners are told of each newly available piece, and once of the task's end (None = finished).
 - `Announcer` gives one attacher the pieces it has not copied yet (or copied in an older version),
   costing O(new pieces) per look, never a scan of the whole task.
@@ -61,6 +62,8 @@ class TaskState:
         self.first_pass: FirstPassGate | None = None  # set while this daemon is the task's source
         # set by the conductor while it downloads from parents: whether parent `peer_id` announced piece n
         self.parent_has: Callable[[str, int], bool] | None = None
+        # set by the task manager: told (task id, pieces) of the pieces forgotten (Storage.forget_pieces)
+        self.on_forget: Callable[[str, list[int]], None] | None = None
 
     # -- layout -----------------------------------------------------------------------------------
     def set_layout(self, content_length: int, piece_length: int) -> Layout:
@@ -102,6 +105,14 @@ class TaskState:
             raise ProtocolError(f"task {self.task_id[:12]} is not complete")
         return self._digests.tolist()
 
+    def load_digests(self, digests: array[int]) -> None:
+        """Pieces recovered from storage, an array("q") of one slot per piece: its digest, or -1 when not
+        held (the layout set first, no piece available yet). The array is taken over, not copied."""
+        if digests.typecode != "q" or len(digests) != len(self._digests) or self._available:
+            raise ProtocolError(f"task {self.task_id[:12]}: recovered digests do not fit its layout")
+        self._digests = digests
+        self._available = len(digests) - digests.count(_MISSING)
+
     def load_pieces(self, digests: dict[int, int]) -> None:
         """Pieces recovered from storage (the layout set first); no listener is told (nobody listens)."""
         for number, digest in digests.items():
@@ -123,11 +134,15 @@ class TaskState:
 
     def forget_pieces(self, numbers: Iterable[int]) -> None:
         """Drop pieces found to be of the wrong object so they are fetched again."""
+        forgotten = []
         for number in numbers:
             if self.has(number):
                 self._digests[number] = _MISSING
                 self._available -= 1
                 self._versions[number] = self._versions.get(number, 0) + 1
+                forgotten.append(number)
+        if forgotten and self.on_forget is not None:
+            self.on_forget(self.task_id, forgotten)
 
     def version(self, number: int) -> int:
         """How often the piece was forgotten: an attacher holding an older copy must copy it again."""

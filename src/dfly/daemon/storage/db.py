@@ -10,14 +10,17 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from dfly.common.errors import StorageError
-from dfly.daemon.storage.model import StoredTask, TaskMeta
+from dfly.daemon.storage.model import MISSING, StoredTask, TaskMeta
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +40,15 @@ CREATE TABLE IF NOT EXISTS pieces (
     PRIMARY KEY (task_id, number)
 ) WITHOUT ROWID;
 """
+
+_NONE: array[int] = array("q")  # a task's digests before its piece records are read
+
+
+@dataclass
+class LoadedRecords:
+    tasks: dict[str, StoredTask]  # every task record, with its piece records inside its layout
+    outside: dict[str, list[int]]  # task id -> numbers of its piece records outside its layout
+    orphans: dict[str, int]  # task ids with piece records but no task record -> how many records
 
 
 class MetadataDB:
@@ -86,32 +98,35 @@ class MetadataDB:
                 raise StorageError(f"metadata db {self.path}: {exc}") from exc
             raise
 
-    def load(self) -> dict[str, StoredTask]:
-        """Every task record with its piece records."""
+    def load(self) -> LoadedRecords:
+        """Every task record with its piece records, in one pass over each table.
+
+        The pieces come grouped by task (SQLite concatenates each task's numbers and digests, so Python
+        touches one row per task, not per piece: 2 million piece rows took ~1 s more one by one)."""
         try:
-            tasks: dict[str, StoredTask] = {}
+            loaded = LoadedRecords({}, {}, {})
+            tasks = loaded.tasks
             rows = self._conn.execute(
                 "SELECT task_id, url, content_length, piece_length, response_headers, finished FROM tasks"
             )
             for task_id, url, content_length, piece_length, headers, finished in rows:
                 meta = TaskMeta(task_id, url, content_length, piece_length, _headers(headers))
-                tasks[task_id] = StoredTask(meta, {}, bool(finished))
-            for task_id, number, digest in self._conn.execute("SELECT task_id, number, digest FROM pieces"):
-                task = tasks.get(task_id)
-                if task is not None:
-                    task.pieces[number] = digest
-            return tasks
-        except sqlite3.Error as exc:
-            raise StorageError(f"metadata db {self.path}: {exc}") from exc
-
-    def orphan_piece_tasks(self) -> dict[str, int]:
-        """Task ids that have piece records but no task record -> how many records."""
-        try:
+                tasks[task_id] = StoredTask(meta, _NONE, bool(finished))
             rows = self._conn.execute(
-                "SELECT task_id, COUNT(*) FROM pieces "
-                "WHERE task_id NOT IN (SELECT task_id FROM tasks) GROUP BY task_id"
+                "SELECT task_id, group_concat(number), group_concat(digest) FROM pieces GROUP BY task_id"
             )
-            return {task_id: count for task_id, count in rows}
+            for task_id, numbers, digests in rows:
+                task = tasks.get(task_id)
+                if task is None:
+                    loaded.orphans[task_id] = numbers.count(",") + 1
+                    continue
+                task.digests, outside = _by_number(task.meta.piece_count, numbers, digests)
+                if outside:
+                    loaded.outside[task_id] = outside
+            for task in tasks.values():
+                if task.digests is _NONE:
+                    task.digests = array("q", [MISSING]) * task.meta.piece_count
+            return loaded
         except sqlite3.Error as exc:
             raise StorageError(f"metadata db {self.path}: {exc}") from exc
 
@@ -146,6 +161,12 @@ class MetadataDB:
         except sqlite3.Error as exc:
             raise StorageError(f"metadata db {self.path}: {exc}") from exc
 
+    def drop_leftovers(self, task_id: str) -> None:
+        """Delete the records of the task if there are any (one transaction only then)."""
+        if self.holds(task_id):
+            with self.transaction() as conn:
+                MetadataDB.delete_tasks(conn, [task_id])
+
     @staticmethod
     def delete_tasks(conn: sqlite3.Connection, task_ids: Iterable[str]) -> None:
         ids = [(t,) for t in task_ids]
@@ -174,3 +195,23 @@ def _headers(text: str) -> dict[str, str]:
     if not isinstance(value, dict):
         return {}
     return {str(k): str(v) for k, v in value.items()}
+
+
+def _by_number(count: int, numbers: str, digests: str) -> tuple[array[int], list[int]]:
+    """One task's pieces from their concatenated numbers and digests (in the same row order): per piece
+    its digest or MISSING, and the numbers outside 0..count-1."""
+    if numbers == _first_numbers(count):  # every piece, in order: the usual case of a complete task
+        return array("q", map(int, digests.split(","))), []
+    by_number = array("q", [MISSING]) * count
+    outside = []
+    for number, digest in zip(map(int, numbers.split(",")), map(int, digests.split(",")), strict=True):
+        if 0 <= number < count:
+            by_number[number] = digest
+        else:
+            outside.append(number)
+    return by_number, outside
+
+
+@functools.lru_cache(maxsize=64)
+def _first_numbers(count: int) -> str:
+    return ",".join(map(str, range(count)))

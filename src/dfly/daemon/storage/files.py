@@ -15,6 +15,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,6 +119,44 @@ def open_task_file(root: Path, task_id: str) -> int:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise StorageError(f"cannot open task file {path}: {exc.strerror or exc}") from exc
+
+
+class TaskFds:
+    """The writer's O_RDWR task fds: at most `limit` open, least recently used closed first, but never
+    one of a task `keep` names (one with pending records: its group commit fdatasyncs it)."""
+
+    def __init__(self, root: Path, limit: int, keep: Callable[[str], bool]) -> None:
+        self.root = root
+        self.limit = limit
+        self._keep = keep
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, task_id: str) -> int:
+        """The task's fd, opened if it is not open."""
+        fd = self._fds.get(task_id)
+        if fd is not None:
+            self._fds.move_to_end(task_id)
+            return fd
+        fd = open_task_file(self.root, task_id)
+        self.add(task_id, fd)
+        return fd
+
+    def add(self, task_id: str, fd: int) -> None:
+        self._fds[task_id] = fd
+        if len(self._fds) > self.limit:
+            for old in list(self._fds)[: len(self._fds) - self.limit]:
+                if not self._keep(old):
+                    os.close(self._fds.pop(old))
+
+    def close(self, task_id: str) -> None:
+        fd = self._fds.pop(task_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close_all(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:

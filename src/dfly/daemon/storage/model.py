@@ -1,7 +1,8 @@
 """Value types and layout rules of the daemon's storage (DESIGN.md §5).
 
 - `TaskMeta` is what the storage knows of a task; `StoredTask` is a task as recovered at open: its meta,
-  its *durable* piece records (number -> CRC-32) and whether it was finished.
+  its *durable* piece records (one 8-byte slot per piece: the CRC-32, or MISSING), whether it was
+  finished and its file's mtime.
 - Layout under the storage dir: `tasks/{id[:3]}/{id}` (one preallocated file per task), `metadata.db`
   (SQLite in WAL mode), `clean-shutdown` (the marker written at a clean close) and `lock` (flock held
   while a Storage has the dir open, so two daemons never share one dir).
@@ -10,10 +11,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dfly.common.errors import StorageError
 from dfly.common.pieces import piece_count
@@ -22,6 +26,7 @@ TASKS_DIR = "tasks"
 DB_NAME = "metadata.db"
 CLEAN_MARKER = "clean-shutdown"
 LOCK_NAME = "lock"
+MISSING = -1  # a piece without a record in StoredTask.digests (digests are CRC-32s, never negative)
 
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{3,200}")
 
@@ -49,8 +54,40 @@ class TaskMeta:
 @dataclass
 class StoredTask:
     meta: TaskMeta
-    pieces: dict[int, int]  # piece number -> CRC-32 digest, durable records only
+    digests: array[int]  # per piece its recorded CRC-32 or MISSING (array("q")); durable records only
     finished: bool
+    mtime: float = 0.0  # of the task file, as recovery found it
+
+    @property
+    def held(self) -> int:
+        """How many pieces are recorded."""
+        return len(self.digests) - self.digests.count(MISSING)
+
+    @property
+    def pieces(self) -> dict[int, int]:
+        """The recorded pieces, number -> digest (built at each call)."""
+        return {n: d for n, d in enumerate(self.digests) if d != MISSING}
+
+
+NO_PIECES: frozenset[int] = frozenset()  # one shared empty set (a set per task: 10 MiB at 50,000)
+
+
+@dataclass
+class WriterTask:
+    """A task as the writer thread keeps it."""
+
+    meta: TaskMeta
+    recorded: PieceSet  # durable or pending records
+    pending: dict[int, int] = field(default_factory=dict)  # number -> digest, not yet committed
+    forgotten: frozenset[int] = NO_PIECES  # records to delete at the next commit (rarely any)
+    in_db: bool = True  # the task record is in SQLite
+    finish_waiters: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    def drop(self, numbers: Iterable[int]) -> int:
+        """The pieces are no longer recorded: their pending records go; returns how many there were."""
+        numbers = list(numbers)
+        self.recorded.difference_update(numbers)
+        return sum(self.pending.pop(n, None) is not None for n in numbers)
 
 
 @dataclass
@@ -77,6 +114,18 @@ class PieceSet:
         self._count = 0
         for n in numbers:
             self.add(n)
+
+    @classmethod
+    def of_digests(cls, digests: array[int]) -> PieceSet:
+        """The pieces that have a digest (not MISSING) in `digests`."""
+        held = cls(0)
+        missing = digests.count(MISSING)
+        if missing:
+            held._bits = bytearray(d != MISSING for d in digests)
+        else:  # the usual case, a complete task: no look at each piece
+            held._bits = bytearray(b"\x01") * len(digests)
+        held._count = len(digests) - missing
+        return held
 
     def add(self, number: int) -> None:
         if not self._bits[number]:

@@ -46,6 +46,14 @@ class DeleteOp(Op):
 
 
 @dataclass(eq=False)
+class ForgetOp(Op):
+    """Drop the records of these pieces; resolves (with None) once the writer took it, not when durable."""
+
+    task_id: str
+    numbers: list[int]
+
+
+@dataclass(eq=False)
 class StopOp(Op):
     clean: bool
 
@@ -76,3 +84,13 @@ class WriteOp(Op):
             self._state = _CANCELLED
             self.data = None
             return True
+
+
+def settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """On the loop (the writer passes it to `call_soon_threadsafe`): resolve `fut` unless it is done."""
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from dfly.daemon.storage.db import MetadataDB
 from dfly.daemon.storage.files import remove_empty_dir
-from dfly.daemon.storage.model import TASKS_DIR, StoredTask, short, task_relpath
+from dfly.daemon.storage.model import TASKS_DIR, StoredTask, short
 
 log = logging.getLogger(__name__)
 
@@ -37,68 +36,84 @@ class RecoveryReport:
 
 def recover(root: Path, db: MetadataDB, *, clean: bool) -> RecoveryReport:
     """Make records and files agree; return the tasks that survived."""
-    stored = db.load()
+    loaded = db.load()
+    stored = loaded.tasks
+    files, strays = _scan(root / TASKS_DIR, stored)
     report = RecoveryReport(clean=clean, tasks=[])
     bad_tasks: list[str] = []
     bad_pieces: list[tuple[str, int]] = []
     unfinished: list[str] = []
     for task_id, task in stored.items():
-        path = root / task_relpath(task_id)
-        try:
-            st = os.lstat(path)
-            ok = stat.S_ISREG(st.st_mode) and st.st_size == task.meta.content_length
-        except OSError:
-            ok = False
-        if not ok:
+        st = files.get(task_id)
+        if st is None or st.st_size != task.meta.content_length:
             log.warning("task %s: file missing or wrong size, dropping its records", short(task_id))
             bad_tasks.append(task_id)
+            if st is not None:
+                strays.append(_path(root, task_id))
             continue
+        task.mtime = st.st_mtime
+        bad_pieces.extend((task_id, n) for n in loaded.outside.get(task_id, ()))
         count = task.meta.piece_count
-        for number in [n for n in task.pieces if n < 0 or n >= count]:
-            bad_pieces.append((task_id, number))
-            del task.pieces[number]
-        if task.finished and len(task.pieces) != count:
-            log.warning(
-                "task %s: finished but %d of %d pieces recorded", short(task_id), len(task.pieces), count
-            )
+        if task.finished and (held := task.held) != count:
+            log.warning("task %s: finished but %d of %d pieces recorded", short(task_id), held, count)
             task.finished = False
             unfinished.append(task_id)
         report.tasks.append(task)
-    orphans = db.orphan_piece_tasks()
+    orphans = loaded.orphans
     if bad_tasks or bad_pieces or orphans or unfinished:
         with db.transaction() as conn:
             MetadataDB.delete_tasks(conn, bad_tasks + list(orphans))
             MetadataDB.delete_pieces(conn, bad_pieces)
             MetadataDB.mark_finished(conn, unfinished, finished=False)
     report.dropped_records = len(bad_tasks)
-    report.dropped_pieces = len(bad_pieces) + sum(len(stored[t].pieces) for t in bad_tasks)
-    report.dropped_pieces += sum(orphans.values())
+    report.dropped_pieces = len(bad_pieces) + sum(orphans.values())
+    report.dropped_pieces += sum(stored[t].held + len(loaded.outside.get(t, ())) for t in bad_tasks)
     # Files go after the records: a crash in between leaves files without records, removed next time.
-    live = {t.meta.task_id for t in report.tasks}
-    report.removed_files = _remove_strays(root / TASKS_DIR, live)
+    for path in strays:
+        _remove(path)
+    for prefix in {os.path.dirname(path) for path in strays}:
+        if os.path.dirname(prefix) == str(root / TASKS_DIR):
+            remove_empty_dir(Path(prefix))
+    report.removed_files = len(strays)
     if report.removed_files:
         log.warning("removed %d task files without a record", report.removed_files)
     return report
 
 
-def _remove_strays(tasks_dir: Path, live: set[str]) -> int:
-    removed = 0
-    for prefix in list(tasks_dir.iterdir()):
-        if not prefix.is_dir() or prefix.is_symlink():
-            _remove(prefix)
-            removed += 1
-            continue
-        for entry in list(prefix.iterdir()):
-            if entry.name in live and entry.name[:3] == prefix.name and entry.is_file():
+def _scan(tasks_dir: Path, stored: dict[str, StoredTask]) -> tuple[dict[str, os.stat_result], list[str]]:
+    """One pass over `tasks/`: the lstat of each regular file at the path of a task record, and every
+    other entry (strays: not a prefix dir, or in one but not a task file with a record). Empty prefix
+    dirs are removed. One lstat per task file (the entry types come with the directory listing)."""
+    files: dict[str, os.stat_result] = {}
+    strays: list[str] = []
+    with os.scandir(tasks_dir) as prefixes:
+        for prefix in prefixes:
+            if prefix.is_symlink() or not prefix.is_dir():
+                strays.append(prefix.path)
                 continue
-            _remove(entry)
-            removed += 1
-        remove_empty_dir(prefix)
-    return removed
+            empty = True
+            with os.scandir(prefix.path) as entries:
+                for entry in entries:
+                    empty = False
+                    name = entry.name
+                    if name in stored and name[:3] == prefix.name and entry.is_file(follow_symlinks=False):
+                        files[name] = entry.stat(follow_symlinks=False)
+                    else:
+                        strays.append(entry.path)
+            if empty:
+                remove_empty_dir(Path(prefix.path))
+    return files, strays
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+def _path(root: Path, task_id: str) -> str:
+    return os.path.join(root, TASKS_DIR, task_id[:3], task_id)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

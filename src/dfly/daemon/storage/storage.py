@@ -17,6 +17,9 @@ Rules:
 - Open task fds are bounded whatever the number of tasks: at most MAX_READ_FDS read-only ones here
   and the writer's MAX_OPEN_FILES, least recently used closed first. So an fd from `read_fd` is valid
   only until the caller's next await; whoever keeps it longer `os.dup`s it at once.
+- `forget_pieces` (bytes found to be of another object) drops the pieces' records, durable ones and
+  those of writes submitted before it, at once (a group commit follows); writes submitted after it are
+  recorded as usual. So a restart never trusts a forgotten piece.
 - Errors are `StorageError` with one line; a failed write fails only its own piece.
 """
 
@@ -26,13 +29,13 @@ import asyncio
 import dataclasses
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from dfly.common.errors import StorageError
 from dfly.daemon.storage.model import StoredTask, TaskMeta, check_meta, short, task_relpath
-from dfly.daemon.storage.ops import CreateOp, DeleteOp, FinishOp, Op, OpenOp, StopOp, WriteOp
+from dfly.daemon.storage.ops import CreateOp, DeleteOp, FinishOp, ForgetOp, Op, OpenOp, StopOp, WriteOp
 from dfly.daemon.storage.recovery import RecoveryReport
 from dfly.daemon.storage.writer import WriterThread
 
@@ -177,6 +180,17 @@ class Storage:
     async def finish_task(self, task_id: str) -> None:
         """Mark the task finished and group-commit at once; resolves when durable."""
         await self._call(FinishOp(self._loop_future(), task_id))
+
+    def forget_pieces(self, task_id: str, numbers: Iterable[int]) -> None:
+        """Drop the records of these pieces: durable ones and those of every write submitted before this
+        call (a write in flight is not recorded); durable at the group commit this starts at once."""
+        meta = self._tasks.get(task_id)
+        if meta is None or self._closed:  # no records, or none can change any more
+            return
+        count = meta.piece_count
+        forgotten = [n for n in numbers if 0 <= n < count]
+        if forgotten:
+            self._submit(ForgetOp(self._loop_future(), task_id, forgotten))
 
     async def delete_task(self, task_id: str) -> None:
         """Remove the task's records, then its file; idempotent."""

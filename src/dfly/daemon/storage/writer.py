@@ -7,8 +7,10 @@ Rules:
   the pending set and becomes *durable* at the next group commit: fdatasync of every task file with
   pending records FIRST, then all their records in one SQLite transaction.
 - A group commit runs at least every `commit_interval_s` while anything is dirty, and at once when a task
-  is finished (the finish resolves only when durable). Operations are taken from the queue one at a
-  time, so writes that queue up during a commit batch into the next one.
+  is finished (the finish resolves only when durable) or pieces are forgotten (their pending records go
+  at once, their durable ones in that commit). Operations are taken from the queue one at a time, in
+  order (a forget covers every write queued before it), so writes that queue up during a commit batch
+  into the next one.
 - The thread keeps no reference to a write's buffer once its future is resolved. A write whose caller
   was cancelled before the thread took it is skipped (see `WriteOp.claim`).
 - After a failed fdatasync the page cache of that file cannot be trusted: the pending records are
@@ -27,41 +29,40 @@ import queue
 import threading
 import time
 from asyncio import Future
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dfly.common.errors import StorageError
 from dfly.daemon.storage.db import MetadataDB
 from dfly.daemon.storage.files import (
+    TaskFds,
     create_task_file,
     fsync_dir,
     open_root,
-    open_task_file,
     pwrite_all,
     release_root,
     remove_task_file,
     take_marker,
     write_marker,
 )
-from dfly.daemon.storage.model import DB_NAME, Counters, PieceSet, TaskMeta, short
-from dfly.daemon.storage.ops import CreateOp, DeleteOp, FinishOp, Op, OpenOp, StopOp, WriteOp
+from dfly.daemon.storage.model import DB_NAME, NO_PIECES, Counters, PieceSet, TaskMeta, WriterTask, short
+from dfly.daemon.storage.ops import (
+    CreateOp,
+    DeleteOp,
+    FinishOp,
+    ForgetOp,
+    Op,
+    OpenOp,
+    StopOp,
+    WriteOp,
+    settle,
+)
 from dfly.daemon.storage.recovery import RecoveryReport, recover
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_FILES = 256  # write fds kept open; a task with pending records always keeps its fd
-
-
-@dataclass
-class _TaskState:
-    meta: TaskMeta
-    recorded: PieceSet  # durable or pending records
-    pending: dict[int, int] = field(default_factory=dict)  # number -> digest, not yet committed
-    in_db: bool = True  # the task record is in SQLite
-    finish_waiters: list[asyncio.Future[Any]] = field(default_factory=list)
 
 
 class WriterThread:
@@ -85,8 +86,8 @@ class WriterThread:
         self._submit_lock = threading.Lock()
         self._db: MetadataDB | None = None
         self._lock_fd = -1
-        self._tasks: dict[str, _TaskState] = {}
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._tasks: dict[str, WriterTask] = {}
+        self._fds = TaskFds(root, MAX_OPEN_FILES, self._has_pending)
         self._dirs_to_sync: set[Path] = set()
         self._dirty_tasks: set[str] = set()  # tasks with pending records, no record yet, or finishing
         self._dirty_since: float | None = None
@@ -112,18 +113,8 @@ class WriterThread:
     # -- resolving futures on the loop -------------------------------------------------------------
 
     def _resolve(self, fut: Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
-        def apply() -> None:
-            if fut.done():
-                return
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-
-        try:
-            self._loop.call_soon_threadsafe(apply)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(settle, fut, result, exc)
 
     # -- the thread --------------------------------------------------------------------------------
 
@@ -177,6 +168,9 @@ class WriterThread:
                 self._resolve(op.future)
             elif isinstance(op, FinishOp):
                 self._finish(op)
+            elif isinstance(op, ForgetOp):
+                self._forget(op.task_id, op.numbers)
+                self._resolve(op.future)
             elif isinstance(op, DeleteOp):
                 self._delete(op.task_id)
                 self._resolve(op.future)
@@ -202,32 +196,19 @@ class WriterThread:
         self._db = MetadataDB(self.root / DB_NAME)
         report = recover(self.root, self._db, clean=clean)
         self._tasks = {
-            t.meta.task_id: _TaskState(t.meta, PieceSet(t.meta.piece_count, t.pieces)) for t in report.tasks
+            t.meta.task_id: WriterTask(t.meta, PieceSet.of_digests(t.digests)) for t in report.tasks
         }
         return report
 
-    def _fd(self, task_id: str) -> int:
-        fd = self._fds.get(task_id)
-        if fd is not None:
-            self._fds.move_to_end(task_id)
-            return fd
-        fd = open_task_file(self.root, task_id)
-        self._fds[task_id] = fd
-        self._trim_fds()
-        return fd
+    def _has_pending(self, task_id: str) -> bool:
+        task = self._tasks.get(task_id)
+        return task is not None and bool(task.pending)
 
-    def _trim_fds(self) -> None:
-        """Close the least recently used fds beyond MAX_OPEN_FILES, but never one with pending records."""
-        if len(self._fds) > MAX_OPEN_FILES:
-            for old in list(self._fds)[: len(self._fds) - MAX_OPEN_FILES]:
-                state = self._tasks.get(old)
-                if state is None or not state.pending:
-                    os.close(self._fds.pop(old))
-
-    def _dirty(self, task_id: str) -> None:
+    def _dirty(self, task_id: str, *, at_once: bool = False) -> None:
         self._dirty_tasks.add(task_id)
         if self._dirty_since is None:
             self._dirty_since = time.monotonic()
+        self._commit_now = self._commit_now or at_once
 
     def _write(self, op: WriteOp) -> None:
         if not op.claim():
@@ -239,7 +220,7 @@ class WriterThread:
             view = memoryview(op.data).cast("B")  # type: ignore[arg-type]
             size = len(view)
             try:
-                pwrite_all(self._fd(op.task_id), view, op.offset)
+                pwrite_all(self._fds.get(op.task_id), view, op.offset)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 raise StorageError(
@@ -268,14 +249,11 @@ class WriterThread:
                 raise StorageError(f"task {short(meta.task_id)} already exists with another layout or URL")
             return
         assert self._db is not None
-        if self._db.holds(meta.task_id):  # left by a deletion whose transaction failed: never reused
-            with self._db.transaction() as conn:
-                MetadataDB.delete_tasks(conn, [meta.task_id])
+        self._db.drop_leftovers(meta.task_id)  # of a deletion whose transaction failed: never reused
         fd, new_dirs = create_task_file(self.root, meta)
-        self._fds[meta.task_id] = fd
-        self._trim_fds()
+        self._fds.add(meta.task_id, fd)
         self._dirs_to_sync.update(new_dirs)
-        self._tasks[meta.task_id] = _TaskState(meta, PieceSet(meta.piece_count), in_db=False)
+        self._tasks[meta.task_id] = WriterTask(meta, PieceSet(meta.piece_count), in_db=False)
         self._dirty(meta.task_id)
 
     def _finish(self, op: FinishOp) -> None:
@@ -288,8 +266,16 @@ class WriterThread:
                 f"cannot finish task {short(op.task_id)}: {len(task.recorded)} of {count} pieces stored"
             )
         task.finish_waiters.append(op.future)
-        self._dirty(op.task_id)
-        self._commit_now = True
+        self._dirty(op.task_id, at_once=True)
+
+    def _forget(self, task_id: str, numbers: list[int]) -> None:
+        """Drop the pieces' pending records now, and their durable ones at a group commit run at once."""
+        task = self._tasks.get(task_id)
+        if task is not None:
+            self.counters.pending_records -= task.drop(numbers)
+            if task.in_db:  # durable records may be among them
+                task.forgotten = task.forgotten.union(numbers)
+                self._dirty(task_id, at_once=True)
 
     def _delete(self, task_id: str) -> None:
         task = self._tasks.pop(task_id, None)
@@ -307,9 +293,7 @@ class WriterThread:
             with self._db.transaction() as conn:
                 MetadataDB.delete_tasks(conn, [task_id])
         finally:
-            fd = self._fds.pop(task_id, None)
-            if fd is not None:
-                os.close(fd)
+            self._fds.close(task_id)
             remove_task_file(self.root, task_id)
 
     def _commit(self) -> None:
@@ -326,11 +310,11 @@ class WriterThread:
         except OSError as exc:
             self._commit_failed(dirty, f"cannot sync a task directory: {exc}")
             return
-        synced: list[_TaskState] = []
+        synced: list[WriterTask] = []
         for task in dirty:
             if task.pending:
                 try:
-                    os.fdatasync(self._fd(task.meta.task_id))
+                    os.fdatasync(self._fds.get(task.meta.task_id))
                 except OSError as exc:
                     # After a failed fdatasync the page cache cannot be trusted: forget these records.
                     reason = f"cannot sync task {short(task.meta.task_id)}: {exc.strerror or exc}"
@@ -343,6 +327,10 @@ class WriterThread:
         try:
             with self._db.transaction() as conn:
                 MetadataDB.insert_tasks(conn, [t.meta for t in synced if not t.in_db])
+                # Forgotten records go first: a piece forgotten, then written again is both.
+                MetadataDB.delete_pieces(conn, [(t.meta.task_id, n) for t in synced for n in t.forgotten])
+                unfinished = [t.meta.task_id for t in synced if t.forgotten]
+                MetadataDB.mark_finished(conn, unfinished, finished=False)
                 MetadataDB.insert_pieces(conn, records)
                 MetadataDB.mark_finished(conn, [t.meta.task_id for t in synced if t.finish_waiters])
         except StorageError as exc:
@@ -353,6 +341,7 @@ class WriterThread:
         self.counters.pending_records -= len(records)
         for task in synced:
             task.pending.clear()
+            task.forgotten = NO_PIECES
             task.in_db = True
             for fut in task.finish_waiters:
                 self._resolve(fut)
@@ -363,7 +352,7 @@ class WriterThread:
         except RuntimeError:
             pass
 
-    def _commit_failed(self, tasks: list[_TaskState], reason: str, *, drop_pending: bool = False) -> None:
+    def _commit_failed(self, tasks: list[WriterTask], reason: str, *, drop_pending: bool = False) -> None:
         log.error("group commit failed: %s", reason)
         self.counters.commit_errors += 1
         error = StorageError(f"group commit failed: {reason}")
@@ -373,13 +362,11 @@ class WriterThread:
             task.finish_waiters.clear()
             if drop_pending:
                 lost = sorted(task.pending)
-                self.counters.pending_records -= len(task.pending)
-                task.recorded.difference_update(task.pending)
-                task.pending.clear()
+                self.counters.pending_records -= task.drop(lost)
                 if lost and self._on_lost is not None:
                     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody serves them
                         self._loop.call_soon_threadsafe(self._on_lost, task.meta.task_id, lost)
-            if task.pending or not task.in_db:
+            if task.pending or task.forgotten or not task.in_db:
                 self._dirty(task.meta.task_id)  # retried at the next commit
 
     def _stop(self, op: StopOp) -> None:
@@ -395,9 +382,7 @@ class WriterThread:
     def _release(self, *, clean: bool) -> list[str]:
         """Close files and the database; at a clean stop, write the marker. Returns error lines."""
         errors: list[str] = []
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._fds.close_all()
         if self._db is not None:
             try:
                 self._db.close(checkpoint=clean)

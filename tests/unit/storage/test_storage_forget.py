@@ -1,0 +1,176 @@
+"""A piece the daemon forgets (its bytes proved to be of another object) loses its storage record too:
+durable, pending, or that of a write still queued when it was forgotten, so no restart trusts it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import zlib
+from pathlib import Path
+
+import pytest
+
+from dfly.common.errors import StorageError
+from dfly.daemon.config import DaemonConfig
+from dfly.daemon.context import Counters, DaemonContext
+from dfly.daemon.storage import Storage, StoredTask, TaskMeta
+from dfly.daemon.task_request import TaskRequest
+from dfly.daemon.tasks import TaskManager
+from dfly.daemon.transfer.buffers import BufferPool
+
+pytestmark = pytest.mark.timeout(30)
+
+PIECE = 64 * 1024
+URL = "https://example.com/forget.bin"
+
+
+def piece(number: int, version: int = 0) -> tuple[bytes, int]:
+    data = random.Random(f"{number}/{version}").randbytes(PIECE)
+    return data, zlib.crc32(data)
+
+
+def make_meta(task_id: str) -> TaskMeta:
+    return TaskMeta(task_id, URL, 4 * PIECE, PIECE, {})
+
+
+async def write(storage: Storage, meta: TaskMeta, number: int, version: int = 0) -> int:
+    data, digest = piece(number, version)
+    await storage.write_piece(meta.task_id, number, number * PIECE, data, digest)
+    return digest
+
+
+async def finished_task(root: Path, meta: TaskMeta) -> None:
+    storage = Storage(root)
+    await storage.open()
+    await storage.create_task(meta)
+    for n in range(4):
+        await write(storage, meta, n)
+    await storage.finish_task(meta.task_id)
+    await storage.close()
+
+
+async def reopen(root: Path) -> dict[str, StoredTask]:
+    storage = Storage(root)
+    tasks = await storage.open()
+    await storage.close()
+    return {t.meta.task_id: t for t in tasks}
+
+
+def manager_on(storage: Storage) -> TaskManager:
+    config = DaemonConfig.model_validate({"storage": {"dir": str(storage.root)}})
+    ctx = DaemonContext(
+        config=config,
+        host_id="127.0.0.1-test",
+        hostname="test",
+        ip="127.0.0.1",
+        seed=False,
+        storage=storage,
+        scheduler=None,
+        pool=BufferPool(1 << 20),
+        counters=Counters(),
+        rng=random.Random(0),
+    )
+    return TaskManager(ctx)
+
+
+def test_pieces_the_daemon_forgets_are_not_recovered(tmp_path: Path) -> None:
+    """The scheduler's verdict rejects piece 1 of a complete task (durable record), the piece is fetched
+    again (pending record) and rejected again before any group commit: neither record may come back."""
+    request = TaskRequest(URL)
+    meta = make_meta(request.task_id)
+
+    async def run() -> None:
+        await finished_task(tmp_path, meta)
+        storage = Storage(tmp_path, commit_interval_s=3600)  # no commit but the final one and forced ones
+        manager = manager_on(storage)
+        manager.load(await storage.open())
+        state = manager.start(request).state  # complete: served from storage, no attempt started
+        assert state.complete
+        state.forget_pieces([1])
+        digest = await write(storage, meta, 1, version=1)  # fetched again, as Conductor.store_piece does
+        assert state.mark_available(1, digest)
+        state.forget_pieces([1])  # rejected again while its record is pending
+        await storage.close()  # clean: the final group commit runs
+
+    asyncio.run(run())
+    task = asyncio.run(reopen(tmp_path))[meta.task_id]
+    assert sorted(task.pieces) == [0, 2, 3]
+    assert not task.finished
+
+
+def test_a_forgotten_pending_record_is_not_in_a_later_commit(tmp_path: Path) -> None:
+    meta = make_meta("task-pending")
+
+    async def run() -> None:
+        storage = Storage(tmp_path, commit_interval_s=0.05)
+        await storage.open()
+        await storage.create_task(meta)
+        await write(storage, meta, 0)
+        await write(storage, meta, 1)
+        storage.forget_pieces(meta.task_id, [1])  # its pwrite done, its record not durable yet
+        await write(storage, meta, 2)
+        while storage.stats()["pending_records"]:
+            await storage.wait_for_commit()
+        await storage.close(clean=False)
+
+    asyncio.run(run())
+    assert sorted(asyncio.run(reopen(tmp_path))[meta.task_id].pieces) == [0, 2]
+
+
+def test_a_forgotten_durable_record_is_gone_after_a_crash(tmp_path: Path) -> None:
+    meta = make_meta("task-durable")
+
+    async def run() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        await storage.create_task(meta)
+        await write(storage, meta, 0)
+        await write(storage, meta, 1)
+        await storage.close()  # both records durable
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        commits = storage.commits
+        storage.forget_pieces(meta.task_id, [1])
+        await storage.wait_for_commit(commits + 1)  # a forget of durable records commits at once
+        await storage.close(clean=False)
+
+    asyncio.run(run())
+    assert sorted(asyncio.run(reopen(tmp_path))[meta.task_id].pieces) == [0]
+
+
+def test_a_write_queued_before_the_forget_is_not_recorded_and_a_later_one_is(tmp_path: Path) -> None:
+    meta = make_meta("task-queued")
+
+    async def run() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        await storage.create_task(meta)
+        first = await write(storage, meta, 0)
+        queued = [asyncio.ensure_future(write(storage, meta, n)) for n in (2, 3)]
+        await asyncio.sleep(0)  # a yield, not a wait: each write's first step queues its operation
+        storage.forget_pieces(meta.task_id, [2, 3])  # queued behind both writes
+        await asyncio.gather(*queued)
+        new = await write(storage, meta, 2, version=1)  # queued after the forget: recorded
+        await storage.close()
+        assert (await reopen(tmp_path))[meta.task_id].pieces == {0: first, 2: new}
+
+    asyncio.run(run())
+
+
+def test_forgetting_durable_records_unfinishes_the_task(tmp_path: Path) -> None:
+    meta = make_meta("task-finished")
+
+    async def run() -> None:
+        await finished_task(tmp_path, meta)
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        storage.forget_pieces(meta.task_id, [0, 3])
+        await storage.wait_for_commit()
+        with pytest.raises(StorageError, match="2 of 4 pieces stored"):
+            await storage.finish_task(meta.task_id)  # the writer no longer counts them either
+        await storage.close(clean=False)
+
+    asyncio.run(run())
+    task = asyncio.run(reopen(tmp_path))[meta.task_id]
+    assert sorted(task.pieces) == [1, 2]
+    assert not task.finished
