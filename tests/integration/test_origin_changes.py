@@ -4,23 +4,27 @@ Real processes: a scheduler, a seed that is killed at once (so the peer reads th
 peer; a real origin paced so the read takes seconds. The peer's daemon is SIGKILLed mid-read (its
 committed pieces survive), the object at the origin is replaced by another of the same length, and the
 daemon is restarted. The next dfget must deliver exactly the new object: the held pieces carry the old
-ETag, so they are dropped and everything is read again.
+ETag, so they are dropped and everything is read again. A crash in the middle of that second read is
+resumed with the new object's pieces kept: the task's record took the new ETag.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 from clusterkit import dfget_cmd, stats, wait_until
 
-from dfly.cluster import LocalCluster
+from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
+from dfly.daemon.task_request import TaskRequest
 from dfly.devtools.origin import Origin, make_file
 
 pytestmark = pytest.mark.integration
@@ -65,3 +69,61 @@ def test_object_replaced_between_attempts_is_read_again_whole(origin: Origin, tm
         assert result.returncode == 0, result.stderr
         assert file_digest(tmp_path / "new").value == new_digest
         assert "object changed since its" in peer.log_path.read_text()
+
+
+def durable_bytes(member: Member, url: str) -> int:
+    """Bytes of the task's pieces with a committed record in the member's metadata.db (read-only)."""
+    db_path = member.data_dir / "metadata.db"
+    if not db_path.exists():
+        return 0
+    task_id = TaskRequest(url=url).task_id
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)) as db:
+        row = db.execute("SELECT piece_length FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        count = db.execute("SELECT COUNT(*) FROM pieces WHERE task_id = ?", (task_id,)).fetchone()[0]
+    return 0 if row is None else int(row[0]) * int(count)
+
+
+def read_half_then_crash(cluster: LocalCluster, member: Member, url: str, out: Path) -> None:
+    """dfget `url` through `member` until half the object is read from the origin and committed, then
+    SIGKILL the daemon (the dfget fails)."""
+    dfget = subprocess.Popen(dfget_cmd(member, url, out), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(
+            "half the object read", lambda: stats(member)["download_bytes"]["back_to_source"] >= 10 * MiB
+        )
+        wait_until("half the object committed", lambda: durable_bytes(member, url) >= 8 * MiB)
+        cluster.kill_member(member.name)
+        dfget.communicate(timeout=30)
+    finally:
+        if dfget.poll() is None:
+            dfget.kill()
+
+
+def test_a_crash_while_reading_the_changed_object_keeps_its_new_pieces(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """Old object half read, crash; object replaced; restart, the change is found and the new object's
+    reading starts, crash again; restart: only the missing half is read, with no second "changed"."""
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    path = origin.root / "f.bin"
+    make_file(path, FILE_BYTES, seed=1)
+    url = origin.url("/f.bin")
+    with LocalCluster(tmp_path / "c", peers=1) as cluster:
+        cluster.kill_member("seed")
+        peer = cluster.member("peer-1")
+        read_half_then_crash(cluster, peer, url, tmp_path / "old")
+        new_digest = make_file(path, FILE_BYTES, seed=2)  # same length, other bytes, a new ETag
+        later = time.time() + 10
+        os.utime(path, (later, later))
+        cluster.restart_member(peer.name)
+        read_half_then_crash(cluster, peer, url, tmp_path / "new-1")
+        assert peer.log_path.read_text().count("object changed since its") == 1
+        cluster.restart_member(peer.name)
+        result = subprocess.run(
+            dfget_cmd(peer, url, tmp_path / "new-2"), capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert file_digest(tmp_path / "new-2").value == new_digest
+        assert peer.log_path.read_text().count("object changed since its") == 1  # not taken for another
+        assert stats(peer)["download_bytes"]["back_to_source"] <= FILE_BYTES - 8 * MiB  # the missing part

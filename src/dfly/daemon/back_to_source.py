@@ -10,8 +10,9 @@ Rules:
 - The origin's refusal (status, headers) is reported to the scheduler, which tells every peer.
 - Reading starts at the first missing piece; pieces already held are skipped, not rewritten, unless
   the origin's validators (ETag, else Last-Modified) differ from those recorded for the task: then the
-  held pieces are of another version, are dropped, and the whole object is read again (never a file
-  mixing two versions; the records on disk keep the old validators, so a crash meanwhile repeats this).
+  held pieces are of another version, are dropped (their records too), and the whole object is read
+  again: never a file mixing two versions. The task's record takes the new validators after the old
+  pieces' records are gone, so a restart resumes the new object instead of reading it all again.
 """
 
 from __future__ import annotations
@@ -135,14 +136,17 @@ class BackToSource:
                 layout.piece_count, upload.first_pass_hold_s, self.c.state.task_id
             )
         held = [n for n in range(layout.piece_count) if self.c.state.has(n)]
-        if held and not http.same_object(self.c.state.response_headers, stat):
-            log.warning(
-                "task %s: the origin's object changed since its %d held pieces came; reading it again",
-                self.c.state.task_id[:12],
-                len(held),
-            )
-            self.c.state.forget_pieces(held)
+        if not http.same_object(self.c.state.response_headers, stat):
+            if held:
+                log.warning(
+                    "task %s: the origin's object changed since its %d held pieces came; reading it again",
+                    self.c.state.task_id[:12],
+                    len(held),
+                )
+                self.c.state.forget_pieces(held)  # their records go first (storage: a commit at once)
             self.c.state.response_headers = dict(stat.headers)
+            # the validators of the pieces now read: a restart must not take them for another object
+            self.c.ctx.storage.set_response_headers(self.c.state.task_id, stat.headers)
         await self.c.ensure_file(layout, stat.headers)
         await self.c.stream.back_to_source_started(layout, stat.headers)
         missing = [n for n in range(layout.piece_count) if not self.c.state.has(n)]

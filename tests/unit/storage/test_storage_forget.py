@@ -174,3 +174,39 @@ def test_forgetting_durable_records_unfinishes_the_task(tmp_path: Path) -> None:
     task = asyncio.run(reopen(tmp_path))[meta.task_id]
     assert sorted(task.pieces) == [1, 2]
     assert not task.finished
+
+
+def test_new_validators_are_recorded_after_the_old_pieces_records_are_gone(tmp_path: Path) -> None:
+    """The origin's object changed: the held pieces are forgotten, then the task takes the new object's
+    validators. After a restart the task has the new validators and, of the pieces, only the one of the
+    new object written since."""
+
+    async def main() -> None:
+        meta = TaskMeta("t-validators", URL, 4 * PIECE, PIECE, {"ETag": '"old"'})
+        await finished_task(tmp_path, meta)
+        storage = Storage(tmp_path)
+        await storage.open()
+        storage.forget_pieces(meta.task_id, range(4))
+        storage.set_response_headers(meta.task_id, {"ETag": '"new"'})
+        assert storage.task_meta(meta.task_id).response_headers == {"ETag": '"new"'}  # type: ignore[union-attr]
+        new_0 = await write(storage, meta, 0, version=1)
+        await storage.close()
+        task = (await reopen(tmp_path))[meta.task_id]
+        assert task.meta.response_headers == {"ETag": '"new"'}
+        assert task.pieces == {0: new_0}
+        assert not task.finished
+
+    asyncio.run(main())
+
+
+def test_new_validators_of_a_task_not_yet_recorded_are_inserted_with_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        meta = TaskMeta("t-fresh", URL, 4 * PIECE, PIECE, {"ETag": '"a"'})
+        storage = Storage(tmp_path)
+        await storage.open()
+        await storage.create_task(meta)  # its record is written at the next group commit
+        storage.set_response_headers(meta.task_id, {"ETag": '"b"'})
+        await storage.close()
+        assert (await reopen(tmp_path))[meta.task_id].meta.response_headers == {"ETag": '"b"'}
+
+    asyncio.run(main())

@@ -142,6 +142,13 @@ class MetadataDB:
         )
 
     @staticmethod
+    def set_headers(conn: sqlite3.Connection, metas: Iterable[TaskMeta]) -> None:
+        conn.executemany(
+            "UPDATE tasks SET response_headers = ? WHERE task_id = ?",
+            [(json.dumps(m.response_headers), m.task_id) for m in metas],
+        )
+
+    @staticmethod
     def insert_pieces(conn: sqlite3.Connection, records: Iterable[tuple[str, int, int]]) -> None:
         conn.executemany("INSERT OR REPLACE INTO pieces (task_id, number, digest) VALUES (?, ?, ?)", records)
 
@@ -176,6 +183,14 @@ class MetadataDB:
     @staticmethod
     def delete_pieces(conn: sqlite3.Connection, records: Iterable[tuple[str, int]]) -> None:
         conn.executemany("DELETE FROM pieces WHERE task_id = ? AND number = ?", records)
+
+    def close_reporting(self, *, checkpoint: bool) -> list[str]:
+        """`close`, its error as a line in the list returned instead of raised."""
+        try:
+            self.close(checkpoint=checkpoint)
+        except StorageError as exc:
+            return [str(exc)]
+        return []
 
     def close(self, *, checkpoint: bool) -> None:
         """Close the connection; with `checkpoint`, fold the WAL into the database first."""

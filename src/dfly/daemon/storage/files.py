@@ -85,6 +85,15 @@ def write_marker(root: Path) -> None:
     fsync_dir(root)
 
 
+def write_marker_reporting(root: Path) -> list[str]:
+    """`write_marker`, its error as a line in the list returned instead of raised."""
+    try:
+        write_marker(root)
+    except OSError as exc:
+        return [f"cannot write the clean-shutdown marker: {exc.strerror or exc}"]
+    return []
+
+
 def create_task_file(root: Path, meta: TaskMeta) -> tuple[int, list[Path]]:
     """Create and preallocate the task file: (O_RDWR fd, directories whose entries must be synced)."""
     path = root / task_relpath(meta.task_id)

@@ -80,6 +80,7 @@ class WriterTask:
     recorded: PieceSet  # durable or pending records
     pending: dict[int, int] = field(default_factory=dict)  # number -> digest, not yet committed
     forgotten: frozenset[int] = NO_PIECES  # records to delete at the next commit (rarely any)
+    headers_changed: bool = False  # the task record's response headers to update at the next commit
     in_db: bool = True  # the task record is in SQLite
     finish_waiters: list[asyncio.Future[Any]] = field(default_factory=list)
 

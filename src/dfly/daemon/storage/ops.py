@@ -54,6 +54,14 @@ class ForgetOp(Op):
 
 
 @dataclass(eq=False)
+class HeadersOp(Op):
+    """Replace the task's recorded response headers; resolves once the writer took it."""
+
+    task_id: str
+    headers: dict[str, str]
+
+
+@dataclass(eq=False)
 class StopOp(Op):
     clean: bool
 

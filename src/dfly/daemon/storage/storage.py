@@ -19,7 +19,8 @@ Rules:
   only until the caller's next await; whoever keeps it longer `os.dup`s it at once.
 - `forget_pieces` (bytes found to be of another object) drops the pieces' records, durable ones and
   those of writes submitted before it, at once (a group commit follows); writes submitted after it are
-  recorded as usual. So a restart never trusts a forgotten piece.
+  recorded as usual. So a restart never trusts a forgotten piece. `set_response_headers` records the
+  validators of the object the task now holds, committed after such a forget.
 - Errors are `StorageError` with one line; a failed write fails only its own piece.
 """
 
@@ -29,13 +30,23 @@ import asyncio
 import dataclasses
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from dfly.common.errors import StorageError
 from dfly.daemon.storage.model import StoredTask, TaskMeta, check_meta, short, task_relpath
-from dfly.daemon.storage.ops import CreateOp, DeleteOp, FinishOp, ForgetOp, Op, OpenOp, StopOp, WriteOp
+from dfly.daemon.storage.ops import (
+    CreateOp,
+    DeleteOp,
+    FinishOp,
+    ForgetOp,
+    HeadersOp,
+    Op,
+    OpenOp,
+    StopOp,
+    WriteOp,
+)
 from dfly.daemon.storage.recovery import RecoveryReport
 from dfly.daemon.storage.writer import WriterThread
 
@@ -191,6 +202,17 @@ class Storage:
         forgotten = [n for n in numbers if 0 <= n < count]
         if forgotten:
             self._submit(ForgetOp(self._loop_future(), task_id, forgotten))
+
+    def set_response_headers(self, task_id: str, headers: Mapping[str, str]) -> None:
+        """Record the origin's headers (validators) of the task's object anew, at the next group commit.
+
+        Called after `forget_pieces` of the pieces of the older object, so the new validators never
+        become durable before those pieces' records are gone (the forget commits at once, first)."""
+        meta = self._tasks.get(task_id)
+        if meta is None or self._closed:
+            return
+        self._tasks[task_id] = dataclasses.replace(meta, response_headers=dict(headers))
+        self._submit(HeadersOp(self._loop_future(), task_id, dict(headers)))
 
     async def delete_task(self, task_id: str) -> None:
         """Remove the task's records, then its file; idempotent."""

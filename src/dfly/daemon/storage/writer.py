@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -44,7 +45,7 @@ from dfly.daemon.storage.files import (
     release_root,
     remove_task_file,
     take_marker,
-    write_marker,
+    write_marker_reporting,
 )
 from dfly.daemon.storage.model import DB_NAME, NO_PIECES, Counters, PieceSet, TaskMeta, WriterTask, short
 from dfly.daemon.storage.ops import (
@@ -52,6 +53,7 @@ from dfly.daemon.storage.ops import (
     DeleteOp,
     FinishOp,
     ForgetOp,
+    HeadersOp,
     Op,
     OpenOp,
     StopOp,
@@ -171,6 +173,9 @@ class WriterThread:
             elif isinstance(op, ForgetOp):
                 self._forget(op.task_id, op.numbers)
                 self._resolve(op.future)
+            elif isinstance(op, HeadersOp):
+                self._set_headers(op.task_id, op.headers)
+                self._resolve(op.future)
             elif isinstance(op, DeleteOp):
                 self._delete(op.task_id)
                 self._resolve(op.future)
@@ -277,6 +282,13 @@ class WriterThread:
                 task.forgotten = task.forgotten.union(numbers)
                 self._dirty(task_id, at_once=True)
 
+    def _set_headers(self, task_id: str, headers: dict[str, str]) -> None:
+        task = self._tasks.get(task_id)
+        if task is not None:
+            task.meta = dataclasses.replace(task.meta, response_headers=headers)
+            task.headers_changed = task.in_db  # a task not in the db yet is inserted with them
+            self._dirty(task_id)
+
     def _delete(self, task_id: str) -> None:
         task = self._tasks.pop(task_id, None)
         self._dirty_tasks.discard(task_id)
@@ -331,6 +343,7 @@ class WriterThread:
                 MetadataDB.delete_pieces(conn, [(t.meta.task_id, n) for t in synced for n in t.forgotten])
                 unfinished = [t.meta.task_id for t in synced if t.forgotten]
                 MetadataDB.mark_finished(conn, unfinished, finished=False)
+                MetadataDB.set_headers(conn, [t.meta for t in synced if t.headers_changed])
                 MetadataDB.insert_pieces(conn, records)
                 MetadataDB.mark_finished(conn, [t.meta.task_id for t in synced if t.finish_waiters])
         except StorageError as exc:
@@ -342,15 +355,12 @@ class WriterThread:
         for task in synced:
             task.pending.clear()
             task.forgotten = NO_PIECES
-            task.in_db = True
+            task.in_db, task.headers_changed = True, False
             for fut in task.finish_waiters:
                 self._resolve(fut)
             task.finish_waiters.clear()
-        commits = self.counters.commits
-        try:
-            self._loop.call_soon_threadsafe(self._on_commit, commits)
-        except RuntimeError:
-            pass
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            self._loop.call_soon_threadsafe(self._on_commit, self.counters.commits)
 
     def _commit_failed(self, tasks: list[WriterTask], reason: str, *, drop_pending: bool = False) -> None:
         log.error("group commit failed: %s", reason)
@@ -366,7 +376,7 @@ class WriterThread:
                 if lost and self._on_lost is not None:
                     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody serves them
                         self._loop.call_soon_threadsafe(self._on_lost, task.meta.task_id, lost)
-            if task.pending or task.forgotten or not task.in_db:
+            if task.pending or task.forgotten or task.headers_changed or not task.in_db:
                 self._dirty(task.meta.task_id)  # retried at the next commit
 
     def _stop(self, op: StopOp) -> None:
@@ -374,26 +384,16 @@ class WriterThread:
             self._commit()
         self._closed = StorageError("storage is closed")
         errors = self._release(clean=op.clean)
-        if errors:
-            self._resolve(op.future, exc=StorageError(f"closing storage {self.root}: {errors[0]}"))
-        else:
-            self._resolve(op.future)
+        exc = StorageError(f"closing storage {self.root}: {errors[0]}") if errors else None
+        self._resolve(op.future, exc=exc)
 
     def _release(self, *, clean: bool) -> list[str]:
         """Close files and the database; at a clean stop, write the marker. Returns error lines."""
-        errors: list[str] = []
         self._fds.close_all()
-        if self._db is not None:
-            try:
-                self._db.close(checkpoint=clean)
-            except StorageError as exc:
-                errors.append(str(exc))
-            self._db = None
+        errors = [] if self._db is None else self._db.close_reporting(checkpoint=clean)
+        self._db = None
         if clean and self._lock_fd >= 0:
-            try:
-                write_marker(self.root)
-            except OSError as exc:
-                errors.append(f"cannot write the clean-shutdown marker: {exc.strerror or exc}")
+            errors += write_marker_reporting(self.root)
         release_root(self._lock_fd)
         self._lock_fd = -1
         return errors
