@@ -26,102 +26,21 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Collection, Coroutine, Iterator
 from typing import Any
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, StorageError
 from dfly.daemon.conductor import Conductor, PiecesLost
 from dfly.daemon.context import DaemonContext
-from dfly.daemon.core.first_pass import FirstPassGate
 from dfly.daemon.core.gc_policy import CachedTask
 from dfly.daemon.core.task_state import Announcer, TaskState
+from dfly.daemon.live_task import LiveTask, ServedTaskView, Usage
 from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.storage import StoredTask
 from dfly.daemon.task_request import TaskRequest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Usage:
-    """Who reads a task and when it was last used; shared by the LiveTasks that replace one another."""
-
-    last_used: float = field(default_factory=time.time)
-    users: int = 0  # local downloads reading it and child connections to it
-
-    def hold(self) -> Callable[[], None]:
-        """Mark the task in use until the returned callable is called (idempotent)."""
-        self.users += 1
-        self.last_used = time.time()
-        held = True
-
-        def release() -> None:
-            nonlocal held
-            if held:
-                held = False
-                self.users -= 1
-                self.last_used = time.time()
-
-        return release
-
-
-@dataclass
-class LiveTask:
-    state: TaskState
-    file_ready: asyncio.Event = field(default_factory=asyncio.Event)
-    attempt: asyncio.Task[None] | None = None
-    conductor: Conductor | None = None  # of the running attempt
-    usage: Usage = field(default_factory=Usage)
-
-    @property
-    def running(self) -> bool:
-        return self.attempt is not None and not self.attempt.done()
-
-    @property
-    def in_use(self) -> bool:
-        return self.running or self.usage.users > 0
-
-
-class ServedTaskView:
-    """A live task as the piece server sees it (transfer.server.ServedTask)."""
-
-    def __init__(self, live: LiveTask, read_fd: Callable[[], int]) -> None:
-        self._live = live
-        self._read_fd = read_fd
-        layout = live.state.layout
-        assert layout is not None
-        self.task_id = live.state.task_id
-        self.piece_length = layout.piece_length
-        self.content_length = layout.content_length
-
-    @property
-    def piece_count(self) -> int:
-        return self._live.state.piece_count
-
-    def available_pieces(self) -> Iterable[int]:
-        return self._live.state.available_pieces()
-
-    def piece_digest(self, number: int) -> int | None:
-        return self._live.state.piece_digest(number)
-
-    def read_fd(self) -> int:
-        return self._read_fd()
-
-    def subscribe(self, on_available: Callable[[int], None]) -> Callable[[], None]:
-        return self._live.state.subscribe(on_available)
-
-    @property
-    def first_pass(self) -> FirstPassGate | None:
-        return self._live.state.first_pass
-
-    def peer_has(self, peer_id: str, number: int) -> bool:
-        parent_has = self._live.state.parent_has
-        return parent_has is not None and parent_has(peer_id, number)
-
-    def hold(self) -> Callable[[], None]:
-        return self._live.usage.hold()
 
 
 class TaskManager:
