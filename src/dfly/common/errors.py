@@ -130,3 +130,18 @@ def first_dfly_error(exc: BaseException) -> DflyError | None:
             if found is not None:
                 return found
     return None
+
+
+def without_frames(error: DflyError) -> DflyError:
+    """The error with no tracebacks along its cause and context chain, for an error that outlives the
+    code that raised it (a task's outcome): a traceback would keep every frame of that code alive."""
+    pending: list[BaseException] = [error]
+    seen: set[int] = set()
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        pending.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+    return error

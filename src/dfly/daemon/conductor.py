@@ -37,6 +37,7 @@ from dfly.common.errors import (
     SourceError,
     StorageError,
     first_dfly_error,
+    without_frames,
 )
 from dfly.common.ids import HostId, peer_id, redact_url
 from dfly.daemon.back_to_source import BackToSource
@@ -115,7 +116,7 @@ class Conductor:
             await self._close()
         finally:
             self.ctx.counters.task_ended(error is None)
-            self.state.end(None if error is None else _without_frames(error))
+            self.state.end(None if error is None else without_frames(error))
         await self._await_durable()
 
     async def _await_durable(self) -> None:
@@ -362,8 +363,10 @@ class Conductor:
         version = self.state.version(number)
         # Storage does not return, even when cancelled, while its thread still reads `data`.
         await self.ctx.storage.write_piece(self.state.task_id, number, offset, data[:length], digest)
-        if self.state.version(number) != version:
-            return  # forgotten while being written (another version of the object): not this copy
+        # Not this copy if its version was forgotten meanwhile, or this peer began to read the origin
+        # (the object may have changed there; the origin read writes this piece again, record included).
+        if self.state.version(number) != version or (self._back_to_source and source != "back_to_source"):
+            return
         if self.state.mark_available(number, digest):
             self.ctx.counters.downloaded(source, length)
             cost_ms = min(math.ceil(cost_s * 1000), 0xFFFFFFFF)  # > 0 whenever measured
@@ -394,19 +397,3 @@ class Conductor:
         self._schedule_deadline = None
         self.parents.close_all()
         self._back_to_source = self.tg.create_task(BackToSource(self, layout).run())
-
-
-def _without_frames(error: DflyError) -> DflyError:
-    """The error with no tracebacks along its cause and context chain: it outlives the attempt in the
-    task's state, and a traceback would keep every frame of the attempt (its conductor, parents and
-    buffers) alive with it."""
-    pending: list[BaseException] = [error]
-    seen: set[int] = set()
-    while pending:
-        exc = pending.pop()
-        if id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        pending.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
-    return error

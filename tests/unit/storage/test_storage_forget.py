@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from dfly.common.errors import StorageError
+from dfly.daemon.conductor import Conductor
 from dfly.daemon.config import DaemonConfig
 from dfly.daemon.context import Counters, DaemonContext
+from dfly.daemon.core.task_state import TaskState
 from dfly.daemon.storage import Storage, StoredTask, TaskMeta
 from dfly.daemon.task_request import TaskRequest
 from dfly.daemon.tasks import TaskManager
@@ -210,3 +212,40 @@ def test_new_validators_of_a_task_not_yet_recorded_are_inserted_with_it(tmp_path
         assert (await reopen(tmp_path))[meta.task_id].meta.response_headers == {"ETag": '"b"'}
 
     asyncio.run(main())
+
+
+def test_a_parent_copy_written_after_going_back_to_source_is_not_used(tmp_path: Path) -> None:
+    """A piece from a parent whose write was in flight when the peer began to read the origin (which may
+    hold another object by now) is not made available: the origin read writes it again (a file mixing
+    two objects otherwise, when the origin's object changed)."""
+    request = TaskRequest(URL)
+    meta = make_meta(request.task_id)
+
+    async def run() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        manager = manager_on(storage)
+        await storage.open()
+        await storage.create_task(meta)
+        state = TaskState(request.task_id, URL)
+        state.set_layout(meta.content_length, meta.piece_length)
+        conductor = Conductor(manager.ctx, state, request, asyncio.Event())
+        in_write, go_on = asyncio.Event(), asyncio.Event()
+        write_piece = storage.write_piece
+
+        async def slow_write(*args: object) -> None:
+            in_write.set()
+            await go_on.wait()
+            await write_piece(*args)  # type: ignore[arg-type]
+
+        storage.write_piece = slow_write  # type: ignore[method-assign,assignment]
+        data, digest = piece(2)
+        store = asyncio.ensure_future(conductor.store_piece(2, memoryview(data), digest, "remote_peer", "p"))
+        await asyncio.wait_for(in_write.wait(), 10)
+        conductor._back_to_source = asyncio.ensure_future(asyncio.sleep(0))  # as _go_back_to_source does
+        go_on.set()
+        await asyncio.wait_for(store, 10)
+        await conductor._back_to_source
+        assert not state.has(2)
+        await storage.close()
+
+    asyncio.run(run())
