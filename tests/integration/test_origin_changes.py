@@ -53,7 +53,7 @@ def test_object_replaced_between_attempts_is_read_again_whole(origin: Origin, tm
             wait_until(
                 "half the old object read", lambda: stats(peer)["download_bytes"]["back_to_source"] >= 8 * MiB
             )
-            wait_until("a commit covered it", lambda: peer.data_dir.joinpath("metadata.db-wal").exists())
+            wait_until("a commit covered it", lambda: durable_bytes(peer, url) >= 4 * MiB)
             cluster.kill_member(peer.name)
             first.communicate(timeout=30)
         finally:
