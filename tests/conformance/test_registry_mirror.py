@@ -111,15 +111,21 @@ def test_hosts_pulling_at_once_get_each_blob_from_the_registry_once(
     pushed_gets = len(registry.blob_gets())
     overrides = {"*": {"proxy": {"registry_mirror": registry.url, "public_registries": [registry.url]}}}
     with LocalCluster(tmp_path / "c", peers=3, daemon_overrides=overrides) as cluster:
-        pulls = []
-        for peer in cluster.peers:
-            conf = registries_conf(tmp_path / f"{peer.name}.conf", registry, peer.ports["proxy"])
-            argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy",
-                    f"docker://{reference}", f"dir:{tmp_path / peer.name}"]  # fmt: skip
-            pulls.append(subprocess.Popen(argv, stderr=subprocess.PIPE, text=True))
-        for pull in pulls:
-            _, stderr = pull.communicate(timeout=120)
-            assert pull.returncode == 0, stderr
+        pulls: list[subprocess.Popen[str]] = []
+        try:
+            for peer in cluster.peers:
+                conf = registries_conf(tmp_path / f"{peer.name}.conf", registry, peer.ports["proxy"])
+                argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy",
+                        f"docker://{reference}", f"dir:{tmp_path / peer.name}"]  # fmt: skip
+                pulls.append(subprocess.Popen(argv, stderr=subprocess.PIPE, text=True))
+            for pull in pulls:
+                _, stderr = pull.communicate(timeout=120)
+                assert pull.returncode == 0, stderr
+        finally:  # a failed or hung pull leaves no skopeo running
+            for pull in pulls:
+                if pull.poll() is None:
+                    pull.kill()
+                    pull.communicate()
         for peer in cluster.peers:
             got = pulled_blobs(tmp_path / peer.name)
             assert all(got.get(d.removeprefix("sha256:")) == d.removeprefix("sha256:") for d in digests)

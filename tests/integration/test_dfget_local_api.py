@@ -8,6 +8,7 @@ as a real subprocess; the server runs on its own event loop in a background thre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -128,12 +129,14 @@ class Harness:
 @pytest.fixture(scope="module")
 def harness() -> Iterator[Harness]:
     root = Path(tempfile.mkdtemp(prefix="dfly-lapi-"))  # short: unix socket paths are limited to 108 bytes
-    h = Harness(root)
-    h.server.start()
     try:
-        yield h
+        h = Harness(root)
+        h.server.start()
+        try:
+            yield h
+        finally:
+            h.server.stop()
     finally:
-        h.server.stop()
         shutil.rmtree(root)
 
 
@@ -226,9 +229,15 @@ def test_origin_404_is_one_line(harness: Harness, out_dir: Path) -> None:
     assert failed(harness.dfget(url, out), out) == f"dfget: origin returned 404 Not Found for {url}"
 
 
-def test_failure_after_start_leaves_nothing(harness: Harness, out_dir: Path) -> None:
+# A nameless temporary file (O_TMPFILE, the default) has no name to leave whatever dfget does; with
+# --force-hard-link the temporary file has a name (a link to the task file) that dfget must remove.
+NAMED_OR_NOT = pytest.mark.parametrize("extra", [(), ("--force-hard-link",)], ids=["nameless", "named"])
+
+
+@NAMED_OR_NOT
+def test_failure_after_start_leaves_nothing(harness: Harness, out_dir: Path, extra: tuple[str, ...]) -> None:
     out = out_dir / "partial"
-    assert "origin reset the connection" in failed(harness.dfget(harness.url("fail-mid"), out), out)
+    assert "origin reset the connection" in failed(harness.dfget(harness.url("fail-mid"), out, *extra), out)
 
 
 def test_unreachable_daemon_names_the_socket(harness: Harness, out_dir: Path) -> None:
@@ -269,6 +278,7 @@ def test_timeout_cancels_the_download(harness: Harness, out_dir: Path) -> None:
     assert harness.backend.closed[url].wait(5), "the server did not close the iterator of a gone client"
 
 
+@NAMED_OR_NOT
 @pytest.mark.parametrize(
     ("signum", "code", "message"),
     [
@@ -278,7 +288,7 @@ def test_timeout_cancels_the_download(harness: Harness, out_dir: Path) -> None:
     ],
 )
 def test_signals_remove_the_temporary_file(
-    harness: Harness, out_dir: Path, signum: int, code: int, message: str
+    harness: Harness, out_dir: Path, signum: int, code: int, message: str, extra: tuple[str, ...]
 ) -> None:
     out = out_dir / "interrupted"
     url = harness.url("stall")
@@ -286,13 +296,15 @@ def test_signals_remove_the_temporary_file(
     # A shell without job control starts background jobs with SIGINT ignored, and Python then keeps it
     # ignored: give dfget the default disposition, as an interactive shell would.
     proc = subprocess.Popen(
-        [*cmd, "--no-progress"],
+        [*cmd, "--no-progress", *extra],
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         wait_for_request(harness, url)  # its temporary file exists before it asks the daemon
+        if extra:  # the named temporary file is there to be removed: a link to the task file
+            wait_for_linked_temporary(out_dir, harness.backend.task_paths[url])
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=10)
     finally:
@@ -308,6 +320,24 @@ def wait_for_request(harness: Harness, url: str) -> None:
     deadline = time.monotonic() + 10
     while url not in harness.backend.task_paths:
         assert time.monotonic() < deadline, "dfget never started"
+        time.sleep(0.02)
+
+
+def wait_for_linked_temporary(out_dir: Path, task_path: Path) -> None:
+    """Until a temporary file in `out_dir` is a hard link to the task file (--force-hard-link)."""
+    inode = task_path.stat().st_ino
+
+    def linked() -> bool:
+        with os.scandir(out_dir) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):  # replaced by the link meanwhile
+                    if ".dfget-" in entry.name and entry.stat().st_ino == inode:
+                        return True
+        return False
+
+    deadline = time.monotonic() + 10
+    while not linked():
+        assert time.monotonic() < deadline, "dfget never linked its temporary file to the task file"
         time.sleep(0.02)
 
 
@@ -418,9 +448,11 @@ def test_stale_socket_is_replaced_and_live_one_refused() -> None:
             asyncio.run(start_and_close(path))
         assert raw_exchange(path, b'{"op": "stats"}\n')[0]["event"] == "stats"
     finally:
-        server.stop()
-        assert not path.exists()
-        shutil.rmtree(root)
+        try:
+            server.stop()
+            assert not path.exists()
+        finally:  # the directory is outside tmp_path: removed even when the check above fails
+            shutil.rmtree(root)
 
 
 def test_setup_errors_are_config_errors(tmp_path: Path) -> None:

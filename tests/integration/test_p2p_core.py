@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import dfget_cmd
+from clusterkit import Downloads, dfget_cmd
 
 from dfly.cluster import LocalCluster, Member, query_stats
 from dfly.common.digest import file_digest
@@ -63,15 +63,10 @@ def dfget(member: Member, url: str, out: Path, *extra: str) -> subprocess.Comple
 
 def dfget_at_once(peers: list[Member], url: str, digest: str, out_dir: Path) -> None:
     """dfget on every peer at the same time; each must succeed with the expected bytes."""
-    procs = [
-        subprocess.Popen(
-            dfget_cmd(peer, url, out_dir / f"out-{peer.name}"), stderr=subprocess.PIPE, text=True
-        )
-        for peer in peers
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
-        assert proc.returncode == 0, err
+    with Downloads() as downloads:  # any dfget still running when this fails is killed
+        for peer in peers:
+            downloads.start(peer, url, out_dir / f"out-{peer.name}")
+        downloads.finish(DFGET_TIMEOUT_S)
     for peer in peers:
         assert file_digest(out_dir / f"out-{peer.name}").value == digest
 
@@ -94,7 +89,9 @@ def test_swarm_of_three_peers_shares_one_origin_copy(
 
     seed_stats = query_stats(cluster.seed.socket or "")
     peer_stats = [query_stats(peer.socket or "") for peer in cluster.peers]
-    assert seed_stats["upload_bytes"] <= 1.6 * FILE_BYTES
+    # The seed's first pass gives each piece out once (upload.first_pass): about one copy leaves it, the
+    # peers trade the rest (without the gate it sent ~1.1 copies, more than this bound allows).
+    assert FILE_BYTES <= seed_stats["upload_bytes"] <= 1.05 * FILE_BYTES
     assert sum(s["upload_bytes"] for s in peer_stats) >= 1.0 * FILE_BYTES
     uploaded = seed_stats["upload_bytes"] + sum(s["upload_bytes"] for s in peer_stats)
     received = sum(
@@ -163,6 +160,10 @@ def test_daemon_killed_and_restarted_still_serves_its_finished_task(
     result = dfget(holder, url, tmp_path / "after-restart")
     assert result.returncode == 0, result.stderr
     assert file_digest(tmp_path / "after-restart").value == digest
+    # From its own recovered cache: a restarted daemon that forgot the task would fetch it again.
+    after_restart = query_stats(holder.socket or "")
+    assert network_bytes(after_restart) == 0
+    assert after_restart["download_bytes"]["local"] == 16 * MiB
     # Another peer can get it from the restarted holder (or the seed): never from the origin again.
     origin_before = origin.bytes_sent
     result = dfget(fetcher, url, tmp_path / "from-swarm")
@@ -264,13 +265,10 @@ def test_two_dfgets_on_one_peer_share_one_download(
     url, digest = publish(origin, "shared.bin", 16 * MiB, seed=7)
     peer = cluster.peers[2]
     before = network_bytes(query_stats(peer.socket or ""))
-    procs = [
-        subprocess.Popen(dfget_cmd(peer, url, tmp_path / f"out-{i}"), stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=DFGET_TIMEOUT_S)
-        assert proc.returncode == 0, err
+    with Downloads() as downloads:
+        for i in range(2):
+            downloads.start(peer, url, tmp_path / f"out-{i}")
+        downloads.finish(DFGET_TIMEOUT_S)
     for i in range(2):
         assert file_digest(tmp_path / f"out-{i}").value == digest
     assert network_bytes(query_stats(peer.socket or "")) - before == 16 * MiB  # one live task, fetched once

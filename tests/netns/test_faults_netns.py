@@ -88,4 +88,4 @@ def test_a_host_killed_mid_download_leaves_the_others_finishing_from_the_swarm()
     assert served > 0, figures  # it was a parent of others when it died
     assert others_alive, figures
     assert max(times.values()) <= 3.0 * t_min, figures
-    assert copies <= 1.2, figures
+    assert 1.0 <= copies <= 1.2, figures  # at least the one copy every output came from

@@ -4,7 +4,7 @@ Job: 6 hosts × 16 MiB at 100 Mbit/s per host (origin and seed at the same rate)
 scheduler, seed peer, dfdaemons and dfget, in network namespaces built by `testbed.Testbed`.
 Rules: every daemon is ready before the clock starts; a host's time is its dfget's exit minus t0 (just
 before the first client starts); every output's sha256 equals the origin file's; asserts max ≤ 2.5 ×
-T_min (TCP payload rate) and origin ≤ 1.2 copies; prints the figures as one JSON line.
+T_min (TCP payload rate) and 1 ≤ origin copies ≤ 1.2; prints the figures as one JSON line.
 """
 
 from __future__ import annotations
@@ -51,4 +51,4 @@ def test_six_hosts_pull_16mib_near_the_bound_with_one_origin_copy() -> None:
     }
     print(json.dumps(figures))
     assert max(times) <= 2.5 * t_min, figures
-    assert copies <= 1.2, figures
+    assert 1.0 <= copies <= 1.2, figures  # at least the one copy every output came from

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _start(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """`dfly up --peers 2` with fake members, once its cluster.json is written. Whatever a failed test
+    leaves running (`dfly up` killed outright leaves its members behind) is killed on the way out."""
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(fake=FAKE))
     cluster_dir = tmp_path / "c"
@@ -35,12 +39,21 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 30
-    while not (cluster_dir / "cluster.json").exists():
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        assert time.monotonic() < deadline, "no cluster.json"
-        time.sleep(0.05)
-    return proc, cluster_dir
+    try:
+        deadline = time.monotonic() + 30
+        while not (cluster_dir / "cluster.json").exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "no cluster.json"
+            time.sleep(0.05)
+        yield proc, cluster_dir
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if (cluster_dir / "cluster.json").exists():
+            for member in json.loads((cluster_dir / "cluster.json").read_text())["processes"]:
+                if not _gone(member["pid"]):
+                    os.kill(member["pid"], signal.SIGKILL)
+        proc.communicate(timeout=30)  # members gone too: nothing holds its output pipe open
 
 
 def _gone(pid: int) -> bool:
@@ -51,8 +64,8 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def test_sigterm_stops_everything_with_exit_0(tmp_path: Path) -> None:
-    proc, cluster_dir = _start(tmp_path)
+def test_sigterm_stops_everything_with_exit_0(up: tuple[subprocess.Popen[str], Path]) -> None:
+    proc, cluster_dir = up
     pids = [p["pid"] for p in json.loads((cluster_dir / "cluster.json").read_text())["processes"]]
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
@@ -62,8 +75,8 @@ def test_sigterm_stops_everything_with_exit_0(tmp_path: Path) -> None:
     assert all(_gone(pid) for pid in pids)
 
 
-def test_a_member_dying_stops_the_rest_with_exit_1(tmp_path: Path) -> None:
-    proc, cluster_dir = _start(tmp_path)
+def test_a_member_dying_stops_the_rest_with_exit_1(up: tuple[subprocess.Popen[str], Path]) -> None:
+    proc, cluster_dir = up
     procs = json.loads((cluster_dir / "cluster.json").read_text())["processes"]
     seed = next(p for p in procs if p["name"] == "seed")
     os.kill(seed["pid"], signal.SIGKILL)
