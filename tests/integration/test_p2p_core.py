@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import Downloads, dfget_cmd
+from clusterkit import Downloads, dfget_cmd, wait_until
 
 from dfly.cluster import LocalCluster, Member, query_stats
 from dfly.common.digest import file_digest
@@ -259,19 +259,26 @@ def test_wrong_digest_fails_and_leaves_nothing(cluster: LocalCluster, origin: Or
     assert list(tmp_path.iterdir()) == []
 
 
-def test_two_dfgets_on_one_peer_share_one_download(
-    cluster: LocalCluster, origin: Origin, tmp_path: Path
-) -> None:
-    url, digest = publish(origin, "shared.bin", 16 * MiB, seed=7)
-    peer = cluster.peers[2]
-    before = network_bytes(query_stats(peer.socket or ""))
-    with Downloads() as downloads:
-        for i in range(2):
-            downloads.start(peer, url, tmp_path / f"out-{i}")
-        downloads.finish(DFGET_TIMEOUT_S)
+def test_two_dfgets_on_one_peer_share_one_download(cluster: LocalCluster, tmp_path: Path) -> None:
+    """The second dfget starts while the first one's download runs (a slow origin makes it take ~2 s)
+    and attaches to it: the peer fetches the file once."""
+    with Origin(tmp_path / "slow", rate_limit_bytes_per_s=8 * MiB) as slow:
+        url, digest = publish(slow, "shared.bin", 16 * MiB, seed=7)
+        peer = cluster.peers[2]
+        before = network_bytes(query_stats(peer.socket or ""))
+
+        def fetched() -> int:
+            return network_bytes(query_stats(peer.socket or "")) - before
+
+        with Downloads() as downloads:
+            downloads.start(peer, url, tmp_path / "out-0")
+            wait_until("the first download under way", lambda: fetched() > 0)
+            downloads.start(peer, url, tmp_path / "out-1")
+            assert fetched() < 8 * MiB  # so the second dfget comes while the download runs
+            downloads.finish(DFGET_TIMEOUT_S)
     for i in range(2):
         assert file_digest(tmp_path / f"out-{i}").value == digest
-    assert network_bytes(query_stats(peer.socket or "")) - before == 16 * MiB  # one live task, fetched once
+    assert fetched() == 16 * MiB  # one live task, fetched once
 
 
 class _Silent:
