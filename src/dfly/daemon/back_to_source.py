@@ -143,9 +143,12 @@ class BackToSource:
                     self.c.state.task_id[:12],
                     len(held),
                 )
-                self.c.state.forget_pieces(held)  # their records go first (storage: a commit at once)
+                self.c.state.forget_pieces(held)
+            # Every record of the task goes first (a commit at once), also those of parents' copies
+            # whose writes ended as this read began (never made available). Only then the validators of
+            # the object now read, so a restart never takes an old piece for one of it.
+            self.c.ctx.storage.forget_pieces(self.c.state.task_id)
             self.c.state.response_headers = dict(stat.headers)
-            # the validators of the pieces now read: a restart must not take them for another object
             self.c.ctx.storage.set_response_headers(self.c.state.task_id, stat.headers)
         await self.c.ensure_file(layout, stat.headers)
         await self.c.stream.back_to_source_started(layout, stat.headers)

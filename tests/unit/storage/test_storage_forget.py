@@ -1,24 +1,34 @@
 """A piece the daemon forgets (its bytes proved to be of another object) loses its storage record too:
-durable, pending, or that of a write still queued when it was forgotten, so no restart trusts it."""
+durable, pending, or that of a write still queued when it was forgotten, so no restart trusts it. With
+it: the validators of a changed object are recorded only after the old object's records are gone, a
+parent's copy that lands after the peer began to read the origin is not used, a piece written twice is
+one pending record, and a piece record that is not a number is a one-line storage error."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import sqlite3
+import time
 import zlib
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from dfly.common.errors import StorageError
+from dfly.common.errors import SourceError, StorageError
+from dfly.daemon.back_to_source import BackToSource
 from dfly.daemon.conductor import Conductor
 from dfly.daemon.config import DaemonConfig
 from dfly.daemon.context import Counters, DaemonContext
-from dfly.daemon.core.task_state import TaskState
+from dfly.daemon.core.task_state import Layout, TaskState
+from dfly.daemon.source import http
 from dfly.daemon.storage import Storage, StoredTask, TaskMeta
 from dfly.daemon.task_request import TaskRequest
 from dfly.daemon.tasks import TaskManager
 from dfly.daemon.transfer.buffers import BufferPool
+from dfly.devtools.origin import Origin
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -247,5 +257,100 @@ def test_a_parent_copy_written_after_going_back_to_source_is_not_used(tmp_path: 
         await conductor._back_to_source
         assert not state.has(2)
         await storage.close()
+
+    asyncio.run(run())
+
+
+def test_a_piece_written_twice_before_a_commit_is_one_pending_record(tmp_path: Path) -> None:
+    meta = make_meta("task-twice")
+
+    async def run() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        await storage.create_task(meta)
+        await write(storage, meta, 2)
+        await write(storage, meta, 2, version=1)  # e.g. the origin's copy after a parent's
+        assert storage.stats()["pending_records"] == 1
+        await storage.close()
+        assert storage.stats()["pending_records"] == 0
+
+    asyncio.run(run())
+
+
+def test_an_old_objects_piece_never_survives_under_the_new_validators(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent's copy of piece 3 (of the old object) is still being written when the peer goes back to
+    source, and the origin's object has changed. The origin read fails before it reaches piece 3 (or the
+    daemon dies there). After a restart the task must not hold the old piece under the new object's
+    validators: the next read would skip it and deliver a file of two objects."""
+    with Origin(tmp_path / "www") as origin:
+        assert origin.root is not None
+        origin.root.mkdir(parents=True, exist_ok=True)
+        path = origin.root / "f.bin"
+        old = b"".join(piece(n)[0] for n in range(4))
+        path.write_bytes(old)
+        url = origin.url("/f.bin")
+        request = TaskRequest(url)
+
+        async def run() -> None:
+            storage = Storage(tmp_path / "data", commit_interval_s=3600)
+            manager = manager_on(storage)
+            await storage.open()
+            live = manager.start(request)  # no attempt runs: no scheduler; the conductor is built here
+            conductor = Conductor(manager.ctx, live.state, request, asyncio.Event())
+            old_stat = http.stat(url, {}, timeout_s=5)
+            await conductor.ensure_file(Layout(4 * PIECE, PIECE), dict(old_stat.headers))
+            in_write, go_on = asyncio.Event(), asyncio.Event()
+            write_piece = storage.write_piece
+
+            async def slow_write(*args: object) -> None:
+                in_write.set()
+                await go_on.wait()
+                await write_piece(*args)  # type: ignore[arg-type]
+
+            storage.write_piece = slow_write  # type: ignore[method-assign,assignment]
+            store = asyncio.ensure_future(
+                conductor.store_piece(
+                    3, memoryview(old[3 * PIECE :]), zlib.crc32(old[3 * PIECE :]), "remote_peer", "p"
+                )
+            )
+            await asyncio.wait_for(in_write.wait(), 10)
+            path.write_bytes(b"".join(piece(n, version=1)[0] for n in range(4)))  # the object changes
+            os.utime(path, (time.time() + 10, time.time() + 10))
+            conductor._back_to_source = asyncio.ensure_future(asyncio.sleep(0))  # as _go_back_to_source does
+            go_on.set()
+            await asyncio.wait_for(store, 10)
+            await conductor._back_to_source
+            storage.write_piece = write_piece  # type: ignore[method-assign]
+
+            def origin_gone(*args: object, **kwargs: object) -> None:
+                raise SourceError("the origin went away")
+
+            monkeypatch.setattr(http, "read_pieces", origin_gone)
+            with pytest.raises(SourceError):
+                await BackToSource(conductor, None)._run()
+            await storage.close()
+
+        asyncio.run(run())
+        new_etag = http.stat(url, {}, timeout_s=5).etag
+    task = asyncio.run(reopen(tmp_path / "data"))[request.task_id]
+    assert task.meta.response_headers.get("ETag") == new_etag
+    assert task.pieces == {}  # not piece 3 of the old object
+
+
+def test_a_piece_record_that_is_not_a_number_is_a_storage_error(tmp_path: Path) -> None:
+    """A metadata.db edited or damaged so a digest is text: opening says so in one line (it killed the
+    writer thread with a ValueError)."""
+    meta = make_meta("task-text")
+    asyncio.run(finished_task(tmp_path, meta))
+    with closing(sqlite3.connect(tmp_path / "metadata.db")) as db:
+        db.execute("UPDATE pieces SET digest = 'not a number' WHERE number = 1")
+        db.commit()
+
+    async def run() -> None:
+        storage = Storage(tmp_path)
+        with pytest.raises(StorageError, match="metadata db"):
+            await storage.open()
 
     asyncio.run(run())

@@ -127,8 +127,10 @@ class MetadataDB:
                 if task.digests is _NONE:
                     task.digests = array("q", [MISSING]) * task.meta.piece_count
             return loaded
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: a piece record that is not a number
             raise StorageError(f"metadata db {self.path}: {exc}") from exc
+        finally:
+            _first_numbers.cache_clear()  # its strings can be megabytes (tasks of millions of pieces)
 
     @staticmethod
     def insert_tasks(conn: sqlite3.Connection, metas: Iterable[TaskMeta]) -> None:

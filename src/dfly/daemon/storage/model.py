@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,9 @@ class PieceSet:
             if self._bits[n]:
                 self._bits[n] = 0
                 self._count -= 1
+
+    def __iter__(self) -> Iterator[int]:
+        return (n for n, held in enumerate(self._bits) if held)
 
     def __contains__(self, number: object) -> bool:
         return isinstance(number, int) and 0 <= number < len(self._bits) and bool(self._bits[number])

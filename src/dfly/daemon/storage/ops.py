@@ -47,10 +47,11 @@ class DeleteOp(Op):
 
 @dataclass(eq=False)
 class ForgetOp(Op):
-    """Drop the records of these pieces; resolves (with None) once the writer took it, not when durable."""
+    """Drop the records of these pieces (None: every record of the task); resolves (with None) once the
+    writer took it, not when durable."""
 
     task_id: str
-    numbers: list[int]
+    numbers: list[int] | None
 
 
 @dataclass(eq=False)

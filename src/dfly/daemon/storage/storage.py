@@ -192,16 +192,16 @@ class Storage:
         """Mark the task finished and group-commit at once; resolves when durable."""
         await self._call(FinishOp(self._loop_future(), task_id))
 
-    def forget_pieces(self, task_id: str, numbers: Iterable[int]) -> None:
-        """Drop the records of these pieces: durable ones and those of every write submitted before this
-        call (a write in flight is not recorded); durable at the group commit this starts at once."""
+    def forget_pieces(self, task_id: str, numbers: Iterable[int] | None = None) -> None:
+        """Drop the records of these pieces (None: every piece of the task): durable ones and those of
+        every write submitted before this call; durable at the group commit this starts at once."""
         meta = self._tasks.get(task_id)
         if meta is None or self._closed:  # no records, or none can change any more
             return
         count = meta.piece_count
-        forgotten = [n for n in numbers if 0 <= n < count]
-        if forgotten:
-            self._submit(ForgetOp(self._loop_future(), task_id, forgotten))
+        forgotten = None if numbers is None else [n for n in numbers if 0 <= n < count]
+        if forgotten is None or forgotten:
+            self._submit_unawaited(ForgetOp(self._loop_future(), task_id, forgotten))
 
     def set_response_headers(self, task_id: str, headers: Mapping[str, str]) -> None:
         """Record the origin's headers (validators) of the task's object anew, at the next group commit.
@@ -212,7 +212,7 @@ class Storage:
         if meta is None or self._closed:
             return
         self._tasks[task_id] = dataclasses.replace(meta, response_headers=dict(headers))
-        self._submit(HeadersOp(self._loop_future(), task_id, dict(headers)))
+        self._submit_unawaited(HeadersOp(self._loop_future(), task_id, dict(headers)))
 
     async def delete_task(self, task_id: str) -> None:
         """Remove the task's records, then its file; idempotent."""
@@ -278,6 +278,15 @@ class Storage:
         assert self._writer is not None
         self._writer.submit(op)
 
+    def _submit_unawaited(self, op: Op) -> None:
+        """Submit an operation whose end nobody awaits. With the writer gone no record can change any
+        more, so its refusal (or its future's failure) is nobody's error."""
+        op.future.add_done_callback(_retrieve)
+        try:
+            self._submit(op)
+        except StorageError:
+            op.future.cancel()
+
     async def _call(self, op: Op) -> Any:
         self._submit(op)
         return await op.future
@@ -292,3 +301,8 @@ async def _wait_uncancellable(fut: asyncio.Future[Any]) -> None:
             continue
     if not fut.cancelled():
         fut.exception()  # mark retrieved
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "exception was never retrieved" at garbage collection

@@ -239,11 +239,11 @@ class WriterThread:
             self._resolve(op.future, exc=exc)
             return
         op.data = None  # the caller may reuse the buffer once the future resolves
+        self.counters.pending_records += op.number not in task.pending  # written again: still one record
         task.pending[op.number] = op.digest
         task.recorded.add(op.number)
         self.counters.pieces_written += 1
         self.counters.bytes_written += size
-        self.counters.pending_records += 1
         self._dirty(op.task_id)
         self._resolve(op.future)
 
@@ -273,18 +273,17 @@ class WriterThread:
         task.finish_waiters.append(op.future)
         self._dirty(op.task_id, at_once=True)
 
-    def _forget(self, task_id: str, numbers: list[int]) -> None:
-        """Drop the pieces' pending records now, and their durable ones at a group commit run at once."""
-        task = self._tasks.get(task_id)
-        if task is not None:
+    def _forget(self, task_id: str, numbers: list[int] | None) -> None:
+        """Drop the pieces' (None: every) pending records now, their durable ones at a commit run at once."""
+        if (task := self._tasks.get(task_id)) is not None:
+            numbers = list(task.recorded) if numbers is None else numbers
             self.counters.pending_records -= task.drop(numbers)
             if task.in_db:  # durable records may be among them
                 task.forgotten = task.forgotten.union(numbers)
                 self._dirty(task_id, at_once=True)
 
     def _set_headers(self, task_id: str, headers: dict[str, str]) -> None:
-        task = self._tasks.get(task_id)
-        if task is not None:
+        if (task := self._tasks.get(task_id)) is not None:
             task.meta = dataclasses.replace(task.meta, response_headers=headers)
             task.headers_changed = task.in_db  # a task not in the db yet is inserted with them
             self._dirty(task_id)

@@ -58,7 +58,7 @@ class ChildConnection:
                 self.sock.send(frame)
 
     async def _send(self, data: bytes) -> None:
-        """Send all of `data`; a child that takes none of it for stall_timeout_s is dropped.
+        """Send all of `data`; a child that has not taken it all within stall_timeout_s is dropped.
 
         Almost every frame fits in the socket's buffer at once: that case is one `send` call, with no
         timer armed and cancelled around it (a timer per HAVE was ~9 % of a daemon's loop time).
