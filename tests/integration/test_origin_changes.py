@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,29 +40,7 @@ def origin(tmp_path: Path) -> Iterator[Origin]:
 
 
 def test_object_replaced_between_attempts_is_read_again_whole(origin: Origin, tmp_path: Path) -> None:
-    assert origin.root is not None
-    origin.root.mkdir(parents=True, exist_ok=True)
-    path = origin.root / "f.bin"
-    make_file(path, FILE_BYTES, seed=1)
-    url = origin.url("/f.bin")
-    with LocalCluster(tmp_path / "c", peers=1) as cluster:
-        cluster.kill_member("seed")
-        peer = cluster.member("peer-1")
-        first = subprocess.Popen(dfget_cmd(peer, url, tmp_path / "old"), stderr=subprocess.PIPE, text=True)
-        try:
-            wait_until(
-                "half the old object read", lambda: stats(peer)["download_bytes"]["back_to_source"] >= 8 * MiB
-            )
-            wait_until("a commit covered it", lambda: durable_bytes(peer, url) >= 4 * MiB)
-            cluster.kill_member(peer.name)
-            first.communicate(timeout=30)
-        finally:
-            if first.poll() is None:
-                first.kill()
-        new_digest = make_file(path, FILE_BYTES, seed=2)  # same length, other bytes, a new ETag
-        later = time.time() + 10
-        os.utime(path, (later, later))
-        cluster.restart_member(peer.name)
+    with half_read_then_replaced(origin, tmp_path) as (_, peer, url, new_digest):
         result = subprocess.run(
             dfget_cmd(peer, url, tmp_path / "new"), capture_output=True, text=True, timeout=60
         )
@@ -99,11 +77,13 @@ def read_half_then_crash(cluster: LocalCluster, member: Member, url: str, out: P
             dfget.kill()
 
 
-def test_a_crash_while_reading_the_changed_object_keeps_its_new_pieces(
+@contextmanager
+def half_read_then_replaced(
     origin: Origin, tmp_path: Path
-) -> None:
-    """Old object half read, crash; object replaced; restart, the change is found and the new object's
-    reading starts, crash again; restart: only the missing half is read, with no second "changed"."""
+) -> Iterator[tuple[LocalCluster, Member, str, str]]:
+    """A peer (the seed killed, so it reads the origin itself) reads half an object and crashes; the
+    object is replaced at the origin (same length, other bytes, a new ETag) and the peer restarted.
+    Yields (cluster, peer, url, the new object's digest)."""
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
     path = origin.root / "f.bin"
@@ -113,10 +93,19 @@ def test_a_crash_while_reading_the_changed_object_keeps_its_new_pieces(
         cluster.kill_member("seed")
         peer = cluster.member("peer-1")
         read_half_then_crash(cluster, peer, url, tmp_path / "old")
-        new_digest = make_file(path, FILE_BYTES, seed=2)  # same length, other bytes, a new ETag
+        new_digest = make_file(path, FILE_BYTES, seed=2)
         later = time.time() + 10
         os.utime(path, (later, later))
         cluster.restart_member(peer.name)
+        yield cluster, peer, url, new_digest
+
+
+def test_a_crash_while_reading_the_changed_object_keeps_its_new_pieces(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """Old object half read, crash; object replaced; restart, the change is found and the new object's
+    reading starts, crash again; restart: only the missing half is read, with no second "changed"."""
+    with half_read_then_replaced(origin, tmp_path) as (cluster, peer, url, new_digest):
         read_half_then_crash(cluster, peer, url, tmp_path / "new-1")
         assert peer.log_path.read_text().count("object changed since its") == 1
         cluster.restart_member(peer.name)

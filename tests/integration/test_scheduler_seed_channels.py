@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import pytest
 from grpc import aio
+from schedulerkit import control_server, host
 
 from dfly.api import daemon_pb2, daemon_pb2_grpc, scheduler_pb2_grpc
 from dfly.api import scheduler_pb2 as pb
@@ -106,31 +107,6 @@ async def scheduler() -> AsyncIterator[Running]:
         await server.stop(None)
 
 
-@asynccontextmanager
-async def seed_control(control: SeedControl) -> AsyncIterator[int]:
-    server = aio.server()
-    daemon_pb2_grpc.add_DfdaemonControlServicer_to_server(control, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield port
-    finally:
-        await server.stop(None)
-
-
-def host(name: str, *, seed: bool = False, control_port: int = 4000) -> pb.HostInfo:
-    return pb.HostInfo(
-        host_id=f"127.0.0.1-{name}",
-        hostname=name,
-        ip="127.0.0.1",
-        piece_port=4005,
-        control_port=control_port,
-        seed=seed,
-        boot_id="boot-1",
-        upload_slots=10,
-    )
-
-
 async def announce_seed(stub: Any, control_port: int) -> None:
     await stub.AnnounceHost(pb.AnnounceHostRequest(host=host("seed", seed=True, control_port=control_port)))
 
@@ -159,8 +135,8 @@ def test_a_seed_channel_is_reused_and_closed_when_the_seed_moves_or_leaves() -> 
     async def scenario() -> None:
         old, new = SeedControl(), SeedControl()
         async with AsyncExitStack() as stack:
-            old_port = await stack.enter_async_context(seed_control(old))
-            new_port = await stack.enter_async_context(seed_control(new))
+            old_port = await stack.enter_async_context(control_server(old))
+            new_port = await stack.enter_async_context(control_server(new))
             running = await stack.enter_async_context(scheduler())
             stub, channels = running.stub, running.channels
             await announce_seed(stub, old_port)
@@ -191,7 +167,7 @@ def test_a_disconnected_seed_loses_its_channel_and_gets_a_new_one_when_back() ->
     async def scenario() -> None:
         control = SeedControl()
         async with AsyncExitStack() as stack:
-            port = await stack.enter_async_context(seed_control(control))
+            port = await stack.enter_async_context(control_server(control))
             running = await stack.enter_async_context(scheduler())
             stub, channels = running.stub, running.channels
             await announce_seed(stub, port)
@@ -219,8 +195,8 @@ def test_a_trigger_in_flight_keeps_its_channel_until_it_is_answered() -> None:
     async def scenario() -> None:
         held, new = SeedControl(hold=True), SeedControl()
         async with AsyncExitStack() as stack:
-            held_port = await stack.enter_async_context(seed_control(held))
-            new_port = await stack.enter_async_context(seed_control(new))
+            held_port = await stack.enter_async_context(control_server(held))
+            new_port = await stack.enter_async_context(control_server(new))
             running = await stack.enter_async_context(scheduler())
             stub, channels = running.stub, running.channels
             await announce_seed(stub, held_port)

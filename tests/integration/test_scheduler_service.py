@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from schedulerkit import control_server, host
 
 from dfly.api import daemon_pb2, daemon_pb2_grpc, scheduler_pb2_grpc
 from dfly.api import scheduler_pb2 as pb
@@ -93,28 +94,9 @@ async def scheduler(
 async def seed_control(
     control: FakeSeedControl | None = None,
 ) -> AsyncIterator[tuple[FakeSeedControl, int]]:
-    server = aio.server()
     control = control or FakeSeedControl()
-    daemon_pb2_grpc.add_DfdaemonControlServicer_to_server(control, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with control_server(control) as port:
         yield control, port
-    finally:
-        await server.stop(None)
-
-
-def host(name: str, *, seed: bool = False, control_port: int = 4000) -> pb.HostInfo:
-    return pb.HostInfo(
-        host_id=f"127.0.0.1-{name}",
-        hostname=name,
-        ip="127.0.0.1",
-        piece_port=4005,
-        control_port=control_port,
-        seed=seed,
-        boot_id="boot-1",
-        upload_slots=10,
-    )
 
 
 def register(

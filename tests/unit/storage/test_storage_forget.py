@@ -51,10 +51,17 @@ async def write(storage: Storage, meta: TaskMeta, number: int, version: int = 0)
     return digest
 
 
-async def finished_task(root: Path, meta: TaskMeta) -> None:
-    storage = Storage(root)
+async def with_new_task(root: Path, meta: TaskMeta, commit_interval_s: float = 3600) -> Storage:
+    """An open storage in `root` that has just created the task `meta` (no group commit until the
+    interval, a forced one or the close)."""
+    storage = Storage(root, commit_interval_s=commit_interval_s)
     await storage.open()
     await storage.create_task(meta)
+    return storage
+
+
+async def finished_task(root: Path, meta: TaskMeta) -> None:
+    storage = await with_new_task(root, meta)
     for n in range(4):
         await write(storage, meta, n)
     await storage.finish_task(meta.task_id)
@@ -66,6 +73,25 @@ async def reopen(root: Path) -> dict[str, StoredTask]:
     tasks = await storage.open()
     await storage.close()
     return {t.meta.task_id: t for t in tasks}
+
+
+class HeldWrites:
+    """Holds every `storage.write_piece` call, once made, until `go_on` is set: a copy still being
+    written. `restore()` puts the storage's own method back."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.started, self.go_on = asyncio.Event(), asyncio.Event()
+        self._write_piece = storage.write_piece
+        storage.write_piece = self._held  # type: ignore[method-assign,assignment]
+
+    async def _held(self, *args: object) -> None:
+        self.started.set()
+        await self.go_on.wait()
+        await self._write_piece(*args)  # type: ignore[arg-type]
+
+    def restore(self) -> None:
+        self.storage.write_piece = self._write_piece  # type: ignore[method-assign]
 
 
 def manager_on(storage: Storage) -> TaskManager:
@@ -114,9 +140,7 @@ def test_a_forgotten_pending_record_is_not_in_a_later_commit(tmp_path: Path) -> 
     meta = make_meta("task-pending")
 
     async def run() -> None:
-        storage = Storage(tmp_path, commit_interval_s=0.05)
-        await storage.open()
-        await storage.create_task(meta)
+        storage = await with_new_task(tmp_path, meta, commit_interval_s=0.05)
         await write(storage, meta, 0)
         await write(storage, meta, 1)
         storage.forget_pieces(meta.task_id, [1])  # its pwrite done, its record not durable yet
@@ -133,9 +157,7 @@ def test_a_forgotten_durable_record_is_gone_after_a_crash(tmp_path: Path) -> Non
     meta = make_meta("task-durable")
 
     async def run() -> None:
-        storage = Storage(tmp_path, commit_interval_s=3600)
-        await storage.open()
-        await storage.create_task(meta)
+        storage = await with_new_task(tmp_path, meta)
         await write(storage, meta, 0)
         await write(storage, meta, 1)
         await storage.close()  # both records durable
@@ -154,9 +176,7 @@ def test_a_write_queued_before_the_forget_is_not_recorded_and_a_later_one_is(tmp
     meta = make_meta("task-queued")
 
     async def run() -> None:
-        storage = Storage(tmp_path, commit_interval_s=3600)
-        await storage.open()
-        await storage.create_task(meta)
+        storage = await with_new_task(tmp_path, meta)
         first = await write(storage, meta, 0)
         queued = [asyncio.ensure_future(write(storage, meta, n)) for n in (2, 3)]
         await asyncio.sleep(0)  # a yield, not a wait: each write's first step queues its operation
@@ -214,9 +234,7 @@ def test_new_validators_are_recorded_after_the_old_pieces_records_are_gone(tmp_p
 def test_new_validators_of_a_task_not_yet_recorded_are_inserted_with_it(tmp_path: Path) -> None:
     async def main() -> None:
         meta = TaskMeta("t-fresh", URL, 4 * PIECE, PIECE, {"ETag": '"a"'})
-        storage = Storage(tmp_path)
-        await storage.open()
-        await storage.create_task(meta)  # its record is written at the next group commit
+        storage = await with_new_task(tmp_path, meta)  # its record is written at the next group commit
         storage.set_response_headers(meta.task_id, {"ETag": '"b"'})
         await storage.close()
         assert (await reopen(tmp_path))[meta.task_id].meta.response_headers == {"ETag": '"b"'}
@@ -239,20 +257,12 @@ def test_a_parent_copy_written_after_going_back_to_source_is_not_used(tmp_path: 
         state = TaskState(request.task_id, URL)
         state.set_layout(meta.content_length, meta.piece_length)
         conductor = Conductor(manager.ctx, state, request, asyncio.Event())
-        in_write, go_on = asyncio.Event(), asyncio.Event()
-        write_piece = storage.write_piece
-
-        async def slow_write(*args: object) -> None:
-            in_write.set()
-            await go_on.wait()
-            await write_piece(*args)  # type: ignore[arg-type]
-
-        storage.write_piece = slow_write  # type: ignore[method-assign,assignment]
+        held = HeldWrites(storage)
         data, digest = piece(2)
         store = asyncio.ensure_future(conductor.store_piece(2, memoryview(data), digest, "remote_peer", "p"))
-        await asyncio.wait_for(in_write.wait(), 10)
+        await asyncio.wait_for(held.started.wait(), 10)
         conductor._back_to_source = asyncio.ensure_future(asyncio.sleep(0))  # as _go_back_to_source does
-        go_on.set()
+        held.go_on.set()
         await asyncio.wait_for(store, 10)
         await conductor._back_to_source
         assert not state.has(2)
@@ -265,9 +275,7 @@ def test_a_piece_written_twice_before_a_commit_is_one_pending_record(tmp_path: P
     meta = make_meta("task-twice")
 
     async def run() -> None:
-        storage = Storage(tmp_path, commit_interval_s=3600)
-        await storage.open()
-        await storage.create_task(meta)
+        storage = await with_new_task(tmp_path, meta)
         await write(storage, meta, 2)
         await write(storage, meta, 2, version=1)  # e.g. the origin's copy after a parent's
         assert storage.stats()["pending_records"] == 1
@@ -301,28 +309,20 @@ def test_an_old_objects_piece_never_survives_under_the_new_validators(
             conductor = Conductor(manager.ctx, live.state, request, asyncio.Event())
             old_stat = http.stat(url, {}, timeout_s=5)
             await conductor.ensure_file(Layout(4 * PIECE, PIECE), dict(old_stat.headers))
-            in_write, go_on = asyncio.Event(), asyncio.Event()
-            write_piece = storage.write_piece
-
-            async def slow_write(*args: object) -> None:
-                in_write.set()
-                await go_on.wait()
-                await write_piece(*args)  # type: ignore[arg-type]
-
-            storage.write_piece = slow_write  # type: ignore[method-assign,assignment]
+            held = HeldWrites(storage)
             store = asyncio.ensure_future(
                 conductor.store_piece(
                     3, memoryview(old[3 * PIECE :]), zlib.crc32(old[3 * PIECE :]), "remote_peer", "p"
                 )
             )
-            await asyncio.wait_for(in_write.wait(), 10)
+            await asyncio.wait_for(held.started.wait(), 10)
             path.write_bytes(b"".join(piece(n, version=1)[0] for n in range(4)))  # the object changes
             os.utime(path, (time.time() + 10, time.time() + 10))
             conductor._back_to_source = asyncio.ensure_future(asyncio.sleep(0))  # as _go_back_to_source does
-            go_on.set()
+            held.go_on.set()
             await asyncio.wait_for(store, 10)
             await conductor._back_to_source
-            storage.write_piece = write_piece  # type: ignore[method-assign]
+            held.restore()
 
             def origin_gone(*args: object, **kwargs: object) -> None:
                 raise SourceError("the origin went away")
