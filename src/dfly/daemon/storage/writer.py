@@ -278,7 +278,7 @@ class WriterThread:
         if (task := self._tasks.get(task_id)) is not None:
             numbers = list(task.recorded) if numbers is None else numbers
             self.counters.pending_records -= task.drop(numbers)
-            if task.in_db:  # durable records may be among them
+            if task.in_db and numbers:  # durable records may be among them
                 task.forgotten = task.forgotten.union(numbers)
                 self._dirty(task_id, at_once=True)
 
