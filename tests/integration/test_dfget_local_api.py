@@ -20,13 +20,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from clusterkit import wait_until
 
 from dfly.common.errors import ConfigError, SourceError
 from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS
@@ -317,10 +317,7 @@ def test_signals_remove_the_temporary_file(
 
 
 def wait_for_request(harness: Harness, url: str) -> None:
-    deadline = time.monotonic() + 10
-    while url not in harness.backend.task_paths:
-        assert time.monotonic() < deadline, "dfget never started"
-        time.sleep(0.02)
+    wait_until("dfget asked the daemon", lambda: url in harness.backend.task_paths, timeout_s=10)
 
 
 def wait_for_linked_temporary(out_dir: Path, task_path: Path) -> None:
@@ -335,10 +332,7 @@ def wait_for_linked_temporary(out_dir: Path, task_path: Path) -> None:
                         return True
         return False
 
-    deadline = time.monotonic() + 10
-    while not linked():
-        assert time.monotonic() < deadline, "dfget never linked its temporary file to the task file"
-        time.sleep(0.02)
+    wait_until("dfget linked its temporary file to the task file", linked, timeout_s=10)
 
 
 def test_a_dfget_killed_outright_leaves_no_file(harness: Harness, out_dir: Path) -> None:
