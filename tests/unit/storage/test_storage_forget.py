@@ -305,8 +305,11 @@ def test_an_old_objects_piece_never_survives_under_the_new_validators(
             storage = Storage(tmp_path / "data", commit_interval_s=3600)
             manager = manager_on(storage)
             await storage.open()
-            live = manager.start(request)  # no attempt runs: no scheduler; the conductor is built here
-            conductor = Conductor(manager.ctx, live.state, request, asyncio.Event())
+            # the task's state as the manager makes it, without the attempt `manager.start` would run (with
+            # no scheduler, that attempt reads the origin itself and races this test's own reads)
+            state = TaskState(request.task_id, url)
+            state.on_forget = storage.forget_pieces
+            conductor = Conductor(manager.ctx, state, request, asyncio.Event())
             old_stat = http.stat(url, {}, timeout_s=5)
             await conductor.ensure_file(Layout(4 * PIECE, PIECE), dict(old_stat.headers))
             held = HeldWrites(storage)
