@@ -5,17 +5,20 @@ takes seconds. Both peers download; the seed is SIGKILLed when they have a few M
 its peer gone, remembers the seed failed, and sends one waiting peer to the origin; the other gets the
 rest from it. Both finish with the right bytes, and the origin sends less than the three copies that
 "every host reads the origin" would cost. A stopped (SIGSTOP) seed costs the first download one trigger
-timeout; later downloads of other files do not try it again.
+timeout; later downloads of other files do not try it again. An origin that trickles fails the seed's
+read within the piece timeout, and the peer's download with that cause.
 """
 
 from __future__ import annotations
 
 import functools
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import Downloads, dfget_each_ok, hung, stats, wait_until
+from clusterkit import Downloads, dfget_cmd, dfget_each_ok, hung, stats, wait_until
 
 from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
@@ -79,3 +82,27 @@ def test_a_hung_seed_costs_one_trigger_timeout_not_one_per_task(origin: Origin, 
             dfget_each_ok(cluster.member("peer-1"), files, tmp_path, DFGET_TIMEOUT_S)
         log = cluster.scheduler.log_path.read_text()
     assert log.count("failed DownloadTask") == 1, log[-3000:]  # the seed was tried for the first file only
+
+
+def test_an_origin_that_trickles_fails_the_download_within_the_piece_timeout(tmp_path: Path) -> None:
+    """An origin that keeps the connection alive but sends a 256 KiB piece in ~12 s (64 KiB every 4 s):
+    each socket read is well within the read timeout, so only `download.piece_timeout_s` ends the seed's
+    read. The peer's dfget fails in seconds with that cause, not after the whole trickle."""
+    overrides = {"*": {"download": {"piece_timeout_s": 1.0}}}
+    with Origin(tmp_path / "www", rate_limit_bytes_per_s=16 * 1024) as origin:
+        assert origin.root is not None
+        origin.root.mkdir(parents=True, exist_ok=True)
+        make_file(origin.root / "slow.bin", MiB, seed=71)
+        with LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster:
+            peer = cluster.member("peer-1")
+            started = time.monotonic()
+            result = subprocess.run(dfget_cmd(peer, origin.url("/slow.bin"), tmp_path / "out"),
+                                    capture_output=True, text=True, timeout=DFGET_TIMEOUT_S)  # fmt: skip
+            elapsed = time.monotonic() - started
+            seed_log = cluster.seed.log_path.read_text()
+    assert result.returncode != 0
+    assert "too slowly" in result.stderr, result.stderr
+    assert "download.piece_timeout_s (1 s)" in result.stderr
+    assert "too slowly" in seed_log  # the seed's read ended by the deadline too
+    assert elapsed < 30  # the whole trickle would take ~48 s; one read timeout alone 60 s
+    assert not (tmp_path / "out").exists()

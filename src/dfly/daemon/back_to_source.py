@@ -178,6 +178,7 @@ class BackToSource:
                 on_piece=on_piece,
                 should_stop=self._stop.is_set,
                 timeout_s=READ_TIMEOUT_S,
+                piece_timeout_s=self.c.ctx.config.download.piece_timeout_s,
                 allowed_hosts=guard,
             )
         )

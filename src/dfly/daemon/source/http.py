@@ -17,7 +17,9 @@ never runs it. Rules (DESIGN.md §5 "Back-to-source"):
 - Every failure is a `SourceError` with one line and the origin's status code (0 when no HTTP status was
   received: connection refused, DNS failure, timeout, TLS failure, dropped connection). Query strings are
   left out of messages because presigned URLs carry credentials there.
-- `timeout_s` bounds connecting and each socket read, not the whole transfer.
+- `timeout_s` bounds connecting and each socket read, not the whole transfer; `piece_timeout_s` (the
+  daemon's `download.piece_timeout_s`, as Dragonfly's `pieceTimeout` for pieces from the source) bounds
+  each piece's reading, so an origin that trickles cannot hold the read (piece_deadline.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dfly.common.pieces import piece_count
 from dfly.common.request_headers import set_by_daemon
 from dfly.daemon.source.http_open import MAX_REDIRECTS as MAX_REDIRECTS
 from dfly.daemon.source.http_open import AllowedHosts, open_get
+from dfly.daemon.source.piece_deadline import PieceDeadline
 
 ALLOWED_RESPONSE_HEADERS = ("Content-Type", "Content-Length", "ETag", "Last-Modified",
                             "Docker-Content-Digest", "Cache-Control")  # fmt: skip
@@ -137,6 +140,7 @@ def read_pieces(
     on_piece: Callable[[int, memoryview, int], PieceHandoff | None],
     should_stop: Callable[[], bool],
     timeout_s: float,
+    piece_timeout_s: float | None = None,
     allowed_hosts: AllowedHosts | None = None,
     ca_file: str | None = None,
     insecure_skip_verify: bool = False,
@@ -147,7 +151,9 @@ def read_pieces(
     of the slot holding the whole piece. It either returns None once the bytes are handed off, or returns
     a handle with `.result()` that is waited on before that slot is read into again, so the next piece is
     read from the origin while the previous one is being written. Returns the number of bytes delivered
-    through `on_piece`; stops early (between reads, dropping a partial piece) when `should_stop()`.
+    through `on_piece`; stops early (dropping a partial piece) when `should_stop()`, within
+    piece_deadline.STOP_POLL_S when a piece deadline is given. With `piece_timeout_s`, each piece (and
+    each piece-sized step of bytes skipped) must arrive within that many seconds of its first read.
     """
     total = stat.content_length
     count = piece_count(total, piece_length) if piece_length > 0 else 0
@@ -169,34 +175,49 @@ def read_pieces(
     if validator:
         req["If-Range"] = validator
     conn, resp, url = open_get(stat.url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify)
+    deadline: PieceDeadline | None = None
     try:
         skip = _check_body_response(resp, stat, url, start, end, bool(validator))
         view = memoryview(buffer)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         received = 0
+        if piece_timeout_s is not None:
+            deadline = PieceDeadline(resp.fileno(), piece_timeout_s, should_stop)
 
-        def fill(target: memoryview, crc: int) -> tuple[int, bool]:
+        def fill(target: memoryview, crc: int, what: str) -> tuple[int, bool]:
             nonlocal received
             got = 0
-            while got < len(target):
-                if should_stop():
-                    return crc, False
-                chunk = target[got : got + READ_CHUNK_BYTES]
-                try:
-                    n = resp.readinto(chunk)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise _read_error(url, received + got, want + skip, exc) from exc
-                if n == 0:
-                    raise _read_error(url, received + got, want + skip, None)
-                crc = crc32(chunk[:n], crc)
-                got += n
+            if deadline is not None:
+                deadline.arm()
+            try:
+                while got < len(target):
+                    if should_stop():
+                        return crc, False
+                    chunk = target[got : got + READ_CHUNK_BYTES]
+                    try:
+                        n = resp.readinto(chunk)
+                    except (OSError, http.client.HTTPException) as exc:
+                        if should_stop():  # the watchdog shut the connection down for the stop
+                            return crc, False
+                        raise _fill_error(
+                            deadline, what, len(target), url, received + got, want + skip, exc
+                        ) from exc
+                    if n == 0:
+                        if should_stop():
+                            return crc, False
+                        raise _fill_error(deadline, what, len(target), url, received + got, want + skip, None)
+                    crc = crc32(chunk[:n], crc)
+                    got += n
+            finally:
+                if deadline is not None:
+                    deadline.disarm()
             received += got
             return crc, True
 
         while skip:  # an origin without Range support: read and drop the bytes before `start`
-            step = min(skip, len(view))
-            if not fill(view[:step], 0)[1]:
+            step = min(skip, len(view), piece_length)
+            if not fill(view[:step], 0, f"bytes {received}-{received + step - 1} (skipped)")[1]:
                 return 0
             skip -= step
         delivered = 0
@@ -210,7 +231,7 @@ def read_pieces(
                     handoff.result()
                 size = min(piece_length, total - number * piece_length)
                 piece = view[slot * piece_length : slot * piece_length + size]
-                crc, complete = fill(piece, 0)
+                crc, complete = fill(piece, 0, f"piece {number}")
                 if not complete:
                     break
                 pending[slot] = on_piece(number, piece, crc)
@@ -221,6 +242,8 @@ def read_pieces(
                     handoff.result()
         return delivered
     finally:
+        if deadline is not None:
+            deadline.close()
         resp.close()
         conn.close()
 
@@ -264,6 +287,24 @@ def _if_range_validator(stat: SourceStat) -> str:
     if stat.etag and not stat.etag.startswith("W/"):  # weak ETags are not allowed in If-Range
         return stat.etag
     return stat.last_modified
+
+
+def _fill_error(
+    deadline: PieceDeadline | None,
+    what: str,
+    size: int,
+    url: str,
+    received: int,
+    expected: int,
+    exc: BaseException | None,
+) -> SourceError:
+    if deadline is not None and deadline.expired:
+        return SourceError(
+            f"the origin sent {what} ({size} bytes) too slowly: not within download.piece_timeout_s "
+            f"({deadline.piece_timeout_s:g} s), after {received} of {expected} bytes from {redact_url(url)}",
+            0,
+        )
+    return _read_error(url, received, expected, exc)
 
 
 def _read_error(url: str, received: int, expected: int, exc: BaseException | None) -> SourceError:
