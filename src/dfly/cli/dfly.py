@@ -92,8 +92,9 @@ def _run_up(args: argparse.Namespace) -> int:
         except BadRequest as exc:
             print(f"dfly up: --registry-mirror: {exc}", file=sys.stderr)
             return 2
-    try:  # a bad --dir is the caller's to fix: exit 2 before anything starts
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
+    try:  # a bad --dir is the caller's to fix: exit 2 before anything starts (none: a new temp dir)
+        if args.dir is not None:
+            Path(args.dir).mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         print(f"dfly up: --dir {args.dir} is not a directory", file=sys.stderr)
         return 2

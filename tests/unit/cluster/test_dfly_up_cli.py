@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,34 +27,47 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    """`dfly up --peers 2` with fake members, once its cluster.json is written. Whatever a failed test
-    leaves running (`dfly up` killed outright leaves its members behind) is killed on the way out."""
+@contextlib.contextmanager
+def _running_up(tmp_path: Path, with_dir: bool) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """`dfly up --peers 2` with fake members (in `--dir tmp_path/c`, or without `--dir`: in a new temp
+    dir under tmp_path/t), once its cluster.json is written. Whatever a failed test leaves running
+    (`dfly up` killed outright leaves its members behind) is killed on the way out."""
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(fake=FAKE))
-    cluster_dir = tmp_path / "c"
+    temp_root = tmp_path / "t"
+    temp_root.mkdir()
+    dir_args = ["--dir", str(tmp_path / "c")] if with_dir else []
     proc = subprocess.Popen(
-        [sys.executable, str(wrapper), "up", "--peers", "2", "--dir", str(cluster_dir)],
+        [sys.executable, str(wrapper), "up", "--peers", "2", *dir_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "TMPDIR": str(temp_root)},
     )
+    pattern = "c/cluster.json" if with_dir else "t/dfly-up-*/cluster.json"
+    description: Path | None = None
     try:
         deadline = time.monotonic() + 30
-        while not (cluster_dir / "cluster.json").exists():
+        while description is None:
+            description = next(iter(tmp_path.glob(pattern)), None)
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "no cluster.json"
             time.sleep(0.05)
-        yield proc, cluster_dir
+        yield proc, description.parent
     finally:
         if proc.poll() is None:
             proc.kill()
-        if (cluster_dir / "cluster.json").exists():
-            for member in json.loads((cluster_dir / "cluster.json").read_text())["processes"]:
+        if description is not None:
+            for member in json.loads(description.read_text())["processes"]:
                 if not _gone(member["pid"]):
                     os.kill(member["pid"], signal.SIGKILL)
         proc.communicate(timeout=30)  # members gone too: nothing holds its output pipe open
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    with _running_up(tmp_path, with_dir=True) as running:
+        yield running
 
 
 def _gone(pid: int) -> bool:
@@ -73,6 +87,16 @@ def test_sigterm_stops_everything_with_exit_0(up: tuple[subprocess.Popen[str], P
     assert "peer-2" in out
     assert "dfget -e" in out
     assert all(_gone(pid) for pid in pids)
+
+
+def test_without_dir_it_runs_in_a_new_temp_dir(tmp_path: Path) -> None:
+    """The default of `--dir` (it crashed with a TypeError before anything started)."""
+    with _running_up(tmp_path, with_dir=False) as (proc, cluster_dir):
+        assert cluster_dir.name.startswith("dfly-up-")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"dfly up: starting in {cluster_dir}" in out
 
 
 def test_a_member_dying_stops_the_rest_with_exit_1(up: tuple[subprocess.Popen[str], Path]) -> None:
