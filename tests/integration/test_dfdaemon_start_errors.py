@@ -3,7 +3,8 @@
 Real processes: `python -m dfly.cli.dfdaemon --config FILE` with every listener on 127.0.0.1 port 0
 except the one under test, whose port a socket of the test holds (address in use), and configs that
 fail validation (no scheduler, a host name where an IP address is needed). A daemon that could not bind
-leaves its storage closed cleanly (the clean-shutdown marker is written).
+leaves its storage closed cleanly (the clean-shutdown marker is written). A daemon stopped while its
+first announce is still pending stops at once and never says it is ready.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +139,37 @@ def test_an_unreachable_scheduler_gets_a_hint_at_tls_too(tmp_path: Path) -> None
     that does not answer: DEADLINE_EXCEEDED, with the reason only in gRPC's own log lines."""
     line = first_retry_line(tmp_path, "127.0.0.1:1")  # nothing listens there
     assert "its security.tls differs: it is off here" in line, line
+
+
+def test_a_stop_while_the_first_announce_is_pending_is_prompt_and_never_ready(tmp_path: Path) -> None:
+    """A scheduler that never answers holds the first announce for its whole deadline (10 s); SIGTERM
+    then must not wait for it, and the daemon must not log that it is ready on its way out."""
+    config = base_config(tmp_path)
+    config["scheduler"] = {"addrs": ["127.0.0.1:1"]}  # nothing listens there
+    path = tmp_path / "dfdaemon.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "dfly.cli.dfdaemon", "--config", str(path)]
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        try:
+            for line in proc.stderr:  # the listeners are up: the announce comes next
+                lines.append(line)
+                if "local API listening on" in line:
+                    break
+            else:
+                raise AssertionError(f"the daemon ended before it listened: {''.join(lines)}")
+            proc.terminate()
+            stopped_at = time.monotonic()
+            rest = proc.stderr.read()
+            proc.wait(timeout=30)
+            took = time.monotonic() - stopped_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log
+    assert took < 5, f"the stop waited {took:.1f} s for the announce"
+    assert " ready (" not in log
+    assert "stopped" in log
+    assert "Traceback" not in log

@@ -263,7 +263,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             where = f"pieces on {config.piece.ip}:{piece_port}"
             if leech:
                 where = "no piece server: upload.disable_shared"
-            log.info("dfdaemon %s ready (seed=%s, %s)", host, seed, where)
+            if not stop.is_set():  # told to stop before any scheduler took the announce: never ready
+                log.info("dfdaemon %s ready (seed=%s, %s)", host, seed, where)
             await stop.wait()
             log.info("dfdaemon %s stopping", host)
             for task in background:
@@ -341,10 +342,23 @@ def _not_ready(ctx: DaemonContext, stop: asyncio.Event) -> str | None:
 
 
 async def _announce_until_done(scheduler: SchedulerRing, stop: asyncio.Event, *, scheduler_tls: bool) -> None:
-    """Ready means announced: retry until a scheduler answers or the daemon is told to stop."""
+    """Ready means announced: retry until a scheduler answers or the daemon is told to stop (also while
+    an announce is pending: it may wait for its whole deadline)."""
     while not stop.is_set():
+        announce = asyncio.ensure_future(scheduler.announce_any())
+        stopped = asyncio.ensure_future(stop.wait())
         try:
-            await scheduler.announce_any()
+            await asyncio.wait((announce, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not announce.done():
+                announce.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await announce
+        if announce.cancelled():
+            return
+        try:
+            announce.result()
             return
         except grpc.aio.AioRpcError as exc:
             unresolved = await _unresolvable([client.addr for client in scheduler.clients])
