@@ -173,6 +173,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         piece_length = validate_user_piece_length(parse_size(ns.piece_length))
     if ns.overwrite and ns.force_hard_link:
         raise UsageError("--overwrite cannot be combined with --force-hard-link")
+    if not ns.output:
+        raise UsageError("output path is empty (-O)")
     output = os.path.abspath(ns.output)
     if os.path.isdir(output) or ns.output.endswith(os.sep):
         raise UsageError(f"output {ns.output} is a directory")

@@ -80,6 +80,11 @@ def test_output_checks(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     code, err = run(capsys, URL, "-O", str(tmp_path))
     assert code == 2
     assert "is a directory" in err
+    code, err = run(
+        capsys, URL, "-O", ""
+    )  # abspath("") is the working directory: not "output  is a directory"
+    assert code == 2
+    assert err == "dfget: output path is empty (-O)\n"
     existing = tmp_path / "existing"
     existing.write_bytes(b"keep")
     code, err = run(capsys, URL, "-O", str(existing))
