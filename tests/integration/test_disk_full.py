@@ -8,6 +8,8 @@ peer-1's storage is a 6 MiB tmpfs mounted for each test (root only; skipped othe
   the GC its download fails with ENOSPC); before its file is created, the least recently used tasks (the
   second, third and fourth file) are evicted down to the 60 % mark: the download succeeds and the re-used
   first file stays.
+- With `gc.disk_quota_bytes` and its own marks instead (no tmpfs): the task files' bytes decide, and
+  eviction goes down to the configured low mark.
 """
 
 from __future__ import annotations
@@ -97,6 +99,38 @@ def test_a_full_disk_evicts_the_least_recently_used_tasks_for_a_new_download(
         assert stats(peer)["gc"]["evicted_tasks"] == 3
         usage = os.statvfs(small_disk)
         assert usage.f_bavail / usage.f_blocks > 0.2  # below the high mark again
+        dfget_ok(peer, urls["b"], tmp_path / "b-again")  # an evicted task downloads again, correct
+        assert file_digest(tmp_path / "b-again").value == digests["b"]
+        assert peer.alive()
+
+
+def test_a_quota_and_its_marks_decide_what_is_evicted_for_a_new_download(tmp_path: Path) -> None:
+    """`gc.disk_quota_bytes` counts only the task files' bytes (no tmpfs, no root needed), with marks of
+    75 % and 40 % instead of the defaults: the defaults (80 % -> 60 %) would keep "a" as well."""
+    data = tmp_path / "data"
+    gc = {"disk_quota_bytes": 8 * MiB, "disk_high_threshold_percent": 75, "disk_low_threshold_percent": 40}
+    overrides = {"peer-1": {"storage": {"dir": str(data)}, "gc": gc}}
+    with (
+        Origin(tmp_path / "www") as origin,
+        LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster,
+    ):
+        assert origin.root is not None
+        origin.root.mkdir(parents=True, exist_ok=True)
+        names = ["a", "b", "c", "d", "e"]
+        sizes = {"a": 1 * MiB, "b": 1 * MiB, "c": 1 * MiB, "d": 1 * MiB, "e": 3 * MiB}
+        digests = {n: make_file(origin.root / f"{n}.bin", sizes[n], seed=70 + i) for i, n in enumerate(names)}
+        urls = {n: origin.url(f"/{n}.bin") for n in names}
+        peer = cluster.peers[0]
+        for name in ["a", "b", "c", "d"]:  # 4 of 8 MiB: 50 %, below the high mark
+            dfget_ok(peer, urls[name], tmp_path / f"out-{name}")
+        dfget_ok(peer, urls["a"], tmp_path / "a-again")  # "a" is now the most recently used
+        assert stats(peer)["gc"]["evicted_tasks"] == 0
+        # 7 of 8 MiB with "e": at or above 75 %, so b, c, d and then a go (down to 40 %: 3.2 MiB)
+        dfget_ok(peer, urls["e"], tmp_path / "out-e")
+        assert file_digest(tmp_path / "out-e").value == digests["e"]
+        held = {n for n in names if task_file(data, urls[n]).exists()}
+        assert held == {"e"}
+        assert stats(peer)["gc"]["evicted_tasks"] == 4
         dfget_ok(peer, urls["b"], tmp_path / "b-again")  # an evicted task downloads again, correct
         assert file_digest(tmp_path / "b-again").value == digests["b"]
         assert peer.alive()
