@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -55,6 +56,27 @@ LogLevel = Annotated[str, AfterValidator(_log_level)]
 M = TypeVar("M", bound=BaseModel)
 
 
+class DecimalInt(int):
+    """An integer the YAML text wrote in plain decimal (no leading 0, 0x or 0o), so that a validator can
+    tell `440` from `0440` (YAML reads the latter as octal); pydantic makes it a plain int."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader whose integers written in plain decimal come out as DecimalInt."""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    value = loader.construct_yaml_int(node)
+    return DecimalInt(value) if re.fullmatch(r"[-+]?[1-9][0-9_]*", node.value) else value
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
     node = data
     for key in path[:-1]:
@@ -75,7 +97,7 @@ def _apply_env(data: dict[str, Any], env_prefix: str, environ: dict[str, str]) -
         if not path:
             continue
         try:
-            _set(data, path, yaml.safe_load(raw))
+            _set(data, path, _yaml(raw))
         except yaml.YAMLError:
             _set(data, path, raw)
 
@@ -98,7 +120,7 @@ def load_config(
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start})") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = _yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from dfly.common.config import IpAddress, IpAddressOrEmpty, LogLevel, StrictModel
+from dfly.common.config import DecimalInt, IpAddress, IpAddressOrEmpty, LogLevel, StrictModel
 from dfly.common.pieces import MiB
 from dfly.common.tls import SecuritySection
 
@@ -220,7 +220,12 @@ class LocalApiSection(StrictModel):
     @field_validator("mode", mode="before")
     @classmethod
     def _octal_text(cls, value: object) -> object:
-        """A quoted mode ('0660', as in a shell's chmod) is read as octal; YAML reads an unquoted 0660 so."""
+        """A quoted mode ('0660', as in a shell's chmod) is read as octal; YAML reads an unquoted 0660 so.
+        An unquoted mode without the leading 0 (440) is refused: YAML reads it as decimal (0670)."""
+        if isinstance(value, DecimalInt) and value > 0:
+            raise ValueError(
+                f"{value} is a decimal number here: write the mode in octal with a leading 0, e.g. 0660"
+            )
         if not isinstance(value, str):
             return value
         text = value.strip()

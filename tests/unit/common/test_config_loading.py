@@ -42,6 +42,11 @@ def test_a_flag_is_validated_with_the_rest_of_the_config(tmp_path: Path) -> None
         (b'storage: {dir: ""}\n', "storage.dir"),
         (b'local_api: {socket: " "}\n', "local_api.socket"),
         (b'local_api: {mode: "660"}\n', "'660' is not an octal mode: write it with a leading 0, e.g. 0660"),
+        # YAML reads an unquoted 440 as decimal: 0o670, group-writable; it was taken silently
+        (
+            b"local_api: {mode: 440}\n",
+            "440 is a decimal number here: write the mode in octal with a leading 0",
+        ),
         (b'scheduler: {addrs: ["127.0.0.1:99999"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["[::1:8002"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["::1:8002"]}\n', "must be host:port"),
@@ -64,6 +69,16 @@ def test_a_socket_mode_is_octal_quoted_or_not(tmp_path: Path, text: str) -> None
     path = tmp_path / "d.yaml"
     path.write_text(f"local_api: {{mode: {text}}}\n")
     assert load_config(DaemonConfig, path, PREFIX, {}).local_api.mode == 0o660
+
+
+def test_a_decimal_socket_mode_from_the_environment_is_refused_too(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="440 is a decimal number here"):
+        load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__LOCAL_API__MODE": "440"})
+    assert (
+        load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__LOCAL_API__MODE": "0440"}).local_api.mode
+        == 0o440
+    )
+    assert load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__UPLOAD__SLOTS": "440"}).upload.slots == 440
 
 
 def test_good_scheduler_addresses_pass(tmp_path: Path) -> None:
