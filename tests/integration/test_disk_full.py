@@ -70,11 +70,15 @@ def test_a_download_that_does_not_fit_fails_clearly_and_the_daemon_goes_on(
         assert peer.alive()
 
 
-def test_a_full_disk_evicts_the_least_recently_used_tasks_for_a_new_download(
-    small_disk: Path, tmp_path: Path
-) -> None:
-    data = small_disk / "data"
-    overrides = {"peer-1": {"storage": {"dir": str(data)}}}  # gc defaults: 80 % -> 60 % of the filesystem
+def evict_for_a_new_download(
+    tmp_path: Path, data: Path, gc: dict[str, int], last_mib: int
+) -> tuple[set[str], int]:
+    """peer-1 (storage in `data`, `gc` overrides) downloads a, b, c, d (1 MiB each), uses "a" again (so it
+    is the most recently used), then downloads e (`last_mib` MiB); returns the tasks it then holds and the
+    number evicted. Checks every output's bytes, and that an evicted task ("b") downloads again."""
+    overrides: dict[str, dict[str, dict[str, object]]] = {
+        "peer-1": {"storage": {"dir": str(data)}, "gc": dict(gc)}
+    }
     with (
         Origin(tmp_path / "www") as origin,
         LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster,
@@ -82,7 +86,7 @@ def test_a_full_disk_evicts_the_least_recently_used_tasks_for_a_new_download(
         assert origin.root is not None
         origin.root.mkdir(parents=True, exist_ok=True)
         names = ["a", "b", "c", "d", "e"]
-        sizes = {"a": 1 * MiB, "b": 1 * MiB, "c": 1 * MiB, "d": 1 * MiB, "e": 2 * MiB}
+        sizes = {"a": 1 * MiB, "b": 1 * MiB, "c": 1 * MiB, "d": 1 * MiB, "e": last_mib * MiB}
         digests = {n: make_file(origin.root / f"{n}.bin", sizes[n], seed=60 + i) for i, n in enumerate(names)}
         urls = {n: origin.url(f"/{n}.bin") for n in names}
         peer = cluster.peers[0]
@@ -92,45 +96,30 @@ def test_a_full_disk_evicts_the_least_recently_used_tasks_for_a_new_download(
         dfget_ok(peer, urls["a"], tmp_path / "a-again")  # "a" is now the most recently used
         assert stats(peer)["download_bytes"]["local"] == local_before + 1 * MiB
         assert stats(peer)["gc"]["evicted_tasks"] == 0
-        dfget_ok(peer, urls["e"], tmp_path / "out-e")  # does not fit: b, c and d go
+        dfget_ok(peer, urls["e"], tmp_path / "out-e")  # does not fit below the high mark
         assert file_digest(tmp_path / "out-e").value == digests["e"]
         held = {n for n in names if task_file(data, urls[n]).exists()}
-        assert held == {"a", "e"}
-        assert stats(peer)["gc"]["evicted_tasks"] == 3
-        usage = os.statvfs(small_disk)
-        assert usage.f_bavail / usage.f_blocks > 0.2  # below the high mark again
+        evicted = stats(peer)["gc"]["evicted_tasks"]
         dfget_ok(peer, urls["b"], tmp_path / "b-again")  # an evicted task downloads again, correct
         assert file_digest(tmp_path / "b-again").value == digests["b"]
         assert peer.alive()
+    return held, evicted
+
+
+def test_a_full_disk_evicts_the_least_recently_used_tasks_for_a_new_download(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """6 MiB of filesystem, gc defaults (80 % -> 60 %): e (2 MiB) does not fit, so b, c and d go."""
+    held, evicted = evict_for_a_new_download(tmp_path, small_disk / "data", {}, last_mib=2)
+    assert (held, evicted) == ({"a", "e"}, 3)
+    usage = os.statvfs(small_disk)
+    assert usage.f_bavail / usage.f_blocks > 0.2  # below the high mark again
 
 
 def test_a_quota_and_its_marks_decide_what_is_evicted_for_a_new_download(tmp_path: Path) -> None:
     """`gc.disk_quota_bytes` counts only the task files' bytes (no tmpfs, no root needed), with marks of
-    75 % and 40 % instead of the defaults: the defaults (80 % -> 60 %) would keep "a" as well."""
-    data = tmp_path / "data"
+    75 % and 40 % instead of the defaults: with e (3 MiB), 7 of 8 MiB is above 75 %, so b, c, d and then
+    a go (down to 40 %: 3.2 MiB); the defaults (80 % -> 60 %) would keep "a"."""
     gc = {"disk_quota_bytes": 8 * MiB, "disk_high_threshold_percent": 75, "disk_low_threshold_percent": 40}
-    overrides = {"peer-1": {"storage": {"dir": str(data)}, "gc": gc}}
-    with (
-        Origin(tmp_path / "www") as origin,
-        LocalCluster(tmp_path / "c", peers=1, daemon_overrides=overrides) as cluster,
-    ):
-        assert origin.root is not None
-        origin.root.mkdir(parents=True, exist_ok=True)
-        names = ["a", "b", "c", "d", "e"]
-        sizes = {"a": 1 * MiB, "b": 1 * MiB, "c": 1 * MiB, "d": 1 * MiB, "e": 3 * MiB}
-        digests = {n: make_file(origin.root / f"{n}.bin", sizes[n], seed=70 + i) for i, n in enumerate(names)}
-        urls = {n: origin.url(f"/{n}.bin") for n in names}
-        peer = cluster.peers[0]
-        for name in ["a", "b", "c", "d"]:  # 4 of 8 MiB: 50 %, below the high mark
-            dfget_ok(peer, urls[name], tmp_path / f"out-{name}")
-        dfget_ok(peer, urls["a"], tmp_path / "a-again")  # "a" is now the most recently used
-        assert stats(peer)["gc"]["evicted_tasks"] == 0
-        # 7 of 8 MiB with "e": at or above 75 %, so b, c, d and then a go (down to 40 %: 3.2 MiB)
-        dfget_ok(peer, urls["e"], tmp_path / "out-e")
-        assert file_digest(tmp_path / "out-e").value == digests["e"]
-        held = {n for n in names if task_file(data, urls[n]).exists()}
-        assert held == {"e"}
-        assert stats(peer)["gc"]["evicted_tasks"] == 4
-        dfget_ok(peer, urls["b"], tmp_path / "b-again")  # an evicted task downloads again, correct
-        assert file_digest(tmp_path / "b-again").value == digests["b"]
-        assert peer.alive()
+    held, evicted = evict_for_a_new_download(tmp_path, tmp_path / "data", gc, last_mib=3)
+    assert (held, evicted) == ({"e"}, 4)

@@ -5,9 +5,7 @@ time is read to the end however long the whole takes; a stop ends a read blocked
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import zlib
@@ -20,6 +18,7 @@ from dfly.common.errors import SourceError
 from dfly.daemon.source.http import read_pieces, stat
 from dfly.daemon.source.piece_deadline import STOP_POLL_S, PieceDeadline
 from dfly.devtools.origin import Origin, pseudo_random_bytes
+from dfly.devtools.pki import make_pki
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,32 +117,22 @@ def test_a_slow_origin_whose_pieces_arrive_in_time_is_read_to_the_end(tmp_path: 
 
 
 @pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the HTTPS case needs the openssl command to make a self-signed certificate")
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)  # fmt: skip
-    return cert, key
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_pki(tmp_path_factory.mktemp("pki"), ["origin"])
 
 
-def test_an_https_origin_stalling_mid_piece_fails_the_piece(
-    tmp_path: Path, tls_files: tuple[Path, Path]
-) -> None:
+def test_an_https_origin_stalling_mid_piece_fails_the_piece(tmp_path: Path, pki: dict[str, Path]) -> None:
     """The reader is blocked inside a TLS read when the deadline passes; the next piece never comes."""
-    cert, key = tls_files
+    cert, key, ca = pki["origin"], pki["origin.key"], str(pki["ca"])
     data = pseudo_random_bytes(2 * 256 * KiB)
     # 64 KiB sent at a time, 4 s apart: the first piece's second chunk comes long after its deadline
     with Origin(tmp_path, certfile=cert, keyfile=key, rate_limit_bytes_per_s=16 * KiB) as origin:
-        st = stat(origin.add_bytes("stall.bin", data), {}, timeout_s=5, ca_file=str(cert))
+        st = stat(origin.add_bytes("stall.bin", data), {}, timeout_s=5, ca_file=ca)
         started = time.monotonic()
         with pytest.raises(SourceError, match=r"the origin sent piece 0 \(262144 bytes\) too slowly"):
             read_pieces(st, {}, piece_length=256 * KiB, buffer=bytearray(256 * KiB), on_piece=lambda *_: None,
                         should_stop=lambda: False, timeout_s=30, piece_timeout_s=0.5,
-                        ca_file=str(cert))  # fmt: skip
+                        ca_file=ca)  # fmt: skip
         assert time.monotonic() - started < 3.5
 
 
