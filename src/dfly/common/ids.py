@@ -128,7 +128,20 @@ def task_id(
 
 
 def redact_url(url: str) -> str:
-    """The URL without credentials and query string, for messages and logs."""
+    """The URL without credentials and query string, for messages and logs; characters that are not
+    printable (control characters, terminal escapes, NUL, bidi overrides) are shown escaped (`\\x1b`),
+    since anyone who may use the local API or the proxy chooses what is logged here."""
+    return printable(_redacted(url))
+
+
+def printable(text: str) -> str:
+    """`text` with each character that is not printable written as its Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _redacted(url: str) -> str:
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -84,6 +84,11 @@ def test_tag_application_and_piece_length_split_tasks() -> None:
         ("http://[::1]:80/p?x=s", "http://[::1]:80/p?…"),
         ("http://user:pw@h:99999/x?token=s", "http://h:99999/x?…"),  # invalid port: cut by hand
         ("http://[::1/x?token=s", "http://[::1/x?…"),  # unbalanced bracket
+        # what a local API or proxy client chooses is logged: no terminal escapes, NUL or bidi overrides
+        ("http://h/\x1b[2J\x1b[31mFAKE", "http://h/\\x1b[2J\\x1b[31mFAKE"),
+        ("http://h/a\x00b\u202ec", "http://h/a\\x00b\\u202ec"),
+        ("http://h:99999/\x07?t=s", "http://h:99999/\\x07?…"),
+        ("http://h/ünïcode päth", "http://h/ünïcode päth"),  # printable text is shown as it is
     ],
 )
 def test_redact_url_drops_credentials_and_query(url: str, shown: str) -> None:
