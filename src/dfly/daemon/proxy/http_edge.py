@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from dfly.common.errors import DflyError, OutOfDescriptors, SourceError, UsageError
+from dfly.common.ids import printable
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 
 HOP_BY_HOP = frozenset(
@@ -57,12 +58,14 @@ async def client_body(content: aiohttp.StreamReader, idle_s: float) -> AsyncIter
 
 class BadRequestsInOneLine(logging.Filter):
     """aiohttp logs every request it cannot parse at ERROR with a traceback, so any client could fill
-    the log: those become one INFO line. Anything else (an exception in a handler) stays as it is."""
+    the log: those become one INFO line (the reason's first line: aiohttp's next lines quote the request
+    bytes and point a caret at them). Anything else (an exception in a handler) stays as it is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            record.msg = f"{record.getMessage()}: {exc.message}"
+            reason = printable(str(exc.message).strip().split("\n", 1)[0].rstrip(":"))
+            record.msg = f"{record.getMessage()}: {reason}"
             record.args = None
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info, record.exc_text = None, None
