@@ -152,9 +152,10 @@ class Registry:
         return [(m["digest"], m["ua"], int(m["bytes"])) for m in _BLOB_GET.finditer(text)]
 
     def mirror_heads(self) -> list[str]:
-        """Access-log lines of HEAD requests made by the dfly mirror (its aiohttp client)."""
+        """Access-log lines of HEAD requests made by a dfly daemon (User-Agent dfly-daemon): the access
+        checks of clients' credentials before a blob is served from the swarm."""
         lines = self.log_path.read_text(errors="replace").splitlines()
-        return [line for line in lines if '"HEAD ' in line and "aiohttp" in line]
+        return [line for line in lines if '"HEAD ' in line and "dfly-daemon" in line]
 
     def blob_statuses(self) -> list[tuple[str, str, int]]:
         """(digest, user agent, HTTP status) of every blob GET the registry answered so far."""
