@@ -1,4 +1,5 @@
-"""Secrets never reach a log: tokens in query strings and Authorization headers, at debug level.
+"""Secrets never reach a log nor a daemon's database: tokens in query strings, Authorization headers and
+a password in the URL, with the daemons logging at debug level.
 
 A real cluster (scheduler, seed, one peer) logging at debug level downloads a presigned-style URL with
 an Authorization header, then is handed a malformed URL carrying a token; afterwards no log file under
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 QUERY_SECRET = "qs3cr3t-7f1d"
 HEADER_SECRET = "hs3cr3t-92ab"
+USER_SECRET = "us3cr3t-5e0c"
 DFGET_TIMEOUT_S = 60.0
 
 
@@ -38,11 +40,14 @@ def dfget(cluster: LocalCluster, url: str, out: Path, *extra: str) -> subprocess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=DFGET_TIMEOUT_S, check=False)
 
 
-def test_tokens_and_authorization_never_reach_a_log(origin: Origin, tmp_path: Path) -> None:
+def test_tokens_and_passwords_never_reach_a_log_or_a_database(origin: Origin, tmp_path: Path) -> None:
     assert origin.root is not None
     digest = make_file(origin.root / "private.bin", 2 * MiB, seed=41)
     with LocalCluster(tmp_path / "c", peers=1, log_level="debug") as cluster:
         url = origin.url(f"/private.bin?X-Amz-Signature={QUERY_SECRET}&token={QUERY_SECRET}")
+        url = url.replace(
+            "://", f"://alice:{USER_SECRET}@", 1
+        )  # a password in the URL (-H wins for the origin)
         ok = dfget(cluster, url, tmp_path / "out", "-H", f"Authorization: Bearer {HEADER_SECRET}")
         assert ok.returncode == 0, ok.stderr
         assert file_digest(tmp_path / "out").value == digest
@@ -59,3 +64,11 @@ def test_tokens_and_authorization_never_reach_a_log(origin: Origin, tmp_path: Pa
         text = log.read_text(errors="replace")
         assert QUERY_SECRET not in text, f"query token in {log.name}"
         assert HEADER_SECRET not in text, f"Authorization header in {log.name}"
+        assert USER_SECRET not in text, f"password of the URL in {log.name}"
+    # nor at rest: the seed's and the peer's task records (the database and its write-ahead log)
+    databases = sorted((tmp_path / "c").rglob("metadata.db*"))
+    assert len({db.parent for db in databases}) == 2
+    for db in databases:
+        data = db.read_bytes()
+        for secret in (QUERY_SECRET, HEADER_SECRET, USER_SECRET):
+            assert secret.encode() not in data, f"{secret} in {db}"

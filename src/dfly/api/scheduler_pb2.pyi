@@ -109,6 +109,7 @@ class FinishedTask(_message.Message):
     content_length: _builtins.int
     piece_length: _builtins.int
     url: _builtins.str
+    """for people only: without user info or query, never used as a download spec"""
     @_builtins.property
     def piece_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """CRC-32 per piece, in order"""

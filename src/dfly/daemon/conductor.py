@@ -338,7 +338,7 @@ class Conductor:
             self.state.response_headers = response_headers
             meta = TaskMeta(
                 task_id=self.state.task_id,
-                url=self.request.url,
+                url=redact_url(self.request.url),  # no user info or query (presigned tokens) at rest
                 content_length=layout.content_length,
                 piece_length=layout.piece_length,
                 response_headers=response_headers,

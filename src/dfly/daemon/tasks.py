@@ -31,6 +31,7 @@ from typing import Any
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, StorageError
+from dfly.common.ids import redact_url
 from dfly.daemon.conductor import Conductor, PiecesLost
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.gc_policy import CachedTask
@@ -87,7 +88,7 @@ class TaskManager:
                         content_length=state.layout.content_length,
                         piece_length=state.layout.piece_length,
                         piece_digests=state.digests_in_order(),
-                        url=state.url,
+                        url=redact_url(state.url),  # for people only: no user info or query leaves
                     )
                 )
 

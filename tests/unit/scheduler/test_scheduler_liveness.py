@@ -20,6 +20,7 @@ from dfly.scheduler.core.messages import (
     RescheduleRequested,
     SendCandidateParents,
     TaskDeleted,
+    TriggerSeedPeer,
 )
 
 
@@ -251,3 +252,20 @@ def test_a_host_cannot_take_over_another_hosts_peer_by_naming_it() -> None:
     harness.do(HostAnnounced(host_info("b"), (FinishedTask("task-1", "peer-a", 2048, 1024, (100, 101)),)))
     assert harness.engine.cluster.peers["peer-a"] is victim
     assert victim.host_id == harness.host_id("a")
+
+
+def test_a_held_tasks_url_is_never_the_download_a_seed_is_asked_for() -> None:
+    """A host announces a task it holds (its URL shown without the query); later it is suspended and a
+    requester needs the seed: the trigger carries the requester's own URL and Authorization, not the
+    announced URL (that was taken as the task's download, so the seed read the origin without them)."""
+    harness = Harness()
+    harness.announce("seed", seed=True)
+    held = FinishedTask("task-1", "peer-a-stored", 2048, 1024, (100, 101), "http://origin/file?…")
+    harness.announce("a", finished=(held,))
+    assert harness.engine.cluster.tasks["task-1"].download is None
+    harness.do(HostDisconnected(harness.host_id("a")))  # the only holder is not offered any more
+    harness.announce("b")
+    headers = (("Authorization", "Bearer t0k3n"),)
+    commands = harness.register("peer-b", "b", url="http://origin/file?sig=s", request_headers=headers)
+    [trigger] = of_type(commands, TriggerSeedPeer)
+    assert (trigger.download.url, trigger.download.request_headers) == ("http://origin/file?sig=s", headers)

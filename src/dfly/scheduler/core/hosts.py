@@ -20,7 +20,6 @@ from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.messages import (
     ClosePeer,
     Command,
-    DownloadSpec,
     FinishedTask,
     HostAnnounced,
     HostDisconnected,
@@ -255,9 +254,9 @@ class HostHandlers:
         digests = len(finished.piece_digests)
         if digests and digests != piece_count(finished.content_length, finished.piece_length):
             return None  # not a list of this layout's pieces
+        # No download spec from a held task: its URL is shown without user info or query, and a seed
+        # trigger must carry what a live requester sent (its URL, its Authorization), not a stale copy.
         task = self._cluster.task(finished.task_id, None)
-        if task.download is None and finished.url:
-            task.download = DownloadSpec(url=finished.url)
         if not self._cluster.set_layout(task, TaskLayout(finished.content_length, finished.piece_length)):
             return None  # another layout: its pieces would be refused by every child
         peer = Peer(finished.peer_id, task.task_id, host.host_id)

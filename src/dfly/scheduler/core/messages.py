@@ -81,7 +81,7 @@ class FinishedTask:
     content_length: int
     piece_length: int
     piece_digests: tuple[int, ...] = ()
-    url: str = ""
+    url: str = ""  # shown only: without user info or query, never a download spec
 
 
 @dataclass(frozen=True, slots=True)
