@@ -39,7 +39,7 @@ class Layout:
         return piece_range(number, self.piece_length, self.content_length)
 
 
-_MISSING = -1  # no digest: digests are CRC-32s, never negative
+MISSING = -1  # no digest (digests are CRC-32s, never negative); storage recovers its arrays with it too
 PieceListener = Callable[[int], None]
 EndListener = Callable[[DflyError | None], None]
 
@@ -50,7 +50,7 @@ class TaskState:
         self.url = url
         self.layout: Layout | None = None
         self.response_headers: dict[str, str] = {}
-        # Per piece its digest, or _MISSING: one 8-byte slot each, sized with the layout (a dict of ints
+        # Per piece its digest, or MISSING: one 8-byte slot each, sized with the layout (a dict of ints
         # cost ~75 bytes a piece, gigabytes for a seed holding 10^5 tasks of hundreds of pieces).
         self._digests = array("q")
         self._available = 0
@@ -74,7 +74,7 @@ class TaskState:
                 f"{self.layout.content_length}/{self.layout.piece_length}"
             )
         if self.layout is None:
-            self._digests = array("q", [_MISSING]) * new.piece_count
+            self._digests = array("q", [MISSING]) * new.piece_count
         self.layout = new
         return new
 
@@ -88,16 +88,16 @@ class TaskState:
         return self.layout is not None and self._available == self.layout.piece_count
 
     def available_pieces(self) -> list[int]:
-        return [n for n, digest in enumerate(self._digests) if digest != _MISSING]
+        return [n for n, digest in enumerate(self._digests) if digest != MISSING]
 
     def has(self, number: int) -> bool:
-        return 0 <= number < len(self._digests) and self._digests[number] != _MISSING
+        return 0 <= number < len(self._digests) and self._digests[number] != MISSING
 
     def piece_digest(self, number: int) -> int | None:
         if not 0 <= number < len(self._digests):
             return None
         digest = self._digests[number]
-        return None if digest == _MISSING else digest
+        return None if digest == MISSING else digest
 
     def digests_in_order(self) -> list[int]:
         """Every piece's digest (call it once the task is complete)."""
@@ -111,12 +111,12 @@ class TaskState:
         if digests.typecode != "q" or len(digests) != len(self._digests) or self._available:
             raise ProtocolError(f"task {self.task_id[:12]}: recovered digests do not fit its layout")
         self._digests = digests
-        self._available = len(digests) - digests.count(_MISSING)
+        self._available = len(digests) - digests.count(MISSING)
 
     def load_pieces(self, digests: dict[int, int]) -> None:
         """Pieces recovered from storage (the layout set first); no listener is told (nobody listens)."""
         for number, digest in digests.items():
-            if self._digests[number] == _MISSING:
+            if self._digests[number] == MISSING:
                 self._available += 1
             self._digests[number] = digest
 
@@ -124,7 +124,7 @@ class TaskState:
         """Record a verified, written piece; False if it was already available."""
         if self.layout is None or not 0 <= number < self.layout.piece_count:
             raise ProtocolError(f"piece {number} outside the layout of task {self.task_id[:12]}")
-        if self._digests[number] != _MISSING:
+        if self._digests[number] != MISSING:
             return False
         self._digests[number] = digest
         self._available += 1
@@ -137,7 +137,7 @@ class TaskState:
         forgotten = []
         for number in numbers:
             if self.has(number):
-                self._digests[number] = _MISSING
+                self._digests[number] = MISSING
                 self._available -= 1
                 self._versions[number] = self._versions.get(number, 0) + 1
                 forgotten.append(number)

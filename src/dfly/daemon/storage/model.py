@@ -21,12 +21,12 @@ from typing import Any
 
 from dfly.common.errors import StorageError
 from dfly.common.pieces import piece_count
+from dfly.daemon.core.task_state import MISSING as MISSING  # one convention: TaskState takes these over
 
 TASKS_DIR = "tasks"
 DB_NAME = "metadata.db"
 CLEAN_MARKER = "clean-shutdown"
 LOCK_NAME = "lock"
-MISSING = -1  # a piece without a record in StoredTask.digests (digests are CRC-32s, never negative)
 
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{3,200}")
 
