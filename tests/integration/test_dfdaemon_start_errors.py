@@ -173,3 +173,20 @@ def test_a_stop_while_the_first_announce_is_pending_is_prompt_and_never_ready(tm
     assert " ready (" not in log
     assert "stopped" in log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_storage_dir_that_is_a_file_is_a_config_error(tmp_path: Path, below: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    config = base_config(tmp_path)
+    config["storage"]["dir"] = str(blocker / below) if below else str(blocker)
+    done = run_daemon(tmp_path, config)
+    assert done.returncode == 2, done.stderr
+    expected = (
+        f"dfdaemon: storage.dir: cannot create {blocker / below}: {blocker} is not a directory"
+        if below
+        else f"dfdaemon: storage.dir: {blocker} is not a directory"
+    )
+    assert done.stderr.strip() == expected, done.stderr
+    assert blocker.read_bytes() == b""

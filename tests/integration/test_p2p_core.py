@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -313,6 +314,18 @@ def test_piece_port_serves_tasks_by_id_never_a_path(cluster: LocalCluster, task_
 
     assert asyncio.run(ask()) == "unknown_task"
     assert peer.alive()
+
+
+def test_metrics_ports_answer_only_at_the_metrics_path(cluster: LocalCluster) -> None:
+    """A probe or scrape config with a wrong path gets 404 from a real daemon and scheduler."""
+    for member in (cluster.scheduler, cluster.peers[0]):
+        base = f"http://127.0.0.1:{member.ports['metrics']}"
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+            assert response.status == 200
+        for path in ("/", "/healthy"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"{base}{path}", timeout=5)
+            assert info.value.code == 404, (member.name, path)
 
 
 def test_without_the_seed_one_peer_reads_the_origin_for_the_others(

@@ -180,7 +180,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         raise UsageError(f"output {ns.output} is a directory")
     directory = os.path.dirname(output)
     if not os.path.isdir(directory):
-        raise UsageError(f"output directory {directory} does not exist")
+        reason = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise UsageError(f"output directory {directory} {reason}")
     if os.path.lexists(output) and not ns.overwrite:
         raise UsageError(f"output {output} already exists (use --overwrite to replace it)")
     if os.path.lexists(output) and not stat.S_ISREG(os.lstat(output).st_mode) and not os.path.islink(output):

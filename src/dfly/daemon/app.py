@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import start_http_server
 
 from dfly.api import daemon_pb2
 from dfly.api import daemon_pb2_grpc as dpb_grpc
@@ -31,6 +30,7 @@ from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import ConfigError, DflyError
 from dfly.common.grpc_health import GrpcHealth
 from dfly.common.ids import host_id as make_host_id
+from dfly.common.metrics_http import start_metrics_server
 from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig, ListenerSection
 from dfly.daemon.context import Counters, DaemonContext
@@ -98,7 +98,21 @@ async def load_cache(storage: Storage, tasks: TaskManager) -> None:
             gc.enable()
 
 
+def check_storage_dir(path: Path) -> None:
+    """`storage.dir`, or the nearest of its parents that exists, must be a directory: a config error
+    naming the key (exit 2), not a storage failure (exit 1)."""
+    for candidate in (path, *path.parents):
+        if not candidate.exists():
+            continue
+        if candidate.is_dir():
+            return
+        if candidate == path:
+            raise ConfigError(f"storage.dir: {path} is not a directory")
+        raise ConfigError(f"storage.dir: cannot create {path}: {candidate} is not a directory")
+
+
 async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Event) -> None:
+    check_storage_dir(config.storage.dir)
     storage = Storage(config.storage.dir, commit_interval_s=config.storage.commit_interval_s)
     seed = config.seed_peer.enable
     ip = config.host.advertise_ip or source_ip_toward(config.scheduler.addrs[0])
@@ -164,7 +178,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         early.callback(health.close)
         health_port = health.sockets[0].getsockname()[1]
         with _binding("metrics", _address(config.metrics)):
-            metrics_server, metrics_thread = start_http_server(config.metrics.port, config.metrics.ip)
+            metrics_server, metrics_thread = start_metrics_server(config.metrics.ip, config.metrics.port)
         early.callback(metrics_server.shutdown)
         metrics_port = metrics_server.server_port
         api = config.local_api

@@ -22,13 +22,13 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from grpc import aio
-from prometheus_client import start_http_server
 
 from dfly.api import scheduler_pb2, scheduler_pb2_grpc
 from dfly.common.errors import ConfigError, DflyError
 from dfly.common.grpc_health import GrpcHealth
 from dfly.common.limits import check_open_files_limit
 from dfly.common.logging import setup_logging
+from dfly.common.metrics_http import start_metrics_server
 from dfly.common.tls import add_port, channel_credentials
 from dfly.scheduler.config import SchedulerConfig, load_scheduler_config
 from dfly.scheduler.core.engine import SchedulerEngine
@@ -59,7 +59,7 @@ def _start_metrics(config: SchedulerConfig, metrics: SchedulerMetrics) -> tuple[
     if not config.metrics.enable:
         return None, 0
     try:
-        server, _thread = start_http_server(config.metrics.port, config.metrics.ip, registry=metrics.registry)
+        server, _thread = start_metrics_server(config.metrics.ip, config.metrics.port, metrics.registry)
     except OSError as exc:
         raise BindError(
             f"metrics.ip / metrics.port: cannot listen on {config.metrics.ip}:{config.metrics.port}: "

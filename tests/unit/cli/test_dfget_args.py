@@ -77,6 +77,10 @@ def test_output_checks(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     code, err = run(capsys, URL, "-O", str(tmp_path / "missing-dir" / "out"))
     assert code == 2
     assert f"output directory {tmp_path / 'missing-dir'} does not exist" in err
+    (tmp_path / "a-file").write_bytes(b"")
+    code, err = run(capsys, URL, "-O", str(tmp_path / "a-file" / "out"))
+    assert code == 2
+    assert f"output directory {tmp_path / 'a-file'} is not a directory" in err
     code, err = run(capsys, URL, "-O", str(tmp_path))
     assert code == 2
     assert "is a directory" in err

@@ -1,0 +1,60 @@
+"""The `/metrics` listener of the daemon and the scheduler (Prometheus text format).
+
+Rules:
+- `GET /metrics` answers with the registry's metrics (a query such as `?name[]=x` filters them,
+  as prometheus_client does); every other path is 404. prometheus_client's own `start_http_server`
+  answers any path with the metrics, so a probe or a scrape config with a wrong path looked healthy.
+- One daemon thread accepts, a thread per request answers (prometheus_client's `ThreadingWSGIServer`);
+  no access log.
+- The address family follows the listen address, so `::` and IPv6 addresses bind as such.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+METRICS_PATH = "/metrics"
+NOT_FOUND = f"not found: the metrics are at {METRICS_PATH}\n".encode()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log line per scrape."""
+
+
+def metrics_app(registry: CollectorRegistry) -> Any:
+    """The WSGI app: the registry at METRICS_PATH, 404 elsewhere."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response(
+                "404 Not Found",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(NOT_FOUND)))],
+            )
+            return [NOT_FOUND]
+        return metrics(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+def start_metrics_server(
+    ip: str, port: int, registry: CollectorRegistry = REGISTRY
+) -> tuple[WSGIServer, threading.Thread]:
+    """Listen on ip:port (0: any free port) and serve in a daemon thread; OSError if it cannot bind."""
+    family = socket.getaddrinfo(ip, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    server = make_server(ip, port, metrics_app(registry), Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, thread

@@ -1,0 +1,84 @@
+"""The /metrics listener: the registry at /metrics (GET, name filter), 404 on every other path."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from dfly.common.metrics_http import start_metrics_server
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Counter("dfly_test_things", "things", registry=registry).inc(3)
+    Counter("dfly_test_other", "other", registry=registry).inc()
+    return registry
+
+
+@pytest.fixture
+def port(registry: CollectorRegistry) -> Iterator[int]:
+    server, thread = start_metrics_server("127.0.0.1", 0, registry)
+    try:
+        yield int(server.server_port)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def fetch(url: str, method: str = "GET") -> tuple[int, str, str]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def test_metrics_path_answers_with_the_registry(port: int) -> None:
+    status, content_type, body = fetch(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert "dfly_test_things_total 3.0" in body
+    assert "dfly_test_other_total 1.0" in body
+
+
+def test_a_name_filter_selects_metrics(port: int) -> None:
+    _, _, body = fetch(f"http://127.0.0.1:{port}/metrics?name[]=dfly_test_other_total")
+    assert "dfly_test_other_total 1.0" in body
+    assert "dfly_test_things" not in body
+
+
+@pytest.mark.parametrize("path", ["/", "/metric", "/metrics/", "/favicon.ico", "/healthy", "/v2/"])
+def test_other_paths_are_not_found(port: int, path: str) -> None:
+    status, content_type, body = fetch(f"http://127.0.0.1:{port}{path}")
+    assert status == 404
+    assert content_type == "text/plain; charset=utf-8"
+    assert body == "not found: the metrics are at /metrics\n"
+
+
+def test_an_ipv6_address_binds_as_ipv6(registry: CollectorRegistry) -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this host")
+    server, thread = start_metrics_server("::1", 0, registry)
+    try:
+        assert server.socket.family == socket.AF_INET6
+        status, _, _ = fetch(f"http://[::1]:{server.server_port}/metrics")
+        assert status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_an_address_in_use_raises_oserror(registry: CollectorRegistry) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken, pytest.raises(OSError, match="in use"):
+        start_metrics_server("127.0.0.1", taken.getsockname()[1], registry)
