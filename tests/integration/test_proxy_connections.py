@@ -175,6 +175,11 @@ def test_a_connection_without_a_request_in_progress_is_closed(cluster: LocalClus
         b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
         # aiohttp's message for this one quotes the header and a caret on lines of their own
         b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n",
+        # too long: aiohttp's message quotes the start of the line, credentials included
+        b"GET http://alice:TopSecretPw@127.0.0.1:9/x?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET http://127.0.0.1:9/x HTTP/1.1\r\nProxy-Authorization: Basic U2VjcmV0"
+        + b"a" * 9000
+        + b"\r\n\r\n",
     ],
 )
 def test_unparsable_requests_are_one_info_line_each(cluster: LocalCluster, bad: bytes) -> None:
@@ -188,6 +193,8 @@ def test_unparsable_requests_are_one_info_line_each(cluster: LocalCluster, bad: 
     assert " INFO " in line
     assert all(re.match(r"\d{4}-\d\d-\d\d ", line) for line in new), new  # every record on one line
     assert "Traceback" not in log
+    assert "TopSecretPw" not in log
+    assert "U2VjcmV0" not in log
 
 
 def test_a_malformed_chunked_body_does_not_hang(cluster: LocalCluster, body_reader: BodyReader) -> None:

@@ -6,13 +6,15 @@ Rules:
   own answer) and a one-line text body; request bytes quoted in it are escaped, never an encoding error.
 - Hop-by-hop headers, `Host`, `Content-Length` and our own `X-Dragonfly-*` headers are never passed on.
 - A connection with no request in progress, or a request body, idle for `proxy.idle_timeout_s` ends.
-- A request aiohttp cannot parse is one INFO line in the log (no traceback per request).
+- A request aiohttp cannot parse is one INFO line in the log (no traceback per request), without the
+  request bytes aiohttp quotes (they may hold credentials).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Iterable
 
 import aiohttp
@@ -56,15 +58,30 @@ async def client_body(content: aiohttp.StreamReader, idle_s: float) -> AsyncIter
         yield chunk
 
 
+# Where aiohttp's reason starts quoting the request's bytes: a bytes repr (`Got more than 8190 bytes
+# when reading: b'http://user:password@...'`), or a quoted string that runs to the line's end (`Bad
+# status line 'GET ...'`); a quoted name inside the text (`Duplicate 'Content-Length' header`) stays.
+QUOTED_BYTES = re.compile(r"""[:\s]*(?:bytearray\(|(?<![\w'"])b['"]).*""")
+QUOTED_TO_THE_END = re.compile(r"""[:\s]*(?<=\s)['"].*['"][.)]?$""")
+
+
+def parse_failure_reason(message: str) -> str:
+    """aiohttp's reason for a request it could not parse, without the request bytes it quotes (a URL's
+    user info or query, an Authorization or Cookie value): its first line, the quote cut off."""
+    first_line = message.strip().split("\n", 1)[0].rstrip(": ")
+    reason = QUOTED_TO_THE_END.sub("", QUOTED_BYTES.sub("", first_line)).rstrip(": ")
+    return printable(reason) + (" (request bytes not logged)" if reason != first_line else "")
+
+
 class BadRequestsInOneLine(logging.Filter):
     """aiohttp logs every request it cannot parse at ERROR with a traceback, so any client could fill
-    the log: those become one INFO line (the reason's first line: aiohttp's next lines quote the request
-    bytes and point a caret at them). Anything else (an exception in a handler) stays as it is."""
+    the log: those become one INFO line with the reason, never the request bytes aiohttp quotes in it
+    (`parse_failure_reason`). Anything else (an exception in a handler) stays as it is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            reason = printable(str(exc.message).strip().split("\n", 1)[0].rstrip(":"))
+            reason = parse_failure_reason(str(exc.message))
             record.msg = f"{record.getMessage()}: {reason}"
             record.args = None
             record.levelno, record.levelname = logging.INFO, "INFO"
