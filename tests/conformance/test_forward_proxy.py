@@ -190,3 +190,52 @@ def test_presigned_urls_of_one_object_are_one_task(origin: Origin, tmp_path: Pat
             r for r in origin.request_log() if any(k.lower().startswith("x-dragonfly") for k in r.headers)
         ]
         assert not sent  # the proxy's own headers never reach the origin
+
+
+def test_validators_preconditions_and_a_failure_before_the_first_byte(origin: Origin, tmp_path: Path) -> None:
+    """Through P2P, the origin's ETag / Last-Modified / Content-Type come back; `If-None-Match` and
+    `If-Modified-Since` get 304; `If-Range` naming another object gets the whole object (200), never a
+    range of this one spliced onto the client's old bytes. An origin whose ETag changes per response
+    (load-balanced backends) cannot be a P2P task: the download fails after it started, before any byte
+    went out, and the client gets the object fetched directly, not a 200 cut short."""
+    data = os.urandom(3 * MiB + 123)
+    url = origin.add_bytes("data.bin", data)
+    rotating = origin.add_bytes("rotating.bin", data)
+    origin.rotate_etag("rotating.bin")
+    proxy = {"proxy": {"allowed_hosts": [origin.base_url], "rules": [r"\.bin$"]}}
+    with LocalCluster(tmp_path / "c", peers=1, daemon_overrides={"peer-1": proxy}) as cluster:
+        port = cluster.peers[0].ports["proxy"]
+        direct = subprocess.run(
+            ["curl", "-s", "-D", "-", "-o", "/dev/null", url], capture_output=True, text=True
+        )
+        origin_headers = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (line.partition(":") for line in direct.stdout.splitlines()[1:] if ":" in line)
+        }
+        etag, modified = origin_headers["etag"], origin_headers["last-modified"]
+
+        headers = curl(port, url, tmp_path / "whole")
+        assert headers[":status"] == "200"
+        assert headers["x-dragonfly-task-id"]
+        assert (headers["etag"], headers["last-modified"]) == (etag, modified)
+        assert headers["content-type"] == origin_headers["content-type"]
+        assert (tmp_path / "whole").read_bytes() == data
+
+        assert curl(port, url, tmp_path / "inm", "-H", f"If-None-Match: {etag}")[":status"] == "304"
+        assert not (tmp_path / "inm").exists()  # no body: curl wrote no file
+        assert curl(port, url, tmp_path / "ims", "-H", f"If-Modified-Since: {modified}")[":status"] == "304"
+        assert curl(port, url, tmp_path / "other", "-H", 'If-None-Match: "other"')[":status"] == "200"
+
+        current = curl(port, url, tmp_path / "current", "-r", "100-199", "-H", f"If-Range: {etag}")
+        assert current[":status"] == "206"
+        assert (tmp_path / "current").read_bytes() == data[100:200]
+        for stale in ('"an-older-object"', "Thu, 01 Jan 1970 00:00:00 GMT", f"W/{etag}"):
+            headers = curl(port, url, tmp_path / "stale", "-r", "100-199", "-H", f"If-Range: {stale}")
+            assert headers[":status"] == "200", stale
+            assert (tmp_path / "stale").read_bytes() == data
+
+        headers = curl(port, rotating, tmp_path / "rotating")  # curl fails on a body cut short
+        assert headers[":status"] == "200"
+        assert "x-dragonfly-task-id" not in headers  # fetched directly
+        assert (tmp_path / "rotating").read_bytes() == data
+        assert "not through P2P (origin object changed since stat" in cluster.peers[0].log_path.read_text()

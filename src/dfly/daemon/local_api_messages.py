@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from dfly.common.errors import DflyError, StorageError, UsageError, is_out_of_descriptors, out_of_descriptors
@@ -45,6 +45,7 @@ class Started:
     piece_length: int
     task_path: str
     read_fd: int
+    response_headers: Mapping[str, str] = field(default_factory=dict)  # the origin's, as the task recorded
 
     def own_read_fd(self) -> int:
         """A dup of `read_fd` the caller closes; no descriptor left is OutOfDescriptors, not a crash."""

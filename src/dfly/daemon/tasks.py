@@ -264,6 +264,7 @@ class TaskManager:
                 piece_length=layout.piece_length,
                 task_path=str(self.ctx.storage.task_path(live.state.task_id)),
                 read_fd=self.ctx.storage.read_fd(live.state.task_id),
+                response_headers=dict(live.state.response_headers),
             )
             announcer.start()
             while True:

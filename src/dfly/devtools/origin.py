@@ -5,7 +5,7 @@
 the full 200), `If-Range` on ETag or Last-Modified, 404 for a missing path, 416 for an unsatisfiable range.
 File bodies go out with `os.sendfile` (`pread` + `sendall` under TLS). It counts body bytes sent (total,
 per path) and requests, in-process (`bytes_sent`, `requests`, `stats()`) and at `GET /_stats` (JSON, not
-counted). Test hooks: `add_bytes`, `add_redirect`, `drop_after` (cut a body short and close),
+counted). Test hooks: `add_bytes`, `add_redirect`, `drop_after` (cut a body short and close), `rotate_etag`,
 `ranges_enabled = False`, `request_log()`, `rate_limit_bytes_per_s` (one pace for all connections).
 CLI: `python -m dfly.devtools.origin --root DIR [--port N] [--ready-file P]` prints the base URL.
 """
@@ -90,10 +90,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._serve_resource(origin, path, resource, head)
 
     def _serve_resource(self, origin: Origin, path: str, res: _Resource, head: bool) -> None:
-        headers = {"Content-Type": res.content_type, "ETag": res.etag, "Last-Modified": res.last_modified,
+        etag = origin._etag_of_this_response(path, res.etag)
+        headers = {"Content-Type": res.content_type, "ETag": etag, "Last-Modified": res.last_modified,
                    "Accept-Ranges": "bytes" if origin.ranges_enabled else "none", **res.headers}  # fmt: skip
         span, range_header, if_range = None, self.headers.get("Range"), self.headers.get("If-Range")
-        if origin.ranges_enabled and range_header and if_range in (None, res.etag, res.last_modified):
+        if origin.ranges_enabled and range_header and if_range in (None, etag, res.last_modified):
             try:
                 span = parse_range(range_header, res.size)
             except Unsatisfiable:
@@ -195,6 +196,7 @@ class Origin:
         self._memory: dict[str, _Resource] = {}
         self._redirects: dict[str, tuple[str, int]] = {}
         self._drops: dict[str, int] = {}
+        self._etag_rotations: dict[str, int] = {}  # path -> responses so far (rotate_etag)
         self._next_send_at = 0.0
         self._conns: set[socket.socket] = set()
         self._server = _Server(self, (host, port), tls)
@@ -251,6 +253,11 @@ class Origin:
         """Send at most `body_bytes` of each body at `path`, then close the connection."""
         self._drops["/" + path.lstrip("/")] = body_bytes
 
+    def rotate_etag(self, path: str) -> None:
+        """Give each response at `path` an ETag of its own for the same bytes, as load-balanced backends
+        whose ETags differ (inode, mtime) do; `If-Range` then never matches."""
+        self._etag_rotations["/" + path.lstrip("/")] = 0
+
     # statistics
     @property
     def bytes_sent(self) -> int:
@@ -287,6 +294,13 @@ class Origin:
         with self._lock:
             self._bytes_sent += n
             self._by_path[path] = self._by_path.get(path, 0) + n
+
+    def _etag_of_this_response(self, path: str, etag: str) -> str:
+        with self._lock:
+            if path not in self._etag_rotations:
+                return etag
+            self._etag_rotations[path] += 1
+            return f'"{etag.strip(chr(34))}-{self._etag_rotations[path]}"'
 
     def _pace(self, n: int) -> None:
         rate = self.rate_limit_bytes_per_s

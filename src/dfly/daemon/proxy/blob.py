@@ -14,8 +14,13 @@ Rules:
 - The task is the URL with the client's `TaskKeys` (forward.task_keys): by default without its signing
   parameters (`ids.DEFAULT_FILTERED_QUERY_PARAMS`: presigned S3, GCS, OSS, ... links), so hosts given
   differently signed links to one object share it.
-- Headers: `Content-Length`, `Content-Type: application/octet-stream`, `Docker-Content-Digest` (blobs),
-  `Accept-Ranges: bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range`, past the end → 416.
+- Headers: the origin's `Content-Type` (else `application/octet-stream`), `ETag`, `Last-Modified` and
+  `Cache-Control` (representation.py), `Content-Length`, `Docker-Content-Digest` (blobs), `Accept-Ranges:
+  bytes`, `X-Dragonfly-Task-ID`; `Range` → 206 with `Content-Range` (unless `If-Range` names another
+  object: 200), past the end → 416; a current `If-None-Match` / `If-Modified-Since` → 304.
+- The status line and headers go out with the first bytes of the body, not when the download starts:
+  a download that fails before any byte was sent is still answered as an error (502, or the forward
+  proxy's direct fetch), never as a 200 cut short.
 - A client that disconnects mid-body ends the response quietly (debug log); the download goes on. So
   does one that stops reading: a chunk it has not taken within `stall_s` per MiB (at least `stall_s`;
   the proxy's `idle_timeout_s`) closes the connection, a short body.
@@ -45,6 +50,7 @@ from dfly.common.ranges import Unsatisfiable, parse_range
 from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.proxy.forward import TaskKeys
 from dfly.daemon.proxy.http_edge import error_response
+from dfly.daemon.proxy.representation import VALIDATORS, not_modified, origin_headers, range_applies
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 2 * 3600.0
@@ -130,9 +136,9 @@ def chunk_end(position: int, size: int, stop: int, piece_length: int, ready: set
     return end
 
 
-def _headers(digest: str | None, task_id: str, length: int) -> dict[str, str]:
+def _headers(digest: str | None, task_id: str, length: int, origin: dict[str, str]) -> dict[str, str]:
     headers = {
-        "Content-Type": "application/octet-stream",
+        **origin,
         "Content-Length": str(length),
         "Accept-Ranges": "bytes",
         "X-Dragonfly-Task-ID": task_id,
@@ -140,6 +146,11 @@ def _headers(digest: str | None, task_id: str, length: int) -> dict[str, str]:
     if digest is not None:
         headers["Docker-Content-Digest"] = digest
     return headers
+
+
+def _not_modified(task_id: str, origin: dict[str, str]) -> web.Response:
+    validators = {name: origin[name] for name in VALIDATORS if name in origin}
+    return web.Response(status=304, headers={**validators, "X-Dragonfly-Task-ID": task_id})
 
 
 async def serve_p2p(
@@ -173,19 +184,22 @@ async def serve_p2p(
         if size == 0 and digest is not None and digest != EMPTY_SHA256:  # no last chunk to hold back
             tasks.evict(started.task_id)
             raise DigestMismatch(f"blob {digest} from {url} is empty ({EMPTY_SHA256})")
+        origin = origin_headers(started.response_headers)
+        if not_modified(request.headers, origin):
+            return _not_modified(started.task_id, origin)
+        wanted = request.headers.get("Range") if range_applies(request.headers, origin) else None
         try:
-            span = parse_range(request.headers.get("Range", ""), size) if "Range" in request.headers else None
+            span = parse_range(wanted, size) if wanted is not None else None
         except Unsatisfiable:
             unsatisfiable = error_response(416, "range", f"range outside the {size} bytes of the object")
             unsatisfiable.headers["Content-Range"] = f"bytes */{size}"
             return unsatisfiable
         first, last = span if span is not None else (0, size - 1)
         status = 206 if span is not None else 200
-        headers = _headers(digest, started.task_id, last - first + 1)
+        headers = _headers(digest, started.task_id, last - first + 1, origin)
         response = web.StreamResponse(status=status, headers=headers)
         if span is not None:
             response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-        await response.prepare(request)
         ready: set[int] = set()
         # the response ends where the object does: with a digest to check, its end waits for it
         whole = last == size - 1 and digest is not None
@@ -212,17 +226,21 @@ async def serve_p2p(
                             raise DigestMismatch(f"blob {digest} from {url} has sha256:{hasher.hexdigest()}")
                 send_from, send_to = max(first, position), min(last + 1, end)
                 if send_from < send_to:
+                    if not response.prepared:  # the status goes out with the first bytes, not before
+                        await response.prepare(request)
                     await _send(request, response, file, send_from, send_to, stall_s)  # while it is hashed
                 position = end
             if isinstance(event, Finished):
                 break
+        if not response.prepared:  # an empty body
+            await response.prepare(request)
         await response.write_eof()
         return response
     except ConnectionError as exc:  # the client went away mid-body: nothing to answer, nothing to log loudly
         log.debug("blob %s: client disconnected: %r", digest, exc)
-        return response if response is not None else web.Response(status=499)
+        return response if response is not None and response.prepared else web.Response(status=499)
     except DflyError as exc:
-        if response is None:
+        if response is None or not response.prepared:  # no byte sent yet: the caller answers the error
             raise
         log.error("blob %s: %s; closing the connection before its end", digest, exc)
         if request.transport is not None:
