@@ -89,6 +89,10 @@ class HeadRecorder:
         if path.endswith("/chunked.bin"):  # no Content-Length: cannot be a P2P task
             return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                     b"5\r\nhello\r\n0\r\n\r\n")  # fmt: skip
+        if path.endswith("/big-head"):  # a 20 KB header line and 300 fields: curl takes them
+            fields = b"".join(b"X-Field-%d: %d\r\n" % (n, n) for n in range(300))
+            return (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 20_000 + b"\r\n" + fields +
+                    b"Content-Length: 2\r\nConnection: close\r\n\r\nok")  # fmt: skip
         if path.endswith("/private.bin"):
             return (b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="files"\r\n'
                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
@@ -261,6 +265,68 @@ def test_a_forwarded_request_keeps_its_length_and_gains_no_headers(
     assert seen[":body-bytes"] == str(len(body))
     assert "accept-encoding" not in seen
     assert "user-agent" not in seen
+    assert "accept" not in seen  # aiohttp's client added `Accept: */*`
+    assert "content-type" not in seen  # and `Content-Type: application/octet-stream` to a body
+
+
+def test_an_upstream_answer_with_large_headers_is_passed_on(
+    cluster: LocalCluster, head_recorder: HeadRecorder
+) -> None:
+    """aiohttp's client refused header lines over 8 KiB and more than 128 fields: the client got 502."""
+    port = cluster.peers[0].ports["proxy"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"GET {head_recorder.url}/big-head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200", received[:300]
+    assert b"X-Big: " + b"b" * 20_000 in head
+    assert b"X-Field-299: 299" in head
+    assert body == b"ok"
+
+
+def test_an_upper_case_scheme_is_the_forward_proxy(
+    cluster: LocalCluster, head_recorder: HeadRecorder
+) -> None:
+    """A URI scheme is case-insensitive: `GET HTTP://host/x` was taken for a mirror path (400)."""
+    port = cluster.peers[0].ports["proxy"]
+    target = "HTTP://" + head_recorder.url.removeprefix("http://") + "/upper"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert sock.recv(65536).split(b" ", 2)[1] == b"201"
+    assert head_recorder.head_of("GET /upper")[":request"] == "GET /upper HTTP/1.1"
+
+
+def test_100_continue_only_once_the_request_is_allowed(
+    cluster: LocalCluster, head_recorder: HeadRecorder
+) -> None:
+    """`Expect: 100-continue` is answered when the body is wanted: a refused request gets its 403 with no
+    100 before it (the client would have started uploading); an allowed one gets 100, then the answer."""
+    port = cluster.peers[0].ports["proxy"]
+    body = b"x" * 1000
+
+    def exchange(url: str) -> tuple[bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            head = f"PUT {url} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+            head += "\r\n"
+            sock.sendall(head.encode())
+            first = sock.recv(65536)  # the client waits for this before its body
+            if not first.startswith(b"HTTP/1.1 100 "):
+                return first, b""
+            sock.sendall(body)
+            return first, sock.recv(65536)
+
+    refused, _ = exchange("http://127.0.0.2:9/upload")
+    assert refused.split(b" ", 2)[1] == b"403", refused[:200]
+    interim, final = exchange(f"{head_recorder.url}/continued")
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert final.split(b" ", 2)[1] == b"201"
+    seen = head_recorder.head_of("PUT /continued")
+    assert seen[":body-bytes"] == str(len(body))
+    assert "expect" not in seen  # answered by the proxy: an upstream that sends no 100 would stall it
 
 
 def test_credentials_in_a_proxied_url_are_refused(cluster: LocalCluster, origin: Origin) -> None:

@@ -6,6 +6,8 @@ Rules:
   own answer) and a one-line text body; request bytes quoted in it are escaped, never an encoding error.
 - Hop-by-hop headers, `Host`, `Content-Length` and our own `X-Dragonfly-*` headers are never passed on.
 - A connection with no request in progress, or a request body, idle for `proxy.idle_timeout_s` ends.
+- `Expect: 100-continue` is answered here when the body is wanted, not before the request was allowed,
+  and not passed upstream.
 - A request aiohttp cannot parse is one INFO line in the log (no traceback per request), without the
   request bytes aiohttp quotes (they may hold credentials).
 """
@@ -18,7 +20,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Iterable
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
@@ -71,6 +73,25 @@ def parse_failure_reason(message: str) -> str:
     first_line = message.strip().split("\n", 1)[0].rstrip(": ")
     reason = QUOTED_TO_THE_END.sub("", QUOTED_BYTES.sub("", first_line)).rstrip(": ")
     return printable(reason) + (" (request bytes not logged)" if reason != first_line else "")
+
+
+def expectations(request: web.Request) -> set[str]:
+    return {token.strip().lower() for token in request.headers.get("Expect", "").split(",") if token.strip()}
+
+
+async def continue_later(request: web.Request) -> None:
+    """The expect handler: `Expect: 100-continue` is answered only when the body is about to be read
+    (`send_continue`), as Go's net/http does. aiohttp's default answered it at once, so a client then
+    refused (403, 407) had already begun to upload its body. Other expectations get 417, as there."""
+    if request.version >= HttpVersion11 and expectations(request) - {"100-continue"}:
+        raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers.get('Expect', '')}")
+
+
+async def send_continue(request: web.Request) -> None:
+    """Tell a client that waits for it (`Expect: 100-continue`) to send its body now."""
+    if request.version >= HttpVersion11 and "100-continue" in expectations(request):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response's (as aiohttp resets it)
 
 
 class BadRequestsInOneLine(logging.Filter):

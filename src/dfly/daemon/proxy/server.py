@@ -60,9 +60,12 @@ from dfly.daemon.proxy.http_edge import (
     IDLE_TIMEOUT_S,
     answer,
     client_body,
+    continue_later,
     error_response,
     forwarded_headers,
     hop_by_hop,
+    parse_failure_reason,
+    send_continue,
 )
 from dfly.daemon.proxy.registry import (
     BadRequest,
@@ -83,6 +86,8 @@ RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REGISTRY_HEADER = "X-Dragonfly-Registry"
 OWN_USER_AGENT = "dfly-daemon"  # requests the proxy makes itself; forwarded ones carry only the client's
 PING_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0", "Content-Type": "application/json"}
+UPSTREAM_HEADER_BYTES = 100 * 1024  # one header line of an upstream's answer, at most
+UPSTREAM_HEADER_FIELDS = 1000
 SHUTDOWN_GRACE_S = 2.0  # a stop waits at most ~2 × this for proxy requests in flight
 
 
@@ -135,7 +140,11 @@ class RegistryMirror:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
             # only the client's own headers go upstream: an added Accept-Encoding got clients a gzip
             # body they never asked for (nothing here decompresses)
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            skip_auto_headers=("Accept", "Accept-Encoding", "Content-Type", "User-Agent"),
+            # answers curl takes (it allows 100 KiB of headers), not aiohttp's 8 KiB lines and 128 fields
+            max_line_size=UPSTREAM_HEADER_BYTES,
+            max_field_size=UPSTREAM_HEADER_BYTES,
+            max_headers=UPSTREAM_HEADER_FIELDS,
             connector=aiohttp.TCPConnector(resolver=UpstreamResolver()),
         )
         plain = await self._runner(self.handle)
@@ -165,6 +174,9 @@ class RegistryMirror:
             return await serve(request)
 
         app = web.Application(client_max_size=0, middlewares=[every_target])
+        # A route only to carry the expect handler (the middleware serves every target); an absolute-form
+        # target with an empty path matches none and gets aiohttp's immediate 100 Continue.
+        app.router.add_route("*", "/{tail:.*}", serve, expect_handler=continue_later)
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -192,8 +204,9 @@ class RegistryMirror:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """A request on port 4001: absolute-form = forward proxy, origin-form = registry mirror."""
-        if request.raw_path.startswith(("http://", "https://")):
-            response = await answer(self._forward(request, request.raw_path))
+        scheme, sep, rest = request.raw_path.partition("://")
+        if sep and scheme.lower() in ("http", "https"):  # a scheme is case-insensitive (RFC 9110 §4.2.3)
+            response = await answer(self._forward(request, f"{scheme.lower()}://{rest}"))
             metrics.count_response("forward", response)
         else:
             response = await answer(self._mirror(request))
@@ -383,9 +396,14 @@ class RegistryMirror:
         a failure on either side ends it by closing the connection (a short body, never a wrong one)."""
         assert self._session is not None
         body = client_body(request.content, self.idle_timeout_s) if request.body_exists else None
+        if body is not None:
+            await send_continue(request)
         response: web.StreamResponse | None = None
         try:
             headers = forwarded_headers(request.headers.items())
+            # answered here (send_continue): forwarded, aiohttp's client would wait for the upstream's
+            # 100 Continue before sending the body, for ever from an upstream that sends none
+            headers.popall("Expect", None)
             if body is not None and request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)  # not re-chunked: some need it
             async with self._session.request(
@@ -414,4 +432,7 @@ class RegistryMirror:
                 return response
             if is_out_of_descriptors(exc):
                 raise out_of_descriptors("connecting upstream") from None
+            if isinstance(exc, aiohttp.ClientResponseError):  # it answered, but not in HTTP we can read
+                reason = parse_failure_reason(str(exc.message))
+                raise SourceError(f"{url.origin()} sent an answer that cannot be read: {reason}") from None
             raise SourceError(f"{url.origin()} unreachable: {exc}") from None
