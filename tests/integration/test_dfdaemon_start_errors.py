@@ -9,6 +9,7 @@ first announce is still pending stops at once and never says it is ready.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -190,3 +191,29 @@ def test_a_storage_dir_that_is_a_file_is_a_config_error(tmp_path: Path, below: s
     )
     assert done.stderr.strip() == expected, done.stderr
     assert blocker.read_bytes() == b""
+
+
+@pytest.mark.parametrize("delay_s", [0.5, 1.0])
+def test_a_sigint_during_start_up_stops_the_daemon_cleanly(tmp_path: Path, delay_s: float) -> None:
+    """Ctrl-C while the daemon loads or opens its storage: exit 0, no traceback, the storage closed. A
+    SIGINT that cancelled the storage's open left the process hung for ever, ignoring SIGTERM too, and
+    holding the storage dir's lock (the next start: 'in use by another process')."""
+    path = tmp_path / "dfdaemon.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path)))
+    argv = [sys.executable, "-m", "dfly.cli.dfdaemon", "--config", str(path)]
+    proc = subprocess.Popen(
+        argv,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        time.sleep(delay_s)  # lands somewhere in the start-up: imports, config, storage recovery, listeners
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err

@@ -12,10 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from dfly.common.config import load_config
+from dfly.cli.quiet_start import quiet_until_loaded
 from dfly.common.errors import DflyError, UsageError
-from dfly.common.limits import check_open_files_limit
-from dfly.common.logging import setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +35,16 @@ def check_ready_file(path: Path | None) -> None:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    # First: a SIGINT from here on asks for a clean stop (asyncio.run's own handler would cancel this
+    # task in the middle of the start-up's imports or storage recovery instead).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    from dfly.common.config import load_config
+    from dfly.common.limits import check_open_files_limit
+    from dfly.common.logging import setup_logging
     from dfly.daemon.app import descriptors_needed, run
     from dfly.daemon.config import DaemonConfig
 
@@ -46,16 +54,18 @@ async def _main(args: argparse.Namespace) -> int:
     config = load_config(DaemonConfig, args.config, "DFLY_DFDAEMON", flags=flags)
     setup_logging("dfdaemon", config.log_level)
     check_open_files_limit(*descriptors_needed(config))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await run(config, ready_file=args.ready_file, stop=stop)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    with quiet_until_loaded() as loaded:
+        args = parse_args(argv)
+        loaded()  # from here a stop is asyncio's, then _main's (the heavy imports are in there)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_main(args))
     except DflyError as exc:

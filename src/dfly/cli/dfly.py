@@ -13,14 +13,20 @@ import argparse
 import math
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from dfly.cluster import ClusterError, LocalCluster
+from dfly.cli.quiet_start import quiet_until_loaded
 from dfly.common.errors import DflyError
-from dfly.daemon.proxy.registry import BadRequest, normalize_upstream
+
+if TYPE_CHECKING:
+    from dfly.cluster import LocalCluster
+
+MAX_UPLOAD_LIMIT = 2**53  # bytes/s: upload.rate_limit_bytes_per_s is a float of the daemon's config
 
 
 def _seconds(text: str) -> float:
@@ -79,6 +85,9 @@ class _Stop(Exception):
 
 
 def _run_up(args: argparse.Namespace) -> int:
+    from dfly.cluster import LocalCluster
+    from dfly.daemon.proxy.registry import BadRequest, normalize_upstream
+
     stop_requested = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -92,9 +101,13 @@ def _run_up(args: argparse.Namespace) -> int:
         except BadRequest as exc:
             print(f"dfly up: --registry-mirror: {exc}", file=sys.stderr)
             return 2
+    if args.dir == "":
+        print("dfly up: --dir is empty (leave it out for a new temp dir)", file=sys.stderr)
+        return 2
     try:  # a bad --dir is the caller's to fix: exit 2 before anything starts (none: a new temp dir)
         if args.dir is not None:
             Path(args.dir).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.dir).close()  # writable (os.access says yes to root always)
     except (FileExistsError, NotADirectoryError):
         print(f"dfly up: --dir {args.dir} is not a directory", file=sys.stderr)
         return 2
@@ -137,25 +150,33 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
+    with quiet_until_loaded() as loaded:  # the subcommands' imports take a few hundred ms
+        return _main(list(sys.argv[1:] if argv is None else argv), loaded)
+
+
+def _main(args_list: list[str], loaded: Callable[[], None]) -> int:
     if args_list and args_list[0] == "scheduler":
         from dfly.scheduler.app import main as scheduler_main
 
+        loaded()  # it stops on KeyboardInterrupt, then on its event loop's signal handlers
         return int(scheduler_main(args_list[1:]) or 0)
     if args_list and args_list[0] == "sim":
         from dfly.sim.cli import main as sim_main
 
+        loaded()
         return sim_main(args_list[1:])
+    from dfly.cluster import ClusterError
+
     args = _parser().parse_args(args_list)
     try:
         if args.command == "up":
             if args.peers < 0:
                 print("dfly: --peers must be >= 0", file=sys.stderr)
                 return 2
-            if args.seed_upload_limit < 0:
-                print("dfly: --seed-upload-limit must be >= 0", file=sys.stderr)
+            if not 0 <= args.seed_upload_limit <= MAX_UPLOAD_LIMIT:
+                print(f"dfly: --seed-upload-limit must be between 0 and {MAX_UPLOAD_LIMIT}", file=sys.stderr)
                 return 2
-            return _run_up(args)
+            return _run_up(args)  # its own signal handlers from the cluster's start on
     except ClusterError as exc:
         print(f"dfly: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -119,6 +119,13 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path)
         assert main(["up", "--dir", str(not_a_dir)]) == 2
         assert capsys.readouterr().err == f"dfly up: --dir {not_a_dir} is not a directory\n"
     assert main(["up", "--seed-upload-limit", "-5"]) == 2
+    capsys.readouterr()
+    # was found only by the seed's config check, after the scheduler had started: two lines, exit 1
+    assert main(["up", "--seed-upload-limit", str(2**53 + 1)]) == 2
+    assert capsys.readouterr().err == f"dfly: --seed-upload-limit must be between 0 and {2**53}\n"
+    assert main(["up", "--dir", ""]) == 2  # was the current directory
+    assert capsys.readouterr().err == "dfly up: --dir is empty (leave it out for a new temp dir)\n"
+    assert not (Path.cwd() / "cluster.json").exists()
     for bad in ("0", "-1", "nan"):
         with pytest.raises(SystemExit) as info:
             main(["up", "--ready-timeout", bad])

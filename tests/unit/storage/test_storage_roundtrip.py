@@ -227,6 +227,26 @@ def test_writer_keeps_no_reference_to_the_buffer(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("yields", [0, 1, 3])
+def test_an_open_cancelled_midway_stops_its_writer_and_frees_the_dir(tmp_path: Path, yields: int) -> None:
+    """A daemon stopped (SIGINT) while its storage opened: the cancelled open used to wait for its writer
+    thread, which waited on its queue for ever, so the process hung holding the dir's lock."""
+
+    async def run() -> None:
+        storage = Storage(tmp_path)
+        opening = asyncio.create_task(storage.open())
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(opening, timeout=10)
+        again = Storage(tmp_path)
+        await again.open()  # the lock is free
+        await again.close()
+
+    asyncio.run(run())
+
+
 def test_second_storage_on_same_dir_is_refused(tmp_path: Path) -> None:
     async def run() -> None:
         first = Storage(tmp_path)

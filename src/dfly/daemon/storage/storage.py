@@ -27,6 +27,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 from collections import OrderedDict
@@ -83,8 +84,10 @@ class Storage:
         writer.start(OpenOp(fut))
         try:
             report = await fut
-        except BaseException:
+        except BaseException:  # the open failed (the thread ends by itself), or this caller was cancelled
             self._closed = True
+            with contextlib.suppress(StorageError):  # the thread has ended already
+                writer.submit(StopOp(loop.create_future(), True))  # else it waited on its queue for ever
             await asyncio.to_thread(writer.join)
             raise
         self.recovery = dataclasses.replace(report, tasks=[])  # its counts: the tasks go to the caller
