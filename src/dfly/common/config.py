@@ -16,15 +16,35 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from dfly.common.errors import ConfigError
 
+MAX_DURATION_S = 366 * 86400.0  # a duration key (`*_s`) of a year or more is a typo, and overflows timers
+
 
 class StrictModel(BaseModel):
-    """Config sections reject unknown keys, so a typo is an error rather than a silent default."""
+    """Config sections reject unknown keys, so a typo is an error rather than a silent default; numbers
+    are finite (no `.inf`, `.nan`), never `true` / `false` (YAML's `yes` for a port was port 1), and a
+    duration (`*_s`) is at most MAX_DURATION_S."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+            raise ValueError(f"a number is needed, not {str(value).lower()}")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_durations(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name or ""
+        if name.endswith("_s") and isinstance(value, float) and value > MAX_DURATION_S:
+            raise ValueError(f"at most {MAX_DURATION_S:.0f} seconds (366 days)")
+        return value
 
 
 def _ip_address(value: str) -> str:

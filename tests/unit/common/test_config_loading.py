@@ -92,3 +92,56 @@ def test_the_schedulers_message_limit_is_what_grpc_takes(tmp_path: Path) -> None
     path.write_text("max_message_bytes: 99999999999\n")
     with pytest.raises(ConfigError, match="max_message_bytes"):
         load_config(SchedulerConfig, path, "DFLY_SCHEDULER", {})
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        (
+            "storage: {commit_interval_s: .inf}",
+            "storage.commit_interval_s",
+            "Input should be a finite number",
+        ),
+        ("gc: {interval_s: .nan}", "gc.interval_s", "Input should be a finite number"),
+        # finite, but past what timers take (queue.get raised OverflowError in the writer thread)
+        (
+            "download: {no_parent_timeout_s: 1e300}",
+            "download.no_parent_timeout_s",
+            "at most 31622400 seconds",
+        ),
+        ("metrics: {port: true}", "metrics.port", "a number is needed, not true"),
+        ("control: {port: yes}", "control.port", "a number is needed, not true"),  # YAML 1.1's yes
+        ("download: {max_parents: false}", "download.max_parents", "a number is needed, not false"),
+        ("upload: {first_pass_hold_s: .inf}", "upload.first_pass_hold_s", "finite"),
+    ],
+)
+def test_numbers_are_finite_durations_bounded_and_never_booleans(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
+    """Each was accepted: `.inf` as commit_interval_s then failed every download with OverflowError and
+    tracebacks in the log; `port: true` listened on port 1."""
+    path = tmp_path / "d.yaml"
+    path.write_text(f"scheduler: {{addrs: ['127.0.0.1:8002']}}\n{text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(DaemonConfig, path, "DFLY_TEST_NONE")
+    assert str(info.value).startswith(f"invalid config key {key}: "), info.value
+    assert reason in str(info.value)
+
+
+def test_the_environment_gets_the_same_number_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text("scheduler: {addrs: ['127.0.0.1:8002']}\n")
+    monkeypatch.setenv("DFLY_TEST__CONTROL__PORT", "yes")
+    with pytest.raises(ConfigError, match=r"control\.port: Value error, a number is needed, not true"):
+        load_config(DaemonConfig, path, "DFLY_TEST")
+    monkeypatch.setenv("DFLY_TEST__CONTROL__PORT", "4000")
+    monkeypatch.setenv("DFLY_TEST__GC__TASK_TTL_S", ".inf")
+    with pytest.raises(ConfigError, match=r"gc\.task_ttl_s: Input should be a finite number"):
+        load_config(DaemonConfig, path, "DFLY_TEST")
+
+
+def test_the_scheduler_config_gets_the_same_rules(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("metrics: {port: on}\n")
+    with pytest.raises(ConfigError, match=r"metrics\.port: Value error, a number is needed, not true"):
+        load_config(SchedulerConfig, path, "DFLY_TEST_NONE")
