@@ -70,6 +70,19 @@ def effective_filters(
     return base + tuple(extra)
 
 
+def ascii_host(host: str) -> str:
+    """`host` as a resolver takes it: an IP literal or ASCII name as it is, an internationalized name in
+    its IDNA form. ValueError for a name nothing resolves (an empty label as in `a..b`, a label over 63
+    characters), which http.client would raise as UnicodeError from the middle of a request."""
+    if ":" in host:  # an IPv6 literal
+        return host
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError("a label of the name is empty or over 63 characters") from None
+    return host if host.isascii() else encoded
+
+
 def canonical_url(url: str, filtered_query_params: Iterable[str] = DEFAULT_FILTERED_QUERY_PARAMS) -> str:
     """The URL form every task id is computed from; raises UsageError for a URL that cannot be fetched."""
     try:
@@ -87,6 +100,10 @@ def canonical_url(url: str, filtered_query_params: Iterable[str] = DEFAULT_FILTE
     hostname = (parts.hostname or "").lower()
     if not hostname:
         raise UsageError(f"URL has no host: {redact_url(url)!r}")
+    try:
+        ascii_host(hostname)
+    except ValueError as exc:
+        raise UsageError(f"invalid host name in URL {redact_url(url)!r}: {exc}") from None
     if ":" in hostname:  # IPv6 literal
         hostname = f"[{hostname}]"
     netloc = hostname if port is None or port == _DEFAULT_PORTS[scheme] else f"{hostname}:{port}"

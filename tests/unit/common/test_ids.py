@@ -34,7 +34,11 @@ def test_canonical_url(url: str, expected: str) -> None:
     assert canonical_url(url) == expected
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com/a", "example.com/a", "http:///a", "http://h:99999/a"])
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com/a", "example.com/a", "http:///a", "http://h:99999/a", "http://a..b/x",
+     "http://" + "a" * 64 + ".com/x"],
+)  # fmt: skip
 def test_canonical_url_rejects(url: str) -> None:
     with pytest.raises(UsageError):
         canonical_url(url)

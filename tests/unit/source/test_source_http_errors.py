@@ -4,6 +4,7 @@ content encodings, dropped connections, stop requests, range-less origins and un
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import zlib
@@ -79,6 +80,31 @@ def test_redirect_limit_refuses_eleven(origin: Origin) -> None:
         stat(chain(origin, MAX_REDIRECTS + 1), {}, timeout_s=5)
     assert info.value.status_code == 302
     assert origin.requests == MAX_REDIRECTS + 1
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("http://[::1", "to an invalid URL"),  # urljoin raised ValueError: an internal error in dfget
+        (
+            "http://a..b/x?X-Amz-Signature=secret",
+            "invalid host name in the origin's redirect to http://a..b/x",
+        ),
+        ("http://" + "a" * 64 + ".example/x", "a label of the name is empty or over 63 characters"),
+    ],
+)
+def test_a_redirect_to_a_url_nothing_can_fetch_is_a_source_error(
+    origin: Origin, location: str, message: str
+) -> None:
+    url = origin.add_redirect("start", location)
+    with pytest.raises(SourceError, match=re.escape(message)) as info:
+        stat(url, {}, timeout_s=5)
+    assert "secret" not in str(info.value)
+
+
+def test_a_host_name_nothing_resolves_is_a_source_error() -> None:
+    with pytest.raises(SourceError, match=r"invalid host name in http://a\.\.b/x: a label"):
+        stat("http://a..b/x", {}, timeout_s=5)
 
 
 def test_each_redirect_hop_is_checked_against_allowed_hosts(origin: Origin) -> None:

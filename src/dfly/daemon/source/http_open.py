@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from dfly.common.errors import SourceError, is_out_of_descriptors, out_of_descriptors
-from dfly.common.ids import redact_url
+from dfly.common.ids import ascii_host, redact_url
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
@@ -92,14 +92,11 @@ def open_get(
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SourceError(f"unsupported source URL {redact_url(url)}: expected http(s)://host/…")
-        host = parts.hostname
         try:
-            host.encode("ascii")
-        except UnicodeEncodeError:  # an internationalized name: its ASCII (IDNA) form is what resolves
-            try:
-                host = host.encode("idna").decode("ascii")
-            except UnicodeError:
-                raise SourceError(f"invalid host name in source URL {redact_url(url)}") from None
+            host = ascii_host(parts.hostname)  # an internationalized name: its IDNA form is what resolves
+        except ValueError as exc:
+            where = f"the origin's redirect to {redact_url(url)}" if hop else redact_url(url)
+            raise SourceError(f"invalid host name in {where}: {exc}") from None
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as exc:
@@ -143,8 +140,13 @@ def open_get(
             raise SourceError(
                 f"too many redirects (more than {MAX_REDIRECTS}) from {redact_url(first_url)}", resp.status
             )
-        new_url = urljoin(url, location)
-        new = urlsplit(new_url)
+        try:
+            new_url = urljoin(url, location)
+            new = urlsplit(new_url)
+        except ValueError:  # "http://[::1" and the like; not shown: a Location may carry a signed query
+            raise SourceError(
+                f"origin redirect {resp.status} from {redact_url(url)} to an invalid URL", resp.status
+            ) from None
         if (new.scheme, new.hostname, new.port) != (parts.scheme, parts.hostname, parts.port):
             headers = {k: v for k, v in headers.items() if k.lower() not in _CROSS_ORIGIN_DROPPED}
         url = new_url
