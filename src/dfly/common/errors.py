@@ -132,6 +132,13 @@ def first_dfly_error(exc: BaseException) -> DflyError | None:
     return None
 
 
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception that is not a group: what an unexpected failure inside TaskGroups was."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def without_frames(error: DflyError) -> DflyError:
     """The error with no tracebacks along its cause and context chain, for an error that outlives the
     code that raised it (a task's outcome): a traceback would keep every frame of that code alive."""

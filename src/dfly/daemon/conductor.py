@@ -37,6 +37,7 @@ from dfly.common.errors import (
     SourceError,
     StorageError,
     first_dfly_error,
+    first_leaf,
     without_frames,
 )
 from dfly.common.ids import HostId, peer_id, redact_url
@@ -111,7 +112,8 @@ class Conductor:
             error = first_dfly_error(exc)
             if error is None:
                 log.exception("download of %s failed", redact_url(self.request.url))
-                error = DflyError(f"internal error: {type(exc).__name__}: {exc}")
+                leaf = first_leaf(exc)  # not "ExceptionGroup: unhandled errors in a TaskGroup"
+                error = DflyError(f"internal error: {type(leaf).__name__}: {leaf}")
         try:
             await self._close()
         finally:
