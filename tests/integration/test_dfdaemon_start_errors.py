@@ -193,6 +193,17 @@ def test_a_storage_dir_that_is_a_file_is_a_config_error(tmp_path: Path, below: s
     assert blocker.read_bytes() == b""
 
 
+def test_a_storage_dir_that_cannot_be_made_is_a_config_error(tmp_path: Path) -> None:
+    config = base_config(tmp_path)
+    config["storage"]["dir"] = "/proc/dfly-storage"  # procfs makes no directories, not even for root
+    done = run_daemon(tmp_path, config)
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.strip()
+        == "dfdaemon: storage.dir: cannot create /proc/dfly-storage: No such file or directory"
+    )
+
+
 @pytest.mark.parametrize("delay_s", [0.5, 1.0])
 def test_a_sigint_during_start_up_stops_the_daemon_cleanly(tmp_path: Path, delay_s: float) -> None:
     """Ctrl-C while the daemon loads or opens its storage: exit 0, no traceback, the storage closed. A

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from dfly.cli.quiet_start import quiet_until_loaded
-from dfly.common.errors import DflyError, UsageError
+from dfly.common.errors import DflyError
+from dfly.common.ready_file import check_ready_file
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,16 +23,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", action="store_true", help="run as a seed peer (reads the origin)")
     parser.add_argument("--ready-file", type=Path, help="write ports here as JSON once ready")
     return parser.parse_args(argv)
-
-
-def check_ready_file(path: Path | None) -> None:
-    """Fail at start, not after every listener is up, when the ready file could never be written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise UsageError(f"--ready-file {path} is a directory")
-    if not path.parent.is_dir():
-        raise UsageError(f"--ready-file {path}: directory {path.parent} does not exist")
 
 
 async def _main(args: argparse.Namespace) -> int:

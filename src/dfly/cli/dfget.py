@@ -26,7 +26,7 @@ from dfly.cli._dfget_client import DeadlineExceeded, LocalApiClient, error_from_
 from dfly.cli._dfget_output import OutputFile
 from dfly.cli._dfget_progress import Progress, make_progress
 from dfly.common.errors import DflyError, DownloadTimeout, ProtocolError, UsageError
-from dfly.common.ids import canonical_url, effective_filters
+from dfly.common.ids import canonical_url, effective_filters, printable
 from dfly.common.pieces import parse_size, piece_count, piece_range, validate_user_piece_length
 from dfly.common.request_headers import set_by_daemon
 
@@ -158,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(path: str, *, overwrite: bool) -> str:
+    """The absolute output path, checked before anything is downloaded; paths in the messages are
+    escaped (a newline in a name would split the one-line error)."""
+    if not path:
+        raise UsageError("output path is empty (-O)")
+    output = os.path.abspath(path)
+    if os.path.isdir(output) or path.endswith(os.sep):
+        raise UsageError(f"output {printable(path)} is a directory")
+    directory = os.path.dirname(output)
+    if not os.path.isdir(directory):
+        reason = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise UsageError(f"output directory {printable(directory)} {reason}")
+    name_max = os.pathconf(directory, "PC_NAME_MAX")
+    if len(os.fsencode(os.path.basename(output))) > name_max:
+        raise UsageError(
+            f"output file name is longer than {name_max} bytes, the most {printable(directory)} takes"
+        )
+    if os.path.lexists(output) and not overwrite:
+        raise UsageError(f"output {printable(output)} already exists (use --overwrite to replace it)")
+    if os.path.lexists(output) and not stat.S_ISREG(os.lstat(output).st_mode) and not os.path.islink(output):
+        # --overwrite renames a new file over it: a device node (/dev/null) or FIFO would be replaced
+        raise UsageError(f"output {printable(output)} is not a regular file; dfget writes regular files only")
+    return output
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Options from the command line; UsageError for invalid values (argparse exits 2 on its own)."""
     ns = build_parser().parse_args(argv)
@@ -173,20 +198,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         piece_length = validate_user_piece_length(parse_size(ns.piece_length))
     if ns.overwrite and ns.force_hard_link:
         raise UsageError("--overwrite cannot be combined with --force-hard-link")
-    if not ns.output:
-        raise UsageError("output path is empty (-O)")
-    output = os.path.abspath(ns.output)
-    if os.path.isdir(output) or ns.output.endswith(os.sep):
-        raise UsageError(f"output {ns.output} is a directory")
-    directory = os.path.dirname(output)
-    if not os.path.isdir(directory):
-        reason = "is not a directory" if os.path.exists(directory) else "does not exist"
-        raise UsageError(f"output directory {directory} {reason}")
-    if os.path.lexists(output) and not ns.overwrite:
-        raise UsageError(f"output {output} already exists (use --overwrite to replace it)")
-    if os.path.lexists(output) and not stat.S_ISREG(os.lstat(output).st_mode) and not os.path.islink(output):
-        # --overwrite renames a new file over it: a device node (/dev/null) or FIFO would be replaced
-        raise UsageError(f"output {output} is not a regular file; dfget writes regular files only")
+    if not ns.endpoint:
+        raise UsageError("daemon socket is empty (-e / DFGET_ENDPOINT)")
+    output = check_output(ns.output, overwrite=ns.overwrite)
     return Options(
         url=ns.url,
         output=output,

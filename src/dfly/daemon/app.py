@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import json
 import logging
 import os
 import random
@@ -20,17 +19,17 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from dfly.api import daemon_pb2
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import ConfigError, DflyError
+from dfly.common.errors import ConfigError
 from dfly.common.grpc_health import GrpcHealth
 from dfly.common.ids import host_id as make_host_id
 from dfly.common.metrics_http import start_metrics_server
+from dfly.common.ready_file import write_ready_file
 from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig, ListenerSection
 from dfly.daemon.context import Counters, DaemonContext
@@ -53,15 +52,6 @@ log = logging.getLogger(__name__)
 RATE_SAMPLE_S = 1.0
 ANNOUNCE_RETRY_S = 0.5
 DESCRIPTOR_SLACK = 64  # listeners, the metadata db, scheduler channels, logs, the origin reads
-
-
-def write_ready_file(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise DflyError(f"cannot write ready file {path}: {exc.strerror or exc}") from None
 
 
 class UploadRate:
@@ -99,16 +89,20 @@ async def load_cache(storage: Storage, tasks: TaskManager) -> None:
 
 
 def check_storage_dir(path: Path) -> None:
-    """`storage.dir`, or the nearest of its parents that exists, must be a directory: a config error
+    """`storage.dir` must be a directory or one that can be made (it is made here): a config error
     naming the key (exit 2), not a storage failure (exit 1)."""
     for candidate in (path, *path.parents):
         if not candidate.exists():
             continue
         if candidate.is_dir():
-            return
+            break
         if candidate == path:
             raise ConfigError(f"storage.dir: {path} is not a directory")
         raise ConfigError(f"storage.dir: cannot create {path}: {candidate} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"storage.dir: cannot create {path}: {exc.strerror or exc}") from None
 
 
 async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Event) -> None:

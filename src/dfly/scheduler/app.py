@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ from wsgiref.simple_server import WSGIServer
 from grpc import aio
 
 from dfly.api import scheduler_pb2, scheduler_pb2_grpc
+from dfly.common import ready_file as ready_files
 from dfly.common.errors import ConfigError, DflyError
 from dfly.common.grpc_health import GrpcHealth
 from dfly.common.limits import check_open_files_limit
@@ -47,12 +47,7 @@ class BindError(ConfigError):
 
 def write_ready_file(path: Path, grpc_port: int, metrics_port: int) -> None:
     payload = {"role": "scheduler", "pid": os.getpid(), "ports": {"grpc": grpc_port, "metrics": metrics_port}}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(payload))
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise DflyError(f"cannot write ready file {path}: {exc.strerror}") from None
+    ready_files.write_ready_file(path, payload)
 
 
 def _start_metrics(config: SchedulerConfig, metrics: SchedulerMetrics) -> tuple[WSGIServer | None, int]:
@@ -182,6 +177,7 @@ async def _serve(config: SchedulerConfig, ready_file: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
+        ready_files.check_ready_file(args.ready_file)
         config = load_scheduler_config(args.config)
         if args.port is not None:
             if not 0 <= args.port <= 65535:

@@ -81,6 +81,16 @@ def test_output_checks(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     code, err = run(capsys, URL, "-O", str(tmp_path / "a-file" / "out"))
     assert code == 2
     assert f"output directory {tmp_path / 'a-file'} is not a directory" in err
+    # found only after the whole download: "cannot place ...: File name too long", exit 1
+    code, err = run(capsys, URL, "-O", str(tmp_path / ("n" * 256)))
+    assert (code, err) == (
+        2,
+        f"dfget: output file name is longer than 255 bytes, the most {tmp_path} takes\n",
+    )
+    code, err = run(capsys, URL, "-O", str(tmp_path / "no\ndir" / "x"))  # one line, the newline escaped
+    assert (code, err) == (2, f"dfget: output directory {tmp_path}/no\\ndir does not exist\n")
+    code, err = run(capsys, URL, "-O", str(tmp_path / "out"), "-e", "")
+    assert (code, err) == (2, "dfget: daemon socket is empty (-e / DFGET_ENDPOINT)\n")
     code, err = run(capsys, URL, "-O", str(tmp_path))
     assert code == 2
     assert "is a directory" in err

@@ -144,3 +144,17 @@ def test_main_reports_a_taken_port_in_one_line_naming_its_key(
         assert main(["--config", str(path)]) == 2  # a config error, as the daemon's
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == f"dfly scheduler: {key}: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+@pytest.mark.parametrize(
+    ("where", "message"), [("missing/ready.json", "does not exist"), (".", "is a directory")]
+)
+def test_a_ready_file_that_could_never_be_written_is_refused_before_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, message: str
+) -> None:
+    """It was found once the scheduler served (exit 1); dfdaemon refuses it at start (exit 2)."""
+    assert main(["--port", "0", "--ready-file", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dfly scheduler: --ready-file ")
+    assert message in err
+    assert "serving" not in err
