@@ -33,6 +33,7 @@ from typing import Any
 
 from dfly.cluster import LocalCluster, Member, dfget_command
 from dfly.common.digest import file_digest
+from dfly.devtools.argtypes import non_negative_float, positive_float, positive_int
 from dfly.devtools.origin import Origin, make_file
 
 MiB = 1024 * 1024
@@ -197,17 +198,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration-s", type=float, default=120.0)
+    parser.add_argument("--duration-s", type=positive_float, default=120.0)
     parser.add_argument("--hosts", type=int, default=8)
-    parser.add_argument("--files", type=int, default=4, help="distinct files per round")
-    parser.add_argument("--file-mib", type=int, default=16)
-    parser.add_argument("--kill-every-s", type=float, default=3.0)
-    parser.add_argument("--down-s", type=float, default=0.5, help="how long a killed daemon stays down")
+    parser.add_argument("--files", type=positive_int, default=4, help="distinct files per round")
+    parser.add_argument("--file-mib", type=positive_int, default=16)
+    parser.add_argument("--kill-every-s", type=positive_float, default=3.0)
+    parser.add_argument(
+        "--down-s", type=non_negative_float, default=0.5, help="how long a killed daemon stays down"
+    )
     parser.add_argument("--seed", type=int, default=0, help="rng seed for the choice of victims")
     args = parser.parse_args()
-    if args.hosts < 2 or args.files < 1 or args.file_mib < 1 or args.duration_s <= 0:
-        print("churn: need --hosts >= 2, --files >= 1, --file-mib >= 1, --duration-s > 0", file=sys.stderr)
-        return 1
+    if args.hosts < 2:
+        parser.error("--hosts must be >= 2 (daemons are killed in turn while the others serve)")
     try:
         with tempfile.TemporaryDirectory(prefix="dfly-churn-") as tmp:
             result = run(args, Path(tmp))

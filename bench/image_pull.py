@@ -42,6 +42,7 @@ from registry_kit import MISSING, Containerd, Registry, hosts_dir, push_image
 from registry_netns import registry_namespace
 
 from dfly.cluster import LocalCluster
+from dfly.devtools.argtypes import non_negative_float, positive_int
 from dfly.devtools.page_cache import PageCacheBallast, page_cache_write_s_per_gib
 
 MiB = 1 << 20
@@ -80,10 +81,10 @@ def registry_link(rate_mbit: float) -> Iterator[tuple[str, list[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument(
         "--registry-rate-mbit",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="registry behind a link shaped to this (0: loopback)",
     )

@@ -28,6 +28,7 @@ from typing import Any
 
 from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
+from dfly.devtools.argtypes import positive_int
 from dfly.devtools.origin import Origin, make_file
 from dfly.devtools.pki import make_pki
 
@@ -82,8 +83,8 @@ def measure_round(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--file-mib", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--file-mib", type=positive_int, default=256)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     args = parser.parse_args(argv)
     size = args.file_mib * MiB
     with tempfile.TemporaryDirectory(prefix="dfly-piece-tls-") as tmp:

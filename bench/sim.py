@@ -18,6 +18,7 @@ import json
 import sys
 
 from dfly.common.errors import UsageError
+from dfly.devtools.argtypes import positive_int
 from dfly.sim.cli import build_config, parser
 from dfly.sim.report import summarize
 from dfly.sim.swarm import run_swarm
@@ -36,7 +37,7 @@ def _variations(pairs: list[str]) -> list[tuple[str, str]]:
 def main(argv: list[str]) -> int:
     outer = argparse.ArgumentParser(add_help=False)
     outer.add_argument("--vary", action="append", default=[])
-    outer.add_argument("--seeds", type=int, default=1)
+    outer.add_argument("--seeds", type=positive_int, default=1)
     ours, rest = outer.parse_known_args(argv)
     sim = parser()
     base = sim.parse_args(rest)

@@ -53,6 +53,7 @@ from netns.testbed import Testbed, percentile, t_min_s
 
 from dfly.common.errors import UsageError
 from dfly.common.pieces import parse_size, validate_user_piece_length
+from dfly.devtools.argtypes import non_negative_float, positive_float, positive_int
 
 SYSTEMS = ("dfly", "http", "bittorrent")
 MIB = 1024 * 1024
@@ -158,14 +159,22 @@ def invalid_reason(args: argparse.Namespace, results: list[dict[str, Any]]) -> s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="dfly swarm benchmark in network namespaces (root)")
-    parser.add_argument("--hosts", type=int, default=8)
-    parser.add_argument("--file-mib", type=int, default=64, help="total MiB per host (split by --files)")
-    parser.add_argument("--rate-mbit", type=float, default=100.0, help="per-host cap; 0 = uncapped")
-    parser.add_argument("--origin-rate-mbit", type=float, default=None)
+    parser.add_argument("--hosts", type=positive_int, default=8)
+    parser.add_argument(
+        "--file-mib", type=positive_int, default=64, help="total MiB per host (split by --files)"
+    )
+    parser.add_argument(
+        "--rate-mbit", type=non_negative_float, default=100.0, help="per-host cap; 0 = uncapped"
+    )
+    parser.add_argument("--origin-rate-mbit", type=positive_float, default=None)
     parser.add_argument("--systems", default="dfly,http")
-    parser.add_argument("--delay-ms", type=float, default=0.0, help="needs sch_netem (exit 4 without)")
-    parser.add_argument("--stagger-s", type=float, default=0.0, help="host i starts at t0 + i·S")
-    parser.add_argument("--files", type=int, default=1, help="K files of F/K MiB, all fetched at once")
+    parser.add_argument(
+        "--delay-ms", type=non_negative_float, default=0.0, help="needs sch_netem (exit 4 without)"
+    )
+    parser.add_argument("--stagger-s", type=non_negative_float, default=0.0, help="host i starts at t0 + i·S")
+    parser.add_argument(
+        "--files", type=positive_int, default=1, help="K files of F/K MiB, all fetched at once"
+    )
     parser.add_argument(
         "--piece-length", default=None, help="dfly only: dfget --piece-length (default: the piece rule)"
     )
@@ -178,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if unknown := [s for s in systems if s not in SYSTEMS]:
         parser.error(f"unknown systems {unknown} (available: {', '.join(SYSTEMS)})")
-    if args.hosts < 1 or args.files < 1 or args.stagger_s < 0 or args.delay_ms < 0 or args.rate_mbit < 0:
-        parser.error("--hosts and --files must be >= 1, --stagger-s, --delay-ms and --rate-mbit >= 0")
+    if not systems:
+        parser.error(f"--systems names none (available: {', '.join(SYSTEMS)})")
     if args.piece_length is not None:
         try:
             validate_user_piece_length(parse_size(args.piece_length))
