@@ -4,8 +4,10 @@ Rules:
 - `GET /metrics` answers with the registry's metrics (a query such as `?name[]=x` filters them,
   as prometheus_client does); every other path is 404. prometheus_client's own `start_http_server`
   answers any path with the metrics, so a probe or a scrape config with a wrong path looked healthy.
-- One daemon thread accepts, a thread per request answers (prometheus_client's `ThreadingWSGIServer`);
-  no access log.
+- One daemon thread accepts, a thread per connection answers (prometheus_client's
+  `ThreadingWSGIServer`), at most MAX_CONNECTIONS at once (more are closed at once) and each for at
+  most REQUEST_TIMEOUT_S of silence: idle connections held a thread and a descriptor each, without end.
+  No access log.
 - The address family follows the listen address, so `::` and IPv6 addresses bind as such.
 """
 
@@ -21,10 +23,14 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 METRICS_PATH = "/metrics"
+MAX_CONNECTIONS = 32  # Prometheus scrapes over one connection at a time; a few tools may look too
+REQUEST_TIMEOUT_S = 10.0
 NOT_FOUND = f"not found: the metrics are at {METRICS_PATH}\n".encode()
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT_S  # socket timeout of each connection (StreamRequestHandler.setup)
+
     def log_message(self, format: str, *args: Any) -> None:
         """No access log line per scrape."""
 
@@ -53,6 +59,23 @@ def start_metrics_server(
 
     class Server(ThreadingWSGIServer):
         address_family = family
+        serving = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.serving.acquire(blocking=False):
+                self.shutdown_request(request)  # over the cap: closed, no thread
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.serving.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.serving.release()
 
     server = make_server(ip, port, metrics_app(registry), Server, handler_class=_QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from dfly.common import metrics_http
 from dfly.common.metrics_http import start_metrics_server
 
 
@@ -82,3 +84,50 @@ def test_an_ipv6_address_binds_as_ipv6(registry: CollectorRegistry) -> None:
 def test_an_address_in_use_raises_oserror(registry: CollectorRegistry) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken, pytest.raises(OSError, match="in use"):
         start_metrics_server("127.0.0.1", taken.getsockname()[1], registry)
+
+
+def test_an_idle_connection_is_closed_after_the_request_timeout(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each idle connection held a thread and a descriptor for as long as the client liked."""
+    assert metrics_http._QuietHandler.timeout == metrics_http.REQUEST_TIMEOUT_S == 10.0
+    monkeypatch.setattr(metrics_http._QuietHandler, "timeout", 0.5)  # the same, sooner
+    server, thread = start_metrics_server("127.0.0.1", 0, registry)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as idle:
+            assert idle.recv(1) == b""  # closed by the server (a timeout here would raise)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_connections_over_the_cap_are_closed_at_once(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_http, "MAX_CONNECTIONS", 3)
+    server, thread = start_metrics_server("127.0.0.1", 0, registry)
+    port = int(server.server_port)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            assert extra.recv(1) == b""  # no thread for it: closed while the three idle ones hold theirs
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while (
+            status := fetch_status(f"http://127.0.0.1:{port}/metrics")
+        ) != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the idle ones' threads notice their close
+        assert status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def fetch_status(url: str) -> int:
+    try:
+        return fetch(url)[0]
+    except OSError:  # closed over the cap while the idle connections' threads still end
+        return 0
