@@ -472,3 +472,42 @@ def test_one_address_cannot_take_every_piece_connection(tmp_path: Path) -> None:
         raise AssertionError("no room for a new connection")
 
     run(main())
+
+
+def test_one_address_cannot_take_every_upload_slot(tmp_path: Path) -> None:
+    """Children from one address that each ask for a large piece and read nothing used to hold every
+    upload slot until the stall timeout (60 s): no other child got a byte. One address now holds at most
+    a quarter of the slots, so a child from another address is served at once."""
+    make_file(tmp_path / "f", 32 * MiB)
+    task = FileTask(tmp_path / "f", "t1", 4 * MiB)
+
+    async def main() -> None:
+        server = PieceServer(Provider(task), "parent-peer", TokenBucket(0), upload_slots=8)
+        assert server.slots_per_address == 2
+        port = await server.start("127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        hogs = []
+        for n in range(8):  # as many as there are slots, all from 127.0.0.2
+            hog = socket.socket()
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.bind(("127.0.0.2", 0))
+            hog.setblocking(False)
+            await loop.sock_connect(hog, ("127.0.0.1", port))
+            hello = p.encode_hello(task.task_id, f"hog-{n}", task.piece_length, task.content_length)
+            await loop.sock_sendall(hog, hello + p.encode_request(n))
+            hogs.append(hog)
+        async with asyncio.timeout(10):  # the hogs' requests have taken their slots
+            while server.active_uploads < server.slots_per_address:  # noqa: ASYNC110 - the server's counter
+                await asyncio.sleep(0.01)
+        honest = Recorder()
+        conn = await connect(port, task, honest)  # from 127.0.0.1
+        await conn.request(5)
+        piece = await asyncio.wait_for(honest.expect("piece"), 10)  # was: nothing before the stall timeout
+        assert piece == ("piece", 5, task.digests[5])
+        assert server.active_uploads <= server.slots_per_address + 1
+        conn.close()
+        for hog in hogs:
+            hog.close()
+        await server.close()
+
+    run(main())

@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 class ChildConnection:
     """One child's connection to this parent's PieceServer."""
 
-    def __init__(self, server: PieceServer, sock: socket.socket) -> None:
+    def __init__(self, server: PieceServer, sock: socket.socket, address: str = "") -> None:
         self.server = server
         self.sock = sock
+        self.address = address  # the child's host: its share of the upload slots (server.address_slots)
         self.loop = asyncio.get_running_loop()
         self.decoder = p.FrameDecoder("parent")
         self.task: ServedTask | None = None
@@ -300,7 +301,10 @@ class ChildConnection:
         server = self.server
         self.current, self.current_cancelled = number, False
         self.current_cancel.clear()
-        async with server.slots if server.slots is not None else contextlib.nullcontext():
+        async with (
+            server.address_slots(self.address),
+            server.slots if server.slots is not None else contextlib.nullcontext(),
+        ):
             server.active_uploads += 1
             try:
                 # A CANCEL while this waited for its slot or its tokens: nothing is charged (or the

@@ -20,6 +20,8 @@ Rules:
   gate releases; after the release one copy of a piece is sent at a time, and a child refused one hears
   HAVE again when that copy is done. A claimed piece not delivered (cancelled before its header,
   connection lost) is handed back.
+- One address holds at most a quarter of the upload slots at once (`address_slots`), and at most
+  `max_connections_per_address` connections: a host that asks and does not read cannot stop the rest.
 - A connected child holds its task (`ServedTask.hold`: the storage GC leaves it alone); TCP keepalive
   (60 s idle, 3 probes 10 s apart) closes the connection of a child that vanished without a FIN.
 - With a TLS context (`security.tls.pieces`) each accepted connection first completes an mTLS handshake
@@ -51,6 +53,7 @@ from dfly.daemon.transfer.tls_relay import serve_tls
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 1024  # child connections at once (one per task a child downloads from here)
+ADDRESS_SHARE_DIVISOR = 4  # one address (host) uploads to at most a quarter of the upload slots at once
 
 
 class ServedTask(Protocol):
@@ -130,6 +133,10 @@ class PieceServer:
         self.stall_timeout_s = stall_timeout_s
         self.on_uploaded = on_uploaded
         self.slots = asyncio.Semaphore(upload_slots) if upload_slots > 0 else None
+        # One address's share of the slots: 200 connections from one host that each asked for a piece
+        # and read nothing held every slot until the stall timeout, and no other child got a byte.
+        self.slots_per_address = max(1, upload_slots // ADDRESS_SHARE_DIVISOR) if upload_slots > 0 else 0
+        self._slots_by_address: dict[str, asyncio.Semaphore] = {}
         self.bytes_uploaded = 0
         self.connections_open = 0
         self.active_uploads = 0
@@ -180,7 +187,7 @@ class PieceServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             enable_keepalive(sock)  # a vanished child must not hold its task (and the GC) forever
-            address = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+            address = _address_of(addr)
             from_address = self._open_by_address.get(address, 0)
             if (
                 self.connections_open >= self.max_connections
@@ -215,10 +222,19 @@ class PieceServer:
             self._open_by_address[address] = left
         else:
             self._open_by_address.pop(address, None)
+            self._slots_by_address.pop(address, None)  # its last connection held none any more
+
+    def address_slots(self, address: str) -> contextlib.AbstractAsyncContextManager[object]:
+        """The slots one address may hold at once (entered before the shared ones)."""
+        if not self.slots_per_address:
+            return contextlib.nullcontext()
+        if (slots := self._slots_by_address.get(address)) is None:
+            slots = self._slots_by_address[address] = asyncio.Semaphore(self.slots_per_address)
+        return slots
 
     async def _serve(self, sock: socket.socket, addr: object) -> None:
         self.connections_open += 1
-        conn = ChildConnection(self, sock)
+        conn = ChildConnection(self, sock, _address_of(addr))
         try:
             await conn.run()
         except asyncio.CancelledError:
@@ -235,3 +251,8 @@ class PieceServer:
             self.connections_open -= 1
             conn.closed = True
             sock.close()
+
+
+def _address_of(addr: object) -> str:
+    """The host part of an accepted connection's address: what the per-address limits count."""
+    return str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
