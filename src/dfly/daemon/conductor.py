@@ -309,11 +309,18 @@ class Conductor:
         elif now - self._orphan_since >= (limit := self.ctx.config.download.no_parent_timeout_s):
             self._go_back_to_source(None, f"no scheduler, and no parent had a missing piece for {limit:g} s")
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """A helper task owned by this attempt's TaskGroup, cancelled when the attempt ends."""
-        task = self.tg.create_task(coro)
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> bool:
+        """A helper task owned by this attempt's TaskGroup, cancelled when the attempt ends. False (the
+        coroutine closed unrun) once the attempt is ending: a piece that arrives while the daemon stops
+        logged a 'TaskGroup is shutting down' traceback and a never-awaited coroutine."""
+        try:
+            task = self.tg.create_task(coro)
+        except RuntimeError:  # the TaskGroup is shutting down or done
+            coro.close()
+            return False
         self._helpers.add(task)
         task.add_done_callback(self._helpers.discard)
+        return True
 
     # -- scheduler stream -------------------------------------------------------------------------
     async def _send(self, **oneof: object) -> None:

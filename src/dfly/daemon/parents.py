@@ -261,7 +261,9 @@ class ParentSet:
         info = self._infos.get(parent_id)
         source = "remote_seed" if info is not None and info.seed else "remote_peer"
         conn = self._conns.get(parent_id)
-        self.c.spawn(self._store(conn, parent_id, number, data, digest, source, cost_s))
+        stored = self.c.spawn(self._store(conn, parent_id, number, data, digest, source, cost_s))
+        if not stored and conn is not None:
+            conn.release(data)  # the attempt is ending and nothing stores it: the buffer goes back
 
     async def _store(
         self,

@@ -61,7 +61,7 @@ class PeerStream:
         task_id: str,
         peer_id: str,
         events: asyncio.Queue[object],
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
         self.ctx = ctx
         self.task_id = task_id
