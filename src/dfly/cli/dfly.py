@@ -26,8 +26,6 @@ from dfly.common.errors import DflyError
 if TYPE_CHECKING:
     from dfly.cluster import LocalCluster
 
-MAX_UPLOAD_LIMIT = 2**53  # bytes/s: upload.rate_limit_bytes_per_s is a float of the daemon's config
-
 
 def _seconds(text: str) -> float:
     value = float(text)
@@ -166,6 +164,7 @@ def _main(args_list: list[str], loaded: Callable[[], None]) -> int:
         loaded()
         return sim_main(args_list[1:])
     from dfly.cluster import ClusterError
+    from dfly.daemon.config import MAX_RATE_LIMIT_BYTES_PER_S as MAX_UPLOAD_LIMIT
 
     args = _parser().parse_args(args_list)
     try:

@@ -91,10 +91,11 @@ class DownloadSection(StrictModel):
     progress_report_interval_s: float = Field(default=1.0, gt=0)
 
 
+MAX_RATE_LIMIT_BYTES_PER_S = 2**53  # bounded as sent to schedulers (a float there)
+
+
 class UploadSection(StrictModel):
-    rate_limit_bytes_per_s: int = Field(
-        default=0, ge=0, le=2**53
-    )  # 0 = unlimited; bounded as sent to schedulers
+    rate_limit_bytes_per_s: int = Field(default=0, ge=0, le=MAX_RATE_LIMIT_BYTES_PER_S)  # 0 = unlimited
     slots: int = Field(default=200, ge=1, le=1_000_000)
     # A task this daemon reads from the origin: give each piece to one child before any piece twice
     # (daemon/core/first_pass.py); the swarm's source uplink then carries about one copy.

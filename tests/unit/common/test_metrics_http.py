@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
@@ -23,15 +25,21 @@ def registry() -> CollectorRegistry:
     return registry
 
 
-@pytest.fixture
-def port(registry: CollectorRegistry) -> Iterator[int]:
-    server, thread = start_metrics_server("127.0.0.1", 0, registry)
+@contextlib.contextmanager
+def serving(registry: CollectorRegistry, ip: str = "127.0.0.1") -> Iterator[WSGIServer]:
+    server, thread = start_metrics_server(ip, 0, registry)
     try:
-        yield int(server.server_port)
+        yield server
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def port(registry: CollectorRegistry) -> Iterator[int]:
+    with serving(registry) as server:
+        yield int(server.server_port)
 
 
 def fetch(url: str, method: str = "GET") -> tuple[int, str, str]:
@@ -70,15 +78,10 @@ def test_an_ipv6_address_binds_as_ipv6(registry: CollectorRegistry) -> None:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError:
         pytest.skip("no IPv6 loopback on this host")
-    server, thread = start_metrics_server("::1", 0, registry)
-    try:
+    with serving(registry, "::1") as server:
         assert server.socket.family == socket.AF_INET6
         status, _, _ = fetch(f"http://[::1]:{server.server_port}/metrics")
         assert status == 200
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def test_an_address_in_use_raises_oserror(registry: CollectorRegistry) -> None:
@@ -92,23 +95,16 @@ def test_an_idle_connection_is_closed_after_the_request_timeout(
     """Each idle connection held a thread and a descriptor for as long as the client liked."""
     assert metrics_http._QuietHandler.timeout == metrics_http.REQUEST_TIMEOUT_S == 10.0
     monkeypatch.setattr(metrics_http._QuietHandler, "timeout", 0.5)  # the same, sooner
-    server, thread = start_metrics_server("127.0.0.1", 0, registry)
-    try:
-        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as idle:
-            assert idle.recv(1) == b""  # closed by the server (a timeout here would raise)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(registry) as server, socket.create_connection(("127.0.0.1", server.server_port), 10) as idle:
+        assert idle.recv(1) == b""  # closed by the server (a timeout here would raise)
 
 
 def test_connections_over_the_cap_are_closed_at_once(
     registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(metrics_http, "MAX_CONNECTIONS", 3)
-    server, thread = start_metrics_server("127.0.0.1", 0, registry)
-    port = int(server.server_port)
-    try:
+    with serving(registry) as server:
+        port = int(server.server_port)
         idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
         with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
             assert extra.recv(1) == b""  # no thread for it: closed while the three idle ones hold theirs
@@ -120,10 +116,6 @@ def test_connections_over_the_cap_are_closed_at_once(
         ) != 200 and time.monotonic() < deadline:
             time.sleep(0.05)  # the idle ones' threads notice their close
         assert status == 200
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def fetch_status(url: str) -> int:
