@@ -1,12 +1,12 @@
 """All hosts, tasks and peers the engine knows, and the bookkeeping that keeps their indexes consistent.
 
 Rules: every peer is in exactly one task and one host; a peer that fails or leaves is removed from every
-index at once (it is never offered again and costs no memory); `remove_peer` reports whether the peer
-was reading the origin or was the task's seed, so the engine can react. A task whose last peer is gone
-is forgotten with its layout and digests (as Dragonfly's task GC does): the object behind its URL may
-have changed by the time someone asks for it again. Only a seed's failure for it is kept, in an idle
-task (no peers, nothing else known) that `forget_idle_tasks` drops once that failure no longer counts.
-No policy lives here.
+index at once (it is never offered again and costs no memory); `remove_peer` reports whether the peer was
+reading the origin, was the task's seed or held the task whole, so the engine can react. A task whose last
+peer is gone is forgotten with its layout and digests (as Dragonfly's task GC does): the object behind its
+URL may have changed by the time someone asks for it again. Only a seed's failure for it is kept, in an
+idle task (no peers, nothing else known) that `forget_idle_tasks` drops once that failure no longer
+counts. No policy lives here.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class RemovedPeer:
     task: Task
     was_origin_reader: bool
     was_unfinished_seed: bool
+    was_whole_holder: bool  # finished (or awaiting its verdict): it could serve every piece
 
 
 @dataclass(slots=True, eq=False)
@@ -73,6 +74,7 @@ class Cluster:
         task = self.tasks[peer.task_id]
         was_origin_reader = peer.reads_origin
         was_unfinished_seed = peer.is_seed and peer.state is not PeerState.SUCCEEDED
+        was_whole_holder = holds_whole(peer)
         peer.move_to(state if state in PEER_TRANSITIONS[peer.state] else PeerState.LEAVE)
         drop_parents(peer, task, self.hosts)
         drop_children(peer, task, self.hosts)
@@ -101,7 +103,7 @@ class Cluster:
                 of_task.discard(peer.peer_id)
                 if not of_task:
                     del host.peers_by_task[peer.task_id]
-        return RemovedPeer(peer, task, was_origin_reader, was_unfinished_seed)
+        return RemovedPeer(peer, task, was_origin_reader, was_unfinished_seed, was_whole_holder)
 
     def forget_idle_tasks(self, failed_before: float) -> None:
         """Drop the idle tasks whose seed failure happened before `failed_before`."""
@@ -138,6 +140,11 @@ class Cluster:
             piece_digests=tuple(prefix),
             known_digests=len(task.published_digests),
         )
+
+
+def holds_whole(peer: Peer) -> bool:
+    """Finished, or finished and awaiting its digest verdict: the peer can serve every piece."""
+    return peer.state is PeerState.SUCCEEDED or peer.finish_digests is not None
 
 
 def _start_over(task: Task) -> None:

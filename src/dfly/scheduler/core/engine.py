@@ -10,10 +10,13 @@ return the commands to carry out, in order. The same events at the same times wi
   reached (no answer in time) is also suspended for `unreachable_suspend_s`, for every task;
 - an origin error (PeerFailed with a source error from an origin reader) fails every active peer of the
   task with that error and marks the task FAILED (the next register starts it over);
-- a host whose keepalive stream drops or stays silent for `host_silence_s`, or that enough distinct
-  children report unreachable, is suspended; a new boot id drops the host's old peers; finished tasks
-  make it a parent again; a host disconnected for `host_ttl_s` is forgotten (a periodic sweep, every
-  third of the shorter of the two, which also drops idle tasks whose seed failure has expired);
+- a host whose keepalive stream drops or stays silent for `host_silence_s`, or that enough distinct children
+  report unreachable, is suspended; when that (or a removal) leaves a task with nobody on a usable host
+  holding it whole and nobody reading the origin, the running peer holding most pieces reads the rest once
+  the task's peers stop reporting new pieces for `source_return_s`; a new boot id drops the host's old
+  peers; finished tasks make it a parent again; a host disconnected for `host_ttl_s` is forgotten (a
+  periodic sweep, every third of the shorter of the two, which also drops idle tasks whose seed failure
+  has expired);
 - a child's finish is checked against the digests the origin readers published (verdicts.py);
 - a reschedule with `more_parents` (the child still has working parents) is answered with new parents
   only when there are some: never with back-to-source or failure, and it arms no retry.
@@ -189,6 +192,8 @@ class SchedulerEngine:
                 if parent.served_costs is None:
                     parent.served_costs = PieceCosts()
                 parent.served_costs.record(piece.cost_s)
+        if event.pieces:
+            task.progress_at = now
         first_pieces = peer.finished_piece_count == 0 and bool(event.pieces)
         peer.finished_piece_count += len(event.pieces)
         if peer.state is PeerState.RECEIVED:
@@ -236,15 +241,16 @@ class SchedulerEngine:
         peer.blocked.update(p for p in event.blocked if p in task.peers)
         peer.blocked.update(unreachable)
         peer.blocked.update(corrupt)
+        commands: list[Command] = []
         for parent_id in unreachable:
-            self._hosts.report_unreachable(parent_id, peer, now)
+            commands.extend(self._hosts.report_unreachable(parent_id, peer, now))
         for parent_id in corrupt:
-            self._hosts.report_corrupt(parent_id, peer, now)
+            commands.extend(self._hosts.report_corrupt(parent_id, peer, now))
         if event.more_parents:
-            return self.scheduler.offer_more(peer, task, now)
+            return [*commands, *self.scheduler.offer_more(peer, task, now)]
         if peer.reads_origin or not peer.active or peer.waiting:
-            return []
-        return self.scheduler.start_round(peer, task, now)
+            return commands
+        return [*commands, *self.scheduler.start_round(peer, task, now)]
 
     def _seed_trigger_failed(self, event: SeedTriggerFailed, now: float) -> list[Command]:
         seed = self.cluster.hosts.get(event.seed_host_id)
@@ -263,12 +269,13 @@ class SchedulerEngine:
 
     def after_removal(self, removed: RemovedPeer, now: float) -> list[Command]:
         """React to a peer gone: a lost seed is remembered; a lost origin reader is replaced (by a waiting
-        peer, else by the running peer holding most pieces when nobody holds the task whole)."""
+        peer, else by the running peer holding most pieces when nobody holds the task whole); a lost
+        whole holder is replaced the same way once nobody else holds the task whole."""
         task = removed.task
         if removed.was_unfinished_seed:
             task.seed_failed_at = now
         if not removed.was_origin_reader and not removed.was_unfinished_seed:
-            return []
+            return self.scheduler.source_lost(task, now) if removed.was_whole_holder else []
         commands = self.scheduler.schedule_waiting(task, now)
         commands.extend(self.scheduler.source_lost(task, now))
         return [*commands, *self._recheck_verdicts(task)]

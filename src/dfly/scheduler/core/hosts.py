@@ -1,12 +1,14 @@
 """Host events of the engine: announce (new boot, finished tasks), keepalive, disconnect, leave, and
 children's unreachable reports; the periodic sweep for silent and long-gone hosts.
 
-Rules: a dropped keepalive stream suspends the host at once, and so does one silent for
-`host_silence_s`; its peers leave the parent pools (so samples are not wasted on them) until a keepalive
-or announce lifts that. A host disconnected for `host_ttl_s` is forgotten with its peers. Enough
-distinct child hosts reporting a host unreachable suspend it for `unreachable_suspend_s` (an announce
-lifts it). A new boot id drops every peer of the old boot. A finished task in an announce becomes a
-SUCCEEDED peer (layout and digests only), and waiting peers of that task are scheduled at once.
+Rules: a dropped keepalive stream suspends the host at once, and so does one silent for `host_silence_s`;
+its peers leave the parent pools (so samples are not wasted on them) until a keepalive or announce lifts
+that. A host disconnected for `host_ttl_s` is forgotten with its peers. Enough distinct child hosts
+reporting a host unreachable suspend it for `unreachable_suspend_s` (an announce lifts it). A host
+suspended either way may have held a task's last full copy: the scheduler looks whether a running peer
+must read the rest (scheduling.py). A new boot id drops every peer of the old boot. A finished task in an
+announce becomes a SUCCEEDED peer (layout and digests only), and waiting peers of that task are scheduled
+at once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 from collections.abc import Callable
 
 from dfly.common.pieces import piece_count
-from dfly.scheduler.core.cluster import Cluster, RemovedPeer
+from dfly.scheduler.core.cluster import Cluster, RemovedPeer, holds_whole
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.messages import (
     ClosePeer,
@@ -104,9 +106,7 @@ class HostHandlers:
 
     def disconnected(self, event: HostDisconnected, now: float) -> list[Command]:
         host = self._current_host(event.host_id, event.boot_id)
-        if host is not None:
-            self._disconnect(host, now)
-        return []
+        return [] if host is None else self._disconnect(host, now)
 
     def sweep(self, now: float) -> list[Command]:
         """Suspend hosts whose keepalive stream went silent; forget hosts disconnected for host_ttl_s."""
@@ -120,7 +120,7 @@ class HostHandlers:
                 host.last_keepalive_at is not None
                 and now - host.last_keepalive_at >= self._config.host_silence_s
             ):
-                self._disconnect(host, now)
+                commands.extend(self._disconnect(host, now))
         return commands
 
     def left(self, event: HostLeft, now: float) -> list[Command]:
@@ -149,23 +149,27 @@ class HostHandlers:
             commands.extend(self._after_removal(removed, now))
         return commands
 
-    def report_unreachable(self, parent_id: str, child: Peer, now: float) -> None:
+    def report_unreachable(self, parent_id: str, child: Peer, now: float) -> list[Command]:
         """After `unreachable_reports` distinct hosts could not reach this parent, its host is offered to
         nobody for `unreachable_suspend_s`."""
         host = self._reported_by_quorum(
             parent_id, child, lambda h: h.unreachable_reporters, self._config.unreachable_reports
         )
-        if host is not None:
-            host.unreachable_until = now + self._config.unreachable_suspend_s
+        if host is None:
+            return []
+        host.unreachable_until = now + self._config.unreachable_suspend_s
+        return self._holdings_cut_off(host, now)
 
-    def report_corrupt(self, parent_id: str, child: Peer, now: float) -> None:
+    def report_corrupt(self, parent_id: str, child: Peer, now: float) -> list[Command]:
         """A child got a piece failing its CRC from this parent: after `corrupt_reports` distinct hosts
         said so, its host is offered to nobody for `corrupt_suspend_s` (a bad disk or memory)."""
         host = self._reported_by_quorum(
             parent_id, child, lambda h: h.corrupt_reporters, self._config.corrupt_reports
         )
-        if host is not None:
-            host.corrupt_until = now + self._config.corrupt_suspend_s
+        if host is None:
+            return []
+        host.corrupt_until = now + self._config.corrupt_suspend_s
+        return self._holdings_cut_off(host, now)
 
     def _reported_by_quorum(
         self, parent_id: str, child: Peer, reporters_of: Callable[[Host], set[str]], quorum: int
@@ -185,15 +189,27 @@ class HostHandlers:
 
     # --- helpers --------------------------------------------------------------------------------------
 
-    def _disconnect(self, host: Host, now: float) -> None:
+    def _disconnect(self, host: Host, now: float) -> list[Command]:
         """Offer nothing of the host until it is back (its peers leave the parent pools)."""
         if host.disconnected:
-            return
+            return []
         host.disconnected = True
         host.disconnected_at = now
         for peer_id in host.peer_ids:
             peer = self._cluster.peers[peer_id]
             self._cluster.tasks[peer.task_id].parent_pool.discard(peer_id)
+        return self._holdings_cut_off(host, now)
+
+    def _holdings_cut_off(self, host: Host, now: float) -> list[Command]:
+        """The host serves nobody now: each task it held whole may have lost its last full copy (the
+        scheduler looks again once the task's peers stop making progress; scheduling.py)."""
+        commands: list[Command] = []
+        for task_id in sorted(host.peers_by_task):
+            task = self._cluster.tasks[task_id]
+            held = any(holds_whole(self._cluster.peers[p]) for p in host.peers_by_task[task_id])
+            if held and len(task.peers) > 1:  # nobody else in the task: nobody to serve
+                commands.extend(self._scheduler.source_lost(task, now))
+        return commands
 
     def _reconnected(self, host: Host) -> None:
         """The host is back: its peers that can serve pieces are offered again."""

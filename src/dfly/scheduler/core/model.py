@@ -171,6 +171,7 @@ class Task:
     seed_trigger_pending: bool = False  # DownloadTask sent, the seed has not registered yet
     seed_failed_at: float | None = None
     source_requested_at: float | None = None  # when a seed was triggered / an origin reader sent
+    progress_at: float = -math.inf  # when a peer of the task last reported finished pieces
 
     @property
     def normal_origin_readers(self) -> int:

@@ -10,8 +10,9 @@ Counted attempts (register, reschedule, fallback timer) move toward the origin a
 became usable are free, and so is waiting while a triggered seed or an origin reader has not yet fixed
 the task's layout (a slow origin must not send every child to it).
 Timers, each in a heap: a waiting peer's retry; the check, `source_return_s` after a task's origin reader
-went, whether it must be replaced; and the check whether a triggered seed registered within
-`seed_register_timeout_s` (if not, it counts as failed for the task and a waiting peer reads the origin).
+or a peer holding it whole went (or its host was cut off), whether a running peer must read the rest;
+and the check whether a triggered seed registered within `seed_register_timeout_s` (if not, it counts
+as failed for the task and a waiting peer reads the origin).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import itertools
 import math
 import random
 
-from dfly.scheduler.core.cluster import Cluster, seed_download
+from dfly.scheduler.core.cluster import Cluster, holds_whole, seed_download
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.evaluator import rank_parents
 from dfly.scheduler.core.filters import FilterContext, rejection_reason
@@ -59,6 +60,7 @@ class ParentScheduler:
         self._grace_until = -math.inf if started_at is None else started_at + config.startup_grace_s
         self._retries: list[tuple[float, int, str]] = []
         self._source_checks: list[tuple[float, int, str]] = []  # (when, seq, task id): replace_lost_source
+        self._source_check_tasks: set[str] = set()  # the tasks with a look pending in _source_checks
         self._seed_checks: list[tuple[float, int, str, float]] = []  # (when, seq, task id, triggered at)
         self._sequence = itertools.count()
 
@@ -82,27 +84,33 @@ class ParentScheduler:
         return commands
 
     def source_lost(self, task: Task, now: float) -> list[Command]:
-        """The task's origin reader is gone: replace it now, or after `source_return_s` (it may return)."""
+        """The task may have lost its source (its origin reader, or a peer holding it whole, gone or on a
+        host now disconnected or suspended): look again now, or after `source_return_s` (it may return).
+        At most one look per task is pending."""
         if self._config.source_return_s <= 0:
             return self.replace_lost_source(task, now)
-        at = now + self._config.source_return_s
-        heapq.heappush(self._source_checks, (at, next(self._sequence), task.task_id))
+        self._arm_source_check(task.task_id, now + self._config.source_return_s)
         return []
 
     def replace_lost_source(self, task: Task, now: float) -> list[Command]:
-        """The task's origin reader is gone, nobody holds the task whole and nobody else reads the origin:
-        the running peer holding most pieces reads the rest (else peers holding parts wait for ever)."""
+        """Nobody reads the origin, nobody on a usable host holds the task whole, and the task's peers
+        reported no new piece for `source_return_s` (they have traded what they hold among themselves):
+        the running peer holding most pieces reads the rest (else they wait on each other for ever)."""
         if task.origin_readers or task.seed_trigger_pending or task.layout is None:
             return []
         sources = [p for p in task.peers.values() if not self._is_leech(p)]  # a leech serves nobody
-        if any(p.state is PeerState.SUCCEEDED or p.finish_digests is not None for p in sources):
-            return []  # someone holds it whole (finished, or awaiting its verdict)
+        if any(holds_whole(p) and self._on_usable_host(p, now) for p in sources):
+            return []
         runners = [
             peer
             for peer in sources
             if peer.active and not peer.waiting and not peer.reads_origin and self.may_read_origin(peer, task)
         ]
         if not runners:
+            return []
+        quiet_at = task.progress_at + self._config.source_return_s
+        if now < quiet_at:  # still trading pieces (or a holder on a cut-off host still serves): later
+            self._arm_source_check(task.task_id, quiet_at)
             return []
         chosen = max(runners, key=lambda peer: (peer.finished_piece_count, peer.peer_id))
         description = "the task's source is gone: read the missing pieces from the origin"
@@ -163,6 +171,7 @@ class ParentScheduler:
             commands.extend(self.schedule_waiting(unanswered, now))
         while (at := self._next_source_check()) is not None and at <= now:
             _, _, task_id = heapq.heappop(self._source_checks)
+            self._source_check_tasks.discard(task_id)
             task = self._cluster.tasks.get(task_id)
             if task is not None:
                 commands.extend(self.replace_lost_source(task, now))
@@ -289,6 +298,15 @@ class ParentScheduler:
             task.seed_readers.add(peer.peer_id)
 
     # --- helpers --------------------------------------------------------------------------------------
+
+    def _arm_source_check(self, task_id: str, at: float) -> None:
+        if task_id not in self._source_check_tasks:
+            self._source_check_tasks.add(task_id)
+            heapq.heappush(self._source_checks, (at, next(self._sequence), task_id))
+
+    def _on_usable_host(self, peer: Peer, now: float) -> bool:
+        host = self._cluster.hosts.get(peer.host_id)
+        return host is not None and not host.is_suspended(now)
 
     def _on_seed_host(self, peer: Peer) -> bool:
         host = self._cluster.hosts.get(peer.host_id)

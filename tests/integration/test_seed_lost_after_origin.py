@@ -1,0 +1,110 @@
+"""The seed finished reading the origin, then dies (SIGKILL), stops (SIGTERM) or serves a corrupt
+piece while peers still copy from it (chaos audit D1, D3).
+
+Real processes on 127.0.0.1: scheduler, seed and two peers. The seed's uploads are paced so that the
+peers hold only a few MiB when it goes. Nobody else holds the whole object, so the scheduler sends one
+running peer back to the origin; the other gets the rest from it. Before, both peers waited on each
+other (each held the other as a working parent, neither had the missing pieces) until dfget's timeout.
+A corrupt piece on the seed (a byte flipped on its disk) fails its CRC at both peers; their reports
+suspend the seed's host, and the same takeover follows.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clusterkit import Downloads, stats, task_file, wait_until
+
+from dfly.cluster import LocalCluster, Member
+from dfly.common.digest import file_digest
+from dfly.common.pieces import MiB
+from dfly.devtools.origin import Origin, make_file
+
+pytestmark = pytest.mark.integration
+
+FILE_BYTES = 16 * MiB
+SEED_UPLOAD = 4 * MiB  # bytes per second, shared by both peers
+DFGET_TIMEOUT_S = 60.0
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[Origin]:
+    with Origin(tmp_path / "www") as server:
+        yield server
+
+
+def received(member: Member) -> int:
+    got = stats(member)["download_bytes"]
+    return int(got["remote_seed"]) + int(got["remote_peer"])
+
+
+def has_some(member: Member) -> bool:
+    return received(member) >= 2 * MiB
+
+
+def read_whole(seed: Member) -> bool:
+    return int(stats(seed)["download_bytes"]["back_to_source"]) >= FILE_BYTES
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_seed_gone_after_its_origin_read_one_peer_reads_the_rest(
+    origin: Origin, tmp_path: Path, how: str
+) -> None:
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digest = make_file(origin.root / "f.bin", FILE_BYTES, seed=91)
+    url = origin.url("/f.bin")
+    overrides = {"seed": {"upload": {"rate_limit_bytes_per_s": SEED_UPLOAD}}}
+    with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
+        peers = [cluster.member("peer-1"), cluster.member("peer-2")]
+        with Downloads() as downloads:
+            for peer in peers:
+                downloads.start(peer, url, tmp_path / peer.name)
+            for peer in peers:
+                wait_until(f"{peer.name} has 2 MiB", functools.partial(has_some, peer))
+            wait_until("the seed read the whole origin", functools.partial(read_whole, cluster.seed))
+            seed_read = origin.bytes_sent
+            if how == "kill":
+                cluster.kill_member("seed")
+            else:
+                cluster.stop_member("seed")
+            assert sum(received(p) for p in peers) < 2 * FILE_BYTES, "the peers were done already"
+            downloads.finish(DFGET_TIMEOUT_S)
+        for peer in peers:
+            assert file_digest(tmp_path / peer.name).value == digest
+        readers = [p for p in peers if stats(p)["download_bytes"]["back_to_source"] > 0]
+        assert len(readers) == 1, "exactly one peer should have read the rest from the origin"
+        assert origin.bytes_sent - seed_read <= FILE_BYTES
+
+
+@pytest.mark.parametrize("peer_count", [1, 2])
+def test_a_piece_corrupt_on_the_only_whole_copy_is_read_again_from_the_origin(
+    origin: Origin, tmp_path: Path, peer_count: int
+) -> None:
+    """One peer alone is no quorum to suspend the seed: it blocks the seed, finds no other parent and
+    is sent to the origin after its counted attempts."""
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    digest = make_file(origin.root / "f.bin", FILE_BYTES, seed=92)
+    url = origin.url("/f.bin")
+    overrides = {"seed": {"upload": {"rate_limit_bytes_per_s": SEED_UPLOAD}}}
+    with LocalCluster(tmp_path / "c", peers=peer_count, daemon_overrides=overrides) as cluster:
+        peers = [cluster.member(f"peer-{n + 1}") for n in range(peer_count)]
+        with Downloads() as downloads:
+            for peer in peers:
+                downloads.start(peer, url, tmp_path / peer.name)
+            wait_until("the seed read the whole origin", functools.partial(read_whole, cluster.seed))
+            with task_file(cluster.seed.data_dir, url).open("r+b") as stored:
+                stored.seek(FILE_BYTES - 1000)  # the last piece: neither peer holds it yet
+                byte = stored.read(1)
+                stored.seek(FILE_BYTES - 1000)
+                stored.write(bytes([byte[0] ^ 0xFF]))
+            assert sum(received(p) for p in peers) < peer_count * FILE_BYTES - MiB, "the peers were done"
+            downloads.finish(DFGET_TIMEOUT_S)
+        for peer in peers:
+            assert file_digest(tmp_path / peer.name).value == digest
+        readers = [p for p in peers if stats(p)["download_bytes"]["back_to_source"] > 0]
+        assert len(readers) == 1, "exactly one peer should have read the rest from the origin"

@@ -1,0 +1,106 @@
+"""The only peer holding a task whole (here the seed, done with its origin read) goes away while
+children still copy from it: gone (host left, task deleted), cut off (keepalive dropped) or suspended
+(children's reports). Once the children stop reporting new pieces for `source_return_s`, the running one
+holding most pieces reads the rest from the origin; nobody does while a usable whole holder remains.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scheduler_testkit import Harness, of_type, swarm_with_seed
+
+from dfly.scheduler.core.config import EngineConfig
+from dfly.scheduler.core.messages import (
+    Command,
+    Event,
+    HostDisconnected,
+    HostKeepAlive,
+    HostLeft,
+    PeerFinished,
+    RescheduleRequested,
+    SendBackToSource,
+    SendCandidateParents,
+    TaskDeleted,
+)
+
+RETURN_S = EngineConfig().source_return_s
+DIGESTS = (100, 101, 102, 103)
+
+
+def seed_done_children_copying(harness: Harness) -> None:
+    """The seed read task-1 (4 pieces) and finished; a holds pieces 0 and 1, b holds piece 2."""
+    swarm_with_seed(harness)
+    harness.register("peer-a", "a")
+    harness.register("seed-peer", "seed", need_back_to_source=True)
+    harness.start_origin("seed-peer")
+    harness.pieces("seed-peer", 0, 1, 2, 3)
+    harness.do(PeerFinished("seed-peer", DIGESTS))
+    harness.register("peer-b", "b")
+    assert [c.peer_id for c in of_type(harness.log, SendCandidateParents)] == ["peer-a", "peer-b"]
+    harness.pieces("peer-a", 0, 1, parent="seed-peer")
+    harness.pieces("peer-b", 2, parent="seed-peer")
+
+
+def sent_to_origin(commands: list[Command]) -> list[str]:
+    return [c.peer_id for c in of_type(commands, SendBackToSource)]
+
+
+def seed_gone(harness: Harness, how: str) -> Event:
+    seed_host = harness.host_id("seed")
+    if how == "disconnected":  # the keepalive stream dropped (a crash)
+        return HostDisconnected(seed_host)
+    if how == "left":  # a clean stop
+        return HostLeft(seed_host)
+    return TaskDeleted(seed_host, "task-1")  # its GC removed the task
+
+
+@pytest.mark.parametrize("how", ["disconnected", "left", "deleted"])
+def test_the_running_peer_holding_most_reads_the_rest_once_the_last_whole_copy_is_gone(
+    harness: Harness, how: str
+) -> None:
+    seed_done_children_copying(harness)
+    assert not sent_to_origin(harness.do(seed_gone(harness, how)))
+    assert not sent_to_origin(harness.advance(RETURN_S - 0.1))
+    assert sent_to_origin(harness.advance(0.2)) == ["peer-a"]
+    assert not sent_to_origin(harness.advance(60))  # one reader, not one per check
+
+
+def test_children_still_trading_pieces_put_the_origin_off(harness: Harness) -> None:
+    seed_done_children_copying(harness)
+    harness.do(HostDisconnected(harness.host_id("seed")))
+    harness.advance(RETURN_S - 1)
+    harness.pieces("peer-a", 2, parent="peer-b")  # progress: maybe the cut-off seed still serves
+    assert not sent_to_origin(harness.advance(RETURN_S - 0.5))
+    assert sent_to_origin(harness.advance(1)) == ["peer-a"]
+
+
+def test_a_holder_whose_keepalive_comes_back_in_time_is_not_replaced(harness: Harness) -> None:
+    seed_done_children_copying(harness)
+    seed_host = harness.host_id("seed")
+    harness.do(HostDisconnected(seed_host))
+    harness.advance(1)
+    harness.do(HostKeepAlive(seed_host, "boot-1", 0.0, 0))
+    assert not sent_to_origin(harness.advance(10))  # (silent for host_silence_s, it would be cut off)
+
+
+def test_another_whole_holder_on_a_usable_host_keeps_the_children_off_the_origin(harness: Harness) -> None:
+    seed_done_children_copying(harness)
+    harness.announce("c")
+    harness.register("peer-c", "c")
+    harness.pieces("peer-c", 0, 1, 2, 3, parent="seed-peer")
+    harness.do(PeerFinished("peer-c", DIGESTS))
+    harness.do(HostDisconnected(harness.host_id("seed")))
+    assert not sent_to_origin(harness.advance(60))
+
+
+def test_a_holder_suspended_by_childrens_corrupt_reports_is_replaced(harness: Harness) -> None:
+    seed_done_children_copying(harness)
+    for child in ("peer-a", "peer-b"):  # two distinct hosts: the corrupt_reports quorum
+        harness.do(RescheduleRequested(child, corrupt=("seed-peer",), more_parents=True))
+    assert sent_to_origin(harness.advance(RETURN_S + 0.1)) == ["peer-a"]
+
+
+def test_one_report_short_of_the_quorum_replaces_nobody(harness: Harness) -> None:
+    seed_done_children_copying(harness)
+    harness.do(RescheduleRequested("peer-a", corrupt=("seed-peer",), more_parents=True))
+    assert not sent_to_origin(harness.advance(60))
