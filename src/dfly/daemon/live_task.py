@@ -51,6 +51,10 @@ class LiveTask:
     attempt: asyncio.Task[None] | None = None
     conductor: Conductor | None = None  # of the running attempt
     usage: Usage = field(default_factory=Usage)
+    # Held from an earlier run of the daemon and not yet re-read: its bytes are checked against their
+    # digests before the first local use (storage/verify.py); shared by the requests that come meanwhile.
+    unchecked: bool = False
+    check: asyncio.Future[list[int]] | None = None
 
     @property
     def running(self) -> bool:

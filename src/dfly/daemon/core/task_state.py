@@ -87,6 +87,10 @@ class TaskState:
     def complete(self) -> bool:
         return self.layout is not None and self._available == self.layout.piece_count
 
+    @property
+    def available_count(self) -> int:
+        return self._available
+
     def available_pieces(self) -> list[int]:
         return [n for n, digest in enumerate(self._digests) if digest != MISSING]
 
