@@ -1,10 +1,11 @@
 """A daemon that stops answering without closing its connections (SIGSTOP here: a hung process, a lost
 node, a cut link) has its scheduler streams ended by the scheduler's HTTP/2 pings (`grpc_keepalive_s`),
 so its running download leaves the task instead of holding its place (and an origin reader's slot) for
-TCP's ~2 hours."""
+TCP's ~2 hours. A scheduler that stops ends the daemons' keepalive streams itself, with UNAVAILABLE."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,22 @@ def test_a_stopped_daemons_download_leaves_the_task(tmp_path: Path) -> None:
         finally:
             download.kill()
             download.wait()
+
+
+def mentions(path: Path, text: str) -> bool:
+    return text in path.read_text()
+
+
+def test_a_stopping_scheduler_ends_keepalive_streams_without_a_traceback(tmp_path: Path) -> None:
+    """Before, gRPC cancelled each daemon's keepalive handler at the end of the shutdown grace and logged
+    a CancelledError traceback per daemon."""
+    with LocalCluster(tmp_path / "c", peers=2) as cluster:
+        assert cluster.stop_member("scheduler") == 0
+        log = cluster.scheduler.log_path.read_text()
+        for name in ("seed", "peer-1", "peer-2"):
+            daemon_log = cluster.member(name).log_path
+            wait_until(
+                f"{name} saw its keepalive end", functools.partial(mentions, daemon_log, "keepalive broke")
+            )
+    assert "scheduler stopping" in log
+    assert "Traceback" not in log, log

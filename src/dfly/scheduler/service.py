@@ -100,6 +100,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, _PeerStream] = {}
         self._keepalive_streams: dict[str, int] = {}
+        self._keepalive_handlers: set[asyncio.Task[Any]] = set()  # ended by stop(), not by gRPC's cancel
         self._awaiting_keepalive: dict[str, asyncio.TimerHandle] = {}  # announced, no keepalive stream yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -121,6 +122,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self._awaiting_keepalive.clear()
         for stream in list(self._streams.values()):
             stream.end(grpc.StatusCode.UNAVAILABLE, "scheduler is stopping")
+        for handler in list(self._keepalive_handlers):  # each ends its stream with UNAVAILABLE
+            handler.cancel()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -171,6 +174,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def HostKeepAlive(self, request_iterator: Any, context: Any) -> pb.Empty:
         host_id = ""
         boot_id = ""
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._keepalive_handlers.add(handler)
         try:
             async for request in request_iterator:
                 if not host_id:
@@ -193,7 +199,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                     host_id, request.boot_id, request.upload_rate_bytes_per_s, request.upload_slots_in_use
                 )
                 self._apply(event)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # Ended by stop(): a clear status for the daemon, not gRPC's traceback for a cancelled handler.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is stopping")
         finally:
+            self._keepalive_handlers.discard(handler)
             if host_id:
                 remaining = self._keepalive_streams.get(host_id, 1) - 1
                 if remaining > 0:
