@@ -150,10 +150,10 @@ def add_port(server: grpc.aio.Server, address: str, tls: TlsSection) -> int:
     port. A fixed port that is taken, or an address not on this host, raises OSError with the OS's reason
     (grpc itself only raises RuntimeError "Failed to bind")."""
     host, _, port = address.rpartition(":")
-    if int(port):
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        socket.create_server((host, int(port)), family=family).close()
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # Port 0 too: an address not on this host is our one-line error, not gRPC core's log line first.
+    socket.create_server((host, int(port)), family=family).close()
     if tls.enabled:
         return server.add_secure_port(address, server_credentials(tls))
     return server.add_insecure_port(address)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -144,6 +146,18 @@ def test_main_reports_a_taken_port_in_one_line_naming_its_key(
         assert main(["--config", str(path)]) == 2  # a config error, as the daemon's
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == f"dfly scheduler: {key}: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_an_address_not_on_this_host_is_one_line_without_grpc_cores_log(tmp_path: Path) -> None:
+    """Port 0 included: before, gRPC core printed its own `add_port.cc` error line first."""
+    path = tmp_path / "scheduler.yaml"
+    path.write_text("listen_ip: 192.0.2.1\nport: 0\nmetrics: {port: 0}\n")  # TEST-NET-1: on no host here
+    command = [sys.executable, "-m", "dfly.cli.dfly", "scheduler", "--config", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "dfly scheduler: listen_ip / port: cannot listen on 192.0.2.1:0: Cannot assign requested address"
+    ]
 
 
 @pytest.mark.parametrize(
