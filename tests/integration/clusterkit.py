@@ -31,6 +31,16 @@ def stats(member: Member) -> dict[str, Any]:
     return query_stats(member.socket)
 
 
+def from_parents(member: Member) -> int:
+    """Bytes the daemon got from other daemons (the seed and peers), not from the origin."""
+    got = stats(member)["download_bytes"]
+    return int(got["remote_seed"]) + int(got["remote_peer"])
+
+
+def has_2_mib_from_parents(member: Member) -> bool:
+    return from_parents(member) >= 2 * 1024 * 1024
+
+
 def task_file(data_dir: Path, url: str) -> Path:
     """Where a daemon with storage in `data_dir` keeps the task of a plain download of `url`."""
     return data_dir / task_relpath(TaskRequest(url=url).task_id)

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import Downloads, dfget_cmd, dfget_each_ok, hung, stats, wait_until
+from clusterkit import Downloads, dfget_cmd, dfget_each_ok, has_2_mib_from_parents, hung, stats, wait_until
 
-from dfly.cluster import LocalCluster, Member
+from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
 from dfly.devtools.origin import Origin, make_file
@@ -38,15 +38,6 @@ def origin(tmp_path: Path) -> Iterator[Origin]:
         yield server
 
 
-def received(member: Member) -> int:
-    got = stats(member)["download_bytes"]
-    return int(got["remote_seed"]) + int(got["remote_peer"])
-
-
-def has_some(member: Member) -> bool:
-    return received(member) >= 2 * MiB
-
-
 def test_seed_killed_mid_origin_read_one_peer_takes_over(origin: Origin, tmp_path: Path) -> None:
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
@@ -58,7 +49,7 @@ def test_seed_killed_mid_origin_read_one_peer_takes_over(origin: Origin, tmp_pat
             for peer in peers:
                 downloads.start(peer, url, tmp_path / peer.name)
             for peer in peers:
-                wait_until(f"{peer.name} has 2 MiB", functools.partial(has_some, peer))
+                wait_until(f"{peer.name} has 2 MiB", functools.partial(has_2_mib_from_parents, peer))
             cluster.kill_member("seed")
             seed_read = origin.bytes_sent
             assert seed_read < FILE_BYTES, "the seed finished before it was killed"

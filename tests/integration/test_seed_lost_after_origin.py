@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import Downloads, stats, task_file, wait_until
+from clusterkit import Downloads, from_parents, has_2_mib_from_parents, stats, task_file, wait_until
 
 from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
@@ -34,15 +34,6 @@ DFGET_TIMEOUT_S = 60.0
 def origin(tmp_path: Path) -> Iterator[Origin]:
     with Origin(tmp_path / "www") as server:
         yield server
-
-
-def received(member: Member) -> int:
-    got = stats(member)["download_bytes"]
-    return int(got["remote_seed"]) + int(got["remote_peer"])
-
-
-def has_some(member: Member) -> bool:
-    return received(member) >= 2 * MiB
 
 
 def read_whole(seed: Member) -> bool:
@@ -64,14 +55,14 @@ def test_seed_gone_after_its_origin_read_one_peer_reads_the_rest(
             for peer in peers:
                 downloads.start(peer, url, tmp_path / peer.name)
             for peer in peers:
-                wait_until(f"{peer.name} has 2 MiB", functools.partial(has_some, peer))
+                wait_until(f"{peer.name} has 2 MiB", functools.partial(has_2_mib_from_parents, peer))
             wait_until("the seed read the whole origin", functools.partial(read_whole, cluster.seed))
             seed_read = origin.bytes_sent
             if how == "kill":
                 cluster.kill_member("seed")
             else:
                 cluster.stop_member("seed")
-            assert sum(received(p) for p in peers) < 2 * FILE_BYTES, "the peers were done already"
+            assert sum(from_parents(p) for p in peers) < 2 * FILE_BYTES, "the peers were done already"
             downloads.finish(DFGET_TIMEOUT_S)
         for peer in peers:
             assert file_digest(tmp_path / peer.name).value == digest
@@ -102,7 +93,7 @@ def test_a_piece_corrupt_on_the_only_whole_copy_is_read_again_from_the_origin(
                 byte = stored.read(1)
                 stored.seek(FILE_BYTES - 1000)
                 stored.write(bytes([byte[0] ^ 0xFF]))
-            assert sum(received(p) for p in peers) < peer_count * FILE_BYTES - MiB, "the peers were done"
+            assert sum(from_parents(p) for p in peers) < peer_count * FILE_BYTES - MiB, "the peers were done"
             downloads.finish(DFGET_TIMEOUT_S)
         for peer in peers:
             assert file_digest(tmp_path / peer.name).value == digest
