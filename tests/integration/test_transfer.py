@@ -21,6 +21,7 @@ from transfer_kit import (
     connect,
     fetch_all,
     make_file,
+    released,
     run,
     start,
     uploaded,
@@ -129,6 +130,29 @@ def test_corrupt_digest_is_reported(tmp_path: Path) -> None:
         assert pool.bytes_out == 0
         with pytest.raises(ConnectionError):
             await conn.request(2)
+        await released(task)  # the parent read the child's ERROR and closed
+        assert task.reported_corrupt == [1]  # it reads its copy of piece 1 back
+        await server.close()
+
+    run(main())
+
+
+def test_a_corrupt_report_counts_only_for_a_piece_sent_on_that_connection(tmp_path: Path) -> None:
+    """A child cannot make the parent read back pieces it was never sent."""
+    make_file(tmp_path / "f", 1 * MiB)
+    task = FileTask(tmp_path / "f", "t1", 256 * KiB)
+
+    async def main() -> None:
+        server, port = await start(task)
+        for number in (2, 99, -1):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(p.encode_hello("t1", "liar", 256 * KiB, MiB))
+            writer.write(p.encode_error("corrupt_piece", "not true", number if number >= 0 else None))
+            await writer.drain()
+            await reader.read()  # the parent closes after the ERROR
+            writer.close()
+        await released(task)
+        assert task.reported_corrupt == []
         await server.close()
 
     run(main())

@@ -52,6 +52,7 @@ class FileTask:
         self.gate: FirstPassGate | None = None
         self.child_holds: dict[str, set[int]] = {}  # what peer_has reports (the child is also our parent)
         self.holders = 0  # child connections holding the task (ServedTask.hold)
+        self.reported_corrupt: list[int] = []  # ServedTask.report_corrupt calls
 
     @property
     def first_pass(self) -> FirstPassGate | None:
@@ -84,6 +85,9 @@ class FileTask:
             self.holders -= 1
 
         return release
+
+    def report_corrupt(self, number: int) -> None:
+        self.reported_corrupt.append(number)
 
     def make_available(self, number: int) -> None:
         self.available.add(number)
@@ -141,6 +145,14 @@ async def uploaded(server: CountingPieceServer, task_id: str, nbytes: int, timeo
     deadline = asyncio.get_running_loop().time() + timeout_s
     while server.bytes_uploaded_by_task.get(task_id, 0) < nbytes:
         assert asyncio.get_running_loop().time() < deadline, server.bytes_uploaded_by_task
+        await asyncio.sleep(0.01)
+
+
+async def released(task: FileTask, timeout_s: float = 10.0) -> None:
+    """Wait until no child connection holds the task (the server ended them all; bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while task.holders:
+        assert asyncio.get_running_loop().time() < deadline, f"{task.holders} connections still hold it"
         await asyncio.sleep(0.01)
 
 

@@ -51,10 +51,11 @@ class LiveTask:
     attempt: asyncio.Task[None] | None = None
     conductor: Conductor | None = None  # of the running attempt
     usage: Usage = field(default_factory=Usage)
-    # Held from an earlier run of the daemon and not yet re-read: its bytes are checked against their
-    # digests before the first local use (storage/verify.py); shared by the requests that come meanwhile.
+    # Held from an earlier run of the daemon and not yet read back: its bytes are checked against their
+    # digests before the first local use (stored_check.py).
     unchecked: bool = False
-    check: asyncio.Future[list[int]] | None = None
+    check: asyncio.Future[list[int]] | None = None  # the latest read-back (stored_check.py)
+    rechecked: set[int] = field(default_factory=set)  # pieces read back on a child's corrupt report
 
     @property
     def running(self) -> bool:
@@ -68,9 +69,12 @@ class LiveTask:
 class ServedTaskView:
     """A live task as the piece server sees it (transfer.server.ServedTask)."""
 
-    def __init__(self, live: LiveTask, read_fd: Callable[[], int]) -> None:
+    def __init__(
+        self, live: LiveTask, read_fd: Callable[[], int], report_corrupt: Callable[[int], None]
+    ) -> None:
         self._live = live
         self._read_fd = read_fd
+        self.report_corrupt = report_corrupt
         layout = live.state.layout
         assert layout is not None
         self.task_id = live.state.task_id

@@ -39,7 +39,7 @@ from dfly.daemon.core.task_state import Announcer, TaskState
 from dfly.daemon.live_task import LiveTask, ServedTaskView, Usage
 from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.storage import StoredTask
-from dfly.daemon.storage.verify import corrupt_pieces
+from dfly.daemon.stored_check import StoredCheck
 from dfly.daemon.task_request import TaskRequest
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class TaskManager:
         self._live: dict[str, LiveTask] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._forget_records = ctx.storage.forget_pieces
+        self.stored_check = StoredCheck(ctx, self._spawn)
 
     # -- start-up / shutdown ----------------------------------------------------------------------
     def load(self, stored: list[StoredTask]) -> None:
@@ -189,54 +190,6 @@ class TaskManager:
             return False
         return True
 
-    async def _check_stored(self, live: LiveTask) -> None:
-        """Before the first local use of a task held from an earlier run: read its pieces back and forget
-        (to fetch them again) those whose bytes changed on disk meanwhile. Requests that come while it
-        reads wait for the same check."""
-        if live.check is None:
-            live.check = self._spawn_check(live)
-        bad = await asyncio.shield(live.check)
-        if not live.unchecked:
-            return  # an earlier waiter applied it
-        live.unchecked = False
-        if not bad:
-            return
-        state = live.state
-        was_complete = state.complete
-        log.warning(
-            "task %s: %d of its %d stored pieces changed on disk since they were written; fetching them"
-            " again",
-            state.task_id[:12],
-            len(bad),
-            state.available_count,
-        )
-        state.forget_pieces(bad)  # their storage records too
-        if was_complete and self.ctx.scheduler is not None:  # this host no longer holds it whole
-            self._spawn(self.ctx.scheduler.delete_task(state.task_id))
-
-    def _spawn_check(self, live: LiveTask) -> asyncio.Future[list[int]]:
-        state = live.state
-        assert state.layout is not None
-        layout = state.layout
-        pieces = [(n, d) for n in state.available_pieces() if (d := state.piece_digest(n)) is not None]
-
-        def read_back(fd: int) -> list[int]:
-            try:
-                return corrupt_pieces(fd, layout.content_length, layout.piece_length, pieces)
-            except OSError as exc:  # the disk cannot give them back: none of them is trusted
-                log.warning("task %s: cannot read its file back (%s)", state.task_id[:12], exc)
-                return [n for n, _ in pieces]
-            finally:
-                os.close(fd)
-
-        try:
-            fd = os.dup(self.ctx.storage.read_fd(state.task_id))
-        except (StorageError, OSError):
-            done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-            done.set_result([])  # the file is gone: the size check that follows downloads it again
-            return done
-        return asyncio.ensure_future(asyncio.to_thread(read_back, fd))
-
     def pieces_lost(self, task_id: str, pieces: list[int]) -> None:
         """Storage dropped these written pieces (failed fdatasync): never serve or use them again."""
         live = self._live.get(task_id)
@@ -284,7 +237,7 @@ class TaskManager:
         )
         held = self._live.get(task_request.task_id)
         if held is not None and held.unchecked:
-            await self._check_stored(held)
+            await self.stored_check.before_first_use(held)
         live = self.start(task_request)
         if live.state.complete and live.state.ended and not self._file_intact(live):
             removal = self.remove(live.state.task_id)
@@ -378,7 +331,11 @@ class TaskManager:
         live = self._live.get(task_id)
         if live is None or live.state.layout is None or not live.file_ready.is_set():
             return None
-        return ServedTaskView(live, lambda: self.ctx.storage.read_fd(task_id))
+        return ServedTaskView(
+            live,
+            lambda: self.ctx.storage.read_fd(task_id),
+            lambda number: self.stored_check.reported(live, number),
+        )
 
 
 def _fresh(error: DflyError | None) -> DflyError | None:

@@ -10,7 +10,8 @@ Rules:
 - Buffers always go back to the pool: the listener hands each `on_piece` view back with
   `conn.release(data)` once the bytes are written (idempotent; valid after close too); on failure,
   cancel and close the connection releases buffers itself.
-- A digest mismatch fails the piece ("digest mismatch") and closes the connection with DigestMismatch;
+- A digest mismatch fails the piece ("digest mismatch"), tells the parent (ERROR `corrupt_piece`, so it
+  reads its copy back) and closes the connection with DigestMismatch;
   a protocol error (including a PIECE that was never requested) closes it with ProtocolError.
 - A PIECE for a request we cancelled may still arrive (the parent had started it): it is discarded.
 - Listener callbacks run on the event loop, never before `connect_parent` has returned.
@@ -288,6 +289,9 @@ class ParentConnection(asyncio.BufferedProtocol):
         if self._crc & 0xFFFFFFFF != self._digest:
             self.pool.release(buf)
             self.listener.on_piece_failed(self.parent_id, req.number, "digest mismatch")
+            if self._transport is not None:  # the parent reads its copy back; the close follows
+                report = f"piece {req.number} fails its CRC-32"
+                self._transport.write(p.encode_error("corrupt_piece", report, req.number))
             raise DigestMismatch(f"piece {req.number} from parent {self.parent_id} fails its CRC-32")
         view = memoryview(buf)
         self._delivered[id(view)] = (view, buf)

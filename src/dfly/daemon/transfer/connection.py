@@ -46,6 +46,7 @@ class ChildConnection:
         self.out_errors = 0  # ERROR answers in `out`: a child that asks without reading them is dropped
         self.wake = asyncio.Event()
         self.known = bytearray()  # pieces announced to the child
+        self.sent = bytearray()  # pieces sent to the child (bits; sized on the first one)
         self.claimed: set[int] = set()  # pieces the first-pass gate gave this child, not yet delivered
         # refused by the gate, told again once it may be claimed: piece -> remover of the gate's listener
         self.waiting_free: dict[int, Callable[[], None]] = {}
@@ -117,8 +118,8 @@ class ChildConnection:
                 task.task_id, self.server.peer_id, task.piece_length, task.content_length
             )
             await self._send(greeting + p.encode_bitfield(self.known))
-            self._handle(events[1:])
-            await self._run_loops()
+            if self._handle(events[1:]):  # not when ERROR or EOF came with the HELLO
+                await self._run_loops()
         finally:
             self.closed = True
             unsubscribe()
@@ -195,6 +196,9 @@ class ChildConnection:
                     self._unclaim(event.number)
             elif isinstance(event, p.Error):
                 log.debug("child sent ERROR %s: %s", event.code, event.message)
+                if event.code == "corrupt_piece" and event.piece is not None and self._was_sent(event.piece):
+                    assert self.task is not None
+                    self.task.report_corrupt(event.piece)
                 return False
             elif isinstance(event, p.Closed):
                 return False
@@ -283,6 +287,14 @@ class ChildConnection:
                 self.wake.clear()
                 await self.wake.wait()
 
+    def _mark_sent(self, number: int, piece_count: int) -> None:
+        if not self.sent:
+            self.sent = p.make_bitfield(piece_count)
+        self.sent[number >> 3] |= 0x80 >> (number & 7)
+
+    def _was_sent(self, number: int) -> bool:
+        return 0 <= number < len(self.sent) * 8 and p.has_bit(self.sent, number)
+
     async def _serve_piece(self, number: int) -> None:
         task = self.task
         assert task is not None
@@ -333,6 +345,7 @@ class ChildConnection:
                 finally:
                     os.close(fd)  # sendfile_range has waited for its thread, also when cancelled
                 self.mid_frame = False
+                self._mark_sent(number, task.piece_count)
                 if number in self.claimed:  # delivered: during the first pass it stays given out
                     self.claimed.discard(number)
                     if task.first_pass is not None:

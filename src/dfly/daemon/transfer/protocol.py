@@ -62,7 +62,9 @@ VERSION: Final = 1
 MAX_CONTROL_PAYLOAD: Final = 65_536
 MAX_PIECE_COUNT: Final = MAX_CONTROL_PAYLOAD * 8  # a BITFIELD must fit one control frame
 MAX_ID_CHARS: Final = 256
-ERROR_CODES: Final = ("unknown_task", "layout_mismatch", "not_available", "bad_frame", "busy", "shutdown")
+ERROR_CODES: Final = (
+    "unknown_task", "layout_mismatch", "not_available", "bad_frame", "busy", "shutdown", "corrupt_piece"
+)  # fmt: skip
 
 _FRAME = struct.Struct(">BI")
 _NUMBER = struct.Struct(">I")

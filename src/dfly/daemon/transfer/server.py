@@ -95,6 +95,10 @@ class ServedTask(Protocol):
         """Keep the task (and its file) from the storage GC while a child is connected; returns release."""
         ...
 
+    def report_corrupt(self, number: int) -> None:
+        """A child got piece n (sent on its connection) failing its CRC-32: check the stored copy."""
+        ...
+
 
 class PieceProvider(Protocol):
     def lookup(self, task_id: str) -> ServedTask | None: ...
