@@ -10,8 +10,8 @@ Rules:
   holds it (so it is offered as nobody's parent for it). A task whose download is running is left to it.
 - Reads run in a worker thread on a dup of the task's fd. Requests that come while a task is read back
   wait for that same check. A reported piece is read at most once per run of the daemon (a child that
-  keeps reporting cannot make the daemon read the task more than once), and only while no other check
-  of that task runs.
+  keeps reporting cannot make the daemon read the task more than once), and not while the whole task
+  is read back.
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ class StoredCheck:
         if live.check is not None and not live.check.done():
             return  # the whole task is being read back now
         live.rechecked.add(number)
-        live.check = self._read_back(live, number)
-        self._spawn(self._apply_reported(live, live.check))
+        self._spawn(self._apply_reported(live, self._read_back(live, number)))
 
     async def _apply_reported(self, live: LiveTask, check: asyncio.Future[list[int]]) -> None:
         bad = await check
