@@ -13,11 +13,21 @@ copy back and drops the piece.
 from __future__ import annotations
 
 import functools
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import Downloads, from_parents, has_2_mib_from_parents, stats, task_file, wait_until
+from clusterkit import (
+    Downloads,
+    dfget_cmd,
+    from_parents,
+    has_2_mib_from_parents,
+    stats,
+    task_file,
+    wait_until,
+)
 
 from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
@@ -106,3 +116,38 @@ def test_a_piece_corrupt_on_the_only_whole_copy_is_read_again_from_the_origin(
         assert origin.bytes_sent - seed_read < FILE_BYTES
         seed_log = cluster.seed.log_path.read_text()
         assert "1 of its 64 stored pieces fail their CRC-32 on disk (a child reported one)" in seed_log
+
+
+def test_peers_that_may_not_read_the_origin_fail_promptly_when_the_only_seed_dies(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """`--disable-back-to-source` and the task's only seed gone: no other seed can be triggered, so the
+    peers fail with the reason within seconds (before, they waited for dfget's timeout, 2 h by default)."""
+    assert origin.root is not None
+    origin.root.mkdir(parents=True, exist_ok=True)
+    make_file(origin.root / "f.bin", FILE_BYTES, seed=93)
+    url = origin.url("/f.bin")
+    overrides = {"seed": {"upload": {"rate_limit_bytes_per_s": SEED_UPLOAD}}}
+    with LocalCluster(tmp_path / "c", peers=2, daemon_overrides=overrides) as cluster:
+        peers = [cluster.member("peer-1"), cluster.member("peer-2")]
+        procs = []
+        try:
+            for peer in peers:
+                command = dfget_cmd(peer, url, tmp_path / peer.name, "--disable-back-to-source")
+                procs.append(subprocess.Popen(command, stderr=subprocess.PIPE, text=True))
+            for peer in peers:
+                wait_until(f"{peer.name} has 2 MiB", functools.partial(has_2_mib_from_parents, peer))
+            cluster.kill_member("seed")
+            started = time.monotonic()
+            errors = [proc.communicate(timeout=DFGET_TIMEOUT_S)[1] for proc in procs]
+            elapsed = time.monotonic() - started
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    assert [proc.returncode for proc in procs] == [1, 1], errors
+    for error in errors:
+        assert "back-to-source is disabled" in error, error
+    assert elapsed < 30  # source_return_s after the peers stop trading, not dfget's timeout
+    assert not (tmp_path / "peer-1").exists()

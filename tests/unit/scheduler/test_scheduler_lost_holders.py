@@ -18,9 +18,12 @@ from dfly.scheduler.core.messages import (
     HostLeft,
     PeerFinished,
     RescheduleRequested,
+    SeedTriggerFailed,
     SendBackToSource,
     SendCandidateParents,
+    SendTaskFailed,
     TaskDeleted,
+    TriggerSeedPeer,
 )
 
 RETURN_S = EngineConfig().source_return_s
@@ -104,3 +107,57 @@ def test_one_report_short_of_the_quorum_replaces_nobody(harness: Harness) -> Non
     seed_done_children_copying(harness)
     harness.do(RescheduleRequested("peer-a", corrupt=("seed-peer",), more_parents=True))
     assert not sent_to_origin(harness.advance(60))
+
+
+def test_children_that_may_not_read_the_origin_get_the_seed_triggered_again(harness: Harness) -> None:
+    swarm_with_seed(harness)
+    harness.announce("seed-2", seed=True)
+    harness.register("peer-a", "a", disable_back_to_source=True)
+    [first] = of_type(harness.log, TriggerSeedPeer)
+    seed_name = "seed" if first.seed_host_id == harness.host_id("seed") else "seed-2"
+    harness.register("seed-peer", seed_name, need_back_to_source=True)
+    harness.start_origin("seed-peer")
+    harness.pieces("seed-peer", 0, 1, 2, 3)
+    harness.do(PeerFinished("seed-peer", DIGESTS))
+    harness.pieces("peer-a", 0, parent="seed-peer")
+    harness.do(HostLeft(first.seed_host_id))
+    commands = harness.advance(RETURN_S + 0.1)
+    [again] = of_type(commands, TriggerSeedPeer)
+    assert again.seed_host_id != first.seed_host_id
+    assert not sent_to_origin(commands)
+
+
+def test_children_that_may_not_read_the_origin_fail_when_no_seed_is_left(harness: Harness) -> None:
+    swarm_with_seed(harness)
+    harness.register("peer-a", "a", disable_back_to_source=True)
+    harness.register("peer-b", "b", disable_back_to_source=True)
+    harness.register("seed-peer", "seed", need_back_to_source=True)
+    harness.start_origin("seed-peer")
+    harness.pieces("seed-peer", 0, 1, 2, 3)
+    harness.do(PeerFinished("seed-peer", DIGESTS))
+    harness.pieces("peer-a", 0, 1, parent="seed-peer")
+    harness.pieces("peer-b", 2, parent="seed-peer")
+    harness.do(HostDisconnected(harness.host_id("seed")))
+    failed = of_type(harness.advance(RETURN_S + 0.1), SendTaskFailed)
+    assert sorted(f.peer_id for f in failed) == ["peer-a", "peer-b"]
+    assert "back-to-source is disabled" in failed[0].description
+
+
+def test_a_seed_trigger_that_fails_then_fails_the_children_that_may_not_read_the_origin(
+    harness: Harness,
+) -> None:
+    swarm_with_seed(harness)
+    harness.announce("seed-2", seed=True)
+    harness.register("peer-a", "a", disable_back_to_source=True)
+    [first] = of_type(harness.log, TriggerSeedPeer)
+    seed_name = "seed" if first.seed_host_id == harness.host_id("seed") else "seed-2"
+    harness.register("seed-peer", seed_name, need_back_to_source=True)
+    harness.start_origin("seed-peer")
+    harness.pieces("seed-peer", 0, 1, 2, 3)
+    harness.do(PeerFinished("seed-peer", DIGESTS))
+    harness.pieces("peer-a", 0, parent="seed-peer")
+    harness.do(HostLeft(first.seed_host_id))
+    [again] = of_type(harness.advance(RETURN_S + 0.1), TriggerSeedPeer)
+    harness.do(SeedTriggerFailed("task-1", again.seed_host_id, "refused"))
+    [failed] = of_type(harness.advance(RETURN_S + 0.1), SendTaskFailed)
+    assert failed.peer_id == "peer-a"

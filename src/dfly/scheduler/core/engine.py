@@ -263,7 +263,7 @@ class SchedulerEngine:
             return []
         task.seed_trigger_pending = False
         task.seed_failed_at = now
-        return self.scheduler.schedule_waiting(task, now)
+        return [*self.scheduler.schedule_waiting(task, now), *self.scheduler.source_lost(task, now)]
 
     # --- shared by peer and host events --------------------------------------------------------------
 

@@ -95,26 +95,34 @@ class ParentScheduler:
     def replace_lost_source(self, task: Task, now: float) -> list[Command]:
         """Nobody reads the origin, nobody on a usable host holds the task whole, and the task's peers
         reported no new piece for `source_return_s` (they have traded what they hold among themselves):
-        the running peer holding most pieces reads the rest (else they wait on each other for ever)."""
+        the running peer holding most pieces reads the rest (else they wait on each other for ever).
+        When none of them may read the origin, a seed is triggered; without one they fail."""
         if task.origin_readers or task.seed_trigger_pending or task.layout is None:
             return []
         sources = [p for p in task.peers.values() if not self._is_leech(p)]  # a leech serves nobody
         if any(holds_whole(p) and self._on_usable_host(p, now) for p in sources):
             return []
-        runners = [
-            peer
-            for peer in sources
-            if peer.active and not peer.waiting and not peer.reads_origin and self.may_read_origin(peer, task)
-        ]
-        if not runners:
+        running = [p for p in task.peers.values() if p.active and not p.waiting and not p.reads_origin]
+        if not running:
             return []
         quiet_at = task.progress_at + self._config.source_return_s
         if now < quiet_at:  # still trading pieces (or a holder on a cut-off host still serves): later
             self._arm_source_check(task.task_id, quiet_at)
             return []
-        chosen = max(runners, key=lambda peer: (peer.finished_piece_count, peer.peer_id))
-        description = "the task's source is gone: read the missing pieces from the origin"
-        return self.send_to_origin(chosen, task, description, now)
+        runners = [p for p in running if not self._is_leech(p) and self.may_read_origin(p, task)]
+        if runners:
+            chosen = max(runners, key=lambda peer: (peer.finished_piece_count, peer.peer_id))
+            description = "the task's source is gone: read the missing pieces from the origin"
+            return self.send_to_origin(chosen, task, description, now)
+        trigger = self._trigger_seed(task, running[0], now)
+        if trigger is not None:
+            return [trigger]
+        commands: list[Command] = []
+        for peer in sorted(running, key=lambda p: p.peer_id):
+            self._cluster.remove_peer(peer, PeerState.FAILED)
+            description = "the task's source is gone, no seed peer can read it and back-to-source is disabled"
+            commands.append(SendTaskFailed(peer.peer_id, description))
+        return commands
 
     def offer_more(self, peer: Peer, task: Task, now: float) -> list[Command]:
         """The child has working parents and wants more: new ones if any, otherwise no answer."""
@@ -169,6 +177,7 @@ class ParentScheduler:
             unanswered.seed_trigger_pending = False  # accepted, never registered: as if the trigger failed
             unanswered.seed_failed_at = now
             commands.extend(self.schedule_waiting(unanswered, now))
+            commands.extend(self.source_lost(unanswered, now))
         while (at := self._next_source_check()) is not None and at <= now:
             _, _, task_id = heapq.heappop(self._source_checks)
             self._source_check_tasks.discard(task_id)
