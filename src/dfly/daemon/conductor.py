@@ -183,10 +183,14 @@ class Conductor:
         elif isinstance(event, PiecesLost):
             self._on_pieces_lost(event.pieces)
 
+    def may_refetch(self) -> bool:
+        """Whether pieces taken back now (PiecesLost) are fetched again by this attempt."""
+        return self._back_to_source is None and self._verdict_deadline is None and self.parents.active
+
     def _on_pieces_lost(self, pieces: list[int]) -> None:
         """Fetch them again from parents; an origin read (sequential) or a finished attempt ends with a
         clear error instead, and the next request resumes from the pieces that are still good."""
-        if self._back_to_source is not None or self._verdict_deadline is not None or not self.parents.active:
+        if not self.may_refetch():
             raise StorageError(f"{len(pieces)} pieces could not be synced to disk; download again")
         self.parents.pieces_lost(pieces)
 

@@ -7,7 +7,10 @@ write); and for one piece a child reports failing its CRC-32 (piece protocol ERR
 Rules:
 - A piece whose bytes no longer match is forgotten (its storage record too) and fetched again by the
   next download of the task; if the task was complete, the schedulers are told this host no longer
-  holds it (so it is offered as nobody's parent for it). A task whose download is running is left to it.
+  holds it (so it is offered as nobody's parent for it). A running download from parents takes it back
+  and fetches it again at once; an origin read, or an attempt awaiting its verdict, drops it when it
+  ends. Every start of a task held from an earlier run (a local use, a seed trigger) waits for the
+  task's read-back, so no download resumes on pieces nobody checked.
 - Reads run in a worker thread on a dup of the task's fd. Requests that come while a task is read back
   wait for that same check. A reported piece is read at most once per run of the daemon (a child that
   keeps reporting cannot make the daemon read the task more than once), and not while the whole task
@@ -17,12 +20,14 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dfly.common.errors import StorageError
+from dfly.daemon.conductor import PiecesLost
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.live_task import LiveTask
 from dfly.daemon.storage.verify import corrupt_pieces
@@ -64,9 +69,20 @@ class StoredCheck:
 
     def _forget(self, live: LiveTask, bad: list[int], why: str) -> None:
         state = live.state
-        if live.running:
-            log.error("task %s: %d stored pieces %s; its running download keeps them", state.task_id[:12],
-                      len(bad), why)  # fmt: skip
+        live.rechecked.difference_update(bad)  # the next copy of each may be reported (and read) again
+        if live.running and live.attempt is not None:
+            conductor = live.conductor
+            if conductor is not None and conductor.may_refetch():
+                log.warning("task %s: %d stored pieces %s; fetching them again", state.task_id[:12],
+                            len(bad), why)  # fmt: skip
+                state.forget_pieces(bad)
+                conductor.events.put_nowait(PiecesLost(bad))
+                return
+            # An origin read or a finished attempt awaiting its verdict cannot take pieces back: once it
+            # ends, they are dropped (and fetched by the task's next download).
+            log.warning("task %s: %d stored pieces %s; dropped when its download ends", state.task_id[:12],
+                        len(bad), why)  # fmt: skip
+            live.attempt.add_done_callback(functools.partial(self._after_attempt, live, bad, why))
             return
         was_complete = state.complete
         log.warning(
@@ -79,6 +95,10 @@ class StoredCheck:
         state.forget_pieces(bad)  # their storage records too
         if was_complete and self.ctx.scheduler is not None:  # this host no longer holds it whole
             self._spawn(self.ctx.scheduler.delete_task(state.task_id))
+
+    def _after_attempt(self, live: LiveTask, bad: list[int], why: str, attempt: asyncio.Task[None]) -> None:
+        if not attempt.cancelled():  # cancelled: the daemon stops, and reads the task back after its start
+            self._forget(live, bad, why)
 
     def _read_back(self, live: LiveTask, only: int | None) -> asyncio.Future[list[int]]:
         """The pieces (all available ones, or only `only`) whose bytes on disk differ from their digest."""

@@ -296,7 +296,20 @@ class TaskManager:
 
     def trigger(self, request: TaskRequest) -> str:
         """A download requested by the scheduler (seed trigger): runs in the background. For a task held
-        completely already, the schedulers are told again (one that never heard of it may be asking)."""
+        completely already, the schedulers are told again (one that never heard of it may be asking).
+        A task held from an earlier run starts once it has been read back (stored_check.py)."""
+        held = self._live.get(request.task_id)
+        if held is not None and held.unchecked:
+            self._spawn(self._trigger_checked(held, request))
+            return request.task_id
+        return self._trigger_now(request)
+
+    async def _trigger_checked(self, held: LiveTask, request: TaskRequest) -> None:
+        await self.stored_check.before_first_use(held)
+        if self._live.get(request.task_id) is held:  # not removed meanwhile
+            self._trigger_now(request)
+
+    def _trigger_now(self, request: TaskRequest) -> str:
         live = self.start(request)
         if live.state.complete and live.state.ended and self.ctx.scheduler is not None:
             self._spawn(self.ctx.scheduler.reannounce(only=[live.state.task_id]))

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from dfly.common.digest import crc32
+from dfly.daemon.conductor import PiecesLost
 from dfly.daemon.core.task_state import TaskState
 from dfly.daemon.live_task import LiveTask
 from dfly.daemon.stored_check import StoredCheck
@@ -90,6 +91,54 @@ def test_a_piece_is_read_back_once_however_often_it_is_reported(tmp_path: Path) 
         assert held.reads == 1
         assert held.forgotten == []
         assert held.live.state.complete
+
+    asyncio.run(main())
+    os.close(held.fd)
+
+
+def test_a_running_download_from_parents_takes_a_reported_piece_back_at_once(tmp_path: Path) -> None:
+    held = Held(tmp_path)
+    held.live.unchecked = False
+    held.flip(2 * PIECE)
+
+    async def main() -> None:
+        spawned: list[asyncio.Task[None]] = []
+        check = held.checker(spawned)
+        attempt = asyncio.get_running_loop().create_future()
+        events: asyncio.Queue[object] = asyncio.Queue()
+        held.live.attempt = attempt  # type: ignore[assignment]
+        held.live.conductor = SimpleNamespace(may_refetch=lambda: True, events=events)  # type: ignore[assignment]
+        check.reported(held.live, 2)
+        await asyncio.gather(*spawned)
+        assert held.forgotten == [2]
+        lost = events.get_nowait()
+        assert isinstance(lost, PiecesLost)
+        assert lost.pieces == [2]
+        assert 2 not in held.live.rechecked  # its next copy may be reported again
+        attempt.set_result(None)
+
+    asyncio.run(main())
+    os.close(held.fd)
+
+
+def test_an_origin_read_drops_a_reported_piece_when_it_ends(tmp_path: Path) -> None:
+    held = Held(tmp_path)
+    held.live.unchecked = False
+    held.flip(2 * PIECE)
+
+    async def main() -> None:
+        spawned: list[asyncio.Task[None]] = []
+        check = held.checker(spawned)
+        attempt = asyncio.get_running_loop().create_future()
+        held.live.attempt = attempt  # type: ignore[assignment]
+        held.live.conductor = SimpleNamespace(may_refetch=lambda: False)  # type: ignore[assignment]
+        check.reported(held.live, 2)
+        await asyncio.gather(*spawned)
+        assert held.forgotten == []  # the origin read cannot take it back now
+        attempt.set_result(None)
+        await asyncio.sleep(0)  # done callbacks run on the next loop pass
+        assert held.forgotten == [2]
+        assert not held.live.state.complete
 
     asyncio.run(main())
     os.close(held.fd)
