@@ -161,3 +161,53 @@ def test_a_seed_trigger_that_fails_then_fails_the_children_that_may_not_read_the
     harness.do(SeedTriggerFailed("task-1", again.seed_host_id, "refused"))
     [failed] = of_type(harness.advance(RETURN_S + 0.1), SendTaskFailed)
     assert failed.peer_id == "peer-a"
+
+
+def test_a_leech_that_may_read_the_origin_reads_it_for_itself_and_is_not_failed(harness: Harness) -> None:
+    """Review finding: the leech was failed with the others' reason ("back-to-source is disabled")."""
+    swarm_with_seed(harness)
+    harness.announce("l", piece_port=0)
+    harness.register("peer-a", "a", disable_back_to_source=True)
+    harness.register("seed-peer", "seed", need_back_to_source=True)
+    harness.start_origin("seed-peer")
+    harness.pieces("seed-peer", 0, 1, 2, 3)
+    harness.do(PeerFinished("seed-peer", DIGESTS))
+    harness.register("peer-l", "l")
+    harness.pieces("peer-a", 0, parent="seed-peer")
+    harness.pieces("peer-l", 1, parent="seed-peer")
+    harness.do(HostLeft(harness.host_id("seed")))
+    commands = harness.advance(RETURN_S + 0.1)
+    assert sent_to_origin(commands) == ["peer-l"]
+    assert [f.peer_id for f in of_type(commands, SendTaskFailed)] == ["peer-a"]
+
+
+def test_a_loss_just_before_an_earlier_armed_look_still_gets_its_full_return_time(harness: Harness) -> None:
+    """Review finding: one pending look per task kept the earliest time, so a holder cut off 0.1 s
+    before it was replaced without its `source_return_s` to come back."""
+    seed_done_children_copying(harness)
+    harness.announce("c")
+    harness.register("peer-c", "c")
+    harness.pieces("peer-c", 0, 1, 2, 3, parent="seed-peer")
+    harness.do(PeerFinished("peer-c", DIGESTS))  # a second whole holder
+    harness.advance(5)
+    harness.do(TaskDeleted(harness.host_id("c"), "task-1"))  # arms a look for RETURN_S from now
+    harness.advance(RETURN_S - 0.1)
+    seed_host = harness.host_id("seed")
+    harness.do(HostDisconnected(seed_host))  # now nobody usable holds it whole
+    assert not sent_to_origin(harness.advance(0.2))  # not 0.1 s after the cut
+    harness.do(HostKeepAlive(seed_host, "boot-1", 0.0, 0))  # back within its source_return_s
+    assert not sent_to_origin(harness.advance(RETURN_S))
+
+
+def test_reports_against_a_host_already_suspended_look_at_nothing_again(harness: Harness) -> None:
+    seed_done_children_copying(harness)
+    harness.announce("c")
+    harness.register("peer-c", "c")
+    for child in ("peer-a", "peer-b"):
+        harness.do(RescheduleRequested(child, unreachable=("seed-peer",), more_parents=True))
+    checks = harness.engine.scheduler._source_check_due  # the pending looks
+    assert list(checks) == ["task-1"]
+    checks.clear()
+    for child in ("peer-c", "peer-a"):  # a second quorum while the host is still suspended
+        harness.do(RescheduleRequested(child, unreachable=("seed-peer",), more_parents=True))
+    assert checks == {}

@@ -11,12 +11,12 @@ return the commands to carry out, in order. The same events at the same times wi
 - an origin error (PeerFailed with a source error from an origin reader) fails every active peer of the
   task with that error and marks the task FAILED (the next register starts it over);
 - a host whose keepalive stream drops or stays silent for `host_silence_s`, or that enough distinct children
-  report unreachable, is suspended; when that (or a removal) leaves a task with nobody on a usable host
-  holding it whole and nobody reading the origin, the running peer holding most pieces reads the rest once
-  the task's peers stop reporting new pieces for `source_return_s`; a new boot id drops the host's old
-  peers; finished tasks make it a parent again; a host disconnected for `host_ttl_s` is forgotten (a
-  periodic sweep, every third of the shorter of the two, which also drops idle tasks whose seed failure
-  has expired);
+  report unreachable (or corrupt), is suspended; when that (or a removal) leaves a task with nobody on a
+  usable host holding it whole and nobody reading the origin, the running peer holding most pieces reads
+  the rest once the task's peers stop reporting new pieces for `source_return_s`; a new boot id drops the
+  host's old peers; finished tasks make it a parent again; a host disconnected for `host_ttl_s` is
+  forgotten (a periodic sweep, every third of the shorter of the two, which also drops idle tasks whose
+  seed failure has expired);
 - a child's finish is checked against the digests the origin readers published (verdicts.py);
 - a reschedule with `more_parents` (the child still has working parents) is answered with new parents
   only when there are some: never with back-to-source or failure, and it arms no retry.

@@ -4,11 +4,11 @@ children's unreachable reports; the periodic sweep for silent and long-gone host
 Rules: a dropped keepalive stream suspends the host at once, and so does one silent for `host_silence_s`;
 its peers leave the parent pools (so samples are not wasted on them) until a keepalive or announce lifts
 that. A host disconnected for `host_ttl_s` is forgotten with its peers. Enough distinct child hosts
-reporting a host unreachable suspend it for `unreachable_suspend_s` (an announce lifts it). A host
-suspended either way may have held a task's last full copy: the scheduler looks whether a running peer
-must read the rest (scheduling.py). A new boot id drops every peer of the old boot. A finished task in an
-announce becomes a SUCCEEDED peer (layout and digests only), and waiting peers of that task are scheduled
-at once.
+reporting a host unreachable suspend it for `unreachable_suspend_s` (an announce lifts it), and as many
+reporting corrupt pieces from it for `corrupt_suspend_s`. A host suspended in any of these ways may have
+held a task's last full copy: the scheduler looks whether a running peer must read the rest
+(scheduling.py). A new boot id drops every peer of the old boot. A finished task in an announce becomes a
+SUCCEEDED peer (layout and digests only), and waiting peers of that task are scheduled at once.
 """
 
 from __future__ import annotations
@@ -157,8 +157,9 @@ class HostHandlers:
         )
         if host is None:
             return []
+        was_usable = not host.is_suspended(now)
         host.unreachable_until = now + self._config.unreachable_suspend_s
-        return self._holdings_cut_off(host, now)
+        return self._holdings_cut_off(host, now) if was_usable else []
 
     def report_corrupt(self, parent_id: str, child: Peer, now: float) -> list[Command]:
         """A child got a piece failing its CRC from this parent: after `corrupt_reports` distinct hosts
@@ -168,8 +169,9 @@ class HostHandlers:
         )
         if host is None:
             return []
+        was_usable = not host.is_suspended(now)
         host.corrupt_until = now + self._config.corrupt_suspend_s
-        return self._holdings_cut_off(host, now)
+        return self._holdings_cut_off(host, now) if was_usable else []
 
     def _reported_by_quorum(
         self, parent_id: str, child: Peer, reporters_of: Callable[[Host], set[str]], quorum: int

@@ -60,7 +60,7 @@ class ParentScheduler:
         self._grace_until = -math.inf if started_at is None else started_at + config.startup_grace_s
         self._retries: list[tuple[float, int, str]] = []
         self._source_checks: list[tuple[float, int, str]] = []  # (when, seq, task id): replace_lost_source
-        self._source_check_tasks: set[str] = set()  # the tasks with a look pending in _source_checks
+        self._source_check_due: dict[str, float] = {}  # task id -> when its pending look is due
         self._seed_checks: list[tuple[float, int, str, float]] = []  # (when, seq, task id, triggered at)
         self._sequence = itertools.count()
 
@@ -109,19 +109,27 @@ class ParentScheduler:
         if now < quiet_at:  # still trading pieces (or a holder on a cut-off host still serves): later
             self._arm_source_check(task.task_id, quiet_at)
             return []
+        description = "the task's source is gone: read the missing pieces from the origin"
         runners = [p for p in running if not self._is_leech(p) and self.may_read_origin(p, task)]
         if runners:
             chosen = max(runners, key=lambda peer: (peer.finished_piece_count, peer.peer_id))
-            description = "the task's source is gone: read the missing pieces from the origin"
             return self.send_to_origin(chosen, task, description, now)
-        trigger = self._trigger_seed(task, running[0], now)
-        if trigger is not None:
-            return [trigger]
         commands: list[Command] = []
+        stuck: list[Peer] = []
         for peer in sorted(running, key=lambda p: p.peer_id):
+            if self._is_leech(peer) and self.may_read_origin(peer, task):
+                commands.extend(self.send_to_origin(peer, task, description, now))  # for itself only
+            else:
+                stuck.append(peer)
+        if not stuck:
+            return commands
+        trigger = self._trigger_seed(task, stuck[0], now)
+        if trigger is not None:
+            return [*commands, trigger]
+        for peer in stuck:
             self._cluster.remove_peer(peer, PeerState.FAILED)
-            description = "the task's source is gone, no seed peer can read it and back-to-source is disabled"
-            commands.append(SendTaskFailed(peer.peer_id, description))
+            failure = "the task's source is gone, no seed peer can read it and back-to-source is disabled"
+            commands.append(SendTaskFailed(peer.peer_id, failure))
         return commands
 
     def offer_more(self, peer: Peer, task: Task, now: float) -> list[Command]:
@@ -180,7 +188,11 @@ class ParentScheduler:
             commands.extend(self.source_lost(unanswered, now))
         while (at := self._next_source_check()) is not None and at <= now:
             _, _, task_id = heapq.heappop(self._source_checks)
-            self._source_check_tasks.discard(task_id)
+            due = self._source_check_due.pop(task_id, at)
+            if due > now:  # armed again for later since this entry was pushed
+                self._source_check_due[task_id] = due
+                heapq.heappush(self._source_checks, (due, next(self._sequence), task_id))
+                continue
             task = self._cluster.tasks.get(task_id)
             if task is not None:
                 commands.extend(self.replace_lost_source(task, now))
@@ -309,9 +321,12 @@ class ParentScheduler:
     # --- helpers --------------------------------------------------------------------------------------
 
     def _arm_source_check(self, task_id: str, at: float) -> None:
-        if task_id not in self._source_check_tasks:
-            self._source_check_tasks.add(task_id)
+        """One pending look per task, due at the latest time asked for (a loss just now gets its full
+        `source_return_s`, even if an earlier loss armed a look sooner)."""
+        due = self._source_check_due.get(task_id)
+        if due is None:
             heapq.heappush(self._source_checks, (at, next(self._sequence), task_id))
+        self._source_check_due[task_id] = at if due is None else max(due, at)
 
     def _on_usable_host(self, peer: Peer, now: float) -> bool:
         host = self._cluster.hosts.get(peer.host_id)
