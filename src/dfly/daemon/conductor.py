@@ -63,9 +63,11 @@ class _Wake:
 
 @dataclass(frozen=True)
 class PiecesLost:
-    """Storage could not make these pieces durable (a failed fdatasync); the task state forgot them."""
+    """The task state forgot these pieces: storage could not make them durable (a failed fdatasync), or
+    their bytes on disk went bad (`synced` True: stored_check.py, queued only while `may_refetch`)."""
 
     pieces: list[int]
+    synced: bool = False
 
 
 class Conductor:
@@ -181,15 +183,21 @@ class Conductor:
         elif isinstance(event, SchedulerGone) and self.stream.is_current(event):
             self._on_scheduler_gone(event.reason)
         elif isinstance(event, PiecesLost):
-            self._on_pieces_lost(event.pieces)
+            self._on_pieces_lost(event.pieces, event.synced)
 
     def may_refetch(self) -> bool:
         """Whether pieces taken back now (PiecesLost) are fetched again by this attempt."""
         return self._back_to_source is None and self._verdict_deadline is None and self.parents.active
 
-    def _on_pieces_lost(self, pieces: list[int]) -> None:
-        """Fetch them again from parents; an origin read (sequential) or a finished attempt ends with a
-        clear error instead, and the next request resumes from the pieces that are still good."""
+    def _on_pieces_lost(self, pieces: list[int], synced: bool) -> None:
+        """Fetch them again from parents; after a failed sync, an origin read (sequential) or a finished
+        attempt ends with a clear error instead, and the next request resumes from the pieces that are
+        still good. Bad bytes found on disk were queued while parents could refetch: an origin read begun
+        since then found them missing at its start, so only the parents' plan needs them again."""
+        if synced:
+            if self._back_to_source is None:
+                self.parents.pieces_lost(pieces)
+            return
         if not self.may_refetch():
             raise StorageError(f"{len(pieces)} pieces could not be synced to disk; download again")
         self.parents.pieces_lost(pieces)

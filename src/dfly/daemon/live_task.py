@@ -54,7 +54,7 @@ class LiveTask:
     # Held from an earlier run of the daemon and not yet read back: its bytes are checked against their
     # digests before the first local use (stored_check.py).
     unchecked: bool = False
-    check: asyncio.Future[list[int]] | None = None  # its whole read-back, once (stored_check.py)
+    check: asyncio.Task[list[int]] | None = None  # its whole read-back, once (stored_check.py)
     rechecked: set[int] = field(default_factory=set)  # pieces read back on a child's corrupt report
 
     @property

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Collection, Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, StorageError
@@ -44,14 +44,16 @@ from dfly.daemon.task_request import TaskRequest
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class TaskManager:
     def __init__(self, ctx: DaemonContext) -> None:
         self.ctx = ctx
         self._live: dict[str, LiveTask] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._forget_records = ctx.storage.forget_pieces
-        self.stored_check = StoredCheck(ctx, self._spawn)
+        self.stored_check = StoredCheck(ctx, self._spawn, self._is_current)
 
     # -- start-up / shutdown ----------------------------------------------------------------------
     def load(self, stored: list[StoredTask]) -> None:
@@ -155,7 +157,10 @@ class TaskManager:
         if self.ctx.scheduler is not None and task_id not in self._live:  # not downloaded again meanwhile
             self._spawn(self.ctx.scheduler.delete_task(task_id))  # not waited for: it may take seconds
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _is_current(self, live: LiveTask) -> bool:
+        return self._live.get(live.state.task_id) is live
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -297,12 +302,12 @@ class TaskManager:
     def trigger(self, request: TaskRequest) -> str:
         """A download requested by the scheduler (seed trigger): runs in the background. For a task held
         completely already, the schedulers are told again (one that never heard of it may be asking).
-        A task held from an earlier run starts once it has been read back (stored_check.py)."""
+        A partial task held from an earlier run resumes once it has been read back (stored_check.py)."""
         held = self._live.get(request.task_id)
-        if held is not None and held.unchecked:
-            self._spawn(self._trigger_checked(held, request))
+        if held is not None and held.unchecked and not held.state.complete:
+            self._spawn(self._trigger_checked(held, request))  # no download resumes on unchecked pieces
             return request.task_id
-        return self._trigger_now(request)
+        return self._trigger_now(request)  # a complete one is announced at once (children check CRCs)
 
     async def _trigger_checked(self, held: LiveTask, request: TaskRequest) -> None:
         await self.stored_check.before_first_use(held)

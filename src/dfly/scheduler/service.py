@@ -18,6 +18,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
@@ -174,6 +175,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def HostKeepAlive(self, request_iterator: Any, context: Any) -> pb.Empty:
         host_id = ""
         boot_id = ""
+        if self._stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is stopping")
         handler = asyncio.current_task()
         assert handler is not None
         self._keepalive_handlers.add(handler)
@@ -202,8 +205,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
-            # Ended by stop(): a clear status for the daemon, not gRPC's traceback for a cancelled handler.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is stopping")
+            # Ended by stop(): a clear status for the daemon, not gRPC's traceback for a cancelled handler
+            # (none if the handler was already ending the stream with a status of its own).
+            with contextlib.suppress(grpc.aio.UsageError):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is stopping")
         finally:
             self._keepalive_handlers.discard(handler)
             if host_id:

@@ -36,6 +36,7 @@ class Held:
         state.on_forget = lambda _task, numbers: self.forgotten.extend(numbers)
         self.live = LiveTask(state, unchecked=True)
         self.reads = 0
+        self.current = True  # the task manager still holds this live task
 
     def flip(self, offset: int) -> None:
         with self.path.open("r+b") as f:
@@ -49,13 +50,13 @@ class Held:
             self.reads += 1
             return self.fd
 
-        def spawn(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        def spawn(coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
             task = asyncio.ensure_future(coroutine)
             spawned.append(task)
             return task
 
         ctx: Any = SimpleNamespace(storage=SimpleNamespace(read_fd=read_fd), scheduler=None)
-        return StoredCheck(ctx, spawn)
+        return StoredCheck(ctx, spawn, lambda live: live is self.live and self.current)
 
 
 def test_a_report_before_the_first_local_use_does_not_stand_for_the_whole_check(tmp_path: Path) -> None:
@@ -113,7 +114,7 @@ def test_a_running_download_from_parents_takes_a_reported_piece_back_at_once(tmp
         assert held.forgotten == [2]
         lost = events.get_nowait()
         assert isinstance(lost, PiecesLost)
-        assert lost.pieces == [2]
+        assert (lost.pieces, lost.synced) == ([2], True)
         assert 2 not in held.live.rechecked  # its next copy may be reported again
         attempt.set_result(None)
 
@@ -135,10 +136,30 @@ def test_an_origin_read_drops_a_reported_piece_when_it_ends(tmp_path: Path) -> N
         check.reported(held.live, 2)
         await asyncio.gather(*spawned)
         assert held.forgotten == []  # the origin read cannot take it back now
+        check.reported(held.live, 2)  # another child: the piece is not read again meanwhile
+        await asyncio.gather(*spawned)
+        assert held.reads == 1
         attempt.set_result(None)
         await asyncio.sleep(0)  # done callbacks run on the next loop pass
         assert held.forgotten == [2]
         assert not held.live.state.complete
+
+    asyncio.run(main())
+    os.close(held.fd)
+
+
+def test_a_task_removed_while_its_piece_was_read_back_is_left_alone(tmp_path: Path) -> None:
+    held = Held(tmp_path)
+    held.live.unchecked = False
+    held.flip(0)
+
+    async def main() -> None:
+        spawned: list[asyncio.Task[None]] = []
+        check = held.checker(spawned)
+        check.reported(held.live, 0)
+        held.current = False  # the GC removed it (a new download would have its own records)
+        await asyncio.gather(*spawned)
+        assert held.forgotten == []
 
     asyncio.run(main())
     os.close(held.fd)

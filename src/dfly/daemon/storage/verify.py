@@ -12,22 +12,29 @@ read (pread), never moved or closed; a piece cut short by a truncated file count
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from dfly.common.digest import crc32
 from dfly.common.pieces import piece_range
 
 
 def corrupt_pieces(
-    fd: int, content_length: int, piece_length: int, pieces: Iterable[tuple[int, int]]
+    fd: int,
+    content_length: int,
+    piece_length: int,
+    pieces: Iterable[tuple[int, int]],
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[int]:
-    """The numbers of the `(number, digest)` pieces whose bytes in `fd` no longer have that digest."""
+    """The numbers of the `(number, digest)` pieces whose bytes in `fd` no longer have that digest
+    (those read before `should_stop` said so, checked between pieces)."""
     if content_length <= 0:
         return []
     buffer = memoryview(bytearray(min(piece_length, content_length)))
     os.posix_fadvise(fd, 0, content_length, os.POSIX_FADV_SEQUENTIAL)
     bad: list[int] = []
     for number, digest in pieces:
+        if should_stop():
+            break
         offset, length = piece_range(number, piece_length, content_length)
         filled = 0
         while filled < length:

@@ -332,6 +332,7 @@ class ChildConnection:
                 try:
                     header = self._take_out() + p.encode_piece_header(number, offset, length, digest)
                     await self._send(header)
+                    self._mark_sent(number, task.piece_count)  # a report may come before sendfile returns
                     self.mid_frame = True
                     await sendfile_range(
                         self.loop,
@@ -345,7 +346,6 @@ class ChildConnection:
                 finally:
                     os.close(fd)  # sendfile_range has waited for its thread, also when cancelled
                 self.mid_frame = False
-                self._mark_sent(number, task.piece_count)
                 if number in self.claimed:  # delivered: during the first pass it stays given out
                     self.claimed.discard(number)
                     if task.first_pass is not None:
