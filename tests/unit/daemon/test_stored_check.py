@@ -45,6 +45,15 @@ class Held:
             f.seek(offset)
             f.write(bytes([byte[0] ^ 1]))
 
+    def running(self, *, may_refetch: bool) -> tuple[asyncio.Future[None], asyncio.Queue[object]]:
+        """A download attempt running on the task (to be ended by the test), and its conductor's queue."""
+        attempt: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        events: asyncio.Queue[object] = asyncio.Queue()
+        self.live.attempt = attempt  # type: ignore[assignment]
+        conductor = SimpleNamespace(may_refetch=lambda: may_refetch, events=events)
+        self.live.conductor = conductor  # type: ignore[assignment]
+        return attempt, events
+
     def checker(self, spawned: list[asyncio.Task[None]]) -> StoredCheck:
         def read_fd(_task_id: str) -> int:
             self.reads += 1
@@ -105,10 +114,7 @@ def test_a_running_download_from_parents_takes_a_reported_piece_back_at_once(tmp
     async def main() -> None:
         spawned: list[asyncio.Task[None]] = []
         check = held.checker(spawned)
-        attempt = asyncio.get_running_loop().create_future()
-        events: asyncio.Queue[object] = asyncio.Queue()
-        held.live.attempt = attempt  # type: ignore[assignment]
-        held.live.conductor = SimpleNamespace(may_refetch=lambda: True, events=events)  # type: ignore[assignment]
+        attempt, events = held.running(may_refetch=True)
         check.reported(held.live, 2)
         await asyncio.gather(*spawned)
         assert held.forgotten == [2]
@@ -130,9 +136,7 @@ def test_an_origin_read_drops_a_reported_piece_when_it_ends(tmp_path: Path) -> N
     async def main() -> None:
         spawned: list[asyncio.Task[None]] = []
         check = held.checker(spawned)
-        attempt = asyncio.get_running_loop().create_future()
-        held.live.attempt = attempt  # type: ignore[assignment]
-        held.live.conductor = SimpleNamespace(may_refetch=lambda: False)  # type: ignore[assignment]
+        attempt, _ = held.running(may_refetch=False)
         check.reported(held.live, 2)
         await asyncio.gather(*spawned)
         assert held.forgotten == []  # the origin read cannot take it back now

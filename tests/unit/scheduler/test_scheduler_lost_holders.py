@@ -109,7 +109,9 @@ def test_one_report_short_of_the_quorum_replaces_nobody(harness: Harness) -> Non
     assert not sent_to_origin(harness.advance(60))
 
 
-def test_children_that_may_not_read_the_origin_get_the_seed_triggered_again(harness: Harness) -> None:
+def triggered_seed_left_no_back_to_source(harness: Harness) -> TriggerSeedPeer:
+    """Two seed hosts; peer-a may not read the origin; the triggered seed read task-1, finished, and
+    left while peer-a held one piece. Returns that first trigger."""
     swarm_with_seed(harness)
     harness.announce("seed-2", seed=True)
     harness.register("peer-a", "a", disable_back_to_source=True)
@@ -121,6 +123,11 @@ def test_children_that_may_not_read_the_origin_get_the_seed_triggered_again(harn
     harness.do(PeerFinished("seed-peer", DIGESTS))
     harness.pieces("peer-a", 0, parent="seed-peer")
     harness.do(HostLeft(first.seed_host_id))
+    return first
+
+
+def test_children_that_may_not_read_the_origin_get_the_seed_triggered_again(harness: Harness) -> None:
+    first = triggered_seed_left_no_back_to_source(harness)
     commands = harness.advance(RETURN_S + 0.1)
     [again] = of_type(commands, TriggerSeedPeer)
     assert again.seed_host_id != first.seed_host_id
@@ -146,17 +153,7 @@ def test_children_that_may_not_read_the_origin_fail_when_no_seed_is_left(harness
 def test_a_seed_trigger_that_fails_then_fails_the_children_that_may_not_read_the_origin(
     harness: Harness,
 ) -> None:
-    swarm_with_seed(harness)
-    harness.announce("seed-2", seed=True)
-    harness.register("peer-a", "a", disable_back_to_source=True)
-    [first] = of_type(harness.log, TriggerSeedPeer)
-    seed_name = "seed" if first.seed_host_id == harness.host_id("seed") else "seed-2"
-    harness.register("seed-peer", seed_name, need_back_to_source=True)
-    harness.start_origin("seed-peer")
-    harness.pieces("seed-peer", 0, 1, 2, 3)
-    harness.do(PeerFinished("seed-peer", DIGESTS))
-    harness.pieces("peer-a", 0, parent="seed-peer")
-    harness.do(HostLeft(first.seed_host_id))
+    triggered_seed_left_no_back_to_source(harness)
     [again] = of_type(harness.advance(RETURN_S + 0.1), TriggerSeedPeer)
     harness.do(SeedTriggerFailed("task-1", again.seed_host_id, "refused"))
     [failed] = of_type(harness.advance(RETURN_S + 0.1), SendTaskFailed)
