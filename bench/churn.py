@@ -35,6 +35,7 @@ from dfly.cluster import LocalCluster, Member, dfget_command
 from dfly.common.digest import file_digest
 from dfly.devtools.argtypes import non_negative_float, positive_float, positive_int
 from dfly.devtools.origin import Origin, make_file
+from dfly.devtools.stop_signals import exit_on_sigterm
 
 MiB = 1024 * 1024
 DFGET_TIMEOUT_S = 180.0
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def main() -> int:
+    exit_on_sigterm()  # its clusters stop with it
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -44,6 +44,7 @@ from registry_netns import registry_namespace
 from dfly.cluster import LocalCluster
 from dfly.devtools.argtypes import non_negative_float, positive_int
 from dfly.devtools.page_cache import PageCacheBallast, page_cache_write_s_per_gib
+from dfly.devtools.stop_signals import exit_on_sigterm
 
 MiB = 1 << 20
 LAYER_MIB = 32
@@ -80,6 +81,7 @@ def registry_link(rate_mbit: float) -> Iterator[tuple[str, list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()  # its clusters stop with it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument(

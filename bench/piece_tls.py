@@ -31,6 +31,7 @@ from dfly.common.digest import file_digest
 from dfly.devtools.argtypes import positive_int
 from dfly.devtools.origin import Origin, make_file
 from dfly.devtools.pki import make_pki
+from dfly.devtools.stop_signals import exit_on_sigterm
 
 MiB = 1024 * 1024
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
@@ -82,6 +83,7 @@ def measure_round(
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()  # its clusters stop with it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file-mib", type=positive_int, default=256)
     parser.add_argument("--rounds", type=positive_int, default=3)

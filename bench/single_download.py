@@ -39,6 +39,7 @@ from typing import Any
 from dfly.cluster import LocalCluster, Member, dfget_command
 from dfly.common.digest import file_digest
 from dfly.devtools.page_cache import PageCacheBallast, page_cache_write_s_per_gib
+from dfly.devtools.stop_signals import exit_on_sigterm
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -315,6 +316,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()  # its clusters stop with it
     parser = argparse.ArgumentParser(description="dfly single-download benchmark (one JSON line)")
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--pairs", type=int, default=3, help="interleaved dfget/curl pairs (>= 3)")
