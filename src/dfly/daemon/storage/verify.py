@@ -1,9 +1,8 @@
 """Re-read a stored task file and name the pieces whose bytes no longer match their recorded CRC-32.
 
-Used once for each task held from an earlier run of the daemon, at its first local use (dfget, the
-proxy): a byte that changed on disk while the daemon was stopped (a failing disk, a stray write) makes
-that piece be fetched again instead of being handed out. Pieces of the running daemon's own downloads
-were checked as they arrived and are not read again.
+Used by stored_check.py: for a task held from an earlier run of the daemon before its first use, and
+for one piece a child reports failing its CRC-32. A piece whose bytes changed on disk (a failing disk, a
+stray write) is then fetched again instead of being handed out.
 
 Rules: blocking (run it in a worker thread); one buffer of one piece, reused; the caller's fd is only
 read (pread), never moved or closed; a piece cut short by a truncated file counts as corrupt.

@@ -196,9 +196,10 @@ class ChildConnection:
                     self._unclaim(event.number)
             elif isinstance(event, p.Error):
                 log.debug("child sent ERROR %s: %s", event.code, event.message)
-                if event.code == "corrupt_piece" and event.piece is not None and self._was_sent(event.piece):
+                reported = event.piece if event.code == "corrupt_piece" else None
+                if reported is not None and p.has_bit(self.sent, reported):  # only a piece it was sent
                     assert self.task is not None
-                    self.task.report_corrupt(event.piece)
+                    self.task.report_corrupt(reported)
                 return False
             elif isinstance(event, p.Closed):
                 return False
@@ -290,10 +291,7 @@ class ChildConnection:
     def _mark_sent(self, number: int, piece_count: int) -> None:
         if not self.sent:
             self.sent = p.make_bitfield(piece_count)
-        self.sent[number >> 3] |= 0x80 >> (number & 7)
-
-    def _was_sent(self, number: int) -> bool:
-        return 0 <= number < len(self.sent) * 8 and p.has_bit(self.sent, number)
+        p.set_bit(self.sent, piece_count, number)
 
     async def _serve_piece(self, number: int) -> None:
         task = self.task
