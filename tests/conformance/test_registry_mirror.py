@@ -28,6 +28,7 @@ from registry_kit import MISSING, Registry, pulled_blobs, push_image, registries
 from token_server import TokenServer
 
 from dfly.cluster import LocalCluster
+from dfly.daemon.proxy.blob import CHUNK_BYTES
 from dfly.devtools.origin import Origin
 
 pytestmark = [
@@ -389,10 +390,13 @@ def test_a_client_leaving_mid_blob_is_no_error_and_the_blob_stays_servable(
 def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_completed(tmp_path: Path) -> None:
     """An upstream serving other bytes than the digest in the URL (the dfly test origin posing as a
     registry): the mirror sends at most all but the last chunk, then closes the connection, so the
-    client sees a short body (curl: exit 18; no file at all when the blob went as one chunk), never a
-    complete wrong blob; the daemon evicts its copy, and a second request ends the same way (the bytes
-    are wrong wherever they come from)."""
-    good, bad = os.urandom(3 << 20), os.urandom(3 << 20)
+    client sees a short body (curl: exit 18), never a complete wrong blob; the daemon evicts its copy,
+    and a second request ends the same way (the bytes are wrong wherever they come from). The blob is
+    larger than one chunk (blob.CHUNK_BYTES), so a first chunk is always sent before the check; a blob
+    sent as one chunk is answered 502 instead (no byte sent), which a 3 MiB blob got when all its pieces
+    were ready at once."""
+    assert CHUNK_BYTES < 6 << 20
+    good, bad = os.urandom(6 << 20), os.urandom(6 << 20)
     digest = "sha256:" + hashlib.sha256(good).hexdigest()
     with Origin(tmp_path / "www") as upstream:
         upstream.add_bytes(f"v2/demo/app/blobs/{digest}", bad)
@@ -407,6 +411,27 @@ def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_completed(tmp_path:
                 assert not out.exists() or out.stat().st_size < len(bad)
             log = peer.log_path.read_text()
             assert log.count("does not match the digest") == 2  # evicted after each attempt
+            assert "Traceback" not in log
+
+
+def test_a_wrong_blob_sent_as_one_chunk_is_a_502(tmp_path: Path) -> None:
+    """A wrong blob of one piece is one chunk: it is checked before any byte goes out, so the answer is
+    a 502 (digest), never a 200 cut short or complete; and it is not kept."""
+    good, bad = os.urandom(200 << 10), os.urandom(200 << 10)  # one piece (256 KiB at least)
+    digest = "sha256:" + hashlib.sha256(good).hexdigest()
+    with Origin(tmp_path / "www") as upstream:
+        upstream.add_bytes(f"v2/demo/app/blobs/{digest}", bad)
+        proxy = {"proxy": {"registry_mirror": upstream.base_url, "public_registries": [upstream.base_url]}}
+        with LocalCluster(tmp_path / "c", peers=1, daemon_overrides={"*": proxy}) as cluster:
+            peer = cluster.peers[0]
+            for _ in range(2):
+                status, headers, body = fetch(
+                    f"http://127.0.0.1:{peer.ports['proxy']}/v2/demo/app/blobs/{digest}"
+                )
+                assert (status, headers["X-Dragonfly-Error-Type"]) == (502, "digest")
+                assert bad not in body
+            log = peer.log_path.read_text()
+            assert log.count("does not match the digest") == 2
             assert "Traceback" not in log
 
 
