@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,29 @@ def has_2_mib_from_parents(member: Member) -> bool:
 def task_file(data_dir: Path, url: str) -> Path:
     """Where a daemon with storage in `data_dir` keeps the task of a plain download of `url`."""
     return data_dir / task_relpath(TaskRequest(url=url).task_id)
+
+
+def durable_record(member: Member, url: str) -> tuple[int, bool]:
+    """The bytes of the task's pieces with a committed record in the member's metadata.db, and whether
+    its finished mark is committed (read-only; (0, False) before the task's first commit)."""
+    db_path = member.data_dir / "metadata.db"
+    if not db_path.exists():
+        return 0, False
+    task_id = TaskRequest(url=url).task_id
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)) as db:
+        row = db.execute("SELECT piece_length, finished FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        count = db.execute("SELECT COUNT(*) FROM pieces WHERE task_id = ?", (task_id,)).fetchone()[0]
+    return (0, False) if row is None else (int(row[0]) * int(count), bool(row[1]))
+
+
+def durable_bytes(member: Member, url: str) -> int:
+    return durable_record(member, url)[0]
+
+
+def finished_durably(member: Member, url: str) -> bool:
+    """The task's finished mark is committed: a SIGKILL now cannot lose it (dfget is answered before
+    the daemon's group commit, so a test that kills a daemon right after a download waits for this)."""
+    return durable_record(member, url)[1]
 
 
 def peers_on(addr: str, task_id: str) -> int:

@@ -11,26 +11,25 @@ resumed with the new object's pieces kept: the task's record took the new ETag.
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from clusterkit import dfget_cmd, stats, wait_until
+from clusterkit import dfget_cmd, durable_bytes, stats, wait_until
 
 from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
 from dfly.common.pieces import MiB
-from dfly.daemon.task_request import TaskRequest
 from dfly.devtools.origin import Origin, make_file
 
 pytestmark = pytest.mark.integration
 
 FILE_BYTES = 16 * MiB
 ORIGIN_RATE = 4 * MiB
+TRICKLE_RATE = 256 * 1024
 
 
 @pytest.fixture
@@ -49,30 +48,21 @@ def test_object_replaced_between_attempts_is_read_again_whole(origin: Origin, tm
         assert "object changed since its" in peer.log_path.read_text()
 
 
-def durable_bytes(member: Member, url: str) -> int:
-    """Bytes of the task's pieces with a committed record in the member's metadata.db (read-only)."""
-    db_path = member.data_dir / "metadata.db"
-    if not db_path.exists():
-        return 0
-    task_id = TaskRequest(url=url).task_id
-    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)) as db:
-        row = db.execute("SELECT piece_length FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        count = db.execute("SELECT COUNT(*) FROM pieces WHERE task_id = ?", (task_id,)).fetchone()[0]
-    return 0 if row is None else int(row[0]) * int(count)
-
-
-def read_half_then_crash(cluster: LocalCluster, member: Member, url: str, out: Path) -> None:
+def read_half_then_crash(cluster: LocalCluster, origin: Origin, member: Member, url: str, out: Path) -> None:
     """dfget `url` through `member` until half the object is read from the origin and committed, then
-    SIGKILL the daemon (the dfget fails)."""
+    SIGKILL the daemon (the dfget fails). From the half on the origin trickles, so the read cannot end
+    before the kill however slowly the commit comes."""
     dfget = subprocess.Popen(dfget_cmd(member, url, out), stderr=subprocess.PIPE, text=True)
     try:
         wait_until(
             "half the object read", lambda: stats(member)["download_bytes"]["back_to_source"] >= 10 * MiB
         )
+        origin.rate_limit_bytes_per_s = TRICKLE_RATE
         wait_until("half the object committed", lambda: durable_bytes(member, url) >= 8 * MiB)
         cluster.kill_member(member.name)
         dfget.communicate(timeout=30)
     finally:
+        origin.rate_limit_bytes_per_s = ORIGIN_RATE
         if dfget.poll() is None:
             dfget.kill()
 
@@ -92,7 +82,7 @@ def half_read_then_replaced(
     with LocalCluster(tmp_path / "c", peers=1) as cluster:
         cluster.kill_member("seed")
         peer = cluster.member("peer-1")
-        read_half_then_crash(cluster, peer, url, tmp_path / "old")
+        read_half_then_crash(cluster, origin, peer, url, tmp_path / "old")
         new_digest = make_file(path, FILE_BYTES, seed=2)
         later = time.time() + 10
         os.utime(path, (later, later))
@@ -106,7 +96,7 @@ def test_a_crash_while_reading_the_changed_object_keeps_its_new_pieces(
     """Old object half read, crash; object replaced; restart, the change is found and the new object's
     reading starts, crash again; restart: only the missing half is read, with no second "changed"."""
     with half_read_then_replaced(origin, tmp_path) as (cluster, peer, url, new_digest):
-        read_half_then_crash(cluster, peer, url, tmp_path / "new-1")
+        read_half_then_crash(cluster, origin, peer, url, tmp_path / "new-1")
         assert peer.log_path.read_text().count("object changed since its") == 1
         cluster.restart_member(peer.name)
         result = subprocess.run(

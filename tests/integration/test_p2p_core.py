@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import Downloads, dfget_cmd, wait_until
+from clusterkit import Downloads, dfget_cmd, finished_durably, wait_until
 
 from dfly.cluster import LocalCluster, Member, query_stats
 from dfly.common.digest import file_digest
@@ -161,6 +161,8 @@ def test_daemon_killed_and_restarted_still_serves_its_finished_task(
     url, digest = publish(origin, "survivor.bin", 16 * MiB, seed=4)
     holder, fetcher = cluster.peers[0], cluster.peers[1]
     assert dfget(holder, url, tmp_path / "held").returncode == 0
+    # dfget is answered before the group commit: a SIGKILL before it may rightly lose the task
+    wait_until("the holder's copy committed", lambda: finished_durably(holder, url))
     cluster.kill_member(holder.name)
     cluster.restart_member(holder.name)
     result = dfget(holder, url, tmp_path / "after-restart")

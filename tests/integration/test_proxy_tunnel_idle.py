@@ -80,9 +80,9 @@ def test_a_tunnel_closes_after_the_idle_timeout_and_not_while_bytes_move(
         peer = cluster.peers[0]
         with open_tunnel(peer.ports["proxy"], target.port) as client:
             started = time.monotonic()
-            for n in range(6):  # bytes each 0.4 s: 2 s and more in all, longer than the idle timeout
+            for n in range(10):  # bytes each 0.25 s: 2.25 s in all, longer than the idle timeout
                 if n:
-                    time.sleep(0.4)  # the traffic's own pace (the scenario), not a wait for an event
+                    time.sleep(0.25)  # the traffic's own pace (the scenario), not a wait for an event
                 client.sendall(b"ping %d" % n)
                 assert client.recv(64) == b"ping %d" % n
             last_byte = time.monotonic()

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.integration
 
 FILE_BYTES = 48 * MiB
 ORIGIN_RATE = 8 * MiB  # the seed's origin read takes ~6 s
+TRICKLE_RATE = 256 * 1024
+REREGISTERED = "registered with the scheduler again"
 DFGET_TIMEOUT_S = 60.0
 
 
@@ -50,9 +52,16 @@ def test_scheduler_restart_mid_download_keeps_the_swarm_off_the_origin(
         with Downloads() as downloads:
             downloads.start(p1, url, tmp_path / "one")
             wait_until("peer-1 has 4 MiB", lambda: stats(p1)["download_bytes"]["remote_seed"] >= 4 * MiB)
+            # a trickle while the scheduler is away: the seed's read cannot end before it is back, however
+            # slow the machine (else the seed, done, never registers again)
+            origin.rate_limit_bytes_per_s = TRICKLE_RATE
             cluster.stop_member("scheduler")
             cluster.restart_member("scheduler")
+            wait_until(
+                "the seed registered again", lambda: REREGISTERED in seed.log_path.read_text(errors="replace")
+            )
             assert stats(seed)["download_bytes"]["back_to_source"] < FILE_BYTES, "restart came too late"
+            origin.rate_limit_bytes_per_s = ORIGIN_RATE
             downloads.start(p2, url, tmp_path / "two")
             downloads.finish(DFGET_TIMEOUT_S)
         for out in ("one", "two"):
@@ -67,8 +76,6 @@ def test_scheduler_restart_mid_download_keeps_the_swarm_off_the_origin(
         assert copies <= 1.1, f"origin sent {copies:.2f} copies:\n" + "\n".join(decisions)
         for peer in (p1, p2):
             assert stats(peer)["download_bytes"]["back_to_source"] == 0, f"{peer.name} read the origin"
-        seed_log = seed.log_path.read_text(errors="replace")
-        assert "registered with the scheduler again" in seed_log
 
 
 def test_without_a_scheduler_a_peer_keeps_its_parents_then_reads_only_what_is_missing(
@@ -173,7 +180,8 @@ def test_a_host_the_scheduler_forgot_announces_again(origin: Origin, tmp_path: P
         with grpc.insecure_channel(addr) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             stub.LeaveHost(pb.LeaveHostRequest(host_id=peer.ready["host_id"]), timeout=5)
-        assert scheduler_hosts(cluster) == 1
+        # not asserted: the count of 1 in between (a keepalive due just then re-announces peer-1 at once);
+        # the FAILED_PRECONDITION in peer-1's log below shows the scheduler had forgotten it
         wait_until("peer-1 announced again", lambda: scheduler_hosts(cluster) == 2, timeout_s=15)
         dfget_ok(peer, origin.url("/small.bin"), tmp_path / "out")
         assert file_digest(tmp_path / "out").value == digest

@@ -37,6 +37,7 @@ from dfly.devtools.origin import Origin, make_file
 pytestmark = pytest.mark.integration
 
 FILE_BYTES = 16 * MiB
+PIECE_BYTES = 256 * 1024  # 64 pieces (the default piece length for 16 MiB)
 SEED_UPLOAD = 4 * MiB  # bytes per second, shared by both peers
 DFGET_TIMEOUT_S = 60.0
 
@@ -82,6 +83,21 @@ def test_seed_gone_after_its_origin_read_one_peer_reads_the_rest(
         assert origin.bytes_sent - seed_read <= FILE_BYTES
 
 
+def unheld_piece(peer_files: list[Path]) -> int:
+    """The last piece no peer has written yet (its region still zeros in every peer's preallocated
+    file; random content has no all-zero piece), so the peers must still fetch it."""
+    for number in reversed(range(FILE_BYTES // PIECE_BYTES)):
+        if all(not f.exists() or not any(read_at(f, number * PIECE_BYTES, PIECE_BYTES)) for f in peer_files):
+            return number
+    pytest.fail("every piece is held by a peer already")
+
+
+def read_at(path: Path, offset: int, size: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
 @pytest.mark.parametrize("peer_count", [1, 2])
 def test_a_piece_corrupt_on_the_only_whole_copy_is_read_again_from_the_origin(
     origin: Origin, tmp_path: Path, peer_count: int
@@ -102,10 +118,11 @@ def test_a_piece_corrupt_on_the_only_whole_copy_is_read_again_from_the_origin(
                 downloads.start(peer, url, tmp_path / peer.name)
             wait_until("the seed read the whole origin", functools.partial(read_whole, cluster.seed))
             seed_read = origin.bytes_sent
+            where = unheld_piece([task_file(p.data_dir, url) for p in peers]) * PIECE_BYTES
             with task_file(cluster.seed.data_dir, url).open("r+b") as stored:
-                stored.seek(FILE_BYTES - 1000)  # the last piece: neither peer holds it yet
+                stored.seek(where)
                 byte = stored.read(1)
-                stored.seek(FILE_BYTES - 1000)
+                stored.seek(where)
                 stored.write(bytes([byte[0] ^ 0xFF]))
             assert sum(from_parents(p) for p in peers) < peer_count * FILE_BYTES - MiB, "the peers were done"
             downloads.finish(DFGET_TIMEOUT_S)

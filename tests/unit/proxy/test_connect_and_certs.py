@@ -257,8 +257,8 @@ def test_a_connect_sent_a_byte_at_a_time_is_recognised() -> None:
 
 
 def test_a_tunnel_with_traffic_stays_and_an_idle_one_is_closed() -> None:
-    """The deadline moves with every chunk either way: bytes every 0.1 s keep a 0.3 s tunnel open for
-    longer than 0.3 s; then silence closes both sides."""
+    """The deadline moves with every chunk either way: bytes every 0.1 s keep a 0.4 s tunnel open for
+    longer than 0.4 s; then silence closes both sides."""
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -266,16 +266,16 @@ def test_a_tunnel_with_traffic_stays_and_an_idle_one_is_closed() -> None:
         upstream_near, upstream_far = socket.socketpair()
         for sock in (client_near, upstream_near, client_far, upstream_far):
             sock.setblocking(False)
-        relay = asyncio.create_task(tunnel(client_near, upstream_near, b"", idle_s=0.3))
+        relay = asyncio.create_task(tunnel(client_near, upstream_near, b"", idle_s=0.4))
         started = loop.time()
-        for _ in range(6):  # 0.6 s of traffic, upstream to client
+        for _ in range(8):  # 0.8 s of traffic, upstream to client
             await loop.sock_sendall(upstream_far, b"x")
             assert await loop.sock_recv(client_far, 16) == b"x"
             await asyncio.sleep(0.1)
         assert not relay.done()
         async with asyncio.timeout(5):
-            await relay  # then idle: closed after 0.3 s
-        assert loop.time() - started >= 0.6
+            await relay  # then idle: closed after 0.4 s
+        assert loop.time() - started >= 0.8
         assert await loop.sock_recv(client_far, 16) == b""  # the client sees the close
         for sock in (client_far, upstream_far):
             sock.close()

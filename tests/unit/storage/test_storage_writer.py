@@ -7,7 +7,6 @@ import errno
 import os
 import sqlite3
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -43,17 +42,15 @@ def test_write_resolves_before_durable_and_commit_follows_within_interval(tmp_pa
         await storage.create_task(meta)
         await storage.wait_for_commit(1)  # the task record itself
         data, digest = piece(0)
-        start = time.monotonic()
         await storage.write_piece(meta.task_id, 0, 0, data, digest)
         stats = storage.stats()
         assert stats["pieces_written"] == 1
         assert stats["pieces_durable"] == 0  # available, not yet durable
         assert stats["pending_records"] == 1
+        # the timer commits it (bounded so: a commit left to close() would time out here)
         await asyncio.wait_for(storage.wait_for_commit(2), timeout=interval + 2.0)
-        elapsed = time.monotonic() - start
         assert storage.stats()["pieces_durable"] == 1
         assert storage.stats()["pending_records"] == 0
-        assert elapsed < interval + 0.5
         await storage.close()
 
     asyncio.run(run())
