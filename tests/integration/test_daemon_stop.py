@@ -4,14 +4,17 @@ stop for two minutes: past systemd's 90 s and Kubernetes' 30 s, which then SIGKI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from clusterkit import wait_until
+from clusterkit import dfget_cmd, wait_until
 from test_health_ready import status
 
 from dfly.cluster import LocalCluster
@@ -43,3 +46,65 @@ def stop_while_streaming(cluster: LocalCluster, origin: Origin) -> None:
         assert peer.process is not None
         assert peer.process.wait(timeout=STOP_BOUND_S + 5) == 0
     assert time.monotonic() - started < STOP_BOUND_S
+
+
+class StalledOrigin:
+    """An origin that takes connections and never answers the object's GET: with `probe`, it answers
+    the daemon's `Range: bytes=0-0` stat (206 of a 16 MiB object) first, so the read stalls on the body
+    request instead of the stat. `stalled` is set once a request is left unanswered."""
+
+    def __init__(self, probe: bool) -> None:
+        self.probe = probe
+        self.stalled = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> StalledOrigin:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._listener.close()
+        for conn in self._held:
+            conn.close()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the test is over
+            while True:
+                conn, _ = self._listener.accept()
+                self._held.append(conn)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(4096)
+                if self.probe and b"range: bytes=0-0" in request.lower():
+                    conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-0/16777216\r\n"
+                                 b'ETag: "stalled"\r\nContent-Length: 1\r\n\r\nx')  # fmt: skip
+                    continue  # the daemon closes it and opens another for the body
+                self.stalled.set()
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["stat-unanswered", "body-unanswered"])
+def test_a_stop_does_not_wait_for_an_origin_that_never_answers(tmp_path: Path, probe: bool) -> None:
+    """The seed's origin read is blocked on a connection the origin never answers (its timeouts are 30 s
+    for the stat and 60 s per read): a SIGTERM still stops it within seconds, exit 0, no traceback (the
+    blocked socket is shut down; it used to hold the exit for 29–59 s and then log the read's error)."""
+    with StalledOrigin(probe) as origin, LocalCluster(tmp_path / "c", peers=1) as cluster:
+        url = f"http://127.0.0.1:{origin.port}/stalled.bin"
+        peer, seed = cluster.member("peer-1"), cluster.seed
+        dfget = subprocess.Popen(dfget_cmd(peer, url, tmp_path / "out"), stderr=subprocess.DEVNULL)
+        try:
+            assert origin.stalled.wait(30), "the seed never asked the origin"
+            started = time.monotonic()
+            os.kill(seed.pid, signal.SIGTERM)
+            assert seed.process is not None
+            assert seed.process.wait(timeout=STOP_BOUND_S + 5) == 0
+            took = time.monotonic() - started
+        finally:
+            dfget.kill()
+            dfget.wait()
+    log = seed.log_path.read_text(errors="replace")
+    assert took < 10.0, f"the stop took {took:.1f} s"
+    assert "Traceback" not in log, log[-3000:]
+    assert "never retrieved" not in log, log[-3000:]

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dfly.common.errors import SourceError
 from dfly.common.pieces import default_piece_length
@@ -101,6 +102,12 @@ class BackToSource:
         self.c = conductor
         self.layout_hint = layout
         self._stop = threading.Event()
+        self._interrupt = http.SourceInterrupt()  # ends a blocked connect or read at once
+
+    def _halt(self) -> None:
+        """Stop the origin read: between reads, and now if a connect or read is blocked."""
+        self._stop.set()
+        self._interrupt.interrupt()
 
     async def run(self) -> None:
         try:
@@ -112,14 +119,15 @@ class BackToSource:
             await self.c.stream.source_error(exc)
             raise
         finally:
-            self._stop.set()
+            self._halt()
 
     async def _run(self) -> None:
         request = self.c.request
         guard = hop_guard(request.allowed_origins)
         stat = await asyncio.to_thread(
-            http.stat, request.url, request.headers, timeout_s=STAT_TIMEOUT_S, allowed_hosts=guard
-        )
+            http.stat, request.url, request.headers, timeout_s=STAT_TIMEOUT_S, allowed_hosts=guard,
+            interrupt=self._interrupt,
+        )  # fmt: skip
         hint = self.layout_hint or self.c.state.layout
         if hint is not None:
             if hint.content_length != stat.content_length:
@@ -180,10 +188,11 @@ class BackToSource:
                 timeout_s=READ_TIMEOUT_S,
                 piece_timeout_s=self.c.ctx.config.download.piece_timeout_s,
                 allowed_hosts=guard,
+                interrupt=self._interrupt,
             )
         )
         pool = self.c.ctx.pool
-        await await_thread_holding(reader, self._stop.set, lambda: pool.release(buffer))
+        await await_thread_holding(reader, self._halt, lambda: pool.release(buffer))
 
 
 async def await_thread_holding(
@@ -203,6 +212,12 @@ async def await_thread_holding(
         raise
     finally:
         if thread.done():
-            release()
+            _release_after(release, thread)
         else:
-            thread.add_done_callback(lambda _thread: release())
+            thread.add_done_callback(functools.partial(_release_after, release))
+
+
+def _release_after(release: Callable[[], None], thread: asyncio.Future[Any]) -> None:
+    if not thread.cancelled():
+        thread.exception()  # retrieved: after a cancel nobody awaits it (else asyncio logs it at exit)
+    release()

@@ -36,6 +36,7 @@ from dfly.common.pieces import piece_count
 from dfly.common.request_headers import set_by_daemon
 from dfly.daemon.source.http_open import MAX_REDIRECTS as MAX_REDIRECTS
 from dfly.daemon.source.http_open import AllowedHosts, open_get
+from dfly.daemon.source.http_open import SourceInterrupt as SourceInterrupt
 from dfly.daemon.source.piece_deadline import PieceDeadline
 
 ALLOWED_RESPONSE_HEADERS = ("Content-Type", "Content-Length", "ETag", "Last-Modified",
@@ -95,11 +96,14 @@ def stat(
     allowed_hosts: AllowedHosts | None = None,
     ca_file: str | None = None,
     insecure_skip_verify: bool = False,
+    interrupt: SourceInterrupt | None = None,
 ) -> SourceStat:
     """Length, validators and allow-listed headers of the object at `url` (GET with Range 0-0)."""
     req = sanitize_request_headers(headers)
     req["Range"] = "bytes=0-0"
-    conn, resp, final_url = open_get(url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify)
+    conn, resp, final_url = open_get(
+        url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify, interrupt
+    )
     try:
         kept = _allowed(resp)
         if resp.status == 206:
@@ -127,6 +131,8 @@ def stat(
     finally:
         resp.close()
         conn.close()
+        if interrupt is not None:
+            interrupt.release()
 
 
 def read_pieces(
@@ -144,6 +150,7 @@ def read_pieces(
     allowed_hosts: AllowedHosts | None = None,
     ca_file: str | None = None,
     insecure_skip_verify: bool = False,
+    interrupt: SourceInterrupt | None = None,
 ) -> int:
     """Stream pieces first_piece..last_piece (inclusive) of `stat`'s object through `buffer`.
 
@@ -174,7 +181,9 @@ def read_pieces(
     validator = _if_range_validator(stat)
     if validator:
         req["If-Range"] = validator
-    conn, resp, url = open_get(stat.url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify)
+    conn, resp, url = open_get(
+        stat.url, req, timeout_s, allowed_hosts, ca_file, insecure_skip_verify, interrupt
+    )
     deadline: PieceDeadline | None = None
     try:
         skip = _check_body_response(resp, stat, url, start, end, bool(validator))
@@ -246,6 +255,8 @@ def read_pieces(
             deadline.close()
         resp.close()
         conn.close()
+        if interrupt is not None:
+            interrupt.release()
 
 
 def _check_body_response(

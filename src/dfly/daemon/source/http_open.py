@@ -5,16 +5,21 @@ must pass `allowed_hosts` when given (a `HostGuard`: its name, and then every ad
 actually made to, so a name that resolves differently the second time cannot slip through);
 Authorization and Cookie are dropped once a redirect leaves the origin (scheme, host, port); user info
 in the URL becomes Basic auth unless Authorization is set. Failures are `SourceError`s (status 0 when
-no HTTP status was received), without query strings.
+no HTTP status was received), without query strings. A `SourceInterrupt` ends a blocked connect or
+read from another thread: it shuts the connection's socket down through its own duplicate fd (taken
+before the connect, before any TLS wrap), so the daemon's stop never waits out an origin's timeouts;
+only a name lookup in progress cannot be cut short.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import http.client
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -51,13 +56,60 @@ def _refused_literal(guard: HostGuard, host: str) -> bool:
         return False
 
 
+class SourceInterrupt:
+    """Lets another thread end the blocking connect or read of the origin connection in use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: socket.socket | None = None  # a duplicate of the connection's socket
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        """Shut the current connection down both ways (its blocked call returns at once) and every
+        later one as soon as it is made."""
+        with self._lock:
+            self.interrupted = True
+            if self._watched is not None:
+                _shut(self._watched)
+
+    def watch(self, sock: socket.socket) -> None:
+        """Follow `sock` (a new connection, before its connect) instead of the previous one."""
+        with self._lock:
+            self._close_watched()
+            self._watched = sock.dup()
+            if self.interrupted:
+                _shut(self._watched)
+
+    @property
+    def watching(self) -> bool:
+        """A connection is followed now (made, or being made)."""
+        return self._watched is not None
+
+    def release(self) -> None:
+        """The read is over: close the duplicate (nothing is shut down any more)."""
+        with self._lock:
+            self._close_watched()
+
+    def _close_watched(self) -> None:
+        if self._watched is not None:
+            self._watched.close()
+            self._watched = None
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # not connected yet or already closed: nothing to end
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 def _connect_checked(
     address_refused: Callable[[str], bool],
+    interrupt: SourceInterrupt | None,
     address: tuple[str, int],
     timeout: float | None = None,
     source_address: tuple[str, int] | None = None,
 ) -> socket.socket:
-    """socket.create_connection, refusing the name if any address it resolves to is refused."""
+    """socket.create_connection, refusing the name if any address it resolves to is refused; the socket
+    is watched by `interrupt` from before its connect."""
     host, port = address
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     for *_, sockaddr in infos:
@@ -65,9 +117,13 @@ def _connect_checked(
             raise PermissionError(f"{host} resolves to {sockaddr[0]}, an address this download may not reach")
     error: OSError | None = None
     for family, kind, proto, _, sockaddr in infos:
+        if interrupt is not None and interrupt.interrupted:
+            raise ConnectionAbortedError("the read was stopped")
         sock = socket.socket(family, kind, proto)
         try:
             sock.settimeout(timeout)
+            if interrupt is not None:
+                interrupt.watch(sock)
             if source_address is not None:
                 sock.bind(source_address)
             sock.connect(sockaddr)
@@ -85,8 +141,28 @@ def open_get(
     allowed_hosts: AllowedHosts | None,
     ca_file: str | None,
     insecure: bool,
+    interrupt: SourceInterrupt | None = None,
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
-    """Send the GET, following redirects; return the open connection, its response and the final URL."""
+    """Send the GET, following redirects; return the open connection, its response and the final URL.
+    `interrupt` can end each hop's connect and reads from another thread; the caller releases it once
+    done with the connection (here, if no connection is returned)."""
+    try:
+        return _open_get(url, headers, timeout_s, allowed_hosts, ca_file, insecure, interrupt)
+    except BaseException:
+        if interrupt is not None:
+            interrupt.release()
+        raise
+
+
+def _open_get(
+    url: str,
+    headers: dict[str, str],
+    timeout_s: float,
+    allowed_hosts: AllowedHosts | None,
+    ca_file: str | None,
+    insecure: bool,
+    interrupt: SourceInterrupt | None,
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
     first_url = url
     for hop in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
@@ -111,8 +187,9 @@ def open_get(
             )
         else:
             conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
-        if allowed_hosts is not None:  # http.client's own hook for making the socket (HTTPS wraps it after)
-            conn._create_connection = functools.partial(_connect_checked, allowed_hosts.address_refused)  # type: ignore[attr-defined]
+        refused = allowed_hosts.address_refused if allowed_hosts is not None else _no_address_refused
+        # http.client's own hook for making the socket (HTTPS wraps it after)
+        conn._create_connection = functools.partial(_connect_checked, refused, interrupt)  # type: ignore[attr-defined]
         req = dict(headers)
         if parts.username is not None and not any(k.lower() == "authorization" for k in req):
             user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
