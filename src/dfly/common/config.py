@@ -2,8 +2,9 @@
 
 `load_config(Model, path, env_prefix)` reads the file (an empty file or no path = all defaults; a path
 that cannot be read is a ConfigError), applies
-variables such as `DFLY_DFDAEMON__UPLOAD__RATE_LIMIT_BYTES_PER_S=1000` (double underscore = nesting,
-values parsed as YAML scalars), then command-line flags (`flags={"seed_peer.enable": True}`), validates
+variables such as `DFLY_DFDAEMON__UPLOAD__RATE_LIMIT_BYTES_PER_S=1000` (double underscore = nesting;
+a text key takes the value as written, a list key one plain value as a list of it, any other value is
+read as YAML), then command-line flags (`flags={"seed_peer.enable": True}`), validates
 the result once, and raises ConfigError with one line naming the key.
 """
 
@@ -13,7 +14,8 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
@@ -108,18 +110,48 @@ def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _apply_env(data: dict[str, Any], env_prefix: str, environ: dict[str, str]) -> None:
+def _leaf_type(model: type[BaseModel], path: list[str]) -> Any:
+    """The type of the key at `path` in `model` (Annotated and `| None` taken off), None if unknown."""
+    annotation: Any = model
+    for key in path:
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        field = annotation.model_fields.get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+            annotation = args[0]
+    return annotation
+
+
+def _env_value(model: type[BaseModel], path: list[str], raw: str) -> Any:
+    """A variable's value for the key at `path`: a text key takes the text as written (YAML would read
+    `::` as a mapping, `123456` as a number, `#x` as nothing); a list key given one plain value gets a
+    list of it; anything else is read as YAML (`[a, b]` for several values)."""
+    leaf = _leaf_type(model, path)
+    if leaf is str or (get_origin(leaf) is Literal and all(isinstance(a, str) for a in get_args(leaf))):
+        return raw
+    try:
+        value = _yaml(raw)
+    except yaml.YAMLError:
+        return raw
+    if get_origin(leaf) in (list, tuple) and not isinstance(value, list):
+        return [raw]
+    return value
+
+
+def _apply_env(
+    data: dict[str, Any], model: type[BaseModel], env_prefix: str, environ: dict[str, str]
+) -> None:
     prefix = env_prefix.upper() + "__"
     for name, raw in environ.items():
         if not name.upper().startswith(prefix):
             continue
         path = [p.lower() for p in name[len(prefix) :].split("__") if p]
-        if not path:
-            continue
-        try:
-            _set(data, path, _yaml(raw))
-        except yaml.YAMLError:
-            _set(data, path, raw)
+        if path:
+            _set(data, path, _env_value(model, path, raw))
 
 
 def load_config(
@@ -149,7 +181,7 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
         data = loaded or {}
-    _apply_env(data, env_prefix, dict(os.environ) if environ is None else environ)
+    _apply_env(data, model, env_prefix, dict(os.environ) if environ is None else environ)
     for dotted, value in (flags or {}).items():
         _set(data, dotted.split("."), value)
     try:

@@ -145,3 +145,40 @@ def test_the_scheduler_config_gets_the_same_rules(tmp_path: Path) -> None:
     path.write_text("metrics: {port: on}\n")
     with pytest.raises(ConfigError, match=r"metrics\.port: Value error, a number is needed, not true"):
         load_config(SchedulerConfig, path, "DFLY_TEST_NONE")
+
+
+def test_a_text_key_from_the_environment_takes_the_value_as_written() -> None:
+    """YAML would read `::` as a mapping, `123456` and `1234` as numbers, `no` as false, `#secret` as
+    nothing: a text key takes the variable's text."""
+    environ = {
+        f"{PREFIX}__METRICS__IP": "::",
+        f"{PREFIX}__PROXY__BASIC_AUTH_USERNAME": "admin",
+        f"{PREFIX}__PROXY__BASIC_AUTH_PASSWORD": "#secret: 1",
+        f"{PREFIX}__HOST__HOSTNAME": "1234",
+        f"{PREFIX}__HOST__IDC": "no",
+    }
+    config = load_config(DaemonConfig, None, PREFIX, environ)
+    assert config.metrics.ip == "::"
+    assert config.proxy.basic_auth_password == "#secret: 1"
+    assert (config.host.hostname, config.host.idc) == ("1234", "no")
+    scheduler = load_config(SchedulerConfig, None, "DFLY_SCHEDULER", {"DFLY_SCHEDULER__METRICS__IP": "::"})
+    assert scheduler.metrics.ip == "::"
+
+
+def test_a_list_key_from_the_environment_takes_one_value_or_a_yaml_list() -> None:
+    one = load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__SCHEDULER__ADDRS": "10.0.0.1:8002"})
+    assert one.scheduler.addrs == ["10.0.0.1:8002"]
+    several = {f"{PREFIX}__SCHEDULER__ADDRS": "[10.0.0.1:8002, 10.0.0.2:8002]"}
+    assert load_config(DaemonConfig, None, PREFIX, several).scheduler.addrs == [
+        "10.0.0.1:8002",
+        "10.0.0.2:8002",
+    ]
+
+
+def test_other_keys_from_the_environment_are_still_read_as_yaml_and_checked() -> None:
+    config = load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__UPLOAD__SLOTS": "7"})
+    assert config.upload.slots == 7
+    with pytest.raises(ConfigError, match=r"metrics\.ip: Value error, 'not-an-ip' is not an IP address"):
+        load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__METRICS__IP": "not-an-ip"})
+    with pytest.raises(ConfigError, match=r"invalid config key metrics\.nope"):
+        load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__METRICS__NOPE": "1"})
