@@ -11,7 +11,6 @@ or any digest mismatches.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from dfly.cluster import ClusterError, LocalCluster, Member, dfget_command, query_stats
+from dfly.common.cli_args import OneLineParser
 from dfly.common.digest import file_digest
 
 MiB = 1024 * 1024
@@ -142,7 +142,7 @@ def _on_term(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m dfly.cli.demo", description="dfly demo: dfget on every peer at once"
     )
     parser.add_argument("--size-mib", type=int, default=256, help="size of the demo file (default 256)")

@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 from dfly.cli.quiet_start import quiet_until_loaded
+from dfly.common.cli_args import OneLineParser
 from dfly.common.errors import DflyError
 from dfly.common.ready_file import check_ready_file
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dfdaemon", description="dfly peer daemon")
+    parser = OneLineParser(prog="dfdaemon", description="dfly peer daemon")
     parser.add_argument("--config", type=Path, help="YAML config file (see docs/configuration.md)")
     parser.add_argument("--seed", action="store_true", help="run as a seed peer (reads the origin)")
     parser.add_argument("--ready-file", type=Path, help="write ports here as JSON once ready")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from dfly.cli._dfget_client import DeadlineExceeded, LocalApiClient, error_from_event
 from dfly.cli._dfget_output import OutputFile
 from dfly.cli._dfget_progress import Progress, make_progress
+from dfly.common.cli_args import OneLineParser
 from dfly.common.errors import DflyError, DownloadTimeout, ProtocolError, UsageError
 from dfly.common.ids import canonical_url, effective_filters, printable
 from dfly.common.pieces import parse_size, piece_count, piece_range, validate_user_piece_length
@@ -109,7 +110,7 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="dfget",
         description="Download a URL through the local dfly daemon (peer-to-peer), into a file you own.",
     )

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from dfly.cli.quiet_start import quiet_until_loaded
+from dfly.common.cli_args import OneLineParser
 from dfly.common.errors import DflyError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dfly", description="dfly: peer-to-peer file distribution")
+    parser = OneLineParser(prog="dfly", description="dfly: peer-to-peer file distribution")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("scheduler", help="run the scheduler (see `dfly scheduler --help`)", add_help=False)
     sub.add_parser(

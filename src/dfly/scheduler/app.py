@@ -24,6 +24,7 @@ from grpc import aio
 
 from dfly.api import scheduler_pb2, scheduler_pb2_grpc
 from dfly.common import ready_file as ready_files
+from dfly.common.cli_args import OneLineParser
 from dfly.common.errors import ConfigError, DflyError
 from dfly.common.grpc_health import GrpcHealth
 from dfly.common.limits import check_open_files_limit
@@ -155,7 +156,7 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dfly scheduler", description="Run the dfly scheduler.")
+    parser = OneLineParser(prog="dfly scheduler", description="Run the dfly scheduler.")
     parser.add_argument("--config", type=Path, default=None, help="YAML config file")
     parser.add_argument("--ready-file", type=Path, default=None, help="write real ports here once serving")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (overrides the config; 0 = any)")

@@ -1,0 +1,17 @@
+"""The command-line tools' argument parser: bad usage is one line on stderr and exit 2, as every other
+error of the tools (docs/cli.md), instead of argparse's usage block followed by the error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose usage errors are `PROG: MESSAGE (see PROG --help)`, exit 2; its
+    sub-command parsers are of the same kind."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: {message} (see {self.prog} --help)\n")
+        sys.exit(2)

@@ -1,0 +1,42 @@
+"""Bad usage of any tool is one line on stderr naming the tool and the problem, exit 2 (docs/cli.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dfly.common.cli_args import OneLineParser
+
+
+def test_a_usage_error_is_one_line_with_a_pointer_to_help(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = OneLineParser(prog="tool")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run").add_argument("--count", type=int)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["run", "--count", "x"])
+    assert info.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == "tool run: argument --count: invalid int value: 'x' (see tool run --help)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["dfly.cli.dfget", "http://x/"], "dfget: the following arguments are required: -O/--output"),
+        (["dfly.cli.dfdaemon", "--bogus"], "dfdaemon: unrecognized arguments: --bogus"),
+        (["dfly.cli.dfly", "up", "--peers", "abc"], "dfly up: argument --peers: invalid int value: 'abc'"),
+        (
+            ["dfly.cli.dfly", "scheduler", "--port", "abc"],
+            "dfly scheduler: argument --port: invalid int value",
+        ),
+    ],
+)
+def test_every_tool_says_bad_usage_in_one_line(argv: list[str], expected: str) -> None:
+    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(expected), done.stderr
