@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 from clusterkit import wait_until
 
-from dfly.common.errors import ConfigError, SourceError
+from dfly.common.errors import ConfigError, DownloadTimeout, SourceError
 from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfly.daemon.local_api import LocalApiServer
 from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
@@ -41,7 +41,8 @@ ORIGIN = "http://origin.test"
 
 
 class FakeBackend:
-    """Serves `{ORIGIN}/file/<id>`, `/empty/<id>`, `/404/<id>`, `/fail-mid/<id>` and `/stall/<id>`."""
+    """Serves `{ORIGIN}/file/<id>`, `/empty/<id>`, `/404/<id>`, `/fail-mid/<id>`, `/stall/<id>` and
+    `/daemon-timeout/<id>` (the daemon's own deadline passed)."""
 
     def __init__(self, task_dir: Path) -> None:
         self.task_dir = task_dir
@@ -63,6 +64,8 @@ class FakeBackend:
         try:
             if kind == "404":
                 raise SourceError(f"origin returned 404 Not Found for {request.url}", 404)
+            if kind == "daemon-timeout":  # the daemon's deadline, what was left of dfget's
+                raise DownloadTimeout(f"download timed out after {request.timeout_s:g}s")
             data = b"" if kind == "empty" else self.data
             path = self.task_dir / f"{kind}-{name}"
             self.task_paths[request.url] = path
@@ -276,6 +279,17 @@ def test_timeout_cancels_the_download(harness: Harness, out_dir: Path) -> None:
     url = harness.url("stall")
     assert failed(harness.dfget(url, out, "--timeout", "1s"), out) == "dfget: download timed out after 1s"
     assert harness.backend.closed[url].wait(5), "the server did not close the iterator of a gone client"
+
+
+def test_a_timeout_is_told_in_the_users_own_terms(harness: Harness, out_dir: Path) -> None:
+    """Plain seconds get their unit; the daemon's deadline (set to what was left of dfget's, so it may
+    pass first) is told as dfget's own, not as '2.99928s'."""
+    out = out_dir / "slow"
+    assert failed(harness.dfget(harness.url("stall"), out, "--timeout", "1"), out) == (
+        "dfget: download timed out after 1s"
+    )
+    url = harness.url("daemon-timeout")
+    assert failed(harness.dfget(url, out, "--timeout", "10m"), out) == "dfget: download timed out after 10m"
 
 
 @NAMED_OR_NOT

@@ -59,6 +59,12 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def _duration_text(text: str) -> str:
+    """The duration as the user wrote it, for messages; plain seconds get their unit ('90' -> '90s')."""
+    value = text.strip().lower()
+    return f"{value}s" if re.fullmatch(r"\d+(?:\.\d+)?", value) else value
+
+
 def parse_headers(values: Sequence[str]) -> dict[str, str]:
     """'Name: value' strings -> dict; repeated names (any case) are joined with ', ' in order."""
     headers: dict[str, str] = {}
@@ -212,7 +218,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         headers=parse_headers(ns.header),
         piece_length=piece_length,
         timeout_s=parse_duration(ns.timeout),
-        timeout_text=ns.timeout.strip(),
+        timeout_text=_duration_text(ns.timeout),
         disable_back_to_source=ns.disable_back_to_source,
         overwrite=ns.overwrite,
         force_hard_link=ns.force_hard_link,
@@ -313,7 +319,10 @@ def download(opts: Options) -> None:
                     state.finished()
                     break
                 elif name == "error":
-                    raise error_from_event(event)
+                    error = error_from_event(event)
+                    if isinstance(error, DownloadTimeout):  # the daemon's deadline (what was left of ours)
+                        raise DeadlineExceeded
+                    raise error
                 else:
                     raise ProtocolError(f"the daemon sent an unknown event {name!r}")
                 if time.monotonic() >= deadline:
