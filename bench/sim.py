@@ -40,6 +40,15 @@ def main(argv: list[str]) -> int:
     outer.add_argument("--seeds", type=positive_int, default=1)
     ours, rest = outer.parse_known_args(argv)
     sim = parser()
+    sim.prog = "bench/sim.py"
+    sweep = sim.add_argument_group("sweep (bench/sim.py only)")  # listed by --help; split off above
+    sweep.add_argument(
+        "--vary",
+        action="append",
+        metavar="NAME=V1,V2,...",
+        help="run the base scenario with flag NAME at each value in turn (repeatable)",
+    )
+    sweep.add_argument("--seeds", type=positive_int, default=1, metavar="K", help="seeds per run (default 1)")
     base = sim.parse_args(rest)
     code = 0
     for name, value in _variations(ours.vary):

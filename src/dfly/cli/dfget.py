@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint",
         default=os.environ.get("DFGET_ENDPOINT") or DEFAULT_ENDPOINT,
         metavar="SOCKET",
-        help="daemon socket (default $DFGET_ENDPOINT or %(default)s)",
+        help=f"daemon socket (default $DFGET_ENDPOINT, else {DEFAULT_ENDPOINT})",
     )
     p.add_argument("-V", "--version", action=_VersionAction, nargs=0, help="print the version and exit")
     return p

@@ -40,3 +40,10 @@ def test_every_tool_says_bad_usage_in_one_line(argv: list[str], expected: str) -
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith(expected), done.stderr
+
+
+def test_dfget_help_names_its_real_fallback_socket_whatever_the_environment() -> None:
+    env = {"DFGET_ENDPOINT": "/tmp/elsewhere.sock", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "dfly.cli.dfget", "--help"], capture_output=True, text=True,
+                          timeout=60, env=env)  # fmt: skip
+    assert " ".join(done.stdout.split()).count("default $DFGET_ENDPOINT, else /run/dfly/dfdaemon.sock") == 1
