@@ -171,8 +171,10 @@ def check_output(path: str, *, overwrite: bool) -> str:
     if not path:
         raise UsageError("output path is empty (-O)")
     output = os.path.abspath(path)
-    if os.path.isdir(output) or path.endswith(os.sep):
+    if os.path.isdir(output):
         raise UsageError(f"output {printable(path)} is a directory")
+    if path.endswith(os.sep):
+        raise UsageError(f"output {printable(path)} ends with {os.sep}: it must name a file")
     directory = os.path.dirname(output)
     if not os.path.isdir(directory):
         reason = "is not a directory" if os.path.exists(directory) else "does not exist"

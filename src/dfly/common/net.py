@@ -9,12 +9,17 @@ Rules:
   of `bind` (the caller turns it into a config error naming its key).
 - `enable_keepalive`: TCP keepalive on a long-lived connection, so one whose peer vanished (power loss,
   a partition) is closed after `idle + interval · count` seconds instead of never when nothing is sent.
+- `host_port`: `host:port`, an IPv6 address in brackets (`[::1]:8002`), for dialling, binding and logs.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:

@@ -29,6 +29,7 @@ from dfly.common.errors import ConfigError
 from dfly.common.grpc_health import GrpcHealth
 from dfly.common.ids import host_id as make_host_id
 from dfly.common.metrics_http import start_metrics_server
+from dfly.common.net import host_port
 from dfly.common.ready_file import write_ready_file
 from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig, ListenerSection
@@ -308,7 +309,7 @@ def _binding(key: str, where: str) -> Iterator[None]:
 
 
 def _address(section: ListenerSection) -> str:
-    return f"[{section.ip}]:{section.port}" if ":" in section.ip else f"{section.ip}:{section.port}"
+    return host_port(section.ip, section.port)
 
 
 async def _unresolvable(addrs: list[str]) -> list[str]:

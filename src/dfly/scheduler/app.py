@@ -30,6 +30,7 @@ from dfly.common.grpc_health import GrpcHealth
 from dfly.common.limits import check_open_files_limit
 from dfly.common.logging import setup_logging
 from dfly.common.metrics_http import start_metrics_server
+from dfly.common.net import host_port
 from dfly.common.tls import add_port, channel_credentials
 from dfly.scheduler.config import SchedulerConfig, load_scheduler_config
 from dfly.scheduler.core.engine import SchedulerEngine
@@ -123,11 +124,7 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
     server = aio.server(options=[*limits, *keepalive_options(config.grpc_keepalive_s)])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     health = GrpcHealth(server, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
-    address = (
-        f"[{config.listen_ip}]:{config.port}"
-        if ":" in config.listen_ip
-        else f"{config.listen_ip}:{config.port}"
-    )
+    address = host_port(config.listen_ip, config.port)
     try:
         grpc_port = add_port(server, address, tls)
     except OSError as exc:
@@ -142,7 +139,9 @@ async def run(config: SchedulerConfig, ready_file: Path | None, stop: asyncio.Ev
         await server.start()
         await health.start()
         log.info(
-            "scheduler serving gRPC on %s:%d, metrics on port %d", config.listen_ip, grpc_port, metrics_port
+            "scheduler serving gRPC on %s, metrics on port %d",
+            host_port(config.listen_ip, grpc_port),
+            metrics_port,
         )
         if ready_file is not None:
             write_ready_file(ready_file, grpc_port, metrics_port)

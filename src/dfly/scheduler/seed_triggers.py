@@ -28,6 +28,7 @@ from grpc import aio
 
 from dfly.api import daemon_pb2_grpc
 from dfly.common.errors import DflyError
+from dfly.common.net import host_port
 from dfly.scheduler import convert
 from dfly.scheduler.core.messages import SeedTriggerFailed, TriggerSeedPeer
 
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 
 ChannelFactory = Callable[[str], aio.Channel]
 CurrentAddress = Callable[[str], str | None]
-
-
-def address(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 @dataclass(slots=True, eq=False)
@@ -65,7 +62,7 @@ class SeedTriggers:
         return len(self._channels) + len(self._retired)
 
     async def trigger(self, command: TriggerSeedPeer) -> SeedTriggerFailed | None:
-        target = address(command.seed_ip, command.seed_control_port)
+        target = host_port(command.seed_ip, command.seed_control_port)
         seed = command.seed_host_id
         try:
             with self._lease(seed, target) as channel:

@@ -30,6 +30,7 @@ from grpc import aio
 from dfly.api import scheduler_pb2 as pb
 from dfly.api import scheduler_pb2_grpc
 from dfly.common.errors import DflyError, UsageError
+from dfly.common.net import host_port
 from dfly.scheduler import convert
 from dfly.scheduler.core.engine import SchedulerEngine
 from dfly.scheduler.core.messages import (
@@ -48,7 +49,7 @@ from dfly.scheduler.core.messages import (
     TriggerSeedPeer,
 )
 from dfly.scheduler.metrics import SchedulerMetrics
-from dfly.scheduler.seed_triggers import ChannelFactory, SeedTriggers, address
+from dfly.scheduler.seed_triggers import ChannelFactory, SeedTriggers
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +408,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     def _seed_address(self, host_id: str) -> str | None:
         endpoint = self._engine.seed_control_endpoint(host_id)
-        return address(*endpoint) if endpoint is not None else None
+        return host_port(*endpoint) if endpoint is not None else None
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)

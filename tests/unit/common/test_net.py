@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from dfly.common.net import listen_socket
+from dfly.common.net import host_port, listen_socket
 
 
 def reaches(host: str, port: int) -> bool:
@@ -42,3 +42,10 @@ def test_a_specific_ipv6_address_is_ipv6_only() -> None:
 def test_a_taken_port_is_the_bind_oserror() -> None:
     with listen_socket("127.0.0.1", 0) as sock, pytest.raises(OSError, match="Address already in use"):
         listen_socket("127.0.0.1", sock.getsockname()[1])
+
+
+def test_host_port_brackets_ipv6_addresses_only() -> None:
+    assert host_port("10.0.0.1", 8002) == "10.0.0.1:8002"
+    assert host_port("::", 8002) == "[::]:8002"
+    assert host_port("fe80::1", 443) == "[fe80::1]:443"
+    assert host_port("registry.example", 443) == "registry.example:443"

@@ -25,6 +25,7 @@ from dfly.daemon.proxy.connect import (
     open_upstream,
     parse_connect,
     read_head,
+    reply,
     tunnel,
 )
 from dfly.daemon.proxy.forward import never_upstream
@@ -313,3 +314,21 @@ def test_connections_beyond_the_cap_are_closed_at_accept(caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING, logger="dfly.daemon.proxy.connect"):
         asyncio.run(run())
     assert any("proxy.max_connections" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("status", "line"),
+    [(200, "HTTP/1.1 200 Connection Established"), (400, "HTTP/1.1 400 Bad Request"),
+     (403, "HTTP/1.1 403 Forbidden"), (407, "HTTP/1.1 407 Proxy Authentication Required")],
+)  # fmt: skip
+def test_a_connect_answer_has_the_standard_reason_phrase(status: int, line: str) -> None:
+    async def run() -> bytes:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.setblocking(False)
+            await reply(ours, status, {"X-Dragonfly-Error-Type": "x"} if status != 200 else None)
+            return theirs.recv(4096)
+
+    head = asyncio.run(run()).decode()
+    assert head.split("\r\n")[0] == line
+    assert head.endswith("\r\n\r\n")

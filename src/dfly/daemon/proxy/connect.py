@@ -19,6 +19,7 @@ import logging
 import re
 import socket
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 
@@ -183,7 +184,9 @@ def parse_connect(head: bytes) -> tuple[str, int, dict[str, str]]:
     return host, int(port_text), headers
 
 
-async def reply(sock: socket.socket, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+async def reply(sock: socket.socket, status: int, headers: dict[str, str] | None = None) -> None:
+    """The answer to a CONNECT: the status with its standard reason phrase (200: Connection Established)."""
+    reason = "Connection Established" if status == 200 else HTTPStatus(status).phrase
     lines = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
     if status != 200:
         lines += ["Content-Length: 0", "Connection: close"]

@@ -35,6 +35,7 @@ import aiohttp.abc
 
 from dfly.common.errors import UsageError
 from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS, effective_filters
+from dfly.common.net import host_port
 from dfly.common.pieces import parse_size, validate_user_piece_length
 from dfly.daemon.proxy.registry import BadRequest, Forbidden, normalize_upstream
 from dfly.daemon.source.http_open import HostGuard
@@ -149,7 +150,7 @@ def hop_guard(allowed_origins: Sequence[str]) -> HostGuard:
     allowed = frozenset(allowed_origins)
 
     def may_contact(scheme: str, host: str, port: int) -> bool:
-        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        netloc = host_port(host, port)
         try:
             if allowed and normalize_upstream(f"{scheme}://{netloc}") not in allowed:
                 return False

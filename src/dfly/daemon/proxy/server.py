@@ -42,7 +42,7 @@ from aiohttp import web
 
 from dfly.common.errors import SourceError, is_out_of_descriptors, out_of_descriptors
 from dfly.common.ids import redact_url
-from dfly.common.net import listen_socket
+from dfly.common.net import host_port, listen_socket
 from dfly.daemon.proxy import connect, metrics
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
 from dfly.daemon.proxy.forward import (
@@ -278,16 +278,16 @@ class RegistryMirror:
                     "Proxy-Authenticate": 'Basic realm="dfly"',
                     "X-Dragonfly-Error-Type": "proxy_auth",
                 }
-                await connect.reply(conn, 407, "Proxy Authentication Required", challenge)
+                await connect.reply(conn, 407, challenge)
                 conn.close()
                 metrics.count_connect(failed=True)
                 return
-            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            authority = host_port(host, port)
             target_origin(f"https://{authority}/", self.allowed)
         except (BadRequest, Forbidden) as exc:
             status, kind = (403, "forbidden") if isinstance(exc, Forbidden) else (400, "bad_request")
             log.info("CONNECT refused: %s", exc)
-            await connect.reply(conn, status, kind.replace("_", " "), {"X-Dragonfly-Error-Type": kind})
+            await connect.reply(conn, status, {"X-Dragonfly-Error-Type": kind})
             conn.close()
             metrics.count_connect(failed=True)
             return
@@ -298,17 +298,17 @@ class RegistryMirror:
             upstream = await connect.open_upstream(host, port, never_upstream, timeout_s=10.0)
         except Forbidden as exc:
             log.info("CONNECT refused: %s", exc)
-            await connect.reply(conn, 403, "forbidden", {"X-Dragonfly-Error-Type": "forbidden"})
+            await connect.reply(conn, 403, {"X-Dragonfly-Error-Type": "forbidden"})
             conn.close()
             metrics.count_connect(failed=True)
             return
         except OSError as exc:
             log.info("CONNECT %s failed: %s", authority, exc)
-            await connect.reply(conn, 502, "Bad Gateway", {"X-Dragonfly-Error-Type": "origin"})
+            await connect.reply(conn, 502, {"X-Dragonfly-Error-Type": "origin"})
             conn.close()
             metrics.count_connect(failed=True)
             return
-        await connect.reply(conn, 200, "Connection Established")
+        await connect.reply(conn, 200)
         metrics.count_connect(failed=False)
         await connect.tunnel(conn, upstream, early, self.tunnel_idle_timeout_s)
 
@@ -319,10 +319,10 @@ class RegistryMirror:
         when the client's TLS did not come up (or it sent TLS before our answer)."""
         assert self.certs is not None
         if early:  # TLS bytes sent before our answer could not reach the TLS server below
-            await connect.reply(conn, 400, "Bad Request", {"X-Dragonfly-Error-Type": "bad_request"})
+            await connect.reply(conn, 400, {"X-Dragonfly-Error-Type": "bad_request"})
             conn.close()
             return False
-        await connect.reply(conn, 200, "Connection Established")
+        await connect.reply(conn, 200)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 intercepted.server,  # type: ignore[arg-type]
