@@ -138,7 +138,7 @@ def query_stats(socket_path: str | Path, timeout_s: float = 5.0) -> dict[str, An
     """Ask a daemon for its counters: one JSON line `{"op": "stats"}`, one JSON line back.
 
     The reply is `{"event": "stats", "stats": {...}}` (a bare counters object is accepted too); the
-    counters hold at least `download_bytes` {back_to_source, remote_seed, remote_peer, local},
+    counters hold at least `download_bytes` {back_to_source, remote_seed, remote_peer, local_peer},
     `upload_bytes` and `tasks`.
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 def fetched(peer: Member) -> int:
-    """Bytes the daemon got from parents or the origin (a local hit counts as "local")."""
-    return sum(n for source, n in stats(peer)["download_bytes"].items() if source != "local")
+    """Bytes the daemon got from parents or the origin (a local hit counts as "local_peer")."""
+    return sum(n for source, n in stats(peer)["download_bytes"].items() if source != "local_peer")
 
 
 def test_a_truncated_task_file_is_downloaded_again(tmp_path: Path) -> None:

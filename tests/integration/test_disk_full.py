@@ -92,9 +92,9 @@ def evict_for_a_new_download(
         peer = cluster.peers[0]
         for name in ["a", "b", "c", "d"]:
             dfget_ok(peer, urls[name], tmp_path / f"out-{name}")
-        local_before = stats(peer)["download_bytes"]["local"]
+        local_before = stats(peer)["download_bytes"]["local_peer"]
         dfget_ok(peer, urls["a"], tmp_path / "a-again")  # "a" is now the most recently used
-        assert stats(peer)["download_bytes"]["local"] == local_before + 1 * MiB
+        assert stats(peer)["download_bytes"]["local_peer"] == local_before + 1 * MiB
         assert stats(peer)["gc"]["evicted_tasks"] == 0
         dfget_ok(peer, urls["e"], tmp_path / "out-e")  # does not fit below the high mark
         assert file_digest(tmp_path / "out-e").value == digests["e"]

@@ -171,7 +171,7 @@ def test_daemon_killed_and_restarted_still_serves_its_finished_task(
     # From its own recovered cache: a restarted daemon that forgot the task would fetch it again.
     after_restart = query_stats(holder.socket or "")
     assert network_bytes(after_restart) == 0
-    assert after_restart["download_bytes"]["local"] == 16 * MiB
+    assert after_restart["download_bytes"]["local_peer"] == 16 * MiB
     # Another peer can get it from the restarted holder (or the seed): never from the origin again.
     origin_before = origin.bytes_sent
     result = dfget(fetcher, url, tmp_path / "from-swarm")

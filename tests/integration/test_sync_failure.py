@@ -61,7 +61,7 @@ def fetched(peer_stats: dict[str, object]) -> int:
     """Bytes the daemon got from the network (parents and origin), not from its own cache."""
     by_source = peer_stats["download_bytes"]
     assert isinstance(by_source, dict)
-    return sum(int(v) for source, v in by_source.items() if source != "local")
+    return sum(int(v) for source, v in by_source.items() if source != "local_peer")
 
 
 def test_pieces_of_a_failed_sync_are_fetched_again(origin: Origin, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ TIMEOUT_S = 50.0
 
 def received(socket_path: Path) -> int:
     by_source = query_stats(socket_path, timeout_s=2.0)["download_bytes"]
-    return sum(int(v) for source, v in by_source.items() if source != "local")
+    return sum(int(v) for source, v in by_source.items() if source != "local_peer")
 
 
 @pytest.mark.netns

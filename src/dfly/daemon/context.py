@@ -26,7 +26,7 @@ async def _no_gc() -> AsyncIterator[None]:
     yield
 
 
-SOURCES = ("back_to_source", "remote_seed", "remote_peer", "local")
+SOURCES = ("back_to_source", "remote_seed", "remote_peer", "local_peer")
 
 _DOWNLOAD_BYTES = Counter(
     "dfly_daemon_download_bytes", "Bytes downloaded, by where they came from", ["source"]

@@ -288,7 +288,7 @@ class TaskManager:
                     if announcer.told_count != layout.piece_count:
                         raise StorageError("task ended without all its pieces")
                     if local_hit:
-                        self.ctx.counters.downloaded("local", layout.content_length)
+                        self.ctx.counters.downloaded("local_peer", layout.content_length)
                     yield Finished()
                     return
                 await wake.wait()

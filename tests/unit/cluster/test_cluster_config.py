@@ -67,7 +67,7 @@ def _serve_once(path: Path, reply: bytes) -> threading.Thread:
 
 
 def test_query_stats_unwraps_the_stats_event(tmp_path: Path) -> None:
-    counters = {"download_bytes": {"back_to_source": 1, "remote_seed": 2, "remote_peer": 3, "local": 0}}
+    counters = {"download_bytes": {"back_to_source": 1, "remote_seed": 2, "remote_peer": 3, "local_peer": 0}}
     sock = tmp_path / "s.sock"
     thread = _serve_once(sock, json.dumps({"event": "stats", "stats": counters}).encode() + b"\n")
     assert query_stats(sock) == counters
