@@ -35,7 +35,7 @@ def _variations(pairs: list[str]) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str]) -> int:
-    outer = argparse.ArgumentParser(add_help=False)
+    outer = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --seed is not --seeds
     outer.add_argument("--vary", action="append", default=[])
     outer.add_argument("--seeds", type=positive_int, default=1)
     ours, rest = outer.parse_known_args(argv)

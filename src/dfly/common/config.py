@@ -3,9 +3,9 @@
 `load_config(Model, path, env_prefix)` reads the file (an empty file or no path = all defaults; a path
 that cannot be read is a ConfigError), applies
 variables such as `DFLY_DFDAEMON__UPLOAD__RATE_LIMIT_BYTES_PER_S=1000` (double underscore = nesting;
-a text key takes the value as written, a list key one plain value as a list of it, any other value is
-read as YAML), then command-line flags (`flags={"seed_peer.enable": True}`), validates
-the result once, and raises ConfigError with one line naming the key.
+a text key takes the value as written or YAML-quoted, a list key a YAML flow list, one plain value or
+nothing, any other value is read as YAML), then command-line flags (`flags={"seed_peer.enable": True}`),
+validates the result once, and raises ConfigError with one line naming the key.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -123,23 +123,60 @@ def _leaf_type(model: type[BaseModel], path: list[str]) -> Any:
         args = [a for a in get_args(annotation) if a is not type(None)]
         if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
             annotation = args[0]
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
     return annotation
 
 
+def _is_text(leaf: Any) -> bool:
+    if isinstance(leaf, type) and issubclass(leaf, str | PurePath):
+        return True
+    return get_origin(leaf) is Literal and all(isinstance(a, str) for a in get_args(leaf))
+
+
+def _text(raw: str) -> str:
+    """A text value as written, except: one written as a YAML quoted string ('…' or "…", as the file
+    would have it) is unquoted, and one trailing newline (a secret mounted from a file) is dropped."""
+    text = raw.removesuffix("\n").removesuffix("\r")
+    quoted = text.strip()
+    if len(quoted) >= 2 and quoted[0] == quoted[-1] and quoted[0] in "'\"":
+        try:
+            value = _yaml(quoted)
+        except yaml.YAMLError:
+            return text
+        if isinstance(value, str):
+            return value
+    return text
+
+
 def _env_value(model: type[BaseModel], path: list[str], raw: str) -> Any:
-    """A variable's value for the key at `path`: a text key takes the text as written (YAML would read
-    `::` as a mapping, `123456` as a number, `#x` as nothing); a list key given one plain value gets a
-    list of it; anything else is read as YAML (`[a, b]` for several values)."""
+    """A variable's value for the key at `path`. A text key takes the text as written (YAML would read
+    `::` as a mapping, `123456` as a number, `#x` as nothing; see `_text`). A list key takes a YAML flow
+    list (`[a, b]`), nothing for an empty one, or one plain value as a list of it (also one that starts
+    with a bracket but is no YAML list and has no comma); a flow list YAML cannot read is an error.
+    Anything else is read as YAML."""
     leaf = _leaf_type(model, path)
-    if leaf is str or (get_origin(leaf) is Literal and all(isinstance(a, str) for a in get_args(leaf))):
-        return raw
+    if _is_text(leaf):
+        return _text(raw)
+    if get_origin(leaf) in (list, tuple):
+        if not raw.strip():
+            return []  # VAR= clears the list (validators decide whether it may be empty)
+        if not raw.lstrip().startswith("["):
+            return [_text(raw)]
+        try:
+            return _yaml(raw)
+        except yaml.YAMLError as exc:
+            if "," not in raw:  # one value that starts with a bracket: `[::1]:8002`, `[0-9a-f]{64}`
+                return [_text(raw)]
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"invalid config key {'.'.join(path)}: {problem} in the YAML list {raw!r} (quote the items, "
+                "e.g. ['[::1]:8002', '10.0.0.2:8002'])"
+            ) from None
     try:
-        value = _yaml(raw)
+        return _yaml(raw)
     except yaml.YAMLError:
         return raw
-    if get_origin(leaf) in (list, tuple) and not isinstance(value, list):
-        return [raw]
-    return value
 
 
 def _apply_env(

@@ -182,3 +182,38 @@ def test_other_keys_from_the_environment_are_still_read_as_yaml_and_checked() ->
         load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__METRICS__IP": "not-an-ip"})
     with pytest.raises(ConfigError, match=r"invalid config key metrics\.nope"):
         load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__METRICS__NOPE": "1"})
+
+
+def test_a_text_key_unquotes_a_yaml_quoted_value_and_drops_a_trailing_newline() -> None:
+    """What used to be the only way to give a number as text ('"123456"') keeps working, and a secret
+    mounted from a file keeps no newline."""
+    environ = {
+        f"{PREFIX}__PROXY__BASIC_AUTH_USERNAME": "'ops'",
+        f"{PREFIX}__PROXY__BASIC_AUTH_PASSWORD": '"123456"',
+        f"{PREFIX}__HOST__HOSTNAME": "node-7\n",
+        f"{PREFIX}__STORAGE__DIR": "/var/lib/#dfly",  # a path key is text too
+    }
+    config = load_config(DaemonConfig, None, PREFIX, environ)
+    assert (config.proxy.basic_auth_username, config.proxy.basic_auth_password) == ("ops", "123456")
+    assert config.host.hostname == "node-7"
+    assert str(config.storage.dir) == "/var/lib/#dfly"
+
+
+def test_an_empty_variable_clears_a_list_key() -> None:
+    """`VAR=` is no pattern at all (an empty one matched every host and URL), and an empty scheduler
+    list is still refused by its own check."""
+    environ = {f"{PREFIX}__PROXY__RULES": "", f"{PREFIX}__PROXY__HIJACK_HTTPS__HOSTS": " "}
+    config = load_config(DaemonConfig, None, PREFIX, environ)
+    assert (config.proxy.rules, config.proxy.hijack_https.hosts) == ([], [])
+    with pytest.raises(ConfigError, match=r"scheduler\.addrs: .*at least one scheduler address"):
+        load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__SCHEDULER__ADDRS": ""})
+
+
+def test_one_list_value_that_starts_with_a_bracket_is_one_item() -> None:
+    environ = {f"{PREFIX}__SCHEDULER__ADDRS": "[::1]:8002", f"{PREFIX}__PROXY__RULES": "[0-9a-f]{64}"}
+    config = load_config(DaemonConfig, None, PREFIX, environ)
+    assert (config.scheduler.addrs, config.proxy.rules) == (["[::1]:8002"], ["[0-9a-f]{64}"])
+    quoted = {f"{PREFIX}__PROXY__RULES": r"['\.bin(\?|$)', '\.whl$']"}
+    assert load_config(DaemonConfig, None, PREFIX, quoted).proxy.rules == [r"\.bin(\?|$)", r"\.whl$"]
+    with pytest.raises(ConfigError, match=r"^invalid config key proxy\.rules: .* \(quote the items"):
+        load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__PROXY__RULES": r"[\.bin(\?|$), \.whl$]"})
