@@ -50,13 +50,12 @@ def test_object_replaced_between_attempts_is_read_again_whole(origin: Origin, tm
 
 def read_half_then_crash(cluster: LocalCluster, origin: Origin, member: Member, url: str, out: Path) -> None:
     """dfget `url` through `member` until half the object is read from the origin and committed, then
-    SIGKILL the daemon (the dfget fails). From the half on the origin trickles, so the read cannot end
-    before the kill however slowly the commit comes."""
+    SIGKILL the daemon (the dfget fails). Once the origin has sent 9 MiB it trickles, so the read cannot
+    end before the kill however slowly the commit comes (bytes in flight were sent before the trickle)."""
+    sent_before = origin.bytes_sent
     dfget = subprocess.Popen(dfget_cmd(member, url, out), stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(
-            "half the object read", lambda: stats(member)["download_bytes"]["back_to_source"] >= 10 * MiB
-        )
+        wait_until("the origin sent 9 MiB", lambda: origin.bytes_sent - sent_before >= 9 * MiB)
         origin.rate_limit_bytes_per_s = TRICKLE_RATE
         wait_until("half the object committed", lambda: durable_bytes(member, url) >= 8 * MiB)
         cluster.kill_member(member.name)

@@ -31,13 +31,13 @@ from clusterkit import (
 
 from dfly.cluster import LocalCluster, Member
 from dfly.common.digest import file_digest
-from dfly.common.pieces import MiB
+from dfly.common.pieces import MiB, default_piece_length
 from dfly.devtools.origin import Origin, make_file
 
 pytestmark = pytest.mark.integration
 
 FILE_BYTES = 16 * MiB
-PIECE_BYTES = 256 * 1024  # 64 pieces (the default piece length for 16 MiB)
+PIECE_BYTES = default_piece_length(FILE_BYTES)
 SEED_UPLOAD = 4 * MiB  # bytes per second, shared by both peers
 DFGET_TIMEOUT_S = 60.0
 
@@ -83,13 +83,18 @@ def test_seed_gone_after_its_origin_read_one_peer_reads_the_rest(
         assert origin.bytes_sent - seed_read <= FILE_BYTES
 
 
-def unheld_piece(peer_files: list[Path]) -> int:
-    """The last piece no peer has written yet (its region still zeros in every peer's preallocated
-    file; random content has no all-zero piece), so the peers must still fetch it."""
-    for number in reversed(range(FILE_BYTES // PIECE_BYTES)):
-        if all(not f.exists() or not any(read_at(f, number * PIECE_BYTES, PIECE_BYTES)) for f in peer_files):
-            return number
-    pytest.fail("every piece is held by a peer already")
+def unheld_pieces(peer_files: list[Path], count: int) -> list[int]:
+    """The last `count` pieces no peer has written yet (their regions still zeros in every peer's
+    preallocated file; random content has no all-zero piece), so the peers must still fetch them. Two,
+    not one: the piece being sent at the moment of the flip was read before it and arrives intact."""
+    found = [
+        number
+        for number in reversed(range(FILE_BYTES // PIECE_BYTES))
+        if all(not f.exists() or not any(read_at(f, number * PIECE_BYTES, PIECE_BYTES)) for f in peer_files)
+    ]
+    if len(found) < count:
+        pytest.fail(f"only {len(found)} pieces are still missing everywhere")
+    return found[:count]
 
 
 def read_at(path: Path, offset: int, size: int) -> bytes:
@@ -102,10 +107,11 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
 def test_a_piece_corrupt_on_the_only_whole_copy_is_read_again_from_the_origin(
     origin: Origin, tmp_path: Path, peer_count: int
 ) -> None:
-    """The first peer that gets the bad piece tells the seed, which reads its copy back and drops the
-    piece. Two peers' reports suspend the seed's host: one peer reads the rest from the origin. One peer
-    alone is no quorum: the scheduler triggers the seed again, which reads the dropped piece from the
-    origin. Either way the origin sends less than one copy more, and every peer gets the right bytes."""
+    """Two pieces no peer holds yet are flipped on the seed, the only whole copy. The first peer that
+    gets a bad piece tells the seed, which reads its copy back and drops the piece. Two peers' reports
+    suspend the seed's host: one peer reads the rest from the origin. One peer alone is no quorum: the
+    scheduler triggers the seed again, which reads the dropped pieces from the origin. Either way the
+    origin sends less than one copy more, and every peer gets the right bytes."""
     assert origin.root is not None
     origin.root.mkdir(parents=True, exist_ok=True)
     digest = make_file(origin.root / "f.bin", FILE_BYTES, seed=92)
@@ -118,12 +124,12 @@ def test_a_piece_corrupt_on_the_only_whole_copy_is_read_again_from_the_origin(
                 downloads.start(peer, url, tmp_path / peer.name)
             wait_until("the seed read the whole origin", functools.partial(read_whole, cluster.seed))
             seed_read = origin.bytes_sent
-            where = unheld_piece([task_file(p.data_dir, url) for p in peers]) * PIECE_BYTES
             with task_file(cluster.seed.data_dir, url).open("r+b") as stored:
-                stored.seek(where)
-                byte = stored.read(1)
-                stored.seek(where)
-                stored.write(bytes([byte[0] ^ 0xFF]))
+                for number in unheld_pieces([task_file(p.data_dir, url) for p in peers], 2):
+                    stored.seek(number * PIECE_BYTES)
+                    byte = stored.read(1)
+                    stored.seek(number * PIECE_BYTES)
+                    stored.write(bytes([byte[0] ^ 0xFF]))
             assert sum(from_parents(p) for p in peers) < peer_count * FILE_BYTES - MiB, "the peers were done"
             downloads.finish(DFGET_TIMEOUT_S)
         for peer in peers:

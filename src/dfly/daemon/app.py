@@ -269,7 +269,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
                         },
                     },
                 )
-            where = f"pieces on {config.piece.ip}:{piece_port}"
+            where = f"pieces on {host_port(config.piece.ip, piece_port)}"
             if leech:
                 where = "no piece server: upload.disable_shared"
             if not stop.is_set():  # told to stop before any scheduler took the announce: never ready

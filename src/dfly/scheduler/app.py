@@ -59,8 +59,8 @@ def _start_metrics(config: SchedulerConfig, metrics: SchedulerMetrics) -> tuple[
         server, _thread = start_metrics_server(config.metrics.ip, config.metrics.port, metrics.registry)
     except OSError as exc:
         raise BindError(
-            f"metrics.ip / metrics.port: cannot listen on {config.metrics.ip}:{config.metrics.port}: "
-            f"{exc.strerror or exc}"
+            f"metrics.ip / metrics.port: cannot listen on "
+            f"{host_port(config.metrics.ip, config.metrics.port)}: {exc.strerror or exc}"
         ) from None
     return server, int(server.server_port)
 

@@ -142,7 +142,7 @@ def test_rarest_first_asks_the_seed_only_for_what_no_peer_parent_has() -> None:
 def test_full_download_of_4096_pieces_from_3_parents_is_fast() -> None:
     n = 4096
     rng = random.Random(3)
-    start = time.process_time()
+    start = time.thread_time()
     planner = DownloadPlanner(n, rng=random.Random(1), requests_per_parent=4)
     for parent_id in ("a", "b", "c"):
         planner.add_parent(parent_id)
@@ -171,5 +171,5 @@ def test_full_download_of_4096_pieces_from_3_parents_is_fast() -> None:
         planner.expired(now)
         planner.next_deadline()
         planner.stalled()
-    elapsed = time.process_time() - start
+    elapsed = time.thread_time() - start
     assert elapsed < 1.0, elapsed

@@ -136,15 +136,19 @@ def test_an_https_origin_stalling_mid_piece_fails_the_piece(tmp_path: Path, pki:
         assert time.monotonic() - started < 3.5
 
 
-def test_the_watchdog_keeps_its_own_fd_and_closes_it() -> None:
-    left, right = socket.socketpair()
-    with left, right:
-        deadline = PieceDeadline(left.fileno(), 30, lambda: False)
-        assert deadline._sock.fileno() != left.fileno()
-        deadline.close()
-        deadline.close()  # idempotent
-        assert deadline._sock.fileno() == -1
-        right.sendall(b"x")
-        assert left.recv(1) == b"x"  # the reader's socket is untouched
+def test_the_watchdog_shuts_the_read_only_while_it_runs() -> None:
+    """An expired deadline calls `shut` once (with `expired` set); a closed watchdog calls nothing."""
+    shut = threading.Event()
+    deadline = PieceDeadline(shut.set, 0.05, lambda: False)
+    deadline.arm()
+    assert shut.wait(5)
+    assert deadline.expired
+    deadline.close()
+    quiet = threading.Event()
+    idle = PieceDeadline(quiet.set, 0.05, lambda: False)
+    idle.close()
+    idle.close()  # idempotent
+    idle.arm()  # after close: no thread left to act on it
+    assert not quiet.wait(0.2)
     with pytest.raises(ValueError, match="piece_timeout_s must be > 0"):
-        PieceDeadline(0, 0, lambda: False)
+        PieceDeadline(lambda: None, 0, lambda: False)

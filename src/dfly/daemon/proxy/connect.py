@@ -21,6 +21,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
+from dfly.common.net import host_port
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 
 log = logging.getLogger(__name__)
@@ -254,5 +255,7 @@ async def open_upstream(
             return sock
         except (OSError, TimeoutError) as exc:
             sock.close()
-            error = exc if isinstance(exc, OSError) else OSError(f"connect to {host}:{port} timed out")
+            error = (
+                exc if isinstance(exc, OSError) else OSError(f"connect to {host_port(host, port)} timed out")
+            )
     raise error

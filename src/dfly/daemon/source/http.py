@@ -158,7 +158,8 @@ def read_pieces(
     of the slot holding the whole piece. It either returns None once the bytes are handed off, or returns
     a handle with `.result()` that is waited on before that slot is read into again, so the next piece is
     read from the origin while the previous one is being written. Returns the number of bytes delivered
-    through `on_piece`; stops early (dropping a partial piece) when `should_stop()`, within
+    through `on_piece`; stops early (dropping a partial piece) when `should_stop()`: between reads, at
+    once when `interrupt.interrupt()` comes with it (a blocked connect or read ends), and within
     piece_deadline.STOP_POLL_S when a piece deadline is given. With `piece_timeout_s`, each piece (and
     each piece-sized step of bytes skipped) must arrive within that many seconds of its first read.
     """
@@ -176,6 +177,7 @@ def read_pieces(
     start = first_piece * piece_length
     end = min((last + 1) * piece_length, total) - 1
     want = end - start + 1
+    interrupt = interrupt if interrupt is not None else SourceInterrupt()  # the piece deadline's too
     req = sanitize_request_headers(headers)
     req["Range"] = f"bytes={start}-{end}"
     validator = _if_range_validator(stat)
@@ -192,7 +194,7 @@ def read_pieces(
             view = view.cast("B")
         received = 0
         if piece_timeout_s is not None:
-            deadline = PieceDeadline(resp.fileno(), piece_timeout_s, should_stop)
+            deadline = PieceDeadline(interrupt.shut, piece_timeout_s, should_stop)
 
         def fill(target: memoryview, crc: int, what: str) -> tuple[int, bool]:
             nonlocal received
@@ -255,8 +257,7 @@ def read_pieces(
             deadline.close()
         resp.close()
         conn.close()
-        if interrupt is not None:
-            interrupt.release()
+        interrupt.release()
 
 
 def _check_body_response(

@@ -26,6 +26,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from dfly.common.errors import SourceError, is_out_of_descriptors, out_of_descriptors
 from dfly.common.ids import ascii_host, redact_url
+from dfly.common.net import host_port
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
@@ -65,20 +66,27 @@ class SourceInterrupt:
         self.interrupted = False
 
     def interrupt(self) -> None:
-        """Shut the current connection down both ways (its blocked call returns at once) and every
-        later one as soon as it is made."""
+        """Shut the current connection down both ways (its blocked call returns at once) and refuse
+        every later one."""
         with self._lock:
             self.interrupted = True
             if self._watched is not None:
                 _shut(self._watched)
 
+    def shut(self) -> None:
+        """Shut the current connection down (a piece deadline passed); later ones may still be made."""
+        with self._lock:
+            if self._watched is not None:
+                _shut(self._watched)
+
     def watch(self, sock: socket.socket) -> None:
-        """Follow `sock` (a new connection, before its connect) instead of the previous one."""
+        """Follow `sock` (a new connection, before its connect) instead of the previous one; refused
+        (ConnectionAbortedError) once interrupted."""
         with self._lock:
             self._close_watched()
-            self._watched = sock.dup()
             if self.interrupted:
-                _shut(self._watched)
+                raise ConnectionAbortedError("the read was stopped")
+            self._watched = sock.dup()
 
     @property
     def watching(self) -> bool:
@@ -117,8 +125,6 @@ def _connect_checked(
             raise PermissionError(f"{host} resolves to {sockaddr[0]}, an address this download may not reach")
     error: OSError | None = None
     for family, kind, proto, _, sockaddr in infos:
-        if interrupt is not None and interrupt.interrupted:
-            raise ConnectionAbortedError("the read was stopped")
         sock = socket.socket(family, kind, proto)
         try:
             sock.settimeout(timeout)
@@ -209,6 +215,8 @@ def _open_get(
         location = resp.getheader("Location")
         resp.close()
         conn.close()
+        if interrupt is not None:
+            interrupt.release()  # that hop's duplicate goes with it
         if not location:
             raise SourceError(
                 f"origin redirect {resp.status} without Location from {redact_url(url)}", resp.status
@@ -240,7 +248,7 @@ def tls_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
 
 
 def connect_error(host: str, port: int, timeout_s: float, exc: BaseException) -> SourceError:
-    where = f"{host}:{port}"
+    where = host_port(host, port)
     if isinstance(exc, socket.gaierror):
         text = f"cannot resolve origin host {where}: {exc.strerror or exc}"
     elif isinstance(exc, ConnectionRefusedError):

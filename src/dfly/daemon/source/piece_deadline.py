@@ -9,17 +9,15 @@ Rules:
 - `arm()` when a piece's read starts, `disarm()` when it is complete; only the reading is timed (not
   the wait for a free buffer slot between pieces).
 - When an armed deadline passes, or `should_stop()` turns true (checked at least every
-  `STOP_POLL_S`), the watchdog shuts the connection down both ways through its own duplicate of the
-  socket's fd (a TLS socket's state is never touched from this thread): the reader's blocked read
-  returns at once. `expired` then says it was the deadline, so the reader can name the cause instead
-  of "connection closed".
-- `close()` ends the watchdog thread and closes the duplicate fd; after it nothing is shut down.
+  `STOP_POLL_S`), the watchdog calls `shut`: the read's `SourceInterrupt.shut`, which shuts the
+  connection down both ways through its duplicate of the socket's fd (a TLS socket's state is never
+  touched from this thread), so the reader's blocked read returns at once. `expired` then says it was
+  the deadline, so the reader can name the cause instead of "connection closed".
+- `close()` ends the watchdog thread; after it nothing is shut down.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,13 +26,15 @@ STOP_POLL_S = 0.5
 
 
 class PieceDeadline:
-    def __init__(self, fd: int, piece_timeout_s: float, should_stop: Callable[[], bool]) -> None:
-        """Watch the connection whose socket has file descriptor `fd` (the reader keeps its own)."""
+    def __init__(
+        self, shut: Callable[[], None], piece_timeout_s: float, should_stop: Callable[[], bool]
+    ) -> None:
+        """Watch a read whose connection `shut()` ends (from this watchdog's thread)."""
         if not piece_timeout_s > 0:
             raise ValueError(f"piece_timeout_s must be > 0, got {piece_timeout_s}")
         self.piece_timeout_s = piece_timeout_s
         self.expired = False  # the deadline passed (not a stop) and the connection was shut down
-        self._sock = socket.socket(fileno=os.dup(fd))  # ours: the fd number stays this socket's
+        self._shut = shut
         self._should_stop = should_stop
         self._deadline: float | None = None
         self._closed = False
@@ -55,7 +55,6 @@ class PieceDeadline:
             self._closed = True
             self._lock.notify()
         self._thread.join()
-        self._sock.close()
 
     def _watch(self) -> None:
         with self._lock:
@@ -70,7 +69,4 @@ class PieceDeadline:
                 self._lock.wait(wait)
             else:
                 return
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by the peer or the reader
+            self._shut()
