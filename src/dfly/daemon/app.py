@@ -282,11 +282,11 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         await control_health.shutdown()
         await mirror.close()
         await local_api.close()
+        await control.stop(1.0)  # no seed trigger starts a download once the tasks are closing
         await tasks.close()
         with contextlib.suppress(OSError):
             storage_gc.stamp()
         await pieces.close()
-        await control.stop(1.0)
         health.close()
         metrics_server.shutdown()
         metrics_thread.join(timeout=2.0)

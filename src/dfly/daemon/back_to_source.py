@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dfly.common.errors import SourceError
+from dfly.common.own_thread import in_own_thread
 from dfly.common.pieces import default_piece_length
 from dfly.daemon.core.first_pass import FirstPassGate, hold_s
 from dfly.daemon.core.task_state import Layout
@@ -103,6 +104,7 @@ class BackToSource:
         self.layout_hint = layout
         self._stop = threading.Event()
         self._interrupt = http.SourceInterrupt()  # ends a blocked connect or read at once
+        self._storing: set[asyncio.Task[None]] = set()  # piece writes that may still read the buffer
 
     def _halt(self) -> None:
         """Stop the origin read: between reads, and now if a connect or read is blocked."""
@@ -124,9 +126,9 @@ class BackToSource:
     async def _run(self) -> None:
         request = self.c.request
         guard = hop_guard(request.allowed_origins)
-        stat = await asyncio.to_thread(
-            http.stat, request.url, request.headers, timeout_s=STAT_TIMEOUT_S, allowed_hosts=guard,
-            interrupt=self._interrupt,
+        stat = await in_own_thread(
+            "origin-stat", http.stat, request.url, request.headers, timeout_s=STAT_TIMEOUT_S,
+            allowed_hosts=guard, interrupt=self._interrupt,
         )  # fmt: skip
         hint = self.layout_hint or self.c.state.layout
         if hint is not None:
@@ -168,31 +170,66 @@ class BackToSource:
         def on_piece(number: int, view: memoryview, digest: int) -> StoreHandoff | None:
             if self.c.state.has(number):
                 return None
-            store = self.c.store_piece(number, view, digest, "back_to_source", "")
+            store = self._store(number, view, digest)
             return StoreHandoff(asyncio.run_coroutine_threadsafe(store, loop), self._stop)
 
         # From the daemon's pool: a fresh bytearray per task cost ~0.2 s of page faults per GiB.
         buffer = await self.c.ctx.pool.acquire(
             read_buffer_bytes(self.c.ctx.pool.budget_bytes, layout, first_piece=missing[0])
         )
-        reader = asyncio.ensure_future(
-            asyncio.to_thread(
-                http.read_pieces,
-                stat,
-                request.headers,
-                piece_length=layout.piece_length,
-                first_piece=missing[0],
-                buffer=buffer,
-                on_piece=on_piece,
-                should_stop=self._stop.is_set,
-                timeout_s=READ_TIMEOUT_S,
-                piece_timeout_s=self.c.ctx.config.download.piece_timeout_s,
-                allowed_hosts=guard,
-                interrupt=self._interrupt,
-            )
+        reader = in_own_thread(
+            "origin-read",
+            http.read_pieces,
+            stat,
+            request.headers,
+            piece_length=layout.piece_length,
+            first_piece=missing[0],
+            buffer=buffer,
+            on_piece=on_piece,
+            should_stop=self._stop.is_set,
+            timeout_s=READ_TIMEOUT_S,
+            piece_timeout_s=self.c.ctx.config.download.piece_timeout_s,
+            allowed_hosts=guard,
+            interrupt=self._interrupt,
         )
+        # released one loop turn later, after the pieces the thread handed over last have started
+        await await_thread_holding(reader, self._halt, functools.partial(self._release_soon, loop, buffer))
+
+    async def _store(self, number: int, view: memoryview, digest: int) -> None:
+        """Store one piece from the read's buffer (a task of this loop, tracked while it may read it)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._storing.add(task)
+        task.add_done_callback(self._store_ended)
+        await self.c.store_piece(number, view, digest, "back_to_source", "")
+
+    def _store_ended(self, task: asyncio.Task[None]) -> None:
+        self._storing.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a halted read's handoff no longer waits for it (StoreHandoff)
+
+    def _release_soon(self, loop: asyncio.AbstractEventLoop, buffer: bytearray) -> None:
+        loop.call_soon(self._release_when_written, buffer)
+
+    def _release_when_written(self, buffer: bytearray) -> None:
+        """The buffer goes back to the pool once no piece write reads from it: a halted read returns while
+        its last write, abandoned by StoreHandoff, may still be copying from the buffer (storage waits
+        for its writer thread before such a write ends, cancelled or not)."""
         pool = self.c.ctx.pool
-        await await_thread_holding(reader, self._halt, lambda: pool.release(buffer))
+        writing = set(self._storing)
+        if not writing:
+            pool.release(buffer)
+            return
+        left = len(writing)
+
+        def one_ended(_task: asyncio.Task[None]) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                pool.release(buffer)
+
+        for task in writing:
+            task.add_done_callback(one_ended)
 
 
 async def await_thread_holding(

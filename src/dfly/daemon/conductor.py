@@ -399,6 +399,9 @@ class Conductor:
         """All pieces are available: report, ask for the digest verdict; durability follows on its own."""
         self._all_pieces_at = now
         self._durable = asyncio.ensure_future(self.ctx.storage.finish_task(self.state.task_id))
+        # its error is logged by _await_durable; marked retrieved for the paths that never get there (a
+        # cancel at stop, a later _complete after a rejected verdict)
+        self._durable.add_done_callback(lambda done: done.cancelled() or done.exception())
         await self._flush_report(now)
         if not self.stream.alive:
             self._done = True

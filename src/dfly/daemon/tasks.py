@@ -70,10 +70,13 @@ class TaskManager:
             self._live[state.task_id] = live
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Cancel every task this manager owns, also those started while the first ones were ending."""
+        while self._tasks:
+            pending = list(self._tasks)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._tasks.difference_update(pending)
 
     def finished_tasks(self, only: Collection[str] | None = None) -> Iterator[pb.FinishedTask]:
         """The tasks held complete (all of them, or those of `only` held), as AnnounceHost lists them;
@@ -164,6 +167,7 @@ class TaskManager:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
         return task
 
     def cached_tasks(self) -> list[CachedTask]:
@@ -247,7 +251,7 @@ class TaskManager:
         if live.state.complete and live.state.ended and not self._file_intact(live):
             removal = self.remove(live.state.task_id)
             if removal is not None:
-                await removal
+                await asyncio.shield(removal)  # a client leaving now does not cut the removal short
             live = self.start(task_request)
         local_hit = live.state.complete and live.state.ended
         wake = asyncio.Event()
@@ -360,3 +364,10 @@ def _fresh(error: DflyError | None) -> DflyError | None:
     """A copy of the task's stored error to raise: raising the stored one would attach the frames it
     passes through (a proxy response's buffers among them) to the task's state until it is used again."""
     return None if error is None else copy.copy(error)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """A background task's unexpected error is logged when it happens (not as "Task exception was never
+    retrieved" whenever the task is collected, if ever)."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=error)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import pytest
 
-from dfly.daemon.back_to_source import await_thread_holding
+from dfly.daemon.back_to_source import BackToSource, await_thread_holding
+from dfly.daemon.transfer.buffers import BufferPool
 
 
 class Release:
@@ -79,5 +81,46 @@ def test_a_read_cancelled_twice_releases_when_its_thread_ends() -> None:
         finish.set()
         await asyncio.wait_for(release.happened.wait(), 10)
         assert release.count == 1
+
+    asyncio.run(main())
+
+
+def test_the_buffer_waits_for_a_piece_write_that_still_reads_it() -> None:
+    """A halted read returns while its last piece write (abandoned by StoreHandoff) may still copy from
+    the buffer: the buffer goes back to the pool only once that write ended, cancelled or not."""
+    writing, finish = asyncio.Event(), asyncio.Event()
+
+    async def store_piece(*_: object) -> None:
+        """As storage's write_piece: a cancel waits for the writer thread to let go of the bytes."""
+        writing.set()
+        copied = asyncio.ensure_future(finish.wait())  # the writer thread still copying from the buffer
+        try:
+            await asyncio.shield(copied)
+        except asyncio.CancelledError:
+            await copied
+            raise
+
+    async def main() -> None:
+        pool = BufferPool(1 << 20)
+        conductor = SimpleNamespace(ctx=SimpleNamespace(pool=pool), store_piece=store_piece)
+        reader = BackToSource(conductor, None)  # type: ignore[arg-type]  # the two fields it uses
+        buffer = await pool.acquire(256 * 1024)
+        write = asyncio.ensure_future(reader._store(0, memoryview(buffer), 0))
+        await writing.wait()
+        write.cancel()  # as StoreHandoff does at a stop: the write goes on (storage shields it)
+        reader._release_when_written(buffer)
+        for _ in range(5):
+            await asyncio.sleep(0)  # the cancel lands; the write still copies
+        assert not write.done()
+        assert pool.bytes_out == 256 * 1024  # still lent: the write reads it
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        await asyncio.sleep(0)  # the done callbacks run
+        assert pool.bytes_out == 0
+        idle = BackToSource(conductor, None)  # type: ignore[arg-type]
+        spare = await pool.acquire(4096)
+        idle._release_when_written(spare)  # no write in progress: back at once
+        assert pool.bytes_out == 0
 
     asyncio.run(main())

@@ -124,3 +124,30 @@ def test_the_duplicate_is_closed_when_the_read_ends() -> None:
             http.stat(f"http://127.0.0.1:{port}/x", {}, timeout_s=0.2, interrupt=interrupt)
     assert not interrupt.watching
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_an_interrupt_ends_the_wait_for_a_name_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that waits out its own timeouts (5 s per try and name server with glibc): the read
+    stops waiting for it at once; the lookup ends in its own daemon thread."""
+    resolving, answer = threading.Event(), threading.Event()
+    real = socket.getaddrinfo
+
+    def slow_getaddrinfo(*args: object, **kwargs: object) -> object:
+        resolving.set()
+        answer.wait(30)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
+    try:
+        interrupt = SourceInterrupt()
+        thread, errors = stat_in_thread("http://origin.invalid:8080/x", interrupt)
+        assert resolving.wait(5)
+        started = time.monotonic()
+        interrupt.interrupt()
+        thread.join(15.0)
+        assert not thread.is_alive(), "the interrupt did not end the wait for the lookup"
+        assert time.monotonic() - started < 15.0  # against the 30 s the lookup takes here
+        assert isinstance(errors[0], SourceError)
+        assert "the read was stopped" in str(errors[0])
+    finally:
+        answer.set()

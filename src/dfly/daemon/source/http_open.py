@@ -7,13 +7,14 @@ Authorization and Cookie are dropped once a redirect leaves the origin (scheme, 
 in the URL becomes Basic auth unless Authorization is set. Failures are `SourceError`s (status 0 when
 no HTTP status was received), without query strings. A `SourceInterrupt` ends a blocked connect or
 read from another thread: it shuts the connection's socket down through its own duplicate fd (taken
-before the connect, before any TLS wrap), so the daemon's stop never waits out an origin's timeouts;
-only a name lookup in progress cannot be cut short.
+before the connect, before any TLS wrap), and stops waiting for a name lookup (left to end in its own
+daemon thread), so the daemon's stop never waits out an origin's or a resolver's timeouts.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import functools
 import http.client
@@ -22,6 +23,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from dfly.common.errors import SourceError, is_out_of_descriptors, out_of_descriptors
@@ -30,6 +32,7 @@ from dfly.common.net import host_port
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
+RESOLVE_POLL_S = 0.2
 _CROSS_ORIGIN_DROPPED = ("authorization", "cookie")
 _TARGET_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))  # printable ASCII stays as the user wrote it
 
@@ -109,6 +112,30 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+def _resolve(host: str, port: int, interrupt: SourceInterrupt | None) -> list[Any]:
+    """getaddrinfo; with an interrupt, in a daemon thread of its own, waited for in short slices, so an
+    interrupt ends the wait within RESOLVE_POLL_S even while the resolver waits out its own timeouts."""
+    if interrupt is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if interrupt.interrupted:
+        raise ConnectionAbortedError("the read was stopped")
+    lookup: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            lookup.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # handed to the waiting thread
+            lookup.set_exception(exc)
+
+    threading.Thread(target=run, name="origin-dns", daemon=True).start()
+    while True:
+        try:
+            return lookup.result(timeout=RESOLVE_POLL_S)
+        except concurrent.futures.TimeoutError:
+            if interrupt.interrupted:
+                raise ConnectionAbortedError("the read was stopped") from None
+
+
 def _connect_checked(
     address_refused: Callable[[str], bool],
     interrupt: SourceInterrupt | None,
@@ -119,7 +146,7 @@ def _connect_checked(
     """socket.create_connection, refusing the name if any address it resolves to is refused; the socket
     is watched by `interrupt` from before its connect."""
     host, port = address
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = _resolve(host, port, interrupt)
     for *_, sockaddr in infos:
         if address_refused(str(sockaddr[0])):
             raise PermissionError(f"{host} resolves to {sockaddr[0]}, an address this download may not reach")
