@@ -5,7 +5,10 @@ Rules:
   scheduler addresses (config `control.trusted_schedulers`, default the hosts of `scheduler.addrs`);
   anyone else gets PERMISSION_DENIED. A trusted entry that is a host name (`scheduler.addrs` may name
   hosts) stands for every address it resolves to when a caller is checked, cached for
-  TRUST_RESOLVE_TTL_S (a scheduler behind DNS may move); a name that does not resolve trusts nobody.
+  TRUST_RESOLVE_TTL_S (a scheduler behind DNS may move). A lookup takes at most
+  TRUST_RESOLVE_TIMEOUT_S (well inside the scheduler's 10 s trigger timeout) and is shared by the
+  callers checked meanwhile; a name that does not resolve trusts nobody, or, if it resolved before, its
+  last addresses until the next try.
 - The health endpoint answers 200 to `GET /healthy` and 404 to anything else; it reads at most one
   small request per connection and never blocks the loop.
 """
@@ -30,6 +33,7 @@ from dfly.daemon.task_request import TaskRequest
 log = logging.getLogger(__name__)
 
 TRUST_RESOLVE_TTL_S = 60.0
+TRUST_RESOLVE_TIMEOUT_S = 3.0
 
 
 def peer_ip(peer: str) -> str:
@@ -53,6 +57,7 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 Resolve = Callable[[str], Awaitable[list[str]]]
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 async def resolve_host(name: str) -> list[str]:
@@ -65,13 +70,19 @@ class TrustedSchedulers:
     """The callers allowed to trigger downloads: IP addresses, and host names resolved on demand."""
 
     def __init__(
-        self, entries: list[str], resolve: Resolve = resolve_host, clock: Callable[[], float] = time.monotonic
+        self,
+        entries: list[str],
+        resolve: Resolve = resolve_host,
+        clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = TRUST_RESOLVE_TIMEOUT_S,
     ) -> None:
         self._ips = {ip for ip in map(_ip, entries) if ip is not None}
         self._names = [entry for entry in entries if _ip(entry) is None and entry]
         self._resolve = resolve
         self._clock = clock
-        self._resolved: dict[str, tuple[float, set[ipaddress.IPv4Address | ipaddress.IPv6Address]]] = {}
+        self._timeout_s = timeout_s
+        self._resolved: dict[str, tuple[float, set[Address]]] = {}
+        self._lookups: dict[str, asyncio.Task[set[Address]]] = {}  # in flight, shared by their callers
 
     async def allows(self, caller: str) -> bool:
         ip = _ip(caller)
@@ -84,17 +95,30 @@ class TrustedSchedulers:
                 return True
         return False
 
-    async def _addresses(self, name: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-        now = self._clock()
+    async def _addresses(self, name: str) -> set[Address]:
         cached = self._resolved.get(name)
-        if cached is not None and now - cached[0] < TRUST_RESOLVE_TTL_S:
+        if cached is not None and self._clock() - cached[0] < TRUST_RESOLVE_TTL_S:
             return cached[1]
+        lookup = self._lookups.get(name)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_task(self._lookup(name, cached))
+            self._lookups[name] = lookup
+            lookup.add_done_callback(lambda _done: self._lookups.pop(name, None))
+        return await asyncio.shield(lookup)  # a caller that leaves does not end it for the others
+
+    async def _lookup(self, name: str, cached: tuple[float, set[Address]] | None) -> set[Address]:
         try:
-            found = {ip for ip in map(_ip, await self._resolve(name)) if ip is not None}
-        except OSError as exc:
-            log.warning("trusted scheduler %s does not resolve: %s", name, exc)
-            found = set()
-        self._resolved[name] = (now, found)
+            async with asyncio.timeout(self._timeout_s):
+                found = {ip for ip in map(_ip, await self._resolve(name)) if ip is not None}
+        except (OSError, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {self._timeout_s:g} s"
+            if cached is None:
+                log.warning("trusted scheduler %s does not resolve: %s", name, why)
+                found = set()
+            else:
+                log.warning("trusted scheduler %s does not resolve (%s): its last addresses stay", name, why)
+                found = cached[1]
+        self._resolved[name] = (self._clock(), found)
         return found
 
 

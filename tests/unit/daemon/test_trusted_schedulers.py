@@ -58,3 +58,50 @@ def test_a_name_trusts_its_addresses_and_is_resolved_again_after_the_ttl() -> No
 def test_a_name_that_does_not_resolve_trusts_nobody() -> None:
     trusted = TrustedSchedulers(["gone.example"], resolve=Resolver({}))
     assert not allows(trusted, "127.0.0.1")
+
+
+class SlowResolver(Resolver):
+    """Answers once `answer` is set (a resolver waiting out its own timeouts until then)."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        super().__init__(answers)
+        self.answer = asyncio.Event()
+
+    async def __call__(self, name: str) -> list[str]:
+        self.calls.append(name)
+        await self.answer.wait()
+        return self.answers[name]
+
+
+def test_callers_checked_meanwhile_share_one_lookup() -> None:
+    async def main() -> None:
+        resolver = SlowResolver({"scheduler.svc": ["10.1.1.1"]})
+        trusted = TrustedSchedulers(["scheduler.svc"], resolve=resolver)
+        checks = [asyncio.ensure_future(trusted.allows("10.1.1.1")) for _ in range(5)]
+        await asyncio.sleep(0)
+        resolver.answer.set()
+        assert await asyncio.gather(*checks) == [True] * 5
+        assert resolver.calls == ["scheduler.svc"]
+
+    asyncio.run(main())
+
+
+def test_a_lookup_that_hangs_is_given_up_well_inside_the_trigger_timeout() -> None:
+    """The scheduler's DownloadTask deadline is 10 s: a resolver that hangs trusts nobody after the
+    lookup's own bound, instead of the call timing out and the seed being taken for unreachable."""
+
+    async def main() -> None:
+        trusted = TrustedSchedulers(["scheduler.svc"], resolve=SlowResolver({}), timeout_s=0.05)
+        assert not await asyncio.wait_for(trusted.allows("10.1.1.1"), 5)
+
+    asyncio.run(main())
+
+
+def test_a_name_that_stops_resolving_keeps_its_last_addresses_until_the_next_try() -> None:
+    resolver, clock = Resolver({"scheduler.svc": ["10.1.1.1"]}), Clock()
+    trusted = TrustedSchedulers(["scheduler.svc"], resolve=resolver, clock=clock)
+    assert allows(trusted, "10.1.1.1")
+    del resolver.answers["scheduler.svc"]  # DNS down for a while
+    clock.now += TRUST_RESOLVE_TTL_S
+    assert allows(trusted, "10.1.1.1")
+    assert resolver.calls == ["scheduler.svc", "scheduler.svc"]
