@@ -209,6 +209,7 @@ class SchedulerClient:
         """Send the remembered DeleteTasks again, in one background task at a time."""
         if self.undelivered and (self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
+            self._flushing.add_done_callback(_log_flush_failure)
 
     async def _flush(self) -> None:
         for task_id in list(self.undelivered):
@@ -222,3 +223,9 @@ class SchedulerClient:
             self._flushing.cancel()
             await asyncio.gather(self._flushing, return_exceptions=True)
         await self._channel.close(None)
+
+
+def _log_flush_failure(flush: asyncio.Task[None]) -> None:
+    """An unexpected error of a background resend is logged when it happens (the next one replaces it)."""
+    if not flush.cancelled() and (error := flush.exception()) is not None:
+        log.error("resending DeleteTask failed", exc_info=error)

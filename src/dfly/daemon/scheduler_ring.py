@@ -82,10 +82,10 @@ class SchedulerRing:
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for attempt in done:
-                    if attempt.exception() is None:
-                        return
-                    error = attempt.exception()
+                errors = [attempt.exception() for attempt in done]  # each retrieved, success or not
+                if any(e is None for e in errors):
+                    return
+                error = errors[-1]
         finally:
             for attempt in pending:
                 attempt.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import cast
 
 from dfly.daemon.scheduler_client import SchedulerClient
@@ -74,3 +75,32 @@ def test_the_ring_says_how_long_no_scheduler_has_been_connected() -> None:
         assert routing.unhealthy_for_s() == 0.0
 
     asyncio.run(scenario())
+
+
+def test_an_announce_one_scheduler_refuses_leaves_no_unretrieved_error() -> None:
+    """Both attempts end together, one refused: the announce succeeds, and the refusal is retrieved
+    (asyncio would log "Task exception was never retrieved" with a traceback when it is collected)."""
+
+    class AnnouncingClient(FakeClient):
+        def __init__(self, addr: str, refuse: bool) -> None:
+            super().__init__(addr)
+            self.refuse = refuse
+
+        async def announce(self) -> None:
+            if self.refuse:
+                raise OSError("scheduler refused")
+
+    async def scenario() -> list[dict[str, object]]:
+        reports: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reports.append(context))
+        for refused_first in [True, False] * 10:  # the done set's order is not the clients'
+            clients = [
+                AnnouncingClient(ADDRS[0], refused_first),
+                AnnouncingClient(ADDRS[1], not refused_first),
+            ]
+            await SchedulerRing(cast(list[SchedulerClient], clients)).announce_any()
+        gc.collect()
+        await asyncio.sleep(0)
+        return reports
+
+    assert asyncio.run(scenario()) == []
