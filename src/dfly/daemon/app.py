@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 RATE_SAMPLE_S = 1.0
 ANNOUNCE_RETRY_S = 0.5
+UNRESOLVABLE_CHECK_S = 5.0  # the no-such-host hint after a failed announce: its lookups, in all
 DESCRIPTOR_SLACK = 64  # listeners, the metadata db, scheduler channels, logs, the origin reads
 
 
@@ -312,17 +313,26 @@ def _address(section: ListenerSection) -> str:
     return host_port(section.ip, section.port)
 
 
-async def _unresolvable(addrs: list[str]) -> list[str]:
-    """The scheduler host names that do not resolve (gRPC reports them only as DEADLINE_EXCEEDED)."""
+async def _unresolvable(addrs: list[str], timeout_s: float = UNRESOLVABLE_CHECK_S) -> list[str]:
+    """The scheduler host names that do not resolve (gRPC reports them only as DEADLINE_EXCEEDED), for a
+    hint in the log: looked up together, at most `timeout_s` in all (a resolver that hangs gives no hint
+    rather than holding the start-up, and a stop, for its own timeouts per name)."""
     loop = asyncio.get_running_loop()
-    out = []
-    for addr in addrs:
-        host = addr.rpartition(":")[0].strip("[]")
+    hosts = [addr.rpartition(":")[0].strip("[]") for addr in addrs]
+
+    async def fails(host: str) -> bool:
         try:
             await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except socket.gaierror:
-            out.append(host)
-    return out
+            return True
+        return False
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            failed = await asyncio.gather(*(fails(host) for host in hosts))
+    except TimeoutError:
+        return []
+    return [host for host, bad in zip(hosts, failed, strict=True) if bad]
 
 
 def descriptors_needed(config: DaemonConfig) -> tuple[int, str]:
