@@ -180,89 +180,78 @@ def open_get(
     `interrupt` can end each hop's connect and reads from another thread; the caller releases it once
     done with the connection (here, if no connection is returned)."""
     try:
-        return _open_get(url, headers, timeout_s, allowed_hosts, ca_file, insecure, interrupt)
+        first_url = url
+        for hop in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise SourceError(f"unsupported source URL {redact_url(url)}: expected http(s)://host/…")
+            try:
+                host = ascii_host(parts.hostname)  # an internationalized name: its IDNA form is what resolves
+            except ValueError as exc:
+                where = f"the origin's redirect to {redact_url(url)}" if hop else redact_url(url)
+                raise SourceError(f"invalid host name in {where}: {exc}") from None
+            try:
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError as exc:
+                raise SourceError(f"invalid port in source URL {redact_url(url)}") from exc
+            if allowed_hosts is not None and not allowed_hosts.allowed(parts.scheme, host, port):
+                why = ", a link-local or metadata address," if _refused_literal(allowed_hosts, host) else ""
+                raise SourceError(f"source host {host}{why} is not allowed ({redact_url(url)})")
+            conn: http.client.HTTPConnection
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    host, port, timeout=timeout_s, context=tls_context(ca_file, insecure)
+                )
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+            refused = allowed_hosts.address_refused if allowed_hosts is not None else _no_address_refused
+            # http.client's own hook for making the socket (HTTPS wraps it after)
+            conn._create_connection = functools.partial(_connect_checked, refused, interrupt)  # type: ignore[attr-defined]
+            req = dict(headers)
+            if parts.username is not None and not any(k.lower() == "authorization" for k in req):
+                user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+                req["Authorization"] = "Basic " + base64.b64encode(user_pass).decode("ascii")
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            target = quote(target, safe=_TARGET_SAFE)  # only non-ASCII bytes change: %-encoded UTF-8
+            try:
+                conn.request("GET", target, headers=req)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                if is_out_of_descriptors(exc):  # this host's load: not the origin's failure, not the task's
+                    raise out_of_descriptors("connecting to the origin") from None
+                raise connect_error(host, port, timeout_s, exc) from exc
+            if resp.status not in REDIRECT_STATUSES:
+                return conn, resp, url
+            location = resp.getheader("Location")
+            resp.close()
+            conn.close()
+            if interrupt is not None:
+                interrupt.release()  # that hop's duplicate goes with it
+            if not location:
+                raise SourceError(
+                    f"origin redirect {resp.status} without Location from {redact_url(url)}", resp.status
+                )
+            if hop == MAX_REDIRECTS:
+                raise SourceError(
+                    f"too many redirects (more than {MAX_REDIRECTS}) from {redact_url(first_url)}",
+                    resp.status,
+                )
+            try:
+                new_url = urljoin(url, location)
+                new = urlsplit(new_url)
+            except ValueError:  # "http://[::1" and the like; not shown: a Location may carry a signed query
+                raise SourceError(
+                    f"origin redirect {resp.status} from {redact_url(url)} to an invalid URL", resp.status
+                ) from None
+            if (new.scheme, new.hostname, new.port) != (parts.scheme, parts.hostname, parts.port):
+                headers = {k: v for k, v in headers.items() if k.lower() not in _CROSS_ORIGIN_DROPPED}
+            url = new_url
+        raise AssertionError("unreachable")
     except BaseException:
         if interrupt is not None:
             interrupt.release()
         raise
-
-
-def _open_get(
-    url: str,
-    headers: dict[str, str],
-    timeout_s: float,
-    allowed_hosts: AllowedHosts | None,
-    ca_file: str | None,
-    insecure: bool,
-    interrupt: SourceInterrupt | None,
-) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
-    first_url = url
-    for hop in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SourceError(f"unsupported source URL {redact_url(url)}: expected http(s)://host/…")
-        try:
-            host = ascii_host(parts.hostname)  # an internationalized name: its IDNA form is what resolves
-        except ValueError as exc:
-            where = f"the origin's redirect to {redact_url(url)}" if hop else redact_url(url)
-            raise SourceError(f"invalid host name in {where}: {exc}") from None
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as exc:
-            raise SourceError(f"invalid port in source URL {redact_url(url)}") from exc
-        if allowed_hosts is not None and not allowed_hosts.allowed(parts.scheme, host, port):
-            why = ", a link-local or metadata address," if _refused_literal(allowed_hosts, host) else ""
-            raise SourceError(f"source host {host}{why} is not allowed ({redact_url(url)})")
-        conn: http.client.HTTPConnection
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                host, port, timeout=timeout_s, context=tls_context(ca_file, insecure)
-            )
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
-        refused = allowed_hosts.address_refused if allowed_hosts is not None else _no_address_refused
-        # http.client's own hook for making the socket (HTTPS wraps it after)
-        conn._create_connection = functools.partial(_connect_checked, refused, interrupt)  # type: ignore[attr-defined]
-        req = dict(headers)
-        if parts.username is not None and not any(k.lower() == "authorization" for k in req):
-            user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-            req["Authorization"] = "Basic " + base64.b64encode(user_pass).decode("ascii")
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        target = quote(target, safe=_TARGET_SAFE)  # only non-ASCII bytes change: %-encoded UTF-8
-        try:
-            conn.request("GET", target, headers=req)
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            if is_out_of_descriptors(exc):  # this host's load: not the origin's failure, not the task's
-                raise out_of_descriptors("connecting to the origin") from None
-            raise connect_error(host, port, timeout_s, exc) from exc
-        if resp.status not in REDIRECT_STATUSES:
-            return conn, resp, url
-        location = resp.getheader("Location")
-        resp.close()
-        conn.close()
-        if interrupt is not None:
-            interrupt.release()  # that hop's duplicate goes with it
-        if not location:
-            raise SourceError(
-                f"origin redirect {resp.status} without Location from {redact_url(url)}", resp.status
-            )
-        if hop == MAX_REDIRECTS:
-            raise SourceError(
-                f"too many redirects (more than {MAX_REDIRECTS}) from {redact_url(first_url)}", resp.status
-            )
-        try:
-            new_url = urljoin(url, location)
-            new = urlsplit(new_url)
-        except ValueError:  # "http://[::1" and the like; not shown: a Location may carry a signed query
-            raise SourceError(
-                f"origin redirect {resp.status} from {redact_url(url)} to an invalid URL", resp.status
-            ) from None
-        if (new.scheme, new.hostname, new.port) != (parts.scheme, parts.hostname, parts.port):
-            headers = {k: v for k, v in headers.items() if k.lower() not in _CROSS_ORIGIN_DROPPED}
-        url = new_url
-    raise AssertionError("unreachable")
 
 
 @functools.lru_cache(maxsize=8)
