@@ -1,8 +1,11 @@
 """Back-to-source for one download: stat the origin, fix the layout, stream pieces into storage.
 
-The blocking HTTP client (`source.http`) runs in a worker thread; each piece it cuts is handed to the
-event loop and written by the storage writer thread while the next piece is read into a second buffer
-slot; a slot is reused only once its write is done, so memory stays at two pieces per download.
+The blocking HTTP client (`source.http`) runs in a daemon thread of its own (common/own_thread.py: not
+the default executor, which short work shares); each piece it cuts is handed to the event loop and
+written by the storage writer thread while the next piece is read into a second buffer slot; a slot is
+reused only once its write is done, so memory stays at two pieces per download. A stop or a failure
+halts the read at once (SourceInterrupt: a blocked connect, read or name lookup ends), and the buffer
+goes back to the daemon's pool only after the last piece write stopped reading it.
 
 Rules:
 - The first back-to-source peer of a task fixes its layout: the user's piece length or the default

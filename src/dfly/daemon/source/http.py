@@ -1,7 +1,7 @@
 """Back-to-source over HTTP/HTTPS: stat an origin object, then read it as one sequential GET cut into pieces.
 
-Blocking code meant for a worker thread (the daemon calls it through `asyncio.to_thread`); the event loop
-never runs it. Rules (DESIGN.md §5 "Back-to-source"):
+Blocking code meant for a worker thread (the daemon runs each read in one of its own, `in_own_thread`);
+the event loop never runs it. Rules (DESIGN.md §5 "Back-to-source"):
 
 - `stat` is a `GET` with `Range: bytes=0-0` (HEAD fails on GET-presigned URLs); 206 gives the total from
   Content-Range, 200 from Content-Length, 416 with `bytes */0` an empty object.
