@@ -7,8 +7,9 @@ Rules:
   of those wait for a whole object.
 - The thread is a daemon thread: neither `asyncio.run`'s end nor the interpreter's exit waits for it
   (the caller ends it at a stop, e.g. through a SourceInterrupt).
-- The returned future gets the call's result or exception. Once the future is cancelled, or the loop
-  is closed, the outcome is dropped (no "exception was never retrieved" noise).
+- The returned future gets the call's result or exception (also the RuntimeError of a thread that
+  could not start). Once the future is cancelled, or the loop is closed, the outcome is dropped (no
+  "exception was never retrieved" noise).
 """
 
 from __future__ import annotations
@@ -46,5 +47,8 @@ def in_own_thread(name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.k
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        threading.Thread(target=run, name=name, daemon=True).start()
+    except RuntimeError as exc:  # "can't start new thread": a process or cgroup thread limit
+        future.set_exception(exc)  # the caller's error path runs (and gives back what it holds)
     return future

@@ -30,6 +30,7 @@ from dfly.common.grpc_health import GrpcHealth
 from dfly.common.ids import host_id as make_host_id
 from dfly.common.metrics_http import start_metrics_server
 from dfly.common.net import host_port
+from dfly.common.own_thread import in_own_thread
 from dfly.common.ready_file import write_ready_file
 from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig, ListenerSection
@@ -316,13 +317,13 @@ def _address(section: ListenerSection) -> str:
 async def _unresolvable(addrs: list[str], timeout_s: float = UNRESOLVABLE_CHECK_S) -> list[str]:
     """The scheduler host names that do not resolve (gRPC reports them only as DEADLINE_EXCEEDED), for a
     hint in the log: looked up together, at most `timeout_s` in all (a resolver that hangs gives no hint
-    rather than holding the start-up, and a stop, for its own timeouts per name)."""
-    loop = asyncio.get_running_loop()
+    rather than holding the start-up, and a stop, for its own timeouts per name; a lookup given up on
+    ends in its own daemon thread)."""
     hosts = [addr.rpartition(":")[0].strip("[]") for addr in addrs]
 
     async def fails(host: str) -> bool:
-        try:
-            await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        try:  # in a daemon thread: one given up on holds no worker of the default executor
+            await in_own_thread("scheduler-dns", socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)
         except socket.gaierror:
             return True
         return False

@@ -5,10 +5,11 @@ Rules:
   scheduler addresses (config `control.trusted_schedulers`, default the hosts of `scheduler.addrs`);
   anyone else gets PERMISSION_DENIED. A trusted entry that is a host name (`scheduler.addrs` may name
   hosts) stands for every address it resolves to when a caller is checked, cached for
-  TRUST_RESOLVE_TTL_S (a scheduler behind DNS may move). A lookup takes at most
-  TRUST_RESOLVE_TIMEOUT_S (well inside the scheduler's 10 s trigger timeout) and is shared by the
-  callers checked meanwhile; a name that does not resolve trusts nobody, or, if it resolved before, its
-  last addresses until the next try.
+  TRUST_RESOLVE_TTL_S (a scheduler behind DNS may move). Names are looked up together, each lookup at
+  most TRUST_RESOLVE_TIMEOUT_S (inside the scheduler's 10 s trigger timeout, above glibc's 5 s per name
+  server) and shared by the callers checked meanwhile. A name that does not exist trusts nobody; one
+  whose lookup fails for a while (a timeout, a resolver's "try again") keeps the addresses it last
+  resolved to, for at most TRUST_STALE_MAX_S after that answer.
 - The health endpoint answers 200 to `GET /healthy` and 404 to anything else; it reads at most one
   small request per connection and never blocks the loop.
 """
@@ -16,11 +17,13 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -33,7 +36,9 @@ from dfly.daemon.task_request import TaskRequest
 log = logging.getLogger(__name__)
 
 TRUST_RESOLVE_TTL_S = 60.0
-TRUST_RESOLVE_TIMEOUT_S = 3.0
+TRUST_RESOLVE_TIMEOUT_S = 8.0
+TRUST_STALE_MAX_S = 300.0
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 def peer_ip(peer: str) -> str:
@@ -81,7 +86,7 @@ class TrustedSchedulers:
         self._resolve = resolve
         self._clock = clock
         self._timeout_s = timeout_s
-        self._resolved: dict[str, tuple[float, set[Address]]] = {}
+        self._resolved: dict[str, _Answer] = {}
         self._lookups: dict[str, asyncio.Task[set[Address]]] = {}  # in flight, shared by their callers
 
     async def allows(self, caller: str) -> bool:
@@ -90,36 +95,52 @@ class TrustedSchedulers:
             return False
         if ip in self._ips:
             return True
-        for name in self._names:
-            if ip in await self._addresses(name):
-                return True
-        return False
+        found = await asyncio.gather(*(self._addresses(name) for name in self._names))
+        return any(ip in addresses for addresses in found)
 
     async def _addresses(self, name: str) -> set[Address]:
         cached = self._resolved.get(name)
-        if cached is not None and self._clock() - cached[0] < TRUST_RESOLVE_TTL_S:
-            return cached[1]
+        if cached is not None and self._clock() - cached.checked_at < TRUST_RESOLVE_TTL_S:
+            return cached.addresses
         lookup = self._lookups.get(name)
-        if lookup is None:
-            lookup = asyncio.get_running_loop().create_task(self._lookup(name, cached))
+        loop = asyncio.get_running_loop()
+        if lookup is None or lookup.get_loop() is not loop:
+            lookup = loop.create_task(self._lookup(name, cached))
             self._lookups[name] = lookup
-            lookup.add_done_callback(lambda _done: self._lookups.pop(name, None))
+            lookup.add_done_callback(functools.partial(self._lookup_ended, name))
         return await asyncio.shield(lookup)  # a caller that leaves does not end it for the others
 
-    async def _lookup(self, name: str, cached: tuple[float, set[Address]] | None) -> set[Address]:
+    def _lookup_ended(self, name: str, lookup: asyncio.Task[set[Address]]) -> None:
+        if self._lookups.get(name) is lookup:
+            del self._lookups[name]
+
+    async def _lookup(self, name: str, cached: _Answer | None) -> set[Address]:
+        now = self._clock()
         try:
             async with asyncio.timeout(self._timeout_s):
                 found = {ip for ip in map(_ip, await self._resolve(name)) if ip is not None}
         except (OSError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self._timeout_s:g} s"
-            if cached is None:
-                log.warning("trusted scheduler %s does not resolve: %s", name, why)
-                found = set()
-            else:
-                log.warning("trusted scheduler %s does not resolve (%s): its last addresses stay", name, why)
-                found = cached[1]
-        self._resolved[name] = (self._clock(), found)
+            gone = isinstance(exc, socket.gaierror) and exc.errno in _NO_SUCH_NAME
+            if gone or cached is None or now - cached.confirmed_at > TRUST_STALE_MAX_S:
+                log.warning("trusted scheduler %s does not resolve: %s; it trusts nobody", name, why)
+                self._resolved[name] = _Answer(set(), now, now)
+                return set()
+            log.warning("trusted scheduler %s does not resolve (%s): its last addresses stay", name, why)
+            self._resolved[name] = _Answer(cached.addresses, now, cached.confirmed_at)
+            return cached.addresses
+        self._resolved[name] = _Answer(found, now, now)
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What a trusted name stands for: its addresses, when that was last checked, and when a lookup last
+    gave them (a stale answer is kept only for a while after that)."""
+
+    addresses: set[Address]
+    checked_at: float
+    confirmed_at: float
 
 
 class ControlService(dpb_grpc.DfdaemonControlServicer):

@@ -52,6 +52,7 @@ class TaskManager:
         self.ctx = ctx
         self._live: dict[str, LiveTask] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False  # after close(), background work is cancelled as it is spawned
         self._forget_records = ctx.storage.forget_pieces
         self.stored_check = StoredCheck(ctx, self._spawn, self._is_current)
 
@@ -70,7 +71,10 @@ class TaskManager:
             self._live[state.task_id] = live
 
     async def close(self) -> None:
-        """Cancel every task this manager owns, also those started while the first ones were ending."""
+        """Cancel every task this manager owns, also those started while the first ones were ending;
+        anything spawned later (a child's corrupt-piece report before the piece server closes) is
+        cancelled at once."""
+        self._closed = True
         while self._tasks:
             pending = list(self._tasks)
             for task in pending:
@@ -168,6 +172,8 @@ class TaskManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_failure)
+        if self._closed:
+            task.cancel()
         return task
 
     def cached_tasks(self) -> list[CachedTask]:

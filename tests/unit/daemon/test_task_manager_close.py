@@ -54,6 +54,9 @@ def test_close_cancels_tasks_started_while_it_closes(tmp_path: Path) -> None:
         assert first.cancelled()
         assert late[0].cancelled()
         assert not tasks._tasks
+        after = tasks._spawn(asyncio.Event().wait())  # e.g. a report while the piece server closes
+        await asyncio.wait([after], timeout=10)
+        assert after.cancelled()
 
     asyncio.run(main())
 

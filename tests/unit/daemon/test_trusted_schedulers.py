@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
-from dfly.daemon.services import TRUST_RESOLVE_TTL_S, TrustedSchedulers
+from dfly.daemon.services import TRUST_RESOLVE_TTL_S, TRUST_STALE_MAX_S, TrustedSchedulers
+
+TRY_AGAIN = ["(the resolver says: try again)"]
 
 
 class Resolver:
@@ -15,7 +18,9 @@ class Resolver:
     async def __call__(self, name: str) -> list[str]:
         self.calls.append(name)
         if name not in self.answers:
-            raise OSError(f"{name}: Name or service not known")
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if self.answers[name] == TRY_AGAIN:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         return self.answers[name]
 
 
@@ -66,9 +71,12 @@ class SlowResolver(Resolver):
     def __init__(self, answers: dict[str, list[str]]) -> None:
         super().__init__(answers)
         self.answer = asyncio.Event()
+        self.asked_twice = asyncio.Event()
 
     async def __call__(self, name: str) -> list[str]:
         self.calls.append(name)
+        if len(self.calls) == 2:
+            self.asked_twice.set()
         await self.answer.wait()
         return self.answers[name]
 
@@ -97,11 +105,41 @@ def test_a_lookup_that_hangs_is_given_up_well_inside_the_trigger_timeout() -> No
     asyncio.run(main())
 
 
-def test_a_name_that_stops_resolving_keeps_its_last_addresses_until_the_next_try() -> None:
+def test_a_name_whose_lookups_fail_for_a_while_keeps_its_last_addresses_for_a_while() -> None:
+    """A resolver that times out or says "try again" keeps the last answer, for at most
+    TRUST_STALE_MAX_S after it: a scheduler's old address is not trusted for ever."""
     resolver, clock = Resolver({"scheduler.svc": ["10.1.1.1"]}), Clock()
     trusted = TrustedSchedulers(["scheduler.svc"], resolve=resolver, clock=clock)
     assert allows(trusted, "10.1.1.1")
-    del resolver.answers["scheduler.svc"]  # DNS down for a while
+    resolver.answers["scheduler.svc"] = TRY_AGAIN  # DNS unreachable for a while
     clock.now += TRUST_RESOLVE_TTL_S
     assert allows(trusted, "10.1.1.1")
-    assert resolver.calls == ["scheduler.svc", "scheduler.svc"]
+    clock.now += TRUST_STALE_MAX_S
+    assert not allows(trusted, "10.1.1.1")
+    assert len(resolver.calls) == 3
+
+
+def test_a_name_that_no_longer_exists_trusts_nobody_at_once() -> None:
+    resolver, clock = Resolver({"scheduler.svc": ["10.1.1.1"]}), Clock()
+    trusted = TrustedSchedulers(["scheduler.svc"], resolve=resolver, clock=clock)
+    assert allows(trusted, "10.1.1.1")
+    del resolver.answers["scheduler.svc"]  # the record was deleted (the address may go to someone else)
+    clock.now += TRUST_RESOLVE_TTL_S
+    assert not allows(trusted, "10.1.1.1")
+
+
+def test_names_are_looked_up_together_and_a_leaving_caller_ends_no_lookup() -> None:
+    async def main() -> None:
+        resolver = SlowResolver({"a.svc": ["10.1.1.1"], "b.svc": ["10.2.2.2"]})
+        trusted = TrustedSchedulers(["a.svc", "b.svc"], resolve=resolver)
+        leaving = asyncio.ensure_future(trusted.allows("10.2.2.2"))
+        await asyncio.wait_for(resolver.asked_twice.wait(), 5)
+        assert sorted(resolver.calls) == ["a.svc", "b.svc"]  # both asked before either answered
+        leaving.cancel()  # its scheduler call timed out
+        staying = asyncio.ensure_future(trusted.allows("10.2.2.2"))
+        await asyncio.sleep(0)
+        resolver.answer.set()
+        assert await staying
+        assert len(resolver.calls) == 2  # the second caller took over the lookups in flight
+
+    asyncio.run(main())

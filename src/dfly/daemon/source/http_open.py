@@ -127,7 +127,10 @@ def _resolve(host: str, port: int, interrupt: SourceInterrupt | None) -> list[An
         except BaseException as exc:  # handed to the waiting thread
             lookup.set_exception(exc)
 
-    threading.Thread(target=run, name="origin-dns", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="origin-dns", daemon=True).start()
+    except RuntimeError:  # no thread to spare (a thread limit): look it up here, uninterruptibly
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     while True:
         try:
             return lookup.result(timeout=RESOLVE_POLL_S)
