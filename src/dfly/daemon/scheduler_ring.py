@@ -111,7 +111,12 @@ class SchedulerRing:
     def _others_reannounce(self) -> None:
         task = asyncio.get_running_loop().create_task(self.reannounce())
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._reannounce_ended)
+
+    def _reannounce_ended(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:  # logged now, not at collection
+            log.warning("announcing again to the other schedulers failed: %r", error)
 
     async def run_keepalive(self) -> None:
         await asyncio.gather(*(client.run_keepalive() for client in self.clients))
@@ -129,6 +134,8 @@ class SchedulerRing:
         return sum(len(client.undelivered) for client in self.clients)
 
     async def close(self) -> None:
-        for task in list(self._pending):
+        pending = list(self._pending)
+        for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)  # ended before the channels close
         await asyncio.gather(*(client.close() for client in self.clients))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from typing import cast
+
+import pytest
 
 from dfly.daemon.scheduler_client import SchedulerClient
 from dfly.daemon.scheduler_ring import SchedulerRing, owner
@@ -104,3 +107,48 @@ def test_an_announce_one_scheduler_refuses_leaves_no_unretrieved_error() -> None
         return reports
 
     assert asyncio.run(scenario()) == []
+
+
+def test_a_failed_reannounce_is_logged_and_close_waits_for_those_in_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When a scheduler goes, the others are told again in the background: an unexpected failure is
+    logged when it happens, and close() ends those still running before the channels close."""
+
+    class ReannouncingClient(FakeClient):
+        def __init__(self, addr: str, fail: bool) -> None:
+            super().__init__(addr)
+            self.fail = fail
+            self.release = asyncio.Event()
+            self.closed = False
+
+        async def announce(self, only: object = None) -> None:
+            if self.fail:
+                raise ValueError("bad announce")
+            await self.release.wait()
+
+        async def close(self) -> None:
+            self.closed = True
+
+    async def scenario() -> tuple[list[dict[str, object]], bool]:
+        reports: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reports.append(context))
+        failing = [ReannouncingClient(ADDRS[0], fail=True)]
+        routing = SchedulerRing(cast(list[SchedulerClient], failing))
+        failing[0].on_disconnected()  # type: ignore[misc]  # the ring's callback, as the client calls it
+        await asyncio.wait(list(routing._pending), timeout=5)
+        await asyncio.sleep(0)  # its done callbacks run
+        hanging = [ReannouncingClient(ADDRS[1], fail=False)]
+        closing = SchedulerRing(cast(list[SchedulerClient], hanging))
+        hanging[0].on_disconnected()  # type: ignore[misc]
+        await asyncio.sleep(0)
+        in_flight = list(closing._pending)
+        await asyncio.wait_for(closing.close(), 5)
+        gc.collect()
+        return reports, bool(in_flight) and all(t.done() for t in in_flight) and hanging[0].closed
+
+    with caplog.at_level(logging.WARNING, logger="dfly.daemon.scheduler_ring"):
+        reports, closed_after = asyncio.run(scenario())
+    assert reports == []
+    assert closed_after
+    assert any("announcing again to the other schedulers failed" in r.getMessage() for r in caplog.records)
