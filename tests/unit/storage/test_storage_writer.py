@@ -115,7 +115,7 @@ def test_event_loop_never_touches_sqlite_fsync_or_pwrite(
     monkeypatch.setattr(sqlite3, "connect", connect)
     meta = make_meta()
 
-    async def run() -> tuple[int, int | None]:
+    async def run() -> tuple[int, int | None, int | None]:
         loop_thread = threading.get_ident()
         storage = Storage(tmp_path, commit_interval_s=0.05)
         await storage.open()
@@ -126,18 +126,23 @@ def test_event_loop_never_touches_sqlite_fsync_or_pwrite(
         await storage.wait_for_commit()
         await storage.finish_task(meta.task_id)
         storage.read_fd(meta.task_id)
-        writer = storage.writer_thread_id
+        writer, syncer = storage.writer_thread_id, storage.sync_thread_id
         await storage.delete_task(meta.task_id)
         await storage.close()
-        return loop_thread, writer
+        return loop_thread, writer, syncer
 
-    loop_thread, writer = asyncio.run(run())
+    loop_thread, writer, syncer = asyncio.run(run())
     names = {name for name, _ in recorder.calls}
     assert {"pwrite", "fdatasync", "fsync", "posix_fallocate", "sqlite.connect", "sqlite.execute"} <= names
     assert "sqlite.executemany" in names
     assert writer is not None
-    assert writer != loop_thread
-    assert {ident for _, ident in recorder.calls} == {writer}
+    assert syncer is not None
+    assert loop_thread not in {writer, syncer}
+    flushes = {"fdatasync", "fsync"}
+    assert {ident for name, ident in recorder.calls if name not in flushes} == {writer}
+    # the group commits' flushes run in the syncer's thread (the final one at close in the writer's)
+    assert {ident for name, ident in recorder.calls if name in flushes} <= {writer, syncer}
+    assert syncer in {ident for name, ident in recorder.calls if name == "fdatasync"}
 
 
 def test_unwritable_dir_raises_storage_error(tmp_path: Path) -> None:

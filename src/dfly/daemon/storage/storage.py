@@ -127,6 +127,11 @@ class Storage:
     def writer_thread_id(self) -> int | None:
         return None if self._writer is None else self._writer.ident
 
+    @property
+    def sync_thread_id(self) -> int | None:
+        """The thread that runs the group commits' fdatasyncs (storage/syncer.py)."""
+        return None if self._writer is None else self._writer.sync_ident
+
     # -- tasks -------------------------------------------------------------------------------------
 
     async def create_task(self, meta: TaskMeta) -> None:

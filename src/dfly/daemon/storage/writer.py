@@ -1,11 +1,13 @@
-"""The storage writer thread: the one thread that pwrites, fdatasyncs and talks to SQLite (DESIGN.md §5).
+"""The storage writer thread: the one thread that pwrites, owns task state and talks to SQLite (DESIGN.md §5).
 
 Rules:
 - The event loop only enqueues operations (`submit`) and gets results through futures resolved with
   `loop.call_soon_threadsafe`; it never waits on this thread's locks for longer than a state flip.
 - A piece write resolves as soon as its bytes are pwritten (the piece is *available*); its record joins
   the pending set and becomes *durable* at the next group commit: fdatasync of every task file with
-  pending records FIRST, then all their records in one SQLite transaction.
+  pending records FIRST, then all their records in one SQLite transaction. The fdatasyncs run in the
+  `Syncer`'s thread (syncer.py) while this thread goes on writing: a flush on a busy disk must not
+  hold back the pieces queued behind it. One commit is in flight at a time.
 - A group commit runs at least every `commit_interval_s` while anything is dirty, and at once when a task
   is finished (the finish resolves only when durable) or pieces are forgotten (their pending records go
   at once, their durable ones in that commit). Operations are taken from the queue one at a time, in
@@ -39,7 +41,6 @@ from dfly.daemon.storage.db import MetadataDB
 from dfly.daemon.storage.files import (
     TaskFds,
     create_task_file,
-    fsync_dir,
     open_root,
     pwrite_all,
     release_root,
@@ -61,6 +62,7 @@ from dfly.daemon.storage.ops import (
     settle,
 )
 from dfly.daemon.storage.recovery import RecoveryReport, recover
+from dfly.daemon.storage.syncer import Syncer, SyncFile, SyncJob
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,9 @@ class WriterThread:
         self.counters = Counters()
         self._loop = loop
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Op | SyncJob] = queue.SimpleQueue()
+        self._syncer = Syncer(self._queue.put)
+        self._syncing: SyncJob | None = None  # the commit whose flush is running
         self._thread = threading.Thread(target=self._main, name="dfly-storage-writer", daemon=True)
         self._closed: StorageError | None = None  # set once the thread stops taking operations
         self._submit_lock = threading.Lock()
@@ -99,8 +103,13 @@ class WriterThread:
     def ident(self) -> int | None:
         return self._thread.ident
 
+    @property
+    def sync_ident(self) -> int | None:
+        return self._syncer.ident
+
     def start(self, open_op: OpenOp) -> None:
         self._queue.put(open_op)
+        self._syncer.start()
         self._thread.start()
 
     def submit(self, op: Op) -> None:
@@ -123,13 +132,16 @@ class WriterThread:
     def _main(self) -> None:
         try:
             while True:
-                deadline = None if self._dirty_since is None else self._dirty_since + self.commit_interval_s
+                idle = self._dirty_since is None or self._syncing is not None  # no commit to start now
+                deadline = None if idle else self._dirty_since + self.commit_interval_s  # type: ignore[operator]
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    op: Op | None = self._queue.get(timeout=timeout)
+                    op: Op | SyncJob | None = self._queue.get(timeout=timeout)
                 except queue.Empty:
                     op = None
-                if op is not None and self._handle(op):
+                if isinstance(op, SyncJob):
+                    self._end_commit(op)
+                elif op is not None and self._handle(op):
                     break
                 due = deadline is not None and time.monotonic() >= deadline
                 if self._commit_now or due:
@@ -138,8 +150,11 @@ class WriterThread:
             log.exception("storage writer thread failed")
             self._closed = StorageError(f"storage writer thread failed: {exc!r}")
             for task in self._tasks.values():
-                for fut in task.finish_waiters:
-                    self._resolve(fut, exc=self._closed)
+                self._resolve_all(task.finish_waiters, self._closed)
+            if self._syncing is not None:
+                for futures in self._syncing.waiters.values():
+                    self._resolve_all(futures, self._closed)
+            self._syncer.stop(wait=False)
             self._release(clean=False)
         self._fail_queued()
 
@@ -151,6 +166,8 @@ class WriterThread:
                     op = self._queue.get_nowait()
                 except queue.Empty:
                     return
+                if isinstance(op, SyncJob):
+                    continue  # its waiters were failed with the writer's tasks
                 if isinstance(op, WriteOp):
                     if not op.claim():
                         continue
@@ -308,33 +325,74 @@ class WriterThread:
             remove_task_file(self.root, task_id)
 
     def _commit(self) -> None:
-        """Group commit: fdatasync dirty task files, then record their pieces in one transaction."""
+        """Start a group commit unless one is in flight: its flush runs in the syncer's thread."""
+        if self._syncing is None:
+            self._syncing = self._begin_commit()
+            self._syncer.submit(self._syncing)
+
+    def _begin_commit(self) -> SyncJob:
+        """Take the dirty tasks, their pending records and finish waiters, and what must be flushed."""
         self._commit_now = False
         self._dirty_since = None
-        assert self._db is not None
-        dirty = [self._tasks[t] for t in sorted(self._dirty_tasks)]
-        self._dirty_tasks.clear()
-        try:
-            for directory in sorted(self._dirs_to_sync):
-                fsync_dir(directory)
-            self._dirs_to_sync.clear()
-        except OSError as exc:
-            self._commit_failed(dirty, f"cannot sync a task directory: {exc}")
-            return
-        synced: list[WriterTask] = []
-        for task in dirty:
+        dirty: list[WriterTask] = []
+        files: list[SyncFile] = []
+        for task_id in sorted(self._dirty_tasks):
+            task = self._tasks[task_id]
             if task.pending:
                 try:
-                    os.fdatasync(self._fds.get(task.meta.task_id))
-                except OSError as exc:
-                    # After a failed fdatasync the page cache cannot be trusted: forget these records.
-                    reason = f"cannot sync task {short(task.meta.task_id)}: {exc.strerror or exc}"
-                    self._commit_failed([task], reason, drop_pending=True)
+                    fd = os.dup(self._fds.get(task_id))
+                except OSError as exc:  # out of fds: this task waits for the next commit
+                    log.warning("group commit: cannot open task %s to sync it: %s", short(task_id), exc)
                     continue
-            synced.append(task)
-        if not synced:
+                files.append(SyncFile(task, fd, dict(task.pending)))
+            dirty.append(task)
+        self._dirty_tasks.difference_update(t.meta.task_id for t in dirty)
+        if self._dirty_tasks:
+            self._dirty_since = time.monotonic()
+        dirs = sorted(self._dirs_to_sync)
+        self._dirs_to_sync.clear()
+        waiters = {t.meta.task_id: t.finish_waiters for t in dirty if t.finish_waiters}
+        for task in dirty:
+            task.finish_waiters = []
+        return SyncJob(dirty, files, dirs, waiters)
+
+    def _end_commit(self, job: SyncJob) -> None:
+        """The flush is done: record what it covered in one transaction, resolve the finish waiters."""
+        self._syncing = None
+        assert self._db is not None
+        live = [t for t in job.tasks if self._tasks.get(t.meta.task_id) is t]
+        live_ids = {id(t) for t in live}
+        for task in job.tasks:  # deleted meanwhile: _delete failed the waiters it still held
+            if id(task) not in live_ids:
+                self._resolve_all(job.waiters.pop(task.meta.task_id, []), StorageError("task was deleted"))
+        if job.dir_error is not None:
+            self._dirs_to_sync.update(job.dirs)
+            self._commit_failed(live, job, f"cannot sync a task directory: {job.dir_error}")
             return
-        records = [(t.meta.task_id, n, d) for t in synced for n, d in t.pending.items()]
+        failed = {id(f.task): f.error for f in job.files if f.error is not None}
+        for task in live:
+            if (error := failed.get(id(task))) is not None:
+                # After a failed fdatasync the page cache cannot be trusted: forget these records.
+                reason = f"cannot sync task {short(task.meta.task_id)}: {error.strerror or error}"
+                self._commit_failed([task], job, reason, drop_pending=True)
+        synced = [t for t in live if id(t) not in failed]
+        if synced:
+            self._record(job, synced)
+
+    def _record(self, job: SyncJob, synced: list[WriterTask]) -> None:
+        """One transaction for the flushed tasks: only the records still pending as they were flushed
+        (not one forgotten or replaced meanwhile); a finish only once every piece is durable."""
+        assert self._db is not None
+        synced_ids = {id(t) for t in synced}
+        covered = [
+            (f.task, n, d)
+            for f in job.files
+            if id(f.task) in synced_ids
+            for n, d in f.records.items()
+            if f.task.pending.get(n) == d
+        ]
+        finishing = [t for t in synced if t.meta.task_id in job.waiters]
+        done = {id(t) for t in finishing if self._durably_complete(t, covered)}
         try:
             with self._db.transaction() as conn:
                 MetadataDB.insert_tasks(conn, [t.meta for t in synced if not t.in_db])
@@ -343,33 +401,50 @@ class WriterThread:
                 unfinished = [t.meta.task_id for t in synced if t.forgotten]
                 MetadataDB.mark_finished(conn, unfinished, finished=False)
                 MetadataDB.set_headers(conn, [t.meta for t in synced if t.headers_changed])
-                MetadataDB.insert_pieces(conn, records)
-                MetadataDB.mark_finished(conn, [t.meta.task_id for t in synced if t.finish_waiters])
+                MetadataDB.insert_pieces(conn, [(t.meta.task_id, n, d) for t, n, d in covered])
+                MetadataDB.mark_finished(conn, [t.meta.task_id for t in finishing if id(t) in done])
         except StorageError as exc:
-            self._commit_failed(synced, str(exc))
+            self._commit_failed(synced, job, str(exc))
             return
         self.counters.commits += 1
-        self.counters.pieces_durable += len(records)
-        self.counters.pending_records -= len(records)
+        self.counters.pieces_durable += len(covered)
+        self.counters.pending_records -= len(covered)
+        for task, n, _ in covered:
+            del task.pending[n]
         for task in synced:
-            task.pending.clear()
             task.forgotten = NO_PIECES
             task.in_db, task.headers_changed = True, False
-            for fut in task.finish_waiters:
-                self._resolve(fut)
-            task.finish_waiters.clear()
+        for task in finishing:
+            futures = job.waiters[task.meta.task_id]
+            if id(task) in done:
+                self._resolve_all(futures)
+            elif len(task.recorded) == task.meta.piece_count:  # a piece written again meanwhile
+                task.finish_waiters[:0] = futures
+                self._dirty(task.meta.task_id, at_once=True)
+            else:
+                self._resolve_all(futures, StorageError(f"task {short(task.meta.task_id)} lost pieces"))
         with contextlib.suppress(RuntimeError):  # the loop is closed
             self._loop.call_soon_threadsafe(self._on_commit, self.counters.commits)
 
-    def _commit_failed(self, tasks: list[WriterTask], reason: str, *, drop_pending: bool = False) -> None:
+    @staticmethod
+    def _durably_complete(task: WriterTask, covered: list[tuple[WriterTask, int, int]]) -> bool:
+        """Every piece recorded and, after this commit, none of them pending."""
+        mine = sum(1 for t, _, _ in covered if t is task)
+        return len(task.recorded) == task.meta.piece_count and len(task.pending) == mine
+
+    def _resolve_all(self, futures: list[Future[Any]], exc: BaseException | None = None) -> None:
+        for fut in futures:
+            self._resolve(fut, exc=exc)
+
+    def _commit_failed(
+        self, tasks: list[WriterTask], job: SyncJob, reason: str, *, drop_pending: bool = False
+    ) -> None:
         log.error("group commit failed: %s", reason)
         self.counters.commit_errors += 1
         error = StorageError(f"group commit failed: {reason}")
         for task in tasks:
-            for fut in task.finish_waiters:
-                self._resolve(fut, exc=error)
-            task.finish_waiters.clear()
-            if drop_pending:
+            self._resolve_all(job.waiters.pop(task.meta.task_id, []), error)
+            if drop_pending:  # all of them: a piece written during the flush may have been in it
                 lost = sorted(task.pending)
                 self.counters.pending_records -= task.drop(lost)
                 if lost and self._on_lost is not None:
@@ -379,8 +454,15 @@ class WriterThread:
                 self._dirty(task.meta.task_id)  # retried at the next commit
 
     def _stop(self, op: StopOp) -> None:
+        if self._syncing is not None:  # its flush is done or nearly: finish it here, not from the queue
+            job = self._syncing
+            job.done.wait()
+            self._end_commit(job)
         if op.clean and (self._dirty_since is not None or self._commit_now):
-            self._commit()
+            job = self._begin_commit()
+            job.run()
+            self._end_commit(job)
+        self._syncer.stop()
         self._closed = StorageError("storage is closed")
         errors = self._release(clean=op.clean)
         exc = StorageError(f"closing storage {self.root}: {errors[0]}") if errors else None
