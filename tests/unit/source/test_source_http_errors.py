@@ -141,6 +141,38 @@ def test_cross_origin_redirect_drops_credentials(origin: Origin) -> None:
     assert second.headers["X-Keep"] == "1"
 
 
+def test_the_body_read_after_a_cross_origin_redirect_carries_no_credentials(origin: Origin) -> None:
+    """A registry redirecting a blob to storage: the token never reaches the storage host, on the
+    stat's hop nor on the body GET that starts at the redirect's target."""
+    data = b"blob" * 1000
+    origin.add_bytes("real.bin", data)
+    url = origin.add_redirect("start", f"http://localhost:{origin.port}/real.bin")  # another origin
+    headers = {"Authorization": "Bearer t", "Cookie": "c=1", "X-Keep": "1"}
+    st = stat(url, headers, timeout_s=5)
+    got = bytearray()
+    read_pieces(st, headers, piece_length=len(data), buffer=bytearray(len(data)),
+                on_piece=lambda _n, view, _crc: got.extend(view), should_stop=lambda: False,
+                timeout_s=5)  # fmt: skip
+    assert bytes(got) == data
+    first, *later = origin.request_log()
+    assert first.headers["Authorization"] == "Bearer t"
+    assert len(later) == 2  # the stat's hop and the body
+    for record in later:
+        assert "Authorization" not in record.headers
+        assert "Cookie" not in record.headers
+        assert record.headers["X-Keep"] == "1"
+
+
+def test_the_body_read_keeps_credentials_on_the_same_origin(origin: Origin) -> None:
+    origin.add_bytes("real.bin", b"a" * 100)
+    url = origin.add_redirect("start", origin.url("real.bin"))  # same scheme, host and port
+    headers = {"Authorization": "Bearer t"}
+    st = stat(url, headers, timeout_s=5)
+    read_pieces(st, headers, piece_length=100, buffer=bytearray(100), on_piece=lambda *_: None,
+                should_stop=lambda: False, timeout_s=5)  # fmt: skip
+    assert [r.headers.get("Authorization") for r in origin.request_log()] == ["Bearer t"] * 3
+
+
 def test_content_encoding_other_than_identity_is_refused(origin: Origin) -> None:
     url = origin.add_bytes("gz", b"\x1f\x8b" + bytes(100), headers={"Content-Encoding": "gzip"})
     with pytest.raises(SourceError, match="Content-Encoding gzip") as info:

@@ -12,7 +12,8 @@ the event loop never runs it. Rules (DESIGN.md §5 "Back-to-source"):
   dropped. A response with another Content-Encoding is refused.
 - Redirects (301/302/303/307/308, at most 10) are followed (http_open.py); every host contacted, the
   first included, must pass `allowed_hosts` when given. Authorization and Cookie are not forwarded to
-  another origin.
+  another origin: neither on the stat's redirect hops nor by `read_pieces`, which starts at the stat's
+  final URL.
 - Only `ALLOWED_RESPONSE_HEADERS` are kept from a response (stored and replayed by the daemon).
 - Every failure is a `SourceError` with one line and the origin's status code (0 when no HTTP status was
   received: connection refused, DNS failure, timeout, TLS failure, dropped connection). Query strings are
@@ -35,7 +36,7 @@ from dfly.common.ids import redact_url
 from dfly.common.pieces import piece_count
 from dfly.common.request_headers import set_by_daemon
 from dfly.daemon.source.http_open import MAX_REDIRECTS as MAX_REDIRECTS
-from dfly.daemon.source.http_open import AllowedHosts, open_get
+from dfly.daemon.source.http_open import AllowedHosts, open_get, same_origin, without_credentials
 from dfly.daemon.source.http_open import SourceInterrupt as SourceInterrupt
 from dfly.daemon.source.piece_deadline import PieceDeadline
 
@@ -60,6 +61,7 @@ class SourceStat:
     etag: str = ""
     last_modified: str = ""
     accept_ranges: bool = True  # False when the origin answered the stat's Range with a plain 200
+    requested_url: str = ""  # the URL asked for; credentials go only to its origin ("": same as url)
 
 
 def same_object(known: Mapping[str, str], stat: SourceStat) -> bool:
@@ -122,6 +124,7 @@ def stat(
         kept["Content-Length"] = str(total)
         return SourceStat(
             url=final_url,
+            requested_url=url,
             content_length=total,
             headers=kept,
             etag=resp.getheader("ETag") or "",
@@ -178,6 +181,8 @@ def read_pieces(
     end = min((last + 1) * piece_length, total) - 1
     want = end - start + 1
     interrupt = interrupt if interrupt is not None else SourceInterrupt()  # the piece deadline's too
+    if stat.requested_url and not same_origin(stat.requested_url, stat.url):
+        headers = without_credentials(headers)  # the stat was redirected to another origin
     req = sanitize_request_headers(headers)
     req["Range"] = f"bytes={start}-{end}"
     validator = _if_range_validator(stat)

@@ -21,7 +21,7 @@ import http.client
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -34,6 +34,19 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 RESOLVE_POLL_S = 0.2
 _CROSS_ORIGIN_DROPPED = ("authorization", "cookie")
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Whether two URLs share scheme, host and port (where credentials may go)."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
+def without_credentials(headers: Mapping[str, str]) -> dict[str, str]:
+    """`headers` minus Authorization and Cookie: for another origin than the one they were given for."""
+    return {k: v for k, v in headers.items() if k.lower() not in _CROSS_ORIGIN_DROPPED}
+
+
 _TARGET_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))  # printable ASCII stays as the user wrote it
 
 
@@ -248,7 +261,7 @@ def open_get(
                     f"origin redirect {resp.status} from {redact_url(url)} to an invalid URL", resp.status
                 ) from None
             if (new.scheme, new.hostname, new.port) != (parts.scheme, parts.hostname, parts.port):
-                headers = {k: v for k, v in headers.items() if k.lower() not in _CROSS_ORIGIN_DROPPED}
+                headers = without_credentials(headers)
             url = new_url
         raise AssertionError("unreachable")
     except BaseException:
