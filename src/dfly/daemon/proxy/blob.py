@@ -10,7 +10,11 @@ Rules:
   closed before that chunk, so a client never completes a wrong blob, and this daemon's copy is evicted
   (the next request downloads it again; other daemons' copies are left alone). A range that ends
   before the blob does is sent once its pieces verified their CRC (there is nothing to hold back).
-  Without a digest (forward-proxy downloads) the pieces' CRCs are the check, as for dfget.
+- Without a digest (forward-proxy downloads) a piece's CRC is only what its parent claims: the check is
+  the scheduler's verdict (every piece's digest against the origin reader's), as for dfget, which places
+  its file only after `Finished`. So a response reaching the object's end holds its last chunk until
+  `Finished`; a piece told again after its bytes went out (the verdict replaced it) closes the
+  connection instead, a short body. A range ending before the object's end goes out on the CRCs.
 - The task is the URL with the client's `TaskKeys` (forward.task_keys): by default without its signing
   parameters (`ids.DEFAULT_FILTERED_QUERY_PARAMS`: presigned S3, GCS, OSS, ... links), so hosts given
   differently signed links to one object share it.
@@ -201,20 +205,32 @@ async def serve_p2p(
         if span is not None:
             response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
         ready: set[int] = set()
-        # the response ends where the object does: with a digest to check, its end waits for it
+        # the response ends where the object does: with a digest to check, its end waits for it;
+        # without one, it waits for the download's end (the scheduler's verdict)
         whole = last == size - 1 and digest is not None
+        verdict_first = last == size - 1 and digest is None
         hasher = hashlib.sha256() if whole else None
         buffer = bytearray(max(CHUNK_BYTES, piece_length) if whole else 0)  # one chunk, hashed through it
         file = open(read_fd, "rb", buffering=0, closefd=False)  # noqa: ASYNC230, SIM115 - wraps read_fd: no I/O
         # next byte to send or hash: from 0 when the whole object is hashed, else the piece holding `first`
-        position = 0 if whole else first - first % piece_length
+        position = begin = 0 if whole else first - first % piece_length
         stop = size if whole else last + 1  # no byte at or past `stop` is read
-        while position < stop:
-            event = await anext(events)
+        finished = False
+
+        def take(event: DownloadEvent) -> None:
+            nonlocal finished
             if isinstance(event, PiecesReady):
+                if replaced := [n for n in event.pieces if begin <= n * piece_length < position]:
+                    raise DigestMismatch(f"piece {replaced[0]} of {url} was replaced after it was sent")
                 ready.update(event.pieces)
+            finished = finished or isinstance(event, Finished)
+
+        while position < stop and not finished:
+            take(await anext(events))
             while position < stop and position // piece_length in ready:
                 end = chunk_end(position, size, stop, piece_length, ready)
+                while verdict_first and end == size and not finished:
+                    take(await anext(events))  # the last chunk: only once the download is verified
                 if hasher is not None:
                     if hashing is not None:
                         await hashing  # the previous chunk: in order, and done with the buffer
@@ -230,8 +246,6 @@ async def serve_p2p(
                         await response.prepare(request)
                     await _send(request, response, file, send_from, send_to, stall_s)  # while it is hashed
                 position = end
-            if isinstance(event, Finished):
-                break
         if not response.prepared:  # an empty body
             await response.prepare(request)
         await response.write_eof()
