@@ -95,6 +95,17 @@ def _basic(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
 
+def _to_storage(url: str, answer: aiohttp.ClientResponse) -> bool:
+    """A redirect whose Location is on another origin than `url` (where registries keep blobs)."""
+    if answer.status not in (301, 302, 303, 307, 308):
+        return False
+    try:
+        target = yarl.URL(url).join(yarl.URL(answer.headers.get("Location", "")))
+    except ValueError:
+        return False
+    return bool(answer.headers.get("Location")) and target.origin() != yarl.URL(url).origin()
+
+
 class RegistryMirror:
     def __init__(
         self,
@@ -338,15 +349,21 @@ class RegistryMirror:
 
     async def _check_access(self, url: str, auth: str | None) -> web.Response | None:
         """HEAD the blob upstream with the client's own credentials: None if it may have it (2xx, or a
-        redirect to the registry's storage, which it only gives an authorized client; the redirect is not
-        followed), else the registry's answer (401 with its WWW-Authenticate, so the client can fetch a
-        token; 403; 404)."""
+        redirect to another origin, the registry's storage, which it only gives an authorized client; the
+        redirect is not followed), else the registry's answer (401 with its WWW-Authenticate, so the
+        client can fetch a token; 403; 404). A redirect within the registry's own origin (a login page
+        of an SSO gateway) is a refusal."""
         assert self._session is not None
         headers = {"User-Agent": OWN_USER_AGENT} | ({"Authorization": auth} if auth else {})
         try:
             async with self._session.head(url, headers=headers, allow_redirects=False) as answer:
-                if 200 <= answer.status < 400:
+                if 200 <= answer.status < 300 or _to_storage(url, answer):
                     return None
+                if 300 <= answer.status < 400:
+                    return error_response(
+                        403, "auth", f"the registry answered {answer.status} within itself for this client",
+                        origin_status=answer.status,
+                    )  # fmt: skip
                 kind = {401: "auth", 403: "auth", 404: "not_found"}.get(answer.status, "origin")
                 reply = error_response(
                     answer.status,
