@@ -71,7 +71,7 @@ def piece_range(number: int, piece_length: int, content_length: int) -> tuple[in
     return offset, min(piece_length, content_length - offset)
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d{1,19})\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
           "g": GiB, "gb": GiB, "gib": GiB}  # fmt: skip
 
@@ -80,5 +80,6 @@ def parse_size(text: str) -> int:
     """'4MiB', '512k', '1048576' -> bytes (binary units)."""
     match = _SIZE.match(text)
     if not match:
-        raise UsageError(f"invalid size {text!r} (e.g. 4MiB, 512KiB, 1048576)")
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise UsageError(f"invalid size {shown!r} (e.g. 4MiB, 512KiB, 1048576)")
     return int(match.group(1)) * _UNITS[(match.group(2) or "").lower()]

@@ -71,9 +71,12 @@ def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
-def test_parse_size_rejects_garbage() -> None:
-    with pytest.raises(UsageError):
-        parse_size("4 parsecs")
+@pytest.mark.parametrize("text", ["4 parsecs", "\u0663MiB", "1" * 20, "1" * 5000])
+def test_parse_size_rejects_garbage(text: str) -> None:
+    """Also other scripts' digits and numbers of more than 19 digits (int() refuses 4,300: no traceback)."""
+    with pytest.raises(UsageError) as info:
+        parse_size(text)
+    assert len(str(info.value)) < 120
 
 
 def test_digests() -> None:

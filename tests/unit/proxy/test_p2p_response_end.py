@@ -8,48 +8,21 @@ chunk waits for `Finished`, and a piece told again after its bytes went out cuts
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
+from dfly.daemon.local_api_messages import DownloadEvent, Finished, PiecesReady
 from dfly.daemon.proxy.server import RegistryMirror
 from dfly.devtools.origin import Origin
+from dfly.devtools.scripted_swarm import ScriptedSwarm
 
 pytestmark = pytest.mark.timeout(30)
 
 PIECE = 4096
 BODY = bytes(range(256)) * 48  # 3 pieces
 PIECES = len(BODY) // PIECE
-
-
-class ScriptedSwarm:
-    """`Downloads` whose events after Started are what the test puts on `events` (None ends it)."""
-
-    def __init__(self, path: Path) -> None:
-        path.write_bytes(BODY)
-        self.path = path
-        self.events: asyncio.Queue[DownloadEvent | None] = asyncio.Queue()
-        self.waiting = asyncio.Event()  # the mirror asks for the next event
-
-    async def download(self, request: DownloadRequest) -> AsyncIterator[DownloadEvent]:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            yield Started("t" * 64, len(BODY), PIECE, str(self.path), fd, {})
-            while True:
-                self.waiting.set()
-                event = await self.events.get()
-                self.waiting.clear()
-                if event is None:
-                    return
-                yield event
-        finally:
-            os.close(fd)
-
-    def evict(self, task_id: str) -> None:
-        pass
 
 
 @pytest.fixture
@@ -102,7 +75,7 @@ def test_the_last_chunk_waits_for_the_download_to_be_verified(origin: Origin, tm
     swarm_ready = PiecesReady(tuple(range(PIECES)))  # all pieces arrived, CRCs as the parents said
 
     async def run() -> tuple[bytes, bytes]:
-        return await _scenario(origin, ScriptedSwarm(tmp_path / "task"), [swarm_ready])
+        return await _scenario(origin, ScriptedSwarm(tmp_path / "task", BODY, PIECE), [swarm_ready])
 
     before, everything = asyncio.run(run())
     assert len(_body(before)) < len(BODY)  # not complete while the verdict is out
@@ -118,7 +91,7 @@ def test_a_piece_replaced_after_it_went_out_cuts_the_body_short(origin: Origin, 
     ]
 
     async def run() -> tuple[bytes, bytes]:
-        return await _scenario(origin, ScriptedSwarm(tmp_path / "task"), script)
+        return await _scenario(origin, ScriptedSwarm(tmp_path / "task", BODY, PIECE), script)
 
     before, everything = asyncio.run(run())
     assert before == everything  # closed by the mirror, not waiting for more

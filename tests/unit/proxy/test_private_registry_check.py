@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.proxy.server import RegistryMirror
 from dfly.devtools.origin import Origin
+from dfly.devtools.scripted_swarm import ScriptedSwarm
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -27,35 +26,13 @@ DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 PATH = f"v2/team/app/blobs/{DIGEST}"
 
 
-class HoldingSwarm:
-    """`Downloads` that holds the blob already (a local hit)."""
-
-    def __init__(self, path: Path) -> None:
-        path.write_bytes(BLOB)
-        self.path = path
-        self.requests: list[DownloadRequest] = []
-
-    async def download(self, request: DownloadRequest) -> AsyncIterator[DownloadEvent]:
-        self.requests.append(request)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            yield Started("t" * 64, len(BLOB), len(BLOB), str(self.path), fd, {})
-            yield PiecesReady((0,))
-            yield Finished()
-        finally:
-            os.close(fd)
-
-    def evict(self, task_id: str) -> None:
-        pass
-
-
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[Origin]:
     with Origin(tmp_path / "registry") as running:
         yield running
 
 
-def _pull(registry: Origin, swarm: HoldingSwarm) -> tuple[int, bytes]:
+def _pull(registry: Origin, swarm: ScriptedSwarm) -> tuple[int, bytes]:
     async def run() -> tuple[int, bytes]:
         mirror = RegistryMirror(swarm, registry.base_url, [registry.base_url])
         port = await mirror.start("127.0.0.1", 0)
@@ -78,13 +55,13 @@ def test_a_redirect_to_storage_on_another_origin_lets_the_client_have_it(
     registry: Origin, tmp_path: Path
 ) -> None:
     registry.add_redirect(PATH, f"http://localhost:{registry.port}/storage/blob", 307)  # another origin
-    status, body = _pull(registry, HoldingSwarm(tmp_path / "task"))
+    status, body = _pull(registry, ScriptedSwarm.holding(tmp_path / "task", BLOB, len(BLOB)))
     assert (status, body) == (200, BLOB)
 
 
 def test_a_redirect_within_the_registry_is_a_refusal(registry: Origin, tmp_path: Path) -> None:
     registry.add_redirect(PATH, f"/login?next=/{PATH}", 302)  # an SSO gateway's login page
-    swarm = HoldingSwarm(tmp_path / "task")
+    swarm = ScriptedSwarm.holding(tmp_path / "task", BLOB, len(BLOB))
     status, body = _pull(registry, swarm)
     assert status == 403
     assert BLOB not in body
@@ -92,6 +69,8 @@ def test_a_redirect_within_the_registry_is_a_refusal(registry: Origin, tmp_path:
 
 
 def test_a_client_the_registry_answers_no_gets_that_answer(registry: Origin, tmp_path: Path) -> None:
-    status, body = _pull(registry, HoldingSwarm(tmp_path / "task"))  # nothing at the path: 404
+    status, body = _pull(
+        registry, ScriptedSwarm.holding(tmp_path / "task", BLOB, len(BLOB))
+    )  # nothing at the path: 404
     assert status == 404
     assert BLOB not in body

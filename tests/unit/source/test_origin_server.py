@@ -59,13 +59,17 @@ DATA = bytes(range(256)) * 40
         ("bytes=x-1", None),
         ("bytes=\u00b2-", None),  # '²' passes str.isdigit but is no number
         ("bytes=0-\u0663", None),  # an Arabic-Indic digit
+        ("bytes=0-" + "9" * 5000, (0, 10239)),  # past any object: to the end (int() refuses 4,300 digits)
+        ("bytes=-" + "9" * 5000, (0, 10239)),
     ],
 )
 def test_parse_range(header: str, want: tuple[int, int] | None) -> None:
     assert parse_range(header, len(DATA)) == want
 
 
-@pytest.mark.parametrize("header", ["bytes=10240-", "bytes=20000-30000", "bytes=-0"])
+@pytest.mark.parametrize(
+    "header", ["bytes=10240-", "bytes=20000-30000", "bytes=-0", "bytes=" + "1" * 5000 + "-"]
+)
 def test_parse_range_unsatisfiable(header: str) -> None:
     with pytest.raises(Unsatisfiable):
         parse_range(header, len(DATA))

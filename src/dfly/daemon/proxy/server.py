@@ -275,8 +275,9 @@ class RegistryMirror:
         if self._proxy_auth is None:
             return True
         scheme, _, credentials = given.strip().partition(" ")  # the scheme is case-insensitive (RFC 9110)
-        return scheme.lower() == "basic" and hmac.compare_digest(
-            credentials.strip().encode(), self._proxy_auth.removeprefix("Basic ").encode()
+        return scheme.lower() == "basic" and hmac.compare_digest(  # header bytes that are not UTF-8 too
+            credentials.strip().encode("utf-8", "surrogateescape"),
+            self._proxy_auth.removeprefix("Basic ").encode(),
         )
 
     async def _connect(self, conn: socket.socket, intercepted: web.AppRunner) -> None:
