@@ -59,6 +59,20 @@ class _ClientGone(Exception):
     """The client closed or reset the connection."""
 
 
+def set_socket_access(path: Path, gid: int, mode: int) -> None:
+    """Group and mode of the socket just bound at `path`, never of what a link there points to: the
+    name is opened without following links and changed through that very inode (/proc/self/fd), so a
+    socket swapped for a symlink (a directory others can write to) cannot make root chmod its target."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is no longer the socket just bound")
+        os.chown(f"/proc/self/fd/{fd}", -1, gid)
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
 class LocalApiServer:
     def __init__(self, backend: LocalApiBackend, socket_path: Path, mode: int, group: str) -> None:
         self._backend = backend
@@ -81,12 +95,11 @@ class LocalApiServer:
             raise ConfigError(f"local_api.group: no such group {self._group!r}") from None
         sock, bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), False
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             self._remove_stale()
             sock.bind(str(self._path))
             bound = True
-            os.chown(self._path, -1, gid)
-            os.chmod(self._path, self._mode)
+            set_socket_access(self._path, gid, self._mode)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
         except BaseException as exc:
