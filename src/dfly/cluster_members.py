@@ -63,7 +63,7 @@ def daemon_config(
         "metrics": dict(listener),
         "health": dict(listener),
         "local_api": {"socket": str(base_dir / name / "dfdaemon.sock")},
-        "seed_peer": {"enable": seed},
+        "seed_peer": {"enable": seed, "loopback_origins": True},  # one machine: one loopback
         "log_level": log_level,
     }
 

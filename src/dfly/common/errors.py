@@ -54,6 +54,10 @@ class SourceError(DflyError):
         self.headers = dict(headers or {})
 
 
+class SourceRefused(SourceError):
+    """This daemon may not contact that origin host or address (its guard, not the origin, said no)."""
+
+
 class DigestMismatch(DflyError):
     kind = "digest"
 

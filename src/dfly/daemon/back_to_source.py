@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dfly.common.errors import SourceError
+from dfly.common.errors import SourceError, SourceRefused
 from dfly.common.own_thread import in_own_thread
 from dfly.common.pieces import default_piece_length
 from dfly.daemon.core.first_pass import FirstPassGate, hold_s
@@ -121,6 +121,8 @@ class BackToSource:
             # Said here too: on a seed, the peers that asked see the error, but this host's setup (trust
             # store, DNS, routes) is what to look at.
             log.warning("task %s: reading the origin failed: %s", self.c.state.task_id[:12], exc)
+            if isinstance(exc, SourceRefused) and self.c.request.for_swarm:
+                raise  # this seed's own guard, not the origin: the scheduler lets the requester read it
             await self.c.stream.source_error(exc)
             raise
         finally:
@@ -128,7 +130,8 @@ class BackToSource:
 
     async def _run(self) -> None:
         request = self.c.request
-        guard = hop_guard(request.allowed_origins)
+        seeding = request.for_swarm and not self.c.ctx.config.seed_peer.loopback_origins
+        guard = hop_guard(request.allowed_origins, refuse_loopback=seeding)
         stat = await in_own_thread(
             "origin-stat", http.stat, request.url, request.headers, timeout_s=STAT_TIMEOUT_S,
             allowed_hosts=guard, interrupt=self._interrupt,

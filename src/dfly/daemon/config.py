@@ -237,6 +237,11 @@ class LocalApiSection(StrictModel):
 
 class SeedPeerSection(StrictModel):
     enable: bool = False
+    # Read origins on loopback (127.0.0.0/8, ::1, names resolving there) when the scheduler asks for
+    # another host's download: only right for a cluster on one machine (`dfly up` sets it), where the
+    # requester's loopback is the seed's. Else a loopback URL would read the seed host's own services
+    # for whoever asked, and the requesting peer reads its own loopback itself.
+    loopback_origins: bool = False
 
 
 class DaemonConfig(StrictModel):

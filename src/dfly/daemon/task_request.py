@@ -55,6 +55,8 @@ class TaskRequest:
     # From the proxy: the origins (scheme://host[:port]) the origin reader may contact, redirect hops
     # included; empty = any. Travels in the seed trigger; not part of the task id.
     allowed_origins: tuple[str, ...] = ()
+    # A seed trigger: this daemon reads the origin for another host's download (not part of the task id).
+    for_swarm: bool = False
 
     def __post_init__(self) -> None:
         _check_text("url", self.url)
@@ -115,6 +117,7 @@ class TaskRequest:
             timeout_s=download.timeout_s or SEED_TIMEOUT_S,
             need_back_to_source=True,
             allowed_origins=tuple(download.allowed_origins),
+            for_swarm=True,
         )
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dfly.common.errors import SourceError
+from dfly.common.errors import SourceError, SourceRefused
+from dfly.daemon.proxy.forward import hop_guard
 from dfly.daemon.source.http import MAX_REDIRECTS, SourceStat, read_pieces, stat
 from dfly.daemon.source.http_open import HostGuard
 from dfly.devtools.origin import Origin, make_file, pseudo_random_bytes
@@ -355,3 +356,16 @@ def test_non_ascii_urls_are_sent_percent_encoded(origin: Origin) -> None:
     assert origin.request_log()[-1].target == "/caf%C3%A9/%C3%A9.bin"
     with pytest.raises(SourceError, match="cannot resolve"):
         stat("http://bücher.invalid/x", {}, timeout_s=5)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"])
+def test_a_guard_refusing_loopback_refuses_it_before_any_request(origin: Origin, host: str) -> None:
+    """A seed reading for another host (hop_guard's refuse_loopback): a literal is refused before
+    connecting, a name once it resolves there; the origin sees nothing. Without the flag it reads."""
+    origin.add_bytes("f.bin", b"a" * 10)
+    url = f"http://{host}:{origin.port}/f.bin"
+    with pytest.raises(SourceRefused, match="loopback"):
+        stat(url, {}, timeout_s=5, allowed_hosts=hop_guard((), refuse_loopback=True))
+    assert not origin.request_log()
+    if host != "[::ffff:127.0.0.1]":  # the test origin listens on IPv4 only
+        assert stat(url, {}, timeout_s=5, allowed_hosts=hop_guard(())).content_length == 10

@@ -129,6 +129,14 @@ NEVER_UPSTREAM = tuple(
 _EMBEDS_IPV4 = tuple(ipaddress.ip_network(net) for net in ("::ffff:0:0/96", "::/96", "64:ff9b::/96"))
 
 
+def is_loopback(address: str) -> bool:
+    """Is this IP address (text, IPv6 zone allowed) loopback, also as an IPv4-mapped IPv6 address?"""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip in _EMBEDS_IPV4[0]:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF).is_loopback
+    return ip.is_loopback
+
+
 def never_upstream(address: str) -> bool:
     """Is this IP address (text, IPv6 zone allowed) link-local or a metadata address, also when written
     as an IPv6 address carrying it (`::ffff:169.254.169.254`, `64:ff9b::a9fe:a9fe`)?"""
@@ -140,14 +148,18 @@ def never_upstream(address: str) -> bool:
     return any(ip in net for net in NEVER_UPSTREAM)
 
 
-def hop_guard(allowed_origins: Sequence[str]) -> HostGuard:
+def hop_guard(allowed_origins: Sequence[str], *, refuse_loopback: bool = False) -> HostGuard:
     """The origin reader's check of each hop (first URL and every redirect) of every download: no address
     a connection is made to may be link-local or metadata (an IP literal is refused here already; a name
     is resolved once, by the connection, whose addresses `HostGuard.address_refused` checks), and for a
     download the proxy started, scheme://host[:port] must be one of its allowed origins. Downloads with
     none (dfget, seed triggers) may reach any other host. (A seed reading a metadata URL for anyone
-    who asked would hand its own cloud credentials to the whole swarm.)"""
+    who asked would hand its own cloud credentials to the whole swarm.) With `refuse_loopback` (a seed
+    reading for another host) no loopback address either: that is the seed host's own services."""
     allowed = frozenset(allowed_origins)
+
+    def refused(address: str) -> bool:
+        return never_upstream(address) or (refuse_loopback and is_loopback(address))
 
     def may_contact(scheme: str, host: str, port: int) -> bool:
         netloc = host_port(host, port)
@@ -157,11 +169,16 @@ def hop_guard(allowed_origins: Sequence[str]) -> HostGuard:
         except BadRequest:  # not a host this proxy could have allowed
             return False
         try:
-            return not never_upstream(host)  # an IP literal
+            return not refused(host)  # an IP literal
         except ValueError:
             return True  # a name: its addresses are checked when the connection is made
 
-    return HostGuard(may_contact, never_upstream)
+    kind = (
+        "a link-local, metadata or loopback address"
+        if refuse_loopback
+        else "a link-local or metadata address"
+    )
+    return HostGuard(may_contact, refused, kind)
 
 
 class UpstreamResolver(aiohttp.abc.AbstractResolver):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from dfly.common.errors import SourceError, is_out_of_descriptors, out_of_descriptors
+from dfly.common.errors import SourceError, SourceRefused, is_out_of_descriptors, out_of_descriptors
 from dfly.common.ids import ascii_host, redact_url
 from dfly.common.net import host_port
 
@@ -61,9 +61,11 @@ class HostGuard:
 
     allowed: Callable[[str, str, int], bool]
     address_refused: Callable[[str], bool] = _no_address_refused
+    refused_kind: str = "a link-local or metadata address"  # what address_refused refuses, for messages
 
 
 AllowedHosts = HostGuard
+_ANY_HOST = HostGuard(lambda _scheme, _host, _port: True)
 
 
 def _refused_literal(guard: HostGuard, host: str) -> bool:
@@ -153,7 +155,7 @@ def _resolve(host: str, port: int, interrupt: SourceInterrupt | None) -> list[An
 
 
 def _connect_checked(
-    address_refused: Callable[[str], bool],
+    guard: HostGuard,
     interrupt: SourceInterrupt | None,
     address: tuple[str, int],
     timeout: float | None = None,
@@ -164,8 +166,8 @@ def _connect_checked(
     host, port = address
     infos = _resolve(host, port, interrupt)
     for *_, sockaddr in infos:
-        if address_refused(str(sockaddr[0])):
-            raise PermissionError(f"{host} resolves to {sockaddr[0]}, an address this download may not reach")
+        if guard.address_refused(str(sockaddr[0])):
+            raise PermissionError(f"{host} resolves to {sockaddr[0]}, {guard.refused_kind}")
     error: OSError | None = None
     for family, kind, proto, _, sockaddr in infos:
         sock = socket.socket(family, kind, proto)
@@ -211,8 +213,8 @@ def open_get(
             except ValueError as exc:
                 raise SourceError(f"invalid port in source URL {redact_url(url)}") from exc
             if allowed_hosts is not None and not allowed_hosts.allowed(parts.scheme, host, port):
-                why = ", a link-local or metadata address," if _refused_literal(allowed_hosts, host) else ""
-                raise SourceError(f"source host {host}{why} is not allowed ({redact_url(url)})")
+                why = f", {allowed_hosts.refused_kind}," if _refused_literal(allowed_hosts, host) else ""
+                raise SourceRefused(f"source host {host}{why} is not allowed ({redact_url(url)})")
             conn: http.client.HTTPConnection
             if parts.scheme == "https":
                 conn = http.client.HTTPSConnection(
@@ -220,9 +222,9 @@ def open_get(
                 )
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
-            refused = allowed_hosts.address_refused if allowed_hosts is not None else _no_address_refused
+            guard = allowed_hosts if allowed_hosts is not None else _ANY_HOST
             # http.client's own hook for making the socket (HTTPS wraps it after)
-            conn._create_connection = functools.partial(_connect_checked, refused, interrupt)  # type: ignore[attr-defined]
+            conn._create_connection = functools.partial(_connect_checked, guard, interrupt)  # type: ignore[attr-defined]
             req = dict(headers)
             if parts.username is not None and not any(k.lower() == "authorization" for k in req):
                 user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
@@ -292,7 +294,7 @@ def connect_error(host: str, port: int, timeout_s: float, exc: BaseException) ->
     elif isinstance(exc, ssl.SSLError):
         text = f"TLS error with origin {where}: {exc.reason or exc}"
     elif isinstance(exc, PermissionError) and exc.errno is None:  # _connect_checked's refusal
-        text = f"origin {where} refused: {exc}"
+        return SourceRefused(f"origin {where} refused: {exc}", 0)
     elif isinstance(exc, OSError):
         text = f"cannot reach origin {where}: {exc.strerror or exc}"
     else:
