@@ -4,17 +4,22 @@ puts on `events`, one each time the mirror asks for the next.
 
 Rules: `Started` comes first, with a descriptor of its own for the mirror; then the queued events in
 order; None ends the download (as an iterator that stops). `holding()` is a swarm that holds the whole
-object already (a local hit: all pieces, then `Finished`).
+object already (a local hit: all pieces, then `Finished`). `ask_mirror` starts a mirror, sends it one
+request head and returns the status and body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
+
+if TYPE_CHECKING:
+    from dfly.daemon.proxy.server import RegistryMirror
 
 
 class ScriptedSwarm:
@@ -51,3 +56,25 @@ class ScriptedSwarm:
 
     def evict(self, task_id: str) -> None:
         self.evicted.append(task_id)
+
+
+def ask_mirror(make: Callable[[], RegistryMirror], head: bytes) -> tuple[int, bytes]:
+    """Start the mirror `make()` builds on 127.0.0.1, send `head`, read to the end (at most 10 s), stop
+    it; the answer's status and body."""
+
+    async def run() -> bytes:
+        mirror = make()
+        port = await mirror.start("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head)
+            await writer.drain()
+            async with asyncio.timeout(10):
+                raw = await reader.read(-1)
+            writer.close()
+            return raw
+        finally:
+            await mirror.close()
+
+    top, _, body = asyncio.run(run()).partition(b"\r\n\r\n")
+    return int(top.split()[1]), body

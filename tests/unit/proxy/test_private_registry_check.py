@@ -8,7 +8,6 @@ page) means no, and so does any other answer.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from dfly.daemon.proxy.server import RegistryMirror
 from dfly.devtools.origin import Origin
-from dfly.devtools.scripted_swarm import ScriptedSwarm
+from dfly.devtools.scripted_swarm import ScriptedSwarm, ask_mirror
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -33,22 +32,8 @@ def registry(tmp_path: Path) -> Iterator[Origin]:
 
 
 def _pull(registry: Origin, swarm: ScriptedSwarm) -> tuple[int, bytes]:
-    async def run() -> tuple[int, bytes]:
-        mirror = RegistryMirror(swarm, registry.base_url, [registry.base_url])
-        port = await mirror.start("127.0.0.1", 0)
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"GET /{PATH} HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            async with asyncio.timeout(10):
-                raw = await reader.read(-1)
-            writer.close()
-        finally:
-            await mirror.close()
-        head, _, body = raw.partition(b"\r\n\r\n")
-        return int(head.split()[1]), body
-
-    return asyncio.run(run())
+    head = f"GET /{PATH} HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n".encode()
+    return ask_mirror(lambda: RegistryMirror(swarm, registry.base_url, [registry.base_url]), head)
 
 
 def test_a_redirect_to_storage_on_another_origin_lets_the_client_have_it(

@@ -6,7 +6,6 @@ The real mirror in process, with a swarm that holds the blob and an origin as th
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from dfly.daemon.proxy.server import RegistryMirror
 from dfly.devtools.origin import Origin
-from dfly.devtools.scripted_swarm import ScriptedSwarm
+from dfly.devtools.scripted_swarm import ScriptedSwarm, ask_mirror
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -33,27 +32,11 @@ def registry(tmp_path: Path) -> Iterator[Origin]:
 def _ask(
     registry: Origin, swarm: ScriptedSwarm, head: bytes, basic_auth: tuple[str, str] | None = None
 ) -> tuple[int, bytes]:
-    """Send one request head; (status, body) back."""
-
-    async def run() -> tuple[int, bytes]:
-        server = RegistryMirror(
-            swarm, registry.base_url, [registry.base_url], basic_auth=basic_auth,
-            public_registries=[registry.base_url],
-        )  # fmt: skip
-        port = await server.start("127.0.0.1", 0)
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(head)
-            await writer.drain()
-            async with asyncio.timeout(10):
-                raw = await reader.read(-1)
-            writer.close()
-        finally:
-            await server.close()
-        top, _, body = raw.partition(b"\r\n\r\n")
-        return int(top.split()[1]), body
-
-    return asyncio.run(run())
+    """Send one request head to a mirror of the (public) registry; (status, body) back."""
+    up = registry.base_url
+    return ask_mirror(
+        lambda: RegistryMirror(swarm, up, [up], basic_auth=basic_auth, public_registries=[up]), head
+    )
 
 
 def _blob_get(extra: str) -> bytes:

@@ -34,7 +34,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import yarl
@@ -76,6 +76,7 @@ from dfly.daemon.proxy.registry import (
     registry_blob,
     route,
 )
+from dfly.daemon.source.http_open import REDIRECT_STATUSES, same_origin
 
 if TYPE_CHECKING:
     from dfly.daemon.proxy.certs import HostCertificates
@@ -97,13 +98,13 @@ def _basic(username: str, password: str) -> str:
 
 def _to_storage(url: str, answer: aiohttp.ClientResponse) -> bool:
     """A redirect whose Location is on another origin than `url` (where registries keep blobs)."""
-    if answer.status not in (301, 302, 303, 307, 308):
+    location = answer.headers.get("Location")
+    if answer.status not in REDIRECT_STATUSES or not location:
         return False
     try:
-        target = yarl.URL(url).join(yarl.URL(answer.headers.get("Location", "")))
-    except ValueError:
+        return not same_origin(url, urljoin(url, location))
+    except ValueError:  # "http://[::1" and the like
         return False
-    return bool(answer.headers.get("Location")) and target.origin() != yarl.URL(url).origin()
 
 
 class RegistryMirror:
