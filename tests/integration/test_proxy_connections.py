@@ -93,6 +93,8 @@ class HeadRecorder:
             fields = b"".join(b"X-Field-%d: %d\r\n" % (n, n) for n in range(300))
             return (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 20_000 + b"\r\n" + fields +
                     b"Content-Length: 2\r\nConnection: close\r\n\r\nok")  # fmt: skip
+        if path.endswith("/untyped"):  # no Content-Type, no Server, no Date
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
         if path.endswith("/private.bin"):
             return (b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="files"\r\n'
                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
@@ -286,6 +288,28 @@ def test_an_upstream_answer_with_large_headers_is_passed_on(
     assert b"X-Big: " + b"b" * 20_000 in head
     assert b"X-Field-299: 299" in head
     assert body == b"ok"
+
+
+def test_an_untyped_upstream_answer_is_relayed_untyped(
+    cluster: LocalCluster, head_recorder: HeadRecorder
+) -> None:
+    """aiohttp gives every answer without a Content-Type `application/octet-stream`, and a `Server` of its
+    own: relayed so, a client would no longer sniff the body's type as it does without the proxy."""
+    port = cluster.peers[0].ports["proxy"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"GET {head_recorder.url}/untyped HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    fields = {line.partition(b":")[0].strip().lower() for line in head.split(b"\r\n")[1:]}
+    assert head.split(b" ", 2)[1] == b"200", received[:300]
+    assert body == b"hello"
+    assert b"content-type" not in fields
+    assert b"server" not in fields
+    assert b"date" in fields  # a forwarding recipient adds it (RFC 9110 §6.6.1)
 
 
 def test_an_upper_case_scheme_is_the_forward_proxy(

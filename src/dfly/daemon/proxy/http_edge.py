@@ -5,6 +5,10 @@ Rules:
 - An error is answered with `X-Dragonfly-Error-Type` (and `X-Dragonfly-Origin-Status` for an origin's
   own answer) and a one-line text body; request bytes quoted in it are escaped, never an encoding error.
 - Hop-by-hop headers, `Host`, `Content-Length` and our own `X-Dragonfly-*` headers are never passed on.
+- An upstream's answer is relayed with its own header fields only: the `Content-Type` and `Server` that
+  aiohttp gives every answer lacking them are taken out again (`Relayed`, `keep_relayed_headers`), so a
+  client sniffs an untyped body as it would without the proxy. `Date` is added when missing (RFC 9110
+  §6.6.1 asks a forwarding recipient to).
 - A connection with no request in progress, or a request body, idle for `proxy.idle_timeout_s` ends.
 - `Expect: 100-continue` is answered here when the body is wanted, not before the request was allowed,
   and not passed upstream.
@@ -133,6 +137,29 @@ def hop_by_hop(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
         for token in value.split(",")
     }
     return HOP_BY_HOP | listed
+
+
+AIOHTTP_DEFAULTS = ("Content-Type", "Server")  # fields aiohttp's server adds to an answer lacking them
+
+
+class Relayed(web.StreamResponse):
+    """The answer relaying an upstream's: its status, reason and end-to-end header fields."""
+
+    def __init__(self, status: int, reason: str | None, upstream: Iterable[tuple[str, str]]) -> None:
+        super().__init__(status=status, reason=reason)
+        pairs = list(upstream)
+        dropped = hop_by_hop(pairs)
+        for name, value in pairs:
+            if name.lower() not in dropped:
+                self.headers.add(name, value)
+        self.not_sent = tuple(name for name in AIOHTTP_DEFAULTS if name not in self.headers)
+
+
+async def keep_relayed_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook: a relayed answer goes out without the defaults aiohttp just added."""
+    if isinstance(response, Relayed):
+        for name in response.not_sent:
+            response.headers.popall(name, None)
 
 
 def forwarded_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:

@@ -58,12 +58,13 @@ from dfly.daemon.proxy.forward import (
 from dfly.daemon.proxy.http_edge import (
     HTTP_LOG,
     IDLE_TIMEOUT_S,
+    Relayed,
     answer,
     client_body,
     continue_later,
     error_response,
     forwarded_headers,
-    hop_by_hop,
+    keep_relayed_headers,
     parse_failure_reason,
     send_continue,
 )
@@ -186,6 +187,7 @@ class RegistryMirror:
             return await serve(request)
 
         app = web.Application(client_max_size=0, middlewares=[every_target])
+        app.on_response_prepare.append(keep_relayed_headers)
         # A route only to carry the expect handler (the middleware serves every target); an absolute-form
         # target with an empty path matches none and gets aiohttp's immediate 100 Continue.
         app.router.add_route("*", "/{tail:.*}", serve, expect_handler=continue_later)
@@ -428,13 +430,9 @@ class RegistryMirror:
             async with self._session.request(
                 request.method, url, headers=headers, data=body, allow_redirects=False
             ) as upstream_response:
-                response = web.StreamResponse(
-                    status=upstream_response.status, reason=upstream_response.reason
+                response = Relayed(
+                    upstream_response.status, upstream_response.reason, upstream_response.headers.items()
                 )
-                dropped = hop_by_hop(upstream_response.headers.items())
-                for name, value in upstream_response.headers.items():
-                    if name.lower() not in dropped:
-                        response.headers.add(name, value)
                 if "Content-Length" in upstream_response.headers:
                     response.content_length = int(upstream_response.headers["Content-Length"])
                 await response.prepare(request)
