@@ -1,5 +1,5 @@
 """The proxy's HTTP plumbing around its handlers (server.py): error answers, headers passed on, the
-client's body on its way upstream, and aiohttp's own logging.
+client's body on its way upstream, requests relayed to an upstream unchanged, and aiohttp's own logging.
 
 Rules:
 - An error is answered with `X-Dragonfly-Error-Type` (and `X-Dragonfly-Origin-Status` for an origin's
@@ -9,6 +9,8 @@ Rules:
   aiohttp gives every answer lacking them are taken out again (`Relayed`, `keep_relayed_headers`), so a
   client sniffs an untyped body as it would without the proxy. `Date` is added when missing (RFC 9110
   §6.6.1 asks a forwarding recipient to).
+- A relayed answer that fails once it has started ends by closing the connection: a short body, never
+  a wrong one.
 - A connection with no request in progress, or a request body, idle for `proxy.idle_timeout_s` ends.
 - `Expect: 100-continue` is answered here when the body is wanted, not before the request was allowed,
   and not passed upstream.
@@ -24,11 +26,19 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Iterable
 
 import aiohttp
+import yarl
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
-from dfly.common.errors import DflyError, OutOfDescriptors, SourceError, UsageError
+from dfly.common.errors import (
+    DflyError,
+    OutOfDescriptors,
+    SourceError,
+    UsageError,
+    is_out_of_descriptors,
+    out_of_descriptors,
+)
 from dfly.common.ids import printable
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 
@@ -191,3 +201,47 @@ async def answer(handling: Awaitable[web.StreamResponse]) -> web.StreamResponse:
         return error_response(status, "origin", str(exc), exc.status_code)
     except DflyError as exc:
         return error_response(502, exc.kind if hasattr(exc, "kind") else "download", str(exc))
+
+
+async def relay(
+    session: aiohttp.ClientSession, request: web.Request, url: yarl.URL, idle_timeout_s: float
+) -> web.StreamResponse:
+    """Send the request on to `url` and stream the answer back unchanged. Once the answer has started,
+    a failure on either side ends it by closing the connection (a short body, never a wrong one)."""
+    body = client_body(request.content, idle_timeout_s) if request.body_exists else None
+    if body is not None:
+        await send_continue(request)
+    response: web.StreamResponse | None = None
+    try:
+        headers = forwarded_headers(request.headers.items())
+        # answered here (send_continue): forwarded, aiohttp's client would wait for the upstream's
+        # 100 Continue before sending the body, for ever from an upstream that sends none
+        headers.popall("Expect", None)
+        if body is not None and request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)  # not re-chunked: some need it
+        async with session.request(
+            request.method, url, headers=headers, data=body, allow_redirects=False
+        ) as upstream_response:
+            response = Relayed(
+                upstream_response.status, upstream_response.reason, upstream_response.headers.items()
+            )
+            if "Content-Length" in upstream_response.headers:
+                response.content_length = int(upstream_response.headers["Content-Length"])
+            await response.prepare(request)
+            if request.method != "HEAD":
+                async for chunk in upstream_response.content.iter_chunked(256 * 1024):
+                    await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+        if response is not None and response.prepared:
+            HTTP_LOG.info("%s %s ended early: %r", request.method, url.origin(), exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        if is_out_of_descriptors(exc):
+            raise out_of_descriptors("connecting upstream") from None
+        if isinstance(exc, aiohttp.ClientResponseError):  # it answered, but not in HTTP we can read
+            reason = parse_failure_reason(str(exc.message))
+            raise SourceError(f"{url.origin()} sent an answer that cannot be read: {reason}") from None
+        raise SourceError(f"{url.origin()} unreachable: {exc}") from None

@@ -3,14 +3,14 @@ proxy, and CONNECT.
 
 Rules (see registry.py for routing and upstream choice):
 - Blob GETs become P2P downloads of the blob's canonical upstream URL (blob.py). Unless the registry is
-  in `proxy.public_registries`, the client's own credentials (or none) are first checked upstream with a
-  HEAD of the blob: only a 2xx (or a redirect to its storage) lets the swarm's copy be served, anything
-  else is the registry's answer (401 with `WWW-Authenticate`, so clients run their token flow). The
-  client's `Authorization` travels with the download request (and so in the seed trigger) for the
-  origin reader; it is never stored with the task nor logged.
-- Pass-through requests go to the upstream with the client's method, path, query (without `ns`), body
-  and headers (every value of repeated ones such as `Accept`; hop-by-hop headers dropped); the answer
-  streams back unchanged (no decompression, no redirect following).
+  in `proxy.public_registries`, the client's own credentials (or none) are first checked upstream
+  (access.py): only a 2xx (or a redirect to its storage) lets the swarm's copy be served, anything else
+  is the registry's answer (401 with `WWW-Authenticate`, so clients run their token flow). The client's
+  `Authorization` travels with the download request (and so in the seed trigger) for the origin reader;
+  it is never stored with the task nor logged.
+- Pass-through requests (`http_edge.relay`) go to the upstream with the client's method, path, query
+  (without `ns`), body and headers (every value of repeated ones such as `Accept`; hop-by-hop headers
+  dropped); the answer streams back unchanged (no decompression, no redirect following).
 - Errors answer with `X-Dragonfly-Error-Type` (and `X-Dragonfly-Origin-Status` for the origin's own
   answers): 400 bad request, 403 upstream not allowed (no connection is made), 502 for an unreachable
   upstream or a failed download; a blob the client may not read gets the registry's answer to its access
@@ -34,16 +34,17 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import yarl
 from aiohttp import web
 
-from dfly.common.errors import SourceError, is_out_of_descriptors, out_of_descriptors
+from dfly.common.errors import SourceError
 from dfly.common.ids import redact_url
 from dfly.common.net import host_port, listen_socket
 from dfly.daemon.proxy import connect, metrics
+from dfly.daemon.proxy.access import check_access
 from dfly.daemon.proxy.blob import Downloads, serve_p2p
 from dfly.daemon.proxy.forward import (
     DEFAULT_RULES,
@@ -58,15 +59,11 @@ from dfly.daemon.proxy.forward import (
 from dfly.daemon.proxy.http_edge import (
     HTTP_LOG,
     IDLE_TIMEOUT_S,
-    Relayed,
     answer,
-    client_body,
     continue_later,
     error_response,
-    forwarded_headers,
     keep_relayed_headers,
-    parse_failure_reason,
-    send_continue,
+    relay,
 )
 from dfly.daemon.proxy.registry import (
     BadRequest,
@@ -77,7 +74,6 @@ from dfly.daemon.proxy.registry import (
     registry_blob,
     route,
 )
-from dfly.daemon.source.http_open import REDIRECT_STATUSES, same_origin
 
 if TYPE_CHECKING:
     from dfly.daemon.proxy.certs import HostCertificates
@@ -86,7 +82,6 @@ log = logging.getLogger(__name__)
 RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REGISTRY_HEADER = "X-Dragonfly-Registry"
-OWN_USER_AGENT = "dfly-daemon"  # requests the proxy makes itself; forwarded ones carry only the client's
 PING_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0", "Content-Type": "application/json"}
 UPSTREAM_HEADER_BYTES = 100 * 1024  # one header line of an upstream's answer, at most
 UPSTREAM_HEADER_FIELDS = 1000
@@ -95,17 +90,6 @@ SHUTDOWN_GRACE_S = 2.0  # a stop waits at most ~2 × this for proxy requests in 
 
 def _basic(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-
-
-def _to_storage(url: str, answer: aiohttp.ClientResponse) -> bool:
-    """A redirect whose Location is on another origin than `url` (where registries keep blobs)."""
-    location = answer.headers.get("Location")
-    if answer.status not in REDIRECT_STATUSES or not location:
-        return False
-    try:
-        return not same_origin(url, urljoin(url, location))
-    except ValueError:  # "http://[::1" and the like
-        return False
 
 
 class RegistryMirror:
@@ -216,6 +200,15 @@ class RegistryMirror:
         if self._session is not None:
             await self._session.close()
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The client session for upstream requests (exists once `start` ran)."""
+        assert self._session is not None, "RegistryMirror.start() first"
+        return self._session
+
+    async def _pass(self, request: web.Request, url: str) -> web.StreamResponse:
+        return await relay(self.session, request, yarl.URL(url, encoded=True), self.idle_timeout_s)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """A request on port 4001: absolute-form = forward proxy, origin-form = registry mirror."""
         scheme, sep, rest = request.raw_path.partition("://")
@@ -258,7 +251,7 @@ class RegistryMirror:
         raw_path, _, raw_query = request.raw_path.partition("?")
         kept = "&".join(p for p in raw_query.split("&") if p and p.partition("=")[0] != "ns")
         target = upstream + raw_path + (f"?{kept}" if kept else "")
-        return await self._pass(request, yarl.URL(target, encoded=True))
+        return await self._pass(request, target)
 
     async def _serve_blob(
         self, request: web.Request, upstream: str, url: str, digest: str
@@ -266,8 +259,10 @@ class RegistryMirror:
         """A registry blob through P2P, checked against its digest; unless the registry is public, only
         after the registry accepted the client's own credentials (or none) for it."""
         auth = request.headers.get("Authorization")
-        if upstream not in self.public and (refused := await self._check_access(url, auth)) is not None:
-            return refused
+        if upstream not in self.public:
+            refused = await check_access(self.session, url, auth)
+            if refused is not None:
+                return refused
         headers = {"Authorization": auth} if auth else {}
         keys = task_keys(request.headers)
         return await serve_p2p(
@@ -351,39 +346,6 @@ class RegistryMirror:
             return False
         return True
 
-    async def _check_access(self, url: str, auth: str | None) -> web.Response | None:
-        """HEAD the blob upstream with the client's own credentials: None if it may have it (2xx, or a
-        redirect to another origin, the registry's storage, which it only gives an authorized client; the
-        redirect is not followed), else the registry's answer (401 with its WWW-Authenticate, so the
-        client can fetch a token; 403; 404). A redirect within the registry's own origin (a login page
-        of an SSO gateway) is a refusal."""
-        assert self._session is not None
-        headers = {"User-Agent": OWN_USER_AGENT} | ({"Authorization": auth} if auth else {})
-        try:
-            async with self._session.head(url, headers=headers, allow_redirects=False) as answer:
-                if 200 <= answer.status < 300 or _to_storage(url, answer):
-                    return None
-                if 300 <= answer.status < 400:
-                    return error_response(
-                        403, "auth", f"the registry answered {answer.status} within itself for this client",
-                        origin_status=answer.status,
-                    )  # fmt: skip
-                kind = {401: "auth", 403: "auth", 404: "not_found"}.get(answer.status, "origin")
-                reply = error_response(
-                    answer.status,
-                    kind,
-                    f"the registry answered {answer.status} for this client",
-                    origin_status=answer.status,
-                )
-                for name in ("WWW-Authenticate", "Docker-Distribution-Api-Version"):
-                    if name in answer.headers:
-                        reply.headers[name] = answer.headers[name]
-                return reply
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if is_out_of_descriptors(exc):
-                raise out_of_descriptors("checking the client's access upstream") from None
-            raise SourceError(f"{yarl.URL(url).origin()} unreachable: {exc}") from None
-
     async def _forward(self, request: web.Request, url: str, tunnelled: bool = False) -> web.StreamResponse:
         """An absolute-form request (`http_proxy=` clients) or one inside an intercepted tunnel (whose
         CONNECT was authenticated): through P2P by the rules, else directly."""
@@ -409,47 +371,5 @@ class RegistryMirror:
                 # The origin's answer could not be a P2P task (no Content-Length, an encoded body) or was
                 # an error (401 with its WWW-Authenticate, 404, ...): the client gets it first-hand.
                 log.info("%s not through P2P (%s): forwarded directly", redact_url(url), exc)
-                return await self._pass(request, yarl.URL(url, encoded=True))
-        return await self._pass(request, yarl.URL(url, encoded=True))
-
-    async def _pass(self, request: web.Request, url: yarl.URL) -> web.StreamResponse:
-        """Send the request on to `url` and stream the answer back unchanged. Once the answer has started,
-        a failure on either side ends it by closing the connection (a short body, never a wrong one)."""
-        assert self._session is not None
-        body = client_body(request.content, self.idle_timeout_s) if request.body_exists else None
-        if body is not None:
-            await send_continue(request)
-        response: web.StreamResponse | None = None
-        try:
-            headers = forwarded_headers(request.headers.items())
-            # answered here (send_continue): forwarded, aiohttp's client would wait for the upstream's
-            # 100 Continue before sending the body, for ever from an upstream that sends none
-            headers.popall("Expect", None)
-            if body is not None and request.content_length is not None:
-                headers["Content-Length"] = str(request.content_length)  # not re-chunked: some need it
-            async with self._session.request(
-                request.method, url, headers=headers, data=body, allow_redirects=False
-            ) as upstream_response:
-                response = Relayed(
-                    upstream_response.status, upstream_response.reason, upstream_response.headers.items()
-                )
-                if "Content-Length" in upstream_response.headers:
-                    response.content_length = int(upstream_response.headers["Content-Length"])
-                await response.prepare(request)
-                if request.method != "HEAD":
-                    async for chunk in upstream_response.content.iter_chunked(256 * 1024):
-                        await response.write(chunk)
-                await response.write_eof()
-                return response
-        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-            if response is not None and response.prepared:
-                log.info("%s %s ended early: %r", request.method, url.origin(), exc)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            if is_out_of_descriptors(exc):
-                raise out_of_descriptors("connecting upstream") from None
-            if isinstance(exc, aiohttp.ClientResponseError):  # it answered, but not in HTTP we can read
-                reason = parse_failure_reason(str(exc.message))
-                raise SourceError(f"{url.origin()} sent an answer that cannot be read: {reason}") from None
-            raise SourceError(f"{url.origin()} unreachable: {exc}") from None
+                return await self._pass(request, url)
+        return await self._pass(request, url)
