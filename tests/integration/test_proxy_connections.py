@@ -271,20 +271,23 @@ def test_a_forwarded_request_keeps_its_length_and_gains_no_headers(
     assert "content-type" not in seen  # and `Content-Type: application/octet-stream` to a body
 
 
-def test_an_upstream_answer_with_large_headers_is_passed_on(
-    cluster: LocalCluster, head_recorder: HeadRecorder
-) -> None:
-    """aiohttp's client refused header lines over 8 KiB and more than 128 fields: the client got 502."""
-    port = cluster.peers[0].ports["proxy"]
+def get_through(port: int, url: str) -> tuple[bytes, bytes]:
+    """GET `url` through the forward proxy on `port`, one connection: the answer's head and body."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(
-            f"GET {head_recorder.url}/big-head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-        )
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         received = b""
         while chunk := sock.recv(65536):
             received += chunk
     head, _, body = received.partition(b"\r\n\r\n")
-    assert head.split(b" ", 2)[1] == b"200", received[:300]
+    return head, body
+
+
+def test_an_upstream_answer_with_large_headers_is_passed_on(
+    cluster: LocalCluster, head_recorder: HeadRecorder
+) -> None:
+    """aiohttp's client refused header lines over 8 KiB and more than 128 fields: the client got 502."""
+    head, body = get_through(cluster.peers[0].ports["proxy"], f"{head_recorder.url}/big-head")
+    assert head.split(b" ", 2)[1] == b"200", head[:300]
     assert b"X-Big: " + b"b" * 20_000 in head
     assert b"X-Field-299: 299" in head
     assert body == b"ok"
@@ -295,17 +298,9 @@ def test_an_untyped_upstream_answer_is_relayed_untyped(
 ) -> None:
     """aiohttp gives every answer without a Content-Type `application/octet-stream`, and a `Server` of its
     own: relayed so, a client would no longer sniff the body's type as it does without the proxy."""
-    port = cluster.peers[0].ports["proxy"]
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(
-            f"GET {head_recorder.url}/untyped HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-        )
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
+    head, body = get_through(cluster.peers[0].ports["proxy"], f"{head_recorder.url}/untyped")
     fields = {line.partition(b":")[0].strip().lower() for line in head.split(b"\r\n")[1:]}
-    assert head.split(b" ", 2)[1] == b"200", received[:300]
+    assert head.split(b" ", 2)[1] == b"200", head[:300]
     assert body == b"hello"
     assert b"content-type" not in fields
     assert b"server" not in fields

@@ -2,7 +2,7 @@
 
 Rules:
 - An operation is created on the event loop, put on the writer's queue and touched by the writer thread
-  only after that; the future is resolved on the loop via `call_soon_threadsafe`.
+  only after that; the future is resolved on the loop via `call_soon_threadsafe` (`LoopCalls`).
 - A `WriteOp` carries the caller's buffer. Whoever flips its state first owns the outcome: the writer
   (`claim`, before it pwrites) or a cancelled caller (`cancel`, before the writer took it). A caller
   whose `cancel` fails must wait for the future before reusing its buffer.
@@ -11,7 +11,9 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,3 +105,21 @@ def settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> 
         fut.set_exception(exc)
     else:
         fut.set_result(result)
+
+
+class LoopCalls:
+    """The writer thread's calls onto the event loop: resolving futures and the storage's callbacks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def call(self, callback: Callable[..., object], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def resolve(self, fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+        self.call(settle, fut, result, exc)
+
+    def resolve_all(self, futures: list[asyncio.Future[Any]], exc: BaseException | None = None) -> None:
+        for fut in futures:
+            self.resolve(fut, exc=exc)
