@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -532,6 +533,44 @@ def test_one_address_cannot_take_every_upload_slot(tmp_path: Path) -> None:
         conn.close()
         for hog in hogs:
             hog.close()
+        await server.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("change", ["replaced", "dropped"])
+def test_a_piece_changed_while_it_waits_for_tokens_is_sent_as_it_is_now(tmp_path: Path, change: str) -> None:
+    """The parent reads a piece's digest when it sends the piece, not before its wait for an upload slot
+    and tokens: a piece stored anew meanwhile went out with its old digest and the new bytes, and the
+    child took a good parent for a corrupt one; a piece dropped meanwhile (object changed, bad bytes)
+    still went out."""
+    path = tmp_path / "f"
+    make_file(path, 2 * MiB)
+    task = FileTask(path, "t-wait", MiB)
+
+    async def main() -> None:
+        server, port = await start(task, rate=2 * MiB, burst=MiB)  # piece 1 waits ~0.5 s for tokens
+        rec = Recorder()
+        conn = await connect(port, task, rec)
+        await conn.request(0)
+        await conn.request(1)
+        assert (await rec.expect("piece"))[1] == 0
+        deadline = asyncio.get_running_loop().time() + 10
+        while server.active_uploads != 1:  # piece 1 has its slot: it waits for tokens now
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        if change == "replaced":
+            new = os.urandom(MiB)
+            fd = os.open(path, os.O_WRONLY)
+            os.pwrite(fd, new, MiB)
+            os.close(fd)
+            task.digests[1] = zlib.crc32(new)
+            assert await rec.expect("piece") == ("piece", 1, zlib.crc32(new))
+        else:
+            task.available.discard(1)
+            assert await rec.expect("failed") == ("failed", 1, "not_available")
+        assert task.reported_corrupt == []
+        conn.close()
         await server.close()
 
     run(main())

@@ -324,6 +324,14 @@ class ChildConnection:
                 if not sendable or self.current_cancelled:
                     self._unclaim(number)
                     return
+                # Read again: while this waited the piece may have been dropped (object changed, bad
+                # bytes, failed sync) or stored anew; its old digest would not match what is sent.
+                digest = task.piece_digest(number)
+                if digest is None:
+                    server.limiter.refund(length)
+                    self._unclaim(number)
+                    self._refuse(number, "is not available")
+                    return
                 # our own fd for this piece: the task's cached fd is closed (and its number may be reused)
                 # if the task is removed meanwhile, while a sendfile may still be reading it
                 fd = os.dup(task.read_fd())

@@ -94,6 +94,10 @@ class TokenBucket:
         """Change the rate at run time (call on the loop's thread)."""
         self._core.configure(rate_bytes_per_s, burst_bytes, self._now())
 
+    def refund(self, nbytes: int) -> None:
+        """Give back `nbytes` acquired but not sent."""
+        self._core.refund(nbytes, self._now())
+
     async def acquire(self, nbytes: int, unless: asyncio.Event | None = None) -> bool:
         """Wait until `nbytes` may be sent: True; False (bytes refunded) if `unless` is set meanwhile."""
         if unless is not None and unless.is_set():
