@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from scheduler_testkit import Harness, of_type
 
-from dfly.scheduler.core.messages import PeerFinished, PeerLeft, SendFinishVerdict
+from dfly.scheduler.core.messages import (
+    BackToSourceStarted,
+    Command,
+    PeerFinished,
+    PeerLeft,
+    SendFinishVerdict,
+)
 from dfly.scheduler.core.verdicts import Verdict, judge
 
 
@@ -79,3 +85,72 @@ def test_the_origin_readers_own_finish_is_accepted_at_once_and_publishes(harness
         SendFinishVerdict("peer-a", accepted=True),
         SendFinishVerdict("peer-b", accepted=True),
     ]
+
+
+def tagged(harness: Harness, peer_id: str, etag: str) -> list[Command]:
+    """`peer_id` starts reading the origin (3 pieces of 1 KiB), which answers with ETag `etag`."""
+    return harness.do(BackToSourceStarted(peer_id, 3072, 1024, (("ETag", etag),)))
+
+
+def changed_while_read(harness: Harness) -> None:
+    """peer-a reads the object with ETag v1 and publishes pieces 0 and 1; the object changes and peer-c,
+    sent to the origin, reads the new one (digests 200, 201, 202)."""
+    for name in ("a", "b", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    tagged(harness, "peer-a", '"v1"')
+    harness.register("peer-b", "b")
+    harness.pieces("peer-a", 0, 1)  # digests 100, 101
+    harness.register("peer-c", "c")
+    tagged(harness, "peer-c", '"v2"')
+    harness.pieces("peer-c", 0, 1, 2, digest_base=200)
+
+
+def test_a_finish_with_pieces_of_an_object_that_has_changed_since_is_rejected(harness: Harness) -> None:
+    """The old object's first pieces were published first and stayed the reference ("first one wins"):
+    a child holding them plus the new object's last piece was accepted with a file of two objects."""
+    changed_while_read(harness)
+    commands = harness.do(PeerFinished("peer-b", (100, 101, 202)))
+    assert commands == [SendFinishVerdict("peer-b", accepted=False, bad_pieces=(0, 1))]
+    commands = harness.do(PeerFinished("peer-b", (200, 201, 202)))  # refetched from the new object
+    assert commands == [SendFinishVerdict("peer-b", accepted=True)]
+    view = harness.engine.stat_task("task-1")
+    assert view is not None
+    assert view.piece_digests == (200, 201, 202)
+
+
+def test_a_reader_of_the_old_object_no_longer_publishes_and_is_judged_like_a_child(harness: Harness) -> None:
+    changed_while_read(harness)
+    harness.pieces("peer-a", 2)  # the old object's last piece: not the reference
+    assert harness.engine.stat_task("task-1").piece_digests == (200, 201, 202)  # type: ignore[union-attr]
+    commands = harness.do(PeerFinished("peer-a", (100, 101, 102)))
+    assert commands == [SendFinishVerdict("peer-a", accepted=False, bad_pieces=(0, 1, 2))]
+
+
+def test_the_old_objects_whole_holders_are_no_parents_once_it_changed(harness: Harness) -> None:
+    for name in ("a", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    tagged(harness, "peer-a", '"v1"')
+    harness.pieces("peer-a", 0, 1, 2)
+    harness.do(PeerFinished("peer-a", (100, 101, 102)))
+    pool = harness.engine.cluster.tasks["task-1"].parent_pool
+    assert "peer-a" in pool
+    harness.register("peer-c", "c")
+    tagged(harness, "peer-c", '"v2"')
+    assert "peer-a" not in pool
+    assert "peer-c" in pool
+
+
+def test_readers_of_the_same_object_share_one_reference(harness: Harness) -> None:
+    """The same validators (a weak and a strong tag alike), or none to compare: nothing starts over."""
+    for name in ("a", "b", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    tagged(harness, "peer-a", '"v1"')
+    harness.pieces("peer-a", 0, 1)
+    harness.register("peer-c", "c")
+    tagged(harness, "peer-c", 'W/"v1"')
+    harness.register("peer-b", "b")
+    harness.start_origin("peer-b", content_length=3072, piece_length=1024)  # no validators
+    assert harness.engine.cluster.tasks["task-1"].published_digests == {0: 100, 1: 101}

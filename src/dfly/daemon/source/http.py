@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dfly.common import validators
 from dfly.common.digest import crc32
 from dfly.common.errors import SourceError
 from dfly.common.ids import redact_url
@@ -66,15 +67,8 @@ class SourceStat:
 
 def same_object(known: Mapping[str, str], stat: SourceStat) -> bool:
     """False when validators recorded earlier (ETag, else Last-Modified) name another object than `stat`;
-    True when they agree or there is nothing to compare."""
-    recorded = {name.lower(): value for name, value in known.items()}
-    etag = recorded.get("etag", "")
-    if etag and stat.etag:
-        return etag.removeprefix("W/") == stat.etag.removeprefix("W/")
-    last_modified = recorded.get("last-modified", "")
-    if last_modified and stat.last_modified:
-        return last_modified == stat.last_modified
-    return True
+    True when they agree or there is nothing to compare (common/validators.py)."""
+    return validators.same_object(known, {"ETag": stat.etag, "Last-Modified": stat.last_modified})
 
 
 def sanitize_request_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -18,6 +18,10 @@ return the commands to carry out, in order. The same events at the same times wi
   forgotten (a periodic sweep, every third of the shorter of the two, which also drops idle tasks whose
   seed failure has expired);
 - a child's finish is checked against the digests the origin readers published (verdicts.py);
+- an origin reader whose validators (ETag, else Last-Modified) differ from the task's found the object
+  changed: the published digests are dropped, only readers of the new object publish from then on, a
+  reader of the old one is judged as a child at its finish, and the old object's whole holders are no
+  longer offered as parents, so no finish is accepted with pieces of two objects;
 - a reschedule with `more_parents` (the child still has working parents) is answered with new parents
   only when there are some: never with back-to-source or failure, and it arms no retry.
 Host events live in hosts.py; parent choice and retries in scheduling.py.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from dfly.common.validators import same_object
 from dfly.scheduler.core.cluster import Cluster, RemovedPeer, TaskView
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.costs import PieceCosts
@@ -173,6 +178,12 @@ class SchedulerEngine:
                 f"{task.layout.content_length}/{task.layout.piece_length}"
             )
             return self._fail_peer(peer, description, now)
+        assert task.layout is not None
+        if not same_object(task.layout.response_headers, layout.response_headers):
+            self._object_changed(task, layout)
+        elif not task.layout.response_headers:  # fixed by a held copy's announcement: these come first
+            task.layout = layout
+        peer.object_version = task.object_version
         if task.publisher_id is None:
             task.publisher_id = peer.peer_id
         if not peer.reads_origin:  # the peer went to the origin on its own (e.g. scheduler too slow)
@@ -183,9 +194,20 @@ class SchedulerEngine:
             task.state = TaskState.RUNNING
         return self.scheduler.schedule_waiting(task, now)
 
+    def _object_changed(self, task: Task, layout: TaskLayout) -> None:
+        """A new origin reader found another object than the task's: start the reference over from it."""
+        task.object_version += 1
+        task.layout = layout
+        task.published_digests.clear()
+        task.publisher_id = None
+        for peer in task.peers.values():
+            if peer.state is PeerState.SUCCEEDED and peer.object_version != task.object_version:
+                task.parent_pool.discard(peer.peer_id)
+
     def _pieces_finished(self, peer: Peer, task: Task, event: PiecesFinished, now: float) -> list[Command]:
         commands: list[Command] = []
-        if peer.reads_origin and publish(task, event.pieces):
+        current = peer.object_version == task.object_version
+        if peer.reads_origin and current and publish(task, event.pieces):
             commands.extend(self._recheck_verdicts(task))
         for piece in event.pieces:
             if piece.cost_s > 0 and (parent := task.peers.get(piece.parent_id)) is not None:
@@ -207,6 +229,11 @@ class SchedulerEngine:
     def _finished(self, peer: Peer, task: Task, event: PeerFinished, now: float) -> list[Command]:
         count, reported = task.expected_piece_count(), len(event.piece_digests)
         reads_origin = peer.reads_origin or peer.state is PeerState.BACK_TO_SOURCE
+        if reads_origin and peer.object_version != task.object_version:
+            # it read an object that has changed since: judged like a child (its pieces may be stale)
+            reads_origin = peer.reads_origin = False
+            task.origin_readers.discard(peer.peer_id)
+            task.seed_readers.discard(peer.peer_id)
         # An origin reader lists every piece of the layout it reported; nobody lists more than the layout
         # has (one message of zeros must not grow the task by millions of digests). A child may finish
         # before any layout is known here (this scheduler restarted): it is judged as usual.
@@ -303,6 +330,7 @@ class SchedulerEngine:
 
     def _succeed(self, peer: Peer, task: Task, piece_count: int) -> None:
         peer.move_to(PeerState.SUCCEEDED)
+        peer.object_version = task.object_version
         make_root(peer, task, self.cluster.hosts)
         peer.reads_origin = False
         peer.finish_digests = None

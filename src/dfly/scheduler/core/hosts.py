@@ -285,6 +285,6 @@ class HostHandlers:
         peer.finished_piece_count = len(finished.piece_digests) or (task.expected_piece_count() or 0)
         task.parent_pool.add(peer.peer_id)
         task.state = TaskState.SUCCEEDED
-        if not task.published_digests:
+        if not task.published_digests and task.object_version == 0:  # nothing says which object it holds
             publish_all(task, finished.piece_digests)
         return task

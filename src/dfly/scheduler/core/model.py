@@ -138,6 +138,7 @@ class Peer:
     attempts: int = 0  # failed scheduling attempts in the current round
     retry_at: float | None = None
     reads_origin: bool = False  # told to read the origin, not yet finished, failed or gone
+    object_version: int = 0  # the task's object_version its origin read began at, or it was accepted at
     finish_digests: tuple[int, ...] | None = None  # finished, verdict deferred
     served_costs: PieceCosts | None = None  # costs of pieces it served, as its children report them
 
@@ -167,6 +168,7 @@ class Task:
     seed_readers: set[str] = field(default_factory=set)  # the subset that are triggered seeds
     publisher_id: str | None = None  # the back-to-source peer whose digests are the reference
     published_digests: dict[int, int] = field(default_factory=dict)
+    object_version: int = 0  # one more each time an origin reader finds the object changed
     pending_verdicts: set[str] = field(default_factory=set)
     seed_trigger_pending: bool = False  # DownloadTask sent, the seed has not registered yet
     seed_failed_at: float | None = None
