@@ -105,3 +105,38 @@ def test_a_crash_while_reading_the_changed_object_keeps_its_new_pieces(
         assert file_digest(tmp_path / "new-2").value == new_digest
         assert peer.log_path.read_text().count("object changed since its") == 1  # not taken for another
         assert stats(peer)["download_bytes"]["back_to_source"] <= FILE_BYTES - 8 * MiB  # the missing part
+
+
+def test_a_partial_copy_of_an_object_whose_length_changed_is_dropped_and_fails_nobody_else(
+    tmp_path: Path,
+) -> None:
+    """peer-1 holds part of an 8 MiB object (its read was cut); the object is replaced by one of 6 MiB.
+    peer-1's partial copy has the old layout: it is dropped (its first download says so and fails), its
+    next download gets the new object, and peer-2, asking at the same moment, is not failed with it (the
+    stale copy's mismatch was reported as the origin's error, which fails every peer of the task; and
+    every later download on peer-1 failed until the GC removed the copy)."""
+    old, new = os.urandom(8 * MiB), os.urandom(6 * MiB)
+    with Origin(tmp_path / "www") as origin, LocalCluster(tmp_path / "c", peers=2) as cluster:
+        url = origin.add_bytes("f.bin", old)
+        cluster.kill_member("seed")
+        peer_1, peer_2 = cluster.member("peer-1"), cluster.member("peer-2")
+        origin.drop_after("/f.bin", 3 * MiB)
+        cut = subprocess.run(
+            dfget_cmd(peer_1, url, tmp_path / "cut"), capture_output=True, text=True, timeout=60
+        )
+        assert cut.returncode == 1, cut.stderr
+        assert "closed the connection" in cut.stderr
+        origin.drop_after("/f.bin", None)
+        origin.add_bytes("f.bin", new)
+        on_1 = subprocess.Popen(dfget_cmd(peer_1, url, tmp_path / "one"), stderr=subprocess.PIPE, text=True)
+        on_2 = subprocess.Popen(dfget_cmd(peer_2, url, tmp_path / "two"), stderr=subprocess.PIPE, text=True)
+        errors_1, errors_2 = on_1.communicate(timeout=60)[1], on_2.communicate(timeout=60)[1]
+        assert on_2.returncode == 0, errors_2
+        assert (tmp_path / "two").read_bytes() == new
+        assert on_1.returncode == 1, errors_1
+        assert "partial copy has another layout" in errors_1
+        again = subprocess.run(
+            dfget_cmd(peer_1, url, tmp_path / "again"), capture_output=True, text=True, timeout=60
+        )
+        assert again.returncode == 0, again.stderr
+        assert (tmp_path / "again").read_bytes() == new

@@ -9,6 +9,7 @@
     ├── ProtocolError         a peer broke the piece protocol
     ├── DaemonUnreachable     dfget could not reach the daemon's socket
     ├── StorageError          the local cache could not be read or written
+    │   └── StaleCopy         this host's partial copy is of an object the origin no longer has
     ├── DownloadTimeout       the download did not finish within its timeout
     └── OutOfDescriptors      this process has no file descriptor left (EMFILE/ENFILE): not the peer's
                               or the origin's fault, and gone once load drops
@@ -76,6 +77,11 @@ class DaemonUnreachable(DflyError):
 
 class StorageError(DflyError):
     kind = "storage"
+
+
+class StaleCopy(StorageError):
+    """The layout of this host's partial copy is not the object's now (its length changed): the copy is
+    dropped when the attempt ends, and the next download starts afresh."""
 
 
 class DownloadTimeout(DflyError):

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dfly.common.errors import SourceError, SourceRefused
+from dfly.common.errors import SourceError, SourceRefused, StaleCopy
 from dfly.common.own_thread import in_own_thread
 from dfly.common.pieces import default_piece_length
 from dfly.daemon.core.first_pass import FirstPassGate, hold_s
@@ -101,6 +101,16 @@ def first_pass_gate(piece_count: int, max_hold_s: float, task_id: str) -> FirstP
     return gate
 
 
+def stale_copy(held: Layout, now: Layout) -> StaleCopy:
+    """The error for a partial copy whose layout is not the task's now (the object changed at the
+    origin, or another layout was chosen for it)."""
+    return StaleCopy(
+        f"this host's partial copy has another layout ({held.content_length} bytes in pieces of "
+        f"{held.piece_length}, now {now.content_length} in pieces of {now.piece_length}): it is dropped; "
+        "download again"
+    )
+
+
 class BackToSource:
     def __init__(self, conductor: Conductor, layout: Layout | None) -> None:
         self.c = conductor
@@ -139,6 +149,8 @@ class BackToSource:
         hint = self.layout_hint or self.c.state.layout
         if hint is not None:
             if hint.content_length != stat.content_length:
+                if self.layout_hint is None:  # only this host's own partial copy says otherwise
+                    raise stale_copy(hint, Layout(stat.content_length, hint.piece_length))
                 raise SourceError(
                     f"origin length {stat.content_length} differs from the task's {hint.content_length}"
                 )

@@ -41,7 +41,7 @@ from dfly.common.errors import (
     without_frames,
 )
 from dfly.common.ids import HostId, peer_id, redact_url
-from dfly.daemon.back_to_source import BackToSource
+from dfly.daemon.back_to_source import BackToSource, stale_copy
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import Layout, TaskState
 from dfly.daemon.parents import ParentSet
@@ -354,6 +354,9 @@ class Conductor:
 
     # -- pieces -----------------------------------------------------------------------------------
     async def ensure_file(self, layout: Layout, response_headers: dict[str, str]) -> None:
+        held = self.state.layout
+        if held is not None and held != layout:  # this host's partial copy has another layout: stale
+            raise stale_copy(held, layout)
         self.state.set_layout(layout.content_length, layout.piece_length)
         if not self.file_ready.is_set():
             self.state.response_headers = response_headers

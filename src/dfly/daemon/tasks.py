@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Collection, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import DflyError, StorageError
+from dfly.common.errors import DflyError, StaleCopy, StorageError
 from dfly.common.ids import redact_url
 from dfly.daemon.conductor import Conductor, PiecesLost
 from dfly.daemon.context import DaemonContext
@@ -223,6 +223,10 @@ class TaskManager:
             log.error("download attempt crashed", exc_info=attempt.exception())
         if live.attempt is attempt:  # the ended attempt's conductor (its parents, buffers) is let go
             live.attempt = live.conductor = None
+        if isinstance(live.state.error, StaleCopy) and self._live.get(live.state.task_id) is live:
+            log.warning("task %s: %s", live.state.task_id[:12], live.state.error)
+            self.remove(live.state.task_id)  # the next download starts afresh
+            return
         self._forget_if_failed(live)
 
     def _forget_if_failed(self, live: LiveTask) -> None:

@@ -249,9 +249,14 @@ class Origin:
         self._redirects["/" + path.lstrip("/")] = (location, status)
         return self.url(path)
 
-    def drop_after(self, path: str, body_bytes: int) -> None:
-        """Send at most `body_bytes` of each body at `path`, then close the connection."""
-        self._drops["/" + path.lstrip("/")] = body_bytes
+    def drop_after(self, path: str, body_bytes: int | None) -> None:
+        """Send at most `body_bytes` of each body at `path`, then close the connection (None: whole
+        bodies again)."""
+        key = "/" + path.lstrip("/")
+        if body_bytes is None:
+            self._drops.pop(key, None)
+        else:
+            self._drops[key] = body_bytes
 
     def rotate_etag(self, path: str) -> None:
         """Give each response at `path` an ETag of its own for the same bytes, as load-balanced backends
