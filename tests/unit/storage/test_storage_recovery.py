@@ -10,6 +10,9 @@ import zlib
 from array import array
 from pathlib import Path
 
+import pytest
+
+from dfly.common.errors import StorageError
 from dfly.daemon.storage import Storage, StoredTask, TaskMeta
 from dfly.daemon.storage.model import MISSING
 
@@ -179,3 +182,63 @@ def test_recovered_tasks_carry_their_digests_by_number_and_their_files_mtime(tmp
         await again.close()
 
     asyncio.run(run())
+
+
+def test_damaged_task_records_are_dropped_not_fatal(tmp_path: Path) -> None:
+    """SQLite checks no types and has no checksums: a task record with a value no task can have (a flipped
+    bit, a hand edit) made the writer thread die while it opened the storage, and the daemon hung at its
+    start for ever (the open's future was never resolved). Such a record is dropped with its file."""
+    keep = make_meta("task-keep")
+    damaged = {
+        "task-zero": "piece_length = 0",  # ZeroDivisionError in piece_count
+        "task-text": "content_length = 'abc'",  # TypeError
+        "task-many": f"content_length = {1 << 41}",  # 2^25 pieces: more than a layout may have
+        "task-odd": "piece_length = 1000",  # not a layout dfly makes
+    }
+
+    async def populate() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        for meta in (keep, *(make_meta(task_id) for task_id in damaged)):
+            await storage.create_task(meta)
+            await write(storage, meta, [0, 1])
+        await storage.close()
+
+    asyncio.run(populate())
+    with sqlite3.connect(tmp_path / "metadata.db") as db:
+        for task_id, change in damaged.items():
+            db.execute(f"UPDATE tasks SET {change} WHERE task_id = ?", (task_id,))
+
+    async def check() -> None:
+        storage = Storage(tmp_path)
+        async with asyncio.timeout(30):
+            tasks = {t.meta.task_id: t for t in await storage.open()}
+        assert list(tasks) == [keep.task_id]
+        assert storage.recovery is not None
+        assert storage.recovery.dropped_records == len(damaged)
+        await storage.close()
+
+    asyncio.run(check())
+    assert sorted(p.name for p in (tmp_path / "tasks" / "tas").iterdir()) == ["task-keep"]
+    with sqlite3.connect(tmp_path / "metadata.db") as db:
+        assert db.execute("SELECT DISTINCT task_id FROM pieces").fetchall() == [("task-keep",)]
+
+
+def test_an_unexpected_failure_while_opening_is_an_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception the writer thread meets, not only storage and OS errors, fails the operation it was
+    running: the open's caller got no answer and waited for ever."""
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("a bug in recovery")
+
+    monkeypatch.setattr("dfly.daemon.storage.writer.recover", broken)
+
+    async def check() -> None:
+        storage = Storage(tmp_path)
+        async with asyncio.timeout(30):
+            with pytest.raises(StorageError, match="a bug in recovery"):
+                await storage.open()
+
+    asyncio.run(check())

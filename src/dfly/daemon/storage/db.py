@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfly.common.errors import StorageError
-from dfly.daemon.storage.model import MISSING, StoredTask, TaskMeta
+from dfly.common.errors import StorageError, UsageError
+from dfly.common.pieces import validate_layout
+from dfly.daemon.storage.model import MISSING, StoredTask, TaskMeta, is_task_id
 
 SCHEMA_VERSION = 1
 
@@ -49,6 +50,7 @@ class LoadedRecords:
     tasks: dict[str, StoredTask]  # every task record, with its piece records inside its layout
     outside: dict[str, list[int]]  # task id -> numbers of its piece records outside its layout
     orphans: dict[str, int]  # task ids with piece records but no task record -> how many records
+    invalid: list[str]  # task records that cannot be a task (a value of the wrong type, no valid layout)
 
 
 class MetadataDB:
@@ -104,12 +106,15 @@ class MetadataDB:
         The pieces come grouped by task (SQLite concatenates each task's numbers and digests, so Python
         touches one row per task, not per piece: 2 million piece rows took ~1 s more one by one)."""
         try:
-            loaded = LoadedRecords({}, {}, {})
+            loaded = LoadedRecords({}, {}, {}, [])
             tasks = loaded.tasks
             rows = self._conn.execute(
                 "SELECT task_id, url, content_length, piece_length, response_headers, finished FROM tasks"
             )
             for task_id, url, content_length, piece_length, headers, finished in rows:
+                if not _valid_record(task_id, url, content_length, piece_length):
+                    loaded.invalid.append(str(task_id))  # SQLite checks no types; bits can flip
+                    continue
                 meta = TaskMeta(task_id, url, content_length, piece_length, _headers(headers))
                 tasks[task_id] = StoredTask(meta, _NONE, bool(finished))
             rows = self._conn.execute(
@@ -204,10 +209,23 @@ class MetadataDB:
             raise StorageError(f"metadata db {self.path}: {exc}") from exc
 
 
+def _valid_record(task_id: object, url: object, content_length: object, piece_length: object) -> bool:
+    """Whether a task row's values can make a TaskMeta and a layout dfly could have made."""
+    if not (isinstance(task_id, str) and is_task_id(task_id) and isinstance(url, str)):
+        return False
+    if type(content_length) is not int or type(piece_length) is not int:
+        return False
+    try:
+        validate_layout(content_length, piece_length)
+    except UsageError:
+        return False
+    return True
+
+
 def _headers(text: str) -> dict[str, str]:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (TypeError, ValueError):  # not text, or not JSON
         return {}
     if not isinstance(value, dict):
         return {}

@@ -6,8 +6,9 @@ Rules:
 - Only records in SQLite count; they are durable by construction (a group commit fdatasyncs the task
   file before it records the file's pieces), so after an unclean stop nothing newer is trusted.
 - The same consistency checks run after clean and unclean stops (they are cheap: one stat per task):
-  a task record whose file is missing or has the wrong size goes with its piece records; piece records
-  of missing tasks or out of range go; files under `tasks/` without a task record go.
+  a task record whose file is missing or has the wrong size goes with its piece records, and so does a
+  damaged one (values of the wrong type, no valid layout: SQLite checks neither); piece records of
+  missing tasks or out of range go; files under `tasks/` without a task record go.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 class RecoveryReport:
     clean: bool  # the previous stop was clean (marker present)
     tasks: list[StoredTask]
-    dropped_records: int = 0  # task records whose file was missing or short
+    dropped_records: int = 0  # task records whose file was missing or short, or that were damaged
     dropped_pieces: int = 0  # piece records of missing tasks or out of range
     removed_files: int = 0  # task files (or other entries under tasks/) without a record
 
@@ -60,12 +61,14 @@ def recover(root: Path, db: MetadataDB, *, clean: bool) -> RecoveryReport:
             unfinished.append(task_id)
         report.tasks.append(task)
     orphans = loaded.orphans
-    if bad_tasks or bad_pieces or orphans or unfinished:
+    for task_id in loaded.invalid:  # its file, if any, is a stray now: removed below
+        log.warning("task %r: its record is damaged (values no task can have), dropping it", task_id[:12])
+    if bad_tasks or bad_pieces or orphans or unfinished or loaded.invalid:
         with db.transaction() as conn:
-            MetadataDB.delete_tasks(conn, bad_tasks + list(orphans))
+            MetadataDB.delete_tasks(conn, bad_tasks + list(orphans) + loaded.invalid)
             MetadataDB.delete_pieces(conn, bad_pieces)
             MetadataDB.mark_finished(conn, unfinished, finished=False)
-    report.dropped_records = len(bad_tasks)
+    report.dropped_records = len(bad_tasks) + len(loaded.invalid)
     report.dropped_pieces = len(bad_pieces) + sum(orphans.values())
     report.dropped_pieces += sum(stored[t].held + len(loaded.outside.get(t, ())) for t in bad_tasks)
     # Files go after the records: a crash in between leaves files without records, removed next time.

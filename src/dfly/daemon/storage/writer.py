@@ -117,12 +117,14 @@ class WriterThread:
     # -- the thread --------------------------------------------------------------------------------
 
     def _main(self) -> None:
+        op: Op | SyncJob | None = None
         try:
             while True:
+                op = None
                 deadline = self._group_commit.deadline()
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    op: Op | SyncJob | None = self._queue.get(timeout=timeout)
+                    op = self._queue.get(timeout=timeout)
                 except queue.Empty:
                     op = None
                 if isinstance(op, SyncJob):
@@ -133,6 +135,8 @@ class WriterThread:
         except BaseException as exc:
             log.exception("storage writer thread failed")
             self._closed = StorageError(f"storage writer thread failed: {exc!r}")
+            if op is not None and not isinstance(op, SyncJob):  # the one it was running: its caller waits
+                self._to_loop.resolve(op.future, exc=self._closed)
             for task in self._tasks.values():
                 self._to_loop.resolve_all(task.finish_waiters, self._closed)
             self._group_commit.abandon(self._closed)
