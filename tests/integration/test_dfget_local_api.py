@@ -38,6 +38,7 @@ pytestmark = pytest.mark.integration
 PIECE = 256 * 1024
 SIZE = 5 * PIECE + 1234  # six pieces, the last one short
 ORIGIN = "http://origin.test"
+MANY = 150_000  # pieces: more than one `pieces` event lists
 
 
 class FakeBackend:
@@ -66,6 +67,10 @@ class FakeBackend:
                 raise SourceError(f"origin returned 404 Not Found for {request.url}", 404)
             if kind == "daemon-timeout":  # the daemon's deadline, what was left of dfget's
                 raise DownloadTimeout(f"download timed out after {request.timeout_s:g}s")
+            if kind == "many":
+                async for event in self._many(name):
+                    yield event
+                return
             data = b"" if kind == "empty" else self.data
             path = self.task_dir / f"{kind}-{name}"
             self.task_paths[request.url] = path
@@ -92,6 +97,19 @@ class FakeBackend:
                 os.close(write_fd)
         finally:
             self.closed[request.url].set()
+
+    async def _many(self, name: str) -> AsyncIterator[DownloadEvent]:
+        """A task complete in the cache, of more pieces than one event may list: one batch of them all."""
+        path = self.task_dir / f"many-{name}"
+        path.touch()
+        os.truncate(path, MANY * PIECE)  # sparse
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield Started(f"task-{name}", MANY * PIECE, PIECE, str(path), fd)
+            yield PiecesReady(tuple(range(MANY)))
+            yield Finished()
+        finally:
+            os.close(fd)
 
 
 class ServerThread:
@@ -412,6 +430,29 @@ def test_bad_requests_get_usage_errors(harness: Harness, payload: bytes, fragmen
     assert stats["event"] == "stats"
     assert isinstance(stats["stats"], dict)
     assert "requests" in stats["stats"]
+
+
+def test_a_large_batch_of_pieces_goes_out_as_several_events(harness: Harness) -> None:
+    """A task complete in the cache was announced in one line of every piece number: past ~2.2 million
+    pieces (64 KiB pieces of a 137 GiB file) longer than dfget takes (16 MiB), so dfget failed at once."""
+    request = json.dumps({"op": "download", "url": harness.url("many"), "timeout_s": 10}).encode() + b"\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(harness.socket))
+        s.sendall(request)
+        data = b""
+        while more := socket.recv_fds(s, 1 << 20, 4):
+            chunk, fds, _, _ = more
+            for fd in fds:
+                os.close(fd)
+            if not chunk:
+                break
+            data += chunk
+    events = [json.loads(line) for line in data.splitlines()]
+    batches = [event["pieces"] for event in events if event["event"] == "pieces"]
+    assert [len(batch) for batch in batches] == [65_536, 65_536, MANY - 2 * 65_536]
+    assert [n for batch in batches for n in batch] == list(range(MANY))
+    assert events[-1] == {"event": "finished"}
 
 
 def test_started_event_passes_a_read_only_fd(harness: Harness) -> None:

@@ -13,6 +13,7 @@ Rules:
 - EOF or a reset on the connection while a download runs means the client left: its event iterator is
   cancelled and closed (`aclose`). Clients keep their write side open until they are done.
 - Every connection task is owned by the server and cancelled by `close()`.
+- A `pieces` event carries at most PIECES_PER_EVENT numbers; a larger batch goes out as several.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 256 * 1024
 REQUEST_READ_TIMEOUT_S = 10.0
 LISTEN_BACKLOG = 1024
+# A `pieces` event lists at most this many numbers (under 1 MB a line): a task complete in the cache is
+# announced in one batch, and a line of millions of pieces exceeded dfget's 16 MiB limit per line.
+PIECES_PER_EVENT = 65_536
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
@@ -249,8 +253,9 @@ class LocalApiServer:
                 elif not started:
                     raise DflyError(f"internal error: backend sent {type(item).__name__} before Started")
                 elif isinstance(item, PiecesReady):
-                    if item.pieces:
-                        await self._send(conn, {"event": "pieces", "pieces": list(item.pieces)})
+                    for start in range(0, len(item.pieces), PIECES_PER_EVENT):
+                        batch = list(item.pieces[start : start + PIECES_PER_EVENT])
+                        await self._send(conn, {"event": "pieces", "pieces": batch})
                 else:
                     await self._send(conn, {"event": "finished"})
                     return
