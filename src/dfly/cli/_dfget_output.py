@@ -7,7 +7,7 @@ Rules (DESIGN.md §3 "Output"):
   fd with copy_file_range, falling back to pread/pwrite where the kernel or filesystem cannot.
 - Placing: whole-file digest check (reading the temporary file), fsync, then `link` (fails if the path
   appeared meanwhile) or, with --overwrite, `rename` (a nameless file is linked to the temporary name
-  first); then the directory is fsynced.
+  first); then the directory is fsynced (skipped where it may be written but not read: a drop box).
 - `discard()` (any failure, Ctrl-C) removes the temporary file; nothing is ever left at the path.
 - `--force-hard-link`: the temporary name is a hard link to the task file itself (same inode as the
   cache); refused with a clear message when the kernel will not link it.
@@ -63,6 +63,12 @@ def _open_nameless(directory: str) -> int | None:
         if exc.errno in _NO_TMPFILE_ERRNOS:
             return None
         raise
+
+
+def _directory_handle(directory: str) -> int:
+    """An O_PATH fd of `directory` for the *at calls: it needs no read permission, so a directory we may
+    write and search but not list (mode 0733, a drop box) takes the output too."""
+    return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
@@ -122,7 +128,7 @@ class OutputFile:
             os.unlink(self.tmp_path)
         name = os.path.basename(self.tmp_path)
         reasons: list[OSError] = []
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = _directory_handle(self.directory)
         try:
             # With a dir fd, CPython calls linkat(2), which follows the /proc magic link with
             # AT_SYMLINK_FOLLOW; a plain link(2) would try to link the symlink itself and always fail.
@@ -212,7 +218,7 @@ class OutputFile:
     def _name_it(self, overwrite: bool) -> None:
         """Give the nameless file its output name (through the temporary name when overwriting)."""
         source = f"/proc/self/fd/{self._require_fd()}"
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = _directory_handle(self.directory)
         try:
             if not overwrite:  # linkat fails if the path appeared meanwhile: never clobbered
                 os.link(source, os.path.basename(self.path), dst_dir_fd=dir_fd, follow_symlinks=True)
@@ -242,7 +248,10 @@ class OutputFile:
         os.unlink(self.tmp_path)
 
     def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except PermissionError:  # a directory we may write but not read (a drop box): the file is placed
+            return  # and itself synced; only its name's durability is left to the kernel
         try:
             os.fsync(fd)
         finally:

@@ -163,3 +163,27 @@ def test_error_events_map_to_the_error_tree() -> None:
     )
     unknown = error_from_event({"event": "error", "kind": "new-kind", "message": "m"})
     assert (type(unknown).__name__, unknown.exit_code) == ("DflyError", 1)
+
+
+@pytest.mark.parametrize("nameless", [True, False])
+def test_a_directory_that_may_be_written_but_not_read_takes_the_output(
+    tmp_path: Path, task_fd: int, nameless: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drop box (mode 0733: write and search, no read): opening it to read failed with EACCES only once
+    the whole file was downloaded, when placing it, or after it was placed (the directory's fsync). As
+    root no mode refuses us, so the kernel's answer to a non-root user is given here."""
+    real_open = os.open
+
+    def no_listing(path: str, flags: int, mode: int = 0o777, **kwargs: object) -> int:
+        reads = flags & os.O_TMPFILE != os.O_TMPFILE and not flags & os.O_PATH  # O_TMPFILE needs write only
+        if os.fspath(path) == str(tmp_path) and flags & os.O_DIRECTORY and reads:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, mode, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_listing)
+    out = OutputFile(str(tmp_path / "out.bin"), nameless=nameless)
+    fill(out, task_fd)
+    out.place(overwrite=False)
+    monkeypatch.undo()
+    assert (tmp_path / "out.bin").read_bytes() == DATA
+    assert temps(tmp_path) == []
