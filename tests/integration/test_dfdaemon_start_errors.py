@@ -142,9 +142,13 @@ def test_an_unreachable_scheduler_gets_a_hint_at_tls_too(tmp_path: Path) -> None
     assert "its security.tls differs: it is off here" in line, line
 
 
-def test_a_stop_while_the_first_announce_is_pending_is_prompt_and_never_ready(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_while_the_first_announce_is_pending_is_prompt_and_never_ready(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
     """A scheduler that never answers holds the first announce for its whole deadline (10 s); SIGTERM
-    then must not wait for it, and the daemon must not log that it is ready on its way out."""
+    then must not wait for it, and the daemon must not log that it is ready on its way out. SIGHUP (the
+    terminal closed) stops it the same way: it killed the daemon uncleanly."""
     config = base_config(tmp_path)
     config["scheduler"] = {"addrs": ["127.0.0.1:1"]}  # nothing listens there
     path = tmp_path / "dfdaemon.yaml"
@@ -160,7 +164,7 @@ def test_a_stop_while_the_first_announce_is_pending_is_prompt_and_never_ready(tm
                     break
             else:
                 raise AssertionError(f"the daemon ended before it listened: {''.join(lines)}")
-            proc.terminate()
+            proc.send_signal(stop)
             stopped_at = time.monotonic()
             rest = proc.stderr.read()
             proc.wait(timeout=30)

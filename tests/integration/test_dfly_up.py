@@ -1,4 +1,5 @@
-"""`dfly up --peers 2` as a real subprocess: cluster.json, live members, health endpoints, clean SIGTERM."""
+"""`dfly up --peers 2` as a real subprocess: cluster.json, live members, health endpoints, a clean stop on
+SIGTERM and on SIGHUP."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def _wait_for_cluster_json(proc: subprocess.Popen[bytes], path: Path) -> dict[st
 
 
 @pytest.mark.timeout(READY_TIMEOUT_S + STOP_TIMEOUT_S + 30)
-def test_dfly_up_two_peers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal closed
+def test_dfly_up_two_peers(tmp_path: Path, stop: signal.Signals) -> None:
     cluster_dir = tmp_path / "c"
     argv = ["up", "--peers", "2", "--dir", str(cluster_dir), "--registry-mirror", "127.0.0.1:5999"]
     proc = subprocess.Popen(
@@ -82,7 +84,7 @@ def test_dfly_up_two_peers(tmp_path: Path) -> None:
         assert all("registry_mirror: 127.0.0.1:5999" in text for text in configs)
         hostnames = {p["host_id"] for p in processes if p["role"] != "scheduler"}
         assert len(hostnames) == 3
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)  # SIGHUP killed `dfly up` and left its members running
         assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
         deadline = time.monotonic() + 5
         while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from dfly.cli.quiet_start import quiet_until_loaded
 from dfly.common.cli_args import OneLineParser
 from dfly.common.errors import DflyError
 from dfly.common.ready_file import check_ready_file
+from dfly.common.stop_signals import STOP_SIGNALS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,7 +31,7 @@ async def _main(args: argparse.Namespace) -> int:
     # task in the middle of the start-up's imports or storage recovery instead).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
 
     from dfly.common.config import load_config

@@ -3,7 +3,7 @@
 
 Rules: parse, call, print. `dfly scheduler` and `dfly sim` hand their arguments unchanged to
 `dfly.scheduler.app.main` and `dfly.sim.cli.main`, each imported only in its branch. `dfly up` runs a
-`dfly.cluster.LocalCluster` in the foreground until Ctrl-C or SIGTERM (exit 0) or until a member dies
+`dfly.cluster.LocalCluster` in the foreground until Ctrl-C, SIGTERM or SIGHUP (exit 0) or until a member dies
 (exit 1); exit codes follow the error tree.
 """
 
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from dfly.cli.quiet_start import quiet_until_loaded
 from dfly.common.cli_args import OneLineParser
 from dfly.common.errors import DflyError
+from dfly.common.stop_signals import STOP_SIGNALS
 
 if TYPE_CHECKING:
     from dfly.cluster import LocalCluster
@@ -75,7 +76,7 @@ def format_table(cluster: LocalCluster) -> str:
     lines.append(f"cluster dir:  {cluster.base_dir}   (description: {cluster.cluster_json})")
     example = cluster.peers[0] if cluster.peers else cluster.seed
     lines.append(f"try:          dfget -e {example.socket} http://HOST/PATH -O /tmp/out")
-    lines.append("stop:         Ctrl-C (or SIGTERM)")
+    lines.append("stop:         Ctrl-C (or SIGTERM, or closing the terminal)")
     return "\n".join(lines)
 
 
@@ -113,7 +114,7 @@ def _run_up(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"dfly up: --dir {args.dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     mirror = {"proxy": {"registry_mirror": args.registry_mirror}} if args.registry_mirror else {}
     cluster = LocalCluster(
         args.dir,

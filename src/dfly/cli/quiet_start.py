@@ -3,9 +3,9 @@
 `dfdaemon` and `dfly` import their heavy modules (pydantic, gRPC, aiohttp, cryptography: a few hundred
 ms) inside `main`, under `quiet_until_loaded()`: there Python's own SIGINT handler printed a
 KeyboardInterrupt traceback from the middle of an import. The `loaded` it yields gives SIGINT back to
-Python (asyncio.run installs its handler only over that one) and SIGTERM its default, once the command
-handles stops itself; leaving the block puts back what was there before (tests call `main` in-process).
-dfget has its own entry module for this (dfget_main.py), since its Ctrl-C exit status is 130.
+Python (asyncio.run installs its handler only over that one) and SIGTERM, SIGHUP their default, once
+the command handles stops itself; leaving the block puts back what was there before (tests call `main`
+in-process). dfget has its own entry module for this (dfget_main.py), since its Ctrl-C exit status is 130.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable, Iterator
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from dfly.common.stop_signals import STOP_SIGNALS
 
 
 def _stopped_while_loading(signum: int, frame: FrameType | None) -> None:
@@ -25,6 +25,7 @@ def _stopped_while_loading(signum: int, frame: FrameType | None) -> None:
 def _loaded() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

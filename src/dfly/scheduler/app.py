@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import random
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -31,6 +30,7 @@ from dfly.common.limits import check_open_files_limit
 from dfly.common.logging import setup_logging
 from dfly.common.metrics_http import start_metrics_server
 from dfly.common.net import host_port
+from dfly.common.stop_signals import STOP_SIGNALS
 from dfly.common.tls import add_port, channel_credentials
 from dfly.scheduler.config import SchedulerConfig, load_scheduler_config
 from dfly.scheduler.core.engine import SchedulerEngine
@@ -165,12 +165,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def _serve(config: SchedulerConfig, ready_file: Path | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     try:
         await run(config, ready_file, stop)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
 
 
