@@ -232,3 +232,12 @@ def test_a_sigint_during_start_up_stops_the_daemon_cleanly(tmp_path: Path, delay
             proc.wait()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_a_storage_dir_with_a_nul_byte_is_a_config_error(tmp_path: Path) -> None:
+    """Python refuses such a path with ValueError, which was a traceback."""
+    config = base_config(tmp_path)
+    config["storage"]["dir"] = str(tmp_path / "a\0b")
+    done = run_daemon(tmp_path, config)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "dfdaemon: storage.dir: a path cannot contain a NUL byte"

@@ -95,8 +95,17 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
+class _Unreadable(yaml.YAMLError):
+    """YAML that parses but that Python cannot hold: nested thousands deep, a number of 4,300+ digits."""
+
+
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: no arbitrary objects
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: no arbitrary objects
+    except RecursionError:
+        raise _Unreadable("nested too deeply") from None
+    except ValueError as exc:  # int() of too many digits
+        raise _Unreadable(str(exc).splitlines()[0]) from None
 
 
 def _set(data: dict[str, Any], path: list[str], value: Any) -> None:

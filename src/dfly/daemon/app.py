@@ -94,6 +94,8 @@ async def load_cache(storage: Storage, tasks: TaskManager) -> None:
 def check_storage_dir(path: Path) -> None:
     """`storage.dir` must be a directory or one that can be made (it is made here): a config error
     naming the key (exit 2), not a storage failure (exit 1)."""
+    if "\0" in str(path):
+        raise ConfigError("storage.dir: a path cannot contain a NUL byte")
     for candidate in (path, *path.parents):
         if not candidate.exists():
             continue

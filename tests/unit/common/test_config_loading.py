@@ -51,6 +51,9 @@ def test_a_flag_is_validated_with_the_rest_of_the_config(tmp_path: Path) -> None
         (b'scheduler: {addrs: ["[::1:8002"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["::1:8002"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["http://127.0.0.1:8002"]}\n', "must be host:port"),
+        # Python cannot hold these: RecursionError, ValueError tracebacks
+        (b"upload: " + b"[" * 5000 + b"]" * 5000 + b"\n", "not valid YAML: nested too deeply"),
+        (b"upload: {slots: " + b"9" * 5000 + b"}\n", "not valid YAML: Exceeds the limit"),
     ],
 )
 def test_bad_config_files_are_one_line_naming_the_problem(
@@ -60,6 +63,13 @@ def test_bad_config_files_are_one_line_naming_the_problem(
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=re.escape(fragment)) as info:
         load_config(DaemonConfig, path, PREFIX, {})
+    assert "\n" not in str(info.value)
+
+
+def test_an_environment_value_python_cannot_hold_is_one_line_too() -> None:
+    environ = {f"{PREFIX}__UPLOAD__SLOTS": "[" * 5000 + "]" * 5000}
+    with pytest.raises(ConfigError, match=re.escape("upload.slots")) as info:
+        load_config(DaemonConfig, None, PREFIX, environ)
     assert "\n" not in str(info.value)
 
 
