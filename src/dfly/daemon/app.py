@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import functools
 import gc
+import inspect
 import logging
 import os
 import random
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -283,21 +284,39 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             for task in background:
                 task.cancel()
     finally:
-        await control_health.shutdown()
-        await mirror.close()
-        await local_api.close()
-        await control.stop(1.0)  # no seed trigger starts a download once the tasks are closing
-        await tasks.close()
-        with contextlib.suppress(OSError):
-            storage_gc.stamp()
-        await pieces.close()
-        health.close()
-        metrics_server.shutdown()
-        metrics_thread.join(timeout=2.0)
-        await scheduler.leave()
-        await scheduler.close()
-        await storage.close()
+
+        def stamp_gc() -> None:
+            with contextlib.suppress(OSError):
+                storage_gc.stamp()
+
+        await stop_in_order(
+            ("the control port's health service", control_health.shutdown),
+            ("the proxy", mirror.close),
+            ("the local API", local_api.close),
+            ("the control port", lambda: control.stop(1.0)),  # no seed trigger starts a download now
+            ("the downloads", tasks.close),
+            ("the storage GC's stamp", stamp_gc),
+            ("the piece server", pieces.close),
+            ("the health endpoint", health.close),
+            ("the metrics endpoint", metrics_server.shutdown),
+            ("the metrics thread", lambda: metrics_thread.join(timeout=2.0)),
+            ("the leave from the schedulers", scheduler.leave),
+            ("the scheduler connections", scheduler.close),
+            ("the storage", storage.close),  # last: its clean-shutdown marker says all above ended
+        )
         log.info("dfdaemon %s stopped", host)
+
+
+async def stop_in_order(*steps: tuple[str, Callable[[], object]]) -> None:
+    """Run every step of a stop, in order, each awaited if it returns an awaitable: one that fails is
+    logged and the rest still run (a failure in an early one skipped the storage's clean close)."""
+    for what, step in steps:
+        try:
+            result = step()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("stopping %s failed", what)
 
 
 @contextlib.contextmanager

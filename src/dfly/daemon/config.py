@@ -17,10 +17,19 @@ from dfly.common.tls import SecuritySection
 
 
 class HostSection(StrictModel):
-    hostname: str = Field(default_factory=socket.gethostname)
+    hostname: str = Field(default_factory=socket.gethostname, min_length=1, max_length=255)
     advertise_ip: IpAddressOrEmpty = ""  # "" = the source address the kernel picks toward the first scheduler
-    idc: str = ""
-    location: str = ""
+    idc: str = Field(default="", max_length=1024)
+    location: str = Field(default="", max_length=1024)
+
+    @field_validator("hostname", "idc", "location")
+    @classmethod
+    def _check_printable(cls, value: str) -> str:
+        # they go to the schedulers in protobuf strings (UTF-8) and into the host id: an undecodable
+        # byte (read as a lone surrogate) failed the first announce and the stop after it
+        if not value.isprintable():
+            raise ValueError("must be printable text: no control characters or bytes that are not UTF-8")
+        return value
 
 
 class SchedulerSection(StrictModel):

@@ -51,6 +51,9 @@ def test_a_flag_is_validated_with_the_rest_of_the_config(tmp_path: Path) -> None
         (b'scheduler: {addrs: ["[::1:8002"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["::1:8002"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["http://127.0.0.1:8002"]}\n', "must be host:port"),
+        (b'host: {hostname: ""}\n', "host.hostname"),
+        (b'host: {hostname: "a\\nb"}\n', "host.hostname: Value error, must be printable text"),
+        (b'host: {location: "a\\x00b"}\n', "host.location"),
         # Python cannot hold these: RecursionError, ValueError tracebacks
         (b"upload: " + b"[" * 5000 + b"]" * 5000 + b"\n", "not valid YAML: nested too deeply"),
         (b"upload: {slots: " + b"9" * 5000 + b"}\n", "not valid YAML: Exceeds the limit"),
@@ -64,6 +67,14 @@ def test_bad_config_files_are_one_line_naming_the_problem(
     with pytest.raises(ConfigError, match=re.escape(fragment)) as info:
         load_config(DaemonConfig, path, PREFIX, {})
     assert "\n" not in str(info.value)
+
+
+def test_a_hostname_with_a_byte_that_is_not_utf8_is_refused() -> None:
+    """The environment gives such a byte as a lone surrogate: it passed, then the daemon's first announce
+    and its stop failed on it with tracebacks, and the storage was never closed cleanly."""
+    environ = {f"{PREFIX}__HOST__HOSTNAME": "node\udcff"}
+    with pytest.raises(ConfigError, match=re.escape("host.hostname")):
+        load_config(DaemonConfig, None, PREFIX, environ)
 
 
 def test_an_environment_value_python_cannot_hold_is_one_line_too() -> None:
