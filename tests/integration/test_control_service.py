@@ -70,6 +70,12 @@ def test_trusted_scheduler_triggers_a_back_to_source_download(trusted: str) -> N
         pb.Download(url="http://origin.example/f", piece_length=1 << 30),
         pb.Download(url="ftp://origin.example/f"),
         pb.Download(url="http://origin.example/../../etc/passwd?x=1", piece_length=-(1 << 20)),
+        # a timeout the local API refuses too (NaN and -1 failed the attempt at once, inf never ended it)
+        pb.Download(url="http://origin.example/f", timeout_s=float("nan")),
+        pb.Download(url="http://origin.example/f", timeout_s=-1),
+        pb.Download(url="http://origin.example/f", timeout_s=float("inf")),
+        # request headers beyond what a client could send, all of them for the origin
+        pb.Download(url="http://origin.example/f", request_headers={f"x-{n}": "v" for n in range(20_000)}),
     ],
 )
 def test_invalid_trigger_is_refused_and_nothing_is_fetched(download: pb.Download) -> None:

@@ -13,6 +13,7 @@ is a UsageError, never a failure deep inside the download.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -29,6 +30,10 @@ from dfly.common.pieces import validate_layout, validate_user_piece_length
 from dfly.daemon.core.task_state import Layout
 
 SEED_TIMEOUT_S = 10 * 3600.0  # a seed trigger without a timeout (Dragonfly's: 10 h)
+# A seed trigger's request headers go to the origin: as many as a client could send (the local API takes
+# a request line of 256 KiB), no more.
+MAX_TRIGGER_HEADERS = 256
+MAX_TRIGGER_HEADER_BYTES = 256 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
 _VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
@@ -107,14 +112,24 @@ class TaskRequest:
         canonical_url(download.url)
         if download.piece_length:
             validate_user_piece_length(download.piece_length)
+        timeout_s = download.timeout_s or SEED_TIMEOUT_S
+        if not 0 < timeout_s < math.inf:  # NaN too
+            raise UsageError(f"timeout_s {timeout_s} must be a positive, finite number of seconds")
+        headers = dict(download.request_headers)
+        size = sum(len(k) + len(v) for k, v in headers.items())
+        if len(headers) > MAX_TRIGGER_HEADERS or size > MAX_TRIGGER_HEADER_BYTES:
+            raise UsageError(
+                f"{len(headers)} request headers of {size} bytes: at most {MAX_TRIGGER_HEADERS} and "
+                f"{MAX_TRIGGER_HEADER_BYTES} bytes"
+            )
         return cls(
             url=download.url,
             tag=download.tag,
             application=download.application,
             filtered_query_params=tuple(download.filtered_query_params) or effective_filters(),
-            headers=dict(download.request_headers),
+            headers=headers,
             piece_length=download.piece_length or None,
-            timeout_s=download.timeout_s or SEED_TIMEOUT_S,
+            timeout_s=timeout_s,
             need_back_to_source=True,
             allowed_origins=tuple(download.allowed_origins),
             for_swarm=True,
