@@ -6,13 +6,15 @@ Rules:
   answers any path with the metrics, so a probe or a scrape config with a wrong path looked healthy.
 - One daemon thread accepts, a thread per connection answers (prometheus_client's
   `ThreadingWSGIServer`), at most MAX_CONNECTIONS at once (more are closed at once) and each for at
-  most REQUEST_TIMEOUT_S of silence: idle connections held a thread and a descriptor each, without end.
+  most REQUEST_TIMEOUT_S, silent or not: idle or trickling connections held a thread and a descriptor
+  each, without end.
   No access log.
 - The address family follows the listen address, so `::` and IPv6 addresses bind as such.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterable
@@ -30,6 +32,23 @@ NOT_FOUND = f"not found: the metrics are at {METRICS_PATH}\n".encode()
 
 class _QuietHandler(WSGIRequestHandler):
     timeout = REQUEST_TIMEOUT_S  # socket timeout of each connection (StreamRequestHandler.setup)
+    lifetime_s = REQUEST_TIMEOUT_S  # and of the whole connection (one request: wsgiref keeps none alive)
+
+    def setup(self) -> None:
+        super().setup()
+        # A client trickling a byte every few seconds never hit the socket timeout: MAX_CONNECTIONS of
+        # them held every slot, and every real scrape was refused.
+        self._lifetime = threading.Timer(self.lifetime_s, self._cut)
+        self._lifetime.daemon = True
+        self._lifetime.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._lifetime.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         """No access log line per scrape."""

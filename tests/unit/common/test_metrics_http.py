@@ -99,6 +99,28 @@ def test_an_idle_connection_is_closed_after_the_request_timeout(
         assert idle.recv(1) == b""  # closed by the server (a timeout here would raise)
 
 
+def test_a_connection_that_trickles_is_closed_after_the_request_timeout_too(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every so often kept a connection under the socket timeout for ever: 32 such clients
+    refused every scrape."""
+    assert metrics_http._QuietHandler.lifetime_s == metrics_http.REQUEST_TIMEOUT_S
+    monkeypatch.setattr(metrics_http._QuietHandler, "lifetime_s", 0.5)  # the same, sooner
+    with serving(registry) as server, socket.create_connection(("127.0.0.1", server.server_port), 10) as slow:
+        slow.settimeout(0.2)
+        started = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - started < 10:
+            with contextlib.suppress(OSError):
+                slow.sendall(b"G")  # one byte a tick, well within the 10 s socket timeout
+            try:
+                closed = slow.recv(1) == b""
+            except TimeoutError:
+                pass
+        assert closed
+        assert time.monotonic() - started < 5
+
+
 def test_connections_over_the_cap_are_closed_at_once(
     registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
