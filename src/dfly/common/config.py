@@ -84,7 +84,22 @@ class DecimalInt(int):
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """yaml.SafeLoader whose integers written in plain decimal come out as DecimalInt."""
+    """yaml.SafeLoader whose integers written in plain decimal come out as DecimalInt, and that refuses
+    a key written twice in one mapping (plain YAML keeps the last silently: a pasted block could undo
+    an earlier setting unseen). Keys a `<<` merge brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:

@@ -54,6 +54,12 @@ def test_a_flag_is_validated_with_the_rest_of_the_config(tmp_path: Path) -> None
         (b'host: {hostname: ""}\n', "host.hostname"),
         (b'host: {hostname: "a\\nb"}\n', "host.hostname: Value error, must be printable text"),
         (b'host: {location: "a\\x00b"}\n', "host.location"),
+        # a key written twice: YAML keeps the last silently, undoing the first unseen
+        (
+            b"upload:\n  slots: 10\nscheduler: {}\nupload:\n  slots: 1\n",
+            "not valid YAML at line 4, column 1: key 'upload' appears twice in one mapping",
+        ),
+        (b"upload: {slots: 10, slots: 1}\n", "key 'slots' appears twice"),
         # Python cannot hold these: RecursionError, ValueError tracebacks
         (b"upload: " + b"[" * 5000 + b"]" * 5000 + b"\n", "not valid YAML: nested too deeply"),
         (b"upload: {slots: " + b"9" * 5000 + b"}\n", "not valid YAML: Exceeds the limit"),
@@ -67,6 +73,13 @@ def test_bad_config_files_are_one_line_naming_the_problem(
     with pytest.raises(ConfigError, match=re.escape(fragment)) as info:
         load_config(DaemonConfig, path, PREFIX, {})
     assert "\n" not in str(info.value)
+
+
+def test_a_merge_key_may_still_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text("upload:\n  <<: {slots: 10, rate_limit_bytes_per_s: 5}\n  slots: 20\n")
+    config = load_config(DaemonConfig, path, PREFIX, {})
+    assert (config.upload.slots, config.upload.rate_limit_bytes_per_s) == (20, 5)
 
 
 def test_a_hostname_with_a_byte_that_is_not_utf8_is_refused() -> None:
