@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -92,6 +94,50 @@ def test_dfly_up_two_peers(tmp_path: Path, stop: signal.Signals) -> None:
         assert not [pid for pid in pids if _alive(pid)]
         assert (cluster_dir / "cluster.json").exists()
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(READY_TIMEOUT_S + STOP_TIMEOUT_S + 30)
+def test_dfly_up_stops_its_cluster_after_its_terminal_hung_up(tmp_path: Path) -> None:
+    """A closed terminal sends SIGHUP and fails every later write with EIO: the "stopping" line raised,
+    the stop was skipped, and the members (own process groups: no SIGHUP of their own) kept running."""
+    cluster_dir = tmp_path / "c"
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dfly.cli.dfly", "up", "--peers", "1", "--dir", str(cluster_dir)],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    pids: list[int] = []
+    try:
+        desc = _wait_for_cluster_json(proc, cluster_dir / "cluster.json")
+        processes = desc["processes"]
+        assert isinstance(processes, list)
+        pids = [p["pid"] for p in processes]
+        shown = b""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while b"seed" not in shown and time.monotonic() < deadline:  # the table is on the terminal
+            if select.select([master], [], [], 1.0)[0]:
+                shown += os.read(master, 65536)
+        assert b"seed" in shown, shown
+        os.close(master)  # the terminal is gone: writes to it now fail with EIO
+        master = -1
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pids if _alive(pid)]
+    finally:
+        if master >= 0:
+            os.close(master)
         if proc.poll() is None:
             proc.kill()
             proc.wait()

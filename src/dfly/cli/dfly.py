@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -27,6 +28,19 @@ from dfly.common.stop_signals import STOP_SIGNALS
 
 if TYPE_CHECKING:
     from dfly.cluster import LocalCluster
+
+
+def _say(text: str, *, error: bool = False) -> None:
+    """Print one line of `dfly up`'s own output. Once the terminal is gone (EIO after a hang-up, EPIPE)
+    the process's stdout and stderr become /dev/null: the stop that follows must still run, and the
+    exit must not fail on the text left in the buffer."""
+    try:
+        print(text, file=sys.stderr if error else sys.stdout, flush=True)
+    except OSError:
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        os.close(null)
 
 
 def _seconds(text: str) -> float:
@@ -124,17 +138,17 @@ def _run_up(args: argparse.Namespace) -> int:
         ready_timeout_s=args.ready_timeout,
         daemon_overrides={"*": mirror} if mirror else None,
     )
-    print(f"dfly up: starting in {cluster.base_dir}", flush=True)
+    _say(f"dfly up: starting in {cluster.base_dir}")
     code = 0
     try:
         cluster.start()
-        print(format_table(cluster), flush=True)
+        _say(format_table(cluster))
         while not stop_requested.wait(0.5):
             dead = cluster.failed_members()
             if dead:
                 for m in dead:
                     code_m = m.process.returncode if m.process is not None else None
-                    print(f"dfly up: {m.name} exited with code {code_m}; see {m.log_path}", file=sys.stderr)
+                    _say(f"dfly up: {m.name} exited with code {code_m}; see {m.log_path}", error=True)
                 code = 1
                 break
     except _Stop:
@@ -142,7 +156,7 @@ def _run_up(args: argparse.Namespace) -> int:
     finally:
         for s in previous:
             signal.signal(s, signal.SIG_IGN)
-        print("dfly up: stopping", flush=True)
+        _say("dfly up: stopping")
         cluster.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
