@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import sqlite3
 import time
 import zlib
-from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -340,20 +338,3 @@ def test_an_old_objects_piece_never_survives_under_the_new_validators(
     task = asyncio.run(reopen(tmp_path / "data"))[request.task_id]
     assert task.meta.response_headers.get("ETag") == new_etag
     assert task.pieces == {}  # not piece 3 of the old object
-
-
-def test_a_piece_record_that_is_not_a_number_is_a_storage_error(tmp_path: Path) -> None:
-    """A metadata.db edited or damaged so a digest is text: opening says so in one line (it killed the
-    writer thread with a ValueError)."""
-    meta = make_meta("task-text")
-    asyncio.run(finished_task(tmp_path, meta))
-    with closing(sqlite3.connect(tmp_path / "metadata.db")) as db:
-        db.execute("UPDATE pieces SET digest = 'not a number' WHERE number = 1")
-        db.commit()
-
-    async def run() -> None:
-        storage = Storage(tmp_path)
-        with pytest.raises(StorageError, match="metadata db"):
-            await storage.open()
-
-    asyncio.run(run())

@@ -224,6 +224,46 @@ def test_damaged_task_records_are_dropped_not_fatal(tmp_path: Path) -> None:
         assert db.execute("SELECT DISTINCT task_id FROM pieces").fetchall() == [("task-keep",)]
 
 
+def test_damaged_piece_records_and_blob_ids_are_dropped_not_fatal(tmp_path: Path) -> None:
+    """A piece record that is not an int64 failed the whole open (every start exited 1; the only way out
+    was deleting metadata.db and the whole cache with it), and a task record whose id had become a BLOB
+    was never deleted (the DELETE named its text). Each such task goes, with its records and file."""
+    keep = make_meta("task-keep")
+    damaged = {
+        "task-digest-text": "UPDATE pieces SET digest = 'x' WHERE task_id = ? AND number = 1",
+        "task-digest-real": "UPDATE pieces SET digest = 1e20 WHERE task_id = ? AND number = 0",
+        "task-number-real": "UPDATE pieces SET number = 1.5 WHERE task_id = ? AND number = 1",
+        "task-blob-id": "UPDATE tasks SET task_id = CAST(task_id AS BLOB) WHERE task_id = ?",
+    }
+
+    async def populate() -> None:
+        storage = Storage(tmp_path, commit_interval_s=3600)
+        await storage.open()
+        for meta in (keep, *(make_meta(task_id) for task_id in damaged)):
+            await storage.create_task(meta)
+            await write(storage, meta, [0, 1])
+        await storage.close()
+
+    asyncio.run(populate())
+    with sqlite3.connect(tmp_path / "metadata.db") as db:
+        for task_id, change in damaged.items():
+            db.execute(change, (task_id,))
+
+    async def check() -> None:
+        storage = Storage(tmp_path)
+        async with asyncio.timeout(30):
+            tasks = {t.meta.task_id: t for t in await storage.open()}
+        assert list(tasks) == [keep.task_id]
+        assert tasks[keep.task_id].held == 2
+        await storage.close()
+
+    asyncio.run(check())
+    assert sorted(p.name for p in (tmp_path / "tasks" / "tas").iterdir()) == ["task-keep"]
+    with sqlite3.connect(tmp_path / "metadata.db") as db:
+        assert db.execute("SELECT task_id FROM tasks").fetchall() == [("task-keep",)]
+        assert db.execute("SELECT DISTINCT task_id FROM pieces").fetchall() == [("task-keep",)]
+
+
 def test_an_unexpected_failure_while_opening_is_an_error_not_a_hang(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

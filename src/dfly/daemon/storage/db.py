@@ -50,7 +50,9 @@ class LoadedRecords:
     tasks: dict[str, StoredTask]  # every task record, with its piece records inside its layout
     outside: dict[str, list[int]]  # task id -> numbers of its piece records outside its layout
     orphans: dict[str, int]  # task ids with piece records but no task record -> how many records
-    invalid: list[str]  # task records that cannot be a task (a value of the wrong type, no valid layout)
+    # task ids, as stored (text, or a BLOB after damage), of records that cannot be a task: a value of the
+    # wrong type, no valid layout, or piece records that are not numbers
+    invalid: list[object]
 
 
 class MetadataDB:
@@ -113,7 +115,7 @@ class MetadataDB:
             )
             for task_id, url, content_length, piece_length, headers, finished in rows:
                 if not _valid_record(task_id, url, content_length, piece_length):
-                    loaded.invalid.append(str(task_id))  # SQLite checks no types; bits can flip
+                    loaded.invalid.append(task_id)  # SQLite checks no types; bits can flip
                     continue
                 meta = TaskMeta(task_id, url, content_length, piece_length, _headers(headers))
                 tasks[task_id] = StoredTask(meta, _NONE, bool(finished))
@@ -123,16 +125,21 @@ class MetadataDB:
             for task_id, numbers, digests in rows:
                 task = tasks.get(task_id)
                 if task is None:
-                    loaded.orphans[task_id] = numbers.count(",") + 1
+                    loaded.orphans[task_id] = str(numbers).count(",") + 1
                     continue
-                task.digests, outside = _by_number(task.meta.piece_count, numbers, digests)
+                try:
+                    task.digests, outside = _by_number(task.meta.piece_count, numbers, digests)
+                except (TypeError, ValueError, OverflowError):  # a piece record that is not an int64
+                    del tasks[task_id]
+                    loaded.invalid.append(task_id)
+                    continue
                 if outside:
                     loaded.outside[task_id] = outside
             for task in tasks.values():
                 if task.digests is _NONE:
                     task.digests = array("q", [MISSING]) * task.meta.piece_count
             return loaded
-        except (sqlite3.Error, ValueError) as exc:  # ValueError: a piece record that is not a number
+        except sqlite3.Error as exc:
             raise StorageError(f"metadata db {self.path}: {exc}") from exc
         finally:
             _first_numbers.cache_clear()  # its strings can be megabytes (tasks of millions of pieces)
@@ -182,7 +189,7 @@ class MetadataDB:
                 MetadataDB.delete_tasks(conn, [task_id])
 
     @staticmethod
-    def delete_tasks(conn: sqlite3.Connection, task_ids: Iterable[str]) -> None:
+    def delete_tasks(conn: sqlite3.Connection, task_ids: Iterable[object]) -> None:
         ids = [(t,) for t in task_ids]
         conn.executemany("DELETE FROM pieces WHERE task_id = ?", ids)
         conn.executemany("DELETE FROM tasks WHERE task_id = ?", ids)

@@ -7,7 +7,8 @@ Rules:
   file before it records the file's pieces), so after an unclean stop nothing newer is trusted.
 - The same consistency checks run after clean and unclean stops (they are cheap: one stat per task):
   a task record whose file is missing or has the wrong size goes with its piece records, and so does a
-  damaged one (values of the wrong type, no valid layout: SQLite checks neither); piece records of
+  damaged one (values of the wrong type, no valid layout, a piece record that is not an int64: SQLite
+  checks neither types nor checksums; a BLOB task id is deleted as the BLOB it is); piece records of
   missing tasks or out of range go; files under `tasks/` without a task record go.
 """
 
@@ -61,11 +62,13 @@ def recover(root: Path, db: MetadataDB, *, clean: bool) -> RecoveryReport:
             unfinished.append(task_id)
         report.tasks.append(task)
     orphans = loaded.orphans
-    for task_id in loaded.invalid:  # its file, if any, is a stray now: removed below
-        log.warning("task %r: its record is damaged (values no task can have), dropping it", task_id[:12])
+    for damaged_id in loaded.invalid:  # its file, if any, is a stray now: removed below
+        log.warning(
+            "task %.40r: its records are damaged (values no task can have), dropping them", damaged_id
+        )
     if bad_tasks or bad_pieces or orphans or unfinished or loaded.invalid:
         with db.transaction() as conn:
-            MetadataDB.delete_tasks(conn, bad_tasks + list(orphans) + loaded.invalid)
+            MetadataDB.delete_tasks(conn, [*bad_tasks, *orphans, *loaded.invalid])
             MetadataDB.delete_pieces(conn, bad_pieces)
             MetadataDB.mark_finished(conn, unfinished, finished=False)
     report.dropped_records = len(bad_tasks) + len(loaded.invalid)
