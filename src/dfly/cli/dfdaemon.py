@@ -37,8 +37,9 @@ async def _main(args: argparse.Namespace) -> int:
     from dfly.common.config import load_config
     from dfly.common.limits import check_open_files_limit
     from dfly.common.logging import setup_logging
-    from dfly.daemon.app import descriptors_needed, run
+    from dfly.daemon.app import run
     from dfly.daemon.config import DaemonConfig
+    from dfly.daemon.lifecycle import descriptors_needed
 
     check_ready_file(args.ready_file)
 

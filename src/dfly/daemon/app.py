@@ -12,13 +12,11 @@ import asyncio
 import contextlib
 import functools
 import gc
-import inspect
 import logging
 import os
 import random
 import socket
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -26,7 +24,6 @@ import grpc
 from dfly.api import daemon_pb2
 from dfly.api import daemon_pb2_grpc as dpb_grpc
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import ConfigError
 from dfly.common.grpc_health import GrpcHealth
 from dfly.common.ids import host_id as make_host_id
 from dfly.common.metrics_http import start_metrics_server
@@ -37,17 +34,16 @@ from dfly.common.tls import add_port, piece_client_context, piece_server_context
 from dfly.daemon.config import DaemonConfig, ListenerSection
 from dfly.daemon.context import Counters, DaemonContext
 from dfly.daemon.gc import StorageGC
+from dfly.daemon.lifecycle import binding, check_storage_dir, stop_in_order
 from dfly.daemon.local_api import LocalApiServer
 from dfly.daemon.proxy.server import RegistryMirror
 from dfly.daemon.scheduler_client import SchedulerClient, source_ip_toward
 from dfly.daemon.scheduler_ring import SchedulerRing
 from dfly.daemon.services import ControlService, TrustedSchedulers, start_health_server
-from dfly.daemon.storage import Storage, writer
-from dfly.daemon.storage import storage as storage_module
+from dfly.daemon.storage import Storage
 from dfly.daemon.tasks import TaskManager
 from dfly.daemon.transfer.buffers import BufferPool
 from dfly.daemon.transfer.ratelimit import TokenBucket
-from dfly.daemon.transfer.server import MAX_CONNECTIONS as PIECE_CONNECTIONS
 from dfly.daemon.transfer.server import PieceServer
 
 log = logging.getLogger(__name__)
@@ -55,7 +51,6 @@ log = logging.getLogger(__name__)
 RATE_SAMPLE_S = 1.0
 ANNOUNCE_RETRY_S = 0.5
 UNRESOLVABLE_CHECK_S = 5.0  # the no-such-host hint after a failed announce: its lookups, in all
-DESCRIPTOR_SLACK = 64  # listeners, the metadata db, scheduler channels, logs, the origin reads
 
 
 class UploadRate:
@@ -90,25 +85,6 @@ async def load_cache(storage: Storage, tasks: TaskManager) -> None:
     finally:
         if enabled:
             gc.enable()
-
-
-def check_storage_dir(path: Path) -> None:
-    """`storage.dir` must be a directory or one that can be made (it is made here): a config error
-    naming the key (exit 2), not a storage failure (exit 1)."""
-    if "\0" in str(path):
-        raise ConfigError("storage.dir: a path cannot contain a NUL byte")
-    for candidate in (path, *path.parents):
-        if not candidate.exists():
-            continue
-        if candidate.is_dir():
-            break
-        if candidate == path:
-            raise ConfigError(f"storage.dir: {path} is not a directory")
-        raise ConfigError(f"storage.dir: cannot create {path}: {candidate} is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"storage.dir: cannot create {path}: {exc.strerror or exc}") from None
 
 
 async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Event) -> None:
@@ -154,7 +130,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     early = contextlib.AsyncExitStack()
     early.push_async_callback(storage.close)
     try:
-        with _binding("piece", _address(config.piece)):
+        with binding("piece", _address(config.piece)):
             piece_port = 0 if leech else await pieces.start(config.piece.ip, config.piece.port)
         early.push_async_callback(pieces.close)
 
@@ -167,23 +143,23 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         control_health = GrpcHealth(
             control, [daemon_pb2.DESCRIPTOR.services_by_name["DfdaemonControl"].full_name]
         )
-        with _binding("control", _address(config.control)):
+        with binding("control", _address(config.control)):
             control_port = add_port(control, _address(config.control), config.security.tls)
         await control.start()
         await control_health.start()
         early.push_async_callback(control.stop, 1.0)
-        with _binding("health", _address(config.health)):
+        with binding("health", _address(config.health)):
             why_not_ready = functools.partial(_not_ready, ctx, stop)
             health = await start_health_server(config.health.ip, config.health.port, why_not_ready)
         early.callback(health.close)
         health_port = health.sockets[0].getsockname()[1]
-        with _binding("metrics", _address(config.metrics)):
+        with binding("metrics", _address(config.metrics)):
             metrics_server, metrics_thread = start_metrics_server(config.metrics.ip, config.metrics.port)
         early.callback(metrics_server.shutdown)
         metrics_port = metrics_server.server_port
         api = config.local_api
         local_api = LocalApiServer(tasks, api.socket, api.mode, api.group)
-        with _binding("local_api", str(api.socket)):
+        with binding("local_api", str(api.socket)):
             await local_api.start()
         early.push_async_callback(local_api.close)
         proxy = config.proxy
@@ -211,7 +187,7 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
             tunnel_idle_timeout_s=proxy.tunnel_idle_timeout_s,
             max_connections=proxy.max_connections,
         )
-        with _binding("proxy", _address(config.proxy)):
+        with binding("proxy", _address(config.proxy)):
             proxy_port = await mirror.start(proxy.ip, proxy.port) if proxy.enable else None
     except BaseException:
         await early.aclose()
@@ -307,30 +283,6 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
         log.info("dfdaemon %s stopped", host)
 
 
-async def stop_in_order(*steps: tuple[str, Callable[[], object]]) -> None:
-    """Run every step of a stop, in order, each awaited if it returns an awaitable: one that fails is
-    logged and the rest still run (a failure in an early one skipped the storage's clean close)."""
-    for what, step in steps:
-        try:
-            result = step()
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            log.exception("stopping %s failed", what)
-
-
-@contextlib.contextmanager
-def _binding(key: str, where: str) -> Iterator[None]:
-    """A listener that cannot bind (address in use or not on this host, no permission) is a config error
-    naming its key, not a traceback."""
-    try:
-        yield
-    except (OSError, RuntimeError) as exc:  # grpc's add_port raises RuntimeError("Failed to bind ...")
-        # asyncio's OSError messages repeat the address; grpc's RuntimeError adds advice after a ';'
-        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc).split(";")[0]
-        raise ConfigError(f"{key}: cannot listen on {where}: {reason}") from None
-
-
 def _address(section: ListenerSection) -> str:
     return host_port(section.ip, section.port)
 
@@ -355,17 +307,6 @@ async def _unresolvable(addrs: list[str], timeout_s: float = UNRESOLVABLE_CHECK_
     except TimeoutError:
         return []
     return [host for host, bad in zip(hosts, failed, strict=True) if bad]
-
-
-def descriptors_needed(config: DaemonConfig) -> tuple[int, str]:
-    """What `config` may hold open at once, and how that adds up (for the open-files limit check)."""
-    proxy = config.proxy.max_connections if config.proxy.enable else 0
-    tasks = writer.MAX_OPEN_FILES + storage_module.MAX_READ_FDS
-    needed = proxy + PIECE_CONNECTIONS + tasks + DESCRIPTOR_SLACK
-    return needed, (
-        f"proxy.max_connections {proxy} + {PIECE_CONNECTIONS} piece connections + {tasks} task files "
-        f"+ {DESCRIPTOR_SLACK} others"
-    )
 
 
 def _not_ready(ctx: DaemonContext, stop: asyncio.Event) -> str | None:

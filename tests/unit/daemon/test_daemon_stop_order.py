@@ -1,4 +1,4 @@
-"""The daemon's stop runs every step, in order, whatever one of them raises (app.stop_in_order)."""
+"""The daemon's stop runs every step, in order, whatever one of them raises (lifecycle.stop_in_order)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from dfly.daemon.app import stop_in_order
+from dfly.daemon.lifecycle import stop_in_order
 
 
 def test_a_failing_step_is_logged_and_the_later_ones_still_run(caplog: pytest.LogCaptureFixture) -> None:
