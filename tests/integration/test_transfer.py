@@ -538,6 +538,21 @@ def test_one_address_cannot_take_every_upload_slot(tmp_path: Path) -> None:
     run(main())
 
 
+class _WatchedBucket(TokenBucket):
+    """A token bucket that says when a second upload has begun to wait for it."""
+
+    def __init__(self, rate_bytes_per_s: int, burst_bytes: int) -> None:
+        super().__init__(rate_bytes_per_s, burst_bytes)
+        self.waits = 0
+        self.second_wait = asyncio.Event()
+
+    async def acquire(self, nbytes: int, unless: asyncio.Event | None = None) -> bool:
+        self.waits += 1
+        if self.waits == 2:
+            self.second_wait.set()
+        return await super().acquire(nbytes, unless)
+
+
 @pytest.mark.parametrize("change", ["replaced", "dropped"])
 def test_a_piece_changed_while_it_waits_for_tokens_is_sent_as_it_is_now(tmp_path: Path, change: str) -> None:
     """The parent reads a piece's digest when it sends the piece, not before its wait for an upload slot
@@ -549,16 +564,14 @@ def test_a_piece_changed_while_it_waits_for_tokens_is_sent_as_it_is_now(tmp_path
     task = FileTask(path, "t-wait", MiB)
 
     async def main() -> None:
-        server, port = await start(task, rate=2 * MiB, burst=MiB)  # piece 1 waits ~0.5 s for tokens
+        server, port = await start(task)
+        server.limiter = bucket = _WatchedBucket(2 * MiB, MiB)  # piece 1 waits ~0.5 s for tokens
         rec = Recorder()
         conn = await connect(port, task, rec)
         await conn.request(0)
         await conn.request(1)
         assert (await rec.expect("piece"))[1] == 0
-        deadline = asyncio.get_running_loop().time() + 10
-        while server.active_uploads != 1:  # piece 1 has its slot: it waits for tokens now
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.001)
+        await asyncio.wait_for(bucket.second_wait.wait(), 10)  # piece 1 has its slot, waits for tokens
         if change == "replaced":
             new = os.urandom(MiB)
             fd = os.open(path, os.O_WRONLY)
