@@ -200,8 +200,9 @@ class SchedulerEngine:
         task.layout = layout
         task.published_digests.clear()
         task.publisher_id = None
-        for peer in task.peers.values():
-            if peer.state is PeerState.SUCCEEDED and peer.object_version != task.object_version:
+        for peer in task.peers.values():  # the old object's whole copies and its readers: no new children
+            stale = peer.state is PeerState.SUCCEEDED or peer.reads_origin
+            if stale and peer.object_version != task.object_version:
                 task.parent_pool.discard(peer.peer_id)
 
     def _pieces_finished(self, peer: Peer, task: Task, event: PiecesFinished, now: float) -> list[Command]:

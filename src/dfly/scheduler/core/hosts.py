@@ -221,11 +221,15 @@ class HostHandlers:
         host.disconnected_at = None
         for peer_id in sorted(host.peer_ids):
             peer = self._cluster.peers[peer_id]
+            task = self._cluster.tasks[peer.task_id]
             serves = peer.state in (PeerState.SUCCEEDED, PeerState.BACK_TO_SOURCE) or (
                 peer.active and peer.finished_piece_count > 0
             )
+            whole_or_reader = peer.state is PeerState.SUCCEEDED or peer.reads_origin
+            if whole_or_reader and peer.object_version != task.object_version:
+                continue  # it holds or reads the object as it was before it changed (engine._object_changed)
             if serves:
-                self._cluster.tasks[peer.task_id].parent_pool.add(peer_id)
+                task.parent_pool.add(peer_id)
 
     def _current_host(self, host_id: str, boot_id: str) -> Host | None:
         host = self._cluster.hosts.get(host_id)
@@ -283,8 +287,23 @@ class HostHandlers:
         if host.info.seed:
             task.seed_trigger_pending = False  # a triggered seed that held it already answers this way
         peer.finished_piece_count = len(finished.piece_digests) or (task.expected_piece_count() or 0)
-        task.parent_pool.add(peer.peer_id)
         task.state = TaskState.SUCCEEDED
-        if not task.published_digests and task.object_version == 0:  # nothing says which object it holds
-            publish_all(task, finished.piece_digests)
+        if task.object_version == 0:
+            task.parent_pool.add(peer.peer_id)
+            if not task.published_digests:  # nothing says which object it holds
+                publish_all(task, finished.piece_digests)
+        elif _holds_current_object(task, finished.piece_digests):
+            # The object changed since the task began; an announcement names no validators, so only
+            # digests that agree with the new reference make this copy a parent (else a host holding
+            # the old object came back into the pool on every reconnect).
+            peer.object_version = task.object_version
+            task.parent_pool.add(peer.peer_id)
         return task
+
+
+def _holds_current_object(task: Task, digests: tuple[int, ...]) -> bool:
+    """Whether a whole copy's digests agree with every digest published for the task's object now."""
+    published = task.published_digests
+    if not published or len(digests) != task.expected_piece_count():
+        return False
+    return all(digests[number] == digest for number, digest in published.items())
