@@ -420,6 +420,14 @@ def raw_exchange(path: Path, payload: bytes) -> list[dict[str, object]]:
         (b'{"op": "download", "url": "http://a/", "timeout_s": ' + b"9" * 400 + b"}\n", "finite"),
         (b'{"op": "download", "url": "http://a/", "timeout_s": 1e999}\n', "finite"),
         (b'{"op": "download", "url": "http://a/", "headers": ' + b"[" * 100_000 + b"\n", "nested too deeply"),
+        # a seed would refuse its trigger (the download then read the origin itself): refused here alike
+        (
+            json.dumps(
+                {"op": "download", "url": "http://a/", "headers": {f"X-{n}": "v" for n in range(257)}}
+            ).encode()
+            + b"\n",
+            "257 request headers of 1432 bytes: at most 256 and 262144 bytes",
+        ),
     ],
 )
 def test_bad_requests_get_usage_errors(harness: Harness, payload: bytes, fragment: str) -> None:

@@ -18,6 +18,7 @@ from typing import Protocol
 from dfly.common.errors import DflyError, StorageError, UsageError, is_out_of_descriptors, out_of_descriptors
 from dfly.common.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfly.common.pieces import validate_user_piece_length
+from dfly.daemon.task_request import check_header_bounds
 
 DEFAULT_TIMEOUT_S = 2 * 3600.0
 
@@ -119,6 +120,7 @@ def parse_request(line: bytes) -> DownloadRequest | None:
         raise UsageError("request field 'filtered_query_params' must hold strings")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
         raise UsageError("request field 'headers' must map strings to strings")
+    check_header_bounds(headers)
     if obj.get("piece_length") is not None:
         validate_user_piece_length(obj["piece_length"])
     try:

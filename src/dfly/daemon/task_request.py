@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dfly.api import scheduler_pb2 as pb
@@ -30,10 +31,10 @@ from dfly.common.pieces import validate_layout, validate_user_piece_length
 from dfly.daemon.core.task_state import Layout
 
 SEED_TIMEOUT_S = 10 * 3600.0  # a seed trigger without a timeout (Dragonfly's: 10 h)
-# A seed trigger's request headers go to the origin: as many as a client could send (the local API takes
-# a request line of 256 KiB), no more.
-MAX_TRIGGER_HEADERS = 256
-MAX_TRIGGER_HEADER_BYTES = 256 * 1024
+# A download's request headers go to the origin and travel in its seed trigger: every request (local
+# API, proxy, trigger) is held to the same bounds, so a seed never refuses what a peer took.
+MAX_REQUEST_HEADERS = 256
+MAX_REQUEST_HEADER_BYTES = 256 * 1024  # names and values; both are checked to be one byte a character
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
 _VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
@@ -44,6 +45,16 @@ def _check_text(what: str, value: str) -> None:
         value.encode()
     except UnicodeEncodeError:
         raise UsageError(f"{what} is not valid UTF-8 text: {value!r}") from None
+
+
+def check_header_bounds(headers: Mapping[str, str]) -> None:
+    """UsageError if a download's request headers exceed what a seed trigger may carry."""
+    size = sum(len(k) + len(v) for k, v in headers.items())
+    if len(headers) > MAX_REQUEST_HEADERS or size > MAX_REQUEST_HEADER_BYTES:
+        raise UsageError(
+            f"{len(headers)} request headers of {size} bytes: at most {MAX_REQUEST_HEADERS} and "
+            f"{MAX_REQUEST_HEADER_BYTES} bytes"
+        )
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class TaskRequest:
         _check_text("application", self.application)
         for name in self.filtered_query_params:
             _check_text("filtered query parameter", name)
+        check_header_bounds(self.headers)
         for name, value in self.headers.items():
             if not _TOKEN.fullmatch(name):
                 raise UsageError(f"invalid header name {name!r}")
@@ -115,13 +127,7 @@ class TaskRequest:
         timeout_s = download.timeout_s or SEED_TIMEOUT_S
         if not 0 < timeout_s < math.inf:  # NaN too
             raise UsageError(f"timeout_s {timeout_s} must be a positive, finite number of seconds")
-        headers = dict(download.request_headers)
-        size = sum(len(k) + len(v) for k, v in headers.items())
-        if len(headers) > MAX_TRIGGER_HEADERS or size > MAX_TRIGGER_HEADER_BYTES:
-            raise UsageError(
-                f"{len(headers)} request headers of {size} bytes: at most {MAX_TRIGGER_HEADERS} and "
-                f"{MAX_TRIGGER_HEADER_BYTES} bytes"
-            )
+        headers = dict(download.request_headers)  # bounded in __post_init__, as every request
         return cls(
             url=download.url,
             tag=download.tag,
