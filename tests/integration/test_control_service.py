@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 async def call_download_task(
-    trusted: list[str], download: pb.Download | None = None
+    trusted: list[str], download: pb.Download | None = None, ip: str = "127.0.0.1"
 ) -> tuple[grpc.StatusCode | None, list[TaskRequest]]:
     triggered: list[TaskRequest] = []
 
@@ -29,10 +29,11 @@ async def call_download_task(
     dpb_grpc.add_DfdaemonControlServicer_to_server(
         ControlService(TrustedSchedulers(trusted), trigger), server
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    address = f"[{ip}]" if ":" in ip else ip
+    port = server.add_insecure_port(f"{address}:0")
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"{address}:{port}") as channel:
             stub = dpb_grpc.DfdaemonControlStub(channel)
             wanted = download or pb.Download(url="http://origin.example/f")
             request = dpb.DownloadTaskRequest(download=wanted)
@@ -51,6 +52,14 @@ def test_untrusted_caller_is_refused_and_nothing_is_fetched() -> None:
     code, triggered = asyncio.run(call_download_task(["192.0.2.10"]))
     assert code is grpc.StatusCode.PERMISSION_DENIED
     assert triggered == []
+
+
+def test_a_trusted_scheduler_over_ipv6_is_recognised() -> None:
+    """gRPC names an IPv6 caller percent-encoded (`ipv6:%5B::1%5D:port`): every seed trigger over IPv6
+    was refused, even with the scheduler's IP listed, so no download over IPv6 ever had a seed."""
+    code, triggered = asyncio.run(call_download_task(["::1"], ip="::1"))
+    assert code is None
+    assert len(triggered) == 1
 
 
 @pytest.mark.parametrize("trusted", ["127.0.0.1", "localhost"])
@@ -86,7 +95,13 @@ def test_invalid_trigger_is_refused_and_nothing_is_fetched(download: pb.Download
 
 @pytest.mark.parametrize(
     ("peer", "ip"),
-    [("ipv4:127.0.0.1:5555", "127.0.0.1"), ("ipv6:[::1]:5555", "::1"), ("unix:/tmp/x", "")],
+    [
+        ("ipv4:127.0.0.1:5555", "127.0.0.1"),
+        ("ipv6:[::1]:5555", "::1"),
+        ("ipv6:%5B::1%5D:5555", "::1"),  # as grpcio 1.85 gives it
+        ("ipv6:%5Bfe80::1%25eth0%5D:5555", "fe80::1%eth0"),
+        ("unix:/tmp/x", ""),
+    ],
 )
 def test_peer_ip(peer: str, ip: str) -> None:
     assert peer_ip(peer) == ip

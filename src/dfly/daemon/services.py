@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import socket
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -42,10 +43,11 @@ _NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NON
 
 
 def peer_ip(peer: str) -> str:
-    """'ipv4:127.0.0.1:5555' / 'ipv6:[::1]:5555' -> the IP."""
+    """'ipv4:127.0.0.1:5555' / 'ipv6:[::1]:5555' -> the IP. grpcio percent-encodes an IPv6 caller's
+    brackets and zone (`ipv6:%5B::1%5D:5555`), so the address is decoded first."""
     kind, _, rest = peer.partition(":")
     if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
+        return urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     return ""
@@ -153,7 +155,7 @@ class ControlService(dpb_grpc.DfdaemonControlServicer):
     ) -> dpb.DownloadTaskResponse:
         caller = peer_ip(context.peer())
         if not await self._trusted.allows(caller):
-            log.warning("refused DownloadTask from untrusted %s", context.peer())
+            log.warning("refused DownloadTask from untrusted %s", caller or context.peer())
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"{caller or 'caller'} is not a trusted scheduler"
             )
