@@ -16,6 +16,8 @@ Rules:
   (or without it when the scheduler is gone); its group commit runs alongside and is awaited after
   attachers have been told, so no dfget waits for the cache's fdatasync.
 - While it holds fewer parents than `download.max_parents`, the child asks for more about once a second.
+- The attempt serves every client attached to the task (`attach`): it runs until the latest of their
+  deadlines (each client is held to its own by tasks.py), and may read the origin if any of them may.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ class Conductor:
         self._started_sent = False
         self._done = False
         self._started_at = asyncio.get_running_loop().time()
+        self._deadline = self._started_at + request.timeout_s
+        self._timeout: asyncio.Timeout | None = None
+        self._origin_allowed = not request.disable_back_to_source
         self._all_pieces_at: float | None = None
         self._durable: asyncio.Future[None] | None = None
         self._helpers: set[asyncio.Task[None]] = set()
@@ -99,13 +104,13 @@ class Conductor:
         """Runs the attempt to its end; the outcome lands in `state.end(...)`."""
         error: DflyError | None = None
         try:
-            async with asyncio.timeout(self.request.timeout_s):
+            async with asyncio.timeout_at(self._deadline) as self._timeout:
                 async with asyncio.TaskGroup() as tg:
                     self.tg = tg
                     await self._drive()
                     self._stop_helpers()
         except TimeoutError:
-            error = DownloadTimeout(f"download timed out after {self.request.timeout_s:g}s")
+            error = DownloadTimeout(f"download timed out after {self._deadline - self._started_at:g}s")
         except asyncio.CancelledError:
             await self._close()
             self.state.end(DflyError("the daemon is shutting down"))
@@ -122,6 +127,18 @@ class Conductor:
             self.ctx.counters.task_ended(error is None)
             self.state.end(None if error is None else without_frames(error))
         await self._await_durable()
+
+    def attach(self, request: TaskRequest) -> None:
+        """Another client of the task (a download, a seed trigger) joins this attempt: it runs until
+        that client's deadline too, and may read the origin if that client may (the first client's
+        `--timeout` and `--disable-back-to-source` held every later one to them)."""
+        deadline = asyncio.get_running_loop().time() + request.timeout_s
+        if deadline > self._deadline:
+            self._deadline = deadline
+            if self._timeout is not None and not self._timeout.expired():
+                self._timeout.reschedule(deadline)
+        if not request.disable_back_to_source:
+            self._origin_allowed = True
 
     async def _await_durable(self) -> None:
         """Attachers are told as soon as the pieces are verified; the group commit finishes here."""
@@ -260,6 +277,12 @@ class Conductor:
             ):
                 err = failed.source_error
                 raise SourceError(err.message or failed.description, err.status_code, dict(err.headers))
+            if self._origin_allowed and self.request.disable_back_to_source:
+                # registered as a download that must not read the origin; a client that may has joined
+                self._go_back_to_source(
+                    None, f"no parent ({failed.description}), and a client allows the origin"
+                )
+                return
             raise NoParents(failed.description or "the scheduler failed the download")
         elif kind == "finish_verdict":
             verdict = response.finish_verdict
@@ -292,9 +315,12 @@ class Conductor:
 
     def _register_request(self) -> TaskRequest:
         """Registering again while reading the origin: say so, or the scheduler triggers a seed for it."""
+        request = self.request
+        if self._origin_allowed and request.disable_back_to_source:
+            request = dataclasses.replace(request, disable_back_to_source=False)
         if self._back_to_source is not None:
-            return dataclasses.replace(self.request, need_back_to_source=True)
-        return self.request
+            return dataclasses.replace(request, need_back_to_source=True)
+        return request
 
     async def _restore(self) -> None:
         """After registering again: what the scheduler needs to use this peer as a parent again."""
@@ -418,7 +444,7 @@ class Conductor:
     def _go_back_to_source(self, layout: Layout | None, why: str) -> None:
         if self._back_to_source is not None or self.state.complete:
             return
-        if self.request.disable_back_to_source:
+        if not self._origin_allowed:
             raise NoParents(f"no parent could serve the task and back-to-source is disabled ({why})")
         log.info("task %s goes back to source: %s", self.state.task_id[:12], why)
         self._schedule_deadline = None

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Collection, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import DflyError, StaleCopy, StorageError
+from dfly.common.errors import DflyError, DownloadTimeout, StaleCopy, StorageError
 from dfly.common.ids import redact_url
 from dfly.daemon.conductor import Conductor, PiecesLost
 from dfly.daemon.context import DaemonContext
@@ -125,7 +125,9 @@ class TaskManager:
         live.usage.last_used = time.time()
         if live.state.complete and live.state.ended:
             return live
-        if not live.running:
+        if live.running and live.conductor is not None:
+            live.conductor.attach(request)  # it serves this client too: its deadline, its origin rule
+        elif not live.running:
             conductor = Conductor(self.ctx, live.state, request, live.file_ready)
             live.conductor = conductor
             attempt = asyncio.create_task(conductor.run(), name=f"download-{tid[:12]}")
@@ -264,6 +266,8 @@ class TaskManager:
                 await asyncio.shield(removal)  # a client leaving now does not cut the removal short
             live = self.start(task_request)
         local_hit = live.state.complete and live.state.ended
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + task_request.timeout_s  # this client's own, whoever else waits
         wake = asyncio.Event()
         announcer = Announcer(live.state)
         unsubscribe = live.state.subscribe(lambda _n: wake.set())
@@ -274,7 +278,10 @@ class TaskManager:
                 wake.clear()
                 waiters = [asyncio.ensure_future(live.file_ready.wait()), asyncio.ensure_future(wake.wait())]
                 try:
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise _timed_out(task_request)
+                    await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     for waiter in waiters:
                         waiter.cancel()
@@ -305,7 +312,11 @@ class TaskManager:
                         self.ctx.counters.downloaded("local_peer", layout.content_length)
                     yield Finished()
                     return
-                await wake.wait()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await wake.wait()
+                except TimeoutError:
+                    raise _timed_out(task_request) from None
         finally:
             release()
             unsubscribe()
@@ -368,6 +379,11 @@ class TaskManager:
             lambda: self.ctx.storage.read_fd(task_id),
             lambda number: self.stored_check.reported(live, number),
         )
+
+
+def _timed_out(request: TaskRequest) -> DownloadTimeout:
+    """This client's deadline passed (the task goes on for the others attached, and for the cache)."""
+    return DownloadTimeout(f"download timed out after {request.timeout_s:g}s")
 
 
 def _fresh(error: DflyError | None) -> DflyError | None:
