@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -157,3 +158,15 @@ class Downloads:
         for proc in self.procs:
             _, err = proc.communicate(timeout=timeout_s)
             assert proc.returncode == 0, err
+
+
+def ipv6_loopback() -> bool:
+    """Whether this host can listen on ::1 (some containers have no IPv6)."""
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")

@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+from clusterkit import needs_ipv6
 
 from dfly.api import daemon_pb2 as dpb
 from dfly.api import daemon_pb2_grpc as dpb_grpc
@@ -54,6 +55,7 @@ def test_untrusted_caller_is_refused_and_nothing_is_fetched() -> None:
     assert triggered == []
 
 
+@needs_ipv6
 def test_a_trusted_scheduler_over_ipv6_is_recognised() -> None:
     """gRPC names an IPv6 caller percent-encoded (`ipv6:%5B::1%5D:port`): every seed trigger over IPv6
     was refused, even with the scheduler's IP listed, so no download over IPv6 ever had a seed."""

@@ -7,13 +7,12 @@ seed gone, that peer's download must come from peer-1 and not from the origin.
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import dfget_ok, stats
+from clusterkit import dfget_ok, ipv6_loopback, stats
 
 from dfly.cluster import LocalCluster
 from dfly.common.digest import file_digest
@@ -23,14 +22,6 @@ from dfly.devtools.origin import Origin, make_file
 pytestmark = pytest.mark.integration
 
 EVERY_INTERFACE = {"ip": "::", "port": 0}
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.create_server(("::1", 0), family=socket.AF_INET6):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusterkit import needs_ipv6
 
 from dfly.common.errors import SourceError
 from dfly.daemon.source.http import SourceStat, read_pieces, stat
@@ -79,6 +80,16 @@ def test_whole_file_in_pieces(origin: Origin, blob: tuple[Path, list[int]]) -> N
     assert crcs == dict(enumerate(blob[1]))
     assert sent_when_idle(origin) == SIZE + 1  # +1: the stat's `Range: bytes=0-0`
     assert origin.requests == 2
+
+
+@needs_ipv6
+def test_an_ipv6_origin(blob: tuple[Path, list[int]]) -> None:
+    with Origin(blob[0], host="::1") as server:
+        url = server.url("blob.bin")
+        assert url.startswith("http://[::1]:")
+        st = stat(url, {}, timeout_s=10)
+        assert st.content_length == SIZE
+        assert read(st) == dict(enumerate(blob[1]))
 
 
 def test_resume_from_a_middle_piece(origin: Origin, blob: tuple[Path, list[int]]) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, cast
 from urllib.parse import quote, unquote, urlsplit
 
+from dfly.common.net import host_port
 from dfly.common.pieces import MiB, parse_size
 from dfly.common.ranges import Unsatisfiable, parse_range
 
@@ -151,6 +152,8 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, origin: Origin, address: tuple[str, int], tls: ssl.SSLContext | None) -> None:
         self.origin, self.tls = origin, tls
+        if ":" in address[0]:  # an IPv6 address (the class attribute is IPv4's)
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -230,7 +233,7 @@ class Origin:
 
     @property
     def base_url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+        return f"{self.scheme}://{host_port(self.host, self.port)}"
 
     def url(self, path: str) -> str:
         """The URL of `path`; a query string after `?` is kept as given (and ignored by the server)."""
