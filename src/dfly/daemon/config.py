@@ -5,6 +5,7 @@ Every listener accepts port 0 (the kernel picks; the real port goes to --ready-f
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -21,6 +22,17 @@ class HostSection(StrictModel):
     advertise_ip: IpAddressOrEmpty = ""  # "" = the source address the kernel picks toward the first scheduler
     idc: str = Field(default="", max_length=1024)
     location: str = Field(default="", max_length=1024)
+
+    @field_validator("advertise_ip")
+    @classmethod
+    def _check_reachable(cls, value: str) -> str:
+        # it becomes the host's id and the address children dial: one no peer can dial was taken silently
+        if value:
+            ip = ipaddress.ip_address(value)
+            if ip.is_unspecified or ip.is_multicast:
+                kind = "a wildcard" if ip.is_unspecified else "a multicast address"
+                raise ValueError(f"{value} is {kind}, not an address other hosts can reach this host at")
+        return value
 
     @field_validator("hostname", "idc", "location")
     @classmethod

@@ -15,9 +15,11 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
+from typing import Any
 
 import grpc
 
@@ -57,17 +59,46 @@ def announce_chunks(finished: Iterable[pb.FinishedTask]) -> Iterator[list[pb.Fin
         yield chunk
 
 
+# Documentation addresses (RFC 5737, RFC 3849): connecting a UDP socket to one only looks up the route
+ROUTE_PROBES: tuple[tuple[int, tuple[Any, ...]], ...] = (
+    (socket.AF_INET, ("192.0.2.1", 9)),
+    (socket.AF_INET6, ("2001:db8::1", 9)),
+)
+
+
 def source_ip_toward(addr: str) -> str:
-    """The local address the kernel picks to reach `addr` (no packet is sent)."""
+    """The local address the kernel picks to reach `addr` (no packet is sent), over any address family
+    its name resolves to. When it resolves to nothing reachable now (a scheduler whose DNS name is not
+    yet published when the daemon starts), the address toward the default route, said in the log; the
+    loopback address only on a host with no route at all. The result becomes the host's id, so a silent
+    127.0.0.1 had children of other hosts dial themselves."""
     host, _, port = addr.rpartition(":")
     host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect((host, int(port)))
+    try:
+        found = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)
+    except (OSError, ValueError):  # socket.gaierror included
+        found = []
+    for family, _, _, _, sockaddr in found:
+        if ip := _source_ip(family, sockaddr):
+            return ip
+    for probe_family, probe in ROUTE_PROBES:
+        if (ip := _source_ip(probe_family, probe)) and not ipaddress.ip_address(ip).is_loopback:
+            log.warning(
+                "no route to scheduler %s now; advertising %s, this host's address toward its default "
+                "route (set host.advertise_ip to choose)", addr, ip,
+            )  # fmt: skip
+            return ip
+    log.warning("no route to scheduler %s nor any default route; advertising 127.0.0.1", addr)
+    return "127.0.0.1"
+
+
+def _source_ip(family: int, sockaddr: tuple[Any, ...]) -> str | None:
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(sockaddr)
             return str(sock.getsockname()[0])
-        except OSError:
-            return "127.0.0.1"
+    except OSError:
+        return None
 
 
 class SchedulerClient:

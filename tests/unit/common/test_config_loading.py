@@ -54,6 +54,9 @@ def test_a_flag_is_validated_with_the_rest_of_the_config(tmp_path: Path) -> None
         (b'host: {hostname: ""}\n', "host.hostname"),
         (b'host: {hostname: "a\\nb"}\n', "host.hostname: Value error, must be printable text"),
         (b'host: {location: "a\\x00b"}\n', "host.location"),
+        (b'host: {advertise_ip: "::"}\n', "host.advertise_ip: Value error, :: is a wildcard, not an address"),
+        (b'host: {advertise_ip: "0.0.0.0"}\n', "0.0.0.0 is a wildcard"),
+        (b'host: {advertise_ip: "ff02::1"}\n', "ff02::1 is a multicast address"),
         # a key written twice: YAML keeps the last silently, undoing the first unseen
         (
             b"upload:\n  slots: 10\nscheduler: {}\nupload:\n  slots: 1\n",
