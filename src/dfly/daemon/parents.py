@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import DflyError, DigestMismatch, is_out_of_descriptors
+from dfly.common.net import host_port
 from dfly.daemon.core.planner import DownloadPlanner
 from dfly.daemon.transfer import protocol as p
 from dfly.daemon.transfer.client import ParentConnection, connect_parent
@@ -120,7 +122,11 @@ class ParentSet:
                 log.warning("cannot connect to parent %s: out of file descriptors", cand.peer_id)
                 self.c.events.put_nowait(None)  # the conductor looks again (other parents, a reschedule)
                 return
-            log.info("parent %s unreachable: %s", cand.peer_id, exc)
+            # asyncio's own text names the address as a Python tuple: ('::1', 21605, 0, 0)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc) or "timed out"
+            log.info(
+                "parent %s at %s unreachable: %s", cand.peer_id, host_port(cand.ip, cand.piece_port), reason
+            )
             self._fail(cand.peer_id, unreachable=True)
             return
         except DflyError as exc:  # it answered (e.g. unknown_task: evicted by its GC): not unreachable

@@ -50,6 +50,7 @@ from typing import BinaryIO, Protocol
 from aiohttp import web
 
 from dfly.common.errors import DflyError, DigestMismatch
+from dfly.common.ids import redact_url
 from dfly.common.ranges import Unsatisfiable, parse_range
 from dfly.daemon.local_api_messages import DownloadEvent, DownloadRequest, Finished, PiecesReady, Started
 from dfly.daemon.proxy.forward import TaskKeys
@@ -251,12 +252,12 @@ async def serve_p2p(
         await response.write_eof()
         return response
     except ConnectionError as exc:  # the client went away mid-body: nothing to answer, nothing to log loudly
-        log.debug("blob %s: client disconnected: %r", digest, exc)
+        log.debug("%s: client disconnected: %r", digest or redact_url(url), exc)
         return response if response is not None and response.prepared else web.Response(status=499)
     except DflyError as exc:
         if response is None or not response.prepared:  # no byte sent yet: the caller answers the error
             raise
-        log.error("blob %s: %s; closing the connection before its end", digest, exc)
+        log.error("%s: %s; closing the connection before its end", digest or redact_url(url), exc)
         if request.transport is not None:
             request.transport.close()  # the client sees a short body, never a complete wrong blob
         return response
