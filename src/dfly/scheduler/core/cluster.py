@@ -147,6 +147,14 @@ def holds_whole(peer: Peer) -> bool:
     return peer.state is PeerState.SUCCEEDED or peer.finish_digests is not None
 
 
+def of_current_object(peer: Peer, task: Task) -> bool:
+    """False for a whole copy or an origin reader of the object as it was before its latest change
+    (engine._object_changed): such a peer is no parent for new children and no source to count on."""
+    if peer.state is PeerState.SUCCEEDED or peer.reads_origin:
+        return peer.object_version == task.object_version
+    return True
+
+
 def _start_over(task: Task) -> None:
     """Forget what the task's last download learned (layout, digests, who read the origin, the spec)."""
     task.state = TaskState.PENDING
@@ -154,6 +162,9 @@ def _start_over(task: Task) -> None:
     task.layout = None
     task.publisher_id = None
     task.published_digests.clear()
+    task.object_version = 0  # no reference left to be a version of: what comes next is the object
+    for peer in task.peers.values():
+        peer.object_version = 0
     task.seed_trigger_pending = False
     task.source_requested_at = None
 

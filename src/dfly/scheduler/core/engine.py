@@ -33,7 +33,7 @@ import dataclasses
 import random
 
 from dfly.common.validators import same_object
-from dfly.scheduler.core.cluster import Cluster, RemovedPeer, TaskView
+from dfly.scheduler.core.cluster import Cluster, RemovedPeer, TaskView, of_current_object
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.costs import PieceCosts
 from dfly.scheduler.core.graph import make_root
@@ -201,8 +201,7 @@ class SchedulerEngine:
         task.published_digests.clear()
         task.publisher_id = None
         for peer in task.peers.values():  # the old object's whole copies and its readers: no new children
-            stale = peer.state is PeerState.SUCCEEDED or peer.reads_origin
-            if stale and peer.object_version != task.object_version:
+            if not of_current_object(peer, task):
                 task.parent_pool.discard(peer.peer_id)
 
     def _pieces_finished(self, peer: Peer, task: Task, event: PiecesFinished, now: float) -> list[Command]:
@@ -221,7 +220,7 @@ class SchedulerEngine:
         peer.finished_piece_count += len(event.pieces)
         if peer.state is PeerState.RECEIVED:
             peer.move_to(PeerState.RUNNING)
-        if first_pieces and peer.active:
+        if first_pieces and peer.active and of_current_object(peer, task):
             task.parent_pool.add(peer.peer_id)
             commands.extend(self.scheduler.schedule_waiting(task, now))
             commands.extend(self.scheduler.push_new_parent(peer, task, now))

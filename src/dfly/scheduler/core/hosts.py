@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 
 from dfly.common.pieces import piece_count
-from dfly.scheduler.core.cluster import Cluster, RemovedPeer, holds_whole
+from dfly.scheduler.core.cluster import Cluster, RemovedPeer, holds_whole, of_current_object
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.messages import (
     ClosePeer,
@@ -225,10 +225,7 @@ class HostHandlers:
             serves = peer.state in (PeerState.SUCCEEDED, PeerState.BACK_TO_SOURCE) or (
                 peer.active and peer.finished_piece_count > 0
             )
-            whole_or_reader = peer.state is PeerState.SUCCEEDED or peer.reads_origin
-            if whole_or_reader and peer.object_version != task.object_version:
-                continue  # it holds or reads the object as it was before it changed (engine._object_changed)
-            if serves:
+            if serves and of_current_object(peer, task):
                 task.parent_pool.add(peer_id)
 
     def _current_host(self, host_id: str, boot_id: str) -> Host | None:
@@ -302,8 +299,10 @@ class HostHandlers:
 
 
 def _holds_current_object(task: Task, digests: tuple[int, ...]) -> bool:
-    """Whether a whole copy's digests agree with every digest published for the task's object now."""
+    """Whether a whole copy's digests are those published for the task's object now, every piece of it
+    (a copy matching the first pieces published may differ further on). A copy announced before the
+    publication is complete stays out of the parent pool until its host announces it again."""
     published = task.published_digests
-    if not published or len(digests) != task.expected_piece_count():
+    if len(digests) != task.expected_piece_count() or len(published) != len(digests):
         return False
     return all(digests[number] == digest for number, digest in published.items())

@@ -23,7 +23,7 @@ import itertools
 import math
 import random
 
-from dfly.scheduler.core.cluster import Cluster, holds_whole, seed_download
+from dfly.scheduler.core.cluster import Cluster, holds_whole, of_current_object, seed_download
 from dfly.scheduler.core.config import EngineConfig
 from dfly.scheduler.core.evaluator import rank_parents
 from dfly.scheduler.core.filters import FilterContext, rejection_reason
@@ -100,7 +100,9 @@ class ParentScheduler:
         if task.origin_readers or task.seed_trigger_pending or task.layout is None:
             return []
         sources = [p for p in task.peers.values() if not self._is_leech(p)]  # a leech serves nobody
-        if any(holds_whole(p) and self._on_usable_host(p, now) for p in sources):
+        if any(
+            holds_whole(p) and of_current_object(p, task) and self._on_usable_host(p, now) for p in sources
+        ):
             return []
         running = [p for p in task.peers.values() if p.active and not p.waiting and not p.reads_origin]
         if not running:

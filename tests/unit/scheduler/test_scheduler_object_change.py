@@ -1,0 +1,87 @@
+"""After the origin's object changed (a new reader saw another ETag): who may still be a parent or count
+as the task's source. Pieces are 1 KiB, three per object; the old object's digests are 100-102, the
+new one's 200-202."""
+
+from __future__ import annotations
+
+from scheduler_testkit import Harness
+
+from dfly.scheduler.core.messages import BackToSourceStarted, Command, FinishedTask, PeerFinished, PeerLeft
+from dfly.scheduler.core.model import Task
+
+
+def tagged(harness: Harness, peer_id: str, etag: str) -> list[Command]:
+    return harness.do(BackToSourceStarted(peer_id, 3072, 1024, (("ETag", etag),)))
+
+
+def task_of(harness: Harness) -> Task:
+    return harness.engine.cluster.tasks["task-1"]
+
+
+def whole_old_copy_then_change(harness: Harness, *hosts: str) -> None:
+    """peer-a (host a) read the old object whole; then peer-c (host c) began reading the new one."""
+    for name in ("a", "c", *hosts):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    tagged(harness, "peer-a", '"v1"')
+    harness.pieces("peer-a", 0, 1, 2)
+    harness.do(PeerFinished("peer-a", (100, 101, 102)))
+    harness.register("peer-c", "c")
+    tagged(harness, "peer-c", '"v2"')
+
+
+def announced(harness: Harness, host: str, digests: tuple[int, ...]) -> FinishedTask:
+    copy = FinishedTask("task-1", f"{harness.host_id(host)}-stored-task-1", 3072, 1024, digests)
+    harness.announce(host, finished=(copy,))
+    return copy
+
+
+def test_an_old_objects_reader_does_not_become_a_parent_with_its_first_pieces() -> None:
+    """Both readers began before either reported a piece: the old one's first report put it back."""
+    harness = Harness()
+    for name in ("a", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    tagged(harness, "peer-a", '"v1"')
+    harness.register("peer-c", "c")
+    tagged(harness, "peer-c", '"v2"')
+    harness.pieces("peer-a", 0)
+    assert "peer-a" not in task_of(harness).parent_pool
+
+
+def test_a_copy_agreeing_with_the_first_published_pieces_only_is_no_parent() -> None:
+    """The changed object kept its first piece; an old copy matched what was published so far."""
+    harness = Harness()
+    whole_old_copy_then_change(harness, "d")
+    harness.pieces("peer-c", 0)  # digest 100: the new object's first piece is the old one's
+    old = announced(harness, "d", (100, 101, 102))
+    assert old.peer_id not in task_of(harness).parent_pool
+
+
+def test_an_idle_task_takes_an_announced_copy_as_its_object_again() -> None:
+    """Every peer left a task kept idle for a seed failure: its digests were forgotten but its object
+    version was not, so no announced whole copy could ever be a parent again."""
+    harness = Harness()
+    whole_old_copy_then_change(harness, "e")
+    harness.pieces("peer-c", 0, 1, 2, digest_base=200)
+    harness.do(PeerFinished("peer-c", (200, 201, 202)))
+    task_of(harness).seed_failed_at = harness.now
+    harness.do(PeerLeft("peer-a"))
+    harness.do(PeerLeft("peer-c"))
+    copy = announced(harness, "e", (200, 201, 202))
+    assert copy.peer_id in task_of(harness).parent_pool
+
+
+def test_an_old_objects_copy_does_not_stop_the_lost_source_from_being_replaced() -> None:
+    """The new object's reader left mid-read; a whole copy of the old object (no parent) counted as the
+    task's source, so nobody was sent to read the rest from the origin."""
+    harness = Harness()
+    whole_old_copy_then_change(harness, "b", "d")
+    harness.register("peer-b", "b")
+    harness.pieces("peer-c", 0, digest_base=200)
+    harness.do(PeerLeft("peer-a"))
+    announced(harness, "d", (100, 101, 102))
+    harness.pieces("peer-b", 0, parent="peer-c", digest_base=200)
+    harness.do(PeerLeft("peer-c"))
+    harness.advance(120)
+    assert task_of(harness).origin_readers
