@@ -6,9 +6,11 @@ hosts then dialled themselves), 127.0.0.1 only where there is no route at all.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +51,22 @@ def test_the_address_toward_a_reachable_scheduler(namespace: str) -> None:
     with_default_route(namespace)
     assert advertised(namespace, "10.213.7.9:8002")[0] == HOST_IP
     assert advertised(namespace, "127.0.0.1:8002")[0] == "127.0.0.1"
+
+
+def test_a_name_with_ipv4_and_ipv6_addresses_gives_the_ipv4_source(namespace: str) -> None:
+    """The piece server listens on 0.0.0.0 (IPv4) by default: a scheduler name resolving to both families
+    (as `localhost` does) must not make the host advertise an IPv6 address its children cannot dial."""
+    with_default_route(namespace)
+    sh("ip", "-n", namespace, "addr", "add", "2001:db8:7::2/64", "dev", "srcip0", "nodad")
+    sh("ip", "-n", namespace, "route", "add", "default", "via", "2001:db8:7::1", "dev", "srcip0")
+    hosts = Path("/etc/netns") / namespace / "hosts"  # `ip netns exec` mounts it over /etc/hosts
+    hosts.parent.mkdir(parents=True)
+    try:
+        hosts.write_text("2001:db8:7::9 sched.test\n10.213.7.9 sched.test\n")
+        assert advertised(namespace, "sched.test:8002")[0] == HOST_IP
+        assert advertised(namespace, "[2001:db8:7::9]:8002")[0] == "2001:db8:7::2"
+    finally:
+        shutil.rmtree(hosts.parent, ignore_errors=True)
 
 
 def test_an_unreachable_scheduler_gives_the_default_routes_address(namespace: str) -> None:

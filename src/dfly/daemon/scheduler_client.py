@@ -78,7 +78,9 @@ def source_ip_toward(addr: str) -> str:
         found = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)
     except (OSError, ValueError):  # socket.gaierror included
         found = []
-    for family, _, _, _, sockaddr in found:
+    # IPv4 first, as a name was dialled before: the piece server's default address (0.0.0.0) is IPv4
+    # only, and a name with A and AAAA records (or `localhost`) must not make children dial IPv6
+    for family, _, _, _, sockaddr in sorted(found, key=lambda info: info[0] != socket.AF_INET):
         if ip := _source_ip(family, sockaddr):
             return ip
     for probe_family, probe in ROUTE_PROBES:
