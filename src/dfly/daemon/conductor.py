@@ -132,10 +132,12 @@ class Conductor:
         """Another client of the task (a download, a seed trigger) joins this attempt: it runs until
         that client's deadline too, and may read the origin if that client may (the first client's
         `--timeout` and `--disable-back-to-source` held every later one to them)."""
+        if self._timeout is not None and self._timeout.expired():
+            return  # the attempt is ending: the next request after it starts a new one
         deadline = asyncio.get_running_loop().time() + request.timeout_s
         if deadline > self._deadline:
             self._deadline = deadline
-            if self._timeout is not None and not self._timeout.expired():
+            if self._timeout is not None:
                 self._timeout.reschedule(deadline)
         if not request.disable_back_to_source:
             self._origin_allowed = True
@@ -174,7 +176,7 @@ class Conductor:
     # -- main loop --------------------------------------------------------------------------------
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
-        await self.stream.open(self.request)
+        await self.stream.open(self._register_request())
         if not self.stream.alive:
             self._go_back_to_source(None, "no scheduler reachable")
         else:
@@ -277,8 +279,13 @@ class Conductor:
             ):
                 err = failed.source_error
                 raise SourceError(err.message or failed.description, err.status_code, dict(err.headers))
-            if self._origin_allowed and self.request.disable_back_to_source:
-                # registered as a download that must not read the origin; a client that may has joined
+            if (
+                self._origin_allowed
+                and self.request.disable_back_to_source
+                and self._back_to_source is None
+                and self._verdict_deadline is None
+                and not self.state.complete
+            ):  # registered as a download that must not read the origin; a client that may has joined
                 self._go_back_to_source(
                     None, f"no parent ({failed.description}), and a client allows the origin"
                 )
