@@ -234,6 +234,11 @@ def test_damaged_piece_records_and_blob_ids_are_dropped_not_fatal(tmp_path: Path
         "task-digest-real": "UPDATE pieces SET digest = 1e20 WHERE task_id = ? AND number = 0",
         "task-number-real": "UPDATE pieces SET number = 1.5 WHERE task_id = ? AND number = 1",
         "task-blob-id": "UPDATE tasks SET task_id = CAST(task_id AS BLOB) WHERE task_id = ?",
+        # bytes that are not UTF-8: reading them as text failed the whole load
+        "task-digest-bytes": "UPDATE pieces SET digest = X'FF00FE' WHERE task_id = ? AND number = 1",
+        "task-number-bytes": "UPDATE pieces SET number = X'FFFE' WHERE task_id = ? AND number = 1",
+        "task-id-bytes": "UPDATE tasks SET task_id = CAST(X'FF' || task_id AS TEXT) WHERE task_id = ?",
+        "task-url-bytes": "UPDATE tasks SET url = CAST(X'FFFE' AS TEXT) WHERE task_id = ?",
     }
 
     async def populate() -> None:
@@ -260,8 +265,9 @@ def test_damaged_piece_records_and_blob_ids_are_dropped_not_fatal(tmp_path: Path
     asyncio.run(check())
     assert sorted(p.name for p in (tmp_path / "tasks" / "tas").iterdir()) == ["task-keep"]
     with sqlite3.connect(tmp_path / "metadata.db") as db:
-        assert db.execute("SELECT task_id FROM tasks").fetchall() == [("task-keep",)]
-        assert db.execute("SELECT DISTINCT task_id FROM pieces").fetchall() == [("task-keep",)]
+        db.text_factory = bytes
+        assert db.execute("SELECT task_id FROM tasks").fetchall() == [(b"task-keep",)]
+        assert db.execute("SELECT DISTINCT task_id FROM pieces").fetchall() == [(b"task-keep",)]
 
 
 def test_an_unexpected_failure_while_opening_is_an_error_not_a_hang(

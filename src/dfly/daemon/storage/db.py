@@ -107,6 +107,7 @@ class MetadataDB:
 
         The pieces come grouped by task (SQLite concatenates each task's numbers and digests, so Python
         touches one row per task, not per piece: 2 million piece rows took ~1 s more one by one)."""
+        self._conn.text_factory = _text_or_bytes  # damaged text (not UTF-8) must not fail the whole load
         try:
             loaded = LoadedRecords({}, {}, {}, [])
             tasks = loaded.tasks
@@ -119,20 +120,27 @@ class MetadataDB:
                     continue
                 meta = TaskMeta(task_id, url, content_length, piece_length, _headers(headers))
                 tasks[task_id] = StoredTask(meta, _NONE, bool(finished))
+            # A piece record that is not two integers (bytes of any kind once damaged) makes its task
+            # damaged; the others are read grouped, as SQLite concatenates them.
+            damaged = self._conn.execute(
+                "SELECT DISTINCT task_id FROM pieces "
+                "WHERE typeof(number) != 'integer' OR typeof(digest) != 'integer'"
+            )
+            for (task_id,) in damaged:
+                if tasks.pop(task_id, None) is not None or task_id not in loaded.invalid:
+                    loaded.invalid.append(task_id)
             rows = self._conn.execute(
-                "SELECT task_id, group_concat(number), group_concat(digest) FROM pieces GROUP BY task_id"
+                "SELECT task_id, group_concat(number), group_concat(digest) FROM pieces "
+                "WHERE typeof(number) = 'integer' AND typeof(digest) = 'integer' GROUP BY task_id"
             )
             for task_id, numbers, digests in rows:
+                if task_id in loaded.invalid:
+                    continue
                 task = tasks.get(task_id)
                 if task is None:
                     loaded.orphans[task_id] = str(numbers).count(",") + 1
                     continue
-                try:
-                    task.digests, outside = _by_number(task.meta.piece_count, numbers, digests)
-                except (TypeError, ValueError, OverflowError):  # a piece record that is not an int64
-                    del tasks[task_id]
-                    loaded.invalid.append(task_id)
-                    continue
+                task.digests, outside = _by_number(task.meta.piece_count, numbers, digests)
                 if outside:
                     loaded.outside[task_id] = outside
             for task in tasks.values():
@@ -142,6 +150,7 @@ class MetadataDB:
         except sqlite3.Error as exc:
             raise StorageError(f"metadata db {self.path}: {exc}") from exc
         finally:
+            self._conn.text_factory = str
             _first_numbers.cache_clear()  # its strings can be megabytes (tasks of millions of pieces)
 
     @staticmethod
@@ -190,9 +199,12 @@ class MetadataDB:
 
     @staticmethod
     def delete_tasks(conn: sqlite3.Connection, task_ids: Iterable[object]) -> None:
+        """Every record of these tasks. An id read back as bytes (a BLOB, or text that is not UTF-8
+        after damage) is matched by its bytes, whatever type SQLite holds it as."""
         ids = [(t,) for t in task_ids]
-        conn.executemany("DELETE FROM pieces WHERE task_id = ?", ids)
-        conn.executemany("DELETE FROM tasks WHERE task_id = ?", ids)
+        match = "CASE WHEN typeof(?1) = 'blob' THEN CAST(task_id AS BLOB) = ?1 ELSE task_id = ?1 END"
+        conn.executemany(f"DELETE FROM pieces WHERE {match}", ids)
+        conn.executemany(f"DELETE FROM tasks WHERE {match}", ids)
 
     @staticmethod
     def delete_pieces(conn: sqlite3.Connection, records: Iterable[tuple[str, int]]) -> None:
@@ -227,6 +239,14 @@ def _valid_record(task_id: object, url: object, content_length: object, piece_le
     except UsageError:
         return False
     return True
+
+
+def _text_or_bytes(raw: bytes) -> str | bytes:
+    """A TEXT value as str, or its bytes when damage made it something else than UTF-8."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
 
 
 def _headers(text: str) -> dict[str, str]:
