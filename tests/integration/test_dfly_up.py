@@ -31,6 +31,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _still_running(pids: list[int], within_s: float) -> list[int]:
+    """The members (not this test's children: no waitpid) still running after `within_s`, each waited
+    for on its pidfd, which becomes readable when the process exits."""
+    deadline = time.monotonic() + within_s
+    running = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                running.append(pid)
+        finally:
+            os.close(fd)
+    return running
+
+
+def _reap(proc: subprocess.Popen[bytes], pids: list[int]) -> None:
+    """Whatever a failed test left running: `dfly up` and its members."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _wait_for_cluster_json(proc: subprocess.Popen[bytes], path: Path) -> dict[str, object]:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not path.exists():
@@ -88,18 +116,10 @@ def test_dfly_up_two_peers(tmp_path: Path, stop: signal.Signals) -> None:
         assert len(hostnames) == 3
         proc.send_signal(stop)  # SIGHUP killed `dfly up` and left its members running
         assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [pid for pid in pids if _alive(pid)]
+        assert _still_running(pids, within_s=5.0) == []
         assert (cluster_dir / "cluster.json").exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _reap(proc, pids)
 
 
 @pytest.mark.timeout(READY_TIMEOUT_S + STOP_TIMEOUT_S + 30)
@@ -131,16 +151,8 @@ def test_dfly_up_stops_its_cluster_after_its_terminal_hung_up(tmp_path: Path) ->
         master = -1
         proc.send_signal(signal.SIGHUP)
         assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [pid for pid in pids if _alive(pid)]
+        assert _still_running(pids, within_s=5.0) == []
     finally:
         if master >= 0:
             os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _reap(proc, pids)

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from scheduler_testkit import Harness
 
-from dfly.scheduler.core.messages import BackToSourceStarted, Command, FinishedTask, PeerFinished, PeerLeft
+from dfly.scheduler.core.messages import (
+    BackToSourceStarted,
+    Command,
+    FinishedTask,
+    HostDisconnected,
+    PeerFinished,
+    PeerLeft,
+)
 from dfly.scheduler.core.model import Task
 
 
@@ -34,6 +41,60 @@ def announced(harness: Harness, host: str, digests: tuple[int, ...]) -> Finished
     copy = FinishedTask("task-1", f"{harness.host_id(host)}-stored-task-1", 3072, 1024, digests)
     harness.announce(host, finished=(copy,))
     return copy
+
+
+def test_the_old_objects_whole_copy_is_no_parent_once_it_changed() -> None:
+    harness = Harness()
+    for name in ("a", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    tagged(harness, "peer-a", '"v1"')
+    harness.pieces("peer-a", 0, 1, 2)
+    harness.do(PeerFinished("peer-a", (100, 101, 102)))
+    assert "peer-a" in task_of(harness).parent_pool
+    harness.register("peer-c", "c")
+    tagged(harness, "peer-c", '"v2"')
+    assert "peer-a" not in task_of(harness).parent_pool
+    assert "peer-c" in task_of(harness).parent_pool
+
+
+def test_a_reader_of_the_old_object_is_no_parent_once_it_changed() -> None:
+    harness = Harness()
+    for name in ("a", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    tagged(harness, "peer-a", '"v1"')
+    harness.pieces("peer-a", 0, 1)
+    harness.register("peer-c", "c")
+    tagged(harness, "peer-c", '"v2"')
+    assert "peer-a" not in task_of(harness).parent_pool  # still reading the old object
+    assert "peer-c" in task_of(harness).parent_pool
+
+
+def test_a_whole_copy_announced_after_the_change_is_a_parent_only_if_it_agrees() -> None:
+    """An announcement names no validators: its digests are compared with the new object's published
+    ones (a host holding the old object came into the parent pool with every announce)."""
+    harness = Harness()
+    whole_old_copy_then_change(harness, "d", "e")
+    harness.pieces("peer-c", 0, 1, 2, digest_base=200)
+    old = announced(harness, "d", (100, 101, 102))
+    new = announced(harness, "e", (200, 201, 202))
+    assert old.peer_id in task_of(harness).peers
+    assert old.peer_id not in task_of(harness).parent_pool
+    assert new.peer_id in task_of(harness).parent_pool
+    assert task_of(harness).published_digests == {0: 200, 1: 201, 2: 202}
+
+
+def test_a_reconnected_host_offers_no_copy_of_the_old_object() -> None:
+    harness = Harness()
+    whole_old_copy_then_change(harness)
+    harness.pieces("peer-c", 0, 1, 2, digest_base=200)
+    harness.do(HostDisconnected(harness.host_id("a")))
+    harness.announce("a")  # back after its keepalive stream dropped: it came back as a parent
+    assert "peer-a" not in task_of(harness).parent_pool
+    harness.do(HostDisconnected(harness.host_id("c")))
+    harness.announce("c")
+    assert "peer-c" in task_of(harness).parent_pool
 
 
 def test_an_old_objects_reader_does_not_become_a_parent_with_its_first_pieces() -> None:

@@ -8,13 +8,10 @@ from scheduler_testkit import Harness, of_type
 from dfly.scheduler.core.messages import (
     BackToSourceStarted,
     Command,
-    FinishedTask,
-    HostDisconnected,
     PeerFinished,
     PeerLeft,
     SendFinishVerdict,
 )
-from dfly.scheduler.core.model import Task
 from dfly.scheduler.core.verdicts import Verdict, judge
 
 
@@ -128,70 +125,6 @@ def test_a_reader_of_the_old_object_no_longer_publishes_and_is_judged_like_a_chi
     assert harness.engine.stat_task("task-1").piece_digests == (200, 201, 202)  # type: ignore[union-attr]
     commands = harness.do(PeerFinished("peer-a", (100, 101, 102)))
     assert commands == [SendFinishVerdict("peer-a", accepted=False, bad_pieces=(0, 1, 2))]
-
-
-def test_the_old_objects_whole_holders_are_no_parents_once_it_changed(harness: Harness) -> None:
-    for name in ("a", "c"):
-        harness.announce(name)
-    harness.register("peer-a", "a")
-    tagged(harness, "peer-a", '"v1"')
-    harness.pieces("peer-a", 0, 1, 2)
-    harness.do(PeerFinished("peer-a", (100, 101, 102)))
-    pool = harness.engine.cluster.tasks["task-1"].parent_pool
-    assert "peer-a" in pool
-    harness.register("peer-c", "c")
-    tagged(harness, "peer-c", '"v2"')
-    assert "peer-a" not in pool
-    assert "peer-c" in pool
-
-
-def test_a_reader_of_the_old_object_is_no_parent_once_it_changed(harness: Harness) -> None:
-    changed_while_read(harness)
-    pool = harness.engine.cluster.tasks["task-1"].parent_pool
-    assert "peer-a" not in pool  # still reading the old object: its pieces are no new child's
-    assert "peer-c" in pool
-
-
-def old_and_new_object(harness: Harness) -> Task:
-    """peer-a on host a read the object as it was (ETag v1, digests 100-102) and finished; then peer-c
-    on host c read it changed (v2, digests 200-202) and published it."""
-    for name in ("a", "c"):
-        harness.announce(name)
-    harness.register("peer-a", "a")
-    tagged(harness, "peer-a", '"v1"')
-    harness.pieces("peer-a", 0, 1, 2)
-    harness.do(PeerFinished("peer-a", (100, 101, 102)))
-    harness.register("peer-c", "c")
-    tagged(harness, "peer-c", '"v2"')
-    harness.pieces("peer-c", 0, 1, 2, digest_base=200)
-    return harness.engine.cluster.tasks["task-1"]
-
-
-def test_a_whole_copy_announced_after_the_change_is_a_parent_only_if_it_agrees(harness: Harness) -> None:
-    """An announcement names no validators: its digests are compared with the new object's published
-    ones (a host holding the old object came into the parent pool with every announce)."""
-    task = old_and_new_object(harness)
-    harness.announce("d")
-    harness.announce("e")
-    old = FinishedTask("task-1", f"{harness.host_id('d')}-stored-task-1", 3072, 1024, (100, 101, 102))
-    new = FinishedTask("task-1", f"{harness.host_id('e')}-stored-task-1", 3072, 1024, (200, 201, 202))
-    harness.announce("d", finished=(old,))
-    harness.announce("e", finished=(new,))
-    assert old.peer_id in task.peers
-    assert old.peer_id not in task.parent_pool
-    assert new.peer_id in task.parent_pool
-    assert task.published_digests == {0: 200, 1: 201, 2: 202}
-
-
-def test_a_reconnected_host_offers_no_copy_of_the_old_object(harness: Harness) -> None:
-    task = old_and_new_object(harness)
-    assert "peer-a" not in task.parent_pool
-    harness.do(HostDisconnected(harness.host_id("a")))
-    harness.announce("a")  # back after its keepalive stream dropped: it came back as a parent
-    assert "peer-a" not in task.parent_pool
-    harness.do(HostDisconnected(harness.host_id("c")))
-    harness.announce("c")
-    assert "peer-c" in task.parent_pool
 
 
 def test_readers_of_the_same_object_share_one_reference(harness: Harness) -> None:

@@ -184,6 +184,20 @@ def test_recovered_tasks_carry_their_digests_by_number_and_their_files_mtime(tmp
     asyncio.run(run())
 
 
+def stored_with_two_pieces(root: Path, metas: list[TaskMeta]) -> None:
+    """A storage dir holding these tasks, pieces 0 and 1 of each written, closed cleanly."""
+
+    async def populate() -> None:
+        storage = Storage(root, commit_interval_s=3600)
+        await storage.open()
+        for meta in metas:
+            await storage.create_task(meta)
+            await write(storage, meta, [0, 1])
+        await storage.close()
+
+    asyncio.run(populate())
+
+
 def test_damaged_task_records_are_dropped_not_fatal(tmp_path: Path) -> None:
     """SQLite checks no types and has no checksums: a task record with a value no task can have (a flipped
     bit, a hand edit) made the writer thread die while it opened the storage, and the daemon hung at its
@@ -196,15 +210,7 @@ def test_damaged_task_records_are_dropped_not_fatal(tmp_path: Path) -> None:
         "task-odd": "piece_length = 1000",  # not a layout dfly makes
     }
 
-    async def populate() -> None:
-        storage = Storage(tmp_path, commit_interval_s=3600)
-        await storage.open()
-        for meta in (keep, *(make_meta(task_id) for task_id in damaged)):
-            await storage.create_task(meta)
-            await write(storage, meta, [0, 1])
-        await storage.close()
-
-    asyncio.run(populate())
+    stored_with_two_pieces(tmp_path, [keep, *(make_meta(task_id) for task_id in damaged)])
     with sqlite3.connect(tmp_path / "metadata.db") as db:
         for task_id, change in damaged.items():
             db.execute(f"UPDATE tasks SET {change} WHERE task_id = ?", (task_id,))
@@ -241,15 +247,7 @@ def test_damaged_piece_records_and_blob_ids_are_dropped_not_fatal(tmp_path: Path
         "task-url-bytes": "UPDATE tasks SET url = CAST(X'FFFE' AS TEXT) WHERE task_id = ?",
     }
 
-    async def populate() -> None:
-        storage = Storage(tmp_path, commit_interval_s=3600)
-        await storage.open()
-        for meta in (keep, *(make_meta(task_id) for task_id in damaged)):
-            await storage.create_task(meta)
-            await write(storage, meta, [0, 1])
-        await storage.close()
-
-    asyncio.run(populate())
+    stored_with_two_pieces(tmp_path, [keep, *(make_meta(task_id) for task_id in damaged)])
     with sqlite3.connect(tmp_path / "metadata.db") as db:
         for task_id, change in damaged.items():
             db.execute(change, (task_id,))
