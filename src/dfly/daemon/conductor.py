@@ -16,8 +16,8 @@ Rules:
   (or without it when the scheduler is gone); its group commit runs alongside and is awaited after
   attachers have been told, so no dfget waits for the cache's fdatasync.
 - While it holds fewer parents than `download.max_parents`, the child asks for more about once a second.
-- The attempt serves every client attached to the task (`attach`): it runs until the latest of their
-  deadlines (each client is held to its own by tasks.py), and may read the origin if any of them may.
+- The attempt serves every client attached to the task (`attach`, attempt_terms.py): it runs until
+  the latest of their deadlines, and may read the origin if any of them may.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from dfly.api import scheduler_pb2 as pb
 from dfly.common.errors import (
     DflyError,
     DigestMismatch,
-    DownloadTimeout,
     NoParents,
     SourceError,
     StorageError,
@@ -43,6 +42,7 @@ from dfly.common.errors import (
     without_frames,
 )
 from dfly.common.ids import HostId, peer_id, redact_url
+from dfly.daemon.attempt_terms import AttemptTerms
 from dfly.daemon.back_to_source import BackToSource, stale_copy
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import Layout, TaskState
@@ -81,8 +81,6 @@ class Conductor:
         self.peer_id = peer_id(HostId(ctx.host_id), f"{ctx.rng.getrandbits(64):016x}")
         self.events: asyncio.Queue[object] = asyncio.Queue()
         self.stream = PeerStream(ctx, state.task_id, self.peer_id, self.events, self.spawn)
-        self._report: list[pb.PieceDone] = []
-        self._last_report_at = 0.0
         self._orphan_since: float | None = None  # scheduler gone and no parent can help, since
         self._back_to_source: asyncio.Task[None] | None = None
         self._verdict_deadline: float | None = None
@@ -90,10 +88,7 @@ class Conductor:
         self._more_parents_at = 0.0
         self._started_sent = False
         self._done = False
-        self._started_at = asyncio.get_running_loop().time()
-        self._deadline = self._started_at + request.timeout_s
-        self._timeout: asyncio.Timeout | None = None
-        self._origin_allowed = not request.disable_back_to_source
+        self.terms = AttemptTerms.of(request, asyncio.get_running_loop().time())
         self._all_pieces_at: float | None = None
         self._durable: asyncio.Future[None] | None = None
         self._helpers: set[asyncio.Task[None]] = set()
@@ -104,13 +99,12 @@ class Conductor:
         """Runs the attempt to its end; the outcome lands in `state.end(...)`."""
         error: DflyError | None = None
         try:
-            async with asyncio.timeout_at(self._deadline) as self._timeout:
-                async with asyncio.TaskGroup() as tg:
-                    self.tg = tg
-                    await self._drive()
-                    self._stop_helpers()
+            async with self.terms.watch(), asyncio.TaskGroup() as tg:
+                self.tg = tg
+                await self._drive()
+                self._stop_helpers()
         except TimeoutError:
-            error = DownloadTimeout(f"download timed out after {self._deadline - self._started_at:g}s")
+            error = self.terms.timed_out()
         except asyncio.CancelledError:
             await self._close()
             self.state.end(DflyError("the daemon is shutting down"))
@@ -129,18 +123,8 @@ class Conductor:
         await self._await_durable()
 
     def attach(self, request: TaskRequest) -> None:
-        """Another client of the task (a download, a seed trigger) joins this attempt: it runs until
-        that client's deadline too, and may read the origin if that client may (the first client's
-        `--timeout` and `--disable-back-to-source` held every later one to them)."""
-        if self._timeout is not None and self._timeout.expired():
-            return  # the attempt is ending: the next request after it starts a new one
-        deadline = asyncio.get_running_loop().time() + request.timeout_s
-        if deadline > self._deadline:
-            self._deadline = deadline
-            if self._timeout is not None:
-                self._timeout.reschedule(deadline)
-        if not request.disable_back_to_source:
-            self._origin_allowed = True
+        """Another client of the task (a download, a seed trigger) joins this attempt (attempt_terms.py)."""
+        self.terms.attach(request, asyncio.get_running_loop().time())
 
     async def _await_durable(self) -> None:
         """Attachers are told as soon as the pieces are verified; the group commit finishes here."""
@@ -155,8 +139,8 @@ class Conductor:
         log.info(
             "task %s: all pieces after %.3f s, durable after %.3f s",
             self.state.task_id[:12],
-            (self._all_pieces_at or now) - self._started_at,
-            now - self._started_at,
+            (self._all_pieces_at or now) - self.terms.started_at,
+            now - self.terms.started_at,
         )
 
     def _stop_helpers(self) -> None:
@@ -225,7 +209,7 @@ class Conductor:
         await self.parents.pump(now)
         if not self._started_sent and self.parents.connected:
             self._started_sent = True
-            await self._send(started=pb.PeerStarted())
+            await self.stream.send(started=pb.PeerStarted())
         if self._back_to_source is not None and self._back_to_source.done():
             self._back_to_source.result()  # re-raises the origin's error
         if self.state.complete and self._verdict_deadline is None:
@@ -237,8 +221,8 @@ class Conductor:
             self._schedule_deadline = None
             self._go_back_to_source(None, "the scheduler gave no parent in time")
         self._check_orphan(now)
-        if now - self._last_report_at >= self.ctx.config.download.progress_report_interval_s:
-            await self._flush_report(now)
+        if self.stream.pieces_due(now, self.ctx.config.download.progress_report_interval_s):
+            await self.stream.flush_pieces(now)
         if (
             self.parents.active
             and not self.state.complete
@@ -250,13 +234,13 @@ class Conductor:
             self._more_parents_at = now + MORE_PARENTS_INTERVAL_S
             report = self.parents.take_failed()  # reported now, not only when all fail
             report.more_parents, report.description = True, "more parents"
-            await self._report_reschedule(report)
+            await self.stream.reschedule(report)
         if self.parents.active and self.parents.stalled() and self._back_to_source is None:
             report = self.parents.take_failed() if self.stream.alive else pb.Reschedule()
             report.description = "no working parent"
             self.parents.active = False
             self._schedule_deadline = now + self.ctx.config.scheduler.schedule_timeout_s
-            await self._report_reschedule(report)
+            await self.stream.reschedule(report)
 
     async def _on_reply(self, response: pb.AnnouncePeerResponse) -> None:
         kind = response.WhichOneof("response")
@@ -280,7 +264,7 @@ class Conductor:
                 err = failed.source_error
                 raise SourceError(err.message or failed.description, err.status_code, dict(err.headers))
             if (
-                self._origin_allowed
+                self.terms.origin_allowed
                 and self.request.disable_back_to_source
                 and self._back_to_source is None
                 and self._verdict_deadline is None
@@ -323,7 +307,7 @@ class Conductor:
     def _register_request(self) -> TaskRequest:
         """Registering again while reading the origin: say so, or the scheduler triggers a seed for it."""
         request = self.request
-        if self._origin_allowed and request.disable_back_to_source:
+        if self.terms.origin_allowed and request.disable_back_to_source:
             request = dataclasses.replace(request, disable_back_to_source=False)
         if self._back_to_source is not None:
             return dataclasses.replace(request, need_back_to_source=True)
@@ -332,17 +316,15 @@ class Conductor:
     async def _restore(self) -> None:
         """After registering again: what the scheduler needs to use this peer as a parent again."""
         if self._started_sent:
-            await self._send(started=pb.PeerStarted())
+            await self.stream.send(started=pb.PeerStarted())
         if self._back_to_source is not None and self.state.layout is not None:
             await self.stream.back_to_source_started(self.state.layout, self.state.response_headers)
-        self._report = []
         held = [
             pb.PieceDone(number=n, digest=digest, parent_id="")
             for n in self.state.available_pieces()
             if (digest := self.state.piece_digest(n)) is not None
         ]
-        if held:
-            await self._send(pieces_finished=pb.PiecesFinished(pieces=held))
+        await self.stream.resend_held(held)
 
     def _check_orphan(self, now: float) -> None:
         """Scheduler gone and no parent holds a missing piece: the origin after no_parent_timeout_s."""
@@ -366,24 +348,6 @@ class Conductor:
         self._helpers.add(task)
         task.add_done_callback(self._helpers.discard)
         return True
-
-    # -- scheduler stream -------------------------------------------------------------------------
-    async def _send(self, **oneof: object) -> None:
-        await self.stream.send(**oneof)
-
-    async def _report_reschedule(self, report: pb.Reschedule) -> None:
-        for parent_id in report.corrupt_parents:
-            log.warning(
-                "task %s: reporting parent %s for a corrupt piece", self.state.task_id[:12], parent_id
-            )
-        await self._send(reschedule=report)
-
-    async def _flush_report(self, now: float) -> None:
-        """Send batched progress; the first batch goes at once, later ones at most once per interval."""
-        if self._report:
-            self._last_report_at = now
-            pieces, self._report = self._report, []
-            await self._send(pieces_finished=pb.PiecesFinished(pieces=pieces))
 
     # -- pieces -----------------------------------------------------------------------------------
     async def ensure_file(self, layout: Layout, response_headers: dict[str, str]) -> None:
@@ -428,7 +392,7 @@ class Conductor:
             self.ctx.counters.downloaded(source, length)
             cost_ms = min(math.ceil(cost_s * 1000), 0xFFFFFFFF)  # > 0 whenever measured
             done = pb.PieceDone(number=number, digest=digest, parent_id=parent_id, cost_ms=cost_ms)
-            self._report.append(done)
+            self.stream.queue_piece(done)
             self.events.put_nowait(_Wake())
 
     async def _complete(self, now: float) -> None:
@@ -438,12 +402,12 @@ class Conductor:
         # its error is logged by _await_durable; marked retrieved for the paths that never get there (a
         # cancel at stop, a later _complete after a rejected verdict)
         self._durable.add_done_callback(lambda done: done.cancelled() or done.exception())
-        await self._flush_report(now)
+        await self.stream.flush_pieces(now)
         if not self.stream.alive:
             self._done = True
             return
         self._verdict_deadline = now + VERDICT_TIMEOUT_S
-        await self._send(finished=pb.PeerFinished(piece_digests=self.state.digests_in_order()))
+        await self.stream.send(finished=pb.PeerFinished(piece_digests=self.state.digests_in_order()))
         if not self.stream.alive:
             self._done = True
 
@@ -451,7 +415,7 @@ class Conductor:
     def _go_back_to_source(self, layout: Layout | None, why: str) -> None:
         if self._back_to_source is not None or self.state.complete:
             return
-        if not self._origin_allowed:
+        if not self.terms.origin_allowed:
             raise NoParents(f"no parent could serve the task and back-to-source is disabled ({why})")
         log.info("task %s goes back to source: %s", self.state.task_id[:12], why)
         self._schedule_deadline = None

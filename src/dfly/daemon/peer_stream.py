@@ -16,6 +16,9 @@ Rules:
   within 5 s (a scheduler that takes the registration and drops it must not make us spin). Once
   registered it runs `restore`, which tells the scheduler what it needs to use this peer again (what
   it holds, whether it reads the origin); a stream that breaks during `restore` is tried again.
+- Progress is batched: pieces queued with `queue_piece` go out together on `flush_pieces` (the
+  conductor flushes the first batch at once, later ones at most once per progress_report_interval_s,
+  and at completion); after registering again `resend_held` replaces the batch with everything held.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class PeerStream:
         self._opened_at = -math.inf  # loop time the last stream was opened
         self._delay_s = REREGISTER_FIRST_S  # kept across breaks; reset once a stream lived long enough
         self._write_lock = asyncio.Lock()
+        self._pieces: list[pb.PieceDone] = []  # progress not yet sent
+        self._flushed_at = -math.inf  # loop time of the last batch sent
 
     def is_current(self, gone: SchedulerGone) -> bool:
         return gone.generation == self._generation
@@ -168,6 +173,31 @@ class PeerStream:
                 self.alive = False
                 reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "stream closed"
                 await self.events.put(SchedulerGone(reason, self._generation))
+
+    def queue_piece(self, done: pb.PieceDone) -> None:
+        self._pieces.append(done)
+
+    def pieces_due(self, now: float, interval_s: float) -> bool:
+        """Whether a batch may go now: the first at once, the next `interval_s` after the last one."""
+        return now - self._flushed_at >= interval_s
+
+    async def flush_pieces(self, now: float) -> None:
+        """Send the queued progress, if any, as one PiecesFinished."""
+        if self._pieces:
+            self._flushed_at = now
+            pieces, self._pieces = self._pieces, []
+            await self.send(pieces_finished=pb.PiecesFinished(pieces=pieces))
+
+    async def resend_held(self, held: list[pb.PieceDone]) -> None:
+        """After registering again: the new stream hears of every piece held, the queued batch included."""
+        self._pieces = []
+        if held:
+            await self.send(pieces_finished=pb.PiecesFinished(pieces=held))
+
+    async def reschedule(self, report: pb.Reschedule) -> None:
+        for parent_id in report.corrupt_parents:
+            log.warning("task %s: reporting parent %s for a corrupt piece", self.task_id[:12], parent_id)
+        await self.send(reschedule=report)
 
     async def back_to_source_started(self, layout: Layout, headers: dict[str, str]) -> None:
         await self.send(
