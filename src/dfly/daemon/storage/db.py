@@ -120,27 +120,20 @@ class MetadataDB:
                     continue
                 meta = TaskMeta(task_id, url, content_length, piece_length, _headers(headers))
                 tasks[task_id] = StoredTask(meta, _NONE, bool(finished))
-            # A piece record that is not two integers (bytes of any kind once damaged) makes its task
-            # damaged; the others are read grouped, as SQLite concatenates them.
-            damaged = self._conn.execute(
-                "SELECT DISTINCT task_id FROM pieces "
-                "WHERE typeof(number) != 'integer' OR typeof(digest) != 'integer'"
-            )
-            for (task_id,) in damaged:
-                if tasks.pop(task_id, None) is not None or task_id not in loaded.invalid:
-                    loaded.invalid.append(task_id)
             rows = self._conn.execute(
-                "SELECT task_id, group_concat(number), group_concat(digest) FROM pieces "
-                "WHERE typeof(number) = 'integer' AND typeof(digest) = 'integer' GROUP BY task_id"
+                "SELECT task_id, group_concat(number), group_concat(digest) FROM pieces GROUP BY task_id"
             )
             for task_id, numbers, digests in rows:
-                if task_id in loaded.invalid:
-                    continue
                 task = tasks.get(task_id)
                 if task is None:
                     loaded.orphans[task_id] = str(numbers).count(",") + 1
                     continue
-                task.digests, outside = _by_number(task.meta.piece_count, numbers, digests)
+                try:
+                    task.digests, outside = _by_number(task.meta.piece_count, numbers, digests)
+                except (TypeError, ValueError, OverflowError):  # a piece record that is not an int64
+                    del tasks[task_id]  # (bytes: TypeError; other text: ValueError)
+                    loaded.invalid.append(task_id)
+                    continue
                 if outside:
                     loaded.outside[task_id] = outside
             for task in tasks.values():
@@ -200,11 +193,14 @@ class MetadataDB:
     @staticmethod
     def delete_tasks(conn: sqlite3.Connection, task_ids: Iterable[object]) -> None:
         """Every record of these tasks. An id read back as bytes (a BLOB, or text that is not UTF-8
-        after damage) is matched by its bytes, whatever type SQLite holds it as."""
-        ids = [(t,) for t in task_ids]
-        match = "CASE WHEN typeof(?1) = 'blob' THEN CAST(task_id AS BLOB) = ?1 ELSE task_id = ?1 END"
-        conn.executemany(f"DELETE FROM pieces WHERE {match}", ids)
-        conn.executemany(f"DELETE FROM tasks WHERE {match}", ids)
+        after damage: recovery only) is matched by its bytes, whatever type SQLite holds it as; that
+        comparison cannot use the primary key, so text ids keep the plain one."""
+        ids = list(task_ids)
+        texts = [(t,) for t in ids if not isinstance(t, bytes)]
+        damaged = [(t,) for t in ids if isinstance(t, bytes)]
+        for table in ("pieces", "tasks"):
+            conn.executemany(f"DELETE FROM {table} WHERE task_id = ?", texts)
+            conn.executemany(f"DELETE FROM {table} WHERE CAST(task_id AS BLOB) = ?", damaged)
 
     @staticmethod
     def delete_pieces(conn: sqlite3.Connection, records: Iterable[tuple[str, int]]) -> None:
