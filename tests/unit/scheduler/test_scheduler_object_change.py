@@ -11,10 +11,12 @@ from dfly.scheduler.core.messages import (
     Command,
     FinishedTask,
     HostDisconnected,
+    PeerFailed,
     PeerFinished,
     PeerLeft,
+    SourceErrorInfo,
 )
-from dfly.scheduler.core.model import Task
+from dfly.scheduler.core.model import Task, TaskState
 
 
 def tagged(harness: Harness, peer_id: str, etag: str) -> list[Command]:
@@ -146,3 +148,49 @@ def test_an_old_objects_copy_does_not_stop_the_lost_source_from_being_replaced()
     harness.do(PeerLeft("peer-c"))
     harness.advance(120)
     assert task_of(harness).origin_readers
+
+
+def test_an_old_objects_reader_does_not_count_as_the_source() -> None:
+    """It stayed among the task's origin readers: when the new object's reader left, nobody was sent to
+    read the rest, and the old reader counted against back_to_source_limit."""
+    harness = Harness()
+    for name in ("a", "b", "c"):
+        harness.announce(name)
+    harness.register("peer-a", "a")
+    tagged(harness, "peer-a", '"v1"')  # still reading the old object
+    harness.register("peer-c", "c")
+    tagged(harness, "peer-c", '"v2"')
+    assert task_of(harness).origin_readers == {"peer-c"}
+    harness.register("peer-b", "b")
+    harness.pieces("peer-c", 0, digest_base=200)
+    harness.pieces("peer-b", 0, parent="peer-c", digest_base=200)
+    harness.do(PeerLeft("peer-c"))
+    harness.advance(120)
+    assert task_of(harness).origin_readers == {"peer-b"}  # sent to read the rest
+
+
+def test_a_failed_task_that_starts_over_keeps_the_old_objects_copy_out() -> None:
+    harness = Harness()
+    whole_old_copy_then_change(harness, "d", "e")
+    harness.pieces("peer-c", 0, 1, 2, digest_base=200)
+    harness.do(PeerFinished("peer-c", (200, 201, 202)))
+    harness.register("peer-d", "d", need_back_to_source=True)
+    harness.do(PeerFailed("peer-d", "503", SourceErrorInfo(503, "unavailable"), back_to_source=True))
+    assert task_of(harness).state is TaskState.FAILED
+    harness.register("peer-e", "e")  # the task starts over
+    harness.do(HostDisconnected(harness.host_id("a")))
+    harness.announce("a")
+    assert "peer-a" not in task_of(harness).parent_pool
+    harness.do(HostDisconnected(harness.host_id("c")))
+    harness.announce("c")
+    assert "peer-c" in task_of(harness).parent_pool
+
+
+def test_a_copy_announced_before_the_publication_is_complete_joins_once_it_is() -> None:
+    harness = Harness()
+    whole_old_copy_then_change(harness, "d")
+    harness.pieces("peer-c", 0, 1, digest_base=200)
+    copy = announced(harness, "d", (200, 201, 202))
+    assert copy.peer_id not in task_of(harness).parent_pool
+    harness.pieces("peer-c", 2, digest_base=200)
+    assert copy.peer_id in task_of(harness).parent_pool

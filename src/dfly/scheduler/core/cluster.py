@@ -84,6 +84,7 @@ class Cluster:
         task.origin_readers.discard(peer.peer_id)
         task.seed_readers.discard(peer.peer_id)
         task.pending_verdicts.discard(peer.peer_id)
+        task.announced_pending.discard(peer.peer_id)
         peer.reads_origin = False
         peer.waiting = False
         peer.retry_at = None
@@ -162,9 +163,9 @@ def _start_over(task: Task) -> None:
     task.layout = None
     task.publisher_id = None
     task.published_digests.clear()
-    task.object_version = 0  # no reference left to be a version of: what comes next is the object
-    for peer in task.peers.values():
-        peer.object_version = 0
+    for peer in task.peers.values():  # versions count from 0 again; the old object's copies stay stale
+        peer.object_version = 0 if peer.object_version == task.object_version else -1
+    task.object_version = 0  # the reference is gone: what is read next is the object
     task.seed_trigger_pending = False
     task.source_requested_at = None
 

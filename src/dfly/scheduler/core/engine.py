@@ -62,7 +62,7 @@ from dfly.scheduler.core.messages import (
 )
 from dfly.scheduler.core.model import Peer, PeerState, Task, TaskState
 from dfly.scheduler.core.scheduling import ParentScheduler
-from dfly.scheduler.core.verdicts import judge, publish, publish_all
+from dfly.scheduler.core.verdicts import holds_current_object, judge, publish, publish_all
 
 
 class SchedulerEngine:
@@ -180,7 +180,7 @@ class SchedulerEngine:
             return self._fail_peer(peer, description, now)
         assert task.layout is not None
         if not same_object(task.layout.response_headers, layout.response_headers):
-            self._object_changed(task, layout)
+            self._object_changed(task, layout, peer)
         elif not task.layout.response_headers:  # fixed by a held copy's announcement: these come first
             task.layout = layout
         peer.object_version = task.object_version
@@ -194,15 +194,20 @@ class SchedulerEngine:
             task.state = TaskState.RUNNING
         return self.scheduler.schedule_waiting(task, now)
 
-    def _object_changed(self, task: Task, layout: TaskLayout) -> None:
-        """A new origin reader found another object than the task's: start the reference over from it."""
+    def _object_changed(self, task: Task, layout: TaskLayout, reader: Peer) -> None:
+        """A new origin reader found another object than the task's: start the reference over from it.
+        The old object's whole copies and readers are no parents any more; its readers are not the
+        task's source either (others may be sent to the origin), and are judged like children."""
         task.object_version += 1
+        reader.object_version = task.object_version
         task.layout = layout
         task.published_digests.clear()
         task.publisher_id = None
-        for peer in task.peers.values():  # the old object's whole copies and its readers: no new children
+        for peer in task.peers.values():
             if not of_current_object(peer, task):
                 task.parent_pool.discard(peer.peer_id)
+                task.origin_readers.discard(peer.peer_id)
+                task.seed_readers.discard(peer.peer_id)
 
     def _pieces_finished(self, peer: Peer, task: Task, event: PiecesFinished, now: float) -> list[Command]:
         commands: list[Command] = []
@@ -345,6 +350,16 @@ class SchedulerEngine:
         task.state = TaskState.SUCCEEDED
 
     def _recheck_verdicts(self, task: Task) -> list[Command]:
+        """The publication grew: deferred verdicts, and whole copies announced after a change, again."""
+        for peer_id in sorted(task.announced_pending):
+            peer = task.peers[peer_id]
+            assert peer.announced_digests is not None
+            if holds_current_object(task, peer.announced_digests):
+                task.announced_pending.discard(peer_id)
+                peer.announced_digests = None
+                peer.object_version = task.object_version
+                if not self.cluster.hosts[peer.host_id].disconnected:
+                    task.parent_pool.add(peer_id)
         commands: list[Command] = []
         readers_running = bool(task.origin_readers)
         for peer_id in sorted(task.pending_verdicts):

@@ -32,7 +32,7 @@ from dfly.scheduler.core.messages import (
 )
 from dfly.scheduler.core.model import Host, Peer, PeerState, Task, TaskState
 from dfly.scheduler.core.scheduling import ParentScheduler
-from dfly.scheduler.core.verdicts import publish_all
+from dfly.scheduler.core.verdicts import holds_current_object, publish_all
 
 AfterRemoval = Callable[[RemovedPeer, float], list[Command]]
 RecheckVerdicts = Callable[[Task], list[Command]]
@@ -289,20 +289,13 @@ class HostHandlers:
             task.parent_pool.add(peer.peer_id)
             if not task.published_digests:  # nothing says which object it holds
                 publish_all(task, finished.piece_digests)
-        elif _holds_current_object(task, finished.piece_digests):
+        elif holds_current_object(task, finished.piece_digests):
             # The object changed since the task began; an announcement names no validators, so only
             # digests that agree with the new reference make this copy a parent (else a host holding
             # the old object came back into the pool on every reconnect).
             peer.object_version = task.object_version
             task.parent_pool.add(peer.peer_id)
+        elif finished.piece_digests:  # judged again as the publication grows (engine._recheck_verdicts)
+            peer.announced_digests = finished.piece_digests
+            task.announced_pending.add(peer.peer_id)
         return task
-
-
-def _holds_current_object(task: Task, digests: tuple[int, ...]) -> bool:
-    """Whether a whole copy's digests are those published for the task's object now, every piece of it
-    (a copy matching the first pieces published may differ further on). A copy announced before the
-    publication is complete stays out of the parent pool until its host announces it again."""
-    published = task.published_digests
-    if len(digests) != task.expected_piece_count() or len(published) != len(digests):
-        return False
-    return all(digests[number] == digest for number, digest in published.items())

@@ -140,6 +140,8 @@ class Peer:
     reads_origin: bool = False  # told to read the origin, not yet finished, failed or gone
     object_version: int = 0  # the task's object_version its origin read began at, or it was accepted at
     finish_digests: tuple[int, ...] | None = None  # finished, verdict deferred
+    # a whole copy announced after its task's object changed: a parent once the publication agrees
+    announced_digests: tuple[int, ...] | None = None
     served_costs: PieceCosts | None = None  # costs of pieces it served, as its children report them
 
     def move_to(self, state: PeerState) -> None:
@@ -170,6 +172,7 @@ class Task:
     published_digests: dict[int, int] = field(default_factory=dict)
     object_version: int = 0  # one more each time an origin reader finds the object changed
     pending_verdicts: set[str] = field(default_factory=set)
+    announced_pending: set[str] = field(default_factory=set)  # peers with announced_digests
     seed_trigger_pending: bool = False  # DownloadTask sent, the seed has not registered yet
     seed_failed_at: float | None = None
     source_requested_at: float | None = None  # when a seed was triggered / an origin reader sent

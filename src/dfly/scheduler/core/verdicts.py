@@ -42,6 +42,15 @@ def publish_all(task: Task, digests: Sequence[int]) -> bool:
     return publish(task, (FinishedPiece(number, digest) for number, digest in enumerate(digests)))
 
 
+def holds_current_object(task: Task, digests: Sequence[int]) -> bool:
+    """Whether a whole copy's digests are those published for the task's object now, every piece of it
+    (a copy matching the first pieces published may differ further on)."""
+    published = task.published_digests
+    if len(digests) != task.expected_piece_count() or len(published) != len(digests):
+        return False
+    return all(digests[number] == digest for number, digest in published.items())
+
+
 def judge(
     digests: tuple[int, ...], published: Mapping[int, int], expected_count: int | None, readers_running: bool
 ) -> Verdict | None:
