@@ -126,6 +126,10 @@ class Conductor:
         """Another client of the task (a download, a seed trigger) joins this attempt (attempt_terms.py)."""
         self.terms.attach(request, asyncio.get_running_loop().time())
 
+    def ending(self) -> bool:
+        """The attempt's time is up and it is winding down: a client joining now waits for a new one."""
+        return self.terms.timeout is not None and self.terms.timeout.expired()
+
     async def _await_durable(self) -> None:
         """Attachers are told as soon as the pieces are verified; the group commit finishes here."""
         if self._durable is None:

@@ -259,7 +259,7 @@ class TaskManager:
         held = self._live.get(task_request.task_id)
         if held is not None and held.unchecked:
             await self.stored_check.before_first_use(held)
-        live = self.start(task_request)
+        live = await self._start_after_ending(task_request)
         if live.state.complete and live.state.ended and not self._file_intact(live):
             removal = self.remove(live.state.task_id)
             if removal is not None:
@@ -339,8 +339,19 @@ class TaskManager:
         if self._live.get(request.task_id) is held:  # not removed meanwhile
             self._trigger_now(request)
 
+    async def _start_after_ending(self, request: TaskRequest) -> LiveTask:
+        """`start`, except that an attempt whose time is up (a client before this one gave the deadline)
+        is let end first, so this request gets a new attempt and not the old one's timeout."""
+        live = self.start(request)
+        if live.conductor is not None and live.attempt is not None and live.conductor.ending():
+            await asyncio.wait({live.attempt})  # it ends within its TaskGroup's wind-down
+            live = self.start(request)
+        return live
+
     def _trigger_now(self, request: TaskRequest) -> str:
         live = self.start(request)
+        if live.conductor is not None and live.conductor.ending():  # the scheduler waits for this seed
+            self._spawn(self._start_after_ending(request))
         if live.state.complete and live.state.ended and self.ctx.scheduler is not None:
             self._spawn(self.ctx.scheduler.reannounce(only=[live.state.task_id]))
         return live.state.task_id
