@@ -17,7 +17,10 @@ import pytest
 from .netns import sh
 
 HOST_IP = "10.213.7.2"
-PROBE = "from dfly.daemon.scheduler_client import source_ip_toward as s; import sys; print(s(sys.argv[1]))"
+PROBE = (
+    "from dfly.daemon.scheduler_client import source_ip_toward as s; import sys; "
+    "print(s(sys.argv[1], ipv4_only=sys.argv[2:] == ['ipv4']))"
+)
 
 
 @pytest.fixture
@@ -31,9 +34,9 @@ def namespace() -> Iterator[str]:
         sh("ip", "netns", "del", name, check=False)
 
 
-def advertised(namespace: str, scheduler: str) -> tuple[str, str]:
+def advertised(namespace: str, scheduler: str, *flags: str) -> tuple[str, str]:
     proc = subprocess.run(
-        ["ip", "netns", "exec", namespace, sys.executable, "-c", PROBE, scheduler],
+        ["ip", "netns", "exec", namespace, sys.executable, "-c", PROBE, scheduler, *flags],
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     return proc.stdout.strip(), proc.stderr
@@ -65,6 +68,10 @@ def test_a_name_with_ipv4_and_ipv6_addresses_gives_the_ipv4_source(namespace: st
         hosts.write_text("2001:db8:7::9 sched.test\n10.213.7.9 sched.test\n")
         assert advertised(namespace, "sched.test:8002")[0] == HOST_IP
         assert advertised(namespace, "[2001:db8:7::9]:8002")[0] == "2001:db8:7::2"
+        # a piece server on an IPv4 address: an IPv6-only scheduler still gives the IPv4 address
+        ip, log = advertised(namespace, "[2001:db8:7::9]:8002", "ipv4")
+        assert ip == HOST_IP
+        assert "no IPv4 route to scheduler [2001:db8:7::9]:8002 now" in log
     finally:
         shutil.rmtree(hosts.parent, ignore_errors=True)
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import ipaddress
 import logging
 import os
 import random
@@ -91,7 +92,8 @@ async def run(config: DaemonConfig, *, ready_file: Path | None, stop: asyncio.Ev
     check_storage_dir(config.storage.dir)
     storage = Storage(config.storage.dir, commit_interval_s=config.storage.commit_interval_s)
     seed = config.seed_peer.enable
-    ip = config.host.advertise_ip or source_ip_toward(config.scheduler.addrs[0])
+    piece_on_ipv4 = ipaddress.ip_address(config.piece.ip).version == 4  # children must dial that family
+    ip = config.host.advertise_ip or source_ip_toward(config.scheduler.addrs[0], ipv4_only=piece_on_ipv4)
     host = make_host_id(ip, config.host.hostname)
     boot_id = uuid.uuid4().hex
     counters = Counters()

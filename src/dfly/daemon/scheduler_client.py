@@ -66,12 +66,13 @@ ROUTE_PROBES: tuple[tuple[int, tuple[Any, ...]], ...] = (
 )
 
 
-def source_ip_toward(addr: str) -> str:
-    """The local address the kernel picks to reach `addr` (no packet is sent), over any address family
-    its name resolves to. When it resolves to nothing reachable now (a scheduler whose DNS name is not
-    yet published when the daemon starts), the address toward the default route, said in the log; the
-    loopback address only on a host with no route at all. The result becomes the host's id, so a silent
-    127.0.0.1 had children of other hosts dial themselves."""
+def source_ip_toward(addr: str, *, ipv4_only: bool = False) -> str:
+    """The local address the kernel picks to reach `addr` (no packet is sent), over the address families
+    its name resolves to, IPv4 first (only IPv4 with `ipv4_only`: a piece server listening on an IPv4
+    address cannot be dialled at an IPv6 one). When it resolves to nothing reachable now (a scheduler
+    whose DNS name is not yet published when the daemon starts), the address toward the default route,
+    said in the log; the loopback address only on a host with no route at all. The result becomes the
+    host's id, so a silent 127.0.0.1 had children of other hosts dial themselves."""
     host, _, port = addr.rpartition(":")
     host = host.strip("[]")
     try:
@@ -80,14 +81,17 @@ def source_ip_toward(addr: str) -> str:
         found = []
     # IPv4 first, as a name was dialled before: the piece server's default address (0.0.0.0) is IPv4
     # only, and a name with A and AAAA records (or `localhost`) must not make children dial IPv6
+    families = (socket.AF_INET,) if ipv4_only else (socket.AF_INET, socket.AF_INET6)
     for family, _, _, _, sockaddr in sorted(found, key=lambda info: info[0] != socket.AF_INET):
-        if ip := _source_ip(family, sockaddr):
+        if family in families and (ip := _source_ip(family, sockaddr)):
             return ip
     for probe_family, probe in ROUTE_PROBES:
+        if probe_family not in families:
+            continue
         if (ip := _source_ip(probe_family, probe)) and not ipaddress.ip_address(ip).is_loopback:
             log.warning(
-                "no route to scheduler %s now; advertising %s, this host's address toward its default "
-                "route (set host.advertise_ip to choose)", addr, ip,
+                "no %sroute to scheduler %s now; advertising %s, this host's address toward its default "
+                "route (set host.advertise_ip to choose)", "IPv4 " if ipv4_only else "", addr, ip,
             )  # fmt: skip
             return ip
     log.warning("no route to scheduler %s nor any default route; advertising 127.0.0.1", addr)
