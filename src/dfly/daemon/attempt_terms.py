@@ -48,3 +48,8 @@ class AttemptTerms:
 
     def timed_out(self) -> DownloadTimeout:
         return DownloadTimeout(f"download timed out after {self.deadline - self.started_at:g}s")
+
+
+def client_timed_out(request: TaskRequest) -> DownloadTimeout:
+    """One client's own deadline passed (the attempt goes on for the others attached, and the cache)."""
+    return DownloadTimeout(f"download timed out after {request.timeout_s:g}s")

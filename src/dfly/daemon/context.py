@@ -76,6 +76,20 @@ class Counters:
             self.tasks_failed += 1
         _TASKS.labels(result="succeeded" if ok else "failed").inc()
 
+    def stats(self) -> dict[str, object]:
+        """The counters as the local API's `stats` shows them."""
+        return {
+            "download_bytes": dict(self.download_bytes),
+            "upload_bytes": self.upload_bytes,
+            "tasks_succeeded": self.tasks_succeeded,
+            "tasks_failed": self.tasks_failed,
+            "gc": {
+                "passes": self.gc_passes,
+                "evicted_tasks": self.gc_evicted_tasks,
+                "evicted_bytes": self.gc_evicted_bytes,
+            },
+        }
+
     def evicted(self, reason: str, nbytes: int) -> None:
         self.gc_evicted_tasks += 1
         self.gc_evicted_bytes += nbytes

@@ -30,8 +30,9 @@ from collections.abc import AsyncIterator, Collection, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from dfly.api import scheduler_pb2 as pb
-from dfly.common.errors import DflyError, DownloadTimeout, StaleCopy, StorageError
+from dfly.common.errors import DflyError, StaleCopy, StorageError
 from dfly.common.ids import redact_url
+from dfly.daemon.attempt_terms import client_timed_out
 from dfly.daemon.conductor import Conductor, PiecesLost
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.gc_policy import CachedTask
@@ -280,7 +281,7 @@ class TaskManager:
                 try:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
-                        raise _timed_out(task_request)
+                        raise client_timed_out(task_request)
                     await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     for waiter in waiters:
@@ -316,7 +317,7 @@ class TaskManager:
                     async with asyncio.timeout_at(deadline):
                         await wake.wait()
                 except TimeoutError:
-                    raise _timed_out(task_request) from None
+                    raise client_timed_out(task_request) from None
         finally:
             release()
             unsubscribe()
@@ -358,23 +359,13 @@ class TaskManager:
 
     # -- stats and the piece server's view --------------------------------------------------------
     def stats(self) -> dict[str, object]:
-        counters = self.ctx.counters
+        ring = self.ctx.scheduler
         return {
             "host_id": self.ctx.host_id,
-            "download_bytes": dict(counters.download_bytes),
-            "upload_bytes": counters.upload_bytes,
             "tasks": len(self._live),
-            "tasks_succeeded": counters.tasks_succeeded,
-            "tasks_failed": counters.tasks_failed,
             "running": sum(1 for live in self._live.values() if live.running),
-            "scheduler_deletes_pending": 0
-            if self.ctx.scheduler is None
-            else self.ctx.scheduler.undelivered_deletes(),
-            "gc": {
-                "passes": counters.gc_passes,
-                "evicted_tasks": counters.gc_evicted_tasks,
-                "evicted_bytes": counters.gc_evicted_bytes,
-            },
+            "scheduler_deletes_pending": 0 if ring is None else ring.undelivered_deletes(),
+            **self.ctx.counters.stats(),
         }
 
     def holds(self, task_id: str) -> bool:
@@ -390,11 +381,6 @@ class TaskManager:
             lambda: self.ctx.storage.read_fd(task_id),
             lambda number: self.stored_check.reported(live, number),
         )
-
-
-def _timed_out(request: TaskRequest) -> DownloadTimeout:
-    """This client's deadline passed (the task goes on for the others attached, and for the cache)."""
-    return DownloadTimeout(f"download timed out after {request.timeout_s:g}s")
 
 
 def _fresh(error: DflyError | None) -> DflyError | None:
