@@ -16,6 +16,8 @@ Rules:
   held pieces are of another version, are dropped (their records too), and the whole object is read
   again: never a file mixing two versions. The task's record takes the new validators after the old
   pieces' records are gone, so a restart resumes the new object instead of reading it all again.
+- A held copy of another length is dropped before any byte of it is told (task_file.py); once this
+  attempt confirmed its copy, another length is a StaleCopy error.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dfly.common.errors import SourceError, SourceRefused, StaleCopy
+from dfly.common.errors import SourceError, SourceRefused
 from dfly.common.own_thread import in_own_thread
 from dfly.common.pieces import default_piece_length
 from dfly.daemon.core.first_pass import FirstPassGate, hold_s
 from dfly.daemon.core.task_state import Layout
 from dfly.daemon.proxy.forward import hop_guard
 from dfly.daemon.source import http
+from dfly.daemon.task_file import stale_copy
 
 if TYPE_CHECKING:
     from dfly.daemon.conductor import Conductor
@@ -101,16 +104,6 @@ def first_pass_gate(piece_count: int, max_hold_s: float, task_id: str) -> FirstP
     return gate
 
 
-def stale_copy(held: Layout, now: Layout) -> StaleCopy:
-    """The error for a partial copy whose layout is not the task's now (the object changed at the
-    origin, or another layout was chosen for it)."""
-    return StaleCopy(
-        f"this host's partial copy has another layout ({held.content_length} bytes in pieces of "
-        f"{held.piece_length}, now {now.content_length} in pieces of {now.piece_length}): it is dropped; "
-        "download again"
-    )
-
-
 class BackToSource:
     def __init__(self, conductor: Conductor, layout: Layout | None) -> None:
         self.c = conductor
@@ -146,39 +139,26 @@ class BackToSource:
             "origin-stat", http.stat, request.url, request.headers, timeout_s=STAT_TIMEOUT_S,
             allowed_hosts=guard, interrupt=self._interrupt,
         )  # fmt: skip
+        fresh = Layout(stat.content_length, request.piece_length or default_piece_length(stat.content_length))
         hint = self.layout_hint or self.c.state.layout
-        if hint is not None:
-            if hint.content_length != stat.content_length:
-                if self.layout_hint is None:  # only this host's own partial copy says otherwise
-                    raise stale_copy(hint, Layout(stat.content_length, hint.piece_length))
+        if hint is not None and hint.content_length != stat.content_length:
+            if self.layout_hint is not None:
                 raise SourceError(
                     f"origin length {stat.content_length} differs from the task's {hint.content_length}"
                 )
-            layout = hint
-        else:
-            piece_length = request.piece_length or default_piece_length(stat.content_length)
-            layout = Layout(stat.content_length, piece_length)
+            if self.c.file.ready.is_set():  # this attempt's own copy: the object changed while it ran
+                raise stale_copy(hint, fresh)
+            await self.c.file.drop_held(fresh)  # a copy held from before: not told to anyone yet
+            hint = None
+        layout = hint or fresh
         if self.c.ctx.config.upload.first_pass and self.c.state.first_pass is None:
             upload = self.c.ctx.config.upload
             self.c.state.first_pass = first_pass_gate(
                 layout.piece_count, upload.first_pass_hold_s, self.c.state.task_id
             )
-        held = [n for n in range(layout.piece_count) if self.c.state.has(n)]
         if not http.same_object(self.c.state.response_headers, stat):
-            if held:
-                log.warning(
-                    "task %s: the origin's object changed since its %d held pieces came; reading it again",
-                    self.c.state.task_id[:12],
-                    len(held),
-                )
-                self.c.state.forget_pieces(held)
-            # Every record of the task goes first (a commit at once), also those of parents' copies
-            # whose writes ended as this read began (never made available). Only then the validators of
-            # the object now read, so a restart never takes an old piece for one of it.
-            self.c.ctx.storage.forget_pieces(self.c.state.task_id)
-            self.c.state.response_headers = dict(stat.headers)
-            self.c.ctx.storage.set_response_headers(self.c.state.task_id, stat.headers)
-        await self.c.ensure_file(layout, stat.headers)
+            self.c.file.replace_object(stat.headers, "the origin's object changed since")
+        await self.c.file.ensure(layout, stat.headers)
         await self.c.stream.back_to_source_started(layout, stat.headers)
         missing = [n for n in range(layout.piece_count) if not self.c.state.has(n)]
         if not missing:

@@ -43,12 +43,12 @@ from dfly.common.errors import (
 )
 from dfly.common.ids import HostId, peer_id, redact_url
 from dfly.daemon.attempt_terms import AttemptTerms
-from dfly.daemon.back_to_source import BackToSource, stale_copy
+from dfly.daemon.back_to_source import BackToSource
 from dfly.daemon.context import DaemonContext
 from dfly.daemon.core.task_state import Layout, TaskState
 from dfly.daemon.parents import ParentSet
 from dfly.daemon.peer_stream import PeerStream, SchedulerGone, SchedulerReply
-from dfly.daemon.storage import TaskMeta
+from dfly.daemon.task_file import TaskFile
 from dfly.daemon.task_request import TaskRequest, layout_from_proto
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Conductor:
         self.ctx = ctx
         self.state = state
         self.request = request
-        self.file_ready = file_ready
+        self.file = TaskFile(ctx, state, request, file_ready)
         self.peer_id = peer_id(HostId(ctx.host_id), f"{ctx.rng.getrandbits(64):016x}")
         self.events: asyncio.Queue[object] = asyncio.Queue()
         self.stream = PeerStream(ctx, state.task_id, self.peer_id, self.events, self.spawn)
@@ -118,6 +118,8 @@ class Conductor:
         try:
             await self._close()
         finally:
+            if error is None:  # a held copy that was complete already: confirmed by the verdict
+                self.file.ready.set()
             self.ctx.counters.task_ended(error is None)
             self.state.end(None if error is None else without_frames(error))
         await self._await_durable()
@@ -253,7 +255,7 @@ class Conductor:
             layout = layout_from_proto(reply.layout)
             if layout is None or self._back_to_source is not None:
                 return
-            await self.ensure_file(layout, dict(reply.layout.response_headers))
+            await self.file.ensure(layout, dict(reply.layout.response_headers))
             self._schedule_deadline = None
             log.debug("task %s: %d candidate parents", self.state.task_id[:12], len(reply.parents))
             self.parents.add_candidates(list(reply.parents))
@@ -354,27 +356,6 @@ class Conductor:
         return True
 
     # -- pieces -----------------------------------------------------------------------------------
-    async def ensure_file(self, layout: Layout, response_headers: dict[str, str]) -> None:
-        held = self.state.layout
-        if held is not None and held != layout:  # this host's partial copy has another layout: stale
-            raise stale_copy(held, layout)
-        self.state.set_layout(layout.content_length, layout.piece_length)
-        if not self.file_ready.is_set():
-            self.state.response_headers = response_headers
-            meta = TaskMeta(
-                task_id=self.state.task_id,
-                url=redact_url(self.request.url),  # no user info or query (presigned tokens) at rest
-                content_length=layout.content_length,
-                piece_length=layout.piece_length,
-                response_headers=response_headers,
-            )
-            if self.ctx.storage.task_meta(meta.task_id) is None:
-                async with self.ctx.admit(layout.content_length):
-                    await self.ctx.storage.create_task(meta)
-            else:
-                await self.ctx.storage.create_task(meta)
-            self.file_ready.set()
-
     async def store_piece(
         self, number: int, data: memoryview, digest: int, source: str, parent_id: str, cost_s: float = 0.0
     ) -> None:

@@ -59,15 +59,16 @@ class TaskManager:
 
     # -- start-up / shutdown ----------------------------------------------------------------------
     def load(self, stored: list[StoredTask]) -> None:
-        """Tasks that survived in storage: finished ones are served, partial ones resumed on demand."""
+        """Tasks that survived in storage: finished ones are served, partial ones resumed on demand and
+        served once the attempt confirmed them (task_file.py)."""
         for task in stored:
             state = self._new_state(task.meta.task_id, task.meta.url)
             state.set_layout(task.meta.content_length, task.meta.piece_length)
             state.response_headers = dict(task.meta.response_headers)
             state.load_digests(task.digests)
             live = LiveTask(state, usage=Usage(task.mtime), unchecked=state.available_count > 0)
-            live.file_ready.set()
             if task.finished and state.complete:
+                live.file_ready.set()
                 state.end(None)
             self._live[state.task_id] = live
 
@@ -121,7 +122,7 @@ class TaskManager:
                 fresh.load_pieces(
                     {n: d for n in old.available_pieces() if (d := old.piece_digest(n)) is not None}
                 )
-            live = LiveTask(fresh, live.file_ready, usage=live.usage)
+            live = LiveTask(fresh, usage=live.usage)  # its file is confirmed again (task_file.py)
             self._live[tid] = live
         live.usage.last_used = time.time()
         if live.state.complete and live.state.ended:

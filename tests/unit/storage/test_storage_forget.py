@@ -309,7 +309,7 @@ def test_an_old_objects_piece_never_survives_under_the_new_validators(
             state.on_forget = storage.forget_pieces
             conductor = Conductor(manager.ctx, state, request, asyncio.Event())
             old_stat = http.stat(url, {}, timeout_s=5)
-            await conductor.ensure_file(Layout(4 * PIECE, PIECE), dict(old_stat.headers))
+            await conductor.file.ensure(Layout(4 * PIECE, PIECE), dict(old_stat.headers))
             held = HeldWrites(storage)
             store = asyncio.ensure_future(
                 conductor.store_piece(

@@ -5,7 +5,8 @@ HAVE pushes, a second dfget, the conductor) reads this object and subscribes to 
 downloaded once however many requests attach to it.
 
 Rules:
-- The layout (content length, piece length) is set once; a different layout later is an error.
+- The layout (content length, piece length) is set once; a different layout later is an error. A held
+  copy's layout may be dropped, with its pieces, before anyone is told of them (task_file.py).
 - A piece becomes available with the digest it was verified against. It is forgotten only when its
   bytes were found to be of the wrong object (the scheduler's cross-check, or the origin's validators
   changed); each forgetting bumps the piece's `version`, so attachers that copied it copy it again, and
@@ -77,6 +78,14 @@ class TaskState:
             self._digests = array("q", [MISSING]) * new.piece_count
         self.layout = new
         return new
+
+    def drop_layout(self) -> None:
+        """Forget a held copy of another layout (nobody was told of it): no layout, no piece."""
+        for number in self.available_pieces():
+            self._versions[number] = self._versions.get(number, 0) + 1
+        self.layout = None
+        self._digests = array("q")
+        self._available = 0
 
     # -- pieces -----------------------------------------------------------------------------------
     @property
