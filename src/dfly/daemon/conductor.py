@@ -9,6 +9,7 @@ Rules:
 - Back to the origin only when the scheduler says so, when no scheduler can be reached at the start,
   when it gives no answer within `scheduler.schedule_timeout_s`, or when its stream broke and for
   `download.no_parent_timeout_s` no parent held a missing piece (never with back-to-source disabled).
+  A held copy with every piece goes there only for the stat that confirms it (task_file.py).
 - A broken scheduler stream does not stop the download: the parents it has keep serving, and the
   conductor registers again (peer_stream.py), then re-reports its pieces and whether it reads the origin.
 - A piece is written, then marked available, then reported (batched ≥ progress_report_interval_s
@@ -89,8 +90,6 @@ class Conductor:
         self._started_sent = False
         self._done = False
         self.terms = AttemptTerms.of(request, asyncio.get_running_loop().time())
-        self._all_pieces_at: float | None = None
-        self._durable: asyncio.Future[None] | None = None
         self._helpers: set[asyncio.Task[None]] = set()
         self.parents = ParentSet(self)
 
@@ -118,11 +117,9 @@ class Conductor:
         try:
             await self._close()
         finally:
-            if error is None:  # a held copy that was complete already: confirmed by the verdict
-                self.file.ready.set()
             self.ctx.counters.task_ended(error is None)
             self.state.end(None if error is None else without_frames(error))
-        await self._await_durable()
+        await self.file.durable(self.terms.started_at)
 
     def attach(self, request: TaskRequest) -> None:
         """Another client of the task (a download, a seed trigger) joins this attempt (attempt_terms.py)."""
@@ -131,23 +128,6 @@ class Conductor:
     def ending(self) -> bool:
         """The attempt's time is up and it is winding down: a client joining now waits for a new one."""
         return self.terms.timeout is not None and self.terms.timeout.expired()
-
-    async def _await_durable(self) -> None:
-        """Attachers are told as soon as the pieces are verified; the group commit finishes here."""
-        if self._durable is None:
-            return
-        try:
-            await self._durable
-        except DflyError as exc:
-            log.error("task %s is complete but not durable: %s", self.state.task_id[:12], exc)
-            return
-        now = asyncio.get_running_loop().time()
-        log.info(
-            "task %s: all pieces after %.3f s, durable after %.3f s",
-            self.state.task_id[:12],
-            (self._all_pieces_at or now) - self.terms.started_at,
-            now - self.terms.started_at,
-        )
 
     def _stop_helpers(self) -> None:
         """The stream reader and piece writers end with the attempt."""
@@ -218,8 +198,8 @@ class Conductor:
             await self.stream.send(started=pb.PeerStarted())
         if self._back_to_source is not None and self._back_to_source.done():
             self._back_to_source.result()  # re-raises the origin's error
-        if self.state.complete and self._verdict_deadline is None:
-            await self._complete(now)
+        if self.state.complete and self._verdict_deadline is None and self.file.ready.is_set():
+            await self._complete(now)  # (a held copy complete from the start is confirmed first)
         elif self._verdict_deadline is not None and now >= self._verdict_deadline:
             log.warning("no digest verdict from the scheduler for %s; accepting", self.state.task_id[:12])
             self._done = True
@@ -301,7 +281,10 @@ class Conductor:
         if self._verdict_deadline is not None:
             self._done = True  # nothing left to cross-check against
             return
-        if self._done or self.state.complete:
+        if self._done:
+            return
+        if self.state.complete:  # a held copy: the origin's stat confirms it, if it is not confirmed yet
+            self._go_back_to_source(None, "the scheduler left before this host's copy was confirmed")
             return
         task = self.state.task_id[:12]
         log.warning("task %s: scheduler stream ended (%s); registering again", task, reason)
@@ -320,9 +303,12 @@ class Conductor:
         return request
 
     async def _restore(self) -> None:
-        """After registering again: what the scheduler needs to use this peer as a parent again."""
+        """After registering again: what the scheduler needs to use this peer as a parent again (nothing
+        of a held copy not yet confirmed: its origin read announces itself once it has the stat)."""
         if self._started_sent:
             await self.stream.send(started=pb.PeerStarted())
+        if not self.file.ready.is_set():
+            return
         if self._back_to_source is not None and self.state.layout is not None:
             await self.stream.back_to_source_started(self.state.layout, self.state.response_headers)
         held = [
@@ -382,11 +368,7 @@ class Conductor:
 
     async def _complete(self, now: float) -> None:
         """All pieces are available: report, ask for the digest verdict; durability follows on its own."""
-        self._all_pieces_at = now
-        self._durable = asyncio.ensure_future(self.ctx.storage.finish_task(self.state.task_id))
-        # its error is logged by _await_durable; marked retrieved for the paths that never get there (a
-        # cancel at stop, a later _complete after a rejected verdict)
-        self._durable.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self.file.finish(now)
         await self.stream.flush_pieces(now)
         if not self.stream.alive:
             self._done = True
@@ -398,9 +380,14 @@ class Conductor:
 
     # -- back to source ---------------------------------------------------------------------------
     def _go_back_to_source(self, layout: Layout | None, why: str) -> None:
-        if self._back_to_source is not None or self.state.complete:
+        """Read the missing pieces from the origin; for a held copy that is complete, only its stat, which
+        confirms the copy (task_file.py) or replaces it."""
+        if self._back_to_source is not None or (self.state.complete and self.file.ready.is_set()):
             return
         if not self.terms.origin_allowed:
+            if self.state.complete:  # nothing can confirm this held copy: it is taken as it is
+                self.file.ready.set()
+                return
             raise NoParents(f"no parent could serve the task and back-to-source is disabled ({why})")
         log.info("task %s goes back to source: %s", self.state.task_id[:12], why)
         self._schedule_deadline = None

@@ -70,10 +70,15 @@ class ServedTaskView:
     """A live task as the piece server sees it (transfer.server.ServedTask)."""
 
     def __init__(
-        self, live: LiveTask, read_fd: Callable[[], int], report_corrupt: Callable[[int], None]
+        self,
+        live: LiveTask,
+        read_fd: Callable[[], int],
+        report_corrupt: Callable[[int], None],
+        is_current: Callable[[], bool],
     ) -> None:
         self._live = live
         self._read_fd = read_fd
+        self._is_current = is_current
         self.report_corrupt = report_corrupt
         layout = live.state.layout
         assert layout is not None
@@ -89,7 +94,9 @@ class ServedTaskView:
         return self._live.state.available_pieces()
 
     def piece_digest(self, number: int) -> int | None:
-        return self._live.state.piece_digest(number)
+        """None once another attempt replaced this one: the task file may hold other bytes by now (a held
+        copy of another layout dropped and made anew), while this view's state still lists its pieces."""
+        return self._live.state.piece_digest(number) if self._is_current() else None
 
     def read_fd(self) -> int:
         return self._read_fd()

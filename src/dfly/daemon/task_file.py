@@ -1,4 +1,5 @@
-"""The task's file on this host for one download attempt: made, or a held copy confirmed or dropped.
+"""The task's file on this host for one download attempt: made, or a held copy confirmed or dropped;
+finished durably at the end.
 
 Job: `ensure` is called with the layout and origin headers the attempt learns first (the scheduler's
 answer, or this host's own origin stat). A task new here gets its file (inside the disk quota). A copy
@@ -8,7 +9,8 @@ is checked against what the attempt learned before any client or peer is told of
 Rules:
 - `file_ready` is set once the file holds only pieces of the object the attempt downloads; until then
   no local client gets `Started` and the piece server does not serve the task (tasks.py), so bytes of
-  a held copy never go out before it is confirmed.
+  a held copy never go out before it is confirmed. A held copy with every piece is confirmed too before
+  its attempt completes (conductor.py: by the origin's stat when the scheduler gives no layout).
 - A held copy of another layout (the object's length changed) is dropped in place, its records and
   file deleted, and the attempt goes on with the new layout: the request that found it is not failed.
   After `file_ready` the layout is fixed; another one is a `StaleCopy` error (the attempt's object
@@ -24,7 +26,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from dfly.common.errors import StaleCopy
+from dfly.common.errors import DflyError, StaleCopy
 from dfly.common.ids import redact_url
 from dfly.common.validators import same_object
 from dfly.daemon.context import DaemonContext
@@ -52,6 +54,8 @@ class TaskFile:
         self.state = state
         self.request = request
         self.ready = ready
+        self._durable: asyncio.Future[None] | None = None  # the finish record's group commit
+        self._all_pieces_at: float | None = None
 
     async def ensure(self, layout: Layout, response_headers: Mapping[str, str]) -> None:
         """The file for `layout` of the object these headers describe, ready for pieces and readers."""
@@ -101,3 +105,28 @@ class TaskFile:
         self.ctx.storage.forget_pieces(task_id)
         self.state.response_headers = dict(response_headers)
         self.ctx.storage.set_response_headers(task_id, response_headers)
+
+    def finish(self, now: float) -> None:
+        """Every piece is in: the finish record's group commit starts (clients are told before it ends)."""
+        self._all_pieces_at = now
+        self._durable = asyncio.ensure_future(self.ctx.storage.finish_task(self.state.task_id))
+        # its error is logged by `durable`; marked retrieved for the paths that never get there (a cancel
+        # at stop, a later finish after a rejected verdict)
+        self._durable.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def durable(self, started_at: float) -> None:
+        """Wait for the finish record's commit, if the attempt finished; log how long it took."""
+        if self._durable is None:
+            return
+        try:
+            await self._durable
+        except DflyError as exc:
+            log.error("task %s is complete but not durable: %s", self.state.task_id[:12], exc)
+            return
+        now = asyncio.get_running_loop().time()
+        log.info(
+            "task %s: all pieces after %.3f s, durable after %.3f s",
+            self.state.task_id[:12],
+            (self._all_pieces_at or now) - started_at,
+            now - started_at,
+        )

@@ -381,6 +381,7 @@ class TaskManager:
             live,
             lambda: self.ctx.storage.read_fd(task_id),
             lambda number: self.stored_check.reported(live, number),
+            lambda: self._is_current(live),
         )
 
 
