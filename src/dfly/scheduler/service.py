@@ -4,8 +4,8 @@ writes and seed-peer DownloadTask calls.
 Rules:
 - the engine is called only from the event loop thread, with `now = loop.time()`; ONE timer, re-armed
   from `engine.next_deadline()` after every call (loop.call_at);
-- each AnnouncePeer stream has one asyncio.Queue; commands for the peer are put there and the handler
-  writes them in order; a stream that ends before the peer finished or failed is a PeerLeft;
+- each AnnouncePeer stream has one asyncio.Queue; commands for the peer are put there (peer_streams.py)
+  and the handler writes them in order; a stream that ends before the peer finished or failed is a PeerLeft;
 - a HostKeepAlive stream that ends (the last one of the host) is a HostDisconnected; a keepalive of a
   host the engine no longer knows ends its stream (FAILED_PRECONDITION), and the daemon announces again;
 - every task it starts (stream readers, seed triggers) is tracked and cancelled by `stop()`;
@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -34,7 +33,6 @@ from dfly.common.net import host_port
 from dfly.scheduler import convert
 from dfly.scheduler.core.engine import SchedulerEngine
 from dfly.scheduler.core.messages import (
-    ClosePeer,
     Command,
     Event,
     HostAnnounced,
@@ -43,37 +41,16 @@ from dfly.scheduler.core.messages import (
     HostLeft,
     PeerLeft,
     PeerRegistered,
-    SendFinishVerdict,
-    SendTaskFailed,
     TaskDeleted,
     TriggerSeedPeer,
 )
 from dfly.scheduler.metrics import SchedulerMetrics
+from dfly.scheduler.peer_streams import EndStream, PeerStream
 from dfly.scheduler.seed_triggers import ChannelFactory, SeedTriggers
 
 log = logging.getLogger(__name__)
 
 SEED_EVENTS = (HostAnnounced, HostDisconnected, HostLeft)  # events that may end or move a seed
-
-
-@dataclass(frozen=True, slots=True)
-class _EndStream:
-    """Queue item: end the AnnouncePeer stream, with an error status when `code` is set."""
-
-    code: grpc.StatusCode | None = None
-    details: str = ""
-
-
-@dataclass(slots=True, eq=False)
-class _PeerStream:
-    queue: asyncio.Queue[pb.AnnouncePeerResponse | _EndStream] = field(default_factory=asyncio.Queue)
-    peer_id: str | None = None
-    ended: bool = False  # finished (accepted), failed or closed: no PeerLeft when the stream goes
-    awaiting_verdict: bool = False
-    close_after_verdict: bool = False
-
-    def end(self, code: grpc.StatusCode | None = None, details: str = "") -> None:
-        self.queue.put_nowait(_EndStream(code, details))
 
 
 REGISTER_TIMEOUT_S = 30.0  # an AnnouncePeer stream's first message (register) must come within this
@@ -100,7 +77,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         )
         self._seeds = SeedTriggers(channel_factory, self._seed_address, seed_trigger_timeout_s)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._streams: dict[str, _PeerStream] = {}
+        self._streams: dict[str, PeerStream] = {}
         self._keepalive_streams: dict[str, int] = {}
         self._keepalive_handlers: set[asyncio.Task[Any]] = set()  # ended by stop(), not by gRPC's cancel
         self._awaiting_keepalive: dict[str, asyncio.TimerHandle] = {}  # announced, no keepalive stream yet
@@ -225,13 +202,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def AnnouncePeer(
         self, request_iterator: Any, context: Any
     ) -> AsyncIterator[pb.AnnouncePeerResponse]:
-        stream = _PeerStream()
+        stream = PeerStream()
         reader = self._spawn(self._read_peer_requests(request_iterator, stream))
         self._metrics.peer_streams.inc()
         try:
             while True:
                 item = await stream.queue.get()
-                if isinstance(item, _EndStream):
+                if isinstance(item, EndStream):
                     if item.code is not None:
                         await context.abort(item.code, item.details)
                     return
@@ -243,7 +220,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     # --- peer stream internals ------------------------------------------------------------------------
 
-    async def _read_peer_requests(self, requests: Any, stream: _PeerStream) -> None:
+    async def _read_peer_requests(self, requests: Any, stream: PeerStream) -> None:
         iterator = aiter(requests)
         try:
             try:
@@ -269,7 +246,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         else:
             stream.end()
 
-    def _on_peer_request(self, request: pb.AnnouncePeerRequest, stream: _PeerStream) -> bool:
+    def _on_peer_request(self, request: pb.AnnouncePeerRequest, stream: PeerStream) -> bool:
         """Handle one request; True when the stream must end (the reason is already queued)."""
         kind = request.WhichOneof("request")
         if stream.peer_id is None:
@@ -318,7 +295,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return True
         return False
 
-    def _forget(self, stream: _PeerStream) -> None:
+    def _forget(self, stream: PeerStream) -> None:
         if stream.peer_id is None or self._streams.get(stream.peer_id) is not stream:
             return
         del self._streams[stream.peer_id]
@@ -385,21 +362,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if stream is None:
             log.debug("no stream for %s, dropped", command)
             return
-        if isinstance(command, ClosePeer):
-            stream.ended = True
-            stream.end(grpc.StatusCode.FAILED_PRECONDITION, command.reason)
-            return
-        response = convert.peer_response(command)
-        if response is not None:
-            stream.queue.put_nowait(response)
-        if isinstance(command, SendTaskFailed):
-            stream.ended = True
-            stream.end()
-        elif isinstance(command, SendFinishVerdict):
-            stream.awaiting_verdict = False
-            stream.ended = command.accepted
-            if stream.close_after_verdict:
-                stream.end()
+        stream.deliver(command)
 
     async def _trigger_seed(self, command: TriggerSeedPeer) -> None:
         failure = await self._seeds.trigger(command)
