@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 async def call_download_task(
-    trusted: list[str], download: pb.Download | None = None, ip: str = "127.0.0.1"
+    trusted: list[str], download: pb.Download | None = None, ip: str = "127.0.0.1", task_id: str = ""
 ) -> tuple[grpc.StatusCode | None, list[TaskRequest]]:
     triggered: list[TaskRequest] = []
 
@@ -37,7 +37,7 @@ async def call_download_task(
         async with grpc.aio.insecure_channel(f"{address}:{port}") as channel:
             stub = dpb_grpc.DfdaemonControlStub(channel)
             wanted = download or pb.Download(url="http://origin.example/f")
-            request = dpb.DownloadTaskRequest(download=wanted)
+            request = dpb.DownloadTaskRequest(task_id=task_id, download=wanted)
             try:
                 reply = await stub.DownloadTask(request, timeout=5)
             except grpc.aio.AioRpcError as exc:
@@ -72,6 +72,26 @@ def test_trusted_scheduler_triggers_a_back_to_source_download(trusted: str) -> N
     [request] = triggered
     assert request.url == "http://origin.example/f"
     assert request.need_back_to_source
+
+
+def test_the_requesters_empty_filter_list_is_kept() -> None:
+    """A peer's `--no-default-filters` (no filter at all) reaches the seed as an empty list: it was taken
+    for the default list, so the seed fetched another task than its peers waited for."""
+    url = "http://origin.example/f?X-Amz-Signature=abc"
+    wanted = TaskRequest(url, filtered_query_params=())
+    download = pb.Download(url=url)  # no filtered_query_params: the requester's effective list is empty
+    code, triggered = asyncio.run(call_download_task(["127.0.0.1"], download, task_id=wanted.task_id))
+    assert code is None
+    [request] = triggered
+    assert (request.filtered_query_params, request.task_id) == ((), wanted.task_id)
+
+
+def test_a_trigger_for_another_task_id_is_refused_and_nothing_is_fetched() -> None:
+    """The seed would fetch a task nobody waits for (it only logged the mismatch); refused, the scheduler
+    lets a peer read the origin at once instead of waiting for the seed."""
+    code, triggered = asyncio.run(call_download_task(["127.0.0.1"], task_id="f" * 64))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert triggered == []
 
 
 @pytest.mark.parametrize(

@@ -340,3 +340,18 @@ def test_without_the_seed_one_peer_reads_the_origin_for_the_others(
     before = origin.bytes_sent
     dfget_at_once(cluster.peers, url, digest, tmp_path)
     assert (origin.bytes_sent - before) / (8 * MiB) <= 1.1
+
+
+def test_a_download_without_any_query_filter_is_served_by_the_seed(
+    cluster: LocalCluster, origin: Origin, tmp_path: Path
+) -> None:
+    """`--no-default-filters`: the signing parameters are part of the task. The seed took its empty
+    filter list for the default one, fetched another task, and the peer waited for a parent in vain
+    (with back-to-source disabled: failed after ~12 s; else every peer read the origin itself)."""
+    _, digest = publish(origin, "unfiltered.bin", 2 * MiB, seed=3)
+    url = origin.url("/unfiltered.bin?X-Amz-Signature=abc")
+    peer = cluster.peers[1]
+    result = dfget(peer, url, tmp_path / "out", "--no-default-filters", "--disable-back-to-source")
+    assert result.returncode == 0, result.stderr
+    assert file_digest(tmp_path / "out").value == digest
+    assert "differs from" not in cluster.member("seed").log_path.read_text()

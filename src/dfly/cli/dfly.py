@@ -44,7 +44,10 @@ def _say(text: str, *, error: bool = False) -> None:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
@@ -186,10 +189,11 @@ def _main(args_list: list[str], loaded: Callable[[], None]) -> int:
     try:
         if args.command == "up":
             if args.peers < 0:
-                print("dfly: --peers must be >= 0", file=sys.stderr)
+                print("dfly up: --peers must be >= 0", file=sys.stderr)
                 return 2
             if not 0 <= args.seed_upload_limit <= MAX_UPLOAD_LIMIT:
-                print(f"dfly: --seed-upload-limit must be between 0 and {MAX_UPLOAD_LIMIT}", file=sys.stderr)
+                limits = f"between 0 and {MAX_UPLOAD_LIMIT}"
+                print(f"dfly up: --seed-upload-limit must be {limits}", file=sys.stderr)
                 return 2
             return _run_up(args)  # its own signal handlers from the cluster's start on
     except ClusterError as exc:

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose usage errors are `PROG: MESSAGE (see PROG --help)`, exit 2; its
-    sub-command parsers are of the same kind."""
+    sub-command parsers are of the same kind. A long option is taken only when spelled out: argparse's
+    abbreviations read Dragonfly's `--filter` as `--filtered-query-param`, quietly wrong."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: {message} (see {self.prog} --help)\n")

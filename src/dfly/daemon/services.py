@@ -160,12 +160,16 @@ class ControlService(dpb_grpc.DfdaemonControlServicer):
                 grpc.StatusCode.PERMISSION_DENIED, f"{caller or 'caller'} is not a trusted scheduler"
             )
         try:
-            task_id = self._trigger(TaskRequest.seed_trigger(request.download))
+            wanted = TaskRequest.seed_trigger(request.download)
         except DflyError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if request.task_id and request.task_id != task_id:
-            log.warning("scheduler task id %s differs from ours %s", request.task_id[:12], task_id[:12])
-        return dpb.DownloadTaskResponse(task_id=task_id, accepted=True)
+        if request.task_id and request.task_id != wanted.task_id:
+            # this seed would fetch another task than the one its peers wait for: refused, so the scheduler
+            # lets a peer read the origin at once instead of waiting for a seed that never serves it
+            mismatch = f"task id {request.task_id[:12]} differs from {wanted.task_id[:12]} for this download"
+            log.warning("refused DownloadTask: %s", mismatch)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, mismatch)
+        return dpb.DownloadTaskResponse(task_id=self._trigger(wanted), accepted=True)
 
 
 async def start_health_server(

@@ -24,7 +24,6 @@ from dfly.common.ids import (
     DEFAULT_FILTERED_QUERY_PARAMS,
     TaskId,
     canonical_url,
-    effective_filters,
     task_id,
 )
 from dfly.common.pieces import validate_layout, validate_user_piece_length
@@ -132,7 +131,8 @@ class TaskRequest:
             url=download.url,
             tag=download.tag,
             application=download.application,
-            filtered_query_params=tuple(download.filtered_query_params) or effective_filters(),
+            # the requester's effective list as is: an empty one is `--no-default-filters`, not the defaults
+            filtered_query_params=tuple(download.filtered_query_params),
             headers=headers,
             piece_length=download.piece_length or None,
             timeout_s=timeout_s,

@@ -37,6 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
+        allow_abbrev=False,  # as the other tools (common/cli_args.py)
         prog="dfly sim",
         description="Flow-level swarm simulation driving the real scheduler engine and download planner. "
         "Rates are wire rates; the model runs at TCP payload rate (x --wire-efficiency).",

@@ -134,6 +134,10 @@ def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> Non
     assert "-O/--output" in err
     code, err = run(capsys, URL, "-O", "x", "--no-such-flag")
     assert code == 2
+    # Dragonfly's `--filter 'a&b'` was taken as an abbreviation of --filtered-query-param: one filter
+    # named "a&b", exit 0; long options are taken only spelled out
+    code, err = run(capsys, URL, "-O", "x", "--filter", "a&b")
+    assert (code, err) == (2, "dfget: unrecognized arguments: --filter a&b (see dfget --help)\n")
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -112,7 +112,7 @@ def test_a_member_dying_stops_the_rest_with_exit_1(up: tuple[subprocess.Popen[st
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["up", "--peers", "-1"]) == 2
-    capsys.readouterr()
+    assert capsys.readouterr().err == "dfly up: --peers must be >= 0\n"
     a_file = tmp_path / "a-file"
     a_file.touch()
     for not_a_dir in (a_file, a_file / "sub"):  # was exit 1, after "starting" and "stopping"
@@ -122,14 +122,19 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     capsys.readouterr()
     # was found only by the seed's config check, after the scheduler had started: two lines, exit 1
     assert main(["up", "--seed-upload-limit", str(2**53 + 1)]) == 2
-    assert capsys.readouterr().err == f"dfly: --seed-upload-limit must be between 0 and {2**53}\n"
+    assert capsys.readouterr().err == f"dfly up: --seed-upload-limit must be between 0 and {2**53}\n"
     assert main(["up", "--dir", ""]) == 2  # was the current directory
     assert capsys.readouterr().err == "dfly up: --dir is empty (leave it out for a new temp dir)\n"
     assert not (Path.cwd() / "cluster.json").exists()
-    for bad in ("0", "-1", "nan"):
+    for bad in ("0", "-1", "nan", "abc"):
         with pytest.raises(SystemExit) as info:
             main(["up", "--ready-timeout", bad])
         assert info.value.code == 2
+        assert f"'{bad}' is not a positive number of seconds" in capsys.readouterr().err  # abc: `_seconds`
+    with pytest.raises(SystemExit) as info:
+        main(["up", "--peer", "2"])  # no abbreviation of --peers (argparse's default)
+    assert info.value.code == 2
+    assert "unrecognized arguments: --peer 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["nope"])
     assert info.value.code == 2
