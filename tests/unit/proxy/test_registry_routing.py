@@ -62,7 +62,9 @@ def test_blob_route_carries_name_and_digest() -> None:
         ("https://files.example.com:80", "https://files.example.com:80"),
         ("docker.io", "https://registry-1.docker.io"),  # Docker Hub's API host, as containerd uses
         ("https://docker.io", "https://registry-1.docker.io"),
-        ("index.docker.io", "https://index.docker.io"),  # serves the API itself
+        ("https://index.docker.io", "https://registry-1.docker.io"),  # Dragonfly's default mirror: was a
+        # task of its own per layer, and not allowed for containerd's `ns=docker.io` pulls
+        ("https://bücher.example", "https://xn--bcher-kva.example"),  # as allowed_hosts lists it
     ],
 )
 def test_normalize_upstream(value: str, normal: str) -> None:
@@ -81,6 +83,8 @@ def test_normalize_upstream(value: str, normal: str) -> None:
         "http://[::1",
         "http://]",
         "\uff03x",
+        "http://user:secret@registry.example.com",  # was accepted, the credentials never used
+        "https://token@registry.example.com",
     ],
 )
 def test_bad_upstreams(value: str) -> None:
@@ -134,3 +138,10 @@ def test_a_bare_ns_host_is_plain_http_when_only_that_is_allowed() -> None:
     assert choose_upstream(None, "registry.example.com", "", allowed) == "https://registry.example.com"
     with pytest.raises(Forbidden):  # a scheme given explicitly is taken as given
         choose_upstream("https://10.0.0.5:5000", None, "", allowed)
+
+
+def test_a_huge_bad_upstream_is_not_echoed_whole() -> None:
+    """A 7,000-character host name was quoted twice in the 400's body (14 KB)."""
+    with pytest.raises(BadRequest) as info:
+        normalize_upstream("https://" + "a_" * 3500)
+    assert len(str(info.value)) < 300

@@ -26,7 +26,9 @@ from urllib.parse import unquote, urlsplit
 
 from dfly.common.errors import DflyError
 
-DOCKER_HUB_API_HOSTS = {"docker.io": "registry-1.docker.io"}  # a reference's host -> its API host
+# a reference's host, or another name of Docker Hub's API (Dragonfly's default mirror is
+# https://index.docker.io), -> the API host containerd uses: one task per layer whichever name is given
+DOCKER_HUB_API_HOSTS = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
 _NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
 _BLOB = re.compile(rf"/v2/(?P<name>{_NAME})/blobs/(?P<digest>sha256:[a-f0-9]{{64}})")
 
@@ -84,9 +86,13 @@ def _valid_host(hostname: str) -> bool:
     return _HOST_NAME.fullmatch(ascii_name.lower()) is not None
 
 
+def _clipped(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}…"
+
+
 def normalize_upstream(value: str) -> str:
-    """'http://h:p', 'https://h', 'h:p' -> 'scheme://host[:port]' (no path, no default port); BadRequest
-    if not one."""
+    """'http://h:p', 'https://h', 'h:p' -> 'scheme://host[:port]' (no path, no default port, host names
+    in their IDNA ASCII form); BadRequest if not one."""
     text = value.strip()
     if "://" not in text:
         host = text.rstrip("/").rsplit(":", 1)[0].strip("[]")
@@ -101,9 +107,12 @@ def normalize_upstream(value: str) -> str:
     if not scheme_ok or not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise BadRequest(f"invalid registry {value!r}")
     if not _valid_host(parts.hostname):  # "not a url", "*": a name no connection could reach
-        raise BadRequest(f"invalid registry {value!r}: {parts.hostname!r} is not a host name or address")
+        raise BadRequest(f"invalid registry {_clipped(value)!r}: not a host name or address")
+    if parts.username is not None or parts.password is not None:  # never used: a 401 without a hint
+        raise BadRequest("credentials in a registry URL are not accepted: send an Authorization header")
     scheme = parts.scheme.lower()
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    name = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
+    host = f"[{name}]" if ":" in name else name
     host = DOCKER_HUB_API_HOSTS.get(host, host)
     default_port = 443 if scheme == "https" else 80
     return f"{scheme}://{host}{f':{port}' if port and port != default_port else ''}"
