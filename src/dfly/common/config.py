@@ -28,7 +28,8 @@ MAX_DURATION_S = 366 * 86400.0  # a duration key (`*_s`) of a year or more is a 
 class StrictModel(BaseModel):
     """Config sections reject unknown keys, so a typo is an error rather than a silent default; numbers
     are finite (no `.inf`, `.nan`), never `true` / `false` (YAML's `yes` for a port was port 1), and a
-    duration (`*_s`) is at most MAX_DURATION_S."""
+    duration (`*_s`) is at most MAX_DURATION_S. A section left empty (its keys all commented out, which
+    YAML reads as null) has its defaults."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -38,6 +39,8 @@ class StrictModel(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if isinstance(value, bool) and field is not None and field.annotation in (int, float):
             raise ValueError(f"a number is needed, not {str(value).lower()}")
+        if value is None and field is not None and _is_section(field.annotation):
+            return {}  # `gc:` with every key commented out: the section's defaults
         return value
 
     @field_validator("*", mode="after")
@@ -47,6 +50,10 @@ class StrictModel(BaseModel):
         if name.endswith("_s") and isinstance(value, float) and value > MAX_DURATION_S:
             raise ValueError(f"at most {MAX_DURATION_S:.0f} seconds (366 days)")
         return value
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _ip_address(value: str) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from dfly.common.config import StrictModel
 from dfly.common.errors import ConfigError
@@ -36,6 +36,12 @@ class TlsSection(StrictModel):
     cert: Path | None = None  # this process's certificate (PEM)
     key: Path | None = None  # its private key (PEM, unencrypted)
     pieces: bool = False  # also mTLS on piece transfer (port 4005): no sendfile, more CPU per byte
+
+    @field_validator("ca_cert", "cert", "key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`cert: ""` (or DFLY_..._CERT= in the environment) is no file, not the current directory."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _all_or_none(self) -> TlsSection:

@@ -46,7 +46,8 @@ class HostSection(StrictModel):
 
 class SchedulerSection(StrictModel):
     addrs: list[str] = ["127.0.0.1:8002"]
-    keepalive_interval_s: float = Field(default=5.0, gt=0)
+    # at least 0.1 s: 1e-6 kept a daemon and its scheduler busy on one core each
+    keepalive_interval_s: float = Field(default=5.0, ge=0.1)
     schedule_timeout_s: float = Field(default=30.0, gt=0)  # no usable answer within this: go to the origin
 
     @field_validator("addrs")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dfly.common.config import IpAddress, LogLevel, StrictModel, load_config
 from dfly.common.tls import SecuritySection
@@ -45,6 +45,18 @@ class SchedulerConfig(StrictModel):
     grpc_keepalive_s: float = Field(default=20.0, ge=1, le=3600)
     security: SecuritySection = SecuritySection()  # mTLS to daemons (common/tls.py)
     log_level: LogLevel = "info"
+
+    @model_validator(mode="after")
+    def _seed_waits_agree(self) -> SchedulerConfig:
+        """A seed's registration is awaited only after its trigger call may have ended: else a seed still
+        accepting the task counts as failed for it."""
+        register, trigger = self.scheduling.seed_register_timeout_s, self.seed_trigger.timeout_s
+        if register <= trigger:
+            raise ValueError(
+                f"scheduling.seed_register_timeout_s ({register:g}) must be above seed_trigger.timeout_s "
+                f"({trigger:g})"
+            )
+        return self
 
 
 def load_scheduler_config(path: str | Path | None, environ: dict[str, str] | None = None) -> SchedulerConfig:

@@ -63,6 +63,7 @@ def test_a_flag_is_validated_with_the_rest_of_the_config(tmp_path: Path) -> None
             "not valid YAML at line 4, column 1: key 'upload' appears twice in one mapping",
         ),
         (b"upload: {slots: 10, slots: 1}\n", "key 'slots' appears twice"),
+        (b"scheduler: {keepalive_interval_s: 0.000001}\n", "scheduler.keepalive_interval_s"),  # a busy core
         # Python cannot hold these: RecursionError, ValueError tracebacks
         (b"upload: " + b"[" * 5000 + b"]" * 5000 + b"\n", "not valid YAML: nested too deeply"),
         (b"upload: {slots: " + b"9" * 5000 + b"}\n", "not valid YAML: Exceeds the limit"),
@@ -254,3 +255,23 @@ def test_one_list_value_that_starts_with_a_bracket_is_one_item() -> None:
     assert load_config(DaemonConfig, None, PREFIX, quoted).proxy.rules == [r"\.bin(\?|$)", r"\.whl$"]
     with pytest.raises(ConfigError, match=r"^invalid config key proxy\.rules: .* \(quote the items"):
         load_config(DaemonConfig, None, PREFIX, {f"{PREFIX}__PROXY__RULES": r"[\.bin(\?|$), \.whl$]"})
+
+
+def test_a_section_with_every_key_commented_out_has_its_defaults(tmp_path: Path) -> None:
+    """YAML reads such a section as null: it was refused ("Input should be a valid dictionary or instance
+    of GcSection"), for the daemon and the scheduler alike."""
+    path = tmp_path / "d.yaml"
+    path.write_text("gc:\n  # interval_s: 900\nsecurity:\n  tls:\n")
+    assert load_config(DaemonConfig, path, "DFLY_TEST_NONE").gc == DaemonConfig().gc
+    path.write_text("scheduling:\n  # retry_limit: 5\n")
+    assert load_config(SchedulerConfig, path, "DFLY_TEST_NONE").scheduling == SchedulerConfig().scheduling
+    path.write_text("gc:\n  interval_s:\n")  # a key without a value is still an error
+    with pytest.raises(ConfigError, match=r"gc\.interval_s"):
+        load_config(DaemonConfig, path, "DFLY_TEST_NONE")
+
+
+def test_a_seed_is_not_counted_failed_before_its_trigger_may_end(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("scheduling: {seed_register_timeout_s: 1}\nseed_trigger: {timeout_s: 60}\n")
+    with pytest.raises(ConfigError, match=r"seed_register_timeout_s \(1\) must be above seed_trigger"):
+        load_config(SchedulerConfig, path, "DFLY_TEST_NONE")

@@ -16,6 +16,8 @@ from dfly.devtools.pki import make_pki
 
 def test_off_by_default_and_all_or_none() -> None:
     assert not TlsSection().enabled
+    # an empty value (`cert: ""`, `DFLY_..._CERT=`) is unset: it was the current directory
+    assert not TlsSection.model_validate({"ca_cert": "", "cert": " ", "key": ""}).enabled
     with pytest.raises(ValidationError, match="together"):
         TlsSection(ca_cert=Path("ca.pem"))
 
