@@ -65,10 +65,23 @@ class SchedulerSection(StrictModel):
                 or not 1 <= int(port) <= 65535
                 or "/" in host
                 or (":" in host and not bracketed)  # an IPv6 address goes in brackets: [::1]:8002
-                or (bracketed and ":" not in host[1:-1])
+                or (bracketed and not _is_ipv6(host[1:-1]))
+                or (not bracketed and not _HOST.fullmatch(host))
             ):
                 raise ValueError(f"scheduler address {addr!r} must be host:port (IPv6: [address]:port)")
+        if len(set(addrs)) != len(addrs):
+            raise ValueError("a scheduler address is listed twice")
         return addrs
+
+
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")  # a DNS name or an IPv4 address
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 def _not_empty(value: object) -> object:
@@ -287,4 +300,17 @@ class DaemonConfig(StrictModel):
     def _seed_uploads(self) -> DaemonConfig:
         if self.seed_peer.enable and self.upload.disable_shared:
             raise ValueError("a seed peer must upload: seed_peer.enable excludes upload.disable_shared")
+        return self
+
+    @model_validator(mode="after")
+    def _advertised_where_pieces_are_served(self) -> DaemonConfig:
+        """Children dial host.advertise_ip at the piece port: an IPv6 address for a piece server on IPv4
+        only (0.0.0.0, the default, included) was taken, and no child could ever connect."""
+        advertise, listen = self.host.advertise_ip, self.piece.ip
+        ip = ipaddress.ip_address
+        if advertise and ip(advertise).version == 6 and ip(listen).version == 4:
+            raise ValueError(
+                f"host.advertise_ip {advertise} is IPv6 but piece.ip {listen} serves IPv4 only: "
+                "set piece.ip to '::' (every interface) or advertise an IPv4 address"
+            )
         return self

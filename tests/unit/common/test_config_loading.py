@@ -51,6 +51,10 @@ def test_a_flag_is_validated_with_the_rest_of_the_config(tmp_path: Path) -> None
         (b'scheduler: {addrs: ["[::1:8002"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["::1:8002"]}\n', "must be host:port"),
         (b'scheduler: {addrs: ["http://127.0.0.1:8002"]}\n', "must be host:port"),
+        (b'scheduler: {addrs: ["bad host:8002"]}\n', "must be host:port"),  # were retried forever
+        (b'scheduler: {addrs: ["[1::zz]:8002"]}\n', "must be host:port"),
+        (b'scheduler: {addrs: ["a:8002", "a:8002"]}\n', "a scheduler address is listed twice"),
+        (b'host: {advertise_ip: "fd00::1"}\n', "host.advertise_ip fd00::1 is IPv6 but piece.ip 0.0.0.0"),
         (b'host: {hostname: ""}\n', "host.hostname"),
         (b'host: {hostname: "a\\nb"}\n', "host.hostname: Value error, must be printable text"),
         (b'host: {location: "a\\x00b"}\n', "host.location"),
