@@ -73,8 +73,8 @@ class FakeBackend:
                 return
             data = b"" if kind == "empty" else self.data
             path = self.task_dir / f"{kind}-{name}"
-            self.task_paths[request.url] = path
             path.touch()
+            self.task_paths[request.url] = path  # after the file exists: the test's thread stats it at once
             os.truncate(path, len(data))
             fd, write_fd = os.open(path, os.O_RDONLY), os.open(path, os.O_WRONLY)
             try:
