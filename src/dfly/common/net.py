@@ -10,12 +10,26 @@ Rules:
 - `enable_keepalive`: TCP keepalive on a long-lived connection, so one whose peer vanished (power loss,
   a partition) is closed after `idle + interval · count` seconds instead of never when nothing is sent.
 - `host_port`: `host:port`, an IPv6 address in brackets (`[::1]:8002`), for dialling, binding and logs.
+- `dialable_host`: the host part of a `host:port` to dial (a CONNECT target, a scheduler address).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def dialable_host(host: str, bracketed: bool) -> bool:
+    """A DNS name or an IP address (IPv6 only in brackets, given here without them): what is checked is
+    exactly what is dialled, so no userinfo, whitespace or control characters a URL parser would drop."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return not bracketed and len(host) <= 253 and _HOST_NAME.fullmatch(host) is not None
+    return bracketed == (ip.version == 6)
 
 
 def host_port(host: str, port: int) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from dfly.common.config import DecimalInt, IpAddress, IpAddressOrEmpty, LogLevel, StrictModel
+from dfly.common.net import dialable_host
 from dfly.common.pieces import MiB
 from dfly.common.tls import SecuritySection
 
@@ -60,28 +61,14 @@ class SchedulerSection(StrictModel):
             bracketed = host.startswith("[") and host.endswith("]")
             if (
                 not sep
-                or not host
                 or not re.fullmatch(r"[0-9]{1,5}", port)
                 or not 1 <= int(port) <= 65535
-                or "/" in host
-                or (":" in host and not bracketed)  # an IPv6 address goes in brackets: [::1]:8002
-                or (bracketed and not _is_ipv6(host[1:-1]))
-                or (not bracketed and not _HOST.fullmatch(host))
+                or not dialable_host(host[1:-1] if bracketed else host, bracketed)  # IPv6: [::1]:8002
             ):
                 raise ValueError(f"scheduler address {addr!r} must be host:port (IPv6: [address]:port)")
         if len(set(addrs)) != len(addrs):
             raise ValueError("a scheduler address is listed twice")
         return addrs
-
-
-_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")  # a DNS name or an IPv4 address
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text).version == 6
-    except ValueError:
-        return False
 
 
 def _not_empty(value: object) -> object:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import re
 import socket
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
-from dfly.common.net import host_port
+from dfly.common.net import dialable_host, host_port
 from dfly.daemon.proxy.registry import BadRequest, Forbidden
 
 log = logging.getLogger(__name__)
@@ -148,19 +146,6 @@ async def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     return buffer[:end], buffer[end + 4 :]
 
 
-_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
-
-
-def _valid_host(host: str, bracketed: bool) -> bool:
-    """A DNS name or an IP address (IPv6 only in brackets): what is checked is exactly what is dialled,
-    so no userinfo, whitespace or control characters that a URL parser would drop."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return not bracketed and len(host) <= 253 and _HOST_NAME.fullmatch(host) is not None
-    return bracketed == (ip.version == 6)
-
-
 def parse_connect(head: bytes) -> tuple[str, int, dict[str, str]]:
     """(host, port, headers with lower-case names) of `CONNECT host:port HTTP/1.x`; BadRequest if not."""
     try:
@@ -174,7 +159,7 @@ def parse_connect(head: bytes) -> tuple[str, int, dict[str, str]]:
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
     port_ok = port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536
-    if not sep or not port_ok or not _valid_host(host, bracketed):
+    if not sep or not port_ok or not dialable_host(host, bracketed):
         raise BadRequest(f"CONNECT target must be host:port, got {target!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
